@@ -1,0 +1,64 @@
+"""Launch an experiment from an ml_collections config.
+
+  python -m experiments.main --config=configs/linear_probe_minilm.py --workdir=runs/probe \
+      --config.optim.lr=3e-3
+
+Running the same command again resumes from the latest good checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging as std_logging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# experiment kind -> module in experiments/trainers with train_and_evaluate(config, workdir)
+TRAINERS = {"classification": "experiments.trainers.classification"}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops orbax's INFO chatter (a dozen lines per save); its warnings still show."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    config = _CONFIG.value
+    if config.parallel.multihost:
+        from ftlab.core import parallel  # noqa: PLC0415 - must precede any other JAX use
+
+        parallel.initialize_distributed(
+            coordinator_address=config.parallel.coordinator_address,
+            num_processes=config.parallel.num_processes,
+            process_id=config.parallel.process_id,
+        )
+    import jax  # noqa: PLC0415
+
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)
+    if config.experiment not in TRAINERS:
+        raise app.UsageError(
+            f"config.experiment={config.experiment!r}; known kinds: {', '.join(TRAINERS)}"
+        )
+    logging.info("config:\n%s", config)
+    trainer = importlib.import_module(TRAINERS[config.experiment])
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2) + "\n")
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

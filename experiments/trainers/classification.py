@@ -1,0 +1,239 @@
+"""Text classification on a BERT encoder: full fine-tuning, linear probing, BitFit, ... by rules.
+
+Every method is the same loop; ``config.partition.rules`` decides what trains.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from ftlab.core import checkpoint, loading, metrics as metrics_lib, parallel, partition, train
+from ftlab.data import batching, rotten_tomatoes, text
+from ftlab.models import bert
+from ftlab.tasks import classification
+from third_party import minilm
+
+
+def build_data(config: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndarray]]:
+    """Tokenized splits: ``{split: {"input_ids", "attention_mask", "label"}}`` as numpy."""
+    if config.data.dataset != "rotten_tomatoes":
+        raise ValueError(f"config.data.dataset={config.data.dataset!r}; expected 'rotten_tomatoes'")
+    splits = rotten_tomatoes.load(
+        task=config.data.task, seed=config.data.seed, limit=config.data.limit or None
+    )
+    tokenizer = minilm.load_tokenizer(
+        minilm.model_dir() / "tokenizer.json", max_length=config.data.max_length
+    )
+    return {
+        name: {**text.encode(tokenizer, s.text, max_length=config.data.max_length), "label": s.label}
+        for name, s in splits.items()
+    }
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[bert.BertClassifier, dict]:
+    """The classifier and its initial parameters (pretrained encoder + fresh head)."""
+    pretrained = None
+    if config.model.encoder == "minilm":
+        pretrained = minilm.load()
+        encoder_config = pretrained.config
+    elif config.model.encoder == "tiny":
+        encoder_config = bert.BertConfig.tiny()
+        # Keep MiniLM's tokenizer: the tiny model needs its vocabulary size.
+        encoder_config = bert.BertConfig(
+            **{**encoder_config.__dict__, "vocab_size": 30522, "max_position_embeddings": 512}
+        )
+    else:
+        raise ValueError(f"config.model.encoder={config.model.encoder!r}; expected minilm or tiny")
+    encoder_config = bert.BertConfig(
+        **{**encoder_config.__dict__, "dropout_rate": config.model.dropout_rate}
+    )
+    model = bert.BertClassifier(
+        encoder_config, num_classes=config.model.num_classes, pooling=config.model.pooling
+    )
+    ids = jnp.zeros((1, config.data.max_length), jnp.int32)
+    params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), ids, jnp.ones_like(ids))
+    params = jax.tree.map(np.asarray, params["params"])
+    if pretrained is not None:
+        params = loading.merge_pretrained(
+            params,
+            {"encoder": pretrained.params},
+            dont_load=config.model.dont_load,
+            what="all-MiniLM-L6-v2",
+        )
+    return model, params
+
+
+def build_optimizer(config: ml_collections.ConfigDict, label_tree) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay; no weight decay on biases and norms."""
+    o = config.optim
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, warmup_steps=o.warmup_steps, decay_steps=max(o.num_steps, o.warmup_steps + 1)
+    )
+
+    def tx():
+        return optax.chain(
+            optax.clip_by_global_norm(o.grad_clip_norm),
+            optax.adamw(
+                schedule,
+                weight_decay=o.weight_decay,
+                mask=lambda t: jax.tree.map(lambda x: np.ndim(x) > 1, t),
+            ),
+        )
+
+    groups = set(partition.flatten(partition.trainable_labels(label_tree)).values())
+    return partition.optimizer({g: tx() for g in groups}, label_tree)
+
+
+def evaluate(plan, eval_step, state, arrays, *, batch_size: int) -> dict[str, float]:
+    """Exact means over a split (padding masked out)."""
+    totals: dict[str, float] = {}
+    for batch in batching.eval_batches(arrays, batch_size=batch_size):
+        sums = jax.device_get(eval_step(state, plan.put_batch(batch)))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    count = totals.pop("count")
+    return {k: v / count for k, v in totals.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains, evaluates and checkpoints into ``workdir``; resumes from its latest checkpoint.
+
+    Returns:
+      The final metrics, also written to ``workdir/results.json``.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_chief = jax.process_index() == 0
+    plan = parallel.make_plan(config.parallel.mode, num_devices=config.parallel.num_devices)
+    plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
+    plan.check_batch_size(config.evals.batch_size, what="config.evals.batch_size")
+    logging.info("devices: %d (%s), processes: %d", plan.num_devices, jax.devices()[0].platform,
+                 jax.process_count())
+
+    # -- data -------------------------------------------------------------------------------
+    data = build_data(config)
+    n_train = len(data["train"]["label"])
+    logging.info("data: %s", {k: len(v["label"]) for k, v in data.items()})
+
+    # -- model, partition, optimizer --------------------------------------------------------
+    model, params = build_model(config)
+    rules = [tuple(r) for r in config.partition.rules]
+    label_tree = partition.labels(params, rules, what="config.partition.rules")
+    if is_chief:
+        for pattern, label, n in partition.claims(params, rules):
+            logging.info("partition rule %-24r -> %-8s claims %d leaves", pattern, label, n)
+        print(partition.summary(params, label_tree), flush=True)
+    n_trainable = partition.count(partition.split(params, label_tree)[0])
+    tx = build_optimizer(config, label_tree)
+    state = train.init_state(params, label_tree, tx, seed=config.seed)
+
+    def apply(p, batch, rng):
+        kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+        return model.apply({"params": p}, batch["input_ids"], batch["attention_mask"], **kwargs)
+
+    # -- restore ----------------------------------------------------------------------------
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints",
+        max_to_keep=config.checkpoint.keep,
+        save_every_steps=config.checkpoint.every_steps,
+    )
+    restored = ckpt.restore_latest(plan.abstract_state(state.checkpointable()))
+    start_step = 0
+    if restored is not None:
+        saved, start_step = restored
+        state = jax.device_get(saved).replace(frozen=state.frozen)
+        logging.info("resumed from step %d of %s", start_step, ckpt)
+    state = plan.put_state(state)
+
+    # -- compiled steps ---------------------------------------------------------------------
+    axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
+    loss_fn = classification.make_loss_fn(apply)
+    train_step = plan.compile_train_step(train.make_train_step(loss_fn, tx, axis_name=axis))
+    eval_step = plan.compile_eval_step(
+        train.make_eval_step(classification.make_eval_fn(apply), axis_name=axis)
+    )
+
+    def run_eval(split):
+        results = evaluate(
+            plan, eval_step, state, data[split], batch_size=config.evals.batch_size
+        )
+        return {f"eval/{split}/{k}": v for k, v in results.items()}
+
+    # -- loop -------------------------------------------------------------------------------
+    total = config.optim.num_steps
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_chief, resume_step=start_step)
+    progress = metrics_lib.Progress(total, initial_step=start_step, enabled=is_chief)
+    pending, last_good, loss = [], start_step, float("nan")
+    tick, tick_step = time.perf_counter(), start_step
+    logging.info("training steps %d..%d, %d steps per epoch", start_step, total,
+                 batching.steps_per_epoch(n_train, config.optim.batch_size))
+    # A run may stop early (config.max_steps_per_run, e.g. to fit a job's time limit); running
+    # the same command again resumes from the checkpoint written at the stop.
+    stop = total if not config.max_steps_per_run else min(total, start_step + config.max_steps_per_run)
+    for step in range(start_step, stop):
+        batch = batching.train_batch(
+            data["train"], step, batch_size=config.optim.batch_size, seed=config.data.seed
+        )
+        state, step_metrics = train_step(state, plan.put_batch(batch))
+        pending.append(step_metrics)
+        done = step + 1
+        is_last = done == total
+        log_now = done % config.log_every_steps == 0 or is_last
+        eval_now = done % config.evals.every_steps == 0 or is_last
+        save_now = ckpt.should_save(done) or done == stop
+        if not (log_now or eval_now or save_now):
+            progress.update(done, loss=loss)
+            continue
+        # Check every step since the last check before anything is logged or saved, so a
+        # checkpoint never holds parameters that came from a non-finite update.
+        history = jax.device_get(pending)
+        pending = []
+        for i, m in enumerate(history):
+            metrics_lib.check_finite(m, step=done - len(history) + i + 1, last_good_step=last_good)
+        last_good = done
+        logged = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+        loss = logged["train/loss"]
+        now = time.perf_counter()
+        logged["train/steps_per_sec"] = (done - tick_step) / max(now - tick, 1e-9)
+        tick, tick_step = now, done
+        if eval_now:
+            logged.update(run_eval("validation"))
+        if log_now or eval_now:
+            writer.write(done, logged)
+        progress.update(done, loss=loss)
+        if save_now:
+            ckpt.save(done, plan.get_state(state).checkpointable(), force=done == stop)
+    progress.close()
+    if stop < total:
+        ckpt.wait_until_finished()
+        writer.close()
+        ckpt.close()
+        logging.info("stopped at step %d of %d (config.max_steps_per_run); rerun to resume", stop, total)
+        return {"step": stop}
+
+    # -- final evaluation -------------------------------------------------------------------
+    results = {"step": total, **run_eval("validation"), **run_eval("test")}
+    results["trainable_params"] = n_trainable
+    results["total_params"] = partition.count(params)
+    results["majority_baseline/test"] = float(
+        max(np.mean(data["test"]["label"]), 1 - np.mean(data["test"]["label"]))
+    )
+    ckpt.wait_until_finished()
+    if is_chief:
+        writer.write(total, {k: v for k, v in results.items() if k.startswith("eval/")})
+        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        for path in metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir):
+            logging.info("wrote %s", path)
+        logging.info("results: %s", json.dumps(results))
+    writer.close()
+    ckpt.close()
+    return results

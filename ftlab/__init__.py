@@ -1,0 +1,1 @@
+"""ftlab: transfer learning and fine-tuning as transformations of parameter pytrees."""

@@ -1,0 +1,171 @@
+"""Data parallelism: a device mesh with the batch on a ``data`` axis, or `jax.pmap` on request.
+
+A :class:`Plan` hides the difference between the two from a trainer. Both compile the step once,
+donate the state, and average over the global batch, so 1, 8 or 2x2 (multi-host) devices give the
+same numbers up to float reassociation. Multi-host follows Cloud TPU's path: every process runs
+the same program and feeds its own contiguous share of each global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ftlab.types import PyTree
+
+DATA_AXIS = "data"
+MODES = ("mesh", "pmap")
+
+
+def initialize_distributed(
+    *, coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+) -> None:
+    """Calls `jax.distributed.initialize`; call it first thing, before any other JAX call.
+
+    Empty/zero/negative arguments are left for JAX to detect (as on Cloud TPU). On CPU, the
+    collectives go through gloo so that several local processes can stand in for hosts.
+    """
+    kwargs = {}
+    if coordinator_address:
+        kwargs["coordinator_address"] = coordinator_address
+    if num_processes > 0:
+        kwargs["num_processes"] = num_processes
+    if process_id >= 0:
+        kwargs["process_id"] = process_id
+    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How state and batches are laid out on devices, and how steps are compiled.
+
+    Attributes:
+      mode: "mesh" (jit + NamedSharding; works multi-host) or "pmap".
+      mesh: a 1-D mesh over all global devices with axis ``data``.
+    """
+
+    mode: str
+    mesh: Mesh
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(DATA_AXIS))
+
+    def check_batch_size(self, batch_size: int, *, what: str) -> None:
+        """Raises if a global batch cannot be split evenly over devices and processes."""
+        n = self.num_devices
+        if batch_size % n:
+            raise ValueError(
+                f"{what}={batch_size} is not divisible by the {n} devices of the data mesh; "
+                f"use a multiple of {n}."
+            )
+
+    # -- state ------------------------------------------------------------------------------
+    def put_state(self, state: PyTree) -> PyTree:
+        """Places a host or single-device state on all devices (replicated)."""
+        if self.mode == "pmap":
+            devices = list(self.mesh.devices.flat)
+            return _pmap_replicate(state, devices)
+        sharding = self.replicated
+        return jax.tree.map(
+            lambda x: jax.make_array_from_callback(
+                np.shape(x), sharding, lambda idx, x=np.asarray(x): x[idx]
+            ),
+            state,
+        )
+
+    def get_state(self, state: PyTree) -> PyTree:
+        """One logical copy of a placed state (for saving or returning to the user)."""
+        if self.mode == "pmap":
+            return jax.tree.map(lambda x: x[0], state)
+        return state
+
+    def abstract_state(self, state: PyTree) -> PyTree:
+        """`jax.ShapeDtypeStruct`s with shardings: the restore target for a checkpoint."""
+        sharding = self.replicated
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), state
+        )
+
+    # -- batches ----------------------------------------------------------------------------
+    def put_batch(self, global_batch: Mapping[str, np.ndarray]) -> dict:
+        """Places the global batch; each process contributes only its own share of rows."""
+        n_proc, index = jax.process_count(), jax.process_index()
+        out = {}
+        for k, v in global_batch.items():
+            v = np.asarray(v)
+            if self.mode == "pmap":
+                out[k] = v.reshape((self.num_devices, -1) + v.shape[1:])
+                continue
+            share = v.shape[0] // n_proc
+            local = v[index * share : (index + 1) * share]
+            out[k] = jax.make_array_from_process_local_data(self.batch_sharding, local, v.shape)
+        return out
+
+    # -- compilation ------------------------------------------------------------------------
+    def compile_train_step(self, step: Callable) -> Callable:
+        """Compiles ``step(state, batch) -> (state, metrics)`` once, donating the state."""
+        if self.mode == "pmap":
+            pstep = jax.pmap(step, axis_name=DATA_AXIS, donate_argnums=0)
+
+            def run(state, batch):
+                state, metrics = pstep(state, batch)
+                return state, jax.tree.map(lambda m: m[0], metrics)
+
+            return run
+        return jax.jit(
+            step,
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
+
+    def compile_eval_step(self, eval_step: Callable) -> Callable:
+        """Compiles ``eval_step(state, batch) -> sums`` (no donation: the state lives on)."""
+        if self.mode == "pmap":
+            pstep = jax.pmap(eval_step, axis_name=DATA_AXIS)
+            return lambda state, batch: jax.tree.map(lambda m: m[0], pstep(state, batch))
+        return jax.jit(
+            eval_step,
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=self.replicated,
+        )
+
+
+def make_plan(mode: str = "mesh", *, num_devices: int = 0) -> Plan:
+    """A data-parallel plan over the first ``num_devices`` global devices (0: all of them)."""
+    if mode not in MODES:
+        raise ValueError(f"config.parallel.mode={mode!r}; expected one of {MODES}")
+    devices = jax.devices()
+    if num_devices:
+        if num_devices > len(devices):
+            raise ValueError(
+                f"config.parallel.num_devices={num_devices} but only {len(devices)} devices exist"
+            )
+        devices = devices[:num_devices]
+    if mode == "pmap" and jax.process_count() > 1:
+        raise ValueError("config.parallel.mode='pmap' is single-host here; use 'mesh' multi-host")
+    mesh = Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    return Plan(mode=mode, mesh=mesh)
+
+
+def _pmap_replicate(tree, devices):
+    # `jax.device_put_replicated` is gone; one identity pmap over broadcast views does the same.
+    n = len(devices)
+    views = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+    return jax.pmap(lambda t: t, devices=devices)(views)

@@ -1,0 +1,9 @@
+"""Type aliases shared across ftlab."""
+
+from typing import Any
+
+import jax
+
+PyTree = Any
+Params = Any  # a nested dict of arrays, as produced by flax.linen `init`
+PRNGKey = jax.Array

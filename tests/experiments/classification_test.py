@@ -1,0 +1,132 @@
+"""End to end: the classification trainer writes what it promises, resumes exactly, and keeps
+its last good checkpoint when a run goes bad. Runs in-process on the tiny random encoder."""
+
+import json
+import pathlib
+import shutil
+
+import chex
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import finetune_minilm
+from experiments.trainers import classification as trainer
+from ftlab.core import metrics as metrics_lib
+from ftlab.core import parallel, partition, train
+
+
+def _config(**overrides):
+    config = finetune_minilm.get_config("tiny")
+    for key, value in overrides.items():
+        node = config
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return config
+
+
+def _trainable_at(workdir, step):
+    with ocp.StandardCheckpointer() as ckptr:
+        path = (pathlib.Path(workdir) / "checkpoints" / str(step) / "default").resolve()
+        return ckptr.restore(path)["trainable"]
+
+
+def _lines(workdir):
+    return metrics_lib.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    results = trainer.train_and_evaluate(_config(), str(workdir))
+    return workdir, results
+
+
+def test_run_writes_metrics_plots_checkpoints_and_results(uninterrupted):
+    workdir, results = uninterrupted
+    assert {"eval/test/accuracy", "eval/validation/accuracy", "trainable_params"} <= set(results)
+    assert json.loads((workdir / "results.json").read_text()) == results
+    steps = [x["step"] for x in _lines(workdir) if "train/loss" in x]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    for png in ("train.png", "eval.png"):
+        assert (workdir / png).stat().st_size > 1000
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(uninterrupted, tmp_path):
+    ref_dir, ref_results = uninterrupted
+    config = _config(max_steps_per_run=3)
+    assert trainer.train_and_evaluate(config, str(tmp_path)) == {"step": 3}
+    results = trainer.train_and_evaluate(config, str(tmp_path))
+    assert results == ref_results
+    chex.assert_trees_all_equal(_trainable_at(tmp_path, 6), _trainable_at(ref_dir, 6))
+    strip = lambda lines: [{k: v for k, v in x.items() if "steps_per_sec" not in k} for x in lines]
+    assert strip(_lines(tmp_path)) == strip(_lines(ref_dir))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_path):
+    ref_dir, ref_results = uninterrupted
+    shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
+    # Damage step 6: empty its tree metadata.
+    for meta in (tmp_path / "checkpoints" / "6").rglob("_METADATA"):
+        meta.write_bytes(b"")
+    results = trainer.train_and_evaluate(_config(), str(tmp_path))
+    assert (tmp_path / "checkpoints" / "quarantine").exists()
+    # Resumed from step 3 and trained 4..6 again: the same result as never failing.
+    assert results == ref_results
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    trainer.train_and_evaluate(_config(max_steps_per_run=3), str(tmp_path))
+    good = _trainable_at(tmp_path, 3)
+    # Adam moves every weight by about lr per step: 1e38 overflows the next forward pass.
+    with pytest.raises(FloatingPointError, match=r"step"):
+        trainer.train_and_evaluate(_config(**{"optim.lr": 1e38}), str(tmp_path))
+    ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts == [3]
+    chex.assert_trees_all_equal(_trainable_at(tmp_path, 3), good)
+
+
+@pytest.mark.parametrize("method", sorted(finetune_minilm.METHODS))
+def test_method_configs_freeze_what_they_say(method):
+    config = finetune_minilm.get_config(f"tiny,method={method}")
+    model, params = trainer.build_model(config)
+    labels = partition.labels(params, [tuple(r) for r in config.partition.rules])
+    tx = trainer.build_optimizer(config, labels)
+    trainable, frozen = partition.split(params, labels)
+    state = train.init_state(jax.tree.map(np.array, params), labels, tx, seed=0)
+    opt_size = sum(np.size(x) for x in jax.tree.leaves(state.opt_state))
+    counts = sum(np.size(x) for x in jax.tree.leaves(optax.tree.zeros_like(trainable)))
+    assert 2 * counts <= opt_size <= 2 * counts + 4  # adam's mu, nu (+ counters), nothing frozen
+    plan = parallel.make_plan("mesh")
+
+    def apply(p, batch, rng):
+        return model.apply(
+            {"params": p}, batch["input_ids"], batch["attention_mask"], deterministic=False,
+            rngs={"dropout": rng},
+        )
+
+    from ftlab.tasks import classification
+
+    step = plan.compile_train_step(train.make_train_step(classification.make_loss_fn(apply), tx))
+    state = plan.put_state(state)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        batch = {
+            "input_ids": rng.integers(0, 30522, (8, 16)).astype(np.int32),
+            "attention_mask": np.ones((8, 16), np.int32),
+            "label": rng.integers(0, 2, (8,)).astype(np.int32),
+        }
+        state, _ = step(state, plan.put_batch(batch))
+    chex.assert_trees_all_equal(state.frozen, frozen)
+    if method == "linear_probe":
+        assert set(partition.flatten(trainable)) == {"head/kernel", "head/bias"}
+    if method == "bitfit":
+        assert all(n.endswith("bias") or n.startswith("head/") for n in partition.flatten(trainable))
+    if method == "full":
+        assert frozen == {}
