@@ -19,10 +19,10 @@ import ml_collections
 from ftlab import config_options
 
 METHODS = {
-    # method: (rules, learning rate)
-    "full": ((("head/.*", "train"), (".*", "train")), 1e-4),
-    "linear_probe": ((("head/.*", "train"), (".*", "frozen")), 3e-3),
-    "bitfit": ((("head/.*", "train"), (".*/bias", "train"), (".*", "frozen")), 1e-3),
+    # method: (rules, peak learning rate, steps); 320 steps of batch 32 is one epoch
+    "full": ((("head/.*", "train"), (".*", "train")), 5e-5, 320),
+    "linear_probe": ((("head/.*", "train"), (".*", "frozen")), 3e-3, 640),
+    "bitfit": ((("head/.*", "train"), (".*/bias", "train"), (".*", "frozen")), 1e-3, 480),
 }
 
 
@@ -30,7 +30,7 @@ def get_config(arg=None):
     opts = config_options.parse(arg, method="full", quick=False, tiny=False, steps=0)
     if opts.method not in METHODS:
         raise ValueError(f"method={opts.method!r}; expected one of {sorted(METHODS)}")
-    rules, lr = METHODS[opts.method]
+    rules, lr, num_steps = METHODS[opts.method]
 
     config = ml_collections.ConfigDict()
     config.experiment = "classification"
@@ -60,9 +60,10 @@ def get_config(arg=None):
 
     config.optim = ml_collections.ConfigDict()
     config.optim.batch_size = 32
-    config.optim.num_steps = 640  # two epochs of the 10,246 training snippets
+    # the training split has 10,246 snippets: 320 steps of 32 is one epoch
+    config.optim.num_steps = num_steps
     config.optim.lr = lr
-    config.optim.warmup_steps = 64
+    config.optim.warmup_steps = num_steps // 10
     config.optim.weight_decay = 0.01
     config.optim.grad_clip_norm = 1.0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -60,5 +61,25 @@ def main(argv):
     trainer.train_and_evaluate(config, _WORKDIR.value)
 
 
+def parse_flags(argv):
+    """Parses flags; a bad config file, option, key or value exits with one line naming it."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        messages, cause = [], e
+        while cause is not None:  # config_flags wraps the config file's own error
+            lines = [x for x in str(cause).replace("\\n", "\n").splitlines() if x.strip()]
+            keep = 2 if isinstance(cause, (AttributeError, KeyError)) else 1
+            text = " ".join(x.strip(" '\"\\") for x in lines[-keep:]) if lines else ""
+            if text and not any(text in m for m in messages):
+                messages.append(text)
+            cause = cause.__cause__ or cause.__context__
+        where = [a for a in argv[1:] if a.startswith("--config") and any(
+            a.split("=", 1)[0].split(".")[-1] in m or a.split(":")[-1] in m for m in messages)]
+        where = where[-1] if where else "--config"
+        what = "unknown config key " if isinstance(e, (AttributeError, KeyError)) else ""
+        sys.exit(f"error in {where}: {what}{messages[0] if messages else type(e).__name__}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

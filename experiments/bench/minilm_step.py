@@ -221,12 +221,7 @@ def _bench_ftlab(method: str, *, batch: int, seq: int, warmup: int, steps: int) 
     n_trainable = partition.count(state.trainable)
     state = plan.put_state(state)
 
-    # Same as the trainer's closure (it is local to train_and_evaluate): dropout on when rng given.
-    def apply(p, batch, rng):
-        kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
-        return model.apply({"params": p}, batch["input_ids"], batch["attention_mask"], **kwargs)
-
-    loss_fn = classification.make_loss_fn(apply)
+    loss_fn = classification.make_loss_fn(trainer.make_apply(model))
     jitted = plan.compile_train_step(train.make_train_step(loss_fn, tx, axis_name=None))
     device_batch = plan.put_batch(_synthetic_batch(batch, seq))
 

@@ -72,6 +72,18 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[bert.BertClassifier,
     return model, params
 
 
+def make_apply(model: bert.BertClassifier):
+    """``apply(params, batch, rng) -> logits``; dropout on when an rng is given (training)."""
+
+    def apply(params, batch, rng):
+        kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+        return model.apply(
+            {"params": params}, batch["input_ids"], batch["attention_mask"], **kwargs
+        )
+
+    return apply
+
+
 def build_optimizer(config: ml_collections.ConfigDict, label_tree) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay; no weight decay on biases and norms."""
     o = config.optim
@@ -136,9 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = build_optimizer(config, label_tree)
     state = train.init_state(params, label_tree, tx, seed=config.seed)
 
-    def apply(p, batch, rng):
-        kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
-        return model.apply({"params": p}, batch["input_ids"], batch["attention_mask"], **kwargs)
+    apply = make_apply(model)
 
     # -- restore ----------------------------------------------------------------------------
     ckpt = checkpoint.Checkpointer(
@@ -172,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total = config.optim.num_steps
     writer = metrics_lib.MetricWriter(workdir, enabled=is_chief, resume_step=start_step)
     progress = metrics_lib.Progress(total, initial_step=start_step, enabled=is_chief)
-    pending, last_good, loss = [], start_step, float("nan")
+    pending, last_good = [], start_step
     tick, tick_step = time.perf_counter(), start_step
     logging.info("training steps %d..%d, %d steps per epoch", start_step, total,
                  batching.steps_per_epoch(n_train, config.optim.batch_size))
@@ -191,8 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_now = done % config.evals.every_steps == 0 or is_last
         save_now = ckpt.should_save(done) or done == stop
         if not (log_now or eval_now or save_now):
-            progress.update(done, loss=loss)
-            continue
+            continue  # no host sync between checks: the host runs ahead of the device
         # Check every step since the last check before anything is logged or saved, so a
         # checkpoint never holds parameters that came from a non-finite update.
         history = jax.device_get(pending)
@@ -201,17 +210,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             metrics_lib.check_finite(m, step=done - len(history) + i + 1, last_good_step=last_good)
         last_good = done
         logged = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
-        loss = logged["train/loss"]
         now = time.perf_counter()
         logged["train/steps_per_sec"] = (done - tick_step) / max(now - tick, 1e-9)
-        tick, tick_step = now, done
         if eval_now:
             logged.update(run_eval("validation"))
         if log_now or eval_now:
             writer.write(done, logged)
-        progress.update(done, loss=loss)
+        progress.update(done, loss=logged["train/loss"])
         if save_now:
             ckpt.save(done, plan.get_state(state).checkpointable(), force=done == stop)
+        # Time spent evaluating and saving is not training time.
+        tick, tick_step = time.perf_counter(), done
     progress.close()
     if stop < total:
         ckpt.wait_until_finished()

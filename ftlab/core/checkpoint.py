@@ -97,7 +97,8 @@ class Checkpointer:
             raise ValueError(
                 f"Checkpointer: max_to_keep must be a positive integer, got {max_to_keep!r}."
             )
-        self.directory = epath.Path(directory)
+        # orbax insists on absolute paths (a relative one fails inside its background save).
+        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
         self.save_every_steps = save_every_steps
         self._manager = ocp.CheckpointManager(
             self.directory,

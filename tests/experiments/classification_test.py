@@ -16,6 +16,7 @@ from configs import finetune_minilm
 from experiments.trainers import classification as trainer
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train
+from ftlab.tasks import classification
 
 
 def _config(**overrides):
@@ -105,15 +106,8 @@ def test_method_configs_freeze_what_they_say(method):
     assert 2 * counts <= opt_size <= 2 * counts + 4  # adam's mu, nu (+ counters), nothing frozen
     plan = parallel.make_plan("mesh")
 
-    def apply(p, batch, rng):
-        return model.apply(
-            {"params": p}, batch["input_ids"], batch["attention_mask"], deterministic=False,
-            rngs={"dropout": rng},
-        )
-
-    from ftlab.tasks import classification
-
-    step = plan.compile_train_step(train.make_train_step(classification.make_loss_fn(apply), tx))
+    loss_fn = classification.make_loss_fn(trainer.make_apply(model))
+    step = plan.compile_train_step(train.make_train_step(loss_fn, tx))
     state = plan.put_state(state)
     rng = np.random.default_rng(0)
     for _ in range(2):
