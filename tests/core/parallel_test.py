@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import chex
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -54,8 +55,15 @@ def _result(workdir):
     workdir = pathlib.Path(workdir)
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [x["train/loss"] for x in lines if "train/loss" in x]
+    path = (workdir / "checkpoints" / str(STEPS) / "default").resolve()
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore((workdir / "checkpoints" / str(STEPS) / "default").resolve())
+        # Saved on several devices: restore onto this process's one device.
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+            ckptr.metadata(path).item_metadata.tree,
+        )
+        state = ckptr.restore(path, target)
     return np.array(losses), state["trainable"]
 
 
