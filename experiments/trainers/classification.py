@@ -198,7 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         done = step + 1
         is_last = done == total
         log_now = done % config.log_every_steps == 0 or is_last
-        eval_now = done % config.evals.every_steps == 0 or is_last
+        # The final step is evaluated after the loop, on validation and test.
+        eval_now = done % config.evals.every_steps == 0 and not is_last
         save_now = ckpt.should_save(done) or done == stop
         if not (log_now or eval_now or save_now):
             continue  # no host sync between checks: the host runs ahead of the device

@@ -124,3 +124,11 @@ def test_method_configs_freeze_what_they_say(method):
         assert all(n.endswith("bias") or n.startswith("head/") for n in partition.flatten(trainable))
     if method == "full":
         assert frozen == {}
+
+
+def test_quick_config_on_real_minilm(tmp_path):
+    config = finetune_minilm.get_config("quick,method=linear_probe,steps=2")
+    results = trainer.train_and_evaluate(config, str(tmp_path))
+    assert results["trainable_params"] == 384 * 2 + 2  # the head alone
+    assert results["total_params"] == 22_565_376 + 770
+    assert 0.0 <= results["eval/test/accuracy"] <= 1.0
