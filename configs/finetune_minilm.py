@@ -5,11 +5,12 @@ The three methods are the same trainer with different partition rules (and learn
   full          every leaf trains (full fine-tuning)
   linear_probe  only the new head trains (feature extraction)
   bitfit        biases + head train (Ben Zaken et al. 2021, arXiv:2106.10199)
+  lora          LoRA factors on attention query/value + head (Hu et al. 2021, arXiv:2106.09685)
 
 Run (a thin config per method lives beside this file):
   python -m experiments.main --config=configs/finetune_minilm.py:method=bitfit --workdir=runs/bitfit
 
-Options: method=full|linear_probe|bitfit, quick (real MiniLM, a few steps on a few examples),
+Options: method=full|linear_probe|bitfit|lora, rank=N (LoRA), quick (real MiniLM, a few steps on a few examples),
 tiny (a 2-layer random BERT instead of MiniLM; seconds, for tests), steps=N.
 Results are recorded in README.md (measured, with command, hardware and date).
 """
@@ -23,11 +24,13 @@ METHODS = {
     "full": ((("head/.*", "train"), (".*", "train")), 5e-5, 320),
     "linear_probe": ((("head/.*", "train"), (".*", "frozen")), 3e-3, 640),
     "bitfit": ((("head/.*", "train"), (".*/bias", "train"), (".*", "frozen")), 1e-3, 480),
+    # LoRA factors (added by config.peft) + head
+    "lora": ((("head/.*", "train"), (".*/lora_(a|b)", "train"), (".*", "frozen")), 1e-3, 480),
 }
 
 
 def get_config(arg=None):
-    opts = config_options.parse(arg, method="full", quick=False, tiny=False, steps=0)
+    opts = config_options.parse(arg, method="full", quick=False, tiny=False, steps=0, rank=8)
     if opts.method not in METHODS:
         raise ValueError(f"method={opts.method!r}; expected one of {sorted(METHODS)}")
     rules, lr, num_steps = METHODS[opts.method]
@@ -57,6 +60,14 @@ def get_config(arg=None):
 
     config.partition = ml_collections.ConfigDict()
     config.partition.rules = rules
+
+    # A tree transformation applied after loading: "none" or "lora".
+    config.peft = ml_collections.ConfigDict()
+    config.peft.method = "lora" if opts.method == "lora" else "none"
+    # regexes over the module path of nn.Dense kernels (fullmatch)
+    config.peft.targets = (r"encoder/layer_\d+/attention/(query|value)",)
+    config.peft.rank = opts.rank
+    config.peft.alpha = 2.0 * opts.rank
 
     config.optim = ml_collections.ConfigDict()
     config.optim.batch_size = 32

@@ -15,12 +15,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from safetensors import numpy as safetensors_numpy
 
 from ftlab.core import checkpoint, loading, metrics as metrics_lib, parallel, partition, train
 from ftlab.data import batching, rotten_tomatoes, text
 from ftlab.models import bert
+from ftlab.peft import lora
 from ftlab.tasks import classification
-from third_party import minilm
+from third_party import minilm, peft_format
 
 
 def build_data(config: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndarray]]:
@@ -70,6 +72,43 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[bert.BertClassifier,
             what="all-MiniLM-L6-v2",
         )
     return model, params
+
+
+def build_method(config: ml_collections.ConfigDict, params, apply):
+    """Applies ``config.peft``'s tree transformation; returns ``(params, apply)``."""
+    method = config.peft.method
+    if method == "none":
+        return params, apply
+    if method == "lora":
+        rng = jax.random.PRNGKey(config.seed + 1)
+        params = lora.init(
+            params, rng, targets=list(config.peft.targets), rank=config.peft.rank,
+            alpha=config.peft.alpha,
+        )
+        params = jax.tree.map(np.asarray, params)
+        return params, lora.wrap_apply(apply, alpha=config.peft.alpha, rank=config.peft.rank)
+    raise ValueError(f"config.peft.method={method!r}; expected 'none' or 'lora'")
+
+
+def save_method(config: ml_collections.ConfigDict, params, workdir: pathlib.Path) -> dict:
+    """Writes what a method adds (the adapter alone, ftlab and PEFT formats); returns sizes."""
+    if config.peft.method != "lora":
+        return {}
+    adapter = lora.adapter(jax.device_get(params))
+    lora.save(
+        workdir / "adapter", adapter,
+        config_dict={"rank": config.peft.rank, "alpha": config.peft.alpha,
+                     "targets": list(config.peft.targets)},
+    )
+    # The new head trains too: it travels beside the adapter (PEFT calls it modules_to_save).
+    safetensors_numpy.save_file(
+        {k: np.asarray(v) for k, v in partition.flatten({"head": params["head"]}).items()},
+        str(workdir / "adapter" / "head.safetensors"),
+    )
+    peft_format.export(workdir / "adapter_peft", adapter, rank=config.peft.rank,
+                       alpha=config.peft.alpha)
+    size = sum(f.stat().st_size for f in (workdir / "adapter").iterdir())
+    return {"adapter_bytes": size}
 
 
 def make_apply(model: bert.BertClassifier):
@@ -138,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # -- model, partition, optimizer --------------------------------------------------------
     model, params = build_model(config)
+    params, apply = build_method(config, params, make_apply(model))
     rules = [tuple(r) for r in config.partition.rules]
     label_tree = partition.labels(params, rules, what="config.partition.rules")
     if is_chief:
@@ -147,8 +187,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     n_trainable = partition.count(partition.split(params, label_tree)[0])
     tx = build_optimizer(config, label_tree)
     state = train.init_state(params, label_tree, tx, seed=config.seed)
-
-    apply = make_apply(model)
 
     # -- restore ----------------------------------------------------------------------------
     ckpt = checkpoint.Checkpointer(
@@ -239,6 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     ckpt.wait_until_finished()
     if is_chief:
+        results.update(save_method(config, plan.get_state(state).params, workdir))
         writer.write(total, {k: v for k, v in results.items() if k.startswith("eval/")})
         (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         for path in metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir):

@@ -16,7 +16,9 @@ from configs import finetune_minilm
 from experiments.trainers import classification as trainer
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train
+from ftlab.peft import lora
 from ftlab.tasks import classification
+from third_party import peft_format
 
 
 def _config(**overrides):
@@ -97,6 +99,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path)
 def test_method_configs_freeze_what_they_say(method):
     config = finetune_minilm.get_config(f"tiny,method={method}")
     model, params = trainer.build_model(config)
+    params, apply = trainer.build_method(config, params, trainer.make_apply(model))
     labels = partition.labels(params, [tuple(r) for r in config.partition.rules])
     tx = trainer.build_optimizer(config, labels)
     trainable, frozen = partition.split(params, labels)
@@ -106,7 +109,7 @@ def test_method_configs_freeze_what_they_say(method):
     assert 2 * counts <= opt_size <= 2 * counts + 4  # adam's mu, nu (+ counters), nothing frozen
     plan = parallel.make_plan("mesh")
 
-    loss_fn = classification.make_loss_fn(trainer.make_apply(model))
+    loss_fn = classification.make_loss_fn(apply)
     step = plan.compile_train_step(train.make_train_step(loss_fn, tx))
     state = plan.put_state(state)
     rng = np.random.default_rng(0)
@@ -124,6 +127,23 @@ def test_method_configs_freeze_what_they_say(method):
         assert all(n.endswith("bias") or n.startswith("head/") for n in partition.flatten(trainable))
     if method == "full":
         assert frozen == {}
+    if method == "lora":
+        names = set(partition.flatten(trainable))
+        assert names and all(n.startswith("head/") or n.endswith(("lora_a", "lora_b")) for n in names)
+
+
+def test_lora_run_saves_the_adapter_alone(tmp_path):
+    config = finetune_minilm.get_config("tiny,method=lora,steps=2")
+    results = trainer.train_and_evaluate(config, str(tmp_path))
+    adapter, cfg = lora.load(tmp_path / "adapter")
+    assert cfg["rank"] == 8
+    assert set(partition.flatten(adapter)) == {
+        f"encoder/layer_{i}/attention/{m}/lora_{ab}" for i in range(2) for m in ("query", "value")
+        for ab in "ab"
+    }
+    assert results["adapter_bytes"] < 100_000
+    imported, _ = peft_format.import_(tmp_path / "adapter_peft", prefix="encoder/")
+    chex.assert_trees_all_equal(partition.flatten(imported), partition.flatten(adapter))
 
 
 def test_quick_config_on_real_minilm(tmp_path):
