@@ -152,3 +152,28 @@ def test_quick_config_on_real_minilm(tmp_path):
     assert results["trainable_params"] == 384 * 2 + 2  # the head alone
     assert results["total_params"] == 22_565_376 + 770
     assert 0.0 <= results["eval/test/accuracy"] <= 1.0
+
+
+def test_no_recompilation_inside_the_loop(tmp_path):
+    lowered = []
+
+    def listener(event, duration_secs, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowered.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        counts = []
+        for steps in (2, 5):
+            lowered.clear()
+            config = _config(**{"optim.num_steps": steps, "evals.every_steps": 2})
+            trainer.train_and_evaluate(config, str(tmp_path / f"steps_{steps}"))
+            counts.append(sorted(lowered))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    for names in counts:
+        # One train step and one eval step per run, however many steps and evaluations.
+        assert names.count("jit(step)") == 1, names
+        assert names.count("jit(eval_step)") == 1, names
+    # A longer run compiles nothing that a shorter one did not.
+    assert set(counts[1]) <= set(counts[0]) | {"jit(step)", "jit(eval_step)"}
