@@ -10,8 +10,8 @@ The three methods are the same trainer with different partition rules (and learn
 Run (a thin config per method lives beside this file):
   python -m experiments.main --config=configs/finetune_minilm.py:method=bitfit --workdir=runs/bitfit
 
-Options: method=full|linear_probe|bitfit|lora, rank=N (LoRA), quick (real MiniLM, a few steps on a few examples),
-tiny (a 2-layer random BERT instead of MiniLM; seconds, for tests), steps=N.
+Options: method=full|linear_probe|bitfit|lora, rank=N (LoRA), quick (real MiniLM, a few steps
+on a few examples), tiny (a 2-layer random BERT instead of MiniLM; seconds, for tests), steps=N.
 Results are recorded in README.md (measured, with command, hardware and date).
 """
 

@@ -74,8 +74,14 @@ def parse_flags(argv):
             if text and not any(text in m for m in messages):
                 messages.append(text)
             cause = cause.__cause__ or cause.__context__
-        where = [a for a in argv[1:] if a.startswith("--config") and any(
-            a.split("=", 1)[0].split(".")[-1] in m or a.split(":")[-1] in m for m in messages)]
+        where = [
+            a
+            for a in argv[1:]
+            if a.startswith("--config")
+            and any(
+                a.split("=", 1)[0].split(".")[-1] in m or a.split(":")[-1] in m for m in messages
+            )
+        ]
         where = where[-1] if where else "--config"
         what = "unknown config key " if isinstance(e, (AttributeError, KeyError)) else ""
         sys.exit(f"error in {where}: {what}{messages[0] if messages else type(e).__name__}")

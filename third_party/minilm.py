@@ -129,9 +129,7 @@ def check_sha256(path: str | pathlib.Path, expected: str) -> None:
     """Raises `ChecksumError` naming the file and both hashes unless `path` hashes to `expected`."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; reinstall the package with `bash install.sh`."
-        )
+        raise FileNotFoundError(f"{path} is missing; reinstall the package with `bash install.sh`.")
     actual = sha256(path)
     if actual != expected:
         raise ChecksumError(
@@ -145,11 +143,17 @@ def _hf_names(config: bert.BertConfig) -> dict[str, tuple[tuple[str, ...], bool]
     """HF tensor name -> (ftlab leaf path, whether the torch (out, in) weight needs a transpose)."""
     names = {
         "embeddings.word_embeddings.weight": (
-            ("embeddings", "word_embeddings", "embedding"), False),
+            ("embeddings", "word_embeddings", "embedding"),
+            False,
+        ),
         "embeddings.position_embeddings.weight": (
-            ("embeddings", "position_embeddings", "embedding"), False),
+            ("embeddings", "position_embeddings", "embedding"),
+            False,
+        ),
         "embeddings.token_type_embeddings.weight": (
-            ("embeddings", "token_type_embeddings", "embedding"), False),
+            ("embeddings", "token_type_embeddings", "embedding"),
+            False,
+        ),
         "embeddings.LayerNorm.weight": (("embeddings", "layer_norm", "scale"), False),
         "embeddings.LayerNorm.bias": (("embeddings", "layer_norm", "bias"), False),
     }
@@ -275,6 +279,4 @@ def load(*, check_hash: bool = True) -> Pretrained:
         check_sha256(tokenizer_path, TOKENIZER_SHA256)
     config = bert.BertConfig.from_hf(json.loads((folder / _CONFIG_FILE).read_text()))
     params = convert(safetensors_numpy.load_file(str(weights)), config)
-    return Pretrained(
-        config=config, params=params, tokenizer_path=tokenizer_path, model_dir=folder
-    )
+    return Pretrained(config=config, params=params, tokenizer_path=tokenizer_path, model_dir=folder)

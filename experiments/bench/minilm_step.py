@@ -69,7 +69,9 @@ _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0, "torch.set_num_threads for the torch variants; 0: the cores available."
 )
 _TORCH_ADAMW = flags.DEFINE_enum(
-    "torch_adamw", "default", ["default", "foreach", "fused"],
+    "torch_adamw",
+    "default",
+    ["default", "foreach", "fused"],
     "torch.optim.AdamW implementation: its default (the per-tensor loop on CPU), foreach=True, "
     "or fused=True.",
 )
@@ -144,7 +146,13 @@ def _synthetic_batch(batch: int, seq: int, *, seed: int = 0) -> dict:
 
 
 def analytic_gflop(
-    *, method: str, batch: int, seq: int, hidden: int, intermediate: int, layers: int,
+    *,
+    method: str,
+    batch: int,
+    seq: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
     num_classes: int,
 ) -> float:
     """Matmul GFLOPs (2*m*n*k per product) of one BERT-classifier train step, counted by hand.
@@ -544,8 +552,12 @@ def _run_parent() -> int:
             else:
                 print(text, file=sys.stderr)
         if proc.returncode or not got:
-            logging.error("variant %s failed (exit %d); rerun it alone with\n  %s",
-                          variant, proc.returncode, " ".join(cmd))
+            logging.error(
+                "variant %s failed (exit %d); rerun it alone with\n  %s",
+                variant,
+                proc.returncode,
+                " ".join(cmd),
+            )
             failed.append(variant)
         lines.extend(got)
 

@@ -5,6 +5,7 @@ Every method is the same loop; ``config.partition.rules`` decides what trains.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -17,7 +18,8 @@ import optax
 from absl import logging
 from safetensors import numpy as safetensors_numpy
 
-from ftlab.core import checkpoint, loading, metrics as metrics_lib, parallel, partition, train
+from ftlab.core import checkpoint, loading, parallel, partition, train
+from ftlab.core import metrics as metrics_lib
 from ftlab.data import batching, rotten_tomatoes, text
 from ftlab.models import bert
 from ftlab.peft import lora
@@ -36,7 +38,10 @@ def build_data(config: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndar
         minilm.model_dir() / "tokenizer.json", max_length=config.data.max_length
     )
     return {
-        name: {**text.encode(tokenizer, s.text, max_length=config.data.max_length), "label": s.label}
+        name: {
+            **text.encode(tokenizer, s.text, max_length=config.data.max_length),
+            "label": s.label,
+        }
         for name, s in splits.items()
     }
 
@@ -48,16 +53,11 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[bert.BertClassifier,
         pretrained = minilm.load()
         encoder_config = pretrained.config
     elif config.model.encoder == "tiny":
-        encoder_config = bert.BertConfig.tiny()
-        # Keep MiniLM's tokenizer: the tiny model needs its vocabulary size.
-        encoder_config = bert.BertConfig(
-            **{**encoder_config.__dict__, "vocab_size": 30522, "max_position_embeddings": 512}
-        )
+        # MiniLM's tokenizer still does the tokenizing: the tiny model needs its vocabulary.
+        encoder_config = bert.BertConfig.tiny(vocab_size=30522, max_position_embeddings=512)
     else:
         raise ValueError(f"config.model.encoder={config.model.encoder!r}; expected minilm or tiny")
-    encoder_config = bert.BertConfig(
-        **{**encoder_config.__dict__, "dropout_rate": config.model.dropout_rate}
-    )
+    encoder_config = dataclasses.replace(encoder_config, dropout_rate=config.model.dropout_rate)
     model = bert.BertClassifier(
         encoder_config, num_classes=config.model.num_classes, pooling=config.model.pooling
     )
@@ -82,7 +82,10 @@ def build_method(config: ml_collections.ConfigDict, params, apply):
     if method == "lora":
         rng = jax.random.PRNGKey(config.seed + 1)
         params = lora.init(
-            params, rng, targets=list(config.peft.targets), rank=config.peft.rank,
+            params,
+            rng,
+            targets=list(config.peft.targets),
+            rank=config.peft.rank,
             alpha=config.peft.alpha,
         )
         params = jax.tree.map(np.asarray, params)
@@ -96,17 +99,22 @@ def save_method(config: ml_collections.ConfigDict, params, workdir: pathlib.Path
         return {}
     adapter = lora.adapter(jax.device_get(params))
     lora.save(
-        workdir / "adapter", adapter,
-        config_dict={"rank": config.peft.rank, "alpha": config.peft.alpha,
-                     "targets": list(config.peft.targets)},
+        workdir / "adapter",
+        adapter,
+        config_dict={
+            "rank": config.peft.rank,
+            "alpha": config.peft.alpha,
+            "targets": list(config.peft.targets),
+        },
     )
     # The new head trains too: it travels beside the adapter (PEFT calls it modules_to_save).
     safetensors_numpy.save_file(
         {k: np.asarray(v) for k, v in partition.flatten({"head": params["head"]}).items()},
         str(workdir / "adapter" / "head.safetensors"),
     )
-    peft_format.export(workdir / "adapter_peft", adapter, rank=config.peft.rank,
-                       alpha=config.peft.alpha)
+    peft_format.export(
+        workdir / "adapter_peft", adapter, rank=config.peft.rank, alpha=config.peft.alpha
+    )
     size = sum(f.stat().st_size for f in (workdir / "adapter").iterdir())
     return {"adapter_bytes": size}
 
@@ -167,8 +175,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     plan = parallel.make_plan(config.parallel.mode, num_devices=config.parallel.num_devices)
     plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
     plan.check_batch_size(config.evals.batch_size, what="config.evals.batch_size")
-    logging.info("devices: %d (%s), processes: %d", plan.num_devices, jax.devices()[0].platform,
-                 jax.process_count())
+    logging.info(
+        "devices: %d (%s), processes: %d",
+        plan.num_devices,
+        jax.devices()[0].platform,
+        jax.process_count(),
+    )
 
     # -- data -------------------------------------------------------------------------------
     data = build_data(config)
@@ -211,9 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     def run_eval(split):
-        results = evaluate(
-            plan, eval_step, state, data[split], batch_size=config.evals.batch_size
-        )
+        results = evaluate(plan, eval_step, state, data[split], batch_size=config.evals.batch_size)
         return {f"eval/{split}/{k}": v for k, v in results.items()}
 
     # -- loop -------------------------------------------------------------------------------
@@ -222,11 +232,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = metrics_lib.Progress(total, initial_step=start_step, enabled=is_chief)
     pending, last_good = [], start_step
     tick, tick_step = time.perf_counter(), start_step
-    logging.info("training steps %d..%d, %d steps per epoch", start_step, total,
-                 batching.steps_per_epoch(n_train, config.optim.batch_size))
+    logging.info(
+        "training steps %d..%d, %d steps per epoch",
+        start_step,
+        total,
+        batching.steps_per_epoch(n_train, config.optim.batch_size),
+    )
     # A run may stop early (config.max_steps_per_run, e.g. to fit a job's time limit); running
     # the same command again resumes from the checkpoint written at the stop.
-    stop = total if not config.max_steps_per_run else min(total, start_step + config.max_steps_per_run)
+    stop = (
+        total if not config.max_steps_per_run else min(total, start_step + config.max_steps_per_run)
+    )
     for step in range(start_step, stop):
         batch = batching.train_batch(
             data["train"], step, batch_size=config.optim.batch_size, seed=config.data.seed
@@ -265,7 +281,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.wait_until_finished()
         writer.close()
         ckpt.close()
-        logging.info("stopped at step %d of %d (config.max_steps_per_run); rerun to resume", stop, total)
+        logging.info(
+            "stopped at step %d of %d (config.max_steps_per_run); rerun to resume", stop, total
+        )
         return {"step": stop}
 
     # -- final evaluation -------------------------------------------------------------------

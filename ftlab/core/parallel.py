@@ -82,12 +82,13 @@ class Plan:
             devices = list(self.mesh.devices.flat)
             return _pmap_replicate(state, devices)
         sharding = self.replicated
-        return jax.tree.map(
-            lambda x: jax.make_array_from_callback(
-                np.shape(x), sharding, lambda idx, x=np.asarray(x): x[idx]
-            ),
-            state,
-        )
+
+        def put(x):
+            x = np.asarray(x)
+            # Every process holds the same host value; each fills its own devices' shards.
+            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+        return jax.tree.map(put, state)
 
     def get_state(self, state: PyTree) -> PyTree:
         """One logical copy of a placed state (for saving or returning to the user)."""

@@ -47,7 +47,7 @@ class TrainState:
         """The full parameter tree, for the forward pass."""
         return partition.merge(self.trainable, self.frozen)
 
-    def checkpointable(self) -> "TrainState":
+    def checkpointable(self) -> TrainState:
         """The state without frozen leaves: frozen weights come from the pretrained source."""
         return self.replace(frozen={})
 

@@ -1,9 +1,9 @@
 """The partition-aware train step: frozen leaves untouched, exact gradients, one compile."""
 
 import chex
-import jax.flatten_util
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -27,9 +27,7 @@ _MODEL = _MLP()
 def _apply(params, batch, rng):
     if rng is None:
         return _MODEL.apply({"params": params}, batch["x"])
-    return _MODEL.apply(
-        {"params": params}, batch["x"], deterministic=False, rngs={"dropout": rng}
-    )
+    return _MODEL.apply({"params": params}, batch["x"], deterministic=False, rngs={"dropout": rng})
 
 
 def _batch(seed=0, n=16):
@@ -77,7 +75,9 @@ def test_frozen_leaves_bit_identical_and_stateless(params, rules):
 
 
 def test_gradient_of_trainable_subtree_matches_finite_differences(params):
-    labels = partition.labels(params, [("head/.*", "train"), ("body/bias", "train"), (".*", "frozen")])
+    labels = partition.labels(
+        params, [("head/.*", "train"), ("body/bias", "train"), (".*", "frozen")]
+    )
     trainable, frozen = partition.split(params, labels)
     loss_fn = classification.make_loss_fn(_apply)
     batch = _batch(1)

@@ -77,9 +77,7 @@ def test_eval_batches_cover_everything_once(batch_size):
 
 def test_process_slices_concatenate_to_global_batch():
     batch = batching.train_batch(ARRAYS, 2, batch_size=8, seed=0)
-    parts = [
-        batching.process_slice(batch, process_index=i, process_count=4) for i in range(4)
-    ]
+    parts = [batching.process_slice(batch, process_index=i, process_count=4) for i in range(4)]
     for k in batch:
         np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), batch[k])
     assert parts[0]["x"].shape == (2,)

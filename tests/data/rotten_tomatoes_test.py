@@ -38,9 +38,9 @@ def test_splits_partition_the_file(sentiment):
     # Texts repeat in the file (56 duplicate snippets), so compare as multisets of (text, label).
     df = pd.read_csv(rotten_tomatoes.data_path())
     df = df[df.category.isin(["fresh", "rotten"])]
-    want = collections.Counter(zip(df.text, (df.category == "fresh").astype(int)))
+    want = collections.Counter(zip(df.text, (df.category == "fresh").astype(int), strict=True))
     got = collections.Counter(
-        (t, int(y)) for s in sentiment.values() for t, y in zip(s.text, s.label)
+        (t, int(y)) for s in sentiment.values() for t, y in zip(s.text, s.label, strict=True)
     )
     assert got == want
 

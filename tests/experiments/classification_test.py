@@ -58,7 +58,10 @@ def test_run_writes_metrics_plots_checkpoints_and_results(uninterrupted):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     for png in ("train.png", "eval.png"):
         assert (workdir / png).stat().st_size > 1000
-    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        3,
+        6,
+    ]
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(uninterrupted, tmp_path):
@@ -68,8 +71,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(uninterrupted, tmp_pat
     results = trainer.train_and_evaluate(config, str(tmp_path))
     assert results == ref_results
     chex.assert_trees_all_equal(_trainable_at(tmp_path, 6), _trainable_at(ref_dir, 6))
-    strip = lambda lines: [{k: v for k, v in x.items() if "steps_per_sec" not in k} for x in lines]
-    assert strip(_lines(tmp_path)) == strip(_lines(ref_dir))
+
+    def timeless(lines):
+        return [{k: v for k, v in x.items() if "steps_per_sec" not in k} for x in lines]
+
+    assert timeless(_lines(tmp_path)) == timeless(_lines(ref_dir))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_path):
@@ -124,12 +130,16 @@ def test_method_configs_freeze_what_they_say(method):
     if method == "linear_probe":
         assert set(partition.flatten(trainable)) == {"head/kernel", "head/bias"}
     if method == "bitfit":
-        assert all(n.endswith("bias") or n.startswith("head/") for n in partition.flatten(trainable))
+        assert all(
+            n.endswith("bias") or n.startswith("head/") for n in partition.flatten(trainable)
+        )
     if method == "full":
         assert frozen == {}
     if method == "lora":
         names = set(partition.flatten(trainable))
-        assert names and all(n.startswith("head/") or n.endswith(("lora_a", "lora_b")) for n in names)
+        assert names and all(
+            n.startswith("head/") or n.endswith(("lora_a", "lora_b")) for n in names
+        )
 
 
 def test_lora_run_saves_the_adapter_alone(tmp_path):
@@ -138,7 +148,9 @@ def test_lora_run_saves_the_adapter_alone(tmp_path):
     adapter, cfg = lora.load(tmp_path / "adapter")
     assert cfg["rank"] == 8
     assert set(partition.flatten(adapter)) == {
-        f"encoder/layer_{i}/attention/{m}/lora_{ab}" for i in range(2) for m in ("query", "value")
+        f"encoder/layer_{i}/attention/{m}/lora_{ab}"
+        for i in range(2)
+        for m in ("query", "value")
         for ab in "ab"
     }
     assert results["adapter_bytes"] < 100_000

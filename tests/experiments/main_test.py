@@ -12,21 +12,33 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def _run(*args, tmp_path):
     return subprocess.run(
         [sys.executable, "-m", "experiments.main", f"--workdir={tmp_path}", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--config=configs/full_ft_minilm.py:tiny", "--config.optim.lrr=1"],
-         r"--config.optim.lrr=1: unknown config key lrr Did you mean \"lr\""),
-        (["--config=configs/full_ft_minilm.py:tiny", "--config.optim.batch_size=abc"],
-         r"--config.optim.batch_size=abc.*invalid literal for int"),
+        (
+            ["--config=configs/full_ft_minilm.py:tiny", "--config.optim.lrr=1"],
+            r"--config.optim.lrr=1: unknown config key lrr Did you mean \"lr\"",
+        ),
+        (
+            ["--config=configs/full_ft_minilm.py:tiny", "--config.optim.batch_size=abc"],
+            r"--config.optim.batch_size=abc.*invalid literal for int",
+        ),
         (["--config=configs/full_ft_minilm.py:tiyn"], r"unknown config option 'tiyn'"),
-        (["--config=configs/full_ft_minilm.py:tiny",
-          "--config.partition.rules=(('encodr/.*','train'),('.*','frozen'))"],
-         r"config.partition.rules: pattern 'encodr/\.\*' matched no leaf; top-level names are: encoder, head"),
+        (
+            [
+                "--config=configs/full_ft_minilm.py:tiny",
+                "--config.partition.rules=(('encodr/.*','train'),('.*','frozen'))",
+            ],
+            r"config.partition.rules: pattern 'encodr/\.\*' matched no leaf; "
+            r"top-level names are: encoder, head",
+        ),
     ],
     ids=["unknown-key", "wrong-type", "unknown-option", "rule-matches-nothing"],
 )

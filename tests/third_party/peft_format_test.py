@@ -19,8 +19,14 @@ ALL_MODULES = r"layer_\d+/(attention/(query|key|value|out)|mlp/(intermediate|out
 
 def _adapter(modules, *, layers=(0, 1), rank=2, prefix="", seed=0, dims=None):
     """A random adapter tree over ftlab module paths like 'attention/query'."""
-    dims = dims or {"attention/query": (8, 8), "attention/key": (8, 8), "attention/value": (8, 8),
-                    "attention/out": (8, 8), "mlp/intermediate": (8, 16), "mlp/output": (16, 8)}
+    dims = dims or {
+        "attention/query": (8, 8),
+        "attention/key": (8, 8),
+        "attention/value": (8, 8),
+        "attention/out": (8, 8),
+        "mlp/intermediate": (8, 16),
+        "mlp/output": (16, 8),
+    }
     rng = np.random.default_rng(seed)
     flat = {}
     for i in layers:
@@ -136,11 +142,19 @@ def test_peft_loads_the_exported_adapter_and_matches_ftlab(minilm, tmp_path, mon
     params = partition.unflatten(flat)
     # A local base path, so that PEFT never looks the base model up on the hub.
     cfg = peft_format.export(
-        tmp_path / "peft", lora.adapter(params), rank=rank, alpha=alpha,
+        tmp_path / "peft",
+        lora.adapter(params),
+        rank=rank,
+        alpha=alpha,
         base_model_name=str(minilm.model_dir),
     )
     assert cfg["target_modules"] == [
-        "query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"
+        "query",
+        "key",
+        "value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
     ]
 
     base = transformers.BertModel.from_pretrained(
