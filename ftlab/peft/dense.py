@@ -1,12 +1,28 @@
 """One interception of `nn.Dense.__call__` shared by the dense-layer PEFT methods.
 
-A dense-layer method (LoRA now; DoRA and IA3 later) stores its leaves next to the kernel it
-modifies, e.g. ``encoder/layer_3/attention/query/lora_a``, and the model is applied unchanged inside
-:func:`intercept`, which adds the method's term to the output of every `nn.Dense` that carries such
-leaves. Models need no edit: any linen model built from `nn.Dense` gets every method.
+A dense-layer method stores its leaves next to the kernel it modifies, e.g.
+``encoder/layer_3/attention/query/lora_a``, and the model is applied unchanged inside
+:func:`intercept`, which changes the output of every `nn.Dense` that carries such leaves. Models
+need no edit: any linen model built from `nn.Dense` gets every method. The leaves it knows:
 
-Hyperparameters that are not leaves (LoRA's ``alpha / rank`` scale) travel in the interceptor's
-closure, so they are static under `jax.jit` and can never become trainable by accident.
+==================  ===========  ==============================================================
+leaf                shape        effect on ``y = x @ kernel + bias``
+==================  ===========  ==============================================================
+``lora_a, lora_b``  [in, r],     LoRA: ``y + s * x @ lora_a @ lora_b`` with ``s = lora_scale``
+                    [r, out]
+``dora_m``          [out]        DoRA (with the LoRA pair): ``m / ||kernel + s a b||_c`` times
+                                 ``x @ kernel + s x a b``, plus bias (:func:`dora_column_norm`)
+``ia3_scale_in``    [in]         IA3 on the input: ``x -> x * ia3_scale_in`` before all of the above
+``ia3_scale``       [out]        IA3 on the output: the result (bias included) ``* ia3_scale``
+==================  ===========  ==============================================================
+
+Any combination on one module composes in that order: IA3 wraps the (LoRA- or DoRA-) adapted
+linear map. Inconsistent leaves (``dora_m`` without the LoRA pair, one of the pair alone, a shape
+that does not fit the kernel) raise an error naming the module path.
+
+Hyperparameters that are not leaves (LoRA's ``alpha / rank`` scale, DoRA's gradient option) travel
+in the interceptor's closure, so they are static under `jax.jit` and can never become trainable by
+accident.
 
 Use it inside the function you trace, which :func:`wrap_apply` does for you::
 
@@ -20,6 +36,9 @@ interceptor keeps running without the LoRA term (and vice versa). Put the interc
 References:
     Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
     https://arxiv.org/abs/2106.09685
+    Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", https://arxiv.org/abs/2402.09353
+    Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+    Learning" (IA3), https://arxiv.org/abs/2205.05638
 """
 
 from __future__ import annotations
@@ -35,9 +54,14 @@ import jax
 import jax.numpy as jnp
 
 LORA_A, LORA_B = "lora_a", "lora_b"
-# Every leaf name a dense-layer method may add next to a kernel; `lora` and the checkpoint code
-# use this to tell method leaves from base leaves.
+DORA_M = "dora_m"
+IA3_SCALE, IA3_SCALE_IN = "ia3_scale", "ia3_scale_in"
+# The low-rank leaves: `lora.init` refuses a module that already holds one of these. (Kept to the
+# LoRA pair so that LoRA composes with IA3 on one module; DoRA trees always hold the pair too.)
 METHOD_LEAVES = (LORA_A, LORA_B)
+# Every leaf name a dense-layer method may add next to a kernel, to tell method leaves from base
+# leaves.
+ALL_LEAVES = (LORA_A, LORA_B, DORA_M, IA3_SCALE, IA3_SCALE_IN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +69,22 @@ class Options:
     """Static (non-leaf) hyperparameters of the dense-layer methods.
 
     Attributes:
-        lora_scale: The LoRA factor ``alpha / rank`` multiplying ``x @ lora_a @ lora_b``; None
-            when no LoRA leaves are expected (meeting one is then an error).
+        lora_scale: The LoRA factor ``alpha / rank`` multiplying ``x @ lora_a @ lora_b`` (also
+            inside DoRA); None when no LoRA leaves are expected (meeting one is then an error).
+        dora_exact_norm_grad: If True, differentiate through DoRA's column norm
+            ``||kernel + s a b||_c``; if False (the default, DoRA section 4.3) the norm is a
+            constant in the backward pass (`jax.lax.stop_gradient`), see :func:`dora_column_norm`.
     """
 
     lora_scale: float | None = None
+    dora_exact_norm_grad: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.dora_exact_norm_grad, bool):
+            raise TypeError(
+                "dora_exact_norm_grad must be a bool, got "
+                f"{type(self.dora_exact_norm_grad).__name__}."
+            )
         if self.lora_scale is not None:
             if isinstance(self.lora_scale, bool) or not isinstance(self.lora_scale, (int, float)):
                 raise TypeError(
@@ -67,69 +100,218 @@ def _module_path(module: nn.Module) -> str:
     return "/".join(scope.path) if scope is not None and scope.path else (module.name or "<root>")
 
 
-def _lora_term(module: nn.Dense, x: jax.Array, y: jax.Array, opts: Options) -> jax.Array:
-    has_a, has_b = module.has_variable("params", LORA_A), module.has_variable("params", LORA_B)
-    if not (has_a or has_b):
-        return y
+def dora_column_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:
+    """DoRA's per-output-unit norm ``||kernel + scale * a @ b||_c``, shape [out], in float32.
+
+    ftlab kernels are [in, out], so the norm runs over the ``in`` axis (the paper's column norm of
+    its [d, k] weight; torch's row norm of the [out, in] weight). The [in, out] matrix
+    ``kernel + scale * a @ b`` is formed here, in the forward pass: the norm of the adapted weight
+    needs it, whatever the implementation (DoRA's inherent cost over LoRA). `dora.init`,
+    `dora.merge` and the interceptor all call this one function, so that the model starts out
+    equal to the base model (bit for bit where the reduction rounds alike; see `dora.init`).
+
+    Args:
+        kernel: The frozen kernel W, [in, out].
+        a: ``lora_a``, [in, r].
+        b: ``lora_b``, [r, out].
+        scale: LoRA's ``alpha / rank``.
+
+    Returns:
+        The float32 norms, [out].
+
+    References:
+        Liu et al. 2024, https://arxiv.org/abs/2402.09353 (equation 5)
+
+    >>> dora_column_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]), jnp.zeros((2, 1)),
+    ...                  jnp.zeros((1, 2)), scale=2.0).tolist()
+    [5.0, 1.0]
+    """
+    f32 = jnp.float32
+    # Full float32 precision: on TPU/GPU the default may round to bf16, and `dora.merge` must
+    # agree with the intercepted forward pass to float tolerance.
+    ab = jnp.matmul(a.astype(f32), b.astype(f32), precision=jax.lax.Precision.HIGHEST)
+    v = kernel.astype(f32) + ab * scale
+    return jnp.sqrt(jnp.sum(v * v, axis=0))
+
+
+def dora_gain(m: jax.Array, norm: jax.Array) -> jax.Array:
+    """``m / norm``, the per-output factor DoRA puts on ``kernel + s a b``; 0/0 columns give m.
+
+    A column whose adapted weight is all zeros contributes nothing whatever its factor, so the
+    guard only keeps NaNs out of the forward and backward pass.
+
+    >>> dora_gain(jnp.array([2.0, 3.0]), jnp.array([4.0, 0.0])).tolist()
+    [0.5, 3.0]
+    """
+    return m / jnp.where(norm > 0, norm, jnp.ones_like(norm))
+
+
+def _module_path(module: nn.Module) -> str:
+    scope = getattr(module, "scope", None)
+    return "/".join(scope.path) if scope is not None and scope.path else (module.name or "<root>")
+
+
+def _broadcast_last(v: jax.Array, like: jax.Array) -> jax.Array:
+    # Explicit reshape: ftlab tests run with jax_numpy_rank_promotion="raise".
+    return v.reshape((1,) * (like.ndim - 1) + v.shape)
+
+
+def _check_leaves(module: nn.Dense, present: set[str], x: jax.Array, opts: Options) -> None:
+    """Validates the method leaves on one module, naming its path in every error."""
     path = _module_path(module)
+    has_a, has_b = LORA_A in present, LORA_B in present
     if has_a != has_b:
         missing = LORA_B if has_a else LORA_A
         raise ValueError(
             f"{path}: has only one of {LORA_A}/{LORA_B} (missing {path}/{missing}); an adapter "
             "must hold both. Re-create it with lora.init, or merge it with lora.adapter(...)."
         )
-    if opts.lora_scale is None:
+    if DORA_M in present and not has_a:
         raise ValueError(
-            f"{path}: the params hold LoRA leaves but no lora_scale was given; use "
-            "dense.intercept(lora_scale=alpha / rank) or lora.intercept(alpha=..., rank=...)."
+            f"{path}: has {path}/{DORA_M} but no {LORA_A}/{LORA_B}; DoRA needs all three leaves "
+            "(dora.init adds them together). Drop the stray magnitude or re-create the adapter."
         )
+    if has_a and opts.lora_scale is None:
+        method = "DoRA" if DORA_M in present else "LoRA"
+        raise ValueError(
+            f"{path}: the params hold {method} leaves but no lora_scale was given; use "
+            "dense.intercept(lora_scale=alpha / rank), or lora.wrap_apply / dora.wrap_apply "
+            "(alpha=..., rank=...)."
+        )
+    kernel = module.get_variable("params", "kernel")
+    d_in, d_out = kernel.shape
+    if x.shape[-1] != d_in:
+        return  # let nn.Dense report its own shape error
+    if has_a:
+        a = module.get_variable("params", LORA_A)
+        b = module.get_variable("params", LORA_B)
+        chained = a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0]
+        if not (chained and a.shape[0] == d_in and b.shape[1] == d_out):
+            raise ValueError(
+                f"{path}: {LORA_A} {a.shape} and {LORA_B} {b.shape} must be [in, r] and [r, out] "
+                f"for kernel [{d_in}, {d_out}]."
+            )
+    for name, size, axis in (
+        (DORA_M, d_out, "out"),
+        (IA3_SCALE, d_out, "out"),
+        (IA3_SCALE_IN, d_in, "in"),
+    ):
+        if name in present:
+            shape = module.get_variable("params", name).shape
+            if shape != (size,):
+                raise ValueError(
+                    f"{path}/{name}: shape {shape}, expected [{axis}] = ({size},) for kernel "
+                    f"[{d_in}, {d_out}]."
+                )
+
+
+def _lora_delta(module: nn.Dense, x: jax.Array, dtype, opts: Options) -> jax.Array:
     a = module.get_variable("params", LORA_A)
     b = module.get_variable("params", LORA_B)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(
-            f"{path}: {LORA_A} {a.shape} and {LORA_B} {b.shape} must be [in, r] and [r, out]."
-        )
-    dtype = y.dtype
     # Factored form: [..., in] @ [in, r] @ [r, out]. Differentiating this never forms an [in, out]
     # array, so a frozen kernel costs no dense gradient (the point of LoRA's memory saving).
     h = jnp.einsum("...i,ir->...r", x.astype(dtype), a.astype(dtype), precision=module.precision)
     delta = jnp.einsum("...r,ro->...o", h, b.astype(dtype), precision=module.precision)
-    return y + (delta * opts.lora_scale).astype(dtype)
+    return (delta * opts.lora_scale).astype(dtype)
+
+
+def _lora_term(module: nn.Dense, x: jax.Array, y: jax.Array, opts: Options) -> jax.Array:
+    return y + _lora_delta(module, x, y.dtype, opts)
+
+
+def _dora_term(module: nn.Dense, x: jax.Array, y: jax.Array, opts: Options) -> jax.Array:
+    # DoRA's efficient form (paper section 4.3): with V = W + s A B and g = m / ||V||_c,
+    #   x @ (g V) + bias = g * (x W + s x A B) + bias,
+    # so the base output y = x W + bias is reused and the LoRA part stays factored; only the
+    # norm needs V itself. Written as y + (g - 1) (y - bias) + g s x A B, which is exactly y
+    # when g == 1 and B == 0, i.e. at init.
+    dtype = y.dtype
+    norm = dora_column_norm(
+        module.get_variable("params", "kernel"),
+        module.get_variable("params", LORA_A),
+        module.get_variable("params", LORA_B),
+        scale=opts.lora_scale,
+    )
+    # Keep the norm's reduction out of the fusions around it, so that it rounds as the jitted
+    # computation in `dora.init` did: then m / norm is exactly 1 at init and the adapted model
+    # equals the base model bit for bit (a fused reduction may differ in the last bit).
+    norm = jax.lax.optimization_barrier(norm)
+    if not opts.dora_exact_norm_grad:
+        # The paper's choice: ||V||_c is a constant in the backward pass. The gradient then
+        # reaches A and B only through the factored x A B, so no [in, out] gradient is formed
+        # (the norm's own gradient would be an [in, out] array per layer), at a negligible cost
+        # in accuracy (Liu et al. 2024, section 4.3). m still gets its exact gradient.
+        norm = jax.lax.stop_gradient(norm)
+    g = dora_gain(module.get_variable("params", DORA_M).astype(jnp.float32), norm).astype(dtype)
+    g = _broadcast_last(g, y)
+    base = y
+    if module.use_bias and module.has_variable("params", "bias"):
+        base = y - _broadcast_last(module.get_variable("params", "bias").astype(dtype), y)
+    return y + (g - 1) * base + g * _lora_delta(module, x, dtype, opts)
 
 
 def _interceptor(opts: Options) -> Callable:
     def interceptor(next_fun, args, kwargs, context):
-        y = next_fun(*args, **kwargs)
-        if context.method_name != "__call__" or not isinstance(context.module, nn.Dense):
-            return y
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, nn.Dense):
+            return next_fun(*args, **kwargs)
+        present = {n for n in ALL_LEAVES if module.has_variable("params", n)}
+        if not present:
+            return next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
-        return _lora_term(context.module, x, y, opts)
+        _check_leaves(module, present, x, opts)
+        if IA3_SCALE_IN in present:
+            # IA3 on the input (the FFN activation in the paper): x -> x * l before the kernel.
+            scale_in = module.get_variable("params", IA3_SCALE_IN)
+            x = x * _broadcast_last(scale_in.astype(x.dtype), x)
+            if args:
+                args = (x, *args[1:])
+            else:
+                kwargs = {**kwargs, "inputs": x}
+        y = next_fun(*args, **kwargs)
+        if DORA_M in present:
+            y = _dora_term(module, x, y, opts)
+        elif LORA_A in present:
+            y = _lora_term(module, x, y, opts)
+        if IA3_SCALE in present:
+            y = y * _broadcast_last(module.get_variable("params", IA3_SCALE).astype(y.dtype), y)
+        return y
 
     return interceptor
 
 
 @contextlib.contextmanager
-def intercept(*, lora_scale: float | None = None) -> Iterator[Options]:
-    """Adds the method terms of every dense-layer method leaf while the context is active.
+def intercept(
+    *, lora_scale: float | None = None, dora_exact_norm_grad: bool = False
+) -> Iterator[Options]:
+    """Applies every dense-layer method leaf (LoRA, DoRA, IA3) while the context is active.
 
     For every `nn.Dense.__call__` whose module holds ``lora_a`` [in, r] and ``lora_b`` [r, out] in
-    ``"params"``, the output becomes ``dense(x) + (x @ lora_a @ lora_b) * lora_scale``. Dense
-    layers without method leaves are untouched, so a plain tree gives the base model.
+    ``"params"``, the output becomes ``dense(x) + (x @ lora_a @ lora_b) * lora_scale``; with
+    ``dora_m`` [out] as well it becomes DoRA's ``m / ||W + s a b||_c * (x W + s x a b) + bias``;
+    ``ia3_scale_in`` [in] scales the input and ``ia3_scale`` [out] the output (see the module
+    docstring for the order). Dense layers without method leaves are untouched, so a plain tree
+    gives the base model.
 
     Enter it inside the traced function (see the module docstring, and :func:`wrap_apply`).
 
     Args:
-        lora_scale: LoRA's ``alpha / rank``; required as soon as a LoRA leaf is met.
+        lora_scale: LoRA's ``alpha / rank``; required as soon as a LoRA or DoRA leaf is met.
+        dora_exact_norm_grad: Differentiate through DoRA's column norm (default False: the
+            norm is held constant in the backward pass, as DoRA section 4.3 recommends).
 
     Yields:
         The validated :class:`Options`.
 
     Raises:
-        ValueError: (at apply time) a module holds LoRA leaves but ``lora_scale`` is None, holds
-            only one of the pair, or their shapes do not chain.
+        ValueError: (at apply time, naming the module path) a module holds LoRA/DoRA leaves but
+            ``lora_scale`` is None, holds only one of the LoRA pair, holds ``dora_m`` without
+            the pair, or holds a leaf whose shape does not fit its kernel.
 
     References:
-        Hu et al. 2021, https://arxiv.org/abs/2106.09685
+        Hu et al. 2021, https://arxiv.org/abs/2106.09685;
+        Liu et al. 2024 (DoRA), https://arxiv.org/abs/2402.09353;
+        Liu et al. 2022 (IA3), https://arxiv.org/abs/2205.05638
 
     >>> model = nn.Dense(2)
     >>> params = {"kernel": jnp.eye(2), "bias": jnp.zeros(2),
@@ -138,13 +320,19 @@ def intercept(*, lora_scale: float | None = None) -> Iterator[Options]:
     ...     y = model.apply({"params": params}, jnp.array([1.0, 2.0]))
     >>> y.tolist()
     [2.5, 3.5]
+    >>> params |= {"ia3_scale": jnp.array([2.0, 0.0])}
+    >>> with intercept(lora_scale=0.5):
+    ...     model.apply({"params": params}, jnp.array([1.0, 2.0])).tolist()
+    [5.0, 0.0]
     """
-    opts = Options(lora_scale=lora_scale)
+    opts = Options(lora_scale=lora_scale, dora_exact_norm_grad=dora_exact_norm_grad)
     with nn.intercept_methods(_interceptor(opts)):
         yield opts
 
 
-def wrap_apply(apply_fn: Callable, *, lora_scale: float | None = None) -> Callable:
+def wrap_apply(
+    apply_fn: Callable, *, lora_scale: float | None = None, dora_exact_norm_grad: bool = False
+) -> Callable:
     """Returns ``apply_fn`` running inside :func:`intercept`, same signature and result type.
 
     Wrapping the apply function (rather than entering the context around a jitted call) puts the
@@ -153,7 +341,8 @@ def wrap_apply(apply_fn: Callable, *, lora_scale: float | None = None) -> Callab
     Args:
         apply_fn: Any function that calls a linen ``Module.apply``, e.g. a trainer's
             ``apply(params, batch, rng) -> logits``.
-        lora_scale: LoRA's ``alpha / rank``.
+        lora_scale: LoRA's ``alpha / rank`` (LoRA and DoRA leaves need it; IA3 alone does not).
+        dora_exact_norm_grad: See :func:`intercept`.
 
     Returns:
         The wrapped function.
@@ -165,11 +354,12 @@ def wrap_apply(apply_fn: Callable, *, lora_scale: float | None = None) -> Callab
     >>> jax.jit(f)(params, jnp.ones(1)).tolist()
     [1.5]
     """
-    Options(lora_scale=lora_scale)  # validate now, not at trace time
+    # Validate now, not at trace time.
+    Options(lora_scale=lora_scale, dora_exact_norm_grad=dora_exact_norm_grad)
 
     @functools.wraps(apply_fn)
     def wrapped(*args, **kwargs):
-        with intercept(lora_scale=lora_scale):
+        with intercept(lora_scale=lora_scale, dora_exact_norm_grad=dora_exact_norm_grad):
             return apply_fn(*args, **kwargs)
 
     return wrapped
