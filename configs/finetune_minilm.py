@@ -6,12 +6,16 @@ The three methods are the same trainer with different partition rules (and learn
   linear_probe  only the new head trains (feature extraction)
   bitfit        biases + head train (Ben Zaken et al. 2021, arXiv:2106.10199)
   lora          LoRA factors on attention query/value + head (Hu et al. 2021, arXiv:2106.09685)
+  dora          DoRA: LoRA + per-column magnitudes (Liu et al. 2024, arXiv:2402.09353)
+  ia3           IA3 rescaling of keys, values, FFN activations (Liu et al. 2022, arXiv:2205.05638)
+  adapters      Houlsby bottleneck adapters (arXiv:1902.00751); prompt: soft prompt (2104.08691);
+  prefix        per-layer key/value prefixes via an MLP (2101.00190); reft: LoReFT (2404.03592)
 
 Run (a thin config per method lives beside this file):
   python -m experiments.main --config=configs/finetune_minilm.py:method=bitfit --workdir=runs/bitfit
 
-Options: method=full|linear_probe|bitfit|lora, rank=N (LoRA), quick (real MiniLM, a few steps
-on a few examples), tiny (a 2-layer random BERT instead of MiniLM; seconds, for tests), steps=N.
+Options: method=<one of the above>, rank=N (LoRA, DoRA), quick (real MiniLM, a few steps on a
+few examples), tiny (a 2-layer random BERT instead of MiniLM; seconds, for tests), steps=N.
 Results are recorded in README.md (measured, with command, hardware and date).
 """
 
@@ -24,9 +28,36 @@ METHODS = {
     "full": ((("head/.*", "train"), (".*", "train")), 5e-5, 320),
     "linear_probe": ((("head/.*", "train"), (".*", "frozen")), 3e-3, 640),
     "bitfit": ((("head/.*", "train"), (".*/bias", "train"), (".*", "frozen")), 1e-3, 480),
-    # LoRA factors (added by config.peft) + head
+    # method leaves (added by config.peft) + head
     "lora": ((("head/.*", "train"), (".*/lora_(a|b)", "train"), (".*", "frozen")), 1e-3, 480),
+    "dora": (
+        (("head/.*", "train"), (".*/(lora_a|lora_b|dora_m)", "train"), (".*", "frozen")),
+        1e-3,
+        480,
+    ),
+    "ia3": ((("head/.*", "train"), (".*/ia3_scale(_in)?", "train"), (".*", "frozen")), 3e-3, 480),
+    "adapters": (
+        (
+            ("head/.*", "train"),
+            (".*/(attention_adapter|output_adapter)/.*", "train"),
+            (".*", "frozen"),
+        ),
+        1e-3,
+        480,
+    ),
+    "prompt": (
+        (("head/.*", "train"), ("(.*/)?embeddings/prompt", "train"), (".*", "frozen")),
+        3e-3,
+        480,
+    ),
+    "prefix": ((("head/.*", "train"), ("prefix_mlp/.*", "train"), (".*", "frozen")), 1e-3, 480),
+    "reft": (
+        (("head/.*", "train"), (r"(.*/)?layer_\d+/reft/.*", "train"), (".*", "frozen")),
+        1e-3,
+        480,
+    ),
 }
+PEFT = ("lora", "dora", "ia3", "adapters", "prompt", "prefix", "reft")
 
 
 def get_config(arg=None):
@@ -63,11 +94,22 @@ def get_config(arg=None):
 
     # A tree transformation applied after loading: "none" or "lora".
     config.peft = ml_collections.ConfigDict()
-    config.peft.method = "lora" if opts.method == "lora" else "none"
+    config.peft.method = opts.method if opts.method in PEFT else "none"
     # regexes over the module path of nn.Dense kernels (fullmatch)
     config.peft.targets = (r"encoder/layer_\d+/attention/(query|value)",)
     config.peft.rank = opts.rank
     config.peft.alpha = 2.0 * opts.rank
+    # IA3: scale the outputs of these kernels, and the inputs of those (the FFN activation)
+    config.peft.ia3_targets_out = (r"encoder/layer_\d+/attention/(key|value)",)
+    config.peft.ia3_targets_in = (r"encoder/layer_\d+/mlp/output",)
+    # adapters: bottleneck width; prompt/prefix: number of virtual tokens
+    config.peft.bottleneck = 16
+    config.peft.length = 10
+    config.peft.prefix_hidden_mlp = 128
+    # ReFT: intervened layers and positions (first/last real tokens)
+    config.peft.reft_layers = (0, 1, 2, 3, 4, 5)
+    config.peft.reft_first_n = 1
+    config.peft.reft_last_n = 1
 
     config.optim = ml_collections.ConfigDict()
     config.optim.batch_size = 32
@@ -112,6 +154,7 @@ def get_config(arg=None):
         config.checkpoint.every_steps = 3
     if opts.tiny:
         config.model.encoder = "tiny"
+        config.peft.reft_layers = (0, 1)
     if opts.steps:
         config.optim.num_steps = opts.steps
     return config

@@ -22,7 +22,7 @@ from ftlab.core import checkpoint, loading, parallel, partition, train
 from ftlab.core import metrics as metrics_lib
 from ftlab.data import batching, rotten_tomatoes, text
 from ftlab.models import bert
-from ftlab.peft import lora
+from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
 from ftlab.tasks import classification
 from third_party import minilm, peft_format
 
@@ -74,49 +74,67 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[bert.BertClassifier,
     return model, params
 
 
+PEFT_METHODS = ("none", "lora", "dora", "ia3", "adapters", "prompt", "prefix", "reft")
+
+
 def build_method(config: ml_collections.ConfigDict, params, apply):
     """Applies ``config.peft``'s tree transformation; returns ``(params, apply)``."""
-    method = config.peft.method
-    if method == "none":
+    p = config.peft
+    rng = jax.random.PRNGKey(config.seed + 1)
+    if p.method == "none":
         return params, apply
-    if method == "lora":
-        rng = jax.random.PRNGKey(config.seed + 1)
-        params = lora.init(
-            params,
-            rng,
-            targets=list(config.peft.targets),
+    if p.method in ("lora", "dora"):
+        module = lora if p.method == "lora" else dora
+        params = module.init(params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha)
+        apply = module.wrap_apply(apply, alpha=p.alpha, rank=p.rank)
+    elif p.method == "ia3":
+        params = ia3.init(
+            params, targets_out=list(p.ia3_targets_out), targets_in=list(p.ia3_targets_in)
+        )
+        apply = ia3.wrap_apply(apply)
+    elif p.method == "adapters":
+        params = adapters.init(params, rng, bottleneck=p.bottleneck)
+    elif p.method == "prompt":
+        params = prompt.init(params, rng, length=p.length)
+    elif p.method == "prefix":
+        params = prefix.init(params, rng, length=p.length, hidden_mlp=p.prefix_hidden_mlp)
+        apply = prefix.wrap_apply(apply)
+    elif p.method == "reft":
+        params = reft.init(params, rng, layers=list(p.reft_layers), rank=p.rank)
+        apply = reft.wrap_apply(apply, first_n=p.reft_first_n, last_n=p.reft_last_n)
+    else:
+        raise ValueError(f"config.peft.method={p.method!r}; expected one of {PEFT_METHODS}")
+    return jax.tree.map(np.asarray, params), apply
+
+
+def save_method(
+    config: ml_collections.ConfigDict, trainable, frozen, workdir: pathlib.Path
+) -> dict:
+    """Writes the trained leaves alone (method leaves + head), not the frozen base.
+
+    LoRA adapters are also exported in Hugging Face PEFT's format (``adapter_peft/``).
+    """
+    if config.peft.method == "none":
+        return {}
+    trainable = jax.device_get(trainable)
+    if config.peft.method == "prefix":
+        # Inference needs only the prefixes: evaluate the reparametrising MLP once, drop it.
+        full = prefix.finalize(partition.merge(trainable, jax.device_get(frozen)))
+        trainable = partition.merge(prefix.adapter(full), {"head": trainable["head"]})
+    path = workdir / "adapter.safetensors"
+    safetensors_numpy.save_file(
+        {k: np.asarray(v) for k, v in partition.flatten(trainable).items()},
+        str(path),
+        metadata={"peft": json.dumps(config.peft.to_dict())},
+    )
+    if config.peft.method == "lora":
+        peft_format.export(
+            workdir / "adapter_peft",
+            lora.adapter(trainable),
             rank=config.peft.rank,
             alpha=config.peft.alpha,
         )
-        params = jax.tree.map(np.asarray, params)
-        return params, lora.wrap_apply(apply, alpha=config.peft.alpha, rank=config.peft.rank)
-    raise ValueError(f"config.peft.method={method!r}; expected 'none' or 'lora'")
-
-
-def save_method(config: ml_collections.ConfigDict, params, workdir: pathlib.Path) -> dict:
-    """Writes what a method adds (the adapter alone, ftlab and PEFT formats); returns sizes."""
-    if config.peft.method != "lora":
-        return {}
-    adapter = lora.adapter(jax.device_get(params))
-    lora.save(
-        workdir / "adapter",
-        adapter,
-        config_dict={
-            "rank": config.peft.rank,
-            "alpha": config.peft.alpha,
-            "targets": list(config.peft.targets),
-        },
-    )
-    # The new head trains too: it travels beside the adapter (PEFT calls it modules_to_save).
-    safetensors_numpy.save_file(
-        {k: np.asarray(v) for k, v in partition.flatten({"head": params["head"]}).items()},
-        str(workdir / "adapter" / "head.safetensors"),
-    )
-    peft_format.export(
-        workdir / "adapter_peft", adapter, rank=config.peft.rank, alpha=config.peft.alpha
-    )
-    size = sum(f.stat().st_size for f in (workdir / "adapter").iterdir())
-    return {"adapter_bytes": size}
+    return {"adapter_bytes": path.stat().st_size}
 
 
 def make_apply(model: bert.BertClassifier):
@@ -295,7 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     ckpt.wait_until_finished()
     if is_chief:
-        results.update(save_method(config, plan.get_state(state).params, workdir))
+        final = plan.get_state(state)
+        results.update(save_method(config, final.trainable, final.frozen, workdir))
         writer.write(total, {k: v for k, v in results.items() if k.startswith("eval/")})
         (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         for path in metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir):

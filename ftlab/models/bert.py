@@ -13,6 +13,20 @@ Every linear map is an `nn.Dense`, so dense-layer methods (LoRA, DoRA, IA3) can 
 `nn.Dense.__call__` without editing this file. Parameters are always float32; `BertConfig.dtype` is
 the computation dtype. Softmax, layer-norm statistics, pooling and classifier logits run in float32.
 
+Hook points for structural methods. Each reads optional leaves that the model's own `init` never
+creates; a tree without them gives the base model, traced exactly as before (the hook code only
+runs when its leaves are present). Half a method's leaves, or a wrong shape, is an error naming
+the leaf path.
+
+    embeddings/prompt                        [n, hidden]  soft prompt (`ftlab.peft.prompt`)
+    layer_{i}/attention/prefix_{key,value}   [n, hidden]  prefix tuning (`ftlab.peft.prefix`)
+    layer_{i}/{attention,output}_adapter/{down,up}/{kernel,bias}    adapters (`ftlab.peft.adapters`)
+    layer_{i}/reft/...    read by the `BertLayer.intervene` hook method, which ReFT replaces with
+                          `nn.intercept_methods` (`ftlab.peft.reft`): its positions are static.
+
+With a prompt the encoder returns `[batch, n + seq, hidden]` (prompt positions first); the
+classifier and `encode_sentences` pool over the real tokens only.
+
 References:
     Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for Language
     Understanding", https://arxiv.org/abs/1810.04805
@@ -36,6 +50,25 @@ from ftlab import types
 # all padding gives a uniform softmax instead of NaN; exp(-1e9) is exactly 0 in float32, so real
 # tokens never see padding. The logits are float32 when this is added, whatever the compute dtype.
 _MASK_VALUE = -1e9
+
+# Leaf names of the structural hook points (see the module docstring).
+PROMPT = "prompt"
+PREFIX_KEY, PREFIX_VALUE = "prefix_key", "prefix_value"
+ATTENTION_ADAPTER, OUTPUT_ADAPTER = "attention_adapter", "output_adapter"
+REFT = "reft"
+INTERVENE_METHOD = "intervene"
+
+
+def _scope_path(module: nn.Module) -> str:
+    scope = getattr(module, "scope", None)
+    return "/".join(scope.path) if scope is not None and scope.path else "<root>"
+
+
+def _hook_leaves(module: nn.Module, name: str) -> Any:
+    """The `params` entry `name` of `module` (a leaf or a subtree), or None when absent."""
+    if not module.has_variable("params", name):
+        return None
+    return module.variables["params"][name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +251,15 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
 
 
 class BertEmbeddings(nn.Module):
-    """Word + position + token-type embeddings, then layer norm and dropout."""
+    """Word + position + token-type embeddings, then layer norm and dropout.
+
+    Prompt hook: if the tree holds `prompt` [n_prompt, hidden], its rows are prepended to the
+    sequence and go through the same (frozen) layer norm and dropout as the tokens, but get no
+    position or token-type embedding, so the real tokens keep positions 0..seq-1 and a prompt
+    never eats into `max_position_embeddings`. Passing the prompt through the layer norm keeps
+    it in the space of word-embedding rows, which makes Lester et al.'s vocabulary init sound.
+    The output is then `[batch, n_prompt + seq, hidden]`.
+    """
 
     config: BertConfig
 
@@ -247,12 +288,27 @@ class BertEmbeddings(nn.Module):
             jnp.arange(seq_len)[None, :]
         )
         types_ = embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
-        x = _layer_norm(cfg, "layer_norm")(words + positions + types_)
+        x = words + positions + types_
+        prompt = _hook_leaves(self, PROMPT)
+        if prompt is not None:
+            if prompt.ndim != 2 or prompt.shape[1] != cfg.hidden_size:
+                raise ValueError(
+                    f"{_scope_path(self)}/{PROMPT} has shape {prompt.shape}; a soft prompt is "
+                    f"[n_prompt, hidden={cfg.hidden_size}]. Re-create it with prompt.init(...)."
+                )
+            rows = jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0], *prompt.shape))
+            x = jnp.concatenate([rows, x], axis=1)
+        x = _layer_norm(cfg, "layer_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
-    """Multi-head self-attention: `query`, `key`, `value` and `out` projections."""
+    """Multi-head self-attention: `query`, `key`, `value` and `out` projections.
+
+    Prefix hook: if the tree holds `prefix_key` and `prefix_value` [n_prefix, hidden], they are
+    the keys and values (already projected, split into heads like the others) of `n_prefix`
+    virtual positions placed before the sequence; every query may attend to them (bias 0).
+    """
 
     config: BertConfig
 
@@ -266,6 +322,12 @@ class BertSelfAttention(nn.Module):
             return y.reshape(batch, seq_len, cfg.num_heads, cfg.head_dim)
 
         q, k, v = heads("query"), heads("key"), heads("value")
+        prefix = self._prefix(batch)
+        if prefix is not None:
+            k = jnp.concatenate([prefix[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([prefix[1].astype(v.dtype), v], axis=1)
+            n = prefix[0].shape[1]
+            bias = jnp.concatenate([jnp.zeros((*bias.shape[:-1], n), bias.dtype), bias], axis=-1)
         dropout = None
         if not deterministic and cfg.dropout_rate > 0.0:
             dropout = functools.partial(
@@ -273,6 +335,33 @@ class BertSelfAttention(nn.Module):
             )
         y = dot_product_attention(q, k, v, bias, dropout=dropout)
         return _dense(cfg.hidden_size, cfg, "out")(y.reshape(batch, seq_len, cfg.hidden_size))
+
+    def _prefix(self, batch: int) -> tuple[jax.Array, jax.Array] | None:
+        """`(keys, values)` `[batch, n_prefix, heads, head_dim]` from the prefix leaves, or None."""
+        cfg = self.config
+        key, value = _hook_leaves(self, PREFIX_KEY), _hook_leaves(self, PREFIX_VALUE)
+        if key is None and value is None:
+            return None
+        path = _scope_path(self)
+        if key is None or value is None:
+            missing = PREFIX_KEY if key is None else PREFIX_VALUE
+            raise ValueError(
+                f"{path}/{missing} is missing; prefix tuning needs both {PREFIX_KEY} and "
+                f"{PREFIX_VALUE}. Re-create them with prefix.init(...) and prefix.finalize(...)."
+            )
+        for name, leaf in ((PREFIX_KEY, key), (PREFIX_VALUE, value)):
+            if leaf.ndim != 2 or leaf.shape[1] != cfg.hidden_size or leaf.shape != key.shape:
+                raise ValueError(
+                    f"{path}/{name} has shape {leaf.shape}; {PREFIX_KEY} {key.shape} and "
+                    f"{PREFIX_VALUE} {value.shape} must both be [n_prefix, "
+                    f"hidden={cfg.hidden_size}]."
+                )
+
+        def split(leaf):
+            leaf = leaf.reshape(leaf.shape[0], cfg.num_heads, cfg.head_dim).astype(cfg.dtype)
+            return jnp.broadcast_to(leaf, (batch, *leaf.shape))
+
+        return split(key), split(value)
 
 
 class BertMlp(nn.Module):
@@ -289,20 +378,111 @@ class BertMlp(nn.Module):
         return _dense(cfg.hidden_size, cfg, "output")(h)
 
 
+class BertAdapter(nn.Module):
+    """A Houlsby bottleneck adapter: `x + up(gelu(down(x)))`.
+
+    Attributes:
+        config: The model's `BertConfig`.
+        bottleneck: Width of the `down` projection's output.
+
+    References:
+        Houlsby et al., "Parameter-Efficient Transfer Learning for NLP",
+        https://arxiv.org/abs/1902.00751
+    """
+
+    config: BertConfig
+    bottleneck: int
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        h = _dense(self.bottleneck, cfg, "down")(x)
+        h = nn.gelu(h, approximate=False)
+        return x + _dense(cfg.hidden_size, cfg, "up")(h)
+
+
 class BertLayer(nn.Module):
-    """One post-LN transformer layer: `LN(x + attn(x))`, then `LN(h + mlp(h))`."""
+    """One post-LN transformer layer: `LN(x + attn(x))`, then `LN(h + mlp(h))`.
+
+    Adapter hook: if the tree holds `attention_adapter` (or `output_adapter`) with
+    `{down,up}/{kernel,bias}`, a `BertAdapter` transforms the attention (or MLP) sublayer output
+    after its dropout and before the residual add and layer norm, where Houlsby et al. put it.
+
+    Intervention hook: the layer's output passes through `intervene(h, token_mask)`, a method
+    that returns `h` unchanged; a method such as ReFT replaces it with `nn.intercept_methods`.
+    """
 
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x, bias, *, deterministic: bool):
+    def __call__(self, x, bias, *, deterministic: bool, token_mask: jax.Array | None = None):
         cfg = self.config
         a = BertSelfAttention(cfg, name="attention")(x, bias, deterministic=deterministic)
         a = nn.Dropout(cfg.dropout_rate)(a, deterministic=deterministic)
+        a = self._adapter(ATTENTION_ADAPTER, a)
         h = _layer_norm(cfg, "attention_layer_norm")(x + a)
         m = BertMlp(cfg, name="mlp")(h)
         m = nn.Dropout(cfg.dropout_rate)(m, deterministic=deterministic)
-        return _layer_norm(cfg, "output_layer_norm")(h + m)
+        m = self._adapter(OUTPUT_ADAPTER, m)
+        y = _layer_norm(cfg, "output_layer_norm")(h + m)
+        if token_mask is None:
+            token_mask = jnp.ones(y.shape[:2], jnp.int32)
+        return self.intervene(y, token_mask)
+
+    def intervene(self, h: jax.Array, token_mask: jax.Array) -> jax.Array:
+        """The hidden-state hook point: identity unless a method intercepts it.
+
+        Args:
+            h: The layer's output `[batch, seq, hidden]`.
+            token_mask: `[batch, seq]`, 1 at real tokens, 0 at padding and prompt positions.
+
+        Returns:
+            `h`.
+
+        Raises:
+            ValueError: the tree holds `reft` leaves here but no interceptor handled them.
+        """
+        del token_mask
+        if self.has_variable("params", REFT):
+            raise ValueError(
+                f"{_scope_path(self)}/{REFT} is in the params, but the model was applied without "
+                "the ReFT interceptor, so the intervention would be silently skipped; wrap the "
+                "apply function with reft.wrap_apply(apply, first_n=..., last_n=...)."
+            )
+        return h
+
+    def _adapter(self, name: str, x: jax.Array) -> jax.Array:
+        tree = _hook_leaves(self, name)
+        if tree is None:
+            return x
+        cfg = self.config
+        path = f"{_scope_path(self)}/{name}"
+        got = {}
+        for sub in ("down", "up"):
+            for leaf in ("kernel", "bias"):
+                node = tree.get(sub) if isinstance(tree, Mapping) else None
+                value = node.get(leaf) if isinstance(node, Mapping) else None
+                if value is None:
+                    raise ValueError(
+                        f"{path}/{sub}/{leaf} is missing; an adapter needs down/{{kernel,bias}} "
+                        "and up/{kernel,bias}. Re-create it with adapters.init(...)."
+                    )
+                got[f"{sub}/{leaf}"] = value
+        down = got["down/kernel"]
+        k = down.shape[-1] if down.ndim == 2 else 0
+        shapes = {
+            "down/kernel": (cfg.hidden_size, k),
+            "down/bias": (k,),
+            "up/kernel": (k, cfg.hidden_size),
+            "up/bias": (cfg.hidden_size,),
+        }
+        for leaf, shape in shapes.items():
+            if got[leaf].shape != shape or k < 1:
+                raise ValueError(
+                    f"{path}/{leaf} has shape {got[leaf].shape}, expected {shape}: down/kernel is "
+                    f"[hidden={cfg.hidden_size}, bottleneck], up/kernel [bottleneck, hidden]."
+                )
+        return BertAdapter(cfg, k, name=name)(x)
 
 
 class BertEncoder(nn.Module):
@@ -332,7 +512,8 @@ class BertEncoder(nn.Module):
             deterministic: If False, applies dropout (needs a `"dropout"` rng).
 
         Returns:
-            Hidden states `[batch, seq, hidden]` in the computation dtype.
+            Hidden states `[batch, seq, hidden]` in the computation dtype; with a soft prompt in
+            the tree, `[batch, n_prompt + seq, hidden]` with the prompt positions first.
         """
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
@@ -344,10 +525,29 @@ class BertEncoder(nn.Module):
         x = BertEmbeddings(self.config, name="embeddings")(
             input_ids, token_type_ids, deterministic=deterministic
         )
-        bias = attention_bias(attention_mask)
+        token_mask = jnp.asarray(attention_mask)
+        n_prompt = x.shape[1] - input_ids.shape[1]
+        if n_prompt:
+            # Prompt positions are always attended to, but are not tokens (for pooling and ReFT).
+            ones = jnp.ones((x.shape[0], n_prompt), token_mask.dtype)
+            bias = attention_bias(jnp.concatenate([ones, token_mask], axis=1))
+            token_mask = jnp.concatenate([jnp.zeros_like(ones), token_mask], axis=1)
+        else:
+            bias = attention_bias(attention_mask)
         for i in range(self.config.num_layers):
-            x = BertLayer(self.config, name=f"layer_{i}")(x, bias, deterministic=deterministic)
+            x = BertLayer(self.config, name=f"layer_{i}")(
+                x, bias, deterministic=deterministic, token_mask=token_mask
+            )
         return x
+
+
+def real_positions(hidden: jax.Array, seq_len: int) -> jax.Array:
+    """Drops the soft-prompt positions the encoder puts first: the last `seq_len` positions.
+
+    >>> real_positions(jnp.zeros((1, 5, 2)), 3).shape
+    (1, 3, 2)
+    """
+    return hidden[:, hidden.shape[1] - seq_len :]
 
 
 def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
@@ -401,10 +601,16 @@ class BertClassifier(nn.Module):
         *,
         deterministic: bool = True,
     ) -> jax.Array:
-        """Returns float32 logits `[batch, num_classes]`."""
+        """Returns float32 logits `[batch, num_classes]`.
+
+        Pooling covers the real tokens only: soft-prompt positions (if any) are dropped first,
+        so `"cls"` still reads the [CLS] token and `"mean"` averages the same positions as the
+        base model.
+        """
         hidden = BertEncoder(self.config, name="encoder")(
             input_ids, attention_mask, token_type_ids, deterministic=deterministic
         )
+        hidden = real_positions(hidden, input_ids.shape[1])
         if self.pooling == "mean":
             pooled = mean_pool(hidden, attention_mask)
         elif self.pooling == "cls":
@@ -449,4 +655,5 @@ def encode_sentences(
             "BertClassifier, without the {'params': ...} wrapper."
         )
     hidden = BertEncoder(config).apply({"params": encoder_params}, input_ids, attention_mask)
+    hidden = real_positions(hidden, input_ids.shape[1])
     return l2_normalize(mean_pool(hidden, attention_mask))

@@ -1,11 +1,18 @@
 """Parameter-efficient fine-tuning methods as transformations of parameter pytrees.
 
-``dense`` is the shared `nn.Dense` interception for dense-layer methods; ``lora`` is LoRA
-(Hu et al. 2021, https://arxiv.org/abs/2106.09685); ``dora`` is weight-decomposed LoRA
-(Liu et al. 2024, https://arxiv.org/abs/2402.09353); ``ia3`` is IA3's learned rescaling
-(Liu et al. 2022, https://arxiv.org/abs/2205.05638).
+Each module offers the same verbs: ``init`` (add the method's leaves), ``rules`` (its partition),
+``adapter`` (its leaves alone) and, where the method allows, ``merge``/``unmerge``.
+
+- ``dense``: the shared `nn.Dense` interception behind the dense-layer methods.
+- ``lora``: LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+- ``dora``: weight-decomposed LoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353).
+- ``ia3``: IA3's learned rescaling (Liu et al. 2022, https://arxiv.org/abs/2205.05638).
+- ``adapters``: bottleneck adapters (Houlsby et al. 2019, https://arxiv.org/abs/1902.00751).
+- ``prefix``: prefix tuning (Li & Liang 2021, https://arxiv.org/abs/2101.00190).
+- ``prompt``: prompt tuning (Lester et al. 2021, https://arxiv.org/abs/2104.08691).
+- ``reft``: LoReFT (Wu et al. 2024, https://arxiv.org/abs/2404.03592).
 """
 
-from ftlab.peft import dense, dora, ia3, lora
+from ftlab.peft import adapters, dense, dora, ia3, lora, prefix, prompt, reft
 
-__all__ = ["dense", "dora", "ia3", "lora"]
+__all__ = ["adapters", "dense", "dora", "ia3", "lora", "prefix", "prompt", "reft"]

@@ -224,3 +224,35 @@ def test_from_hf_names_missing_field():
     del config["num_hidden_layers"]
     with pytest.raises(ValueError, match="num_hidden_layers"):
         bert.BertConfig.from_hf(config)
+
+
+def test_hook_leaves_compose_and_keep_padding_invisible(encoder_params):
+    # Prompt, prefixes and an adapter together, as hand-made leaves: the output grows by the
+    # prompt length, differs from the base model, and padding garbage stays invisible.
+    h, n = CONFIG.hidden_size, 3
+    rng = np.random.default_rng(7)
+    params = jax.tree.map(np.asarray, encoder_params)
+    params["embeddings"] = {**params["embeddings"], "prompt": rng.normal(size=(n, h))}
+    attn = dict(params["layer_0"]["attention"])
+    attn["prefix_key"], attn["prefix_value"] = rng.normal(size=(2, 2, h))
+    adapter = {
+        "down": {"kernel": rng.normal(size=(h, 4)), "bias": np.zeros(4)},
+        "up": {"kernel": rng.normal(size=(4, h)), "bias": np.zeros(h)},
+    }
+    params["layer_1"] = {**params["layer_1"], "output_adapter": adapter}
+    params["layer_0"] = {**params["layer_0"], "attention": attn}
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    sentence = rng.integers(1, CONFIG.vocab_size, 5).astype(np.int32)
+    outs = []
+    for total in (5, 9):
+        ids = rng.integers(0, CONFIG.vocab_size, (BATCH, total)).astype(np.int32)
+        ids[:, :5] = sentence
+        mask = (np.arange(total) < 5).astype(np.int32)[None].repeat(BATCH, axis=0)
+        out = _encode(params, ids, mask)
+        chex.assert_shape(out, (BATCH, n + total, h))
+        outs.append(out[:, : n + 5])
+    chex.assert_trees_all_close(outs[0], outs[1], atol=1e-5)
+    base = _encode(encoder_params, ids[:, :5], mask[:, :5])
+    assert np.max(np.abs(outs[0][:, n:] - base)) > 1e-3
+    sentences = bert.encode_sentences(CONFIG, params, ids, mask)
+    chex.assert_shape(sentences, (BATCH, h))

@@ -1,0 +1,158 @@
+"""Prefix tuning: finalized equals training-time, prefixes attend, training, errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ftlab.core import partition, train
+from ftlab.models import bert
+from ftlab.peft import prefix
+from ftlab.tasks import classification
+
+TINY = bert.BertConfig.tiny(dropout_rate=0.0)
+MODEL = bert.BertClassifier(TINY, num_classes=3)
+LENGTH, HIDDEN_MLP = 3, 8
+
+
+def _apply(params, batch, rng):
+    del rng
+    return MODEL.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+
+
+APPLY = prefix.wrap_apply(_apply)
+
+
+def _batch(seed=0, n=4, seq=7):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((n, seq), np.int32)
+    mask[0, 5:] = 0
+    return {
+        "input_ids": rng.integers(1, TINY.vocab_size, size=(n, seq)).astype(np.int32),
+        "attention_mask": mask,
+        "label": rng.integers(0, 3, size=(n,)).astype(np.int32),
+    }
+
+
+@pytest.fixture(scope="module")
+def base():
+    b = _batch()
+    shapes = jax.eval_shape(MODEL.init, jax.random.key(0), b["input_ids"], b["attention_mask"])
+    rng = np.random.default_rng(0)
+
+    def leaf(path, s):
+        if partition.path_name(path).endswith("layer_norm/scale"):
+            return np.ones(s.shape, np.float32)
+        return rng.normal(scale=0.1, size=s.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes["params"])
+
+
+def _with_prefix(base):
+    return prefix.init(base, jax.random.key(1), length=LENGTH, hidden_mlp=HIDDEN_MLP)
+
+
+def test_init_materialize_and_finalize_trees(base):
+    params = _with_prefix(base)
+    assert set(params) == {"encoder", "head", "prefix_mlp"}
+    chex.assert_shape(
+        params["prefix_mlp"]["dense_1"]["kernel"], (HIDDEN_MLP, 2 * TINY.num_layers * 16)
+    )
+    final = prefix.finalize(params)
+    assert "prefix_mlp" not in final
+    added = sorted(set(partition.flatten(final)) - set(partition.flatten(base)))
+    assert added == [
+        f"encoder/layer_{i}/attention/prefix_{kv}" for i in range(2) for kv in ("key", "value")
+    ]
+    chex.assert_shape(final["encoder"]["layer_1"]["attention"]["prefix_value"], (LENGTH, 16))
+
+
+def test_finalized_tree_equals_training_time_output_and_prefixes_attend(base):
+    params = _with_prefix(base)
+    batch = _batch(1)
+    trained_path, served, plain = jax.jit(
+        lambda p, f, b: (APPLY(p, batch, None), _apply(f, batch, None), _apply(b, batch, None))
+    )(params, prefix.finalize(params), base)
+    np.testing.assert_array_equal(served, trained_path)
+    assert np.max(np.abs(served - plain)) > 1e-3
+
+
+def test_prefix_equals_attending_to_extra_keys(base):
+    # A prefix whose keys and values are what the layer would compute for some extra tokens is
+    # the same as those tokens being present as keys/values: check at the first layer, where
+    # both are easy to build, using attention with an explicit longer key sequence.
+    attn = bert.BertSelfAttention(TINY)
+    p = jax.tree.map(jnp.asarray, base["encoder"]["layer_0"]["attention"])
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 5, 16)).astype(np.float32)
+    extra = rng.normal(size=(LENGTH, 16)).astype(np.float32)
+    kx = extra @ p["key"]["kernel"] + p["key"]["bias"][None]
+    vx = extra @ p["value"]["kernel"] + p["value"]["bias"][None]
+    bias = bert.attention_bias(np.ones((2, 5), np.int32))
+    got = attn.apply(
+        {"params": {**p, "prefix_key": kx, "prefix_value": vx}}, x, bias, deterministic=True
+    )
+
+    def heads(y):
+        return y.reshape(*y.shape[:-1], 2, 8)
+
+    full = np.concatenate([np.broadcast_to(extra, (2, LENGTH, 16)), x], axis=1)
+    q = heads(x @ p["query"]["kernel"] + p["query"]["bias"][None, None])
+    k = heads(full @ p["key"]["kernel"] + p["key"]["bias"][None, None])
+    v = heads(full @ p["value"]["kernel"] + p["value"]["bias"][None, None])
+    y = bert.dot_product_attention(q, k, v, np.zeros((2, 1, 1, LENGTH + 5), np.float32))
+    want = y.reshape(2, 5, 16) @ p["out"]["kernel"] + p["out"]["bias"][None, None]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_training_moves_only_the_mlp_and_head_and_lowers_the_loss(base):
+    params = jax.tree.map(jnp.array, _with_prefix(base))
+    label_tree = partition.labels(params, prefix.rules(extra=[("head/.*", "train")]))
+    tx = partition.optimizer({"train": optax.adam(1e-2)}, label_tree)
+    trainable0, frozen0 = partition.split(jax.tree.map(np.array, params), label_tree)
+    assert all(k.startswith(("head/", "prefix_mlp/")) for k in partition.flatten(trainable0))
+    state = train.init_state(params, label_tree, tx, seed=0)
+    assert sum(np.size(x) for x in jax.tree.leaves(state.opt_state)) == (
+        2 * partition.count(trainable0) + 1
+    )
+    step = jax.jit(train.make_train_step(classification.make_loss_fn(APPLY), tx), donate_argnums=0)
+    batch, losses = _batch(3), []
+    for _ in range(4):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["train/loss"]))
+    assert losses[-1] < losses[0]
+    chex.assert_trees_all_equal(state.frozen, frozen0)
+    for name, leaf in partition.flatten(state.trainable).items():
+        assert not np.array_equal(leaf, partition.flatten(trainable0)[name]), name
+    # The served tree is the frozen base plus prefixes only.
+    served = prefix.finalize(state.params)
+    assert set(partition.flatten(prefix.adapter(served))) == {
+        f"encoder/layer_{i}/attention/prefix_{kv}" for i in range(2) for kv in ("key", "value")
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(length=0), r"config\.peft\.length"),
+        (dict(hidden_mlp=-1), r"config\.peft\.hidden_mlp"),
+    ],
+)
+def test_init_errors_name_the_config_key(base, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        prefix.init(base, jax.random.key(0), **(dict(length=LENGTH, hidden_mlp=4) | kwargs))
+
+
+def test_incomplete_trees_name_the_leaf_path(base):
+    final = prefix.finalize(_with_prefix(base))
+    del final["encoder"]["layer_1"]["attention"]["prefix_value"]
+    with pytest.raises(ValueError, match="encoder/layer_1/attention/prefix_value is missing"):
+        jax.eval_shape(_apply, final, _batch(), None)
+    params = _with_prefix(base)
+    del params["prefix_mlp"]["dense_1"]["bias"]
+    with pytest.raises(ValueError, match="prefix_mlp/dense_1/bias is missing"):
+        prefix.materialize(params)
+    with pytest.raises(ValueError, match="prefix_key already exists next to prefix_mlp"):
+        prefix.materialize(prefix.materialize(_with_prefix(base)))
