@@ -1,6 +1,6 @@
 """MiniLM + a new head on Rotten Tomatoes, with method=adapters (see configs/finetune_minilm.py).
 
-  python -m experiments.main --config=configs/adapters_minilm.py --workdir=runs/adapters
+python -m experiments.main --config=configs/adapters_minilm.py --workdir=runs/adapters
 """
 
 from configs import finetune_minilm

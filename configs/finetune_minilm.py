@@ -155,6 +155,8 @@ def get_config(arg=None):
     if opts.tiny:
         config.model.encoder = "tiny"
         config.peft.reft_layers = (0, 1)
+        # Dropout's random bits double a tiny step's compile time; `quick` keeps dropout on.
+        config.model.dropout_rate = 0.0
     if opts.steps:
         config.optim.num_steps = opts.steps
     return config

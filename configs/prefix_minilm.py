@@ -1,6 +1,6 @@
 """MiniLM + a new head on Rotten Tomatoes, with method=prefix (see configs/finetune_minilm.py).
 
-  python -m experiments.main --config=configs/prefix_minilm.py --workdir=runs/prefix
+python -m experiments.main --config=configs/prefix_minilm.py --workdir=runs/prefix
 """
 
 from configs import finetune_minilm

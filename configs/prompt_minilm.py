@@ -1,6 +1,6 @@
 """MiniLM + a new head on Rotten Tomatoes, with method=prompt (see configs/finetune_minilm.py).
 
-  python -m experiments.main --config=configs/prompt_minilm.py --workdir=runs/prompt
+python -m experiments.main --config=configs/prompt_minilm.py --workdir=runs/prompt
 """
 
 from configs import finetune_minilm

@@ -1,6 +1,6 @@
 """MiniLM + a new head on Rotten Tomatoes, with method=reft (see configs/finetune_minilm.py).
 
-  python -m experiments.main --config=configs/reft_minilm.py --workdir=runs/reft
+python -m experiments.main --config=configs/reft_minilm.py --workdir=runs/reft
 """
 
 from configs import finetune_minilm

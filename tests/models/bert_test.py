@@ -87,7 +87,9 @@ def test_classifier_tree_and_logits(encoder_params):
     assert logits.dtype == jnp.float32
     # Mean pooling then the head: the logits are the pooled features' sum plus the bias.
     pooled = bert.mean_pool(_encode(encoder_params, ids, mask), mask)
-    chex.assert_trees_all_close(logits, pooled.sum(-1, keepdims=True) + jnp.arange(3.0)[None], atol=1e-5)
+    chex.assert_trees_all_close(
+        logits, pooled.sum(-1, keepdims=True) + jnp.arange(3.0)[None], atol=1e-5
+    )
     cls_model = bert.BertClassifier(CONFIG, 3, pooling="cls")
     assert jax.eval_shape(cls_model.apply, {"params": params}, ids, mask).shape == (BATCH, 3)
     bad_model = bert.BertClassifier(CONFIG, 3, pooling="max")

@@ -88,8 +88,11 @@ def test_init_adds_factors_next_to_targeted_kernels(base):
 
 def test_lora_model_equals_base_at_init_on_minilm(minilm):
     params = lora.init(
-        minilm.params, jax.random.key(0), targets=[r"layer_\d+/attention/(query|value)"],
-        rank=8, alpha=16,
+        minilm.params,
+        jax.random.key(0),
+        targets=[r"layer_\d+/attention/(query|value)"],
+        rank=8,
+        alpha=16,
     )
     b = text.encode(minilm.tokenizer(16), SENTENCES, max_length=16)
     encoder = bert.BertEncoder(minilm.config)
