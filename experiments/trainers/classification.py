@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import resource
 import time
 
 import jax
@@ -207,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # -- model, partition, optimizer --------------------------------------------------------
     model, params = build_model(config)
+    n_base = partition.count(params)
     params, apply = build_method(config, params, make_apply(model))
     rules = [tuple(r) for r in config.partition.rules]
     label_tree = partition.labels(params, rules, what="config.partition.rules")
@@ -307,7 +309,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # -- final evaluation -------------------------------------------------------------------
     results = {"step": total, **run_eval("validation"), **run_eval("test")}
     results["trainable_params"] = n_trainable
+    rates = (
+        [
+            m["train/steps_per_sec"]
+            for m in metrics_lib.read_jsonl(workdir / "metrics.jsonl")
+            if "train/steps_per_sec" in m
+        ]
+        if is_chief
+        else []
+    )
+    # The first window includes compilation: leave it out of the typical step time.
+    if len(rates) > 1:
+        results["train_step_s"] = float(1.0 / np.median(rates[1:]))
+    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["total_params"] = partition.count(params)
+    results["base_params"] = n_base
     results["majority_baseline/test"] = float(
         max(np.mean(data["test"]["label"]), 1 - np.mean(data["test"]["label"]))
     )

@@ -1,0 +1,45 @@
+"""Every fine-tuning method on MiniLM + Rotten Tomatoes, each with a small learning-rate sweep.
+
+  python -m experiments.compare --config=configs/compare_rotten_tomatoes.py --workdir=runs/compare
+
+Each (method, lr) is one run of configs/finetune_minilm.py in its own subprocess (so its peak
+memory is its own) under `<workdir>/<method>/lr_<lr>`; a finished run is not repeated, so the
+command resumes. Per method the learning rate with the best validation accuracy is kept, and the
+table (Markdown + JSON) and the accuracy-vs-trainable-parameters plot are written to the workdir.
+Options: quick (few steps on the real model, one lr per method), tiny (random tiny model; tests).
+"""
+
+import ml_collections
+
+from ftlab import config_options
+
+
+def get_config(arg=None):
+    opts = config_options.parse(arg, quick=False, tiny=False)
+    config = ml_collections.ConfigDict()
+    config.experiment = "compare"
+    # the trainer config every run starts from, and the options given to it
+    config.base = "configs/finetune_minilm.py"
+    config.base_options = "quick" if opts.quick else ("tiny" if opts.tiny else "")
+    # peak learning rates tried per method (the same seeds and split for all)
+    config.lrs = ml_collections.ConfigDict(
+        {
+            "full": (2e-5, 5e-5, 1e-4),
+            "linear_probe": (1e-3, 3e-3, 1e-2),
+            "bitfit": (3e-4, 1e-3, 3e-3),
+            "lora": (3e-4, 1e-3, 3e-3),
+            "dora": (3e-4, 1e-3, 3e-3),
+            "ia3": (1e-3, 3e-3, 1e-2),
+            "adapters": (3e-4, 1e-3, 3e-3),
+            "prompt": (1e-3, 3e-3, 1e-2),
+            "prefix": (3e-4, 1e-3, 3e-3),
+            "reft": (3e-4, 1e-3, 3e-3),
+        }
+    )
+    config.methods = tuple(config.lrs.keys())
+    # extra --config.<key>=<value> overrides for every run
+    config.overrides = ()
+    if opts.quick or opts.tiny:
+        config.lrs = ml_collections.ConfigDict({m: (lrs[1],) for m, lrs in config.lrs.items()})
+        config.overrides = ("--config.optim.num_steps=4",)
+    return config

@@ -1,0 +1,127 @@
+"""Run several fine-tuning methods on one task and write a comparison table and plot.
+
+python -m experiments.compare --config=configs/compare_rotten_tomatoes.py --workdir=runs/compare
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A compare config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where every run and the report go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("lr", "lr", "{:g}"),
+    ("eval/validation/accuracy", "val acc", "{:.2%}"),
+    ("eval/test/accuracy", "test acc", "{:.2%}"),
+    ("trainable_params", "trainable", "{:,}"),
+    ("trainable_percent", "% of base", "{:.3f}%"),
+    ("train_step_s", "step (s)", "{:.3f}"),
+    ("peak_rss_mib", "peak RSS (MiB)", "{:.0f}"),
+    ("adapter_bytes", "saved (bytes)", "{:,}"),
+)
+
+
+def run_one(config, method: str, lr: float, workdir: pathlib.Path) -> dict:
+    """Runs (or, if finished, reads) one method at one learning rate."""
+    results_path = workdir / "results.json"
+    if not results_path.exists():
+        options = ",".join(filter(None, [f"method={method}", config.base_options]))
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.main",
+            f"--config={config.base}:{options}",
+            f"--workdir={workdir}",
+            f"--config.optim.lr={lr}",
+            *config.overrides,
+        ]
+        logging.info("running %s", " ".join(cmd))
+        workdir.mkdir(parents=True, exist_ok=True)
+        with open(workdir / "log.txt", "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"{method} at lr={lr} failed; see {workdir / 'log.txt'}")
+    return {"method": method, "lr": lr, **json.loads(results_path.read_text())}
+
+
+def best_per_method(runs: list[dict]) -> list[dict]:
+    """For each method, the run with the best validation accuracy (ties: lower lr)."""
+    best: dict[str, dict] = {}
+    for r in runs:
+        key = (r["eval/validation/accuracy"], -r["lr"])
+        current = best.get(r["method"])
+        if current is None or key > (current["eval/validation/accuracy"], -current["lr"]):
+            best[r["method"]] = r
+    return list(best.values())
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
+    lines.append("|" + "---|" * len(COLUMNS))
+    for r in rows:
+        cells = [fmt.format(r[k]) if r.get(k) is not None else "" for k, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in rows:
+        ax.scatter(r["trainable_params"], 100 * r["eval/test/accuracy"])
+        ax.annotate(
+            r["method"],
+            (r["trainable_params"], 100 * r["eval/test/accuracy"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def compare(config, workdir: str) -> list[dict]:
+    """Runs every (method, lr), keeps each method's best by validation, writes the report."""
+    workdir = pathlib.Path(workdir)
+    unknown = [m for m in config.methods if m not in config.lrs]
+    if unknown:
+        raise ValueError(f"config.methods: no learning rates in config.lrs for {unknown}")
+    runs = [
+        run_one(config, m, lr, workdir / m / f"lr_{lr:g}")
+        for m in config.methods
+        for lr in config.lrs[m]
+    ]
+    rows = best_per_method(runs)
+    for r in rows:
+        r["trainable_percent"] = 100.0 * r["trainable_params"] / r["base_params"]
+    (workdir / "compare.json").write_text(json.dumps({"best": rows, "runs": runs}, indent=2))
+    (workdir / "compare.md").write_text(markdown(rows))
+    plot(rows, workdir / "compare.png")
+    logging.info("wrote %s", workdir / "compare.md")
+    return rows
+
+
+def main(argv):
+    del argv
+    print(markdown(compare(_CONFIG.value, _WORKDIR.value)))
+
+
+if __name__ == "__main__":
+    app.run(main)
