@@ -234,14 +234,27 @@ def dot_product_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
 
 
-def _dense(features: int, config: BertConfig, name: str) -> nn.Dense:
-    return nn.Dense(
+def _dense(features: int, config: BertConfig, name: str) -> Callable[[jax.Array], jax.Array]:
+    """An `nn.Dense` applied to ``[..., in]`` with the leading axes folded into one.
+
+    XLA on CPU computes the kernel gradient of a ``[batch, seq, in] x [in, out]`` dot (two
+    contracting axes in the backward pass) 2-3x slower than the same dot on ``[batch*seq, in]``
+    (measured on MiniLM's shapes: 142 ms against 42 ms for a 384 -> 1536 layer), so every dense
+    layer sees a 2-D input. The layer, its parameter paths and any interceptor are unchanged.
+    """
+    layer = nn.Dense(
         features,
         dtype=config.dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(0.02),
         name=name,
     )
+
+    def apply(x: jax.Array) -> jax.Array:
+        y = layer(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return apply
 
 
 def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:

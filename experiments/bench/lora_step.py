@@ -1,0 +1,517 @@
+"""LoRA train step on MiniLM: ftlab LoRA vs ftlab full FT vs Hugging Face PEFT LoRA (PyTorch).
+
+Run from the repository root, on a quiet machine (every variant runs in its own subprocess, one
+after another, so each peak-RSS number belongs to that variant alone):
+
+  python -m experiments.bench.lora_step           # -> experiments/bench/lora_step.jsonl
+  python -m experiments.bench.lora_step --quick   # smoke test: batch 4, seq 16, 2 steps
+
+The ftlab steps are the ones `experiments/trainers/classification.py` runs, for
+`configs/lora_minilm.py` and `configs/full_ft_minilm.py`: `build_model` (real all-MiniLM-L6-v2
+weights), `build_method` (LoRA factors + the LoRA-wrapped apply; the identity for full FT),
+`partition.labels` + `build_optimizer`, `train.init_state`, `classification.make_loss_fn`,
+`train.make_train_step`, compiled by `parallel.Plan.compile_train_step`, with dropout on. The
+reference is `transformers.BertModel` on the same weights wrapped by `peft.get_peft_model` with the
+same rank, alpha and target modules, masked mean pooling, dropout, a trainable linear head, and
+AdamW over the trainable parameters only, under the same hyperparameters and schedule.
+
+Flags, the synthetic batch, the timing and the matmul peak are `experiments/bench/minilm_step.py`'s
+(imported, not copied). One JSON line per result goes to stdout and to `--out`;
+experiments/bench/README.md explains the fields.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+# Its flags (--steps, --batch, --seq, --variants, --quick, --out, ...) are this script's flags too.
+from experiments.bench import minilm_step as base
+
+_DEFAULT_OUT = "experiments/bench/lora_step.jsonl"
+# A smoke test must not overwrite the real results.
+_DEFAULT_QUICK_OUT = "experiments/bench/lora_step_quick.jsonl"
+_BENCH = "lora_train_step"
+
+# variant -> (bench, impl, method); the order is the order they run and print in.
+VARIANTS = {
+    "matmul_jax": ("matmul_peak", "jax", None),
+    "matmul_torch": ("matmul_peak", "torch", None),
+    "ftlab_lora": (_BENCH, "ftlab", "lora"),
+    "ftlab_full": (_BENCH, "ftlab", "full"),
+    "peft_lora": (_BENCH, "peft", "lora"),
+}
+# method -> config module; the benchmark runs exactly these configs, resized to --batch/--seq.
+_CONFIGS = {"lora": "configs.lora_minilm", "full": "configs.full_ft_minilm"}
+# The issue's targets, checked (and logged) by the parent.
+TARGET_SPEEDUP_VS_PEFT = 1.2
+TARGET_MEMORY_VS_FULL = 1.0
+
+
+def _load_config(method: str):
+    import importlib  # noqa: PLC0415
+
+    return importlib.import_module(_CONFIGS[method]).get_config()
+
+
+def analytic_gflop(
+    *, method: str, batch: int, seq: int, encoder_config: dict, num_classes: int, lora_params: int
+) -> float:
+    """Matmul GFLOPs of one train step, counted by hand (see `minilm_step.analytic_gflop`).
+
+    LoRA leaves every base kernel frozen but needs activation gradients through every layer, which
+    is exactly BitFit's count; on top, each adapter's two products ``x @ a`` and ``(x a) @ b`` cost
+    ``2 * tokens * size`` forward per factor and 3x that with both backward products.
+
+    Args:
+      method: ``"full"`` or ``"lora"``.
+      lora_params: total size of the ``lora_a``/``lora_b`` factors (ignored for full FT).
+    """
+    kwargs = dict(
+        batch=batch,
+        seq=seq,
+        hidden=encoder_config["hidden_size"],
+        intermediate=encoder_config["intermediate_size"],
+        layers=encoder_config["num_layers"],
+        num_classes=num_classes,
+    )
+    if method == "full":
+        return base.analytic_gflop(method="full", **kwargs)
+    if method != "lora":
+        raise ValueError(f"method={method!r}; expected one of {sorted(_CONFIGS)}")
+    lora_forward = 2 * batch * seq * lora_params
+    return base.analytic_gflop(method="bitfit", **kwargs) + 3 * lora_forward / 1e9
+
+
+def _lr_factor(optim_config):
+    """optax.warmup_cosine_decay_schedule(0, lr, warmup, decay) / lr, for torch's LambdaLR."""
+    o = optim_config
+    decay_steps = max(o.num_steps, o.warmup_steps + 1)
+
+    def factor(step):
+        if step < o.warmup_steps:
+            return step / o.warmup_steps
+        t = min(step - o.warmup_steps, decay_steps - o.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * t / (decay_steps - o.warmup_steps)))
+
+    return factor
+
+
+# -- child: ftlab ------------------------------------------------------------------------------
+
+
+def _bench_ftlab(method: str, *, batch: int, seq: int, warmup: int, steps: int) -> dict:
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from experiments.trainers import classification as trainer  # noqa: PLC0415
+    from ftlab.core import parallel, partition, train  # noqa: PLC0415
+    from ftlab.peft import lora  # noqa: PLC0415
+    from ftlab.tasks import classification  # noqa: PLC0415
+
+    config = _load_config(method)
+    config.optim.batch_size = batch
+    config.data.max_length = seq
+    if config.parallel.mode != "mesh":
+        raise ValueError(
+            f"{_CONFIGS[method]}: parallel.mode={config.parallel.mode!r}; the benchmark reads "
+            "XLA's cost and memory analysis from the jit-compiled step, so it needs mode 'mesh'."
+        )
+
+    # Model, method, partition, optimizer and state: as in trainer.train_and_evaluate.
+    plan = parallel.make_plan(config.parallel.mode, num_devices=config.parallel.num_devices)
+    plan.check_batch_size(batch, what="--batch")
+    model, params = trainer.build_model(config)
+    params, apply = trainer.build_method(config, params, trainer.make_apply(model))
+    rules = [tuple(r) for r in config.partition.rules]
+    label_tree = partition.labels(params, rules, what=f"{_CONFIGS[method]}: partition.rules")
+    tx = trainer.build_optimizer(config, label_tree)
+    state = train.init_state(params, label_tree, tx, seed=config.seed)
+    n_trainable = partition.count(state.trainable)
+    n_lora = partition.count(lora.adapter(params)) if config.peft.method == "lora" else 0
+    state = plan.put_state(state)
+
+    loss_fn = classification.make_loss_fn(apply)
+    jitted = plan.compile_train_step(train.make_train_step(loss_fn, tx, axis_name=None))
+    device_batch = plan.put_batch(base._synthetic_batch(batch, seq))
+
+    start = time.perf_counter()
+    # The AOT executable is the one jit would build; calling it keeps the donation and avoids a
+    # second compile (jit's cache does not see AOT compiles).
+    compiled = jitted.lower(state, device_batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    flops = float(cost["flops"]) if cost and "flops" in cost else None
+    mem = compiled.memory_analysis()
+
+    holder = {"state": state, "metrics": None}
+
+    def one_step():
+        new_state, metrics = compiled(holder["state"], device_batch)
+        jax.block_until_ready((new_state, metrics))
+        holder["state"], holder["metrics"] = new_state, metrics
+
+    times = base._time_calls(one_step, warmup=warmup, reps=steps)
+    loss = float(jax.device_get(holder["metrics"]["train/loss"]))
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"ftlab {method}: train/loss is {loss} after the timed steps")
+
+    device = jax.devices()[0]
+    stats = getattr(device, "memory_stats", lambda: None)()
+    device_peak = (
+        stats["peak_bytes_in_use"] / (1 << 20) if stats and "peak_bytes_in_use" in stats else None
+    )
+    cfg = model.config
+    enc = {
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_layers": cfg.num_layers,
+    }
+    mib = 1 << 20
+    return {
+        "method": method,
+        "config": _CONFIGS[method],
+        "batch": batch,
+        "seq": seq,
+        **base._timing_fields(times),
+        "warmup_steps": warmup,
+        "compile_s": compile_s,
+        "gflop_per_step": None if flops is None else flops / 1e9,
+        "gflop_source": "xla_cost_analysis",
+        "analytic_gflop_per_step": analytic_gflop(
+            method=method,
+            batch=batch,
+            seq=seq,
+            encoder_config=enc,
+            num_classes=config.model.num_classes,
+            lora_params=n_lora,
+        ),
+        "peak_rss_mib": base._peak_rss_mib(),
+        "xla_temp_mib": None if mem is None else mem.temp_size_in_bytes / mib,
+        "xla_argument_mib": None if mem is None else mem.argument_size_in_bytes / mib,
+        "xla_output_mib": None if mem is None else mem.output_size_in_bytes / mib,
+        "device_peak_mib": device_peak,
+        "trainable_params": n_trainable,
+        "lora_params": n_lora,
+        "final_loss": loss,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "num_devices": plan.num_devices,
+        "threads": None,
+        "version": f"jax {jax.__version__}",
+    }
+
+
+# -- child: Hugging Face PEFT ------------------------------------------------------------------
+
+
+def _bench_peft(
+    *, model_dir: str, batch: int, seq: int, warmup: int, steps: int, threads: int, adamw: str
+) -> dict:
+    torch = base._import_torch(threads)
+    import peft  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    config = _load_config("lora")
+    o, p = config.optim, config.peft
+    rate = config.model.dropout_rate
+    if config.model.pooling != "mean":
+        raise ValueError(
+            f"config.model.pooling={config.model.pooling!r}; the PEFT side does 'mean'"
+        )
+    # PEFT names target modules by suffix; ftlab by a regex over the module path. Check that they
+    # pick the same kernels rather than translate one into the other.
+    if tuple(p.targets) != (r"encoder/layer_\d+/attention/(query|value)",):
+        raise ValueError(
+            f"{_CONFIGS['lora']}: peft.targets={tuple(p.targets)}; this benchmark gives PEFT "
+            "target_modules=['query', 'value'] and only knows that ftlab target."
+        )
+    torch.manual_seed(config.seed)
+    # No pooler: ftlab's classifier pools the hidden states itself (masked mean).
+    encoder, info = transformers.BertModel.from_pretrained(
+        model_dir,
+        local_files_only=True,
+        add_pooling_layer=False,
+        dtype=torch.float32,
+        hidden_dropout_prob=rate,
+        attention_probs_dropout_prob=rate,
+        output_loading_info=True,
+    )
+    if info["missing_keys"]:
+        raise ValueError(f"{model_dir}: weights missing for {sorted(info['missing_keys'])}")
+    # ftlab's LoRA has no dropout on the adapter input, so PEFT gets lora_dropout=0 too.
+    lora_config = peft.LoraConfig(
+        r=p.rank, lora_alpha=p.alpha, target_modules=["query", "value"], lora_dropout=0.0
+    )
+    model = peft.get_peft_model(encoder, lora_config)
+    hidden = encoder.config.hidden_size
+    head = torch.nn.Linear(hidden, config.model.num_classes)
+    torch.nn.init.normal_(head.weight, std=0.02)
+    torch.nn.init.zeros_(head.bias)
+    dropout = torch.nn.Dropout(rate)
+    model.train()
+    head.train()
+
+    lora_params = [x for n, x in model.named_parameters() if x.requires_grad]
+    if not lora_params or not all(
+        "lora_" in n for n, x in model.named_parameters() if x.requires_grad
+    ):
+        raise AssertionError("PEFT should leave only lora_A/lora_B trainable")
+    params = lora_params + list(head.parameters())
+    # As build_optimizer: weight decay on matrices only (not biases).
+    groups = [
+        {"params": [x for x in params if x.ndim > 1], "weight_decay": o.weight_decay},
+        {"params": [x for x in params if x.ndim <= 1], "weight_decay": 0.0},
+    ]
+    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[adamw]
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(0.9, 0.999), eps=1e-8, **impl)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(o))
+    data = {k: torch.from_numpy(v).long() for k, v in base._synthetic_batch(batch, seq).items()}
+    losses = []
+
+    def one_step():
+        optimizer.zero_grad(set_to_none=True)
+        out = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
+        m = data["attention_mask"].unsqueeze(-1).float()
+        pooled = (out.last_hidden_state.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        logits = head(dropout(pooled))
+        loss = torch.nn.functional.cross_entropy(logits, data["label"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())  # also a sync point, were this ever a GPU
+
+    times = base._time_calls(one_step, warmup=warmup, reps=steps)
+    if not math.isfinite(losses[-1]):
+        raise FloatingPointError(f"peft lora: loss is {losses[-1]} after the timed steps")
+    enc = {
+        "hidden_size": hidden,
+        "intermediate_size": encoder.config.intermediate_size,
+        "num_layers": encoder.config.num_hidden_layers,
+    }
+    n_lora = sum(x.numel() for x in lora_params)
+    return {
+        "method": "lora",
+        "config": _CONFIGS["lora"],
+        "batch": batch,
+        "seq": seq,
+        **base._timing_fields(times),
+        "warmup_steps": warmup,
+        "compile_s": None,
+        "analytic_gflop_per_step": analytic_gflop(
+            method="lora",
+            batch=batch,
+            seq=seq,
+            encoder_config=enc,
+            num_classes=config.model.num_classes,
+            lora_params=n_lora,
+        ),
+        "peak_rss_mib": base._peak_rss_mib(),
+        "trainable_params": sum(x.numel() for x in params),
+        "lora_params": n_lora,
+        "final_loss": losses[-1],
+        "attn_implementation": encoder.config._attn_implementation,
+        "adamw_impl": adamw,
+        "peft_version": peft.__version__,
+        **base._torch_device_fields(torch, threads),
+    }
+
+
+def _run_variant(variant: str) -> None:
+    """Runs one variant in this process and prints its JSON line."""
+    bench, impl, method = VARIANTS[variant]
+    threads = base._TORCH_THREADS.value or base._cores()
+    if variant == "matmul_jax":
+        result = base._bench_matmul_jax(n=base._MATMUL_N.value, reps=base._MATMUL_REPS.value)
+    elif variant == "matmul_torch":
+        result = base._bench_matmul_torch(
+            n=base._MATMUL_N.value, reps=base._MATMUL_REPS.value, threads=threads
+        )
+    elif impl == "ftlab":
+        result = _bench_ftlab(
+            method,
+            batch=base._BATCH.value,
+            seq=base._SEQ.value,
+            warmup=base._WARMUP.value,
+            steps=base._STEPS.value,
+        )
+    else:
+        model_dir = base._MODEL_DIR.value
+        if not model_dir:
+            # Only when run by hand: this imports jax, which adds ~140 MiB to torch's peak RSS.
+            from third_party import minilm  # noqa: PLC0415
+
+            model_dir = str(minilm.model_dir())
+        result = _bench_peft(
+            model_dir=model_dir,
+            batch=base._BATCH.value,
+            seq=base._SEQ.value,
+            warmup=base._WARMUP.value,
+            steps=base._STEPS.value,
+            threads=threads,
+            adamw=base._TORCH_ADAMW.value,
+        )
+    line = {"bench": bench, "impl": impl, **result, "variant": variant, "cores": base._cores()}
+    print(json.dumps(line), flush=True)
+
+
+# -- parent ------------------------------------------------------------------------------------
+
+
+def add_ratios(lines: list[dict]) -> list[dict]:
+    """Fills the fields that compare variants: FLOP rate, fraction of peak, speedup over PEFT.
+
+    Args:
+      lines: the children's results (``bench`` is ``matmul_peak`` or ``lora_train_step``).
+
+    Returns:
+      The same dicts, updated in place. A ratio whose reference did not run is None.
+    """
+    steps = {x["variant"]: x for x in lines if x["bench"] == _BENCH}
+    peft_lora, ftlab_lora, ftlab_full = (
+        steps.get(v) for v in ("peft_lora", "ftlab_lora", "ftlab_full")
+    )
+    peaks: dict[str, float] = {}
+    for x in lines:
+        if x["bench"] == "matmul_peak":
+            peaks[x["platform"]] = max(peaks.get(x["platform"], 0.0), x["gflops"])
+    for x in steps.values():
+        if x["impl"] == "peft":
+            # Same math as ftlab's LoRA step, so XLA's count for that step stands for PEFT's too.
+            if ftlab_lora and ftlab_lora.get("gflop_per_step"):
+                x["gflop_per_step"] = ftlab_lora["gflop_per_step"]
+                x["gflop_source"] = "xla_cost_analysis of ftlab lora"
+            else:
+                x["gflop_per_step"] = x["analytic_gflop_per_step"]
+                x["gflop_source"] = "analytic (ftlab_lora did not run)"
+            x["xla_temp_mib"] = None
+        gflop = x.get("gflop_per_step")
+        x["gflops"] = None if gflop is None else gflop / x["median_step_s"]
+        # Peak of the matmuls on the same kind of device (one and the same on a CPU-only run).
+        peak = peaks.get(x["platform"])
+        x["matmul_peak_gflops"] = peak
+        x["fraction_of_matmul_peak"] = None if not (peak and x["gflops"]) else x["gflops"] / peak
+        x["speedup_vs_peft"] = (
+            None if peft_lora is None else peft_lora["median_step_s"] / x["median_step_s"]
+        )
+    if ftlab_lora is not None:
+        full_ok = ftlab_full is not None
+        ftlab_lora["memory_vs_full"] = (
+            ftlab_lora["peak_rss_mib"] / ftlab_full["peak_rss_mib"] if full_ok else None
+        )
+        ftlab_lora["xla_temp_mib_full"] = ftlab_full.get("xla_temp_mib") if full_ok else None
+        temps = (ftlab_lora.get("xla_temp_mib"), ftlab_lora["xla_temp_mib_full"])
+        ftlab_lora["xla_temp_vs_full"] = temps[0] / temps[1] if all(temps) else None
+    return lines
+
+
+def _log_targets(lines: list[dict]) -> None:
+    lora_line = next((x for x in lines if x.get("variant") == "ftlab_lora"), None)
+    if lora_line is None:
+        return
+    speedup, memory = lora_line.get("speedup_vs_peft"), lora_line.get("memory_vs_full")
+    if speedup is not None:
+        met = "met" if speedup >= TARGET_SPEEDUP_VS_PEFT else "NOT met"
+        logging.info(
+            "target ftlab LoRA >= %.1fx PEFT: %.2fx, %s", TARGET_SPEEDUP_VS_PEFT, speedup, met
+        )
+    if memory is not None:
+        met = "met" if memory < TARGET_MEMORY_VS_FULL else "NOT met"
+        logging.info("target LoRA peak RSS < full FT's: %.2fx of full, %s", memory, met)
+
+
+def _run_parent() -> int:
+    quick = base._QUICK.value
+    settings = {
+        "batch": 4 if quick else base._BATCH.value,
+        "seq": 16 if quick else base._SEQ.value,
+        "steps": 2 if quick else base._STEPS.value,
+        "warmup": base._WARMUP.value,
+        "matmul_n": 512 if quick else base._MATMUL_N.value,
+        "matmul_reps": base._MATMUL_REPS.value,
+        "torch_threads": base._TORCH_THREADS.value or base._cores(),
+        "torch_adamw": base._TORCH_ADAMW.value,
+    }
+    variants = [v.strip() for v in base._VARIANTS.value.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise app.UsageError(
+            f"--variants: unknown {unknown or '(empty)'}; choose from {', '.join(VARIANTS)}"
+        )
+    variants = [v for v in VARIANTS if v in variants]  # fixed order, no duplicates
+    if "peft_lora" in variants:
+        from third_party import minilm  # noqa: PLC0415 (jax import stays out of the children)
+
+        settings["model_dir"] = str(minilm.model_dir())
+
+    lines, failed = [], []
+    for variant in variants:
+        cmd = [sys.executable, "-m", "experiments.bench.lora_step", f"--variant={variant}"]
+        cmd += [f"--{k}={v}" for k, v in settings.items()]
+        logging.info("running %s", variant)
+        # The child's stderr (logs, warnings) passes through; its stdout carries the result.
+        proc = subprocess.run(
+            cmd, cwd=base._REPO_ROOT, stdout=subprocess.PIPE, text=True, check=False
+        )
+        got = []
+        for text in proc.stdout.splitlines():
+            if text.startswith('{"bench"'):
+                got.append(json.loads(text))
+            else:
+                print(text, file=sys.stderr)
+        if proc.returncode or not got:
+            logging.error(
+                "variant %s failed (exit %d); rerun it alone with\n  %s",
+                variant,
+                proc.returncode,
+                " ".join(cmd),
+            )
+            failed.append(variant)
+        lines.extend(got)
+
+    add_ratios(lines)
+    out = pathlib.Path(base._OUT.value)
+    if quick and not flags.FLAGS["out"].present:
+        out = pathlib.Path(_DEFAULT_QUICK_OUT)
+    if not out.is_absolute():
+        out = base._REPO_ROOT / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for x in lines:
+            text = json.dumps(x)
+            print(text, flush=True)
+            f.write(text + "\n")
+    logging.info("wrote %d lines to %s", len(lines), out)
+    _log_targets(lines)
+    if failed:
+        logging.error("failed variants: %s", ", ".join(failed))
+        return 1
+    return 0
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if base._VARIANT.value:
+        if base._VARIANT.value not in VARIANTS:
+            raise app.UsageError(f"--variant={base._VARIANT.value!r}; one of {', '.join(VARIANTS)}")
+        _run_variant(base._VARIANT.value)
+        return 0
+    return _run_parent()
+
+
+if __name__ == "__main__":
+    # The shared flags default to minilm_step's variants and output; this program has its own.
+    # Done here, not at import, so importing this module leaves minilm_step's defaults alone.
+    flags.FLAGS.set_default("variants", ",".join(VARIANTS))
+    flags.FLAGS.set_default("out", _DEFAULT_OUT)
+    app.run(main)
