@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from ftlab import testing
 from ftlab.core import partition, train
 from ftlab.models import bert
 from ftlab.peft import dora, ia3
@@ -26,29 +27,12 @@ APPLY = ia3.wrap_apply(_apply)
 
 
 def _batch(seed=0, n=4, seq=7):
-    rng = np.random.default_rng(seed)
-    mask = np.ones((n, seq), np.int32)
-    mask[0, 5:] = 0
-    return {
-        "input_ids": rng.integers(1, TINY.vocab_size, size=(n, seq)).astype(np.int32),
-        "attention_mask": mask,
-        "label": rng.integers(0, 3, size=(n,)).astype(np.int32),
-    }
+    return testing.classifier_batch(TINY, seed=seed, n=n, seq=seq)
 
 
 @pytest.fixture(scope="module")
 def base():
-    # Random numpy leaves of the init's shapes: compiling MODEL.init costs seconds on 2 cores.
-    b = _batch()
-    shapes = jax.eval_shape(MODEL.init, jax.random.key(0), b["input_ids"], b["attention_mask"])
-    rng = np.random.default_rng(0)
-
-    def leaf(path, s):
-        if partition.path_name(path).endswith("layer_norm/scale"):
-            return np.ones(s.shape, np.float32)
-        return rng.normal(scale=0.1, size=s.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes["params"])
+    return testing.random_params(MODEL, _batch())
 
 
 def _randomized(params, seed=1):

@@ -1,0 +1,45 @@
+"""Small helpers for tests of models and methods: fixed batches and random parameter trees."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from ftlab.core import partition
+from ftlab.models import bert
+from ftlab.types import Params
+
+
+def classifier_batch(
+    config: bert.BertConfig, *, seed: int = 0, n: int = 4, seq: int = 7, num_classes: int = 3
+) -> dict[str, np.ndarray]:
+    """A fixed classification batch; row 0 is padded after 5 tokens, so masks matter."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((n, seq), np.int32)
+    mask[0, 5:] = 0
+    return {
+        "input_ids": rng.integers(1, config.vocab_size, size=(n, seq)).astype(np.int32),
+        "attention_mask": mask,
+        "label": rng.integers(0, num_classes, size=(n,)).astype(np.int32),
+    }
+
+
+def random_params(
+    model: nn.Module, batch: dict[str, np.ndarray], *, seed: int = 0, std: float = 0.1
+) -> Params:
+    """Random numpy leaves with the shapes of ``model.init`` (LayerNorm scales are ones).
+
+    Cheaper than ``model.init``, whose compilation costs seconds on a small CPU.
+    """
+    shapes = jax.eval_shape(
+        model.init, jax.random.key(0), batch["input_ids"], batch["attention_mask"]
+    )
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        if partition.path_name(path).endswith("layer_norm/scale"):
+            return np.ones(s.shape, np.float32)
+        return rng.normal(scale=std, size=s.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes["params"])
