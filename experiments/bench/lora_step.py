@@ -27,7 +27,6 @@ import math
 import pathlib
 import subprocess
 import sys
-import time
 
 from absl import app, flags, logging
 
@@ -107,107 +106,27 @@ def _lr_factor(optim_config):
 
 
 def _bench_ftlab(method: str, *, batch: int, seq: int, warmup: int, steps: int) -> dict:
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
+    """The trainer's own step for configs/lora_minilm.py or configs/full_ft_minilm.py."""
 
-    from experiments.trainers import classification as trainer  # noqa: PLC0415
-    from ftlab.core import parallel, partition, train  # noqa: PLC0415
-    from ftlab.peft import lora  # noqa: PLC0415
-    from ftlab.tasks import classification  # noqa: PLC0415
-
-    config = _load_config(method)
-    config.optim.batch_size = batch
-    config.data.max_length = seq
-    if config.parallel.mode != "mesh":
-        raise ValueError(
-            f"{_CONFIGS[method]}: parallel.mode={config.parallel.mode!r}; the benchmark reads "
-            "XLA's cost and memory analysis from the jit-compiled step, so it needs mode 'mesh'."
-        )
-
-    # Model, method, partition, optimizer and state: as in trainer.train_and_evaluate.
-    plan = parallel.make_plan(config.parallel.mode, num_devices=config.parallel.num_devices)
-    plan.check_batch_size(batch, what="--batch")
-    model, params = trainer.build_model(config)
-    params, apply = trainer.build_method(config, params, trainer.make_apply(model))
-    rules = [tuple(r) for r in config.partition.rules]
-    label_tree = partition.labels(params, rules, what=f"{_CONFIGS[method]}: partition.rules")
-    tx = trainer.build_optimizer(config, label_tree)
-    state = train.init_state(params, label_tree, tx, seed=config.seed)
-    n_trainable = partition.count(state.trainable)
-    n_lora = partition.count(lora.adapter(params)) if config.peft.method == "lora" else 0
-    state = plan.put_state(state)
-
-    loss_fn = classification.make_loss_fn(apply)
-    jitted = plan.compile_train_step(train.make_train_step(loss_fn, tx, axis_name=None))
-    device_batch = plan.put_batch(base._synthetic_batch(batch, seq))
-
-    start = time.perf_counter()
-    # The AOT executable is the one jit would build; calling it keeps the donation and avoids a
-    # second compile (jit's cache does not see AOT compiles).
-    compiled = jitted.lower(state, device_batch).compile()
-    compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0] if cost else None
-    flops = float(cost["flops"]) if cost and "flops" in cost else None
-    mem = compiled.memory_analysis()
-
-    holder = {"state": state, "metrics": None}
-
-    def one_step():
-        new_state, metrics = compiled(holder["state"], device_batch)
-        jax.block_until_ready((new_state, metrics))
-        holder["state"], holder["metrics"] = new_state, metrics
-
-    times = base._time_calls(one_step, warmup=warmup, reps=steps)
-    loss = float(jax.device_get(holder["metrics"]["train/loss"]))
-    if not np.isfinite(loss):
-        raise FloatingPointError(f"ftlab {method}: train/loss is {loss} after the timed steps")
-
-    device = jax.devices()[0]
-    stats = getattr(device, "memory_stats", lambda: None)()
-    device_peak = (
-        stats["peak_bytes_in_use"] / (1 << 20) if stats and "peak_bytes_in_use" in stats else None
-    )
-    cfg = model.config
-    enc = {
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_layers": cfg.num_layers,
-    }
-    mib = 1 << 20
-    return {
-        "method": method,
-        "config": _CONFIGS[method],
-        "batch": batch,
-        "seq": seq,
-        **base._timing_fields(times),
-        "warmup_steps": warmup,
-        "compile_s": compile_s,
-        "gflop_per_step": None if flops is None else flops / 1e9,
-        "gflop_source": "xla_cost_analysis",
-        "analytic_gflop_per_step": analytic_gflop(
+    def analytic(config, method, batch, seq, enc, n_lora):
+        return analytic_gflop(
             method=method,
             batch=batch,
             seq=seq,
             encoder_config=enc,
             num_classes=config.model.num_classes,
             lora_params=n_lora,
-        ),
-        "peak_rss_mib": base._peak_rss_mib(),
-        "xla_temp_mib": None if mem is None else mem.temp_size_in_bytes / mib,
-        "xla_argument_mib": None if mem is None else mem.argument_size_in_bytes / mib,
-        "xla_output_mib": None if mem is None else mem.output_size_in_bytes / mib,
-        "device_peak_mib": device_peak,
-        "trainable_params": n_trainable,
-        "lora_params": n_lora,
-        "final_loss": loss,
-        "platform": device.platform,
-        "device_kind": device.device_kind,
-        "num_devices": plan.num_devices,
-        "threads": None,
-        "version": f"jax {jax.__version__}",
-    }
+        )
+
+    return base._bench_ftlab(
+        method,
+        batch=batch,
+        seq=seq,
+        warmup=warmup,
+        steps=steps,
+        configs=_CONFIGS,
+        analytic=analytic,
+    )
 
 
 # -- child: Hugging Face PEFT ------------------------------------------------------------------

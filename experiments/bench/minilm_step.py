@@ -201,15 +201,32 @@ def _analytic_for(config, method: str, batch: int, seq: int, encoder_config) -> 
 # -- child: ftlab ------------------------------------------------------------------------------
 
 
-def _bench_ftlab(method: str, *, batch: int, seq: int, warmup: int, steps: int) -> dict:
+def _bench_ftlab(
+    method: str,
+    *,
+    batch: int,
+    seq: int,
+    warmup: int,
+    steps: int,
+    configs: dict[str, str] = _CONFIGS,
+    analytic: Callable | None = None,
+) -> dict:
+    """Times the trainer's own compiled step for ``configs[method]`` (PEFT methods included).
+
+    ``analytic(config, method, batch, seq, encoder_sizes, lora_params) -> GFLOP`` is the hand
+    count reported beside XLA's; by default this file's count for full / probe / BitFit.
+    """
+    import importlib  # noqa: PLC0415
+
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
     from experiments.trainers import classification as trainer  # noqa: PLC0415
     from ftlab.core import parallel, partition, train  # noqa: PLC0415
+    from ftlab.peft import lora  # noqa: PLC0415
     from ftlab.tasks import classification  # noqa: PLC0415
 
-    config = _load_config(method)
+    config = importlib.import_module(configs[method]).get_config()
     config.optim.batch_size = batch
     config.data.max_length = seq
     if config.parallel.mode != "mesh":
@@ -222,14 +239,16 @@ def _bench_ftlab(method: str, *, batch: int, seq: int, warmup: int, steps: int) 
     plan = parallel.make_plan(config.parallel.mode, num_devices=config.parallel.num_devices)
     plan.check_batch_size(batch, what="--batch")
     model, params = trainer.build_model(config)
+    params, apply = trainer.build_method(config, params, trainer.make_apply(model))
     rules = [tuple(r) for r in config.partition.rules]
-    label_tree = partition.labels(params, rules, what=f"{_CONFIGS[method]}: partition.rules")
+    label_tree = partition.labels(params, rules, what=f"{configs[method]}: partition.rules")
     tx = trainer.build_optimizer(config, label_tree)
     state = train.init_state(params, label_tree, tx, seed=config.seed)
     n_trainable = partition.count(state.trainable)
+    n_lora = partition.count(lora.adapter(params)) if config.peft.method == "lora" else 0
     state = plan.put_state(state)
 
-    loss_fn = classification.make_loss_fn(trainer.make_apply(model))
+    loss_fn = classification.make_loss_fn(apply)
     jitted = plan.compile_train_step(train.make_train_step(loss_fn, tx, axis_name=None))
     device_batch = plan.put_batch(_synthetic_batch(batch, seq))
 
@@ -268,8 +287,15 @@ def _bench_ftlab(method: str, *, batch: int, seq: int, warmup: int, steps: int) 
         "num_layers": cfg.num_layers,
     }
     mib = 1 << 20
+    if analytic is None:
+
+        def analytic(config, method, batch, seq, enc, n_lora):
+            del n_lora
+            return _analytic_for(config, method, batch, seq, enc)
+
     return {
         "method": method,
+        "config": configs[method],
         "batch": batch,
         "seq": seq,
         **_timing_fields(times),
@@ -277,13 +303,14 @@ def _bench_ftlab(method: str, *, batch: int, seq: int, warmup: int, steps: int) 
         "compile_s": compile_s,
         "gflop_per_step": None if flops is None else flops / 1e9,
         "gflop_source": "xla_cost_analysis",
-        "analytic_gflop_per_step": _analytic_for(config, method, batch, seq, enc),
+        "analytic_gflop_per_step": analytic(config, method, batch, seq, enc, n_lora),
         "peak_rss_mib": _peak_rss_mib(),
         "xla_temp_mib": None if mem is None else mem.temp_size_in_bytes / mib,
         "xla_argument_mib": None if mem is None else mem.argument_size_in_bytes / mib,
         "xla_output_mib": None if mem is None else mem.output_size_in_bytes / mib,
         "device_peak_mib": device_peak,
         "trainable_params": n_trainable,
+        "lora_params": n_lora,
         "final_loss": loss,
         "platform": device.platform,
         "device_kind": device.device_kind,
