@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import numpy as np
@@ -43,3 +44,29 @@ def random_params(
         return rng.normal(scale=std, size=s.shape).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes["params"])
+
+
+def assert_trains_only(params, label_tree, tx, apply, batch, *, steps: int, opt_slots: int = 2):
+    """Trains ``steps`` compiled steps on one batch and checks what a partition promises.
+
+    The optimizer holds ``opt_slots`` values per trainable parameter plus a step count and
+    nothing for frozen leaves; the loss goes down; frozen leaves stay bit-identical; every
+    trainable leaf moves. Returns the final `TrainState`.
+    """
+    from ftlab.core import train  # noqa: PLC0415
+    from ftlab.tasks import classification  # noqa: PLC0415
+
+    trainable0, frozen0 = partition.split(jax.tree.map(np.array, params), label_tree)
+    state = train.init_state(params, label_tree, tx, seed=0)
+    opt_size = sum(np.size(x) for x in jax.tree.leaves(state.opt_state))
+    assert opt_size == opt_slots * partition.count(trainable0) + 1, opt_size
+    step = jax.jit(train.make_train_step(classification.make_loss_fn(apply), tx), donate_argnums=0)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["train/loss"]))
+    assert losses[-1] < losses[0], losses
+    chex.assert_trees_all_equal(state.frozen, frozen0)
+    for name, leaf in partition.flatten(state.trainable).items():
+        assert not np.array_equal(leaf, partition.flatten(trainable0)[name]), name
+    return state
