@@ -11,13 +11,18 @@ from __future__ import annotations
 import importlib
 import logging as std_logging
 import os
+import pathlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# experiment kind -> module in experiments/trainers with train_and_evaluate(config, workdir)
-TRAINERS = {"classification": "experiments.trainers.classification"}
+# experiment kind `k` -> module experiments/trainers/k.py with train_and_evaluate(config, workdir)
+TRAINERS = sorted(
+    p.stem
+    for p in pathlib.Path(__file__).with_name("trainers").glob("*.py")
+    if not p.stem.startswith("_")
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
@@ -36,7 +41,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     config = _CONFIG.value
-    if config.parallel.multihost:
+    if config.get("parallel") is not None and config.parallel.get("multihost", False):
         from ftlab.core import parallel  # noqa: PLC0415 - must precede any other JAX use
 
         parallel.initialize_distributed(
@@ -53,7 +58,7 @@ def main(argv):
             f"config.experiment={config.experiment!r}; known kinds: {', '.join(TRAINERS)}"
         )
     logging.info("config:\n%s", config)
-    trainer = importlib.import_module(TRAINERS[config.experiment])
+    trainer = importlib.import_module(f"experiments.trainers.{config.experiment}")
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
