@@ -6,7 +6,9 @@ Each (method, lr) is one run of configs/finetune_minilm.py in its own subprocess
 memory is its own) under `<workdir>/<method>/lr_<lr>`; a finished run is not repeated, so the
 command resumes. Per method the learning rate with the best validation accuracy is kept, and the
 table (Markdown + JSON) and the accuracy-vs-trainable-parameters plot are written to the workdir.
-Options: quick (few steps on the real model, one lr per method), tiny (random tiny model; tests).
+Options: quick (few steps on the real model, one lr per method), tiny (random tiny model; tests),
+sweep=False (only the middle learning rate of each sweep: each method's default in
+configs/finetune_minilm.py; a third of the CPU time).
 """
 
 import ml_collections
@@ -15,7 +17,7 @@ from ftlab import config_options
 
 
 def get_config(arg=None):
-    opts = config_options.parse(arg, quick=False, tiny=False)
+    opts = config_options.parse(arg, quick=False, tiny=False, sweep=True)
     config = ml_collections.ConfigDict()
     config.experiment = "compare"
     # the trainer config every run starts from, and the options given to it
@@ -39,7 +41,8 @@ def get_config(arg=None):
     config.methods = tuple(config.lrs.keys())
     # extra --config.<key>=<value> overrides for every run
     config.overrides = ()
-    if opts.quick or opts.tiny:
+    if opts.quick or opts.tiny or not opts.sweep:
         config.lrs = ml_collections.ConfigDict({m: (lrs[1],) for m, lrs in config.lrs.items()})
+    if opts.quick or opts.tiny:
         config.overrides = ("--config.optim.num_steps=4",)
     return config

@@ -99,6 +99,8 @@ def get_config(arg=None):
     config.peft.targets = (r"encoder/layer_\d+/attention/(query|value)",)
     config.peft.rank = opts.rank
     config.peft.alpha = 2.0 * opts.rank
+    # LoRA/DoRA dropout on the low-rank branch's input while training (PEFT's lora_dropout)
+    config.peft.dropout = 0.0
     # IA3: scale the outputs of these kernels, and the inputs of those (the FFN activation)
     config.peft.ia3_targets_out = (r"encoder/layer_\d+/attention/(key|value)",)
     config.peft.ia3_targets_in = (r"encoder/layer_\d+/mlp/output",)

@@ -256,6 +256,7 @@ def export(
     target_modules: str | Sequence[str] | None = None,
     base_model_name: str = DEFAULT_BASE_MODEL,
     task_type: str | None = None,
+    lora_dropout: float = 0.0,
 ) -> dict:
     """Writes an ftlab BERT LoRA adapter as a HF PEFT adapter folder.
 
@@ -272,6 +273,8 @@ def export(
             adapter's modules, else the exact module names.
         base_model_name: ``base_model_name_or_path`` recorded in the config.
         task_type: None or ``"FEATURE_EXTRACTION"`` (a bare `BertModel`).
+        lora_dropout: The training-time dropout recorded in ``adapter_config.json`` (it does not
+            change inference).
 
     Returns:
         The config dict written to ``adapter_config.json``.
@@ -333,7 +336,7 @@ def export(
         "r": int(rank),
         "lora_alpha": alpha if isinstance(alpha, int) else float(alpha),
         "target_modules": target_modules,
-        "lora_dropout": 0.0,
+        "lora_dropout": float(lora_dropout),
         "fan_in_fan_out": False,
         "bias": "none",
         "use_rslora": False,

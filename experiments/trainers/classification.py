@@ -87,7 +87,7 @@ def build_method(config: ml_collections.ConfigDict, params, apply):
     if p.method in ("lora", "dora"):
         module = lora if p.method == "lora" else dora
         params = module.init(params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha)
-        apply = module.wrap_apply(apply, alpha=p.alpha, rank=p.rank)
+        apply = module.wrap_apply(apply, alpha=p.alpha, rank=p.rank, dropout=p.dropout)
     elif p.method == "ia3":
         params = ia3.init(
             params, targets_out=list(p.ia3_targets_out), targets_in=list(p.ia3_targets_in)
@@ -134,6 +134,7 @@ def save_method(
             lora.adapter(trainable),
             rank=config.peft.rank,
             alpha=config.peft.alpha,
+            lora_dropout=config.peft.dropout,
         )
     return {"adapter_bytes": path.stat().st_size}
 

@@ -74,12 +74,19 @@ class Options:
         dora_exact_norm_grad: If True, differentiate through DoRA's column norm
             ``||kernel + s a b||_c``; if False (the default, DoRA section 4.3) the norm is a
             constant in the backward pass (`jax.lax.stop_gradient`), see :func:`dora_column_norm`.
+        lora_dropout: Dropout rate on the input of the low-rank branch only,
+            ``s * dropout(x) @ lora_a @ lora_b`` (as HF PEFT's ``lora_dropout``); the frozen
+            ``x @ kernel`` sees the undropped input. Active only when the model is applied with
+            a ``"dropout"`` PRNG stream (training); without one (evaluation) it is the identity.
     """
 
     lora_scale: float | None = None
     dora_exact_norm_grad: bool = False
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}.")
         if not isinstance(self.dora_exact_norm_grad, bool):
             raise TypeError(
                 "dora_exact_norm_grad must be a bool, got "
@@ -208,6 +215,11 @@ def _check_leaves(module: nn.Dense, present: set[str], x: jax.Array, opts: Optio
 def _lora_delta(module: nn.Dense, x: jax.Array, dtype, opts: Options) -> jax.Array:
     a = module.get_variable("params", LORA_A)
     b = module.get_variable("params", LORA_B)
+    if opts.lora_dropout > 0.0 and module.has_rng("dropout"):
+        # A fresh key per module and call, from the module's own "dropout" stream.
+        keep = 1.0 - opts.lora_dropout
+        mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
+        x = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
     # Factored form: [..., in] @ [in, r] @ [r, out]. Differentiating this never forms an [in, out]
     # array, so a frozen kernel costs no dense gradient (the point of LoRA's memory saving).
     h = jnp.einsum("...i,ir->...r", x.astype(dtype), a.astype(dtype), precision=module.precision)
@@ -282,7 +294,10 @@ def _interceptor(opts: Options) -> Callable:
 
 @contextlib.contextmanager
 def intercept(
-    *, lora_scale: float | None = None, dora_exact_norm_grad: bool = False
+    *,
+    lora_scale: float | None = None,
+    dora_exact_norm_grad: bool = False,
+    lora_dropout: float = 0.0,
 ) -> Iterator[Options]:
     """Applies every dense-layer method leaf (LoRA, DoRA, IA3) while the context is active.
 
@@ -299,6 +314,8 @@ def intercept(
         lora_scale: LoRA's ``alpha / rank``; required as soon as a LoRA or DoRA leaf is met.
         dora_exact_norm_grad: Differentiate through DoRA's column norm (default False: the
             norm is held constant in the backward pass, as DoRA section 4.3 recommends).
+        lora_dropout: Dropout on the low-rank branch's input while a ``"dropout"`` rng stream
+            is given (see :class:`Options`).
 
     Yields:
         The validated :class:`Options`.
@@ -325,13 +342,19 @@ def intercept(
     ...     model.apply({"params": params}, jnp.array([1.0, 2.0])).tolist()
     [5.0, 0.0]
     """
-    opts = Options(lora_scale=lora_scale, dora_exact_norm_grad=dora_exact_norm_grad)
+    opts = Options(
+        lora_scale=lora_scale, dora_exact_norm_grad=dora_exact_norm_grad, lora_dropout=lora_dropout
+    )
     with nn.intercept_methods(_interceptor(opts)):
         yield opts
 
 
 def wrap_apply(
-    apply_fn: Callable, *, lora_scale: float | None = None, dora_exact_norm_grad: bool = False
+    apply_fn: Callable,
+    *,
+    lora_scale: float | None = None,
+    dora_exact_norm_grad: bool = False,
+    lora_dropout: float = 0.0,
 ) -> Callable:
     """Returns ``apply_fn`` running inside :func:`intercept`, same signature and result type.
 
@@ -343,6 +366,7 @@ def wrap_apply(
             ``apply(params, batch, rng) -> logits``.
         lora_scale: LoRA's ``alpha / rank`` (LoRA and DoRA leaves need it; IA3 alone does not).
         dora_exact_norm_grad: See :func:`intercept`.
+        lora_dropout: See :func:`intercept`.
 
     Returns:
         The wrapped function.
@@ -355,11 +379,13 @@ def wrap_apply(
     [1.5]
     """
     # Validate now, not at trace time.
-    Options(lora_scale=lora_scale, dora_exact_norm_grad=dora_exact_norm_grad)
+    opts = Options(
+        lora_scale=lora_scale, dora_exact_norm_grad=dora_exact_norm_grad, lora_dropout=lora_dropout
+    )
 
     @functools.wraps(apply_fn)
     def wrapped(*args, **kwargs):
-        with intercept(lora_scale=lora_scale, dora_exact_norm_grad=dora_exact_norm_grad):
+        with nn.intercept_methods(_interceptor(opts)):
             return apply_fn(*args, **kwargs)
 
     return wrapped

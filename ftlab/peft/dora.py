@@ -80,7 +80,12 @@ def intercept(*, alpha: float, rank: int, exact_norm_grad: bool = False):
 
 
 def wrap_apply(
-    apply_fn: Callable, *, alpha: float, rank: int, exact_norm_grad: bool = False
+    apply_fn: Callable,
+    *,
+    alpha: float,
+    rank: int,
+    exact_norm_grad: bool = False,
+    dropout: float = 0.0,
 ) -> Callable:
     """`ftlab.peft.dense.wrap_apply` with DoRA's scale ``alpha / rank``.
 
@@ -90,6 +95,7 @@ def wrap_apply(
         rank: The adapter rank r.
         exact_norm_grad: If True, differentiate through ``||W + s A B||_c`` as well; the default
             False holds it constant in the backward pass (DoRA section 4.3; see module docs).
+        dropout: Dropout on the low-rank branch's input during training (see `lora.wrap_apply`).
 
     Returns:
         ``apply_fn`` running inside the interceptor.
@@ -105,6 +111,7 @@ def wrap_apply(
         apply_fn,
         lora_scale=lora.scale(alpha=alpha, rank=rank),
         dora_exact_norm_grad=exact_norm_grad,
+        lora_dropout=dropout,
     )
 
 

@@ -81,8 +81,11 @@ def intercept(*, alpha: float, rank: int):
     return dense.intercept(lora_scale=scale(alpha=alpha, rank=rank))
 
 
-def wrap_apply(apply_fn: Callable, *, alpha: float, rank: int) -> Callable:
+def wrap_apply(apply_fn: Callable, *, alpha: float, rank: int, dropout: float = 0.0) -> Callable:
     """`ftlab.peft.dense.wrap_apply` with ``lora_scale = alpha / rank``.
+
+    ``dropout`` is LoRA's dropout on the low-rank branch's input (HF PEFT's ``lora_dropout``),
+    active only when the model is applied with a ``"dropout"`` rng stream.
 
     >>> import flax.linen as nn
     >>> p = {"kernel": jnp.ones((1, 1)), "bias": jnp.zeros(1),
@@ -91,7 +94,9 @@ def wrap_apply(apply_fn: Callable, *, alpha: float, rank: int) -> Callable:
     >>> jax.jit(f)(p, jnp.ones(1)).tolist()
     [5.0]
     """
-    return dense.wrap_apply(apply_fn, lora_scale=scale(alpha=alpha, rank=rank))
+    return dense.wrap_apply(
+        apply_fn, lora_scale=scale(alpha=alpha, rank=rank), lora_dropout=dropout
+    )
 
 
 def init(

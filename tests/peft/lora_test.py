@@ -3,6 +3,7 @@
 import os
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,3 +226,35 @@ def test_init_refuses_existing_lora_leaves_and_merge_checks_rank(base):
         lora.init(params, jax.random.key(0), targets=TARGETS, rank=RANK, alpha=ALPHA)
     with pytest.raises(ValueError, match=r"rank=4 but .*lora_a has rank 2"):
         lora.merge(params, alpha=ALPHA, rank=4)
+
+
+def test_lora_dropout_acts_only_on_the_low_rank_branch_and_only_in_training():
+    """Eval (no dropout rng) is unchanged; training drops inputs of x @ a @ b, never of x @ W."""
+    model = nn.Dense(3)
+    x = jnp.arange(1.0, 9.0).reshape(2, 4)
+    params = {
+        "kernel": jnp.ones((4, 3)),
+        "bias": jnp.zeros(3),
+        "lora_a": jnp.ones((4, 1)),
+        "lora_b": jnp.ones((1, 3)),
+    }
+    apply = lora.wrap_apply(
+        lambda p, x, rngs=None: model.apply({"params": p}, x, rngs=rngs),
+        alpha=1.0,
+        rank=1,
+        dropout=0.5,
+    )
+    plain = lora.wrap_apply(lambda p, x: model.apply({"params": p}, x), alpha=1.0, rank=1)
+    chex.assert_trees_all_equal(apply(params, x), plain(params, x))
+    y = apply(params, x, rngs={"dropout": jax.random.key(0)})
+    base = x @ params["kernel"]
+    # the branch is sum(kept x) / keep, so y - base is a sum of a subset of 2 * x per row
+    delta = np.asarray(y - base)[:, 0]
+    subsets = [
+        {sum(2.0 * v for v, k in zip(row, ks, strict=True) if k) for ks in np.ndindex(*(2,) * 4)}
+        for row in np.asarray(x)
+    ]
+    assert all(d in s for d, s in zip(delta.tolist(), subsets, strict=True))
+    assert not np.allclose(delta, 2 * np.asarray(x).sum(axis=1))  # something was dropped
+    with pytest.raises(ValueError, match="lora_dropout"):
+        lora.wrap_apply(lambda p, x: x, alpha=1.0, rank=1, dropout=1.0)
