@@ -10,9 +10,11 @@ Each module offers the same verbs: ``init`` (add the method's leaves), ``rules``
 - ``adapters``: bottleneck adapters (Houlsby et al. 2019, https://arxiv.org/abs/1902.00751).
 - ``prefix``: prefix tuning (Li & Liang 2021, https://arxiv.org/abs/2101.00190).
 - ``prompt``: prompt tuning (Lester et al. 2021, https://arxiv.org/abs/2104.08691).
+- ``qlora``: LoRA over a frozen base kept in 4-bit Q4_1 blocks (Dettmers et al. 2023,
+  https://arxiv.org/abs/2305.14314).
 - ``reft``: LoReFT (Wu et al. 2024, https://arxiv.org/abs/2404.03592).
 """
 
-from ftlab.peft import adapters, dense, dora, ia3, lora, prefix, prompt, reft
+from ftlab.peft import adapters, dense, dora, ia3, lora, prefix, prompt, qlora, reft
 
-__all__ = ["adapters", "dense", "dora", "ia3", "lora", "prefix", "prompt", "reft"]
+__all__ = ["adapters", "dense", "dora", "ia3", "lora", "prefix", "prompt", "qlora", "reft"]

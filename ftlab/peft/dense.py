@@ -14,6 +14,9 @@ leaf                shape        effect on ``y = x @ kernel + bias``
                                  ``x @ kernel + s x a b``, plus bias (:func:`dora_column_norm`)
 ``ia3_scale_in``    [in]         IA3 on the input: ``x -> x * ia3_scale_in`` before all of the above
 ``ia3_scale``       [out]        IA3 on the output: the result (bias included) ``* ia3_scale``
+``q4_data``,        [out, in/2]  QLoRA: the frozen kernel itself, in Q4_1 blocks instead of
+``q4_scale``,       [out, in/32] ``kernel``; dequantised inside the matmul and recomputed in the
+``q4_min``          [out, in/32] backward pass (:func:`dequantize_q4_1`, `ftlab.peft.qlora`)
 ==================  ===========  ==============================================================
 
 Any combination on one module composes in that order: IA3 wraps the (LoRA- or DoRA-) adapted
@@ -56,12 +59,15 @@ import jax.numpy as jnp
 LORA_A, LORA_B = "lora_a", "lora_b"
 DORA_M = "dora_m"
 IA3_SCALE, IA3_SCALE_IN = "ia3_scale", "ia3_scale_in"
+# A frozen kernel kept in GGUF's Q4_1 blocks instead of `kernel` (see `ftlab.peft.qlora`).
+Q4_DATA, Q4_SCALE, Q4_MIN = "q4_data", "q4_scale", "q4_min"
+Q4_LEAVES = (Q4_DATA, Q4_SCALE, Q4_MIN)
 # The low-rank leaves: `lora.init` refuses a module that already holds one of these. (Kept to the
 # LoRA pair so that LoRA composes with IA3 on one module; DoRA trees always hold the pair too.)
 METHOD_LEAVES = (LORA_A, LORA_B)
 # Every leaf name a dense-layer method may add next to a kernel, to tell method leaves from base
 # leaves.
-ALL_LEAVES = (LORA_A, LORA_B, DORA_M, IA3_SCALE, IA3_SCALE_IN)
+ALL_LEAVES = (LORA_A, LORA_B, DORA_M, IA3_SCALE, IA3_SCALE_IN, *Q4_LEAVES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +169,59 @@ def _broadcast_last(v: jax.Array, like: jax.Array) -> jax.Array:
     return v.reshape((1,) * (like.ndim - 1) + v.shape)
 
 
+def dequantize_q4_1(data: jax.Array, scale: jax.Array, minimum: jax.Array, dtype) -> jax.Array:
+    """The [out, in] weight of Q4_1 blocks (ggml's ``block_q4_1``), as ``dtype``.
+
+    Args:
+        data: uint8 [out, in / 2]; per block of 32 inputs, byte k holds code k (low nibble)
+            and code k + 16 (high nibble).
+        scale: float16 [out, in / 32], the blocks' ``d``.
+        minimum: float16 [out, in / 32], the blocks' ``m``; the weight is ``d * code + m``.
+        dtype: The result's dtype.
+
+    Returns:
+        [out, in] array.
+    """
+    d_out, n_blocks = scale.shape
+    q = data.reshape(d_out, n_blocks, 16)
+    codes = jnp.concatenate([q & 0x0F, q >> 4], axis=-1).astype(jnp.float32)
+    w = codes * scale.astype(jnp.float32)[..., None] + minimum.astype(jnp.float32)[..., None]
+    return w.reshape(d_out, n_blocks * 32).astype(dtype)
+
+
+def _q4_matmul(x, data, scale, minimum):
+    w = dequantize_q4_1(data, scale, minimum, x.dtype)
+    return jnp.einsum("...i,oi->...o", x, w)
+
+
+# Recompute the dequantised weight in the backward pass instead of saving it: the step then never
+# holds a full-precision copy of a Q4 base kernel beyond the one matmul using it.
+_q4_matmul_remat = jax.checkpoint(_q4_matmul, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def _kernel_shape(module: nn.Dense, present: set[str]) -> tuple[int, int]:
+    if Q4_DATA in present:
+        d_out, half = module.get_variable("params", Q4_DATA).shape
+        return 2 * half, d_out
+    return module.get_variable("params", "kernel").shape
+
+
+def _q4_dense(module: nn.Dense, x: jax.Array) -> jax.Array:
+    """``x @ W + bias`` for a module whose kernel is held as Q4_1 leaves."""
+    path = _module_path(module)
+    missing = [n for n in Q4_LEAVES if not module.has_variable("params", n)]
+    if missing:
+        raise ValueError(f"{path}: has some Q4 leaves but not {missing}; qlora.quantize adds all.")
+    if module.has_variable("params", "kernel"):
+        raise ValueError(f"{path}: holds both kernel and {Q4_DATA}; keep one of the two.")
+    dtype = module.dtype or x.dtype
+    data, scale, minimum = (module.get_variable("params", n) for n in Q4_LEAVES)
+    y = _q4_matmul_remat(x.astype(dtype), data, scale, minimum)
+    if module.use_bias and module.has_variable("params", "bias"):
+        y = y + _broadcast_last(module.get_variable("params", "bias").astype(dtype), y)
+    return y
+
+
 def _check_leaves(module: nn.Dense, present: set[str], x: jax.Array, opts: Options) -> None:
     """Validates the method leaves on one module, naming its path in every error."""
     path = _module_path(module)
@@ -185,9 +244,16 @@ def _check_leaves(module: nn.Dense, present: set[str], x: jax.Array, opts: Optio
             "dense.intercept(lora_scale=alpha / rank), or lora.wrap_apply / dora.wrap_apply "
             "(alpha=..., rank=...)."
         )
-    kernel = module.get_variable("params", "kernel")
-    d_in, d_out = kernel.shape
+    if DORA_M in present and Q4_DATA in present:
+        raise ValueError(
+            f"{path}: DoRA needs the full-precision kernel for its column norm; it cannot sit on "
+            f"a Q4 kernel ({path}/{Q4_DATA}). Use LoRA, or dequantise first "
+            "(qlora.dequantize_tree)."
+        )
+    d_in, d_out = _kernel_shape(module, present)
     if x.shape[-1] != d_in:
+        if Q4_DATA in present:
+            raise ValueError(f"{path}: input has {x.shape[-1]} features, Q4 kernel expects {d_in}.")
         return  # let nn.Dense report its own shape error
     if has_a:
         a = module.get_variable("params", LORA_A)
@@ -280,7 +346,7 @@ def _interceptor(opts: Options) -> Callable:
                 args = (x, *args[1:])
             else:
                 kwargs = {**kwargs, "inputs": x}
-        y = next_fun(*args, **kwargs)
+        y = _q4_dense(module, x) if Q4_DATA in present else next_fun(*args, **kwargs)
         if DORA_M in present:
             y = _dora_term(module, x, y, opts)
         elif LORA_A in present:
