@@ -1,0 +1,62 @@
+"""Chunked LM cross-entropy: equal to the plain one, without keeping [tokens, vocab] logits."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ftlab.tasks import lm
+
+VOCAB, DIM = 97, 8
+
+
+def _inputs():
+    k = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(k[0], (2, 7, DIM))
+    embedding = jax.random.normal(k[1], (VOCAB, DIM))
+    targets = jax.random.randint(k[2], (2, 7), 0, VOCAB)
+    weights = jnp.ones((2, 7)).at[0, :3].set(0.0)
+    return hidden, embedding, targets, weights
+
+
+def _plain(hidden, embedding, targets, weights):
+    logits = hidden @ embedding.T
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(weights * losses), jnp.sum(weights)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_equals_plain_cross_entropy_and_its_gradient(chunk):
+    hidden, embedding, targets, weights = _inputs()
+    got = lm.chunked_cross_entropy(hidden, embedding, targets, weights, chunk=chunk)
+    chex.assert_trees_all_close(got, _plain(hidden, embedding, targets, weights), rtol=1e-5)
+
+    def f(fn, **kw):
+        return jax.grad(lambda h, e: fn(h, e, targets, weights, **kw)[0], argnums=(0, 1))
+
+    chex.assert_trees_all_close(
+        f(lm.chunked_cross_entropy, chunk=chunk)(hidden, embedding),
+        f(_plain)(hidden, embedding),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_backward_pass_keeps_no_vocabulary_sized_logits():
+    hidden, embedding, targets, weights = _inputs()
+    f = lambda h: lm.chunked_cross_entropy(h, embedding, targets, weights, chunk=4)[0]  # noqa: E731
+    _, residuals = jax.vjp(f, hidden)
+    shapes = [tuple(np.shape(r)) for r in jax.tree.leaves(residuals)]
+    # the plain loss keeps [2, 7, 97] logits (or their softmax) for the backward pass; the chunked
+    # one keeps its inputs (the [97, 8] embedding among them) and recomputes each chunk's logits
+    assert not [s for s in shapes if s[-1:] == (VOCAB,)], shapes
+    _, plain_residuals = jax.vjp(lambda h: _plain(h, embedding, targets, weights)[0], hidden)
+    assert [s for s in map(np.shape, jax.tree.leaves(plain_residuals)) if s[-1:] == (VOCAB,)]
+
+
+def test_shape_errors_name_the_arrays():
+    hidden, embedding, targets, weights = _inputs()
+    with pytest.raises(ValueError, match="targets"):
+        lm.chunked_cross_entropy(hidden, embedding, targets[:, :3], weights)
