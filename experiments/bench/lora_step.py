@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
 from absl import app, flags, logging
 
 # Its flags (--steps, --batch, --seq, --variants, --quick, --out, ...) are this script's flags too.
+from experiments.bench import common
 from experiments.bench import minilm_step as base
 
 _DEFAULT_OUT = "experiments/bench/lora_step.jsonl"
@@ -360,56 +358,22 @@ def _run_parent() -> int:
         "torch_threads": base._TORCH_THREADS.value or base._cores(),
         "torch_adamw": base._TORCH_ADAMW.value,
     }
-    variants = [v.strip() for v in base._VARIANTS.value.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise app.UsageError(
-            f"--variants: unknown {unknown or '(empty)'}; choose from {', '.join(VARIANTS)}"
-        )
-    variants = [v for v in VARIANTS if v in variants]  # fixed order, no duplicates
+    try:
+        variants = common.choose_variants(base._VARIANTS.value, VARIANTS)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if "peft_lora" in variants:
         from third_party import minilm  # noqa: PLC0415 (jax import stays out of the children)
 
         settings["model_dir"] = str(minilm.model_dir())
 
-    lines, failed = [], []
-    for variant in variants:
-        cmd = [sys.executable, "-m", "experiments.bench.lora_step", f"--variant={variant}"]
-        cmd += [f"--{k}={v}" for k, v in settings.items()]
-        logging.info("running %s", variant)
-        # The child's stderr (logs, warnings) passes through; its stdout carries the result.
-        proc = subprocess.run(
-            cmd, cwd=base._REPO_ROOT, stdout=subprocess.PIPE, text=True, check=False
-        )
-        got = []
-        for text in proc.stdout.splitlines():
-            if text.startswith('{"bench"'):
-                got.append(json.loads(text))
-            else:
-                print(text, file=sys.stderr)
-        if proc.returncode or not got:
-            logging.error(
-                "variant %s failed (exit %d); rerun it alone with\n  %s",
-                variant,
-                proc.returncode,
-                " ".join(cmd),
-            )
-            failed.append(variant)
-        lines.extend(got)
+    lines, failed = common.run_children("experiments.bench.lora_step", variants, settings)
 
     add_ratios(lines)
-    out = pathlib.Path(base._OUT.value)
+    out = base._OUT.value
     if quick and not flags.FLAGS["out"].present:
-        out = pathlib.Path(_DEFAULT_QUICK_OUT)
-    if not out.is_absolute():
-        out = base._REPO_ROOT / out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for x in lines:
-            text = json.dumps(x)
-            print(text, flush=True)
-            f.write(text + "\n")
-    logging.info("wrote %d lines to %s", len(lines), out)
+        out = _DEFAULT_QUICK_OUT
+    common.write_lines(lines, out)
     _log_targets(lines)
     if failed:
         logging.error("failed variants: %s", ", ".join(failed))

@@ -25,12 +25,13 @@ import os
 import pathlib
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 from absl import app, flags, logging
+
+from experiments.bench import common
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 _DEFAULT_OUT = "experiments/bench/minilm_step.jsonl"
@@ -553,54 +554,22 @@ def _run_parent() -> int:
         "torch_threads": _TORCH_THREADS.value or _cores(),
         "torch_adamw": _TORCH_ADAMW.value,
     }
-    variants = [v.strip() for v in _VARIANTS.value.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise app.UsageError(
-            f"--variants: unknown {unknown or '(empty)'}; choose from {', '.join(VARIANTS)}"
-        )
-    variants = [v for v in VARIANTS if v in variants]  # fixed order, no duplicates
+    try:
+        variants = common.choose_variants(_VARIANTS.value, VARIANTS)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if "torch_full" in variants:
         from third_party import minilm  # noqa: PLC0415 (jax import stays out of the children)
 
         settings["model_dir"] = str(minilm.model_dir())
 
-    lines, failed = [], []
-    for variant in variants:
-        cmd = [sys.executable, "-m", "experiments.bench.minilm_step", f"--variant={variant}"]
-        cmd += [f"--{k}={v}" for k, v in settings.items()]
-        logging.info("running %s", variant)
-        # The child's stderr (logs, warnings) passes through; its stdout carries the result.
-        proc = subprocess.run(cmd, cwd=_REPO_ROOT, stdout=subprocess.PIPE, text=True, check=False)
-        got = []
-        for text in proc.stdout.splitlines():
-            if text.startswith('{"bench"'):
-                got.append(json.loads(text))
-            else:
-                print(text, file=sys.stderr)
-        if proc.returncode or not got:
-            logging.error(
-                "variant %s failed (exit %d); rerun it alone with\n  %s",
-                variant,
-                proc.returncode,
-                " ".join(cmd),
-            )
-            failed.append(variant)
-        lines.extend(got)
+    lines, failed = common.run_children("experiments.bench.minilm_step", variants, settings)
 
     add_ratios(lines)
-    out = pathlib.Path(_OUT.value)
+    out = _OUT.value
     if quick and not flags.FLAGS["out"].present:
-        out = pathlib.Path(_DEFAULT_QUICK_OUT)
-    if not out.is_absolute():
-        out = _REPO_ROOT / out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for x in lines:
-            text = json.dumps(x)
-            print(text, flush=True)
-            f.write(text + "\n")
-    logging.info("wrote %d lines to %s", len(lines), out)
+        out = _DEFAULT_QUICK_OUT
+    common.write_lines(lines, out)
     if failed:
         logging.error("failed variants: %s", ", ".join(failed))
         return 1

@@ -1,0 +1,75 @@
+"""The parent half every benchmark shares: one subprocess per variant, JSON lines out.
+
+Each variant runs in its own process (``python -m <module> --variant=NAME --<setting>=...``), one
+after another, so that its peak RSS is its own and nothing it compiled or allocated leaks into
+the next. A child prints its result as JSON lines starting with ``{"bench"``; anything else it
+prints is passed on to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+
+from absl import logging
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def run_children(
+    module: str, variants: Iterable[str], settings: Mapping[str, object]
+) -> tuple[list[dict], list[str]]:
+    """Runs ``module`` once per variant; returns ``(result lines, failed variants)``."""
+    lines, failed = [], []
+    for variant in variants:
+        cmd = [sys.executable, "-m", module, f"--variant={variant}"]
+        cmd += [f"--{k}={v}" for k, v in settings.items()]
+        logging.info("running %s", variant)
+        # The child's stderr (logs, warnings) passes through; its stdout carries the result.
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, check=False)
+        got = []
+        for text in proc.stdout.splitlines():
+            if text.startswith('{"bench"'):
+                got.append(json.loads(text))
+            else:
+                print(text, file=sys.stderr)
+        if proc.returncode or not got:
+            logging.error(
+                "variant %s failed (exit %d); rerun it alone with\n  %s",
+                variant,
+                proc.returncode,
+                " ".join(cmd),
+            )
+            failed.append(variant)
+        lines.extend(got)
+    return lines, failed
+
+
+def write_lines(lines: list[dict], out: str | pathlib.Path) -> pathlib.Path:
+    """Prints each result as one JSON line and writes them all to ``out`` (repo-relative)."""
+    out = pathlib.Path(out)
+    if not out.is_absolute():
+        out = REPO_ROOT / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for x in lines:
+            text = json.dumps(x)
+            print(text, flush=True)
+            f.write(text + "\n")
+    logging.info("wrote %d lines to %s", len(lines), out)
+    return out
+
+
+def choose_variants(requested: str, known: Iterable[str]) -> list[str]:
+    """The ``--variants`` list in the benchmark's fixed order; unknown names are an error."""
+    known = list(known)
+    asked = [v.strip() for v in requested.split(",") if v.strip()]
+    unknown = [v for v in asked if v not in known]
+    if unknown or not asked:
+        raise ValueError(
+            f"--variants: unknown {unknown or '(empty)'}; choose from {', '.join(known)}"
+        )
+    return [v for v in known if v in asked]
