@@ -52,6 +52,7 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk must be >= 1, got {chunk}.")
     dim = hidden.shape[-1]
     n = targets.size
+    chunk = min(chunk, n)  # never pad a small batch up to a large chunk
     pad = -n % chunk
     h = jnp.pad(hidden.reshape(n, dim), ((0, pad), (0, 0))).reshape(-1, chunk, dim)
     t = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
