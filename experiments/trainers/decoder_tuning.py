@@ -1,0 +1,340 @@
+"""Few-shot tuning of SmolLM2 (prompt, prefix, LoRA, QLoRA) against in-context learning.
+
+For every method in `config.methods`, every number of labelled examples `n` in
+`config.data.num_examples` and every seed: draw `n` balanced training examples, add the method's
+leaves to the frozen decoder, train them with the next-token loss of the label word after the
+zero-shot prompt (instruction + query, the same text `experiments/trainers/icl.py` scores), then
+score the test examples exactly as zero-shot ICL does (`ftlab.icl.accuracy` with no
+demonstrations) on the method's plain tree (LoRA merged, the prefix MLP evaluated and dropped,
+the Q4 base dequantised). So every point of the table differs from ICL only in the parameters.
+
+Writes into the workdir:
+
+    runs/<method>_n<n>_s<seed>.json   one finished run (the experiment resumes run by run)
+    results.json, results.md          accuracy per method and n (mean, std over seeds), trainable
+                                      parameters, base bytes held during training, wall time
+    tuning_vs_icl.png                 accuracy against n (log x), one line per method, with the
+                                      ICL points of `config.icl_results` (a results.json of
+                                      configs/icl_smollm2.py) placed at n = k demonstrations
+
+References:
+    Lester et al. 2021 (prompt tuning), https://arxiv.org/abs/2104.08691; Li & Liang 2021
+    (prefix tuning), https://arxiv.org/abs/2101.00190; Hu et al. 2021 (LoRA),
+    https://arxiv.org/abs/2106.09685; Dettmers et al. 2023 (QLoRA),
+    https://arxiv.org/abs/2305.14314; Liu et al. 2022, "Few-Shot Parameter-Efficient
+    Fine-Tuning is Better and Cheaper than In-Context Learning", https://arxiv.org/abs/2205.05638
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from experiments.trainers import icl as icl_trainer
+from ftlab import icl
+from ftlab.core import partition, train
+from ftlab.data import rotten_tomatoes
+from ftlab.models import llama
+from ftlab.peft import lora, prefix, prompt, qlora
+
+METHODS = ("prompt", "prefix", "lora", "qlora")
+
+
+def add_method(config: ml_collections.ConfigDict, method: str, params, rng):
+    """The method's tree, rules, training apply wrapper and ``to_plain(trained) -> tree``."""
+    p = config.peft
+    if method == "prompt":
+        params = prompt.init(params, rng, length=p.length)
+        return params, prompt.rules(), (lambda f: f), (lambda t: t)
+    if method == "prefix":
+        params = prefix.init(params, rng, length=p.length, hidden_mlp=p.prefix_hidden_mlp)
+        return params, prefix.rules(), prefix.wrap_apply, prefix.finalize
+    if method in ("lora", "qlora"):
+        params = lora.init(params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha)
+        wrap = lambda f: lora.wrap_apply(f, alpha=p.alpha, rank=p.rank)  # noqa: E731
+        if method == "lora":
+            return params, lora.rules(), wrap, lambda t: lora.merge(t, alpha=p.alpha, rank=p.rank)
+        params = qlora.quantize(params, targets=list(p.qlora_targets), what="config.peft.qlora")
+        return params, lora.rules(), wrap, lambda t: qlora.merge(t, alpha=p.alpha, rank=p.rank)
+    raise ValueError(f"config.methods: {method!r} is not one of {METHODS}.")
+
+
+def encode(model, task: icl.Task, texts, query_len: int):
+    """``[n, prefix + query_len]`` ids and mask of the zero-shot prompts (instruction + query)."""
+    head = icl.prefix_text(task, [])
+    n_head = len(model.tokenizer.encode(head).ids) if head else 0
+    p_ids, p_mask = icl.encode_prefix(model.tokenizer, head, n_head, pad_id=model.pad_id)
+    q_ids, q_mask = icl.encode_queries(model.tokenizer, task, texts, query_len, pad_id=model.pad_id)
+    n = len(texts)
+    ids = np.concatenate([np.repeat(p_ids, n, 0), q_ids], axis=1)
+    mask = np.concatenate([np.repeat(p_mask, n, 0), q_mask], axis=1)
+    return ids, mask
+
+
+def make_loss_fn(model_config: llama.LlamaConfig, wrap):
+    """Next-token cross-entropy of the label word at each prompt's last real position."""
+    module = llama.LlamaForCausalLM(model_config)
+
+    def hidden_fn(params, ids, mask):
+        return module.apply({"params": params}, ids, mask, return_hidden=True)
+
+    hidden_fn = wrap(hidden_fn)
+
+    def loss_fn(params, batch, rng):
+        del rng
+        hidden = hidden_fn(params, batch["input_ids"], batch["attention_mask"])
+        last = jnp.sum(batch["attention_mask"], axis=1) - 1
+        h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        logp = jax.nn.log_softmax(llama.lm_logits(params, h), axis=-1)
+        loss = -jnp.mean(jnp.take_along_axis(logp, batch["target"][:, None], axis=1))
+        correct = jnp.argmax(jnp.take(logp, batch["label_ids"], axis=1), axis=1) == batch["label"]
+        return loss, {"accuracy": jnp.mean(correct)}
+
+    return loss_fn
+
+
+def num_steps(config: ml_collections.ConfigDict, n: int) -> int:
+    """Steps for ``n`` examples: ``epochs`` passes, within ``[min_steps, max_steps]``."""
+    o = config.optim
+    steps = int(np.ceil(o.epochs * n / o.batch_size))
+    return int(np.clip(steps, o.min_steps, o.max_steps))
+
+
+def run_one(config, model, task, data, method: str, n: int, seed: int, steps_cache: dict) -> dict:
+    """Trains ``method`` on ``n`` balanced examples and scores the test subset zero-shot.
+
+    ``steps_cache`` keeps one compiled train step per method: the learning rate is constant and
+    the batch shape does not depend on ``n``, so every ``n`` and seed reuses it.
+    """
+    train_split, test = data["train"], data["test"]
+    idx = icl.sample_demos(np.random.default_rng([config.seed, n, seed]), train_split.label, n)
+    texts = [train_split.text[i] for i in idx]
+    labels = np.asarray(train_split.label)[idx].astype(np.int32)
+    ids, mask = encode(model, task, texts, config.data.query_len)
+    label_ids = icl.label_token_ids(model.tokenizer, task)
+
+    # A copy of the base: the donated train state would otherwise delete `model.params`' buffers.
+    base = jax.tree.map(jnp.array, model.params)
+    params, rules, wrap, to_plain = add_method(
+        config, method, base, jax.random.key(1000 * seed + n)
+    )
+    label_tree = partition.labels(params, rules, what=f"config.methods[{method!r}] rules")
+    lr = config.optim.lr[method]
+    tx = partition.optimizer({"train": optax.adamw(lr, weight_decay=0.0)}, label_tree)
+    state = train.init_state(params, label_tree, tx, seed=seed)
+    base_bytes = qlora.nbytes(state.frozen)
+    if method not in steps_cache:
+        loss_fn = make_loss_fn(model.config, wrap)
+        steps_cache[method] = jax.jit(train.make_train_step(loss_fn, tx), donate_argnums=0)
+    step = steps_cache[method]
+
+    # Batches: passes over a fresh permutation of the n examples; with n smaller than the batch
+    # size, examples repeat within a batch so that the shape (and the compiled step) is fixed.
+    bs = config.optim.batch_size
+    steps = num_steps(config, n)
+    order = np.concatenate(
+        [np.random.default_rng([seed, n, e]).permutation(n) for e in range(-(-steps * bs // n))]
+    )
+    start = time.perf_counter()
+    losses = []
+    for i in range(steps):
+        b = order[i * bs : (i + 1) * bs]
+        batch = {
+            "input_ids": ids[b],
+            "attention_mask": mask[b],
+            "target": label_ids[labels[b]],
+            "label": labels[b],
+            "label_ids": label_ids,
+        }
+        state, m = step(state, batch)
+        losses.append(float(m["train/loss"]))
+        if not np.isfinite(losses[-1]):
+            raise FloatingPointError(f"{method}, n={n}, seed={seed}: loss {losses[-1]} at step {i}")
+    train_s = time.perf_counter() - start
+
+    plain = to_plain(jax.device_get(state.params))
+    n_test = min(config.data.num_test, len(test.text))
+    acc, _ = icl.accuracy(
+        model.config,
+        plain,
+        model.tokenizer,
+        task,
+        [],
+        test.text[:n_test],
+        test.label[:n_test],
+        prefix_len=config.data.prefix_len,
+        query_len=config.data.query_len,
+        batch_size=config.data.eval_batch_size,
+        pad_id=model.pad_id,
+    )
+    return {
+        "method": method,
+        "n": n,
+        "seed": seed,
+        "steps": steps,
+        "lr": lr,
+        "accuracy": acc,
+        "num_test": n_test,
+        "first_loss": losses[0],
+        "last_loss": float(np.mean(losses[-max(1, steps // 10) :])),
+        "trainable_params": partition.count(state.trainable),
+        "base_mib_during_training": base_bytes / 2**20,
+        "train_seconds": train_s,
+    }
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Mean and std of accuracy over seeds, per (method, n)."""
+    rows = {}
+    for r in runs:
+        rows.setdefault((r["method"], r["n"]), []).append(r)
+    out = []
+    for (method, n), rs in sorted(rows.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
+        accs = [r["accuracy"] for r in rs]
+        out.append(
+            {
+                "method": method,
+                "n": n,
+                "seeds": len(rs),
+                "accuracy_mean": float(np.mean(accs)),
+                "accuracy_std": float(np.std(accs)),
+                "trainable_params": rs[0]["trainable_params"],
+                "base_mib_during_training": rs[0]["base_mib_during_training"],
+                "train_seconds": float(np.mean([r["train_seconds"] for r in rs])),
+            }
+        )
+    return out
+
+
+def _icl_points(path: str, task: str) -> dict[int, tuple[float, float]]:
+    if not path or not pathlib.Path(path).exists():
+        return {}
+    r = json.loads(pathlib.Path(path).read_text())["tasks"].get(task)
+    return {} if r is None else {int(k): (s["mean"], s["std"]) for k, s in r["shots"].items()}
+
+
+def table(rows: list[dict], icl_points: dict) -> str:
+    ns = sorted({r["n"] for r in rows})
+    lines = ["| method | trainable | base held (MiB) | " + " | ".join(f"n={n}" for n in ns) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(ns))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = {r["n"]: r for r in rows if r["method"] == method}
+        first = next(iter(rs.values()))
+        cells = []
+        for n in ns:
+            r = rs.get(n)
+            spread = f" ± {r['accuracy_std']:.3f}" if r and r["seeds"] > 1 else ""
+            cells.append(f"{r['accuracy_mean']:.3f}{spread}" if r else "")
+        lines.append(
+            f"| {method} | {first['trainable_params']:,} | "
+            f"{first['base_mib_during_training']:.0f} | " + " | ".join(cells) + " |"
+        )
+    if icl_points:
+        lines.append("")
+        shots = ", ".join(f"k={k}: {m:.3f} ± {s:.3f}" for k, (m, s) in sorted(icl_points.items()))
+        lines.append(f"ICL on the same test examples (k demonstrations, no training): {shots}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], icl_points: dict, path: pathlib.Path, majority: float) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        ax.errorbar(
+            [r["n"] for r in rs],
+            [r["accuracy_mean"] for r in rs],
+            yerr=[r["accuracy_std"] for r in rs],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+    if icl_points:
+        ks = sorted(k for k in icl_points if k > 0)
+        ax.errorbar(
+            ks,
+            [icl_points[k][0] for k in ks],
+            yerr=[icl_points[k][1] for k in ks],
+            marker="s",
+            ls="--",
+            color="k",
+            capsize=3,
+            label="ICL (k demonstrations)",
+        )
+        if 0 in icl_points:
+            ax.axhline(icl_points[0][0], color="k", ls=":", lw=1, label="zero-shot")
+    ax.axhline(majority, color="grey", ls="-.", lw=1, label="majority class")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("labelled examples (tuning) / demonstrations (ICL)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(path))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Runs every (method, n, seed) not yet finished, then writes the table and the plot."""
+    workdir = pathlib.Path(workdir)
+    (workdir / "runs").mkdir(parents=True, exist_ok=True)
+    for m in config.methods:
+        if m not in METHODS:
+            raise ValueError(f"config.methods: {m!r} is not one of {METHODS}.")
+        if m not in config.optim.lr:
+            raise ValueError(f"config.optim.lr has no learning rate for {m!r}.")
+    task = icl_trainer.TASKS[config.data.task]
+    data = rotten_tomatoes.load(task=config.data.task, seed=config.data.split_seed)
+    model = icl_trainer.build_model(config, data["train"].text[:3000])
+    n_test = min(config.data.num_test, len(data["test"].text))
+    majority = rotten_tomatoes.majority_baseline(
+        rotten_tomatoes.Split(data["test"].text[:n_test], data["test"].label[:n_test])
+    )
+    runs, steps_cache = [], {}
+    for method in config.methods:
+        for n in config.data.num_examples:
+            for seed in range(config.seeds):
+                path = workdir / "runs" / f"{method}_n{n}_s{seed}.json"
+                if path.exists():  # finished in an earlier invocation
+                    runs.append(json.loads(path.read_text()))
+                    continue
+                r = run_one(config, model, task, data, method, n, seed, steps_cache)
+                path.write_text(json.dumps(r, indent=2) + "\n")
+                runs.append(r)
+                logging.info(
+                    "%s n=%d seed=%d: accuracy %.4f (%d steps, %.0f s, loss %.3f -> %.3f)",
+                    method,
+                    n,
+                    seed,
+                    r["accuracy"],
+                    r["steps"],
+                    r["train_seconds"],
+                    r["first_loss"],
+                    r["last_loss"],
+                )
+    rows = summarize(runs)
+    points = _icl_points(config.icl_results, config.data.task)
+    results = {
+        "task": config.data.task,
+        "model": config.model.name,
+        "num_test": n_test,
+        "majority_baseline": majority,
+        "rows": rows,
+        "icl": points,
+        "runs": runs,
+    }
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (workdir / "results.md").write_text(table(rows, points))
+    plot(rows, points, workdir / "tuning_vs_icl.png", majority)
+    logging.info("tuning vs ICL:\n%s", table(rows, points))
+    return rows
