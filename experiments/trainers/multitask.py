@@ -1,0 +1,538 @@
+"""Multi-task learning on real task families: independent models, hard sharing, soft sharing.
+
+Every method is the same loop over one multi-task tree (see `ftlab.multitask`); only the rules that
+label leaves per-task / shared / frozen, the task weighting and the pairwise penalty change:
+
+    independent       one MLP per task                 [("net/.*", "task")]
+    pooled            one MLP for all tasks            [(".*", "shared")]
+    hard_uniform      shared trunk, a head per task    [("net/head/.*", "task"), (".*", "shared")]
+    hard_uncertainty  hard_uniform + Kendall et al.'s learned log-variances (a per-task leaf)
+    soft              one MLP per task + sum_{t<u} lambda_{t,u} ||theta_t - theta_u||^2, for
+                      each lambda in config.multitask.lambdas (a scalar for all pairs or a [T, T])
+    constant          (reference, no training) the train majority class / the train mean per task
+
+With ``config.data.dataset = "rotten_tomatoes"`` the tasks are text classification on one frozen
+pretrained encoder instead, with one LoRA per task (`train_lora_per_task`).
+
+Writes ``results.json`` (per-task and mean test metrics per method), ``results.md`` (the same as a
+markdown table), ``per_task.png`` (the test metric per task and method), ``metrics.jsonl`` and
+TensorBoard events (training losses) and ``train.png`` into the workdir. Training is short (seconds
+to minutes on a CPU) and full-batch or per-task minibatch, so no checkpoints are written: a rerun
+recomputes everything from the seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from ftlab import multitask
+from ftlab.core import metrics as metrics_lib
+from ftlab.core import partition, train
+from ftlab.data import multitask as multitask_data
+
+# method: (rules over the multi-task tree, task weighting, uses the pairwise penalty)
+METHODS = {
+    "independent": ((("net/.*", multitask.TASK),), "uniform", False),
+    "pooled": (((".*", multitask.SHARED),), "uniform", False),
+    "hard_uniform": ((("net/head/.*", multitask.TASK), (".*", multitask.SHARED)), "uniform", False),
+    "hard_uncertainty": (
+        (("net/head/.*|log_var", multitask.TASK), (".*", multitask.SHARED)),
+        "uncertainty",
+        False,
+    ),
+    "soft": ((("net/.*", multitask.TASK),), "uniform", True),
+}
+
+
+class MLP(nn.Module):
+    """``[B, D] -> [B]``: ReLU trunk layers ``trunk_i`` and a scalar ``head``."""
+
+    hidden: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x):
+        for i, width in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(width, name=f"trunk_{i}")(x))
+        return nn.Dense(1, name="head")(x)[..., 0]
+
+
+def method_runs(config: ml_collections.ConfigDict) -> list[tuple[str, str, object]]:
+    """``(run name, method, lambda)`` for every configured method; soft expands over lambdas."""
+    runs = []
+    for method in config.methods:
+        if method not in METHODS:
+            raise ValueError(
+                f"config.methods: unknown {method!r}; expected some of {list(METHODS)}"
+            )
+        if METHODS[method][2]:
+            for i, lam in enumerate(config.multitask.lambdas):
+                label = f"{float(lam):g}" if np.ndim(lam) == 0 else f"matrix{i}"
+                runs.append((f"soft_lam{label}", method, (i, lam)))
+        else:
+            runs.append((method, method, None))
+    return runs
+
+
+def _per_example_loss(kind: str, pred: jax.Array, y: jax.Array) -> jax.Array:
+    if kind == "classification":
+        return optax.sigmoid_binary_cross_entropy(pred, y)
+    return jnp.square(pred - y)
+
+
+def build_run(config, data: multitask_data.TaskData, method: str, lam_spec):
+    """Initial parameters, labels, optimizer and loss for one method."""
+    num_tasks = len(data.task_names)
+    rules, weighting, penalised = METHODS[method]
+    model = MLP(tuple(config.model.hidden))
+    dim = data.train.x.shape[-1]
+
+    def init_fn(rng):
+        tree = {"net": model.init(rng, jnp.zeros((1, dim)))["params"]}
+        if weighting == "uncertainty":
+            # log sigma^2 = 0: every task starts with weight c_t, as in uniform weighting.
+            tree["log_var"] = jnp.zeros(())
+        return tree
+
+    rng = jax.random.PRNGKey(config.seed)
+    label_tree = partition.labels(jax.eval_shape(init_fn, rng), rules, what=f"{method} rules")
+    params = multitask.init(init_fn, rng, label_tree, num_tasks=num_tasks)
+    lam = None
+    if penalised:
+        i, value = lam_spec
+        lam = multitask.lambda_matrix(
+            value, num_tasks=num_tasks, what=f"config.multitask.lambdas[{i}]"
+        )
+    net_labels = label_tree["net"]
+
+    def task_loss(net, batch):
+        pred = model.apply({"params": net}, batch["x"])
+        return multitask.masked_mean(_per_example_loss(data.kind, pred, batch["y"]), batch["mask"])
+
+    def loss_fn(params, batch, rng):
+        del rng
+        losses = multitask.per_task(task_loss, params["net"], net_labels, batch)
+        if weighting == "uncertainty":
+            total = multitask.uncertainty_weighted(losses, params["log_var"], kinds=data.kind)
+        else:
+            total = multitask.weighted_sum(losses)
+        aux = {"task_loss_mean": jnp.mean(losses)}
+        if lam is not None:
+            penalty = multitask.pairwise_penalty(multitask.select(params["net"], net_labels), lam)
+            total = total + penalty
+            aux["penalty"] = penalty
+        return total, aux
+
+    def predict(params, x):
+        fn = lambda net, b: model.apply({"params": net}, b["x"])  # noqa: E731
+        return multitask.per_task(fn, params["net"], net_labels, {"x": x})
+
+    # Weight decay on kernels only: not on biases, nor on the log-variances.
+    decay_mask = lambda t: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda p, _: partition.path_name(p).endswith("kernel"), t
+    )
+    tx = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay, mask=decay_mask)
+    tx = partition.optimizer({multitask.TASK: tx, multitask.SHARED: tx}, label_tree)
+    return params, label_tree, tx, loss_fn, predict
+
+
+def _sampler(split: Mapping[str, np.ndarray], batch_size: int):
+    """``sample(rng) -> batch``: the full padded split (batch_size 0) or per-task rows.
+
+    ``split`` holds ``[T, N, ...]`` arrays whose real rows come first, as ``split["mask"]``
+    ``[T, N]`` marks them. Minibatches draw ``batch_size`` rows per task uniformly with
+    replacement from that task's real rows.
+    """
+    arrays = {k: jnp.asarray(v) for k, v in split.items()}
+    if batch_size == 0:
+        return lambda rng: arrays
+    counts = jnp.sum(arrays["mask"] > 0, axis=1).astype(jnp.float32)
+
+    def sample(rng):
+        u = jax.random.uniform(rng, (counts.shape[0], batch_size))
+        # Rows [0, count_t) are task t's real rows: index them uniformly, never the padding.
+        idx = jnp.minimum(jnp.floor(u * counts[:, None]), counts[:, None] - 1).astype(jnp.int32)
+        return {
+            k: jnp.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1)
+            for k, v in arrays.items()
+        }
+
+    return sample
+
+
+def _compile_chunk(train_step, sample, chunk: int):
+    """``chunk(state) -> (state, mean metrics)``: ``chunk`` steps in one `lax.scan`, jitted."""
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_chunk(state):
+        def body(state, _):
+            batch = sample(jax.random.fold_in(state.rng, state.step))
+            return train_step(state, batch)
+
+        state, history = jax.lax.scan(body, state, None, length=chunk)
+        return state, jax.tree.map(jnp.mean, history)
+
+    return train_chunk
+
+
+def evaluate(kind: str, pred: np.ndarray, split: multitask_data.TaskSplit, y_std: float) -> dict:
+    """Per-task test metrics: accuracy and F1 (classification) or MSE in raw units (regression)."""
+    mask, y = split.mask > 0, split.y
+    if kind == "classification":
+        hit = (pred > 0) == (y > 0.5)
+        tp = np.sum((pred > 0) & (y > 0.5) & mask, axis=1)
+        fp = np.sum((pred > 0) & (y < 0.5) & mask, axis=1)
+        fn = np.sum((pred <= 0) & (y > 0.5) & mask, axis=1)
+        accuracy = np.sum(hit & mask, axis=1) / np.sum(mask, axis=1)
+        # F1 of a task with no predicted and no true positives is 0 (sklearn's zero_division=0).
+        f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+        per_task = {"accuracy": accuracy, "f1": f1}
+        mean = {"accuracy": float(accuracy.mean()), "f1": float(f1.mean())}
+    else:
+        sq = np.square(pred - y) * mask * y_std**2
+        mse = sq.sum(axis=1) / mask.sum(axis=1)
+        per_task = {"mse": mse}
+        mean = {"mse": float(mse.mean()), "pooled_mse": float(sq.sum() / mask.sum())}
+    return {
+        "per_task": {k: [float(v) for v in vals] for k, vals in per_task.items()},
+        "mean": mean,
+    }
+
+
+def markdown_table(results: dict, task_names: Sequence[str], *, max_task_columns: int = 16) -> str:
+    """Methods as rows; per-task columns (if at most ``max_task_columns`` tasks) then means."""
+    first = next(iter(results.values()))
+    metric = next(iter(first["per_task"]))
+    show_tasks = len(task_names) <= max_task_columns
+    head = (
+        ["method"] + (list(task_names) if show_tasks else []) + [f"mean {k}" for k in first["mean"]]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        cells = [name] + ([f"{v:.3f}" for v in r["per_task"][metric]] if show_tasks else [])
+        cells += [f"{v:.4f}" for v in r["mean"].values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = f"per-task cells: test {metric}" if show_tasks else "per-task values: results.json"
+    return "\n".join(lines) + f"\n\n({note})\n"
+
+
+def plot_per_task(results: dict, task_names: Sequence[str], path: pathlib.Path) -> None:
+    """One figure: the first metric per task (tasks sorted by the first method's value)."""
+    import matplotlib  # noqa: PLC0415 - plotting only here
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    first = next(iter(results.values()))
+    metric = next(iter(first["per_task"]))
+    order = np.argsort(first["per_task"][metric])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.1 * len(task_names) + 4), 4))
+    for name, r in results.items():
+        values = np.asarray(r["per_task"][metric])[order]
+        mean = r["mean"][metric]
+        ax.plot(
+            np.arange(len(values)), values, marker="o", ms=3, lw=1, label=f"{name} ({mean:.3f})"
+        )
+    if len(task_names) <= 20:
+        ax.set_xticks(np.arange(len(task_names)), [task_names[i] for i in order], rotation=60)
+    ax.set_xlabel(f"task (sorted by {next(iter(results))})")
+    ax.set_ylabel(f"test {metric}")
+    if metric == "mse":
+        ax.set_yscale("log")  # a few small classes have errors 100x the typical one
+    ax.legend(fontsize=7, title="method (mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains every configured method from scratch and writes the comparison into ``workdir``.
+
+    Returns:
+      ``{run name: {"per_task": {metric: [T values]}, "mean": {metric: value}, ...}}``, also
+      in ``workdir/results.json``.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.data.dataset == "rotten_tomatoes":
+        return train_lora_per_task(config, workdir)
+
+    # -- data -------------------------------------------------------------------------------
+    data = multitask_data.load(
+        config.data.dataset, seed=config.data.seed, test_fraction=config.data.test_fraction
+    )
+    if config.data.max_tasks:
+        keep = slice(0, config.data.max_tasks)
+        data = data._replace(
+            train=multitask_data.TaskSplit(*(a[keep] for a in data.train)),
+            test=multitask_data.TaskSplit(*(a[keep] for a in data.test)),
+            task_names=data.task_names[keep],
+        )
+    logging.info(
+        "data %s: %d tasks, train rows %s, test rows %s",
+        config.data.dataset,
+        len(data.task_names),
+        data.train.counts.tolist(),
+        data.test.counts.tolist(),
+    )
+    sample = _sampler(data.train._asdict(), config.optim.batch_size)
+    test_x = jnp.asarray(data.test.x)
+
+    # -- one run per method -----------------------------------------------------------------
+    runs = method_runs(config)
+    total = config.optim.num_steps
+    chunk = config.log_every_steps
+    if total % chunk:
+        raise ValueError(
+            f"config.optim.num_steps={total} must be a multiple of config.log_every_steps={chunk}"
+        )
+    writer = metrics_lib.MetricWriter(workdir, resume_step=0)
+    progress = metrics_lib.Progress(total * len(runs))
+    results = {}
+    for r, (name, method, lam_spec) in enumerate(runs):
+        params, label_tree, tx, loss_fn, predict = build_run(config, data, method, lam_spec)
+        state = train.init_state(params, label_tree, tx, seed=config.seed)
+        train_step = train.make_train_step(loss_fn, tx)
+
+        train_chunk = _compile_chunk(train_step, sample, chunk)
+        start = time.perf_counter()
+        last_good = 0
+        for done in range(chunk, total + 1, chunk):
+            state, chunk_metrics = train_chunk(state)
+            chunk_metrics = {k: float(v) for k, v in jax.device_get(chunk_metrics).items()}
+            metrics_lib.check_finite(chunk_metrics, step=done, last_good_step=last_good)
+            last_good = done
+            writer.write(done, {f"train/{name}/{k[6:]}": v for k, v in chunk_metrics.items()})
+            progress.update(r * total + done, loss=chunk_metrics["train/loss"])
+        train_s = time.perf_counter() - start
+        pred = np.asarray(jax.jit(predict)(state.params, test_x))
+        results[name] = evaluate(data.kind, pred, data.test, data.y_std)
+        results[name]["trainable_params"] = partition.count(state.trainable)
+        results[name]["train_s"] = train_s
+        if method == "hard_uncertainty":
+            results[name]["log_var"] = [float(v) for v in state.params["log_var"]]
+        logging.info("%s: %s (%.1f s)", name, results[name]["mean"], train_s)
+    progress.close()
+    writer.close()
+    # Reference row: the train majority class per task, or the train mean (0 after standardising).
+    if data.kind == "classification":
+        majority = np.where(data.train.y.mean(axis=1, keepdims=True) > 0.5, 1.0, -1.0)
+        constant = np.broadcast_to(majority, data.test.y.shape)
+    else:
+        constant = np.zeros_like(data.test.y)
+    results["constant"] = evaluate(data.kind, constant, data.test, data.y_std)
+
+    # -- outputs ----------------------------------------------------------------------------
+    table = markdown_table(results, data.task_names)
+    (workdir / "results.md").write_text(table)
+    out = {
+        "dataset": config.data.dataset,
+        "task_names": list(data.task_names),
+        "train_counts": data.train.counts.tolist(),
+        "test_counts": data.test.counts.tolist(),
+        "methods": results,
+    }
+    (workdir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+    plot_per_task(results, data.task_names, workdir / "per_task.png")
+    metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
+    print(table, flush=True)
+    return out
+
+
+# -- one LoRA per task on a frozen pretrained encoder -------------------------------------------
+
+LORA_METHODS = {
+    # an adapter and a head per task over one frozen trunk
+    "lora_per_task": (
+        ("head/.*", multitask.TASK),
+        (".*/lora_(a|b)", multitask.TASK),
+        (".*", multitask.FROZEN),
+    ),
+    # hard sharing of the adapter: one LoRA for all tasks, a head per task
+    "lora_shared": (
+        ("head/.*", multitask.TASK),
+        (".*/lora_(a|b)", multitask.SHARED),
+        (".*", multitask.FROZEN),
+    ),
+}
+
+
+def _text_tasks(config) -> tuple[dict, dict, list[str]]:
+    """Tokenized train/test splits of each Rotten Tomatoes task, padded to ``[T, N, L]``."""
+    from ftlab.data import rotten_tomatoes, text  # noqa: PLC0415 - text tasks only
+    from third_party import minilm  # noqa: PLC0415
+
+    tokenizer = minilm.load_tokenizer(
+        minilm.model_dir() / "tokenizer.json", max_length=config.data.max_length
+    )
+    per_task = {"train": [], "test": []}
+    for task in config.data.tasks:
+        splits = rotten_tomatoes.load(
+            task=task, seed=config.data.seed, limit=config.data.limit or None
+        )
+        for name in per_task:
+            enc = text.encode(tokenizer, splits[name].text, max_length=config.data.max_length)
+            per_task[name].append({**enc, "label": splits[name].label})
+
+    def pad(tasks, multiple):
+        width = -(-max(len(t["label"]) for t in tasks) // multiple) * multiple
+        out = {}
+        for key in ("input_ids", "attention_mask", "label"):
+            shape = (len(tasks), width, *tasks[0][key].shape[1:])
+            out[key] = np.zeros(shape, np.int32)
+            for i, t in enumerate(tasks):
+                out[key][i, : len(t[key])] = t[key]
+        out["mask"] = np.zeros((len(tasks), width), np.float32)
+        for i, t in enumerate(tasks):
+            out["mask"][i, : len(t["label"])] = 1.0
+        return out
+
+    return (
+        pad(per_task["train"], 1),
+        pad(per_task["test"], config.evals.batch_size),
+        list(config.data.tasks),
+    )
+
+
+def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    """One LoRA adapter (and head) per task on one frozen encoder, all tasks in one vmapped step.
+
+    The tree holds the pretrained encoder once and each task's ``lora_a``/``lora_b``/head with a
+    leading task axis; `multitask.per_task` runs every task's forward pass as one `jax.vmap` with
+    the frozen kernels broadcast. Dropout is off (the per-task function gets no rng).
+    """
+    from experiments.trainers import classification as classification_trainer  # noqa: PLC0415
+    from ftlab.peft import lora  # noqa: PLC0415
+    from ftlab.tasks import classification  # noqa: PLC0415
+
+    # -- data -------------------------------------------------------------------------------
+    train_arrays, test_arrays, task_names = _text_tasks(config)
+    num_tasks = len(task_names)
+    counts = {
+        k: a["mask"].sum(axis=1).astype(int).tolist()
+        for k, a in (("train", train_arrays), ("test", test_arrays))
+    }
+    logging.info("tasks %s: train %s, test %s", task_names, counts["train"], counts["test"])
+    sample = _sampler(train_arrays, config.optim.batch_size)
+
+    # -- model: pretrained encoder + LoRA leaves + head -------------------------------------
+    model, base = classification_trainer.build_model(config)
+    p = config.peft
+    base = lora.init(
+        base,
+        jax.random.PRNGKey(config.seed + 1),
+        targets=list(p.targets),
+        rank=p.rank,
+        alpha=p.alpha,
+    )
+    base = jax.tree.map(np.asarray, base)
+    apply = lora.wrap_apply(classification_trainer.make_apply(model), alpha=p.alpha, rank=p.rank)
+    task_loss_fn = classification.make_loss_fn(apply)
+
+    def task_loss(params, batch):
+        return task_loss_fn(params, batch, None)[0]
+
+    def task_logits(params, batch):
+        logits = apply(params, batch, None).astype(jnp.float32)
+        return logits[..., 1] - logits[..., 0]
+
+    results, writer = {}, metrics_lib.MetricWriter(workdir, resume_step=0)
+    total, chunk = config.optim.num_steps, config.log_every_steps
+    if total % chunk:
+        raise ValueError(
+            f"config.optim.num_steps={total} must be a multiple of config.log_every_steps={chunk}"
+        )
+    for method in config.methods:
+        if method not in LORA_METHODS:
+            raise ValueError(
+                f"config.methods: unknown {method!r}; expected some of {list(LORA_METHODS)}"
+            )
+        rules = LORA_METHODS[method]
+        label_tree = partition.labels(base, rules, what=f"{method} rules")
+        for pattern, label, n in partition.claims(base, rules):
+            logging.info("%s: rule %-22r -> %-7s claims %d leaves", method, pattern, label, n)
+        params = multitask.stack(base, label_tree, num_tasks=num_tasks)
+
+        def loss_fn(params, batch, rng, label_tree=label_tree):
+            del rng
+            losses = multitask.per_task(task_loss, params, label_tree, batch)
+            return multitask.weighted_sum(losses), {"task_loss_mean": jnp.mean(losses)}
+
+        tx = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay)
+        tx = partition.optimizer({multitask.TASK: tx, multitask.SHARED: tx}, label_tree)
+        state = train.init_state(params, label_tree, tx, seed=config.seed)
+        train_chunk = _compile_chunk(train.make_train_step(loss_fn, tx), sample, chunk)
+        start = time.perf_counter()
+        for done in range(chunk, total + 1, chunk):
+            state, chunk_metrics = train_chunk(state)
+            chunk_metrics = {k: float(v) for k, v in jax.device_get(chunk_metrics).items()}
+            metrics_lib.check_finite(chunk_metrics, step=done, last_good_step=done - chunk)
+            writer.write(done, {f"train/{method}/{k[6:]}": v for k, v in chunk_metrics.items()})
+            logging.info("%s step %d: %s", method, done, chunk_metrics)
+        train_s = time.perf_counter() - start
+
+        predict = jax.jit(
+            lambda params, batch, label_tree=label_tree: multitask.per_task(
+                task_logits, params, label_tree, batch
+            )
+        )
+        width, step = test_arrays["mask"].shape[1], config.evals.batch_size
+        pred = np.concatenate(
+            [
+                np.asarray(
+                    predict(state.params, {k: v[:, i : i + step] for k, v in test_arrays.items()})
+                )
+                for i in range(0, width, step)
+            ],
+            axis=1,
+        )
+        split = multitask_data.TaskSplit(
+            x=None, y=test_arrays["label"].astype(np.float32), mask=test_arrays["mask"]
+        )
+        results[method] = evaluate("classification", pred, split, 1.0)
+        results[method]["trainable_params"] = partition.count(state.trainable)
+        results[method]["train_s"] = train_s
+        # The frozen encoder must come out bit for bit as it went in.
+        frozen_before = partition.split(params, label_tree)[1]
+        results[method]["frozen_bit_identical"] = all(
+            np.array_equal(a, b)
+            for a, b in zip(
+                jax.tree.leaves(frozen_before),
+                jax.tree.leaves(jax.device_get(state.frozen)),
+                strict=True,
+            )
+        )
+        logging.info("%s: %s (%.1f s)", method, results[method]["mean"], train_s)
+    writer.close()
+
+    labels, mask = test_arrays["label"], test_arrays["mask"] > 0
+    majority = [
+        float(max(np.mean(labels[t][mask[t]]), 1 - np.mean(labels[t][mask[t]])))
+        for t in range(num_tasks)
+    ]
+    table = markdown_table(results, task_names)
+    (workdir / "results.md").write_text(table)
+    out = {
+        "dataset": config.data.dataset,
+        "task_names": task_names,
+        "train_counts": counts["train"],
+        "test_counts": counts["test"],
+        "majority_baseline_accuracy": majority,
+        "methods": results,
+    }
+    (workdir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+    plot_per_task(results, task_names, workdir / "per_task.png")
+    metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
+    print(table, flush=True)
+    return out

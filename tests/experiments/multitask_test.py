@@ -1,0 +1,100 @@
+"""End to end: the multi-task trainer's quick configs write their table, plot and metrics, and
+soft sharing at lambda = 0 is exactly independent training."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import multitask_nlschools, multitask_yeast
+from experiments.trainers import multitask as trainer
+from ftlab.core import metrics as metrics_lib
+from ftlab.data import multitask as multitask_data
+
+
+@pytest.fixture(scope="module")
+def yeast_run(tmp_path_factory):
+    config = multitask_yeast.get_config("quick")
+    config.methods = ("independent", "soft")
+    config.multitask.lambdas = (0.0,)
+    workdir = tmp_path_factory.mktemp("yeast")
+    return workdir, trainer.train_and_evaluate(config, str(workdir))
+
+
+def test_quick_run_writes_table_plot_metrics_and_results(yeast_run):
+    workdir, out = yeast_run
+    assert json.loads((workdir / "results.json").read_text()) == out
+    assert out["task_names"] == ["Class1", "Class2", "Class3"]
+    assert list(out["methods"]) == ["independent", "soft_lam0", "constant"]
+    table = (workdir / "results.md").read_text()
+    assert "| method | Class1 | Class2 | Class3 | mean accuracy | mean f1 |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 4 and rows[2].startswith("| soft_lam0 |")  # header + 2 methods + constant
+    assert (workdir / "per_task.png").stat().st_size > 1000
+    assert (workdir / "train.png").stat().st_size > 1000
+    lines = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
+    assert [x["step"] for x in lines if "train/independent/loss" in x] == [2, 4]
+    assert [x["train/soft_lam0/penalty"] for x in lines if "train/soft_lam0/loss" in x] == [0, 0]
+    for r in out["methods"].values():
+        assert all(0 <= a <= 1 for a in r["per_task"]["accuracy"] + r["per_task"]["f1"])
+    # The reference row predicts each task's train majority class: here always "negative".
+    test_y = multitask_data.load_yeast().test.y[:3]
+    np.testing.assert_allclose(
+        out["methods"]["constant"]["per_task"]["accuracy"], 1 - test_y.mean(axis=1), rtol=1e-6
+    )
+    assert out["methods"]["constant"]["per_task"]["f1"] == [0.0, 0.0, 0.0]
+
+
+def test_soft_sharing_at_lambda_zero_equals_independent_models(yeast_run):
+    # Same initialisation, same minibatches, and a penalty whose gradient is exactly zero.
+    _, out = yeast_run
+    soft, independent = out["methods"]["soft_lam0"], out["methods"]["independent"]
+    assert soft["per_task"] == independent["per_task"] and soft["mean"] == independent["mean"]
+
+
+def test_nlschools_quick_run_counts_every_pupil_of_every_class_once(tmp_path):
+    config = multitask_nlschools.get_config("quick")
+    config.methods = ("hard_uncertainty",)
+    out = trainer.train_and_evaluate(config, str(tmp_path))
+    counts = np.asarray(out["test_counts"])
+    assert len(counts) == 5 and counts.min() >= 1 and len(set(counts.tolist())) > 1
+    r = out["methods"]["hard_uncertainty"]
+    mse = np.asarray(r["per_task"]["mse"])
+    np.testing.assert_allclose(r["mean"]["mse"], mse.mean(), rtol=1e-6)
+    np.testing.assert_allclose(r["mean"]["pooled_mse"], (mse * counts).sum() / counts.sum())
+    # trunk (4 -> 4) shared; a head (4 -> 1) and a log-variance per class
+    assert r["trainable_params"] == (4 * 4 + 4) + 5 * (4 + 1) + 5
+    assert len(r["log_var"]) == 5 and any(v != 0 for v in r["log_var"])
+
+
+def test_classification_metrics_against_hand_counts():
+    y = np.array([[1, 1, 0, 0, 1], [0, 0, 0, 0, 0]], np.float32)
+    mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], np.float32)
+    pred = np.array([[2.0, -1.0, 3.0, -2.0, 5.0], [-1.0, -1.0, -1.0, 9.0, 9.0]])
+    split = multitask_data.TaskSplit(x=np.zeros((2, 5, 1)), y=y, mask=mask)
+    r = trainer.evaluate("classification", pred, split, 1.0)
+    # task 0: TP 1, FN 1, FP 1, TN 1 (row 4 is padding); task 1: 3 true negatives, no positives.
+    assert r["per_task"] == {"accuracy": [0.5, 1.0], "f1": [0.5, 0.0]}
+
+
+def test_unknown_method_is_named():
+    config = multitask_yeast.get_config("quick")
+    config.methods = ("hard", "soft")
+    with pytest.raises(ValueError, match=r"config.methods: unknown 'hard'"):
+        trainer.method_runs(config)
+
+
+def test_minibatches_draw_only_real_rows_of_each_task():
+    counts = [3, 1, 5]
+    x = np.full((3, 5, 1), -1.0, np.float32)  # -1 marks padding
+    mask = np.zeros((3, 5), np.float32)
+    for t, n in enumerate(counts):
+        x[t, :n, 0] = 10 * t + np.arange(n)
+        mask[t, :n] = 1
+    sample = jax.jit(trainer._sampler({"x": x, "y": x[..., 0], "mask": mask}, 64))
+    batch = jax.device_get(sample(jax.random.PRNGKey(0)))
+    assert batch["x"].shape == (3, 64, 1) and np.all(batch["mask"] == 1)
+    np.testing.assert_array_equal(batch["x"][..., 0], batch["y"])  # rows stay whole
+    for t, n in enumerate(counts):
+        assert set(batch["y"][t].tolist()) == {10.0 * t + i for i in range(n)}
