@@ -1,0 +1,226 @@
+"""Autoregressive generation with a KV cache: greedy, temperature and nucleus (top-p) sampling.
+
+One compiled function per (model config, batch, prompt length, `max_new_tokens`, greedy or
+sampling); `eos_id`, `pad_id`, `temperature` and `top_p` are traced, so changing them does not
+recompile: a prefill call writes the whole (padded) prompt into a static-size cache, then a
+`lax.while_loop` feeds one token per step until every row has produced `eos_id` or
+`max_new_tokens` tokens. Shapes never change inside the loop, so nothing recompiles per token.
+
+Padding: prompts may be left- or right-padded (or both), given by `attention_mask`. The model
+counts positions from the mask, so every row decodes exactly as it would alone: the first new
+token comes from the row's last real prompt token, and padded cache slots are never attended to.
+
+Example::
+
+    out = generation.generate(model, params, ids, mask, max_new_tokens=32, eos_id=2)
+    texts = [tokenizer.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
+
+References:
+    Holtzman et al., "The Curious Case of Neural Text Degeneration" (nucleus sampling),
+    https://arxiv.org/abs/1904.09751
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftlab import types
+from ftlab.models import llama
+
+
+class Generated(NamedTuple):
+    """Output of `generate`.
+
+    Attributes:
+        tokens: `[batch, max_new_tokens]` int32 new tokens; after a row's `eos_id` (which is
+            included) the rest is `pad_id`.
+        lengths: `[batch]` int32 number of new tokens per row, `eos_id` included.
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+
+
+def sample_logits(
+    logits: jax.Array,
+    rng: types.PRNGKey,
+    *,
+    temperature: float | jax.Array,
+    top_p: float | jax.Array = 1.0,
+) -> jax.Array:
+    """Draws one token per row from `softmax(logits / temperature)` cut to its top-p nucleus.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches `top_p`
+    (the most likely token is always kept); probabilities are renormalised over it.
+
+    Args:
+        logits: `[batch, vocab]`.
+        rng: PRNG key.
+        temperature: > 0; 0 means greedy (use `jnp.argmax`, which `generate` does). May be
+            traced.
+        top_p: In (0, 1]; 1 keeps the whole vocabulary. May be traced (no recompilation).
+
+    Returns:
+        `[batch]` int32 token ids.
+
+    >>> sample_logits(jnp.array([[0.0, 9.0, 1.0]]), jax.random.key(0), temperature=1.0,
+    ...               top_p=0.5).tolist()
+    [1]
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    # Probability mass strictly before each sorted token; a token is in the nucleus if the mass
+    # before it is still below top_p (so the most likely token always is).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(before < top_p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
+    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _check_args(max_new_tokens, temperature, top_p) -> None:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature={temperature!r} must be >= 0 (0 is greedy).")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1].")
+
+
+def generate(
+    model: llama.LlamaForCausalLM,
+    params: types.Params,
+    input_ids: jax.Array | np.ndarray,
+    attention_mask: jax.Array | np.ndarray | None = None,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    rng: types.PRNGKey | None = None,
+) -> Generated:
+    """Continues a batch of prompts, compiled once per shape and setting.
+
+    Args:
+        model: The `LlamaForCausalLM` (its config is static).
+        params: Its parameter tree (a soft prompt in it is prepended to every prompt).
+        input_ids: `[batch, prompt_len]` int token ids, padded on either side.
+        attention_mask: `[batch, prompt_len]`, 1 at real tokens, 0 at padding; all ones when
+            omitted. Every row needs at least one real token.
+        max_new_tokens: Most tokens to generate per row.
+        eos_id: Token that ends a row (e.g. `<|im_end|>` for a chat model).
+        pad_id: Fills `tokens` after a row has ended; `eos_id` when None.
+        temperature: 0 for greedy decoding; > 0 to sample from `softmax(logits / temperature)`.
+        top_p: Nucleus sampling mass (only with `temperature > 0`).
+        rng: PRNG key, required when sampling.
+
+    Returns:
+        `Generated(tokens [batch, max_new_tokens], lengths [batch])`.
+
+    Raises:
+        ValueError: bad settings, or a context overflow: soft-prompt rows + `prompt_len` +
+            `max_new_tokens` exceeds `model.config.max_position_embeddings` (naming both).
+    """
+    config = model.config
+    _check_args(max_new_tokens, temperature, top_p)
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, prompt_len]; got shape {input_ids.shape}.")
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {attention_mask.shape}, input_ids {input_ids.shape}."
+        )
+    empty = np.flatnonzero(np.asarray(attention_mask).sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(
+            f"attention_mask row {int(empty[0])} has no real token; every prompt needs at least "
+            "one (e.g. a BOS or chat-template token)."
+        )
+    n_prompt = llama.num_prompt(params)
+    needed = n_prompt + input_ids.shape[1] + max_new_tokens
+    if needed > config.max_position_embeddings:
+        soft = f"{n_prompt} soft-prompt rows + " if n_prompt else ""
+        raise ValueError(
+            f"context overflow: {soft}prompt length {input_ids.shape[1]} + max_new_tokens "
+            f"{max_new_tokens} = {needed} positions, but the model's context "
+            f"(config.max_position_embeddings) is {config.max_position_embeddings}; shorten "
+            "the prompt or lower max_new_tokens."
+        )
+    sampling = temperature > 0.0
+    if sampling and rng is None:
+        raise ValueError("generate: temperature > 0 samples, so pass rng=jax.random.key(...).")
+    if rng is None:
+        rng = jax.random.key(0)
+    settings = jnp.asarray([temperature, top_p], jnp.float32)
+    special = jnp.asarray([eos_id, eos_id if pad_id is None else pad_id], jnp.int32)
+    return _generate(
+        model,
+        params,
+        input_ids,
+        attention_mask,
+        rng,
+        settings,
+        special,
+        max_new_tokens=max_new_tokens,
+        greedy=not sampling,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy"))
+def _generate(
+    model, params, input_ids, attention_mask, rng, settings, special, *, max_new_tokens, greedy
+):
+    temperature, top_p = settings[0], settings[1]
+    eos_id, pad_id = special[0], special[1]
+    batch, prompt_len = input_ids.shape
+    size = llama.num_prompt(params) + prompt_len + max_new_tokens
+    # Scan one compiled layer body instead of unrolling them all (much faster to compile);
+    # stacked once here, outside the loop.
+    params = llama.stack_if_uniform(params)
+    cache = llama.init_cache(model.config, batch, size)
+    variables = {"params": params}
+
+    def pick(logits, step):
+        if greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        key = jax.random.fold_in(rng, step)
+        return sample_logits(logits, key, temperature=temperature, top_p=top_p)
+
+    logits, cache = model.apply(variables, input_ids, attention_mask, cache=cache)
+    # The row's last real token predicts the first new one (right padding puts it earlier).
+    last = prompt_len - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1)
+    first = pick(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], 0)
+    tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = first == eos_id
+    lengths = jnp.ones((batch,), jnp.int32)
+
+    def cond(state):
+        step, _, _, done, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, tokens, done, lengths = state
+        prev = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
+        logits, cache = model.apply(variables, prev, jnp.ones_like(prev), cache=cache, start=False)
+        token = jnp.where(done, pad_id, pick(logits[:, 0], step))
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+        lengths = lengths + (~done).astype(jnp.int32)
+        return step + 1, cache, tokens, done | (token == eos_id), lengths
+
+    state = (jnp.ones((), jnp.int32), cache, tokens, done, lengths)
+    _, _, tokens, _, lengths = jax.lax.while_loop(cond, body, state)
+    return Generated(tokens, lengths)

@@ -1,0 +1,815 @@
+"""A Llama-style decoder in Flax linen (pre-RMSNorm, RoPE, grouped-query attention, SwiGLU).
+
+Laid out like SmolLM2 / Llama 2-3 (Hugging Face `LlamaForCausalLM`) with tied input and output
+embeddings. The parameter tree of `LlamaForCausalLM` (slash paths, as partition rules and
+checkpoints see them; every kernel is `[in, out]`, no biases)::
+
+    decoder/embeddings/word_embeddings/embedding        [vocab, hidden]   (also the LM head)
+    decoder/layer_{i}/attention_norm/scale              [hidden]
+    decoder/layer_{i}/attention/query/kernel            [hidden, heads * head_dim]
+    decoder/layer_{i}/attention/{key,value}/kernel      [hidden, kv_heads * head_dim]
+    decoder/layer_{i}/attention/out/kernel              [heads * head_dim, hidden]
+    decoder/layer_{i}/mlp_norm/scale                    [hidden]
+    decoder/layer_{i}/mlp/{gate,up}/kernel              [hidden, intermediate]
+    decoder/layer_{i}/mlp/down/kernel                   [intermediate, hidden]
+    decoder/final_norm/scale                            [hidden]
+
+The same model also accepts a *stacked* tree (`stack_layers`): `decoder/layers/...` with a leading
+`[num_layers]` axis on every layer leaf, run with `nn.scan`, so one layer body is compiled instead
+of `num_layers` (SmolLM2's 30 layers compile in seconds instead of tens of seconds on a CPU).
+`generation.generate`, `forward` and `ftlab.icl` stack uniform trees themselves.
+
+Query and key kernels use Hugging Face's head layout (RoPE rotates the two halves of each head,
+"rotate_half"), not llama.cpp's interleaved pairs; `third_party/smollm2.py` un-permutes GGUF files.
+
+Every linear map is an `nn.Dense` applied to a 2-D input (`_dense`), so the dense-layer methods
+of `ftlab.peft.dense` (LoRA, DoRA, IA3) apply without editing this file. Parameters are float32;
+`LlamaConfig.dtype` is the computation dtype. RMSNorm statistics, RoPE, attention softmax and the
+returned logits are float32.
+
+Hook points for structural methods, named as in `ftlab.models.bert` so that the same tree
+transformations find them. Each reads optional leaves the model's `init` never creates; without
+them the model is traced exactly as the base model. A wrong shape is an error naming the leaf.
+
+    decoder/embeddings/prompt                  [n_prompt, hidden]   soft prompt (prompt tuning)
+    decoder/layer_{i}/attention/prefix_key     [n_prefix, kv_heads * head_dim]   prefix tuning
+    decoder/layer_{i}/attention/prefix_value   [n_prefix, kv_heads * head_dim]
+    decoder/layer_{i}/reft/...   read by the `LlamaLayer.intervene` hook method, which a method
+                                 such as ReFT replaces with `nn.intercept_methods`.
+
+* The soft prompt is prepended to the embedded tokens when a call starts a sequence (`start=True`,
+  the default). Its rows take positions `0..n_prompt-1` and the tokens follow, as in Lester et
+  al.'s decoder setting; every token attends to the whole prompt. The returned logits (and hidden
+  states) cover the real tokens only: `[batch, seq, ...]`, aligned with `input_ids`. With a KV
+  cache the prompt occupies the first `n_prompt` cache slots.
+* Prefix keys and values are the per-layer keys and values (after projection and, as Li & Liang's
+  `past_key_values`, *after* RoPE: they are used as given, never rotated) of `n_prefix` virtual
+  positions in front of the sequence, one row of `kv_heads * head_dim` split into the `kv_heads`
+  KV heads like the projected keys (so `prefix.init` sizes them from `key/kernel`). Every query
+  attends to them; they do not shift the tokens' positions and take no cache slots.
+
+The model takes an explicit KV cache (`Cache`, from `init_cache`): a call writes its keys and
+values at slots `cache.index ...` and returns the new cache, so prefill and decoding are two calls
+of the same function with static shapes (see `ftlab.generation`). Positions are counted from the
+attention mask (padding does not advance them), so left- and right-padded batches give each row
+the same outputs as running it alone.
+
+References:
+    Touvron et al., "LLaMA: Open and Efficient Foundation Language Models",
+    https://arxiv.org/abs/2302.13971
+    Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding",
+    https://arxiv.org/abs/2104.09864
+    Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head
+    Checkpoints", https://arxiv.org/abs/2305.13245
+    Shazeer, "GLU Variants Improve Transformer", https://arxiv.org/abs/2002.05202
+    Allal et al., "SmolLM2: When Smol Goes Big", https://arxiv.org/abs/2502.02737
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ftlab import types
+
+# Added to the float32 attention logits of keys a query may not see (padding, the future).
+# Finite so that a fully masked row (a padding query) gives a uniform softmax, not NaN.
+_MASK_VALUE = -1e9
+
+# Leaf names of the structural hook points, shared with `ftlab.models.bert`.
+PROMPT = "prompt"
+PREFIX_KEY, PREFIX_VALUE = "prefix_key", "prefix_value"
+REFT = "reft"
+INTERVENE_METHOD = "intervene"
+# Name of the stacked-layers subtree (`stack_layers`).
+LAYERS = "layers"
+
+
+def _scope_path(module: nn.Module) -> str:
+    scope = getattr(module, "scope", None)
+    return "/".join(scope.path) if scope is not None and scope.path else "<root>"
+
+
+def _hook_leaf(module: nn.Module, name: str) -> Any:
+    if not module.has_variable("params", name):
+        return None
+    return module.variables["params"][name]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyperparameters of a Llama-style decoder with tied embeddings.
+
+    Attributes:
+        vocab_size: Number of token ids.
+        hidden_size: Width of the residual stream.
+        num_layers: Number of decoder layers.
+        num_heads: Query heads per layer; must divide `hidden_size`.
+        num_kv_heads: Key/value heads (grouped-query attention); must divide `num_heads`.
+        intermediate_size: Width of the SwiGLU hidden layer.
+        max_position_embeddings: Context length: the most positions (soft prompt, prompt and
+            generated tokens together) a sequence may have.
+        rope_theta: RoPE base frequency.
+        rms_norm_eps: Epsilon of every RMSNorm.
+        dtype: Computation dtype (parameters stay float32), e.g. `jnp.bfloat16`.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"LlamaConfig: hidden_size={self.hidden_size} is not divisible by "
+                f"num_heads={self.num_heads}."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LlamaConfig: num_heads={self.num_heads} is not divisible by "
+                f"num_kv_heads={self.num_kv_heads}; each KV head serves a whole group of queries."
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key and value projections: `num_kv_heads * head_dim`."""
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def tiny(cls, **overrides) -> LlamaConfig:
+        """A few-thousand-parameter config for fast tests (4 query heads sharing 2 KV heads).
+
+        >>> LlamaConfig.tiny().kv_dim
+        8
+        """
+        fields = dict(
+            vocab_size=64,
+            hidden_size=16,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+class LayerCache(NamedTuple):
+    """Keys and values, `[..., batch, size, kv_heads, head_dim]` each (RoPE applied).
+
+    In a `Cache` the leading axis is the layer; a layer sees its own slice.
+    """
+
+    key: jax.Array
+    value: jax.Array
+
+
+class Cache(NamedTuple):
+    """A KV cache: a pytree, so it passes through `jit`, `lax.scan` and `lax.while_loop`.
+
+    Attributes:
+        layers: `LayerCache` of `[num_layers, batch, size, kv_heads, head_dim]` arrays.
+        mask: `[batch, size]` int32, 1 where a slot holds a token (or soft-prompt row) that later
+            queries may attend to, 0 for padding and unwritten slots.
+        index: int32 scalar, the number of slots written so far (the next call writes there).
+
+    Size the cache for the whole sequence (`generate` does): under `jit` a call that would
+    write past `size` cannot raise, and `lax.dynamic_update_slice` would clamp its start.
+    """
+
+    layers: LayerCache
+    mask: jax.Array
+    index: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[1]
+
+
+def init_cache(config: LlamaConfig, batch: int, size: int) -> Cache:
+    """An empty cache for `batch` sequences of at most `size` slots, in `config.dtype`.
+
+    Args:
+        config: The model's config.
+        batch: Number of sequences.
+        size: Slots per sequence: soft-prompt rows + prompt tokens (padding included) + tokens
+            to generate.
+
+    Raises:
+        ValueError: `size` exceeds `config.max_position_embeddings`.
+
+    >>> init_cache(LlamaConfig.tiny(), 2, 8).layers.key.shape
+    (2, 2, 8, 2, 4)
+    """
+    if size > config.max_position_embeddings:
+        raise ValueError(
+            f"init_cache: size={size} exceeds the context length "
+            f"config.max_position_embeddings={config.max_position_embeddings}."
+        )
+    shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+    return Cache(
+        layers=LayerCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)),
+        mask=jnp.zeros((batch, size), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def _dense(features: int, config: LlamaConfig, name: str) -> Callable[[jax.Array], jax.Array]:
+    """A bias-free `nn.Dense` applied to `[..., in]` with the leading axes folded into one.
+
+    As in `ftlab.models.bert._dense`: XLA on CPU differentiates 2-D dots much faster, and the
+    layer, its parameter paths and any `nn.Dense` interceptor are unchanged.
+    """
+    layer = nn.Dense(
+        features,
+        use_bias=False,
+        dtype=config.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+    def apply(x: jax.Array) -> jax.Array:
+        y = layer(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return apply
+
+
+class RMSNorm(nn.Module):
+    """`x / rms(x) * scale`, statistics in float32, output in `dtype`.
+
+    References:
+        Zhang & Sennrich, "Root Mean Square Layer Normalization", https://arxiv.org/abs/1910.07467
+    """
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.reshape((1,) * (x.ndim - 1) + scale.shape)).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
+    """Rotary position embedding in Hugging Face's "rotate_half" layout, computed in float32.
+
+    Dimension `j < d/2` of each head is paired with `j + d/2` and rotated by the angle
+    `position * theta ** (-2j / d)`.
+
+    Args:
+        x: `[batch, seq, heads, head_dim]`.
+        positions: `[batch, seq]` integer positions.
+        theta: Base frequency.
+
+    Returns:
+        The rotated `x`, same shape and dtype.
+
+    >>> x = jnp.ones((1, 1, 1, 4))
+    >>> bool(jnp.allclose(rope(x, jnp.zeros((1, 1), jnp.int32), theta=1e4), x))
+    True
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq[None, None, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class LlamaEmbeddings(nn.Module):
+    """The token embedding table, also the tied output projection (`attend`).
+
+    Prompt hook: `prompt` [n_prompt, hidden] in this module's params is prepended by `__call__`
+    when `start` is True.
+    """
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.word_embeddings = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nn.initializers.normal(0.02),
+        )
+
+    def __call__(self, input_ids: jax.Array, *, start: bool) -> jax.Array:
+        """`[batch, seq]` ids -> `[batch, n_prompt + seq, hidden]` (no prompt unless `start`)."""
+        x = self.word_embeddings(input_ids)
+        prompt = _hook_leaf(self, PROMPT)
+        if prompt is None or not start:
+            return x
+        hidden = self.config.hidden_size
+        if prompt.ndim != 2 or prompt.shape[1] != hidden:
+            raise ValueError(
+                f"{_scope_path(self)}/{PROMPT} has shape {prompt.shape}; a soft prompt is "
+                f"[n_prompt, hidden={hidden}]."
+            )
+        rows = jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0], *prompt.shape))
+        return jnp.concatenate([rows, x], axis=1)
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """Tied LM head: `[..., hidden]` -> float32 logits `[..., vocab]`."""
+        return self.word_embeddings.attend(hidden).astype(jnp.float32)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention with RoPE: `query`, `key`, `value`, `out` projections.
+
+    Prefix hook: `prefix_key` and `prefix_value` [n_prefix, kv_heads * head_dim] (see the module
+    docstring) are attended to by every query.
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        bias: jax.Array,
+        cache: LayerCache | None,
+        index: jax.Array | None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """Attention over the sequence (or the cache).
+
+        Args:
+            x: `[batch, seq, hidden]`.
+            positions: `[batch, seq]` RoPE positions.
+            bias: `[batch, seq, keys]` additive float32 logits bias, keys = seq without a cache
+                and the cache size with one.
+            cache: This layer's cache, or None.
+            index: Slot where `x`'s keys and values are written (with a cache).
+
+        Returns:
+            `([batch, seq, hidden], updated cache or None)`.
+        """
+        cfg = self.config
+        batch, seq, _ = x.shape
+        kv, groups, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        q = _dense(cfg.num_heads * hd, cfg, "query")(x).reshape(batch, seq, cfg.num_heads, hd)
+        k = _dense(cfg.kv_dim, cfg, "key")(x).reshape(batch, seq, kv, hd)
+        v = _dense(cfg.kv_dim, cfg, "value")(x).reshape(batch, seq, kv, hd)
+        q = rope(q, positions, theta=cfg.rope_theta)
+        k = rope(k, positions, theta=cfg.rope_theta)
+        if cache is not None:
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start)
+            cache = LayerCache(k, v)
+        prefix = self._prefix(batch)
+        if prefix is not None:
+            n = prefix[0].shape[1]
+            k = jnp.concatenate([prefix[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([prefix[1].astype(v.dtype), v], axis=1)
+            bias = jnp.concatenate([jnp.zeros((batch, seq, n), bias.dtype), bias], axis=-1)
+        q = q.reshape(batch, seq, kv, groups, hd)  # query head h uses KV head h // groups
+        logits = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype)) / jnp.sqrt(
+            jnp.asarray(hd, q.dtype)
+        )
+        # Softmax in float32: bf16 logits lose the small differences that decide attention.
+        probs = jax.nn.softmax(logits.astype(jnp.float32) + bias[:, None, None], axis=-1)
+        y = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
+        y = y.reshape(batch, seq, cfg.num_heads * hd).astype(cfg.dtype)
+        return _dense(cfg.hidden_size, cfg, "out")(y), cache
+
+    def _prefix(self, batch: int) -> tuple[jax.Array, jax.Array] | None:
+        """`(keys, values)` `[batch, n_prefix, kv_heads, head_dim]` from the prefix leaves."""
+        cfg = self.config
+        key, value = _hook_leaf(self, PREFIX_KEY), _hook_leaf(self, PREFIX_VALUE)
+        if key is None and value is None:
+            return None
+        path = _scope_path(self)
+        if key is None or value is None:
+            missing = PREFIX_KEY if key is None else PREFIX_VALUE
+            raise ValueError(
+                f"{path}/{missing} is missing; prefix tuning needs both {PREFIX_KEY} and "
+                f"{PREFIX_VALUE}."
+            )
+        for name, leaf in ((PREFIX_KEY, key), (PREFIX_VALUE, value)):
+            if leaf.ndim != 2 or leaf.shape[1] != cfg.kv_dim or leaf.shape != key.shape:
+                raise ValueError(
+                    f"{path}/{name} has shape {leaf.shape}; {PREFIX_KEY} {key.shape} and "
+                    f"{PREFIX_VALUE} {value.shape} must both be [n_prefix, kv_heads * head_dim"
+                    f"={cfg.kv_dim}]."
+                )
+
+        def split(leaf):
+            leaf = leaf.reshape(leaf.shape[0], cfg.num_kv_heads, cfg.head_dim).astype(cfg.dtype)
+            return jnp.broadcast_to(leaf, (batch, *leaf.shape))
+
+        return split(key), split(value)
+
+
+class LlamaMlp(nn.Module):
+    """SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        gate = _dense(cfg.intermediate_size, cfg, "gate")(x)
+        up = _dense(cfg.intermediate_size, cfg, "up")(x)
+        return _dense(cfg.hidden_size, cfg, "down")(nn.silu(gate) * up)
+
+
+class LlamaLayer(nn.Module):
+    """One pre-norm decoder layer: `h = x + attn(norm(x))`, `y = h + mlp(norm(h))`.
+
+    Intervention hook: the output passes through `intervene(y, token_mask)`, the identity unless
+    a method replaces it with `nn.intercept_methods` (as `ftlab.peft.reft` does for BERT).
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, bias, token_mask, cache=None, index=None):
+        cfg = self.config
+        a, cache = LlamaAttention(cfg, name="attention")(
+            RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="attention_norm")(x),
+            positions,
+            bias,
+            cache,
+            index,
+        )
+        h = x + a
+        y = h + LlamaMlp(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="mlp_norm")(h))
+        return self.intervene(y, token_mask), cache
+
+    def intervene(self, h: jax.Array, token_mask: jax.Array) -> jax.Array:
+        """The hidden-state hook point: identity unless a method intercepts it.
+
+        Args:
+            h: The layer's output `[batch, seq, hidden]` (soft-prompt positions included).
+            token_mask: `[batch, seq]`, 1 at real tokens, 0 at padding and soft-prompt positions.
+
+        Returns:
+            `h`.
+
+        Raises:
+            ValueError: the tree holds `reft` leaves here but no interceptor handled them.
+        """
+        del token_mask
+        if self.has_variable("params", REFT):
+            raise ValueError(
+                f"{_scope_path(self)}/{REFT} is in the params, but the model was applied without "
+                "an interceptor for LlamaLayer.intervene, so the intervention would be silently "
+                "skipped."
+            )
+        return h
+
+
+def _positions_and_bias(
+    mask: jax.Array, cache: Cache | None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """RoPE positions `[batch, seq]`, the attention bias and the cache's new key mask.
+
+    `mask` `[batch, seq]` marks the real entries of this call (soft-prompt rows included). A
+    real entry's position is the number of real entries before it in the sequence, so padding
+    (left, right, or in the cache) never shifts positions. Query slot `i` may attend key slot
+    `j` when `j` holds a real entry and `j <= i`; a padding query attends causally to whatever
+    is real before it (its output is never used).
+    """
+    seq = mask.shape[1]
+    before = 0 if cache is None else jnp.sum(cache.mask, axis=1, keepdims=True)
+    positions = jnp.maximum(before + jnp.cumsum(mask, axis=1) - 1, 0)
+    if cache is None:
+        keys, q_slot, new_mask = mask, jnp.arange(seq), None
+    else:
+        new_mask = jax.lax.dynamic_update_slice(
+            cache.mask, mask.astype(jnp.int32), (0, cache.index)
+        )
+        keys, q_slot = new_mask, cache.index + jnp.arange(seq)
+    k_slot = jnp.arange(keys.shape[1])
+    allowed = (keys[:, None, :] > 0) & (k_slot[None, None, :] <= q_slot[None, :, None])
+    bias = jnp.where(allowed, 0.0, _MASK_VALUE).astype(jnp.float32)
+    return positions, bias, new_mask
+
+
+class LlamaDecoder(nn.Module):
+    """Embeddings, `num_layers` decoder layers, the final RMSNorm and the tied LM head.
+
+    Attributes:
+        config: The model's `LlamaConfig`.
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        cache: Cache | None = None,
+        start: bool = True,
+        return_hidden: bool = False,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Logits (or final hidden states) of the real tokens, and the updated cache.
+
+        See `LlamaForCausalLM.__call__` for the arguments.
+
+        Returns:
+            `(float32 logits [batch, seq, vocab] or hidden [batch, seq, hidden] in
+            config.dtype, updated cache or None)`.
+        """
+        cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq]; got shape {input_ids.shape}.")
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {attention_mask.shape}, input_ids {input_ids.shape}; "
+                "both must be [batch, seq]."
+            )
+        embeddings = LlamaEmbeddings(cfg, name="embeddings")
+        x = embeddings(input_ids, start=start)
+        batch, seq = input_ids.shape
+        n_prompt = x.shape[1] - seq
+        token_mask = jnp.asarray(attention_mask, jnp.int32)
+        mask = token_mask
+        if n_prompt:
+            ones = jnp.ones((batch, n_prompt), jnp.int32)
+            mask = jnp.concatenate([ones, token_mask], axis=1)
+            token_mask = jnp.concatenate([jnp.zeros_like(ones), token_mask], axis=1)
+        if cache is not None and mask.shape[1] > cache.size:
+            raise ValueError(
+                f"this call writes {mask.shape[1]} cache slots ({n_prompt} soft-prompt rows + "
+                f"{seq} tokens), but the cache has only {cache.size}; make a larger cache."
+            )
+        positions, bias, new_mask = _positions_and_bias(mask, cache)
+        index = None if cache is None else cache.index
+        layer_caches = None if cache is None else cache.layers
+        if self.has_variable("params", LAYERS):
+            # Stacked form (`stack_layers`): one layer body, compiled once, scanned.
+            scanned = nn.scan(
+                LlamaLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_layers,
+            )
+            x, layer_caches = scanned(cfg, name=LAYERS)(
+                x, positions, bias, token_mask, layer_caches, index
+            )
+        else:
+            updated = []
+            for i in range(cfg.num_layers):
+                layer_cache = None
+                if cache is not None:
+                    layer_cache = LayerCache(cache.layers.key[i], cache.layers.value[i])
+                x, layer_cache = LlamaLayer(cfg, name=f"layer_{i}")(
+                    x, positions, bias, token_mask, layer_cache, index
+                )
+                updated.append(layer_cache)
+            if cache is not None:
+                layer_caches = jax.tree.map(lambda *a: jnp.stack(a), *updated)
+        h = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="final_norm")(x[:, n_prompt:])
+        if cache is not None:
+            cache = Cache(layer_caches, new_mask, cache.index + mask.shape[1])
+        return (h if return_hidden else embeddings.attend(h)), cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """A `LlamaDecoder` (named `decoder`) with the tied LM head.
+
+    Attributes:
+        config: The model's `LlamaConfig`.
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        cache: Cache | None = None,
+        start: bool = True,
+        return_hidden: bool = False,
+    ) -> jax.Array | tuple[jax.Array, Cache]:
+        """Next-token logits for every position.
+
+        Args:
+            input_ids: `[batch, seq]` int token ids.
+            attention_mask: `[batch, seq]`, 1 for tokens and 0 for padding (left, right or
+                both); all ones when omitted.
+            cache: A `Cache` to read and extend (from `init_cache`), or None for a plain
+                forward pass over `input_ids` alone.
+            start: True when `input_ids` start the sequence (the soft prompt, if any, is
+                prepended); False for a continuation of the cached sequence.
+            return_hidden: Return the final hidden states `[batch, seq, hidden]` (in
+                `config.dtype`) instead of logits, e.g. for a chunked cross-entropy with
+                `lm_logits`, so the `[batch, seq, vocab]` float32 logits never exist at once.
+
+        Returns:
+            float32 logits `[batch, seq, vocab]` (position `t` predicts token `t + 1`), or the
+            hidden states with `return_hidden`; with a cache, `(that, updated cache)`.
+        """
+        out, new_cache = LlamaDecoder(self.config, name="decoder")(
+            input_ids, attention_mask, cache=cache, start=start, return_hidden=return_hidden
+        )
+        return out if cache is None else (out, new_cache)
+
+
+def lm_logits(params: types.Params, hidden: jax.Array) -> jax.Array:
+    """The tied LM head outside the model: `hidden @ embedding.T` in float32.
+
+    Args:
+        params: A `LlamaForCausalLM` tree (with the top-level `decoder`).
+        hidden: `[..., hidden]` from `return_hidden=True`.
+
+    Returns:
+        `[..., vocab]` float32 logits, computed in `hidden`'s dtype as the model does.
+    """
+    table = params["decoder"]["embeddings"]["word_embeddings"]["embedding"]
+    return jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype)).astype(jnp.float32)
+
+
+def num_prompt(params: types.Params) -> int:
+    """Number of soft-prompt rows in a `LlamaForCausalLM` tree (0 without a prompt)."""
+    prompt = params["decoder"]["embeddings"].get(PROMPT)
+    return 0 if prompt is None else int(prompt.shape[0])
+
+
+def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Slash path -> shape of every `LlamaForCausalLM` leaf, computed without tracing.
+
+    (`jax.eval_shape` of `init` gives the same, but traces all layers: seconds for 30 layers.)
+
+    >>> param_shapes(LlamaConfig.tiny())["decoder/layer_0/attention/key/kernel"]
+    (16, 8)
+    """
+    c, d = config, "decoder"
+    shapes = {
+        f"{d}/embeddings/word_embeddings/embedding": (c.vocab_size, c.hidden_size),
+        f"{d}/final_norm/scale": (c.hidden_size,),
+    }
+    for i in range(c.num_layers):
+        layer = f"{d}/layer_{i}"
+        shapes.update(
+            {
+                f"{layer}/attention_norm/scale": (c.hidden_size,),
+                f"{layer}/attention/query/kernel": (c.hidden_size, c.num_heads * c.head_dim),
+                f"{layer}/attention/key/kernel": (c.hidden_size, c.kv_dim),
+                f"{layer}/attention/value/kernel": (c.hidden_size, c.kv_dim),
+                f"{layer}/attention/out/kernel": (c.num_heads * c.head_dim, c.hidden_size),
+                f"{layer}/mlp_norm/scale": (c.hidden_size,),
+                f"{layer}/mlp/gate/kernel": (c.hidden_size, c.intermediate_size),
+                f"{layer}/mlp/up/kernel": (c.hidden_size, c.intermediate_size),
+                f"{layer}/mlp/down/kernel": (c.intermediate_size, c.hidden_size),
+            }
+        )
+    return shapes
+
+
+def stack_layers(params: types.Params) -> dict:
+    """Replaces `decoder/layer_{i}/...` by one `decoder/layers/...` subtree stacked on axis 0.
+
+    The model runs a stacked tree with `nn.scan` over one layer body, so the layer is compiled
+    once instead of `num_layers` times (seconds instead of tens of seconds for SmolLM2's 30
+    layers on a CPU), with the same outputs. Every layer must hold the same leaves (method
+    leaves included: LoRA on all layers stacks, LoRA on some does not). Differentiable: a loss
+    may stack inside, so gradients reach the per-layer leaves.
+
+    Raises:
+        ValueError: no `decoder/layer_0`, or layers with different leaves or shapes (naming
+            the first leaf that differs).
+
+    >>> p = init(LlamaConfig.tiny(), jax.random.key(0))
+    >>> stack_layers(p)["decoder"]["layers"]["mlp"]["up"]["kernel"].shape
+    (2, 16, 32)
+    """
+    decoder = dict(params["decoder"])
+    names = sorted(
+        (k for k in decoder if k.startswith("layer_") and k[6:].isdigit()), key=lambda k: int(k[6:])
+    )
+    if not names or names != [f"layer_{i}" for i in range(len(names))]:
+        raise ValueError(
+            f"stack_layers: expected decoder/layer_0 ... decoder/layer_<n-1>, found {names}."
+        )
+    layers = [decoder.pop(k) for k in names]
+    base = jax.tree_util.tree_structure(layers[0])
+    for i, layer in enumerate(layers[1:], 1):
+        if jax.tree_util.tree_structure(layer) != base or any(
+            jnp.shape(a) != jnp.shape(b)
+            for a, b in zip(jax.tree.leaves(layer), jax.tree.leaves(layers[0]), strict=True)
+        ):
+            from ftlab.core import partition  # noqa: PLC0415
+
+            a, b = partition.flatten(layers[0]), partition.flatten(layer)
+            diff = sorted(set(a) ^ set(b)) or [k for k in a if jnp.shape(a[k]) != jnp.shape(b[k])]
+            raise ValueError(
+                f"stack_layers: decoder/layer_{i} differs from decoder/layer_0 at "
+                f"{diff[0]!r}; only layers with identical leaves can be stacked."
+            )
+    decoder[LAYERS] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return {**params, "decoder": decoder}
+
+
+def unstack_layers(params: types.Params) -> dict:
+    """Inverse of `stack_layers`: `decoder/layers` back to `decoder/layer_{i}`."""
+    decoder = dict(params["decoder"])
+    stacked = decoder.pop(LAYERS)
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n):
+        decoder[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    return {**params, "decoder": decoder}
+
+
+def stack_if_uniform(params: types.Params) -> types.Params:
+    """`stack_layers(params)` when the layers hold identical leaves, else `params` unchanged."""
+    if LAYERS in params["decoder"]:
+        return params
+    try:
+        return stack_layers(params)
+    except ValueError:
+        return params
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def forward(
+    config: LlamaConfig,
+    params: types.Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Compiled `LlamaForCausalLM(config).apply` without a cache: float32 logits.
+
+    Stacks uniform layers first (`stack_if_uniform`), so 30 layers compile as one.
+
+    Args:
+        config: The model's config (static).
+        params: A `LlamaForCausalLM` tree (unrolled or stacked).
+        input_ids: `[batch, seq]` ids.
+        attention_mask: `[batch, seq]` 0/1, all ones when None.
+
+    Returns:
+        `[batch, seq, vocab]` float32 logits.
+    """
+    return LlamaForCausalLM(config).apply(
+        {"params": stack_if_uniform(params)}, input_ids, attention_mask
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init(config: LlamaConfig, rng: types.PRNGKey) -> types.Params:
+    """Random `LlamaForCausalLM` parameters (the `params` collection, without the wrapper).
+
+    Kernels and the embedding are N(0, 0.02^2), norm scales one, as the modules' own
+    initialisers; drawn directly from `param_shapes` in one random call rather than through
+    `Module.init`, which traces the whole forward pass and takes seconds to compile.
+
+    >>> init(LlamaConfig.tiny(), jax.random.key(0))["decoder"]["final_norm"]["scale"].shape
+    (16,)
+    """
+    shapes = param_shapes(config)
+    sizes = [math.prod(s) for s in shapes.values()]
+    noise = 0.02 * jax.random.normal(rng, (sum(sizes),), jnp.float32)
+    flat, start = {}, 0
+    for (path, shape), size in zip(shapes.items(), sizes, strict=True):
+        if path.endswith("/scale"):
+            flat[path] = jnp.ones(shape, jnp.float32)
+        else:
+            flat[path] = noise[start : start + size].reshape(shape)
+        start += size
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, last = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree

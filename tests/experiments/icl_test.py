@@ -1,0 +1,25 @@
+"""End to end: the ICL experiment's quick config writes its results, table, plot and metrics."""
+
+import json
+
+from configs import icl_smollm2
+from experiments.trainers import icl as trainer
+from ftlab.core import metrics as metrics_lib
+
+
+def test_quick_run_writes_results(tmp_path):
+    config = icl_smollm2.get_config("quick,tasks=sentiment")
+    results = trainer.train_and_evaluate(config, str(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["tasks"].keys() == {"sentiment"}
+    shots = saved["tasks"]["sentiment"]["shots"]
+    assert list(shots) == ["0", "1", "2"]
+    assert len(shots["0"]["accuracy_per_draw"]) == 1 and len(shots["2"]["accuracy_per_draw"]) == 2
+    for s in shots.values():
+        assert 0.0 <= s["mean"] <= 1.0 and s["std"] >= 0.0
+    assert saved["tasks"] == results["tasks"]
+    table = (tmp_path / "results.md").read_text()
+    assert table.splitlines()[0] == "| task | majority | k=0 | k=1 | k=2 |"
+    assert (tmp_path / "icl.png").stat().st_size > 1000
+    steps = [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")]
+    assert steps == [0, 1, 2]
