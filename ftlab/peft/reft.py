@@ -175,7 +175,9 @@ def init(
         raise ValueError(
             f"reft.init: {existing[0]} already exists; start from the base parameters."
         )
-    hidden = np.shape(flat[f"{found[int(layers[0])]}/attention/key/kernel"])[1]
+    # The residual stream's width is the key projection's *input* size (its output is narrower
+    # under grouped-query attention, e.g. 192 against 576 in SmolLM2).
+    hidden = np.shape(flat[f"{found[int(layers[0])]}/attention/key/kernel"])[0]
     if rank > hidden:
         raise ValueError(
             f"{what}.rank={rank} exceeds the hidden width {hidden}; R has orthonormal rows, so "

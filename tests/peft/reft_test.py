@@ -138,3 +138,13 @@ def test_apply_errors_name_the_leaf_path(base):
     del params["encoder"]["layer_1"]["reft"]["bias"]
     with pytest.raises(ValueError, match="encoder/layer_1/reft/bias is missing"):
         jax.eval_shape(APPLY, params, _batch(), None)
+
+
+def test_init_sizes_interventions_by_the_residual_width_under_grouped_query_attention():
+    from ftlab.models import llama
+
+    config = llama.LlamaConfig.tiny()  # hidden 16, key/value projections 8 wide (GQA)
+    params = reft.init(llama.init(config, jax.random.key(0)), jax.random.key(1), layers=[0], rank=2)
+    leaves = partition.flatten(reft.adapter(params))
+    widths = {v.shape[-1] for k, v in leaves.items() if v.ndim == 2}
+    assert config.hidden_size in widths and config.kv_dim not in widths, leaves
