@@ -5,6 +5,7 @@ import pytest
 
 from ftlab.core import partition
 from ftlab.models import llama
+from ftlab.peft import qlora
 from third_party import smollm2
 
 TINY = llama.LlamaConfig.tiny(vocab_size=8, num_layers=1, max_position_embeddings=32)
@@ -140,9 +141,15 @@ def test_q4_1_blocks_dequantize_to_the_loaded_kernels(real):
     for leaf in ("decoder/layer_2/attention/key/kernel", "decoder/layer_2/mlp/down/kernel"):
         blocks = smollm2.leaf_q4_1_blocks(f, real.config, leaf)
         assert blocks.quants.dtype == np.uint8 and int(blocks.quants.max()) <= 15
-        np.testing.assert_array_equal(
-            smollm2.dequantize_q4_1(blocks).T, np.asarray(partition.flatten(real.params)[leaf])
-        )
+        kernel = np.asarray(partition.flatten(real.params)[leaf])
+        np.testing.assert_array_equal(smollm2.dequantize_q4_1(blocks).T, kernel)
+        # QLoRA's base is the file's own 4-bit content: re-quantising the loaded kernel gives
+        # the GGUF blocks bit for bit (so LoRA on it and QLoRA train on identical weights)
+        q = qlora.quantize_kernel(kernel)
+        np.testing.assert_array_equal(q["q4_scale"], blocks.scale)
+        np.testing.assert_array_equal(q["q4_min"], blocks.min)
+        packed = blocks.quants[..., :16] | (blocks.quants[..., 16:] << 4)
+        np.testing.assert_array_equal(q["q4_data"], packed.reshape(kernel.shape[1], -1))
     with pytest.raises(smollm2.GGUFFormatError, match="token_embd.weight is Q8_0, not Q4_1"):
         f.q4_1_blocks("token_embd.weight")
 
