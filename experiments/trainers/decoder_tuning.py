@@ -284,6 +284,25 @@ def plot(rows: list[dict], icl_points: dict, path: pathlib.Path, majority: float
     FigureCanvasAgg(fig).print_png(str(path))
 
 
+def report(config, workdir: pathlib.Path, runs: list[dict], *, n_test: int, majority: float):
+    """Writes results.json, results.md and the plot for the runs finished so far."""
+    rows = summarize(runs)
+    points = _icl_points(config.icl_results, config.data.task)
+    results = {
+        "task": config.data.task,
+        "model": config.model.name,
+        "num_test": n_test,
+        "majority_baseline": majority,
+        "rows": rows,
+        "icl": points,
+        "runs": runs,
+    }
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (workdir / "results.md").write_text(table(rows, points))
+    plot(rows, points, workdir / "tuning_vs_icl.png", majority)
+    return rows
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Runs every (method, n, seed) not yet finished, then writes the table and the plot."""
     workdir = pathlib.Path(workdir)
@@ -311,6 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                 r = run_one(config, model, task, data, method, n, seed, steps_cache)
                 path.write_text(json.dumps(r, indent=2) + "\n")
                 runs.append(r)
+                # the report so far, so a long run can be read (and plotted) while it goes on
+                report(config, workdir, runs, n_test=n_test, majority=majority)
                 logging.info(
                     "%s n=%d seed=%d: accuracy %.4f (%d steps, %.0f s, loss %.3f -> %.3f)",
                     method,
@@ -322,19 +343,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                     r["first_loss"],
                     r["last_loss"],
                 )
-    rows = summarize(runs)
-    points = _icl_points(config.icl_results, config.data.task)
-    results = {
-        "task": config.data.task,
-        "model": config.model.name,
-        "num_test": n_test,
-        "majority_baseline": majority,
-        "rows": rows,
-        "icl": points,
-        "runs": runs,
-    }
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (workdir / "results.md").write_text(table(rows, points))
-    plot(rows, points, workdir / "tuning_vs_icl.png", majority)
-    logging.info("tuning vs ICL:\n%s", table(rows, points))
+    rows = report(config, workdir, runs, n_test=n_test, majority=majority)
+    logging.info("tuning vs ICL:\n%s", (workdir / "results.md").read_text())
     return rows
