@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from ftlab import types
+from ftlab.models import hooks
 
 # Added to the attention logits of padded keys. Finite (unlike finfo.min) so a row whose keys are
 # all padding gives a uniform softmax instead of NaN; exp(-1e9) is exactly 0 in float32, so real
@@ -52,23 +53,14 @@ from ftlab import types
 _MASK_VALUE = -1e9
 
 # Leaf names of the structural hook points (see the module docstring).
-PROMPT = "prompt"
-PREFIX_KEY, PREFIX_VALUE = "prefix_key", "prefix_value"
+PROMPT = hooks.PROMPT
+PREFIX_KEY, PREFIX_VALUE = hooks.PREFIX_KEY, hooks.PREFIX_VALUE
 ATTENTION_ADAPTER, OUTPUT_ADAPTER = "attention_adapter", "output_adapter"
-REFT = "reft"
-INTERVENE_METHOD = "intervene"
+REFT = hooks.REFT
+INTERVENE_METHOD = hooks.INTERVENE_METHOD
 
 
-def _scope_path(module: nn.Module) -> str:
-    scope = getattr(module, "scope", None)
-    return "/".join(scope.path) if scope is not None and scope.path else "<root>"
-
-
-def _hook_leaves(module: nn.Module, name: str) -> Any:
-    """The `params` entry `name` of `module` (a leaf or a subtree), or None when absent."""
-    if not module.has_variable("params", name):
-        return None
-    return module.variables["params"][name]
+_scope_path, _hook_leaves = hooks.scope_path, hooks.hook_leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,29 +344,10 @@ class BertSelfAttention(nn.Module):
     def _prefix(self, batch: int) -> tuple[jax.Array, jax.Array] | None:
         """`(keys, values)` `[batch, n_prefix, heads, head_dim]` from the prefix leaves, or None."""
         cfg = self.config
-        key, value = _hook_leaves(self, PREFIX_KEY), _hook_leaves(self, PREFIX_VALUE)
-        if key is None and value is None:
-            return None
-        path = _scope_path(self)
-        if key is None or value is None:
-            missing = PREFIX_KEY if key is None else PREFIX_VALUE
-            raise ValueError(
-                f"{path}/{missing} is missing; prefix tuning needs both {PREFIX_KEY} and "
-                f"{PREFIX_VALUE}. Re-create them with prefix.init(...) and prefix.finalize(...)."
-            )
-        for name, leaf in ((PREFIX_KEY, key), (PREFIX_VALUE, value)):
-            if leaf.ndim != 2 or leaf.shape[1] != cfg.hidden_size or leaf.shape != key.shape:
-                raise ValueError(
-                    f"{path}/{name} has shape {leaf.shape}; {PREFIX_KEY} {key.shape} and "
-                    f"{PREFIX_VALUE} {value.shape} must both be [n_prefix, "
-                    f"hidden={cfg.hidden_size}]."
-                )
-
-        def split(leaf):
-            leaf = leaf.reshape(leaf.shape[0], cfg.num_heads, cfg.head_dim).astype(cfg.dtype)
-            return jnp.broadcast_to(leaf, (batch, *leaf.shape))
-
-        return split(key), split(value)
+        return hooks.prefix_key_values(
+            self, batch, heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
+            width=f"hidden={cfg.hidden_size}",
+        )  # fmt: skip
 
 
 class BertMlp(nn.Module):

@@ -78,29 +78,22 @@ import jax
 import jax.numpy as jnp
 
 from ftlab import types
+from ftlab.models import hooks
 
 # Added to the float32 attention logits of keys a query may not see (padding, the future).
 # Finite so that a fully masked row (a padding query) gives a uniform softmax, not NaN.
 _MASK_VALUE = -1e9
 
 # Leaf names of the structural hook points, shared with `ftlab.models.bert`.
-PROMPT = "prompt"
-PREFIX_KEY, PREFIX_VALUE = "prefix_key", "prefix_value"
-REFT = "reft"
-INTERVENE_METHOD = "intervene"
+PROMPT = hooks.PROMPT
+PREFIX_KEY, PREFIX_VALUE = hooks.PREFIX_KEY, hooks.PREFIX_VALUE
+REFT = hooks.REFT
+INTERVENE_METHOD = hooks.INTERVENE_METHOD
 # Name of the stacked-layers subtree (`stack_layers`).
 LAYERS = "layers"
 
 
-def _scope_path(module: nn.Module) -> str:
-    scope = getattr(module, "scope", None)
-    return "/".join(scope.path) if scope is not None and scope.path else "<root>"
-
-
-def _hook_leaf(module: nn.Module, name: str) -> Any:
-    if not module.has_variable("params", name):
-        return None
-    return module.variables["params"][name]
+_scope_path, _hook_leaf = hooks.scope_path, hooks.hook_leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,29 +398,10 @@ class LlamaAttention(nn.Module):
     def _prefix(self, batch: int) -> tuple[jax.Array, jax.Array] | None:
         """`(keys, values)` `[batch, n_prefix, kv_heads, head_dim]` from the prefix leaves."""
         cfg = self.config
-        key, value = _hook_leaf(self, PREFIX_KEY), _hook_leaf(self, PREFIX_VALUE)
-        if key is None and value is None:
-            return None
-        path = _scope_path(self)
-        if key is None or value is None:
-            missing = PREFIX_KEY if key is None else PREFIX_VALUE
-            raise ValueError(
-                f"{path}/{missing} is missing; prefix tuning needs both {PREFIX_KEY} and "
-                f"{PREFIX_VALUE}."
-            )
-        for name, leaf in ((PREFIX_KEY, key), (PREFIX_VALUE, value)):
-            if leaf.ndim != 2 or leaf.shape[1] != cfg.kv_dim or leaf.shape != key.shape:
-                raise ValueError(
-                    f"{path}/{name} has shape {leaf.shape}; {PREFIX_KEY} {key.shape} and "
-                    f"{PREFIX_VALUE} {value.shape} must both be [n_prefix, kv_heads * head_dim"
-                    f"={cfg.kv_dim}]."
-                )
-
-        def split(leaf):
-            leaf = leaf.reshape(leaf.shape[0], cfg.num_kv_heads, cfg.head_dim).astype(cfg.dtype)
-            return jnp.broadcast_to(leaf, (batch, *leaf.shape))
-
-        return split(key), split(value)
+        return hooks.prefix_key_values(
+            self, batch, heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
+            width=f"kv_heads * head_dim={cfg.kv_dim}",
+        )  # fmt: skip
 
 
 class LlamaMlp(nn.Module):
