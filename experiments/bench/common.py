@@ -73,3 +73,57 @@ def choose_variants(requested: str, known: Iterable[str]) -> list[str]:
             f"--variants: unknown {unknown or '(empty)'}; choose from {', '.join(known)}"
         )
     return [v for v in known if v in asked]
+
+
+def add_rates(
+    lines: list[dict],
+    bench: str,
+    *,
+    baseline: str,
+    speedup_key: str,
+    flops_from: Mapping[str, str] = {},  # noqa: B006 - read only
+) -> list[dict]:
+    """Fills the fields that compare variants of one benchmark run, in place.
+
+    ``gflops`` (``gflop_per_step / median_step_s``), ``matmul_peak_gflops`` (the fastest
+    ``matmul_peak`` line on the same platform), ``fraction_of_matmul_peak`` and ``speedup_key``
+    (``baseline``'s median step over this one's). A variant named in ``flops_from`` does the same
+    math as the variant it maps to, so it takes that one's XLA count (torch and PEFT have no cost
+    analysis; a bf16 or Q4 step is the fp32 step's FLOPs with other storage), or its own
+    ``analytic_gflop_per_step`` when that variant did not run. A ratio whose reference did not run
+    is None.
+
+    Args:
+      lines: the children's results.
+      bench: the ``bench`` field of the step lines to fill.
+      baseline: the variant the speedups are relative to.
+      speedup_key: the name of the speedup field, e.g. ``speedup_vs_peft``.
+      flops_from: variant -> the variant whose ``gflop_per_step`` stands for its own.
+
+    Returns:
+      ``lines``.
+    """
+    steps = {x["variant"]: x for x in lines if x["bench"] == bench}
+    peaks: dict[str, float] = {}
+    for x in lines:
+        if x["bench"] == "matmul_peak":
+            peaks[x["platform"]] = max(peaks.get(x["platform"], 0.0), x["gflops"])
+    reference = steps.get(baseline)
+    for name, x in steps.items():
+        if name in flops_from:
+            source = steps.get(flops_from[name], {})
+            if source.get("gflop_per_step"):
+                x["gflop_per_step"] = source["gflop_per_step"]
+                x["gflop_source"] = f"xla_cost_analysis of {flops_from[name]}"
+            else:
+                x["gflop_per_step"] = x.get("analytic_gflop_per_step")
+                x["gflop_source"] = f"analytic ({flops_from[name]} did not run)"
+        gflop = x.get("gflop_per_step")
+        x["gflops"] = None if gflop is None else gflop / x["median_step_s"]
+        peak = peaks.get(x["platform"])
+        x["matmul_peak_gflops"] = peak
+        x["fraction_of_matmul_peak"] = None if not (peak and x["gflops"]) else x["gflops"] / peak
+        x[speedup_key] = (
+            None if reference is None else reference["median_step_s"] / x["median_step_s"]
+        )
+    return lines

@@ -169,7 +169,8 @@ def _bench_ftlab(variant: str, *, batch: int, seq: int, layers: int, warmup: int
     return {
         **base_bench._timing_fields(times),
         "compile_s": compile_s,
-        "xla_gflop_per_step": None if flops is None else flops / 1e9,
+        "gflop_per_step": None if flops is None else flops / 1e9,
+        "gflop_source": "xla_cost_analysis",
         "base_mib": base_bytes / 2**20,
         "peak_rss_mib": base_bench._peak_rss_mib(),
         "device_peak_mib": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
@@ -259,19 +260,19 @@ def _run_variant(variant: str) -> None:
 
 
 def add_ratios(lines: list[dict]) -> list[dict]:
-    """Speedup over PEFT, XLA's FLOP count per step, and the fraction of the matmul peak."""
-    steps = {x["variant"]: x for x in lines if x["bench"] == _BENCH}
-    peft_line, fp32 = steps.get("peft_lora"), steps.get("ftlab_lora")
-    gflop = fp32.get("xla_gflop_per_step") if fp32 else None
-    peak = max((x["gflops"] for x in lines if x["bench"] == "matmul_peak"), default=None)
-    for x in steps.values():
-        x["speedup_vs_peft"] = (
-            peft_line["median_step_s"] / x["median_step_s"] if peft_line else None
-        )
-        x["gflops"] = gflop / x["median_step_s"] if gflop else None
-        x["matmul_peak_gflops"] = peak
-        x["fraction_of_matmul_peak"] = x["gflops"] / peak if (peak and x["gflops"]) else None
-    return lines
+    """Speedup over PEFT, FLOP rate and fraction of the matmul peak (in place).
+
+    Every variant does the fp32 LoRA step's math (bf16 and Q4 change only the storage), so XLA's
+    count for ``ftlab_lora`` stands for all of them.
+    """
+    same_math = ("ftlab_lora_bf16", "ftlab_qlora", "peft_lora")
+    return common.add_rates(
+        lines,
+        _BENCH,
+        baseline="peft_lora",
+        speedup_key="speedup_vs_peft",
+        flops_from={v: "ftlab_lora" for v in same_math},
+    )
 
 
 def _run_parent() -> int:

@@ -285,41 +285,20 @@ def _run_variant(variant: str) -> None:
 
 
 def add_ratios(lines: list[dict]) -> list[dict]:
-    """Fills the fields that compare variants: FLOP rate, fraction of peak, speedup over PEFT.
+    """FLOP rate, fraction of peak, speedup over PEFT, and LoRA's memory against full FT's.
 
-    Args:
-      lines: the children's results (``bench`` is ``matmul_peak`` or ``lora_train_step``).
-
-    Returns:
-      The same dicts, updated in place. A ratio whose reference did not run is None.
+    PEFT's step is the same math as ftlab's LoRA step, so XLA's count for that step stands for it.
+    Updates ``lines`` in place; a ratio whose reference did not run is None.
     """
-    steps = {x["variant"]: x for x in lines if x["bench"] == _BENCH}
-    peft_lora, ftlab_lora, ftlab_full = (
-        steps.get(v) for v in ("peft_lora", "ftlab_lora", "ftlab_full")
+    common.add_rates(
+        lines,
+        _BENCH,
+        baseline="peft_lora",
+        speedup_key="speedup_vs_peft",
+        flops_from={"peft_lora": "ftlab_lora"},
     )
-    peaks: dict[str, float] = {}
-    for x in lines:
-        if x["bench"] == "matmul_peak":
-            peaks[x["platform"]] = max(peaks.get(x["platform"], 0.0), x["gflops"])
-    for x in steps.values():
-        if x["impl"] == "peft":
-            # Same math as ftlab's LoRA step, so XLA's count for that step stands for PEFT's too.
-            if ftlab_lora and ftlab_lora.get("gflop_per_step"):
-                x["gflop_per_step"] = ftlab_lora["gflop_per_step"]
-                x["gflop_source"] = "xla_cost_analysis of ftlab lora"
-            else:
-                x["gflop_per_step"] = x["analytic_gflop_per_step"]
-                x["gflop_source"] = "analytic (ftlab_lora did not run)"
-            x["xla_temp_mib"] = None
-        gflop = x.get("gflop_per_step")
-        x["gflops"] = None if gflop is None else gflop / x["median_step_s"]
-        # Peak of the matmuls on the same kind of device (one and the same on a CPU-only run).
-        peak = peaks.get(x["platform"])
-        x["matmul_peak_gflops"] = peak
-        x["fraction_of_matmul_peak"] = None if not (peak and x["gflops"]) else x["gflops"] / peak
-        x["speedup_vs_peft"] = (
-            None if peft_lora is None else peft_lora["median_step_s"] / x["median_step_s"]
-        )
+    steps = {x["variant"]: x for x in lines if x["bench"] == _BENCH}
+    ftlab_lora, ftlab_full = steps.get("ftlab_lora"), steps.get("ftlab_full")
     if ftlab_lora is not None:
         full_ok = ftlab_full is not None
         ftlab_lora["memory_vs_full"] = (

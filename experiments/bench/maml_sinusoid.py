@@ -30,7 +30,10 @@ Measured 2026-11-23 on the 2-core CPU VM (jax 0.10.2, torch 2.13.0+cpu, higher 0
 ``python -m experiments.bench.maml_sinusoid --steps=20 --warmup=3 --torch_threads=1`` (torch
 with 2 threads on this shared machine was 8-10x slower than with 1). Median ms per meta-step:
 
-  load ~4 (02:08 UTC)    ftlab   higher   torch.func   vs higher   vs torch.func
+  quiet (04:03 UTC)      ftlab   higher   torch.func   vs higher   vs torch.func
+  1 inner step           1.12    72.7     5.54         65x         5.0x
+  5 inner steps          3.82    177.3    18.3         46x         4.8x
+  load ~4 (02:08 UTC)
   1 inner step           1.58    113.1    8.80         72x         5.6x
   5 inner steps          5.49    314.4    36.0         57x         6.6x
   load ~17-20 (01:37)
@@ -38,8 +41,8 @@ with 2 threads on this shared machine was 8-10x slower than with 1). Median ms p
   5 inner steps          6.4     1335     71.0         209x        11.1x
 
 ``first_step_loss`` agreed to 6 digits across the three (5.644067 and 5.444162). The 10x target
-holds against higher; against torch.func it holds only on the busy machine (on the quieter one
-ftlab is 5.6-6.6x faster). Unrolling the inner `lax.scan` or single-threaded Eigen did not help.
+holds against higher; against torch.func it holds only on the busy machine (on the quiet one
+ftlab is 4.8-5.0x faster). Unrolling the inner `lax.scan` or single-threaded Eigen did not help.
 """
 
 from __future__ import annotations

@@ -505,41 +505,17 @@ def _run_variant(variant: str) -> None:
 
 
 def add_ratios(lines: list[dict]) -> list[dict]:
-    """Fills the fields that compare variants: FLOP rate, fraction of peak, speedup over torch.
+    """FLOP rate, fraction of the matmul peak and speedup over torch's full FT (in place).
 
-    Args:
-      lines: the children's results (``bench`` is ``matmul_peak`` or ``minilm_train_step``).
-
-    Returns:
-      The same dicts, updated in place. A ratio whose reference did not run is None.
+    torch's step is the same math as ftlab's full FT, so XLA's count for that step stands for it.
     """
-    steps = [x for x in lines if x["bench"] == "minilm_train_step"]
-    torch_full = next((x for x in steps if x["impl"] == "torch" and x["method"] == "full"), None)
-    ftlab_full = next((x for x in steps if x["impl"] == "ftlab" and x["method"] == "full"), None)
-    peaks: dict[str, float] = {}
-    for x in lines:
-        if x["bench"] == "matmul_peak":
-            peaks[x["platform"]] = max(peaks.get(x["platform"], 0.0), x["gflops"])
-    for x in steps:
-        if x["impl"] == "torch":
-            # Same math as ftlab's full FT, so XLA's count for that step stands for torch's too.
-            if ftlab_full and ftlab_full.get("gflop_per_step"):
-                x["gflop_per_step"] = ftlab_full["gflop_per_step"]
-                x["gflop_source"] = "xla_cost_analysis of ftlab full"
-            else:
-                x["gflop_per_step"] = x["analytic_gflop_per_step"]
-                x["gflop_source"] = "analytic (ftlab_full did not run)"
-            x["xla_temp_mib"] = None
-        gflop = x.get("gflop_per_step")
-        x["gflops"] = None if gflop is None else gflop / x["median_step_s"]
-        # Peak of the matmuls on the same kind of device (one and the same on a CPU-only run).
-        peak = peaks.get(x["platform"])
-        x["matmul_peak_gflops"] = peak
-        x["fraction_of_matmul_peak"] = None if not (peak and x["gflops"]) else x["gflops"] / peak
-        x["speedup_vs_torch"] = (
-            None if torch_full is None else torch_full["median_step_s"] / x["median_step_s"]
-        )
-    return lines
+    return common.add_rates(
+        lines,
+        "minilm_train_step",
+        baseline="torch_full",
+        speedup_key="speedup_vs_torch",
+        flops_from={"torch_full": "ftlab_full"},
+    )
 
 
 def _run_parent() -> int:

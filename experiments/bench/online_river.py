@@ -24,12 +24,12 @@ Each ftlab variant is compiled ahead of time, run `--warmup` times, then timed `
 stdout and to `--out`, with `speedup_vs_river` = river's median time / this variant's (per
 learner-example for ftlab_vmap).
 
-Measured 2026-11-23 on the 2-core CPU VM while other jobs kept its load average at 13-16, so the
-numbers are noisy and pessimistic (`python -m experiments.bench.online_river`, lr 0.01):
-river 43.7k examples/s (median of 3); ftlab_full 2.47M/s median, 3.14M/s best of 20
-(speedup_vs_river 57x median; the >= 200x target was NOT met here); ftlab_bare 6.6M/s median,
-25M/s best (151x median); ftlab_vmap 63 learners 3.1M learner-examples/s (70x). Progressive
-accuracy 0.99621 for both river and ftlab (final weights within 1e-5 of river's).
+Measured 2026-11-23 04:22 UTC on the 2-core CPU VM with the other jobs paused
+(`python -m experiments.bench.online_river`, lr 0.01): river 150k examples/s (median of 3; 73k in
+an earlier quiet run); ftlab_full 9.2M/s (speedup_vs_river 62x; the >= 200x target is NOT met);
+ftlab_bare 25.0M/s (167x); ftlab_vmap 63 learners 10.5M learner-examples/s (70x). Progressive
+accuracy 0.99621 for both river and ftlab (final weights within 1e-5 of river's). See
+experiments/bench/RESULTS.md.
 """
 
 from __future__ import annotations

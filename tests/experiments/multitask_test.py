@@ -98,3 +98,25 @@ def test_minibatches_draw_only_real_rows_of_each_task():
     np.testing.assert_array_equal(batch["x"][..., 0], batch["y"])  # rows stay whole
     for t, n in enumerate(counts):
         assert set(batch["y"][t].tolist()) == {10.0 * t + i for i in range(n)}
+
+
+def test_one_lora_per_task_on_text_keeps_the_encoder_and_counts_its_leaves(tmp_path):
+    # The Rotten Tomatoes path on a random 2-layer BERT: LoRA + head per task vs one shared LoRA.
+    from configs import multitask_rotten_tomatoes
+
+    config = multitask_rotten_tomatoes.get_config("tiny")
+    out = trainer.train_and_evaluate(config, str(tmp_path))
+    assert out["task_names"] == ["sentiment", "subjectivity"]
+    assert out["test_counts"] == [24, 24]
+    per_task, shared = out["methods"]["lora_per_task"], out["methods"]["lora_shared"]
+    assert per_task["frozen_bit_identical"] and shared["frozen_bit_identical"]
+    # per task: T x (LoRA + head); shared: LoRA + T x head, with T = 2 tasks. The tiny BERT has
+    # width 16 and 2 layers: LoRA on query and value is 2 x 2 x rank x (16 + 16), a head 16 x 2 + 2.
+    lora_params, head_params = 2 * 2 * config.peft.rank * (16 + 16), 16 * 2 + 2
+    assert per_task["trainable_params"] == 2 * (lora_params + head_params)
+    assert shared["trainable_params"] == lora_params + 2 * head_params
+    for r in (per_task, shared):
+        assert all(0 <= a <= 1 for a in r["per_task"]["accuracy"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| lora_per_task |" in table and "| lora_shared |" in table
+    assert (tmp_path / "per_task.png").stat().st_size > 1000

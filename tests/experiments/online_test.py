@@ -41,3 +41,39 @@ def test_quick_run_writes_consistent_results(results):
     lines = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
     assert lines[-1]["step"] == 300
     np.testing.assert_allclose(lines[-1]["online/accuracy"], results["progressive/accuracy"])
+
+
+def test_minilm_stream_embeds_each_snippet_as_an_unpadded_batch_would(minilm):
+    # 5 snippets in batches of 2: the last batch is padded with a dummy row that must not leak.
+    from configs import online_minilm
+    from ftlab.data import rotten_tomatoes, text
+    from ftlab.models import bert
+
+    config = online_minilm.get_config("quick")
+    config.data.limit, config.data.embed_batch_size, config.data.max_length = 5, 2, 16
+    x, y = trainer.embed_rotten_tomatoes(config)
+    split = rotten_tomatoes.load(task="sentiment", seed=0, limit=5)["train"]
+    np.testing.assert_array_equal(y, split.label)
+    tokens = text.encode(minilm.tokenizer(16), split.text, max_length=16)
+    want = bert.encode_sentences(
+        minilm.config, minilm.params, tokens["input_ids"], tokens["attention_mask"]
+    )
+    assert x.shape == (5, 384) and x.dtype == np.float32
+    np.testing.assert_allclose(x, want, atol=2e-6)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-6)
+
+
+def test_minilm_quick_run_matches_river_on_the_same_embeddings(tmp_path):
+    from configs import online_minilm
+
+    results = trainer.train_and_evaluate(online_minilm.get_config("quick"), str(tmp_path))
+    assert results["examples"] == 64
+    river = results["river/same_features"]
+    np.testing.assert_allclose(river["accuracy"], results["progressive/accuracy"], atol=1e-6)
+    np.testing.assert_allclose(river["log_loss"], results["progressive/log_loss"], rtol=1e-4)
+    np.testing.assert_allclose(
+        results["regret/values"][-1],
+        results["cumulative_loss"] - results["best_fixed/total_loss"],
+        rtol=1e-5,
+    )
+    assert results["best_fixed/grad_norm"] < results["best_fixed/tol"]
