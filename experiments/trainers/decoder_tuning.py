@@ -55,6 +55,10 @@ def add_method(config: ml_collections.ConfigDict, method: str, params, rng):
         params = prompt.init(params, rng, length=p.length)
         return params, prompt.rules(), (lambda f: f), (lambda t: t)
     if method == "prefix":
+        # prefix.init finds the layers by their `layer_<i>` paths: unstack the scanned layers
+        # (the loss stacks them again, prefixes included, so the step still compiles one layer).
+        if llama.LAYERS in params["decoder"]:
+            params = llama.unstack_layers(params)
         params = prefix.init(params, rng, length=p.length, hidden_mlp=p.prefix_hidden_mlp)
         return params, prefix.rules(), prefix.wrap_apply, prefix.finalize
     if method in ("lora", "qlora"):
@@ -84,6 +88,7 @@ def make_loss_fn(model_config: llama.LlamaConfig, wrap):
     module = llama.LlamaForCausalLM(model_config)
 
     def hidden_fn(params, ids, mask):
+        params = llama.stack_if_uniform(params)  # differentiable: gradients reach every layer
         return module.apply({"params": params}, ids, mask, return_hidden=True)
 
     hidden_fn = wrap(hidden_fn)

@@ -25,3 +25,36 @@ def test_quick_run_trains_every_method_and_resumes(tmp_path):
     before = (tmp_path / "runs" / "qlora_n4_s0.json").read_text()
     decoder_tuning.train_and_evaluate(config, str(tmp_path))
     assert (tmp_path / "runs" / "qlora_n4_s0.json").read_text() == before
+
+
+def test_prefix_tuning_trains_on_the_stacked_decoder_tree():
+    # The trainer holds SmolLM2 with its layers stacked for nn.scan; prefix.init needs them one
+    # by one, and the loss stacks them again. The loss must equal the unstacked model's.
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from ftlab.models import llama
+
+    cfg = llama.LlamaConfig.tiny()
+    plain = llama.init(cfg, jax.random.key(0))
+    config = ml_collections.ConfigDict({"peft": {"length": 3, "prefix_hidden_mlp": 8}})
+    params, _, wrap, to_plain = decoder_tuning.add_method(
+        config, "prefix", llama.stack_layers(plain), jax.random.key(1)
+    )
+    same, _, _, _ = decoder_tuning.add_method(config, "prefix", plain, jax.random.key(1))
+    batch = {
+        "input_ids": jnp.array([[1, 2, 3, 4], [5, 6, 7, 0]]),
+        "attention_mask": jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        "target": jnp.array([3, 4]),
+        "label_ids": jnp.array([3, 4]),
+        "label": jnp.array([0, 1]),
+    }
+    loss_fn = decoder_tuning.make_loss_fn(cfg, wrap)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
+    np.testing.assert_allclose(loss, loss_fn(same, batch, None)[0], rtol=1e-6)
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads["prefix_mlp"]))
+    final = to_plain(params)
+    assert "prefix_mlp" not in final
+    assert final["decoder"]["layer_1"]["attention"]["prefix_key"].shape == (3, cfg.kv_dim)
