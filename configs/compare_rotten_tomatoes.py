@@ -9,6 +9,10 @@ table (Markdown + JSON) and the accuracy-vs-trainable-parameters plot are writte
 Options: quick (few steps on the real model, one lr per method), tiny (random tiny model; tests),
 sweep=False (only the middle learning rate of each sweep: each method's default in
 configs/finetune_minilm.py; a third of the CPU time).
+
+Measured with sweep=False (2026-11-22/23, 2-core CPU VM, seed 0; the table is in README.md):
+test accuracy linear probe 75.41%, prompt 78.61%, IA3 79.08%, BitFit 77.75%, LoReFT 77.36%,
+LoRA 80.02%, DoRA 79.94%, adapters 80.80%, prefix 77.60%, full fine-tuning 80.25%.
 """
 
 import ml_collections
