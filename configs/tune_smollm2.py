@@ -76,7 +76,7 @@ def get_config(arg=None):
     config.optim.max_steps = 2 if opts.quick else 96
     # constant AdamW learning rate per method (one compiled step serves every n)
     config.optim.lr = ml_collections.ConfigDict(
-        {"prompt": 3e-2, "prefix": 3e-3, "lora": 1e-3, "qlora": 1e-3}
+        {"prompt": 3e-2, "prefix": 3e-4, "lora": 1e-3, "qlora": 1e-3}
     )
     # ICL results of configs/icl_smollm2.py to draw beside the tuning curves ("" for none)
     config.icl_results = "" if opts.quick else "runs/icl_smollm2/results.json"
