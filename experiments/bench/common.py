@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import pathlib
+import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 from absl import logging
 
@@ -127,3 +129,30 @@ def add_rates(
             None if reference is None else reference["median_step_s"] / x["median_step_s"]
         )
     return lines
+
+
+def time_calls(fn: Callable[[], object], *, warmup: int, reps: int) -> list[float]:
+    """Wall-clock seconds of each of ``reps`` calls of ``fn`` after ``warmup`` untimed calls.
+
+    ``fn`` must return only once its work is finished (block_until_ready for JAX).
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def timing_fields(times: list[float]) -> dict:
+    """The step-time fields every step benchmark reports: median, rate, range, count."""
+    median = statistics.median(times)
+    return {
+        "median_step_s": median,
+        "steps_per_s": 1.0 / median,
+        "min_step_s": min(times),
+        "max_step_s": max(times),
+        "timed_steps": len(times),
+    }

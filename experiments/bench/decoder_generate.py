@@ -68,14 +68,7 @@ def _time(fn, repeats, warmup):
     start = time.perf_counter()
     fn()
     compile_s = time.perf_counter() - start
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return compile_s, statistics.median(times)
+    return compile_s, statistics.median(common.time_calls(fn, warmup=warmup, reps=repeats))
 
 
 def _run_ftlab(batch, settings):

@@ -160,14 +160,14 @@ def _bench_ftlab(variant: str, *, batch: int, seq: int, layers: int, warmup: int
         holder["state"], holder["metrics"] = compiled(holder["state"], device_batch)
         jax.block_until_ready(holder["metrics"])
 
-    times = base_bench._time_calls(one_step, warmup=warmup, reps=steps)
+    times = common.time_calls(one_step, warmup=warmup, reps=steps)
     loss = float(holder["metrics"]["train/loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"{variant}: loss {loss}")
     device = jax.devices()[0]
     stats = getattr(device, "memory_stats", lambda: None)() or {}
     return {
-        **base_bench._timing_fields(times),
+        **common.timing_fields(times),
         "compile_s": compile_s,
         "gflop_per_step": None if flops is None else flops / 1e9,
         "gflop_source": "xla_cost_analysis",
@@ -227,9 +227,9 @@ def _bench_peft(*, batch: int, seq: int, layers: int, warmup: int, steps: int, t
             torch.cuda.synchronize()
         holder["loss"] = float(loss)
 
-    times = base_bench._time_calls(one_step, warmup=warmup, reps=steps)
+    times = common.time_calls(one_step, warmup=warmup, reps=steps)
     return {
-        **base_bench._timing_fields(times),
+        **common.timing_fields(times),
         "peak_rss_mib": base_bench._peak_rss_mib(),
         "device_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

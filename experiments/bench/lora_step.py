@@ -207,7 +207,7 @@ def _bench_peft(
         schedule.step()
         losses.append(loss.item())  # also a sync point, were this ever a GPU
 
-    times = base._time_calls(one_step, warmup=warmup, reps=steps)
+    times = common.time_calls(one_step, warmup=warmup, reps=steps)
     if not math.isfinite(losses[-1]):
         raise FloatingPointError(f"peft lora: loss is {losses[-1]} after the timed steps")
     enc = {
@@ -221,7 +221,7 @@ def _bench_peft(
         "config": _CONFIGS["lora"],
         "batch": batch,
         "seq": seq,
-        **base._timing_fields(times),
+        **common.timing_fields(times),
         "warmup_steps": warmup,
         "compile_s": None,
         "analytic_gflop_per_step": analytic_gflop(

@@ -51,7 +51,6 @@ import importlib.metadata
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,8 @@ import time
 
 import numpy as np
 from absl import app, flags, logging
+
+from experiments.bench import common
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 IMPLS = ("ftlab", "higher", "torchfunc")
@@ -84,22 +85,8 @@ def _cores() -> int:
 
 
 def _time(step, *, steps: int, warmup: int, sync=lambda out: None) -> dict:
-    for _ in range(warmup):
-        sync(step())
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        sync(step())
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {
-        "median_step_s": med,
-        "steps_per_s": 1.0 / med,
-        "min_step_s": min(times),
-        "max_step_s": max(times),
-        "timed_steps": steps,
-        "warmup_steps": warmup,
-    }
+    times = common.time_calls(lambda: sync(step()), warmup=warmup, reps=steps)
+    return {**common.timing_fields(times), "warmup_steps": warmup}
 
 
 # -- ftlab --------------------------------------------------------------------------------------

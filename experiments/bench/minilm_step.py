@@ -102,32 +102,6 @@ def _peak_rss_mib() -> float:
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
 
 
-def _time_calls(fn: Callable[[], object], *, warmup: int, reps: int) -> list[float]:
-    """Wall-clock seconds of each of ``reps`` calls of ``fn`` after ``warmup`` untimed calls.
-
-    ``fn`` must return only once its work is finished (block_until_ready for JAX).
-    """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _timing_fields(times: list[float]) -> dict:
-    median = statistics.median(times)
-    return {
-        "median_step_s": median,
-        "steps_per_s": 1.0 / median,
-        "min_step_s": min(times),
-        "max_step_s": max(times),
-        "timed_steps": len(times),
-    }
-
-
 def _synthetic_batch(batch: int, seq: int, *, seed: int = 0) -> dict:
     """A fixed batch shaped like tokenized text: [CLS] words [SEP] then [PAD]s, lengths seq/2..seq.
 
@@ -271,7 +245,7 @@ def _bench_ftlab(
         jax.block_until_ready((new_state, metrics))
         holder["state"], holder["metrics"] = new_state, metrics
 
-    times = _time_calls(one_step, warmup=warmup, reps=steps)
+    times = common.time_calls(one_step, warmup=warmup, reps=steps)
     loss = float(jax.device_get(holder["metrics"]["train/loss"]))
     if not np.isfinite(loss):
         raise FloatingPointError(f"ftlab {method}: train/loss is {loss} after the timed steps")
@@ -299,7 +273,7 @@ def _bench_ftlab(
         "config": configs[method],
         "batch": batch,
         "seq": seq,
-        **_timing_fields(times),
+        **common.timing_fields(times),
         "warmup_steps": warmup,
         "compile_s": compile_s,
         "gflop_per_step": None if flops is None else flops / 1e9,
@@ -329,7 +303,7 @@ def _bench_matmul_jax(*, n: int, reps: int) -> dict:
     a = jax.random.normal(ka, (n, n), jnp.float32)
     b = jax.random.normal(kb, (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
-    times = _time_calls(lambda: matmul(a, b).block_until_ready(), warmup=2, reps=reps)
+    times = common.time_calls(lambda: matmul(a, b).block_until_ready(), warmup=2, reps=reps)
     device = jax.devices()[0]
     return {
         "n": n,
@@ -370,7 +344,7 @@ def _bench_matmul_torch(*, n: int, reps: int, threads: int) -> dict:
     a = torch.randn(n, n, generator=gen, dtype=torch.float32)
     b = torch.randn(n, n, generator=gen, dtype=torch.float32)
     out = torch.empty(n, n, dtype=torch.float32)
-    times = _time_calls(lambda: torch.mm(a, b, out=out), warmup=2, reps=reps)
+    times = common.time_calls(lambda: torch.mm(a, b, out=out), warmup=2, reps=reps)
     return {
         "n": n,
         "median_s": statistics.median(times),
@@ -444,7 +418,7 @@ def _bench_torch(
         schedule.step()
         losses.append(loss.item())  # also a sync point, were this ever a GPU
 
-    times = _time_calls(one_step, warmup=warmup, reps=steps)
+    times = common.time_calls(one_step, warmup=warmup, reps=steps)
     if not math.isfinite(losses[-1]):
         raise FloatingPointError(f"torch full: loss is {losses[-1]} after the timed steps")
     enc = {
@@ -456,7 +430,7 @@ def _bench_torch(
         "method": "full",
         "batch": batch,
         "seq": seq,
-        **_timing_fields(times),
+        **common.timing_fields(times),
         "warmup_steps": warmup,
         "compile_s": None,
         "analytic_gflop_per_step": _analytic_for(config, "full", batch, seq, enc),
