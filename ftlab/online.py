@@ -510,10 +510,11 @@ def run(
         x, y, v = inputs if b > 1 else (a[None] for a in inputs)
         params = _cast(held, jnp.float32)
         out = forward(params, x)
-        # The comparator's output is formed here too, in the same shapes as the learner's, so
-        # that a learner holding the comparator's parameters has regret exactly 0.
-        emit = (out, None if comparator is None else forward(comparator, x))
-        if not per_step:
+        if per_step:
+            # The comparator's output is formed here too, in the same shapes as the learner's,
+            # so that a learner holding the comparator's parameters has regret exactly 0.
+            emit = (out, None if comparator is None else forward(comparator, x))
+        else:
             sums, emit = sums + jnp.sum(metric_terms(out, y, v)[1], axis=0), None
         if delay:
             slot = t % delay
