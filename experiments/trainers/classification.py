@@ -280,12 +280,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             continue  # no host sync between checks: the host runs ahead of the device
         # Check every step since the last check before anything is logged or saved, so a
         # checkpoint never holds parameters that came from a non-finite update.
-        history = jax.device_get(pending)
-        pending = []
-        for i, m in enumerate(history):
-            metrics_lib.check_finite(m, step=done - len(history) + i + 1, last_good_step=last_good)
+        history, pending = jax.device_get(pending), []
+        logged = metrics_lib.checked_mean(history, last_step=done, last_good_step=last_good)
         last_good = done
-        logged = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
         now = time.perf_counter()
         logged["train/steps_per_sec"] = (done - tick_step) / max(now - tick, 1e-9)
         if eval_now:

@@ -304,12 +304,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         save_now = ckpt.should_save(done) or done == stop
         if not (log_now or eval_now or save_now):
             continue
-        history = jax.device_get(pending)
-        pending = []
-        for i, m in enumerate(history):
-            metrics_lib.check_finite(m, step=done - len(history) + i + 1, last_good_step=last_good)
+        history, pending = jax.device_get(pending), []
+        logged = metrics_lib.checked_mean(history, last_step=done, last_good_step=last_good)
         last_good = done
-        logged = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
         now = time.perf_counter()
         logged["train/steps_per_sec"] = (done - tick_step) / max(now - tick, 1e-9)
         train_time += now - tick

@@ -27,7 +27,7 @@ import pathlib
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Self, TextIO
 
 import numpy as np
@@ -96,6 +96,29 @@ def check_finite(metrics: Mapping[str, Any], *, step: int, last_good_step: int |
         step=step,
         last_good_step=last_good_step,
     )
+
+
+def checked_mean(
+    history: Sequence[Mapping[str, Any]], *, last_step: int, last_good_step: int | None
+) -> dict[str, float]:
+    """The mean of each metric over consecutive steps, after `check_finite` on every one.
+
+    Args:
+        history: One metrics dict per step (already on the host, e.g. `jax.device_get` of the
+            steps run since the last check), the last one for `last_step`.
+        last_step: The step of `history[-1]`.
+        last_good_step: The last step that passed the check before these.
+
+    Raises:
+        NonFiniteMetricError: For the first step with a NaN or infinite metric.
+
+    >>> checked_mean([{"loss": 1.0}, {"loss": 3.0}], last_step=4, last_good_step=2)
+    {'loss': 2.0}
+    """
+    for i, metrics in enumerate(history):
+        step = last_step - len(history) + i + 1
+        check_finite(metrics, step=step, last_good_step=last_good_step)
+    return {k: float(np.mean([m[k] for m in history])) for k in history[0]}
 
 
 class MetricWriter:
