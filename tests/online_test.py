@@ -313,3 +313,20 @@ def test_softmax_and_regression_models_match_numpy():
     errors = np.asarray(result.metrics["prediction"]) - y
     np.testing.assert_allclose(result.metrics["mae"][-1], np.mean(np.abs(errors)), rtol=1e-5)
     np.testing.assert_allclose(result.metrics["rmse"][-1], np.sqrt(np.mean(errors**2)), rtol=1e-5)
+
+
+def test_compiler_options_change_speed_not_numbers(model):
+    """`run` compiled with `online.compiler_options()` gives the default compile's numbers."""
+    x, y = _logistic_stream(T, D, seed=7)
+    stream = online.prepare(x, y, model=model)
+    u = {"w": jnp.full((D,), 0.3), "b": jnp.float32(-0.1)}
+
+    def fn(s):
+        return online.run(model, model.init(), s, learner=online.ogd(0.2), comparator=u)
+
+    options = online.compiler_options()
+    assert set(options) <= {"xla_cpu_use_fusion_emitters"}
+    assert online.compiler_options("gpu") == {}
+    chex.assert_trees_all_equal(
+        jax.jit(fn, compiler_options=options)(stream).metrics, jax.jit(fn)(stream).metrics
+    )

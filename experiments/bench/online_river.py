@@ -24,12 +24,13 @@ Each ftlab variant is compiled ahead of time, run `--warmup` times, then timed `
 stdout and to `--out`, with `speedup_vs_river` = river's median time / this variant's (per
 learner-example for ftlab_vmap).
 
-Measured 2026-11-23 04:22 UTC on the 2-core CPU VM with the other jobs paused
-(`python -m experiments.bench.online_river`, lr 0.01): river 150k examples/s (median of 3; 73k in
-an earlier quiet run); ftlab_full 9.2M/s (speedup_vs_river 62x; the >= 200x target is NOT met);
-ftlab_bare 25.0M/s (167x); ftlab_vmap 63 learners 10.5M learner-examples/s (70x). Progressive
-accuracy 0.99621 for both river and ftlab (final weights within 1e-5 of river's). See
-experiments/bench/RESULTS.md.
+Measured 2026-11-23 06:52 UTC on the 2-core CPU VM with the other jobs paused
+(`python -m experiments.bench.online_river --repeats=40`, lr 0.01): river 156k examples/s
+(median of 3; river is bimodal here, 314 or 619 ms a pass); ftlab_full 13.8M/s with
+`online.compiler_options()` (speedup_vs_river 88x, 160x against the slow river mode; the >= 200x
+target is NOT met); ftlab_bare 25.2M/s (161x); ftlab_vmap 63 learners 12.6M learner-examples/s
+(81x). Progressive accuracy 0.99621 for both river and ftlab (final weights within 1e-5 of
+river's). See experiments/bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -145,9 +146,14 @@ def main(argv):
         }
     )
 
-    def aot(fn, *args):
+    # One learner (`online.run`, and the bare scan beside it) is compiled with
+    # `online.compiler_options()` (the classic fusion emitter on CPU); the vmapped sweep with
+    # XLA's defaults, which suit its [learners, T] metric pass better.
+    run_options = online.compiler_options()
+
+    def aot(fn, *args, options=None):
         start = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
+        compiled = jax.jit(fn, compiler_options=options).lower(*args).compile()
         compile_s = time.perf_counter() - start
         for _ in range(_WARMUP.value):
             jax.block_until_ready(compiled(*args))
@@ -158,6 +164,7 @@ def main(argv):
         lambda s, u: online.run(model, model.init(), s, learner=online.ogd(lr), comparator=u),
         stream,
         best.params,
+        options=run_options,
     )
     result = full(stream, best.params)
     median, fastest, slowest = _median_time(
@@ -169,6 +176,7 @@ def main(argv):
             **common,
             "impl": "ftlab",
             "variant": "ftlab_full",
+            "compiler_options": run_options,
             "median_s": median,
             "min_s": fastest,
             "max_s": slowest,
@@ -186,7 +194,7 @@ def main(argv):
     )
 
     # ftlab: the bare update.
-    bare, compile_s = aot(lambda a, b: _bare(a, b, lr), stream.x, stream.y)
+    bare, compile_s = aot(lambda a, b: _bare(a, b, lr), stream.x, stream.y, options=run_options)
     median, fastest, slowest = _median_time(
         lambda: jax.block_until_ready(bare(stream.x, stream.y)), repeats
     )
@@ -196,6 +204,7 @@ def main(argv):
             **common,
             "impl": "ftlab",
             "variant": "ftlab_bare",
+            "compiler_options": run_options,
             "median_s": median,
             "min_s": fastest,
             "max_s": slowest,
