@@ -2,13 +2,17 @@
 
 A 49k-word vocabulary makes the float32 logits of a 16 x 512 batch 1.6 GB, more than the rest of
 a 135M-parameter LoRA step. :func:`chunked_cross_entropy` computes the loss from the final hidden
-states, a chunk of tokens at a time: each chunk's logits are formed, reduced to its losses, and
-recomputed in the backward pass (`jax.checkpoint`), so at most ``chunk x vocab`` logits exist.
+states, a chunk of tokens at a time, so at most ``chunk x vocab`` logits exist. Under
+differentiation each chunk's gradient is formed in the same pass as its loss (the softmax minus
+the one-hot target, times the embedding), so the logits are neither kept for the backward pass
+nor computed twice: the head costs the two matmuls of an unchunked one (three when the embedding
+itself trains), where recomputing the chunk (`jax.checkpoint`) would cost one more.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,18 +62,65 @@ def chunked_cross_entropy(
     t = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
     w = jnp.pad(weights.reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk)
     table = embedding.astype(hidden.dtype)
+    return _summed_loss(h, table, t, w), jnp.sum(w)
 
-    @jax.checkpoint
-    def chunk_loss(h_c, t_c, w_c):
-        logits = jnp.einsum("cd,vd->cv", h_c, table).astype(jnp.float32)
-        target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-        return jnp.sum(w_c * (jax.nn.logsumexp(logits, axis=-1) - target_logit))
+
+def _token_losses(h_c: jax.Array, table: jax.Array, t_c: jax.Array):
+    """One chunk's float32 logits [c, vocab], their logsumexp and the per-token losses [c]."""
+    logits = jnp.einsum("cd,vd->cv", h_c, table).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return logits, lse, lse - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+
+
+@jax.custom_vjp
+def _summed_loss(h: jax.Array, table: jax.Array, t: jax.Array, w: jax.Array) -> jax.Array:
+    """``sum(w * loss)`` over chunks ``h [k, c, d]``, ``t, w [k, c]``; logits per chunk only."""
 
     def body(total, xs):
-        return total + chunk_loss(*xs), None
+        h_c, t_c, w_c = xs
+        return total + jnp.sum(w_c * _token_losses(h_c, table, t_c)[2]), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, w))
-    return total, jnp.sum(w)
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, w))[0]
+
+
+def _summed_loss_fwd(h, table, t, w) -> tuple[jax.Array, Any]:
+    """The loss and, chunk by chunk, its gradients: d/dlogits = w (softmax - onehot(t))."""
+    # symbolic zeros: `.perturbed` says which inputs are differentiated; the embedding's gradient
+    # (a [vocab, dim] matmul per chunk) is formed only when the embedding trains.
+    table_v, grad_table, grad_w = table.value, table.perturbed, w.perturbed
+    dtype = h.value.dtype
+
+    def body(carry, xs):
+        total, d_table = carry
+        h_c, t_c, w_c = xs
+        logits, lse, losses = _token_losses(h_c, table_v, t_c)
+        g = jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(t_c, logits.shape[-1])
+        g = (w_c[:, None] * g).astype(dtype)
+        d_h = jnp.einsum("cv,vd->cd", g, table_v).astype(dtype)
+        if grad_table:
+            d_table = d_table + jnp.einsum("cv,cd->vd", g, h_c, preferred_element_type=jnp.float32)
+        return (total + jnp.sum(w_c * losses), d_table), (d_h, losses if grad_w else None)
+
+    d_table0 = jnp.zeros(table_v.shape, jnp.float32) if grad_table else None
+    init = (jnp.zeros((), jnp.float32), d_table0)
+    (total, d_table), (d_h, losses) = jax.lax.scan(body, init, (h.value, t.value, w.value))
+    if grad_table:
+        d_table = d_table.astype(table_v.dtype)
+    return total, (d_h, d_table, losses)
+
+
+def _summed_loss_bwd(residuals, g) -> tuple:
+    d_h, d_table, losses = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        g = jnp.zeros((), jnp.float32)
+
+    def scale(a):
+        return None if a is None else (g * a).astype(a.dtype)
+
+    return scale(d_h), scale(d_table), None, scale(losses)
+
+
+_summed_loss.defvjp(_summed_loss_fwd, _summed_loss_bwd, symbolic_zeros=True)
 
 
 # apply_hidden(params, batch, rng) -> final hidden states [batch, seq, dim]
