@@ -85,16 +85,16 @@ def test_each_chunks_logits_are_formed_once_per_step():
 def test_gradient_in_weights_and_in_bfloat16():
     hidden, embedding, targets, weights = _inputs()
     weights = weights * jnp.linspace(0.5, 1.5, weights.size).reshape(weights.shape)
-    grads = jax.grad(
-        lambda w: lm.chunked_cross_entropy(hidden, embedding, targets, w, chunk=3)[0]
-    )(weights)
+    grads = jax.grad(lambda w: lm.chunked_cross_entropy(hidden, embedding, targets, w, chunk=3)[0])(
+        weights
+    )
     expected = jax.grad(lambda w: _plain(hidden, embedding, targets, w)[0])(weights)
     chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-6)
     # bf16 hidden states: a bf16 gradient, close to the float32 one
     h16 = hidden.astype(jnp.bfloat16)
-    d16 = jax.grad(
-        lambda h: lm.chunked_cross_entropy(h, embedding, targets, weights, chunk=3)[0]
-    )(h16)
+    d16 = jax.grad(lambda h: lm.chunked_cross_entropy(h, embedding, targets, weights, chunk=3)[0])(
+        h16
+    )
     d32 = jax.grad(lambda h: _plain(h, embedding, targets, weights)[0])(h16.astype(jnp.float32))
     assert d16.dtype == jnp.bfloat16
     chex.assert_trees_all_close(d16.astype(jnp.float32), d32, rtol=3e-2, atol=3e-2)
