@@ -27,6 +27,7 @@ COLUMNS = (
     ("train_step_s", "step (s)", "{:.3f}"),
     ("peak_rss_mib", "peak RSS (MiB)", "{:.0f}"),
     ("adapter_bytes", "saved (bytes)", "{:,}"),
+    ("sweep", "val acc per lr tried", "{}"),
 )
 
 
@@ -111,6 +112,11 @@ def compare(config, workdir: str) -> list[dict]:
     rows = best_per_method(runs)
     for r in rows:
         r["trainable_percent"] = 100.0 * r["trainable_params"] / r["base_params"]
+        r["sweep"] = ", ".join(
+            f"{x['lr']:g}: {x['eval/validation/accuracy']:.2%}"
+            for x in sorted(runs, key=lambda x: x["lr"])
+            if x["method"] == r["method"]
+        )
     (workdir / "compare.json").write_text(json.dumps({"best": rows, "runs": runs}, indent=2))
     (workdir / "compare.md").write_text(markdown(rows))
     plot(rows, workdir / "compare.png")

@@ -22,6 +22,8 @@ def test_compare_writes_table_json_and_plot(tmp_path):
     assert 0 < rows[0]["trainable_percent"] < 100
     table = (tmp_path / "compare.md").read_text()
     assert "| lora |" in table and "test acc" in table
+    # every learning rate tried is in the table, with its validation accuracy
+    assert rows[0]["sweep"].startswith("0.001: ") and ", 0.03: " in rows[0]["sweep"]
     assert (tmp_path / "compare.png").stat().st_size > 1000
     # A second call reads the finished runs instead of training again.
     before = (tmp_path / "lora" / "lr_0.001" / "results.json").stat().st_mtime
