@@ -6,7 +6,8 @@ states, a chunk of tokens at a time, so at most ``chunk x vocab`` logits exist. 
 differentiation each chunk's gradient is formed in the same pass as its loss (the softmax minus
 the one-hot target, times the embedding), so the logits are neither kept for the backward pass
 nor computed twice: the head costs the two matmuls of an unchunked one (three when the embedding
-itself trains), where recomputing the chunk (`jax.checkpoint`) would cost one more.
+itself trains), where recomputing the chunk (`jax.checkpoint`) would cost one more. Being a
+custom VJP, the loss supports reverse mode (`jax.grad`, `jax.vjp`) but not `jax.jvp`.
 """
 
 from __future__ import annotations
