@@ -1,6 +1,9 @@
 """Run several fine-tuning methods on one task and write a comparison table and plot.
 
 python -m experiments.compare --config=configs/compare_rotten_tomatoes.py --workdir=runs/compare
+
+With --finished_only it trains nothing and reports the runs already finished (e.g. while a sweep
+is still running, or after it stopped part-way); the table says which learning rates were tried.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A compare config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every run and the report go.")
+_FINISHED_ONLY = flags.DEFINE_bool(
+    "finished_only", False, "Report the finished runs only; start no training."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 COLUMNS = (
@@ -31,9 +37,17 @@ COLUMNS = (
 )
 
 
-def run_one(config, method: str, lr: float, workdir: pathlib.Path) -> dict:
-    """Runs (or, if finished, reads) one method at one learning rate."""
+def run_one(
+    config, method: str, lr: float, workdir: pathlib.Path, *, finished_only: bool = False
+) -> dict | None:
+    """Runs (or, if finished, reads) one method at one learning rate.
+
+    With ``finished_only``, an unfinished run is not started and None is returned.
+    """
     results_path = workdir / "results.json"
+    if not results_path.exists() and finished_only:
+        logging.info("not finished, left out: %s", workdir)
+        return None
     if not results_path.exists():
         options = ",".join(filter(None, [f"method={method}", config.base_options]))
         cmd = [
@@ -98,17 +112,23 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def compare(config, workdir: str) -> list[dict]:
-    """Runs every (method, lr), keeps each method's best by validation, writes the report."""
+def compare(config, workdir: str, *, finished_only: bool = False) -> list[dict]:
+    """Runs every (method, lr), keeps each method's best by validation, writes the report.
+
+    ``finished_only``: start nothing; report the (method, lr) runs already finished.
+    """
     workdir = pathlib.Path(workdir)
     unknown = [m for m in config.methods if m not in config.lrs]
     if unknown:
         raise ValueError(f"config.methods: no learning rates in config.lrs for {unknown}")
     runs = [
-        run_one(config, m, lr, workdir / m / f"lr_{lr:g}")
+        run_one(config, m, lr, workdir / m / f"lr_{lr:g}", finished_only=finished_only)
         for m in config.methods
         for lr in config.lrs[m]
     ]
+    runs = [r for r in runs if r is not None]
+    if not runs:
+        raise FileNotFoundError(f"{workdir}: no finished run of {list(config.methods)} yet")
     rows = best_per_method(runs)
     for r in rows:
         r["trainable_percent"] = 100.0 * r["trainable_params"] / r["base_params"]
@@ -126,7 +146,7 @@ def compare(config, workdir: str) -> list[dict]:
 
 def main(argv):
     del argv
-    print(markdown(compare(_CONFIG.value, _WORKDIR.value)))
+    print(markdown(compare(_CONFIG.value, _WORKDIR.value, finished_only=_FINISHED_ONLY.value)))
 
 
 if __name__ == "__main__":

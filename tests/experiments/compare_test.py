@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from configs import compare_rotten_tomatoes
 from experiments import compare
 
@@ -29,3 +31,16 @@ def test_compare_writes_table_json_and_plot(tmp_path):
     before = (tmp_path / "lora" / "lr_0.001" / "results.json").stat().st_mtime
     compare.compare(config, str(tmp_path))
     assert (tmp_path / "lora" / "lr_0.001" / "results.json").stat().st_mtime == before
+
+    # finished_only: an unfinished lr is left out, nothing trains, the table has what finished
+    config.lrs.lora = (1e-3, 3e-2, 1e-1)
+    rows = compare.compare(config, str(tmp_path), finished_only=True)
+    assert not (tmp_path / "lora" / "lr_0.1").exists()
+    assert rows[0]["sweep"].count(":") == 2
+
+
+def test_finished_only_with_nothing_finished_names_the_workdir(tmp_path):
+    config = compare_rotten_tomatoes.get_config("tiny")
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        compare.compare(config, str(tmp_path), finished_only=True)
+    assert not any(tmp_path.iterdir())  # nothing was started
