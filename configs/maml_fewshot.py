@@ -160,6 +160,12 @@ def get_config(arg=None):
     config.evals.finetune_rules = (("head/.*", "adapt"), (".*", "frozen"))
 
     config.log_every_steps = 10
+    # stop after this many steps (0: run to the end); the same command resumes from the
+    # latest checkpoint
+    config.max_steps_per_run = 0
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 50
+    config.checkpoint.keep = 2
 
     if opts.quick:
         config.data.glyph_classes = 40
@@ -177,6 +183,7 @@ def get_config(arg=None):
         config.evals.query = 3
         config.evals.num_steps = (1, 3)
         config.log_every_steps = 1
+        config.checkpoint.every_steps = 2
     if opts.steps:
         config.optim.num_steps = opts.steps
     return config

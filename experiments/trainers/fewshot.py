@@ -36,7 +36,7 @@ from absl import logging
 
 from ftlab import meta
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import partition, train
+from ftlab.core import checkpoint, partition, train
 from ftlab.data import fewshot
 
 METHODS = ("maml", "fomaml", "anil", "reptile", "finetune")
@@ -217,20 +217,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             return {"support": ep["support"], "query": ep["query"]}
 
     logging.info("%s on %s: %d parameters", method, d.dataset, partition.count(params))
-    writer = metrics_lib.MetricWriter(workdir, resume_step=0)
-    total, pending = config.optim.num_steps, []
+
+    # -- resume: every batch is a pure function of (seed, step), so a restored state continues
+    # the same run --------------------------------------------------------------------------
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints",
+        max_to_keep=config.checkpoint.keep,
+        save_every_steps=config.checkpoint.every_steps,
+    )
+    start_step = 0
+    restored = ckpt.restore_latest(state.replace(frozen={}))
+    if restored is not None:
+        saved, start_step = restored
+        state = saved.replace(frozen=state.frozen)
+        logging.info("resumed from step %d", start_step)
+    total = config.optim.num_steps
+    stop = (
+        total if not config.max_steps_per_run else min(total, start_step + config.max_steps_per_run)
+    )
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
+    progress = metrics_lib.Progress(total, initial_step=start_step)
+    pending, last_good = [], start_step
     start = time.perf_counter()
-    for step in range(total):
+    for step in range(start_step, stop):
         state, m = step_fn(state, batch_at(step))
         pending.append(m)
         done = step + 1
-        if done % config.log_every_steps == 0 or done == total:
-            history = jax.device_get(pending)
-            pending = []
-            logged = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-            logged["train/seconds"] = time.perf_counter() - start
-            writer.write(done, logged)
+        save_now = ckpt.should_save(done) or done == stop
+        if not (done % config.log_every_steps == 0 or done == stop or save_now):
+            continue
+        logged = metrics_lib.checked_mean(
+            jax.device_get(pending), last_step=done, last_good_step=last_good
+        )
+        pending, last_good = [], done
+        logged["train/seconds"] = time.perf_counter() - start
+        writer.write(done, logged)
+        progress.update(done, loss=logged["train/loss"])
+        if save_now:
+            ckpt.save(done, state.replace(frozen={}), force=done == stop)
     train_seconds = time.perf_counter() - start
+    progress.close()
+    ckpt.wait_until_finished()
+    ckpt.close()
+    if stop < total:
+        writer.close()
+        logging.info("stopped at step %d of %d; rerun to resume", stop, total)
+        return {"step": stop}
 
     # -- evaluation on held-out classes ------------------------------------------------------
     m = config.model
@@ -273,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "eval/num_tasks": int(len(accs)),
         "eval/query_per_class": e.query,
         **summarize(accs, e.num_steps),
-        "train_seconds": train_seconds,
+        "train_seconds_this_run": train_seconds,
     }
     writer.write(total, {k: v for k, v in results.items() if k.startswith("eval/acc")})
     writer.close()

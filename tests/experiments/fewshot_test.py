@@ -38,6 +38,21 @@ def test_quick_finetune_writes_results_table_plot_and_metrics(finetune_run):
     assert results["eval/acc_step_3"] > 0.3
 
 
+def test_interrupted_and_resumed_run_equals_uninterrupted(finetune_run, tmp_path):
+    _, config, uninterrupted = finetune_run
+    config = config.copy_and_resolve_references()
+    config.max_steps_per_run = 2
+    assert trainer.train_and_evaluate(config, str(tmp_path)) == {"step": 2}
+    assert not (tmp_path / "results.json").exists()
+    resumed = trainer.train_and_evaluate(config, str(tmp_path))
+    timing = "train_seconds_this_run"
+    assert {k: v for k, v in resumed.items() if k != timing} == {
+        k: v for k, v in uninterrupted.items() if k != timing
+    }
+    lines = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in lines if "train/loss" in r] == [1, 2, 3]
+
+
 def test_summary_table_and_plot_over_runs(finetune_run, tmp_path):
     other = tmp_path / "glyphs_maml"
     other.mkdir()
