@@ -35,8 +35,8 @@ import optax
 from absl import logging
 
 from ftlab import meta
-from ftlab.core import metrics as metrics_lib
 from ftlab.core import checkpoint, partition, train
+from ftlab.core import metrics as metrics_lib
 from ftlab.data import fewshot
 
 METHODS = ("maml", "fomaml", "anil", "reptile", "finetune")
