@@ -16,9 +16,11 @@ pretrained encoder instead, with one LoRA per task (`train_lora_per_task`).
 
 Writes ``results.json`` (per-task and mean test metrics per method), ``results.md`` (the same as a
 markdown table), ``per_task.png`` (the test metric per task and method), ``metrics.jsonl`` and
-TensorBoard events (training losses) and ``train.png`` into the workdir. Training is short (seconds
-to minutes on a CPU) and full-batch or per-task minibatch, so no checkpoints are written: a rerun
-recomputes everything from the seed.
+TensorBoard events (training losses) and ``train.png`` into the workdir. Each method's result is
+kept in ``finished/<method>.json`` when it completes (`experiments/trainers/finished.py`): rerunning
+the same command after an interruption skips the finished methods and trains the rest from the
+seed (one method takes seconds to minutes, the LoRA-per-task one about 20 on a CPU, so no
+mid-method checkpoints are written).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments.trainers import finished
 from ftlab import multitask
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import partition, train
@@ -297,10 +300,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(
             f"config.optim.num_steps={total} must be a multiple of config.log_every_steps={chunk}"
         )
-    writer = metrics_lib.MetricWriter(workdir, resume_step=0)
+    past = finished.Runs(workdir, metric_prefix=lambda n: f"train/{n}/", config=config)
+    writer = past.open_writer()
     progress = metrics_lib.Progress(total * len(runs))
     results = {}
     for r, (name, method, lam_spec) in enumerate(runs):
+        if (cached := past.get(name)) is not None:
+            results[name] = cached
+            logging.info("%s: finished in an earlier run, read from %s", name, past.folder)
+            continue
         params, label_tree, tx, loss_fn, predict = build_run(config, data, method, lam_spec)
         state = train.init_state(params, label_tree, tx, seed=config.seed)
         train_step = train.make_train_step(loss_fn, tx)
@@ -322,6 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results[name]["train_s"] = train_s
         if method == "hard_uncertainty":
             results[name]["log_var"] = [float(v) for v in state.params["log_var"]]
+        past.put(name, results[name])
         logging.info("%s: %s (%.1f s)", name, results[name]["mean"], train_s)
     progress.close()
     writer.close()
@@ -447,7 +456,8 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         logits = apply(params, batch, None).astype(jnp.float32)
         return logits[..., 1] - logits[..., 0]
 
-    results, writer = {}, metrics_lib.MetricWriter(workdir, resume_step=0)
+    past = finished.Runs(workdir, metric_prefix=lambda n: f"train/{n}/", config=config)
+    results, writer = {}, past.open_writer()
     total, chunk = config.optim.num_steps, config.log_every_steps
     if total % chunk:
         raise ValueError(
@@ -458,6 +468,10 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
             raise ValueError(
                 f"config.methods: unknown {method!r}; expected some of {list(LORA_METHODS)}"
             )
+        if (cached := past.get(method)) is not None:
+            results[method] = cached
+            logging.info("%s: finished in an earlier run, read from %s", method, past.folder)
+            continue
         rules = LORA_METHODS[method]
         label_tree = partition.labels(base, rules, what=f"{method} rules")
         for pattern, label, n in partition.claims(base, rules):
@@ -513,6 +527,7 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 strict=True,
             )
         )
+        past.put(method, results[method])
         logging.info("%s: %s (%.1f s)", method, results[method]["mean"], train_s)
     writer.close()
 

@@ -11,7 +11,9 @@ once fully fine-tuned, and is scored on the test split.
 
 Writes to the workdir: ``results.json`` (every accuracy, per seed and mean/std), ``results.md``
 (the table), ``transfer.png`` (test accuracy against label fraction), ``metrics.jsonl`` with the
-pretext losses of the first seed and their plots under ``plots/``.
+pretext losses of the first seed and their plots under ``plots/``. Each (seed, method) run is
+kept in ``finished/`` when it completes (`experiments/trainers/finished.py`), so rerunning the
+command after an interruption skips what finished.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments.trainers import finished
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import partition, train
 from ftlab.data import images
@@ -148,6 +151,46 @@ def plot(rows: list[dict], path: pathlib.Path, *, title: str) -> None:
     figure.savefig(path, dpi=110)
 
 
+def pretrain_and_transfer(
+    method,
+    seed,
+    pretrain_encoder,
+    downstream,
+    train_split,
+    fractions,
+    writer,
+    *,
+    log_curves,
+    log_every,
+) -> dict:
+    """One (seed, method) run: pretrain, then probe and fine-tune at every label fraction.
+
+    Returns ``{"accuracy": [[mode, fraction, labels, test accuracy], ...], "final_loss",
+    "seconds"}`` (JSON, kept by `finished.Runs`).
+    """
+    tick = time.perf_counter()
+    encoder, history = pretrain_encoder(method, train_split.images, seed=seed)
+    seconds = time.perf_counter() - tick
+    if log_curves:
+        offset = 0
+        for stage, curves in enumerate(history):
+            n_steps = len(curves["train/loss"])
+            for s in range(log_every - 1, n_steps, log_every):
+                record = {f"pretrain/{method}/{k[6:]}": v[s] for k, v in curves.items()}
+                if method == "layerwise":
+                    record["pretrain/layerwise/stage"] = stage
+                writer.write(offset + s + 1, record)
+            offset += n_steps
+    accuracy = []
+    for fraction in fractions:
+        idx = images.label_subset(train_split.label, fraction=fraction, seed=seed)
+        arrays = {"image": train_split.images[idx], "label": train_split.label[idx]}
+        for mode in MODES:
+            accuracy.append([mode, fraction, len(idx), downstream(encoder, mode, arrays, seed)])
+    final_loss = float(np.mean(history[-1]["train/loss"][-10:])) if history else None
+    return {"accuracy": accuracy, "final_loss": final_loss, "seconds": seconds}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every (seed, method, label fraction, mode) and writes the table and plot.
 
@@ -192,36 +235,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, _ = fits[key](state, arrays, jax.random.PRNGKey(seed))
         return float(transfer.accuracy(state.params, te.images, te.label))
 
-    # -- loop -------------------------------------------------------------------------------
+    # -- loop: one (seed, method) run at a time, each kept when it finishes -----------------
+    first_seed = config.seeds[0]
+
+    def metric_prefix(name: str) -> str:  # only the first seed writes pretext curves
+        seed, method = name.split("_", 1)
+        return f"pretrain/{method}/" if seed == f"seed{first_seed}" else "\0none"
+
+    past = finished.Runs(workdir, metric_prefix=metric_prefix, config=config)
     pretrain_encoder = Pretrainer(config)
-    writer = metrics_lib.MetricWriter(workdir, resume_step=0)
+    writer = past.open_writer()
     accuracy: dict[tuple, list[float]] = {}
     pretext: dict[str, dict[str, list[float]]] = {}
     runs = [(s, m) for s in config.seeds for m in config.methods]
     progress = metrics_lib.Progress(len(runs))
     for i, (seed, method) in enumerate(runs):
-        tick = time.perf_counter()
-        encoder, history = pretrain_encoder(method, tr.images, seed=seed)
+        name = f"seed{seed}_{method}"
+        cell = past.get(name)
+        if cell is None:
+            cell = pretrain_and_transfer(
+                method, seed, pretrain_encoder, downstream, tr, fractions, writer,
+                log_curves=seed == first_seed, log_every=config.log_every_steps,
+            )  # fmt: skip
+            past.put(name, cell)
         info = pretext.setdefault(method, {"final_loss": [], "seconds": []})
-        info["seconds"].append(time.perf_counter() - tick)
-        if history:
-            info["final_loss"].append(float(np.mean(history[-1]["train/loss"][-10:])))
-        if seed == config.seeds[0]:
-            offset = 0
-            for stage, curves in enumerate(history):
-                n_steps = len(curves["train/loss"])
-                for s in range(config.log_every_steps - 1, n_steps, config.log_every_steps):
-                    record = {f"pretrain/{method}/{k[6:]}": v[s] for k, v in curves.items()}
-                    if method == "layerwise":
-                        record["pretrain/layerwise/stage"] = stage
-                    writer.write(offset + s + 1, record)
-                offset += n_steps
-        for fraction in fractions:
-            idx = images.label_subset(tr.label, fraction=fraction, seed=seed)
-            arrays = {"image": tr.images[idx], "label": tr.label[idx]}
-            for mode in MODES:
-                acc = downstream(encoder, mode, arrays, seed)
-                accuracy.setdefault((method, mode, fraction, len(idx)), []).append(acc)
+        info["seconds"].append(cell["seconds"])
+        if cell["final_loss"] is not None:
+            info["final_loss"].append(cell["final_loss"])
+        for mode, fraction, n_labels, acc in cell["accuracy"]:
+            accuracy.setdefault((method, mode, fraction, n_labels), []).append(acc)
         progress.update(i + 1, method=method, seed=seed)
     progress.close()
     writer.close()

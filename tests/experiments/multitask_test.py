@@ -2,6 +2,7 @@
 soft sharing at lambda = 0 is exactly independent training."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -13,11 +14,16 @@ from ftlab.core import metrics as metrics_lib
 from ftlab.data import multitask as multitask_data
 
 
-@pytest.fixture(scope="module")
-def yeast_run(tmp_path_factory):
+def _yeast_config():
     config = multitask_yeast.get_config("quick")
     config.methods = ("independent", "soft")
     config.multitask.lambdas = (0.0,)
+    return config
+
+
+@pytest.fixture(scope="module")
+def yeast_run(tmp_path_factory):
+    config = _yeast_config()
     workdir = tmp_path_factory.mktemp("yeast")
     return workdir, trainer.train_and_evaluate(config, str(workdir))
 
@@ -44,6 +50,31 @@ def test_quick_run_writes_table_plot_metrics_and_results(yeast_run):
         out["methods"]["constant"]["per_task"]["accuracy"], 1 - test_y.mean(axis=1), rtol=1e-6
     )
     assert out["methods"]["constant"]["per_task"]["f1"] == [0.0, 0.0, 0.0]
+
+
+def test_rerun_after_an_interruption_trains_only_the_unfinished_method(yeast_run, tmp_path):
+    workdir, out = yeast_run
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    # As if the run died while training soft_lam0: no record of it, a partial metric line.
+    (tmp_path / "finished" / "soft_lam0.json").unlink()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "train/soft_lam0/loss": 9.0}) + "\n")
+    kept = (tmp_path / "finished" / "independent.json").stat().st_mtime_ns
+    again = trainer.train_and_evaluate(_yeast_config(), str(tmp_path))
+
+    def untimed(o):
+        return {k: {m: v for m, v in r.items() if m != "train_s"} for k, r in o["methods"].items()}
+
+    assert untimed(again) == untimed(out)
+    assert (tmp_path / "finished" / "independent.json").stat().st_mtime_ns == kept
+    lines = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [x["step"] for x in lines if "train/soft_lam0/loss" in x] == [2, 4]
+    assert [x["step"] for x in lines if "train/independent/loss" in x] == [2, 4]
+    # Another config in the same workdir is refused, naming the record.
+    other = _yeast_config()
+    other.optim.lr *= 2
+    with pytest.raises(ValueError, match="independent.json was run with a different config"):
+        trainer.train_and_evaluate(other, str(tmp_path))
 
 
 def test_soft_sharing_at_lambda_zero_equals_independent_models(yeast_run):

@@ -2,6 +2,7 @@
 metrics, with every (method, mode, label fraction) cell measured for every seed."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -41,6 +42,24 @@ def test_quick_run_writes_table_plot_and_metrics(run):
     for method in ("layerwise", "rotation", "contrastive"):
         assert f"pretrain/{method}/loss" in names
     assert results["pretext"]["none"]["final_loss_mean"] is None
+
+
+def test_rerun_after_an_interruption_skips_finished_runs(run, tmp_path):
+    workdir, results = run
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    # As if the run died during the last (seed, method) run.
+    last = tmp_path / "finished" / "seed1_contrastive.json"
+    last.unlink()
+    kept = (tmp_path / "finished" / "seed0_layerwise.json").stat().st_mtime_ns
+    lines_before = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
+    again = trainer.train_and_evaluate(pretrain_digits.get_config("quick,seeds=2"), str(tmp_path))
+    assert last.exists()
+    assert (tmp_path / "finished" / "seed0_layerwise.json").stat().st_mtime_ns == kept
+    untimed = ("wall_s", "pretext")
+    assert {k: v for k, v in again.items() if k not in untimed} == {
+        k: v for k, v in results.items() if k not in untimed
+    }
+    assert metrics_lib.read_jsonl(tmp_path / "metrics.jsonl") == lines_before
 
 
 def test_unknown_method_is_named(tmp_path):
