@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from experiments.trainers import finished
 from ftlab import icl
-from ftlab.core import metrics as metrics_lib
 from ftlab.data import rotten_tomatoes
 from ftlab.models import llama
 
@@ -168,12 +168,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     results = {"model": config.model.name, "tasks": {}}
     start = time.perf_counter()
-    with metrics_lib.MetricWriter(workdir, resume_step=0) as writer:
+    # Each task's evaluation is kept when it finishes; a rerun skips it.
+    past = finished.Runs(workdir, metric_prefix=lambda n: f"icl/{n}/", config=config)
+    with past.open_writer() as writer:
         for name in config.data.tasks:
+            if (r := past.get(name)) is not None:
+                results["tasks"][name] = r
+                continue
             results["tasks"][name] = r = evaluate_task(config, model, name)
             for k, s in r["shots"].items():
                 writer.write(int(k), {f"icl/{name}/accuracy_mean": s["mean"],
                                       f"icl/{name}/accuracy_std": s["std"]})  # fmt: skip
+            past.put(name, r)
     results["wall_seconds"] = time.perf_counter() - start
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (workdir / "results.md").write_text(_table(results))

@@ -23,3 +23,9 @@ def test_quick_run_writes_results(tmp_path):
     assert (tmp_path / "icl.png").stat().st_size > 1000
     steps = [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")]
     assert steps == [0, 1, 2]
+    # A rerun reads the finished task instead of evaluating it again, and writes the same files.
+    record = tmp_path / "finished" / "sentiment.json"
+    mtime = record.stat().st_mtime_ns
+    again = trainer.train_and_evaluate(config, str(tmp_path))
+    assert again["tasks"] == results["tasks"] and record.stat().st_mtime_ns == mtime
+    assert [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2]
