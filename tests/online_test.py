@@ -330,3 +330,12 @@ def test_compiler_options_change_speed_not_numbers(model):
     chex.assert_trees_all_equal(
         jax.jit(fn, compiler_options=options)(stream).metrics, jax.jit(fn)(stream).metrics
     )
+
+
+def test_compiler_options_fall_back_to_none_where_xla_lacks_them(monkeypatch):
+    monkeypatch.setattr(online, "_CPU_OPTIONS", {"xla_cpu_no_such_option": True})
+    online._cpu_accepts_options.cache_clear()
+    try:
+        assert online.compiler_options("cpu") == {}
+    finally:
+        online._cpu_accepts_options.cache_clear()
