@@ -16,7 +16,8 @@ LoRA 80.02%, DoRA 79.94%, adapters 80.80%, prefix 77.60%, full fine-tuning 80.25
 The sweep (this command without options), as far as it has run (2026-11-23): LoRA val/test
 78.77/78.38 at 3e-4, 80.87/80.02 at 1e-3 (chosen), 80.33/80.48 at 3e-3; full fine-tuning
 78.92/79.70 at 2e-5, 81.03/80.25 at 5e-5, 81.89/81.42 at 1e-4 (chosen), 81.73/81.03 at 2e-4;
-DoRA 78.77/78.38 at 3e-4, 80.87/79.94 at 1e-3, 81.34/80.72 at 3e-3 (chosen).
+DoRA 78.77/78.38 at 3e-4, 80.87/79.94 at 1e-3, 81.34/80.72 at 3e-3 (chosen); adapters
+77.44/78.14 at 3e-4, 80.17/80.80 at 1e-3, 80.64/80.72 at 3e-3 (chosen).
 """
 
 import ml_collections
