@@ -19,7 +19,8 @@ import optax
 from absl import logging
 from safetensors import numpy as safetensors_numpy
 
-from ftlab.core import checkpoint, loading, parallel, partition, train
+from experiments.trainers import resume
+from ftlab.core import loading, parallel, partition, train
 from ftlab.core import metrics as metrics_lib
 from ftlab.data import batching, rotten_tomatoes, text
 from ftlab.models import bert
@@ -222,17 +223,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = train.init_state(params, label_tree, tx, seed=config.seed)
 
     # -- restore ----------------------------------------------------------------------------
-    ckpt = checkpoint.Checkpointer(
-        workdir / "checkpoints",
-        max_to_keep=config.checkpoint.keep,
-        save_every_steps=config.checkpoint.every_steps,
+    # A run may stop early (config.max_steps_per_run, e.g. to fit a job's time limit); running
+    # the same command again resumes from the checkpoint written at the stop.
+    ckpt, state, start_step, stop = resume.restore(
+        config, workdir, state, abstract=plan.abstract_state
     )
-    restored = ckpt.restore_latest(plan.abstract_state(state.checkpointable()))
-    start_step = 0
-    if restored is not None:
-        saved, start_step = restored
-        state = jax.device_get(saved).replace(frozen=state.frozen)
-        logging.info("resumed from step %d of %s", start_step, ckpt)
     state = plan.put_state(state)
 
     # -- compiled steps ---------------------------------------------------------------------
@@ -258,11 +253,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start_step,
         total,
         batching.steps_per_epoch(n_train, config.optim.batch_size),
-    )
-    # A run may stop early (config.max_steps_per_run, e.g. to fit a job's time limit); running
-    # the same command again resumes from the checkpoint written at the stop.
-    stop = (
-        total if not config.max_steps_per_run else min(total, start_step + config.max_steps_per_run)
     )
     for step in range(start_step, stop):
         batch = batching.train_batch(

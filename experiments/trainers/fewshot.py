@@ -34,9 +34,10 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments.trainers import resume
 from ftlab import meta
-from ftlab.core import checkpoint, partition, train
 from ftlab.core import metrics as metrics_lib
+from ftlab.core import partition, train
 from ftlab.data import fewshot
 
 METHODS = ("maml", "fomaml", "anil", "reptile", "finetune")
@@ -220,21 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # -- resume: every batch is a pure function of (seed, step), so a restored state continues
     # the same run --------------------------------------------------------------------------
-    ckpt = checkpoint.Checkpointer(
-        workdir / "checkpoints",
-        max_to_keep=config.checkpoint.keep,
-        save_every_steps=config.checkpoint.every_steps,
-    )
-    start_step = 0
-    restored = ckpt.restore_latest(state.replace(frozen={}))
-    if restored is not None:
-        saved, start_step = restored
-        state = saved.replace(frozen=state.frozen)
-        logging.info("resumed from step %d", start_step)
+    ckpt, state, start_step, stop = resume.restore(config, workdir, state)
     total = config.optim.num_steps
-    stop = (
-        total if not config.max_steps_per_run else min(total, start_step + config.max_steps_per_run)
-    )
     writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
     progress = metrics_lib.Progress(total, initial_step=start_step)
     pending, last_good = [], start_step

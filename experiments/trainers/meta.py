@@ -22,9 +22,10 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments.trainers import resume
 from ftlab import meta
-from ftlab.core import checkpoint, parallel, partition, train
 from ftlab.core import metrics as metrics_lib
+from ftlab.core import parallel, partition, train
 from ftlab.data import sinusoid
 
 METHODS = ("maml", "fomaml", "anil", "metasgd", "reptile", "pretrained")
@@ -256,17 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("method %s, %d parameters", method, partition.count(params))
 
     # -- restore -----------------------------------------------------------------------------
-    ckpt = checkpoint.Checkpointer(
-        workdir / "checkpoints",
-        max_to_keep=config.checkpoint.keep,
-        save_every_steps=config.checkpoint.every_steps,
+    ckpt, state, start_step, stop = resume.restore(
+        config, workdir, state, abstract=plan.abstract_state
     )
-    restored = ckpt.restore_latest(plan.abstract_state(state.replace(frozen={})))
-    start_step = 0
-    if restored is not None:
-        saved, start_step = restored
-        state = jax.device_get(saved).replace(frozen=state.frozen)
-        logging.info("resumed from step %d", start_step)
     state = plan.put_state(state)
 
     # -- compiled steps, evaluator -----------------------------------------------------------
@@ -283,9 +276,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # -- loop --------------------------------------------------------------------------------
     total = config.optim.num_steps
-    stop = (
-        total if not config.max_steps_per_run else min(total, start_step + config.max_steps_per_run)
-    )
     writer = metrics_lib.MetricWriter(workdir, enabled=is_chief, resume_step=start_step)
     progress = metrics_lib.Progress(total, initial_step=start_step, enabled=is_chief)
     pending, last_good = [], start_step
