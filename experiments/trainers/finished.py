@@ -34,12 +34,13 @@ class Runs:
         self,
         workdir: str | os.PathLike,
         *,
-        metric_prefix: Callable[[str], str],
+        metric_prefix: Callable[[str], str | None],
         config: ml_collections.ConfigDict,
     ):
         """Args:
         workdir: The trainer's folder.
-        metric_prefix: ``name -> prefix`` of every metric a run writes (e.g. ``train/<name>/``).
+        metric_prefix: ``name -> prefix`` of every metric a run writes (e.g. ``train/<name>/``),
+            or None for a run that writes none.
         config: The trainer's config; a finished run recorded under another config is an error,
             not a result to reuse.
         """
@@ -84,13 +85,9 @@ class Runs:
 
     def open_writer(self) -> metrics_lib.MetricWriter:
         """A metric writer that keeps the lines of finished runs only, and appends."""
-        path = self.workdir / metrics_lib.JSONL_NAME
-        if path.exists():
-            prefixes = tuple(self.metric_prefix(n) for n in self.names())
-            kept = [
-                line
-                for line in metrics_lib.read_jsonl(path)
-                if prefixes and all(k == "step" or k.startswith(prefixes) for k in line)
-            ]
-            path.write_text("".join(json.dumps(line) + "\n" for line in kept))
-        return metrics_lib.MetricWriter(self.workdir, resume_step=None)
+        prefixes = tuple(p for n in self.names() if (p := self.metric_prefix(n)) is not None)
+
+        def keep(record: dict) -> bool:
+            return bool(prefixes) and all(k == "step" or k.startswith(prefixes) for k in record)
+
+        return metrics_lib.MetricWriter(self.workdir, resume_step=None, keep=keep)

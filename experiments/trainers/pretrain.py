@@ -238,9 +238,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # -- loop: one (seed, method) run at a time, each kept when it finishes -----------------
     first_seed = config.seeds[0]
 
-    def metric_prefix(name: str) -> str:  # only the first seed writes pretext curves
+    def metric_prefix(name: str) -> str | None:  # only the first seed writes pretext curves
         seed, method = name.split("_", 1)
-        return f"pretrain/{method}/" if seed == f"seed{first_seed}" else "\0none"
+        return f"pretrain/{method}/" if seed == f"seed{first_seed}" else None
 
     past = finished.Runs(workdir, metric_prefix=metric_prefix, config=config)
     pretrain_encoder = Pretrainer(config)

@@ -27,7 +27,7 @@ import pathlib
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Self, TextIO
 
 import numpy as np
@@ -145,6 +145,7 @@ class MetricWriter:
         *,
         enabled: bool = True,
         resume_step: int | None = None,
+        keep: Callable[[dict], bool] | None = None,
     ):
         """Opens the metric files, creating `workdir` if needed.
 
@@ -153,6 +154,8 @@ class MetricWriter:
             enabled: False makes every method a no-op (for non-zero JAX processes).
             resume_step: Drop lines with `step > resume_step` from an existing file. None
                 keeps the file as it is and appends.
+            keep: Also drop the existing lines (records) for which this is False, e.g. those of
+                the runs of an experiment that did not finish.
         """
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / JSONL_NAME
@@ -162,7 +165,7 @@ class MetricWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            _rewrite_jsonl(self.path, resume_step)
+            _rewrite_jsonl(self.path, resume_step, keep)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
         import tensorboardX  # Imported here: only process 0 of a job needs it.
@@ -235,11 +238,14 @@ def _to_float(name: str, value: Any, step: int) -> float:
     return float(array.reshape(()))
 
 
-def _rewrite_jsonl(path: pathlib.Path, resume_step: int | None) -> None:
-    """Drops lines after `resume_step` and a torn last line; rewrites atomically if changed."""
+def _rewrite_jsonl(
+    path: pathlib.Path, resume_step: int | None, keep: Callable[[dict], bool] | None = None
+) -> None:
+    """Drops lines after `resume_step`, lines `keep` rejects and a torn last line; rewrites
+    atomically if changed."""
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines(keepends=True)
-    keep = []
+    kept = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -253,13 +259,15 @@ def _rewrite_jsonl(path: pathlib.Path, resume_step: int | None) -> None:
                 f"{path}:{number}: not valid JSON: {line[:200]!r}. Fix or remove that line."
             ) from None
         step = record.get("step") if isinstance(record, dict) else None
+        if keep is not None and not keep(record):
+            continue
         if resume_step is None or not _is_number(step) or step <= resume_step:
-            keep.append(line if line.endswith("\n") else line + "\n")
-    new_text = "".join(keep)
+            kept.append(line if line.endswith("\n") else line + "\n")
+    new_text = "".join(kept)
     if new_text == text:
         return
-    dropped = len([line for line in lines if line.strip()]) - len(keep)
-    logging.info("%s: resuming after step %s, dropped %d later lines.", path, resume_step, dropped)
+    dropped = len([line for line in lines if line.strip()]) - len(kept)
+    logging.info("%s: resuming (after step %s), dropped %d lines.", path, resume_step, dropped)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(new_text, encoding="utf-8")
     os.replace(temporary, path)

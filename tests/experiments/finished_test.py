@@ -42,3 +42,11 @@ def test_errors_name_the_run_or_the_file(tmp_path):
         _runs(tmp_path, lr=0.2).get("a")
     with pytest.raises(ValueError, match="cannot name a file"):
         _runs(tmp_path).put("x/y", {})
+
+
+def test_a_line_cut_off_by_a_crash_does_not_stop_the_rerun(tmp_path):
+    runs = _runs(tmp_path)
+    runs.put("a", {})
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/a/loss": 1.0}\n{"step": 2, "tr')
+    runs.open_writer().close()
+    assert metrics_lib.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "train/a/loss": 1.0}]
