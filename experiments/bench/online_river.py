@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from experiments.bench import common as bench_common
 from ftlab import online
 from ftlab.data import streams
 
@@ -60,11 +61,7 @@ _OUT = flags.DEFINE_string("out", None, "JSON-lines output (default by --quick).
 
 
 def _median_time(fn, repeats: int) -> tuple[float, float, float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    times = bench_common.time_calls(fn, warmup=0, reps=repeats)  # warm-up is done by the caller
     return statistics.median(times), min(times), max(times)
 
 
