@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from ftlab import types
-from ftlab.models import hooks
+from ftlab.models import attention, hooks
 
 # Added to the attention logits of padded keys. Finite (unlike finfo.min) so a row whose keys are
 # all padding gives a uniform softmax instead of NaN; exp(-1e9) is exactly 0 in float32, so real
@@ -78,6 +77,10 @@ class BertConfig:
         layer_norm_eps: Epsilon of every layer norm.
         dropout_rate: Dropout on embeddings, attention probabilities and sublayer outputs.
         dtype: Computation dtype (parameters stay float32).
+        attention_dropout_rate: Dropout on the attention probabilities alone; None: the same as
+            `dropout_rate`. 0 lets a fused attention kernel (cuDNN) run in training.
+        attention: Attention kernel, one of `attention.IMPLEMENTATIONS` (`"auto"`: cuDNN on a
+            GPU in bfloat16/float16 when no probability dropout applies, else the einsum path).
     """
 
     vocab_size: int
@@ -90,6 +93,8 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     dropout_rate: float = 0.1
     dtype: Any = jnp.float32
+    attention_dropout_rate: float | None = None
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -99,6 +104,16 @@ class BertConfig:
             )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"BertConfig: dropout_rate={self.dropout_rate} must be in [0, 1).")
+        rate = self.attention_dropout_rate
+        if rate is not None and not 0.0 <= rate < 1.0:
+            raise ValueError(f"BertConfig: attention_dropout_rate={rate} must be in [0, 1).")
+        attention.check(self.attention, what="BertConfig: attention")
+
+    @property
+    def probs_dropout_rate(self) -> float:
+        """Dropout on the attention probabilities: `attention_dropout_rate`, else `dropout_rate`."""
+        rate = self.attention_dropout_rate
+        return self.dropout_rate if rate is None else rate
 
     @property
     def head_dim(self) -> int:
@@ -194,36 +209,6 @@ def attention_bias(attention_mask: jax.Array) -> jax.Array:
     """Turns a `[batch, seq]` 0/1 key mask into an additive float32 bias `[batch, 1, 1, seq]`."""
     keep = jnp.asarray(attention_mask) > 0
     return jnp.where(keep, 0.0, _MASK_VALUE).astype(jnp.float32)[:, None, None, :]
-
-
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    bias: jax.Array,
-    *,
-    dropout: Callable[[jax.Array], jax.Array] | None = None,
-) -> jax.Array:
-    """Scaled dot-product attention over all heads at once.
-
-    Args:
-        query: `[batch, q_len, heads, head_dim]`.
-        key: `[batch, k_len, heads, head_dim]`.
-        value: `[batch, k_len, heads, head_dim]`.
-        bias: Additive logits bias, broadcastable to `[batch, heads, q_len, k_len]` with the same
-            rank (e.g. `[batch, 1, 1, k_len]` from `attention_bias`).
-        dropout: Optional function applied to the attention probabilities.
-
-    Returns:
-        `[batch, q_len, heads, head_dim]` in the dtype of `value`.
-    """
-    head_dim = query.shape[-1]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(head_dim)
-    # Softmax in float32: bf16 logits lose the small differences that decide attention.
-    probs = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1)
-    if dropout is not None:
-        probs = dropout(probs)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
 
 
 def _dense(features: int, config: BertConfig, name: str) -> Callable[[jax.Array], jax.Array]:
@@ -334,11 +319,12 @@ class BertSelfAttention(nn.Module):
             n = prefix[0].shape[1]
             bias = jnp.concatenate([jnp.zeros((*bias.shape[:-1], n), bias.dtype), bias], axis=-1)
         dropout = None
-        if not deterministic and cfg.dropout_rate > 0.0:
+        if not deterministic and cfg.probs_dropout_rate > 0.0:
             dropout = functools.partial(
-                nn.Dropout(cfg.dropout_rate, name="probs_dropout"), deterministic=False
+                nn.Dropout(cfg.probs_dropout_rate, name="probs_dropout"), deterministic=False
             )
-        y = dot_product_attention(q, k, v, bias, dropout=dropout)
+        impl = attention.resolve(cfg.attention, cfg.dtype, dropout=dropout is not None)
+        y = attention.dot_product_attention(q, k, v, bias, implementation=impl, dropout=dropout)
         return _dense(cfg.hidden_size, cfg, "out")(y.reshape(batch, seq_len, cfg.hidden_size))
 
     def _prefix(self, batch: int) -> tuple[jax.Array, jax.Array] | None:

@@ -78,7 +78,7 @@ import jax
 import jax.numpy as jnp
 
 from ftlab import types
-from ftlab.models import hooks
+from ftlab.models import attention, hooks
 
 # Added to the float32 attention logits of keys a query may not see (padding, the future).
 # Finite so that a fully masked row (a padding query) gives a uniform softmax, not NaN.
@@ -112,6 +112,9 @@ class LlamaConfig:
         rope_theta: RoPE base frequency.
         rms_norm_eps: Epsilon of every RMSNorm.
         dtype: Computation dtype (parameters stay float32), e.g. `jnp.bfloat16`.
+        attention: Attention kernel for whole sequences, one of `attention.IMPLEMENTATIONS`
+            (`"auto"`: cuDNN on a GPU in bfloat16/float16, else the einsum path); cached
+            decoding always takes the einsum path.
     """
 
     vocab_size: int
@@ -124,8 +127,10 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     def __post_init__(self):
+        attention.check(self.attention, what="LlamaConfig: attention")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"LlamaConfig: hidden_size={self.hidden_size} is not divisible by "
@@ -368,7 +373,7 @@ class LlamaAttention(nn.Module):
         """
         cfg = self.config
         batch, seq, _ = x.shape
-        kv, groups, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        kv, hd = cfg.num_kv_heads, cfg.head_dim
         q = _dense(cfg.num_heads * hd, cfg, "query")(x).reshape(batch, seq, cfg.num_heads, hd)
         k = _dense(cfg.kv_dim, cfg, "key")(x).reshape(batch, seq, kv, hd)
         v = _dense(cfg.kv_dim, cfg, "value")(x).reshape(batch, seq, kv, hd)
@@ -385,13 +390,13 @@ class LlamaAttention(nn.Module):
             k = jnp.concatenate([prefix[0].astype(k.dtype), k], axis=1)
             v = jnp.concatenate([prefix[1].astype(v.dtype), v], axis=1)
             bias = jnp.concatenate([jnp.zeros((batch, seq, n), bias.dtype), bias], axis=-1)
-        q = q.reshape(batch, seq, kv, groups, hd)  # query head h uses KV head h // groups
-        logits = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype)) / jnp.sqrt(
-            jnp.asarray(hd, q.dtype)
+        # A fused kernel for whole sequences; the einsum path for cached decoding.
+        impl = (
+            "einsum"
+            if cache is not None
+            else attention.resolve(cfg.attention, cfg.dtype, dropout=False)
         )
-        # Softmax in float32: bf16 logits lose the small differences that decide attention.
-        probs = jax.nn.softmax(logits.astype(jnp.float32) + bias[:, None, None], axis=-1)
-        y = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
+        y = attention.dot_product_attention(q, k, v, bias[:, None], implementation=impl)
         y = y.reshape(batch, seq, cfg.num_heads * hd).astype(cfg.dtype)
         return _dense(cfg.hidden_size, cfg, "out")(y), cache
 

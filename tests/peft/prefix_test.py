@@ -9,7 +9,7 @@ import pytest
 
 from ftlab import testing
 from ftlab.core import partition
-from ftlab.models import bert
+from ftlab.models import attention, bert
 from ftlab.peft import prefix
 
 TINY = bert.BertConfig.tiny(dropout_rate=0.0)
@@ -86,7 +86,7 @@ def test_prefix_equals_attending_to_extra_keys(base):
     q = heads(x @ p["query"]["kernel"] + p["query"]["bias"][None, None])
     k = heads(full @ p["key"]["kernel"] + p["key"]["bias"][None, None])
     v = heads(full @ p["value"]["kernel"] + p["value"]["bias"][None, None])
-    y = bert.dot_product_attention(q, k, v, np.zeros((2, 1, 1, LENGTH + 5), np.float32))
+    y = attention.dot_product_attention(q, k, v, np.zeros((2, 1, 1, LENGTH + 5), np.float32))
     want = y.reshape(2, 5, 16) @ p["out"]["kernel"] + p["out"]["bias"][None, None]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
