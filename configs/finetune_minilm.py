@@ -86,6 +86,16 @@ def get_config(arg=None):
     config.model.num_classes = 2
     config.model.pooling = "mean"
     config.model.dropout_rate = 0.1
+    # dropout on the attention probabilities alone; None: dropout_rate. 0 lets cuDNN's fused
+    # attention run in training (it has no probability dropout)
+    config.model.attention_dropout_rate = ml_collections.config_dict.placeholder(float)
+    # attention kernel: "auto" (cuDNN on a GPU in bfloat16 without probability dropout, else
+    # "einsum"), "einsum", "xla" or "cudnn"
+    config.model.attention = "auto"
+    # computation dtype ("float32" or "bfloat16"); parameters and optimizer state stay float32
+    config.model.dtype = "float32"
+    # False: MiniLM's architecture with random weights (benchmarks on a machine without them)
+    config.model.pretrained = True
     # leaves that keep their initialisation when the pretrained encoder is loaded
     config.model.dont_load = ("head/.*",)
 

@@ -35,6 +35,24 @@ _WEIGHTS_FILE = "model.safetensors"
 _TOKENIZER_FILE = "tokenizer.json"
 _CONFIG_FILE = "config.json"
 # In the file but not part of the encoder: a constant arange, and the unused [CLS] pooler.
+# The architecture fields of the package's config.json (pinned with its files): enough to build
+# the same network with random weights where the package is not installed (a benchmark on a GPU
+# machine, say). tests/third_party/minilm_test.py checks them against the file.
+CONFIG = {
+    "model_type": "bert",
+    "hidden_act": "gelu",
+    "position_embedding_type": "absolute",
+    "vocab_size": 30522,
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+}
 _SKIP = re.compile(r"embeddings\.position_ids|pooler\..*")
 _PAD_TOKEN, _PAD_ID = "[PAD]", 0
 
@@ -97,6 +115,11 @@ def load_tokenizer(path: str | pathlib.Path, *, max_length: int):
     tok.enable_truncation(max_length)
     tok.enable_padding(pad_id=_PAD_ID, pad_token=_PAD_TOKEN, length=max_length)
     return tok
+
+
+def architecture() -> bert.BertConfig:
+    """all-MiniLM-L6-v2's `BertConfig` (from `CONFIG`), without the package or its weights."""
+    return bert.BertConfig.from_hf(CONFIG)
 
 
 def model_dir() -> pathlib.Path:

@@ -23,7 +23,7 @@ from experiments.trainers import resume
 from ftlab.core import loading, parallel, partition, train
 from ftlab.core import metrics as metrics_lib
 from ftlab.data import batching, rotten_tomatoes, text
-from ftlab.models import bert
+from ftlab.models import attention, bert
 from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
 from ftlab.tasks import classification
 from third_party import minilm, peft_format
@@ -51,15 +51,28 @@ def build_data(config: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndar
 def build_model(config: ml_collections.ConfigDict) -> tuple[bert.BertClassifier, dict]:
     """The classifier and its initial parameters (pretrained encoder + fresh head)."""
     pretrained = None
-    if config.model.encoder == "minilm":
+    m = config.model
+    if m.encoder == "minilm" and m.get("pretrained", True):
         pretrained = minilm.load()
         encoder_config = pretrained.config
+    elif m.encoder == "minilm":
+        encoder_config = minilm.architecture()
     elif config.model.encoder == "tiny":
         # MiniLM's tokenizer still does the tokenizing: the tiny model needs its vocabulary.
         encoder_config = bert.BertConfig.tiny(vocab_size=30522, max_position_embeddings=512)
     else:
         raise ValueError(f"config.model.encoder={config.model.encoder!r}; expected minilm or tiny")
-    encoder_config = dataclasses.replace(encoder_config, dropout_rate=config.model.dropout_rate)
+    attention.check(m.get("attention", "auto"), what="config.model.attention")
+    dtype = m.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype={dtype!r}; expected 'float32' or 'bfloat16'")
+    encoder_config = dataclasses.replace(
+        encoder_config,
+        dropout_rate=m.dropout_rate,
+        attention_dropout_rate=m.get("attention_dropout_rate"),
+        attention=m.get("attention", "auto"),
+        dtype=jnp.dtype(dtype),
+    )
     model = bert.BertClassifier(
         encoder_config, num_classes=config.model.num_classes, pooling=config.model.pooling
     )

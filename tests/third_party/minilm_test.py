@@ -1,5 +1,6 @@
 """all-MiniLM-L6-v2: loading, conversion errors, tokenizer, and outputs against references."""
 
+import json
 import math
 import shutil
 import sys
@@ -41,6 +42,13 @@ def test_config(minilm):
     c = minilm.config
     assert (c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size) == (6, 384, 12, 1536)
     assert (c.vocab_size, c.max_position_embeddings, c.layer_norm_eps) == (30522, 512, 1e-12)
+
+
+def test_architecture_without_the_package_is_the_packaged_one(minilm):
+    """CONFIG (for machines without the weights) holds the file's values and builds its config."""
+    shipped = json.loads((minilm.model_dir / "config.json").read_text())
+    assert {k: shipped.get(k) for k in minilm_lib.CONFIG} == minilm_lib.CONFIG
+    assert minilm_lib.architecture() == minilm.config
 
 
 def test_golden_embedding_values(embeddings):
