@@ -287,6 +287,7 @@ def _run_parent() -> int:
         "chunk": _CHUNK.value,
         "torch_threads": _TORCH_THREADS.value or base_bench._cores(),
         "torch_bf16": _TORCH_BF16.value,
+        "dtype": base_bench._DTYPE.value,  # the matmul peak's dtype
     }
     try:
         variants = common.choose_variants(_VARIANTS.value, VARIANTS)

@@ -135,7 +135,6 @@ def _bench_peft(
 ) -> dict:
     torch = base._import_torch(threads)
     import peft  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
 
     config = _load_config("lora")
     o, p = config.optim, config.peft
@@ -153,24 +152,14 @@ def _bench_peft(
         )
     torch.manual_seed(config.seed)
     # No pooler: ftlab's classifier pools the hidden states itself (masked mean).
-    encoder, info = transformers.BertModel.from_pretrained(
-        model_dir,
-        local_files_only=True,
-        add_pooling_layer=False,
-        dtype=torch.float32,
-        hidden_dropout_prob=rate,
-        attention_probs_dropout_prob=rate,
-        output_loading_info=True,
-    )
-    if info["missing_keys"]:
-        raise ValueError(f"{model_dir}: weights missing for {sorted(info['missing_keys'])}")
+    encoder = base.torch_encoder(torch, model_dir=model_dir, config=config)
     # ftlab's LoRA has no dropout on the adapter input, so PEFT gets lora_dropout=0 too.
     lora_config = peft.LoraConfig(
         r=p.rank, lora_alpha=p.alpha, target_modules=["query", "value"], lora_dropout=0.0
     )
     model = peft.get_peft_model(encoder, lora_config)
     hidden = encoder.config.hidden_size
-    head = torch.nn.Linear(hidden, config.model.num_classes)
+    head = torch.nn.Linear(hidden, config.model.num_classes).to(base.torch_device(torch))
     torch.nn.init.normal_(head.weight, std=0.02)
     torch.nn.init.zeros_(head.bias)
     dropout = torch.nn.Dropout(rate)
@@ -191,12 +180,13 @@ def _bench_peft(
     impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[adamw]
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(0.9, 0.999), eps=1e-8, **impl)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(o))
-    data = {k: torch.from_numpy(v).long() for k, v in base._synthetic_batch(batch, seq).items()}
+    data = base.torch_batch(torch, batch, seq)
     losses = []
 
     def one_step():
         optimizer.zero_grad(set_to_none=True)
-        out = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
+        with base.torch_autocast(torch):
+            out = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
         m = data["attention_mask"].unsqueeze(-1).float()
         pooled = (out.last_hidden_state.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)
         logits = head(dropout(pooled))
@@ -205,7 +195,7 @@ def _bench_peft(
         torch.nn.utils.clip_grad_norm_(params, o.grad_clip_norm)
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())  # also a sync point, were this ever a GPU
+        losses.append(loss.item())  # also the sync point on a GPU
 
     times = common.time_calls(one_step, warmup=warmup, reps=steps)
     if not math.isfinite(losses[-1]):
@@ -263,7 +253,7 @@ def _run_variant(variant: str) -> None:
         )
     else:
         model_dir = base._MODEL_DIR.value
-        if not model_dir:
+        if not model_dir and base._WEIGHTS.value == "real":
             # Only when run by hand: this imports jax, which adds ~140 MiB to torch's peak RSS.
             from third_party import minilm  # noqa: PLC0415
 
@@ -301,9 +291,11 @@ def add_ratios(lines: list[dict]) -> list[dict]:
     ftlab_lora, ftlab_full = steps.get("ftlab_lora"), steps.get("ftlab_full")
     if ftlab_lora is not None:
         full_ok = ftlab_full is not None
-        ftlab_lora["memory_vs_full"] = (
-            ftlab_lora["peak_rss_mib"] / ftlab_full["peak_rss_mib"] if full_ok else None
-        )
+        # On a GPU the step's memory is the device's (the host RSS is mostly the runtime's);
+        # on the CPU it is the process's peak RSS.
+        key = "device_peak_mib" if ftlab_lora.get("device_peak_mib") else "peak_rss_mib"
+        ftlab_lora["memory_vs_full"] = ftlab_lora[key] / ftlab_full[key] if full_ok else None
+        ftlab_lora["memory_source"] = key
         ftlab_lora["xla_temp_mib_full"] = ftlab_full.get("xla_temp_mib") if full_ok else None
         temps = (ftlab_lora.get("xla_temp_mib"), ftlab_lora["xla_temp_mib_full"])
         ftlab_lora["xla_temp_vs_full"] = temps[0] / temps[1] if all(temps) else None
@@ -322,7 +314,8 @@ def _log_targets(lines: list[dict]) -> None:
         )
     if memory is not None:
         met = "met" if memory < TARGET_MEMORY_VS_FULL else "NOT met"
-        logging.info("target LoRA peak RSS < full FT's: %.2fx of full, %s", memory, met)
+        source = lora_line["memory_source"]
+        logging.info("target LoRA %s < full FT's: %.2fx of full, %s", source, memory, met)
 
 
 def _run_parent() -> int:
@@ -336,12 +329,13 @@ def _run_parent() -> int:
         "matmul_reps": base._MATMUL_REPS.value,
         "torch_threads": base._TORCH_THREADS.value or base._cores(),
         "torch_adamw": base._TORCH_ADAMW.value,
+        **base.model_settings(),
     }
     try:
         variants = common.choose_variants(base._VARIANTS.value, VARIANTS)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    if "peft_lora" in variants:
+    if "peft_lora" in variants and base._WEIGHTS.value == "real":
         from third_party import minilm  # noqa: PLC0415 (jax import stays out of the children)
 
         settings["model_dir"] = str(minilm.model_dir())

