@@ -184,6 +184,51 @@ def test_lora_run_saves_the_adapter_alone(tmp_path):
     chex.assert_trees_all_equal(partition.flatten(imported), partition.flatten(adapter))
 
 
+def test_bf16_compute_with_a_fused_attention_kernel_gives_float32_gradients():
+    """config.model.dtype/attention/attention_dropout_rate reach the encoder; params stay f32."""
+    config = _config(
+        **{
+            "model.dtype": "bfloat16",
+            "model.attention": "xla",  # the fused path; cuDNN takes the same one on a GPU
+            "model.attention_dropout_rate": 0.0,
+            "model.dropout_rate": 0.1,  # hidden dropout stays on
+        }
+    )
+    model, params = trainer.build_model(config)
+    assert model.config.dtype == jax.numpy.bfloat16 and model.config.attention == "xla"
+    assert model.config.probs_dropout_rate == 0.0 and model.config.dropout_rate == 0.1
+    apply = trainer.make_apply(model)
+    ids = np.array([[101, 7, 9, 102, 0], [101, 5, 6, 8, 102]], np.int32)
+    batch = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int32)}
+
+    def loss(p):
+        logits = apply(p, batch, jax.random.key(0))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, np.array([0, 1])).mean()
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for leaf in jax.tree.leaves(grads):
+        assert leaf.dtype == np.float32 and np.all(np.isfinite(leaf))
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("model.dtype", "float16"), ("model.attention", "flash")],
+)
+def test_bad_model_settings_name_the_config_key(key, value):
+    with pytest.raises(ValueError, match=f"config.{key}={value!r}"):
+        trainer.build_model(_config(**{key: value}))
+
+
+def test_random_minilm_has_the_pretrained_tree(minilm):
+    """model.pretrained=False: MiniLM's architecture without its package (GPU benchmarks)."""
+    config = finetune_minilm.get_config("quick")
+    config.model.pretrained = False
+    model, params = trainer.build_model(config)
+    assert model.config == minilm.config
+    want = jax.tree.map(np.shape, minilm.params)
+    assert jax.tree.map(np.shape, params["encoder"]) == want
+
+
 def test_quick_config_on_real_minilm(tmp_path):
     config = finetune_minilm.get_config("quick,method=linear_probe,steps=2")
     results = trainer.train_and_evaluate(config, str(tmp_path))
