@@ -20,7 +20,8 @@ DoRA 78.77/78.38 at 3e-4, 80.87/79.94 at 1e-3, 81.34/80.72 at 3e-3 (chosen); ada
 77.44/78.14 at 3e-4, 80.17/80.80 at 1e-3, 80.64/80.72 at 3e-3 (chosen); IA3 76.50/77.28 at
 1e-3, 78.06/79.08 at 3e-3, 80.41/79.86 at 1e-2 (chosen); prompt tuning 75.57/76.27 at 1e-3,
 77.36/78.61 at 3e-3, 77.52/77.05 at 1e-2 (chosen); BitFit 75.72/75.88 at 3e-4, 77.44/77.75 at
-1e-3, 80.48/78.61 at 3e-3 (chosen). Where the best was the largest rate tried, the grid below
+1e-3, 80.48/78.61 at 3e-3 (chosen); LoReFT 75.41/75.80 at 3e-4, 77.05/77.36 at 1e-3,
+77.52/77.60 at 3e-3 (chosen). Where the best was the largest rate tried, the grid below
 has one more (not yet run); the same command runs it.
 """
 
@@ -49,7 +50,7 @@ def get_config(arg=None):
             "adapters": (3e-4, 1e-3, 3e-3, 1e-2),
             "prompt": (1e-3, 3e-3, 1e-2, 3e-2),
             "prefix": (3e-4, 1e-3, 3e-3),
-            "reft": (3e-4, 1e-3, 3e-3),
+            "reft": (3e-4, 1e-3, 3e-3, 1e-2),
         }
     )
     config.methods = tuple(config.lrs.keys())
