@@ -15,6 +15,10 @@ reference is `transformers.BertModel` on the same weights wrapped by `peft.get_p
 same rank, alpha and target modules, masked mean pooling, dropout, a trainable linear head, and
 AdamW over the trainable parameters only, under the same hyperparameters and schedule.
 
+On a GPU (`experiments/bench/gpu.sh`): `--dtype=bfloat16 --weights=random --attention_dropout=0
+--batch=256 --seq=128`; PEFT then runs on CUDA under bf16 autocast and ftlab's attention='auto'
+takes cuDNN.
+
 Flags, the synthetic batch, the timing and the matmul peak are `experiments/bench/minilm_step.py`'s
 (imported, not copied). One JSON line per result goes to stdout and to `--out`;
 experiments/bench/README.md explains the fields.
