@@ -21,7 +21,8 @@ DoRA 78.77/78.38 at 3e-4, 80.87/79.94 at 1e-3, 81.34/80.72 at 3e-3 (chosen); ada
 1e-3, 78.06/79.08 at 3e-3, 80.41/79.86 at 1e-2 (chosen); prompt tuning 75.57/76.27 at 1e-3,
 77.36/78.61 at 3e-3, 77.52/77.05 at 1e-2 (chosen); BitFit 75.72/75.88 at 3e-4, 77.44/77.75 at
 1e-3, 80.48/78.61 at 3e-3 (chosen); LoReFT 75.41/75.80 at 3e-4, 77.05/77.36 at 1e-3,
-77.52/77.60 at 3e-3 (chosen). Where the best was the largest rate tried, the grid below
+77.52/77.60 at 3e-3 (chosen); prefix tuning 77.13/77.52 at 3e-4, 79.23/77.60 at 1e-3 (3e-3 not
+yet run). Where the best was the largest rate tried, the grid below
 has one more (not yet run); the same command runs it.
 """
 
