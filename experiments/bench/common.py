@@ -156,3 +156,28 @@ def timing_fields(times: list[float]) -> dict:
         "max_step_s": max(times),
         "timed_steps": len(times),
     }
+
+
+# -- the torch peers: on the GPU when torch sees one ---------------------------------------------
+
+
+def torch_device(torch) -> str:
+    """Where a torch peer runs: ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_sync(torch) -> None:
+    """Waits for the GPU's queued work (a no-op on the CPU), before a host clock is read."""
+    if torch_device(torch) == "cuda":
+        torch.cuda.synchronize()
+
+
+def torch_platform(torch, threads: int) -> dict:
+    """The fields every torch line reports about where it ran (and its device memory peak)."""
+    cuda = torch_device(torch) == "cuda"
+    return {
+        "platform": "gpu" if cuda else "cpu",
+        "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
+        "device_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "threads": None if cuda else threads,
+    }

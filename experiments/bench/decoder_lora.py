@@ -187,7 +187,6 @@ def _bench_peft(*, batch: int, seq: int, layers: int, warmup: int, steps: int, t
     import peft  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
-    cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if _TORCH_BF16.value else torch.float32
     hf_config = transformers.LlamaConfig(
         vocab_size=SMOLLM2["vocab_size"],
@@ -207,7 +206,7 @@ def _bench_peft(*, batch: int, seq: int, layers: int, warmup: int, steps: int, t
         r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
     )
     model = peft.get_peft_model(model, lora_config)
-    device = "cuda" if cuda else "cpu"
+    device = common.torch_device(torch)
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     ids, tgt = _tokens(batch, seq, SMOLLM2["vocab_size"])
@@ -223,19 +222,16 @@ def _bench_peft(*, batch: int, seq: int, layers: int, warmup: int, steps: int, t
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        common.torch_sync(torch)
         holder["loss"] = float(loss)
 
     times = common.time_calls(one_step, warmup=warmup, reps=steps)
     return {
         **common.timing_fields(times),
         "peak_rss_mib": base_bench._peak_rss_mib(),
-        "device_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "final_loss": holder["loss"],
-        "platform": "gpu" if cuda else "cpu",
-        "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
+        **common.torch_platform(torch, threads),
         "version": f"torch {torch.__version__}, peft {peft.__version__}",
     }
 

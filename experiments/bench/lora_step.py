@@ -163,7 +163,7 @@ def _bench_peft(
     )
     model = peft.get_peft_model(encoder, lora_config)
     hidden = encoder.config.hidden_size
-    head = torch.nn.Linear(hidden, config.model.num_classes).to(base.torch_device(torch))
+    head = torch.nn.Linear(hidden, config.model.num_classes).to(common.torch_device(torch))
     torch.nn.init.normal_(head.weight, std=0.02)
     torch.nn.init.zeros_(head.bias)
     dropout = torch.nn.Dropout(rate)

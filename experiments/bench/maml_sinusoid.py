@@ -164,7 +164,7 @@ def _torch_setup(data_path: str):
             layer = model[2 * i]
             layer.weight.copy_(torch.from_numpy(data[f"param/{name}/kernel"].T.copy()))
             layer.bias.copy_(torch.from_numpy(data[f"param/{name}/bias"]))
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU where torch sees one
+    device = common.torch_device(torch)
     model.to(device)
     tasks = {
         k: torch.from_numpy(data[f"task/{p}/{v}"]).to(device)
@@ -176,15 +176,6 @@ def _torch_setup(data_path: str):
         )
     }
     return torch, model, tasks
-
-
-def _torch_platform(torch) -> dict:
-    cuda = torch.cuda.is_available()
-    return {
-        "platform": "gpu" if cuda else "cpu",
-        "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
-        "threads": None if cuda else torch.get_num_threads(),
-    }
 
 
 def _run_higher(inner_steps: int, data_path: str, steps: int, warmup: int) -> dict:
@@ -213,7 +204,7 @@ def _run_higher(inner_steps: int, data_path: str, steps: int, warmup: int) -> di
     return {
         **_time(step, steps=steps, warmup=warmup),
         "first_step_loss": first,
-        **_torch_platform(torch),
+        **common.torch_platform(torch, torch.get_num_threads()),
         "version": f"torch {torch.__version__}, higher {importlib.metadata.version('higher')}",
     }
 
@@ -248,7 +239,7 @@ def _run_torchfunc(inner_steps: int, data_path: str, steps: int, warmup: int) ->
     return {
         **_time(step, steps=steps, warmup=warmup),
         "first_step_loss": first,
-        **_torch_platform(torch),
+        **common.torch_platform(torch, torch.get_num_threads()),
         "version": f"torch {torch.__version__}",
     }
 

@@ -79,7 +79,6 @@ _TORCH_ADAMW = flags.DEFINE_enum(
 _OUT = flags.DEFINE_string(
     "out", _DEFAULT_OUT, f"JSON-lines file for the results ({_DEFAULT_QUICK_OUT} with --quick)."
 )
-# Internal: set by the parent when it re-invokes this script for one variant.
 _DTYPE = flags.DEFINE_enum(
     "dtype",
     "float32",
@@ -108,6 +107,7 @@ _ATTENTION = flags.DEFINE_enum(
     ["auto", "einsum", "xla", "cudnn"],
     "ftlab's attention kernel (config.model.attention; ftlab/models/attention.py).",
 )
+# Internal: set by the parent when it re-invokes this script for one variant.
 _VARIANT = flags.DEFINE_string("variant", "", "Run one variant in this process (internal).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", "", "MiniLM folder for torch (internal).")
 
@@ -377,20 +377,11 @@ def _import_torch(threads: int):
     return torch
 
 
-def torch_device(torch) -> str:
-    """Where the torch peers run: the GPU when torch sees one, else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _torch_device_fields(torch, threads: int) -> dict:
-    cuda = torch_device(torch) == "cuda"
     return {
-        "platform": "gpu" if cuda else "cpu",
-        "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
-        "device_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        **common.torch_platform(torch, threads),
         "dtype": _DTYPE.value,
         "weights": _WEIGHTS.value,
-        "threads": None if cuda else threads,
         "version": f"torch {torch.__version__}",
     }
 
@@ -398,11 +389,11 @@ def _torch_device_fields(torch, threads: int) -> dict:
 def torch_autocast(torch):
     """The context the torch forward passes run under: bf16 autocast with --dtype=bfloat16."""
     bf16 = _DTYPE.value == "bfloat16"
-    return torch.autocast(torch_device(torch), dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(common.torch_device(torch), dtype=torch.bfloat16, enabled=bf16)
 
 
 def torch_encoder(torch, *, model_dir: str, config):
-    """`transformers.BertModel` (no pooler) with ``config``'s dropout, on `torch_device`.
+    """`transformers.BertModel` (no pooler) with ``config``'s dropout, on `common.torch_device`.
 
     Real all-MiniLM-L6-v2 weights from ``model_dir``, or (--weights=random) the architecture of
     `third_party.minilm.CONFIG` randomly initialised.
@@ -431,17 +422,12 @@ def torch_encoder(torch, *, model_dir: str, config):
         )
         if info["missing_keys"]:
             raise ValueError(f"{model_dir}: weights missing for {sorted(info['missing_keys'])}")
-    return encoder.to(torch_device(torch))
-
-
-def torch_sync(torch) -> None:
-    if torch_device(torch) == "cuda":
-        torch.cuda.synchronize()
+    return encoder.to(common.torch_device(torch))
 
 
 def _bench_matmul_torch(*, n: int, reps: int, threads: int) -> dict:
     torch = _import_torch(threads)
-    device, dtype = torch_device(torch), getattr(torch, _DTYPE.value)
+    device, dtype = common.torch_device(torch), getattr(torch, _DTYPE.value)
     gen = torch.Generator(device).manual_seed(0)
     a = torch.randn(n, n, generator=gen, dtype=dtype, device=device)
     b = torch.randn(n, n, generator=gen, dtype=dtype, device=device)
@@ -449,7 +435,7 @@ def _bench_matmul_torch(*, n: int, reps: int, threads: int) -> dict:
 
     def matmul():
         torch.mm(a, b, out=out)
-        torch_sync(torch)
+        common.torch_sync(torch)
 
     times = common.time_calls(matmul, warmup=2, reps=reps)
     return {
@@ -461,9 +447,9 @@ def _bench_matmul_torch(*, n: int, reps: int, threads: int) -> dict:
 
 
 def torch_batch(torch, batch: int, seq: int) -> dict:
-    """`_synthetic_batch` as int64 tensors on `torch_device`."""
+    """`_synthetic_batch` as int64 tensors on `common.torch_device`."""
     data = _synthetic_batch(batch, seq).items()
-    return {k: torch.from_numpy(v).long().to(torch_device(torch)) for k, v in data}
+    return {k: torch.from_numpy(v).long().to(common.torch_device(torch)) for k, v in data}
 
 
 def _bench_torch(
@@ -480,7 +466,7 @@ def _bench_torch(
     # No pooler: ftlab's classifier pools the hidden states itself (masked mean).
     encoder = torch_encoder(torch, model_dir=model_dir, config=config)
     hidden = encoder.config.hidden_size
-    head = torch.nn.Linear(hidden, config.model.num_classes).to(torch_device(torch))
+    head = torch.nn.Linear(hidden, config.model.num_classes).to(common.torch_device(torch))
     torch.nn.init.normal_(head.weight, std=0.02)
     torch.nn.init.zeros_(head.bias)
     dropout = torch.nn.Dropout(rate)
