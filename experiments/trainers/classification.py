@@ -57,12 +57,13 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[bert.BertClassifier,
         encoder_config = pretrained.config
     elif m.encoder == "minilm":
         encoder_config = minilm.architecture()
-    elif config.model.encoder == "tiny":
+    elif m.encoder == "tiny":
         # MiniLM's tokenizer still does the tokenizing: the tiny model needs its vocabulary.
         encoder_config = bert.BertConfig.tiny(vocab_size=30522, max_position_embeddings=512)
     else:
-        raise ValueError(f"config.model.encoder={config.model.encoder!r}; expected minilm or tiny")
-    attention.check(m.get("attention", "auto"), what="config.model.attention")
+        raise ValueError(f"config.model.encoder={m.encoder!r}; expected minilm or tiny")
+    kernel = m.get("attention", "auto")
+    attention.check(kernel, what="config.model.attention")
     dtype = m.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.model.dtype={dtype!r}; expected 'float32' or 'bfloat16'")
@@ -70,7 +71,7 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[bert.BertClassifier,
         encoder_config,
         dropout_rate=m.dropout_rate,
         attention_dropout_rate=m.get("attention_dropout_rate"),
-        attention=m.get("attention", "auto"),
+        attention=kernel,
         dtype=jnp.dtype(dtype),
     )
     model = bert.BertClassifier(
