@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -155,6 +156,82 @@ def timing_fields(times: list[float]) -> dict:
         "min_step_s": min(times),
         "max_step_s": max(times),
         "timed_steps": len(times),
+    }
+
+
+# -- where a compiled step spends its time -------------------------------------------------------
+
+# Trace events that time the runtime around the ops rather than an op itself.
+_RUNTIME_EVENTS = (
+    "ThunkExecutor",
+    "SlinkyThreadPool",
+    "PjitFunction",
+    "ParseArguments",
+    "CommonPjRt",
+    "ExecuteReplicated",
+    "$",
+)
+
+
+def _strip_index(name: str) -> str:
+    return re.sub(r"[.]\d+$", "", name)
+
+
+def op_kinds(hlo_text: str) -> dict[str, str]:
+    """Maps each instruction of a compiled module's text to ``"<fusion kind>:<op>"``.
+
+    The kind is the instruction name without its ``.N`` suffix (``ynn_fusion``, ``copy``, ...);
+    the op is the last part of its ``op_name`` metadata (``dot_general``, ``reduce_sum``, ...),
+    which tells a library fusion that runs a dot from one that runs a reduction; inside one of
+    jax's own jitted helpers (``jit(_bernoulli)``, the random bits of dropout) it is the
+    helper's name.
+    """
+    kinds = {}
+    for line in hlo_text.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%([\w.-]+) = .*?op_name=\"([^\"]*)\"", line)
+        if match:
+            name, op_name = match.groups()
+            helper = re.search(r"jit\((_\w+)\)", op_name)
+            op = helper.group(1) if helper else op_name.rsplit("/", 1)[-1]
+            kinds[name] = f"{_strip_index(name)}:{op}"
+    return kinds
+
+
+def op_profile(
+    fn: Callable[[], object], *, calls: int = 3, hlo_text: str = "", top: int = 15
+) -> dict:
+    """Per-op time of ``calls`` calls of ``fn`` under ``jax.profiler``, summed by kind.
+
+    Returns ``{"op_ms_per_call": total, "by_kind_ms": {kind: ms per call}}`` with the ``top``
+    largest kinds. Kinds are instruction names without their ``.N`` suffix, refined by
+    `op_kinds` when the compiled module's text is given. Op times on several threads can add up
+    to more than the wall time. ``fn`` must block until its work is done.
+    """
+    import gzip  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+
+    kinds = op_kinds(hlo_text) if hlo_text else {}
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            for _ in range(calls):
+                fn()
+        traces = sorted(pathlib.Path(logdir).rglob("*.trace.json.gz"))
+        if not traces:
+            raise RuntimeError(f"jax.profiler wrote no perfetto trace under {logdir}")
+        events = json.loads(gzip.decompress(traces[-1].read_bytes()))["traceEvents"]
+    totals: dict[str, float] = {}
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") != "X" or "dur" not in event or name.startswith(_RUNTIME_EVENTS):
+            continue
+        kind = kinds.get(name) or _strip_index(name)
+        totals[kind] = totals.get(kind, 0.0) + event["dur"] / 1e3 / calls  # us -> ms per call
+    ranked = sorted(totals.items(), key=lambda item: -item[1])
+    return {
+        "op_ms_per_call": sum(totals.values()),
+        "by_kind_ms": {kind: round(ms, 2) for kind, ms in ranked[:top]},
     }
 
 

@@ -108,6 +108,11 @@ _ATTENTION = flags.DEFINE_enum(
     "ftlab's attention kernel (config.model.attention; ftlab/models/attention.py).",
 )
 # Internal: set by the parent when it re-invokes this script for one variant.
+_OP_PROFILE = flags.DEFINE_bool(
+    "op_profile",
+    False,
+    "Also profile 3 ftlab steps (jax.profiler) and report the op time by kind (`op_profile`).",
+)
 _VARIANT = flags.DEFINE_string("variant", "", "Run one variant in this process (internal).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", "", "MiniLM folder for torch (internal).")
 
@@ -289,6 +294,9 @@ def _bench_ftlab(
         holder["state"], holder["metrics"] = new_state, metrics
 
     times = common.time_calls(one_step, warmup=warmup, reps=steps)
+    profile = (
+        common.op_profile(one_step, hlo_text=compiled.as_text()) if _OP_PROFILE.value else None
+    )
     loss = float(jax.device_get(holder["metrics"]["train/loss"]))
     if not np.isfinite(loss):
         raise FloatingPointError(f"ftlab {method}: train/loss is {loss} after the timed steps")
@@ -329,6 +337,7 @@ def _bench_ftlab(
         "device_peak_mib": device_peak,
         "trainable_params": n_trainable,
         "lora_params": n_lora,
+        "op_profile": profile,
         "final_loss": loss,
         "platform": device.platform,
         "device_kind": device.device_kind,
@@ -582,12 +591,13 @@ def add_ratios(lines: list[dict]) -> list[dict]:
 
 
 def model_settings() -> dict:
-    """The model flags every child gets."""
+    """The model (and profiling) flags every child gets."""
     return {
         "dtype": _DTYPE.value,
         "weights": _WEIGHTS.value,
         "attention": _ATTENTION.value,
         "attention_dropout": _ATTENTION_DROPOUT.value,
+        "op_profile": _OP_PROFILE.value,
     }
 
 
