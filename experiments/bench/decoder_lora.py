@@ -223,7 +223,7 @@ def _bench_peft(*, batch: int, seq: int, layers: int, warmup: int, steps: int, t
         opt.step()
         opt.zero_grad(set_to_none=True)
         common.torch_sync(torch)
-        holder["loss"] = float(loss)
+        holder["loss"] = loss.item()
 
     times = common.time_calls(one_step, warmup=warmup, reps=steps)
     return {
