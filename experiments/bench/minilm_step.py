@@ -107,12 +107,12 @@ _ATTENTION = flags.DEFINE_enum(
     ["auto", "einsum", "xla", "cudnn"],
     "ftlab's attention kernel (config.model.attention; ftlab/models/attention.py).",
 )
-# Internal: set by the parent when it re-invokes this script for one variant.
 _OP_PROFILE = flags.DEFINE_bool(
     "op_profile",
     False,
     "Also profile 3 ftlab steps (jax.profiler) and report the op time by kind (`op_profile`).",
 )
+# Internal: set by the parent when it re-invokes this script for one variant.
 _VARIANT = flags.DEFINE_string("variant", "", "Run one variant in this process (internal).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", "", "MiniLM folder for torch (internal).")
 
