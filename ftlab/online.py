@@ -41,7 +41,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -52,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ftlab.core import xla
 from ftlab.types import Params, PyTree
 
 TASKS = ("regression", "binary", "multiclass")
@@ -388,18 +388,7 @@ def compiler_options(backend: str | None = None) -> dict[str, Any]:
     is 15% faster with XLA's defaults (63 learners on Shuttle). Elsewhere, or where this XLA no
     longer knows the option, none.
     """
-    if (backend or jax.default_backend()) != "cpu":
-        return {}
-    return dict(_CPU_OPTIONS) if _cpu_accepts_options() else {}
-
-
-@functools.cache
-def _cpu_accepts_options() -> bool:
-    try:
-        jax.jit(lambda a: a + 1, compiler_options=_CPU_OPTIONS).lower(1.0).compile()
-    except Exception:  # noqa: BLE001 - an XLA that dropped the option: compile without it
-        return False
-    return True
+    return xla.cpu_options(_CPU_OPTIONS, backend)
 
 
 def running_sum(a: jax.Array) -> jax.Array:

@@ -13,6 +13,8 @@ meta-batch 25 tasks with K = 10 support and 10 query points, ``--inner_steps`` S
 - ``ftlab``: the trainer's own step (`experiments/trainers/meta.py` with
   `configs/maml_sinusoid.py`): `ftlab.meta.make_meta_step` (inner `lax.scan`, tasks `vmap`),
   jitted with the state donated.
+- ``ftlab_xla_defaults``: the same step compiled with XLA's default options instead of
+  `ftlab.meta.compiler_options()` (what the option buys, in the same run).
 - ``higher``: the library's MAML recipe: a Python loop over tasks, each in
   ``higher.innerloop_ctx(model, SGD, copy_initial_weights=False)``, ``diffopt.step(loss)`` per
   inner step, ``(query_loss / tasks).backward()``, then ``Adam.step()``.
@@ -23,7 +25,8 @@ All start from the same initial weights (ftlab's, transposed into torch) and the
 batch, so ``first_step_loss`` must agree across implementations (a check that all three compute
 the same thing). Fields: ``median_step_s`` over ``--steps`` (torch) or ``--ftlab_steps``
 timed steps after ``--warmup`` untimed ones, ``load_avg_1min`` (the machine's load when the variant
-ended), ``steps_per_s``, ``speedup_vs_higher`` and ``speedup_vs_torchfunc`` (the peer's
+ended), ``steps_per_s``, ``speedup_vs_ftlab_xla_defaults``, ``speedup_vs_higher`` and
+``speedup_vs_torchfunc`` (the peer's
 median step time over this line's; the peers' own lines hold their ratio too).
 
 Measured 2026-11-23 on the 2-core CPU VM (jax 0.10.2, torch 2.13.0+cpu, higher 0.2.1), with
@@ -43,10 +46,14 @@ with 2 threads on this shared machine was 8-10x slower than with 1). Median ms p
 ``first_step_loss`` agreed to 6 digits across the three (5.644067 and 5.444162). The 10x target
 holds against higher; against torch.func it holds only on the busy machine (on the quiet one
 ftlab is 4.8-5.0x faster). Unrolling the inner `lax.scan` or single-threaded Eigen did not help.
+With `ftlab.meta.compiler_options()` (17:28-17:35 UTC, three runs): 1 inner step 0.55-0.84 ms
+against torch.func's 4.3-4.8 ms (5.4-7.8x), 0.78-1.22x the XLA-defaults compile of the same step;
+experiments/bench/RESULTS.md has the table.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -62,7 +69,7 @@ from absl import app, flags, logging
 from experiments.bench import common
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-IMPLS = ("ftlab", "higher", "torchfunc")
+IMPLS = ("ftlab", "ftlab_xla_defaults", "higher", "torchfunc")
 _INNER = flags.DEFINE_list("inner_steps", ["1", "5"], "Inner-loop step counts to measure.")
 _IMPLS = flags.DEFINE_list("impls", list(IMPLS), f"Subset of {IMPLS}.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed meta-steps per variant (median reported).")
@@ -106,12 +113,15 @@ def _write_data(data_path: str) -> None:
     np.savez(data_path, **flat)
 
 
-def _run_ftlab(inner_steps: int, data_path: str, steps: int, warmup: int) -> dict:
+def _run_ftlab(
+    inner_steps: int, data_path: str, steps: int, warmup: int, *, xla_defaults: bool = False
+) -> dict:
     import jax
     import optax
 
     from configs import maml_sinusoid
     from experiments.trainers import meta as trainer
+    from ftlab import meta
     from ftlab.core import partition
 
     config = maml_sinusoid.get_config(f"method=maml,inner_steps={inner_steps}")
@@ -122,7 +132,10 @@ def _run_ftlab(inner_steps: int, data_path: str, steps: int, warmup: int) -> dic
     loss_fn = trainer.make_loss_fn(model)
     tx = optax.adam(config.optim.lr)
     state = trainer.init_state(config, params, tx)
-    step_fn = jax.jit(trainer.build_step(config, loss_fn, tx), donate_argnums=0)
+    options = {} if xla_defaults else meta.compiler_options()
+    step_fn = jax.jit(
+        trainer.build_step(config, loss_fn, tx), donate_argnums=0, compiler_options=options or None
+    )
     tasks = jax.device_put(tasks)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, tasks).compile()
@@ -139,6 +152,7 @@ def _run_ftlab(inner_steps: int, data_path: str, steps: int, warmup: int) -> dic
     return {
         **out,
         "first_step_loss": first,
+        "compiler_options": options,
         "compile_s": compile_s,
         "platform": dev.platform,
         "device_kind": dev.device_kind,
@@ -244,14 +258,19 @@ def _run_torchfunc(inner_steps: int, data_path: str, steps: int, warmup: int) ->
     }
 
 
-_RUNNERS = {"ftlab": _run_ftlab, "higher": _run_higher, "torchfunc": _run_torchfunc}
+_RUNNERS = {
+    "ftlab": _run_ftlab,
+    "ftlab_xla_defaults": functools.partial(_run_ftlab, xla_defaults=True),
+    "higher": _run_higher,
+    "torchfunc": _run_torchfunc,
+}
 
 
 def _child(variant: str) -> None:
     impl, inner = variant.split(":")
     if impl == "data":
         return _write_data(_DATA.value)
-    steps = _FTLAB_STEPS.value if impl == "ftlab" else _STEPS.value
+    steps = _FTLAB_STEPS.value if impl.startswith("ftlab") else _STEPS.value
     steps, warmup = (3, 1) if _QUICK.value else (steps, _WARMUP.value)
     record = {
         "bench": "maml_sinusoid_meta_step",
@@ -311,7 +330,7 @@ def main(argv):
                 continue
             records.append(json.loads(lines[-1][len("RESULT ") :]))
     for r in records:
-        for peer in ("higher", "torchfunc"):
+        for peer in ("ftlab_xla_defaults", "higher", "torchfunc"):
             other = [
                 o for o in records if o["impl"] == peer and o["inner_steps"] == r["inner_steps"]
             ]

@@ -264,7 +264,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # -- compiled steps, evaluator -----------------------------------------------------------
     axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
-    step_fn = plan.compile_train_step(build_step(config, loss_fn, tx, axis_name=axis))
+    step_fn = plan.compile_train_step(
+        build_step(config, loss_fn, tx, axis_name=axis), compiler_options=meta.compiler_options()
+    )
     evaluator = make_evaluator(config, loss_fn, model)
     held_out = eval_tasks(config)
     eval_batch = {"support": held_out["support"], "query": held_out["query"]}

@@ -125,8 +125,14 @@ class Plan:
         return out
 
     # -- compilation ------------------------------------------------------------------------
-    def compile_train_step(self, step: Callable) -> Callable:
-        """Compiles ``step(state, batch) -> (state, metrics)`` once, donating the state."""
+    def compile_train_step(
+        self, step: Callable, *, compiler_options: dict | None = None
+    ) -> Callable:
+        """Compiles ``step(state, batch) -> (state, metrics)`` once, donating the state.
+
+        ``compiler_options`` (XLA's, e.g. `ftlab.meta.compiler_options()`) apply to the jit
+        modes; ``pmap`` takes none and compiles with XLA's defaults.
+        """
         if self.mode == "pmap":
             pstep = jax.pmap(step, axis_name=DATA_AXIS, donate_argnums=0)
 
@@ -140,6 +146,7 @@ class Plan:
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=0,
+            compiler_options=compiler_options or None,
         )
 
     def compile_eval_step(self, eval_step: Callable) -> Callable:

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ftlab.core import partition
+from ftlab.core import partition, xla
 from ftlab.types import Params, PRNGKey, PyTree
 
 # loss_fn(params, batch) -> scalar mean loss over one task's batch; params is the full tree.
@@ -299,6 +299,25 @@ def meta_loss(
         return loss_fn(adapted, task["query"])
 
     return jnp.mean(jax.vmap(task_loss)(tasks))
+
+
+# A meta-step over a small network is ~100 small kernels: XLA:CPU's YNNPACK fusions of dots with
+# their neighbours and of reductions cost more there than they save. Dots alone through YNNPACK,
+# everything else through XLA's emitters: the sinusoid MAML step (meta-batch 25, 1 -> 40 -> 40 -> 1,
+# 1 inner step) takes 0.51-0.55 ms instead of 0.59-0.61 ms (jax 0.10.2, 2 cores, 300-step windows
+# interleaved; experiments/bench/RESULTS.md). It makes large models slower (MiniLM steps), so it is
+# not a default anywhere else.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def compiler_options(backend: str | None = None) -> dict[str, Any]:
+    """XLA options for a meta-step over a small network: ``jax.jit(step, compiler_options=...)``.
+
+    On CPU, dots one at a time through YNNPACK and no other library fusion (see `_CPU_OPTIONS`);
+    elsewhere, or where this XLA no longer knows the option, none. The numbers agree with the
+    default compile to float32 rounding (reductions are summed in another order).
+    """
+    return xla.cpu_options(_CPU_OPTIONS, backend)
 
 
 def check_tasks(tasks: Mapping, *, what: str = "tasks", need_query: bool = True) -> None:

@@ -196,6 +196,26 @@ def test_maml_over_lora_factors_learns_and_keeps_frozen_leaves_bit_identical():
             assert not np.array_equal(final[name], leaf), name
 
 
+def test_compiler_options_change_speed_not_numbers():
+    """A meta-step compiled with `meta.compiler_options()` agrees with XLA's default compile."""
+    options = meta.compiler_options()
+    assert set(options) <= {"xla_cpu_experimental_ynn_fusion_type"}
+    assert meta.compiler_options("gpu") == {}
+    params = _params(width=40)
+    tx = optax.adam(1e-2)
+    state = meta.init_state(params, partition.labels(params, ((".*", "train"),)), tx, seed=0)
+    step = meta.make_meta_step(tx=tx, num_steps=2, **_loss_kwargs())
+    tasks = _tasks(num_tasks=5, shots=10)
+    results = []
+    for opts in (options, None):
+        compiled = jax.jit(step, compiler_options=opts).lower(state, tasks).compile()
+        s = state
+        for _ in range(3):
+            s, metrics = compiled(s, tasks)
+        results.append((s.params, metrics["train/loss"]))
+    chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
 # -- Meta-SGD and Reptile against numpy references (linear regression, hand gradients) -----------
 def _linear_tasks(num_tasks=3, shots=4, dim=3):
     rng = np.random.default_rng(3)
