@@ -52,8 +52,10 @@ def test_prefix_tuning_trains_on_the_stacked_decoder_tree():
         "label": jnp.array([0, 1]),
     }
     loss_fn = decoder_tuning.make_loss_fn(cfg, wrap)
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
-    np.testing.assert_allclose(loss, loss_fn(same, batch, None)[0], rtol=1e-6)
+    # jitted: op by op, the tiny decoder's forward and backward take seconds of dispatch
+    value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (loss, _), grads = value_and_grad(params, batch, None)
+    np.testing.assert_allclose(loss, jax.jit(loss_fn)(same, batch, None)[0], rtol=1e-6)
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads["prefix_mlp"]))
     final = to_plain(params)
     assert "prefix_mlp" not in final
