@@ -134,7 +134,7 @@ def _run_ftlab(
     state = trainer.init_state(config, params, tx)
     options = {} if xla_defaults else meta.compiler_options()
     step_fn = jax.jit(
-        trainer.build_step(config, loss_fn, tx), donate_argnums=0, compiler_options=options or None
+        trainer.build_step(config, loss_fn, tx), donate_argnums=0, compiler_options=options
     )
     tasks = jax.device_put(tasks)
     t0 = time.perf_counter()

@@ -146,7 +146,7 @@ class Plan:
             in_shardings=(self.replicated, self.batch_sharding),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=0,
-            compiler_options=compiler_options or None,
+            compiler_options=compiler_options,
         )
 
     def compile_eval_step(self, eval_step: Callable) -> Callable:
