@@ -159,6 +159,57 @@ def timing_fields(times: list[float]) -> dict:
     }
 
 
+def round_speedups(
+    lines: list[dict], *, name: str, group: tuple[str, ...], peers: Iterable[str]
+) -> list[dict]:
+    """Fills ``speedup_vs_<peer>`` (the peer's median step over this line's), in place.
+
+    A line is compared only with the peer's line of the same ``round`` and ``group`` fields, so
+    that both were timed minutes apart rather than at the two ends of a long run on a machine
+    whose speed drifts. A peer that did not run gives None.
+    """
+
+    def key(x):
+        return (x.get("round"), *(x[g] for g in group))
+
+    by_key = {(x[name], key(x)): x for x in lines}
+    for x in lines:
+        for peer in peers:
+            other = by_key.get((peer, key(x)))
+            x[f"speedup_vs_{peer}"] = other["median_step_s"] / x["median_step_s"] if other else None
+    return lines
+
+
+def summarize_rounds(lines: list[dict], *, name: str, group: tuple[str, ...]) -> list[dict]:
+    """One ``"summary": "over_rounds"`` line per (``name``, ``group``) of round lines.
+
+    ``median_step_s`` is the median of the rounds' medians; each ``speedup_vs_*`` field the
+    median of the rounds' ratios (see `round_speedups`), with its ``_min`` and ``_max`` beside
+    it, so a target is judged on the typical round and the spread is on record.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for x in lines:
+        groups.setdefault((x[name], *(x[g] for g in group)), []).append(x)
+    out = []
+    for (label, *values), rounds in groups.items():
+        summary = {
+            "bench": rounds[0]["bench"],
+            name: label,
+            **dict(zip(group, values, strict=True)),
+        }
+        summary["summary"] = "over_rounds"
+        summary["rounds"] = len(rounds)
+        summary["median_step_s"] = statistics.median(x["median_step_s"] for x in rounds)
+        summary["round_median_step_s"] = [x["median_step_s"] for x in rounds]
+        for field in sorted({k for x in rounds for k in x if k.startswith("speedup_vs_")}):
+            ratios = [x[field] for x in rounds if x.get(field) is not None]
+            summary[field] = statistics.median(ratios) if ratios else None
+            summary[f"{field}_min"] = min(ratios) if ratios else None
+            summary[f"{field}_max"] = max(ratios) if ratios else None
+        out.append(summary)
+    return out
+
+
 # -- where a compiled step spends its time -------------------------------------------------------
 
 # Trace events that time the runtime around the ops rather than an op itself.

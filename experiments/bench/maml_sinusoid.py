@@ -25,9 +25,11 @@ All start from the same initial weights (ftlab's, transposed into torch) and the
 batch, so ``first_step_loss`` must agree across implementations (a check that all three compute
 the same thing). Fields: ``median_step_s`` over ``--steps`` (torch) or ``--ftlab_steps``
 timed steps after ``--warmup`` untimed ones, ``load_avg_1min`` (the machine's load when the variant
-ended), ``steps_per_s``, ``speedup_vs_ftlab_xla_defaults``, ``speedup_vs_higher`` and
-``speedup_vs_torchfunc`` (the peer's
-median step time over this line's; the peers' own lines hold their ratio too).
+ended), ``steps_per_s``, ``round``, ``speedup_vs_ftlab_xla_defaults``, ``speedup_vs_higher`` and
+``speedup_vs_torchfunc`` (the peer's median step time in the same round over this line's; the
+peers' own lines hold their ratio too). With ``--rounds`` > 1 every variant runs that many times,
+interleaved, and a ``"summary": "over_rounds"`` line per variant gives the median of its rounds'
+medians and the median, ``_min`` and ``_max`` of its rounds' ratios.
 
 Measured 2026-11-23 on the 2-core CPU VM (jax 0.10.2, torch 2.13.0+cpu, higher 0.2.1), with
 ``python -m experiments.bench.maml_sinusoid --steps=20 --warmup=3 --torch_threads=1`` (torch
@@ -47,8 +49,11 @@ with 2 threads on this shared machine was 8-10x slower than with 1). Median ms p
 holds against higher; against torch.func it holds only on the busy machine (on the quiet one
 ftlab is 4.8-5.0x faster). Unrolling the inner `lax.scan` or single-threaded Eigen did not help.
 With `ftlab.meta.compiler_options()` (17:28-17:35 UTC, three runs): 1 inner step 0.55-0.84 ms
-against torch.func's 4.3-4.8 ms (5.4-7.8x), 0.78-1.22x the XLA-defaults compile of the same step;
-experiments/bench/RESULTS.md has the table.
+against torch.func's 4.3-4.8 ms (5.4-7.8x), 0.78-1.22x the XLA-defaults compile of the same step.
+``--rounds=5`` (19:43 UTC; each line compared with its peers of the same round; summary lines hold
+the median and range of the rounds' ratios): 1 inner step 0.586 ms against torch.func's 4.63 ms,
+7.9x (5.9-14.5x over the rounds), 103x higher; 5 inner steps 6.2x (5.3-10.5x), 64x higher.
+experiments/bench/RESULTS.md has the tables.
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ _FTLAB_STEPS = flags.DEFINE_integer(
     "ftlab_steps", 300, "Timed meta-steps for ftlab (its steps are short, so more of them)."
 )
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed meta-steps after compilation.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 1, "Times to run every variant, interleaved; >1 adds median-over-rounds lines."
+)
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 3 timed steps, 1 warm-up.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch threads; 0: the cores available.")
 _OUT = flags.DEFINE_string("out", "", "JSON-lines output (default maml_sinusoid[_quick].jsonl).")
@@ -299,13 +307,19 @@ def main(argv):
     unknown = [i for i in _IMPLS.value if i not in IMPLS]
     if unknown:
         raise app.UsageError(f"--impls: unknown {unknown}; expected a subset of {IMPLS}")
-    variants = ["data:0"] + [
+    if _ROUNDS.value < 1:
+        raise app.UsageError(f"--rounds={_ROUNDS.value}; expected at least 1")
+    variants = [
         f"{impl}:{inner}" for inner in _INNER.value for impl in IMPLS if impl in _IMPLS.value
     ]
     records, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "init.npz")
-        for variant in variants:
+        # Odd rounds run the variants in reverse, so no variant always follows the same one.
+        schedule = [("data:0", 0)] + [
+            (v, r) for r in range(_ROUNDS.value) for v in (variants[:: -1 if r % 2 else 1])
+        ]
+        for variant, round_ in schedule:
             cmd = [
                 sys.executable,
                 "-m",
@@ -319,7 +333,7 @@ def main(argv):
             ]
             if _QUICK.value:
                 cmd.append("--quick")
-            logging.info("running %s", variant)
+            logging.info("round %d: running %s", round_, variant)
             proc = subprocess.run(cmd, cwd=_REPO_ROOT, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if variant == "data:0" and not proc.returncode:
@@ -328,15 +342,11 @@ def main(argv):
                 failed.append(variant)
                 logging.error("%s failed:\n%s", variant, proc.stderr[-3000:])
                 continue
-            records.append(json.loads(lines[-1][len("RESULT ") :]))
-    for r in records:
-        for peer in ("ftlab_xla_defaults", "higher", "torchfunc"):
-            other = [
-                o for o in records if o["impl"] == peer and o["inner_steps"] == r["inner_steps"]
-            ]
-            r[f"speedup_vs_{peer}"] = (
-                other[0]["median_step_s"] / r["median_step_s"] if other else None
-            )
+            records.append({**json.loads(lines[-1][len("RESULT ") :]), "round": round_})
+    group = ("inner_steps",)
+    common.round_speedups(records, name="impl", group=group, peers=IMPLS[1:])
+    if _ROUNDS.value > 1:
+        records += common.summarize_rounds(records, name="impl", group=group)
     text = "".join(json.dumps(r) + "\n" for r in records)
     print(text, end="")
     pathlib.Path(_REPO_ROOT / out).write_text(text)
