@@ -44,7 +44,7 @@ for part in $parts; do
       --variants=matmul_jax,matmul_torch,ftlab_lora_bf16,ftlab_qlora,peft_lora \
       --out="$out/decoder_lora_gpu.jsonl" ;;
   maml)
-    run python3 -m experiments.bench.maml_sinusoid --steps=30 --warmup=5 \
+    run python3 -m experiments.bench.maml_sinusoid --steps=30 --warmup=5 --rounds=3 \
       --out="$out/maml_sinusoid_gpu.jsonl" ;;
   *) echo "unknown part $part"; status=1 ;;
   esac
