@@ -53,6 +53,7 @@ against torch.func's 4.3-4.8 ms (5.4-7.8x), 0.78-1.22x the XLA-defaults compile 
 ``--rounds=5`` (19:43 UTC; each line compared with its peers of the same round; summary lines hold
 the median and range of the rounds' ratios): 1 inner step 0.586 ms against torch.func's 4.63 ms,
 7.9x (5.9-14.5x over the rounds), 103x higher; 5 inner steps 6.2x (5.3-10.5x), 64x higher.
+A second run (20:14 UTC): 9.4x (7.4-9.5x) and 6.7x (5.2-11.2x). The 10x target is not met here.
 experiments/bench/RESULTS.md has the tables.
 """
 
