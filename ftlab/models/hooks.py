@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ftlab.core import sites
+
 PROMPT = "prompt"
 PREFIX_KEY, PREFIX_VALUE = "prefix_key", "prefix_value"
 REFT = "reft"
@@ -29,6 +31,7 @@ def hook_leaves(module: nn.Module, name: str) -> Any:
     """The `params` entry `name` of `module` (a leaf or a subtree), or None when absent."""
     if not module.has_variable("params", name):
         return None
+    sites.consume(module, name)
     return module.variables["params"][name]
 
 

@@ -56,6 +56,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ftlab.core import sites
+
 LORA_A, LORA_B = "lora_a", "lora_b"
 DORA_M = "dora_m"
 IA3_SCALE, IA3_SCALE_IN = "ia3_scale", "ia3_scale_in"
@@ -336,6 +338,7 @@ def _interceptor(opts: Options) -> Callable:
         present = {n for n in ALL_LEAVES if module.has_variable("params", n)}
         if not present:
             return next_fun(*args, **kwargs)
+        sites.consume(module, *sorted(present))
         x = args[0] if args else kwargs["inputs"]
         _check_leaves(module, present, x, opts)
         if IA3_SCALE_IN in present:

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftlab.core import partition
+from ftlab.core import partition, sites
 from ftlab.models import bert
 from ftlab.types import Params, PRNGKey
 
@@ -163,6 +163,7 @@ def materialize(params: Params) -> dict:
     out = (dot(h, mlp["dense_1/kernel"]) + mlp["dense_1/bias"][None]).reshape(
         length, len(layers), 2, hidden
     )
+    sites.consume((), MLP)  # the reparametrisation is used up here, the prefixes by the model
     for i, layer in enumerate(layers):
         flat[f"{layer}/attention/{bert.PREFIX_KEY}"] = out[:, i, 0]
         flat[f"{layer}/attention/{bert.PREFIX_VALUE}"] = out[:, i, 1]

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftlab.core import partition
+from ftlab.core import partition, sites
 from ftlab.models import bert
 from ftlab.types import Params, PRNGKey
 
@@ -224,6 +224,7 @@ def _leaves(module: nn.Module) -> dict | None:
     if not module.has_variable("params", bert.REFT):
         return None
     tree = module.variables["params"][bert.REFT]
+    sites.consume(module, bert.REFT)
     path = "/".join(module.scope.path) + f"/{bert.REFT}"
     got = {}
     for leaf in LEAVES:
