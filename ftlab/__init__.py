@@ -37,6 +37,13 @@ _MODULES = {
     "pretrain": "ftlab.pretrain",
     "generation": "ftlab.generation",
     "icl": "ftlab.icl",
+    "tensorfile": "ftlab.core.tensorfile",
+    # the packages, for `ftlab.peft.lora` and the like
+    "core": "ftlab.core",
+    "data": "ftlab.data",
+    "models": "ftlab.models",
+    "peft": "ftlab.peft",
+    "tasks": "ftlab.tasks",
 }
 
 __all__ = sorted(_MODULES)
@@ -51,4 +58,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return list(__all__)

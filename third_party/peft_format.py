@@ -49,6 +49,18 @@ import numpy as np
 
 from ftlab.core import partition, tensorfile
 
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "DEFAULT_BASE_MODEL",
+    "peft_key",
+    "to_state_dict",
+    "from_state_dict",
+    "export",
+    "import_",
+]
+
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

@@ -10,6 +10,8 @@ import numpy as np
 from ftlab.core import partition
 from ftlab.types import Params
 
+__all__ = ["merge_pretrained"]
+
 
 def merge_pretrained(
     params: Params, loaded: Mapping, *, dont_load: Sequence[str] = (), what: str = "pretrained"

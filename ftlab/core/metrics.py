@@ -33,6 +33,19 @@ from typing import Any, Self, TextIO
 import numpy as np
 from absl import logging
 
+__all__ = [
+    "JSONL_NAME",
+    "TENSORBOARD_DIR",
+    "NonFiniteMetricError",
+    "check_finite",
+    "checked_mean",
+    "MetricWriter",
+    "read_jsonl",
+    "Progress",
+    "plot_curves",
+]
+
+
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 

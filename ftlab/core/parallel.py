@@ -18,6 +18,9 @@ from jax.sharding import PartitionSpec as P
 
 from ftlab.types import PyTree
 
+__all__ = ["DATA_AXIS", "MODES", "initialize_distributed", "Plan", "make_plan"]
+
+
 DATA_AXIS = "data"
 MODES = ("mesh", "pmap")
 

