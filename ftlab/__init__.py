@@ -38,6 +38,9 @@ _MODULES = {
     "generation": "ftlab.generation",
     "icl": "ftlab.icl",
     "tensorfile": "ftlab.core.tensorfile",
+    "config_options": "ftlab.config_options",
+    "testing": "ftlab.testing",
+    "types": "ftlab.types",
     # the packages, for `ftlab.peft.lora` and the like
     "core": "ftlab.core",
     "data": "ftlab.data",
