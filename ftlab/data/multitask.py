@@ -102,7 +102,7 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.3) -> TaskData:
         return load_yeast(seed=seed, test_fraction=test_fraction)
     if name == "nlschools":
         return load_nlschools(seed=seed, test_fraction=test_fraction)
-    raise ValueError(f"config.data.dataset={name!r}; expected one of {DATASETS}")
+    raise ValueError(f"name={name!r}: unknown data set; expected one of {DATASETS}")
 
 
 def _package_file(package: str, *parts: str, pin: str) -> pathlib.Path:
@@ -131,7 +131,7 @@ def _read_checked(path: pathlib.Path, sha256: str) -> bytes:
 
 def _check_fraction(test_fraction: float) -> None:
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"config.data.test_fraction={test_fraction}; expected in (0, 1)")
+        raise ValueError(f"test_fraction={test_fraction}; expected in (0, 1)")
 
 
 def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
