@@ -9,7 +9,9 @@ The method modules are reachable from the top, as a researcher would type them::
     result = ftlab.online.run(model, model.init(), stream, learner=ftlab.online.ogd(0.1))
 
 Each name is the module where the code lives (``ftlab.lora`` is ``ftlab.peft.lora``), imported on
-first use, so ``import ftlab`` stays cheap.
+first use, so ``import ftlab`` stays cheap. The packages (``ftlab.core``, ``ftlab.peft``,
+``ftlab.models``, ``ftlab.data``, ``ftlab.tasks``, ``ftlab.meta``, ``ftlab.pretrain``) likewise
+load their submodules on first use, and every module lists its public names in ``__all__``.
 """
 
 import importlib
