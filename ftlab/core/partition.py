@@ -124,7 +124,7 @@ def flatten(tree: PyTree) -> dict[str, object]:
       The leaves by name; ``None`` subtrees hold no leaves and do not appear.
 
     Raises:
-      ValueError: a dict key contains ``/``, which would make two paths share a name.
+      ValueError: a dict key contains ``/``, or two leaves would share a name.
 
     >>> flatten({"a": {"b": 1, "c": 2}, "d": [3]})
     {'a/b': 1, 'a/c': 2, 'd/0': 3}
@@ -141,7 +141,10 @@ def flatten(tree: PyTree) -> dict[str, object]:
                     + " contains '/', the separator of leaf paths, so its leaves would be "
                     "renamed and regrouped; rename the key (e.g. replace '/' by '_')."
                 )
-        out[path_name(path)] = leaf
+        name = path_name(path)
+        if name in out:  # e.g. dict keys 1 and "1"
+            raise ValueError(f"two leaves share the path name {name!r}; rename one of their keys.")
+        out[name] = leaf
     return out
 
 

@@ -290,3 +290,22 @@ def test_a_key_with_a_slash_is_an_error_naming_it():
     params = {"encoder": {"layer/0": {"kernel": jnp.ones(2)}}, "head": jnp.ones(2)}
     with pytest.raises(ValueError, match=r"dict key 'layer/0' under 'encoder' contains '/'"):
         partition.labels(params, [(".*", "train")])
+
+
+class _Twins:
+    """A custom node whose two children carry the same key name."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+jax.tree_util.register_pytree_with_keys(
+    _Twins,
+    lambda t: (((jax.tree_util.GetAttrKey("w"), t.a), (jax.tree_util.DictKey("w"), t.b)), None),
+    lambda _, kids: _Twins(*kids),
+)
+
+
+def test_two_leaves_with_one_name_are_an_error():
+    with pytest.raises(ValueError, match=r"two leaves share the path name 'm/w'"):
+        partition.labels({"m": _Twins(jnp.ones(1), jnp.ones(1))}, [(".*", "train")])
