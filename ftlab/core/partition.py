@@ -309,7 +309,9 @@ def split(params: Params, label_tree: PyTree) -> tuple[PyTree, PyTree]:
         )
     for name, label in flat_labels.items():
         _check_label(label, f"label_tree[{name!r}]")
-    is_frozen = [label == FROZEN for label in flat_labels.values()]
+    # By name, in the order of params' leaves: a label tree of another node type (nested dicts
+    # for a dataclass, say) may list the same leaves in another order.
+    is_frozen = [flat_labels[name] == FROZEN for name in flat]
     return _part(params, [not f for f in is_frozen], keep_empty=False), _part(
         params, is_frozen, keep_empty=True
     )

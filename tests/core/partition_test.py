@@ -309,3 +309,11 @@ jax.tree_util.register_pytree_with_keys(
 def test_two_leaves_with_one_name_are_an_error():
     with pytest.raises(ValueError, match=r"two leaves share the path name 'm/w'"):
         partition.labels({"m": _Twins(jnp.ones(1), jnp.ones(1))}, [(".*", "train")])
+
+
+def test_a_label_tree_of_nested_dicts_fits_a_dataclass_by_name():
+    # _Block lists kernel before bias; a nested dict lists bias first
+    params = {"b": _Block(jnp.ones((2, 2)), jnp.zeros((2,)))}
+    trainable, frozen = partition.split(params, {"b": {"kernel": "frozen", "bias": "train"}})
+    assert trainable["b"].kernel is None and trainable["b"].bias is params["b"].bias
+    assert frozen["b"].kernel is params["b"].kernel and frozen["b"].bias is None
