@@ -9,7 +9,9 @@ The method modules are reachable from the top, as a researcher would type them::
     result = ftlab.online.run(model, model.init(), stream, learner=ftlab.online.ogd(0.1))
 
 Each name is the module where the code lives (``ftlab.lora`` is ``ftlab.peft.lora``), imported on
-first use, so ``import ftlab`` stays cheap.
+first use, so ``import ftlab`` stays cheap. The packages (``ftlab.core``, ``ftlab.peft``,
+``ftlab.models``, ``ftlab.data``, ``ftlab.tasks``, ``ftlab.meta``, ``ftlab.pretrain``) likewise
+load their submodules on first use, and every module lists its public names in ``__all__``.
 """
 
 import importlib
@@ -37,6 +39,16 @@ _MODULES = {
     "pretrain": "ftlab.pretrain",
     "generation": "ftlab.generation",
     "icl": "ftlab.icl",
+    "tensorfile": "ftlab.core.tensorfile",
+    "config_options": "ftlab.config_options",
+    "testing": "ftlab.testing",
+    "types": "ftlab.types",
+    # the packages, for `ftlab.peft.lora` and the like
+    "core": "ftlab.core",
+    "data": "ftlab.data",
+    "models": "ftlab.models",
+    "peft": "ftlab.peft",
+    "tasks": "ftlab.tasks",
 }
 
 __all__ = sorted(_MODULES)
@@ -51,4 +63,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return list(__all__)

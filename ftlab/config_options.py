@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import types
 
+__all__ = ["parse"]
+
 
 def parse(arg: str | None, **defaults) -> types.SimpleNamespace:
     """Parses ``"a=1,flag"`` into a namespace typed after ``defaults``.

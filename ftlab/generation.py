@@ -32,6 +32,8 @@ import numpy as np
 from ftlab import types
 from ftlab.models import llama
 
+__all__ = ["Generated", "sample_logits", "generate"]
+
 
 class Generated(NamedTuple):
     """Output of `generate`.

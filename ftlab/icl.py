@@ -38,6 +38,21 @@ import numpy as np
 from ftlab import types
 from ftlab.models import llama
 
+__all__ = [
+    "Task",
+    "demonstration",
+    "prefix_text",
+    "prompt",
+    "label_token_ids",
+    "truncate",
+    "sample_demos",
+    "encode_prefix",
+    "encode_queries",
+    "prefill",
+    "score",
+    "accuracy",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:

@@ -54,6 +54,33 @@ import optax
 from ftlab.core import xla
 from ftlab.types import Params, PyTree
 
+__all__ = [
+    "TASKS",
+    "Model",
+    "squared_loss",
+    "log_loss",
+    "cross_entropy",
+    "linear_regression",
+    "logistic_regression",
+    "softmax_regression",
+    "custom_model",
+    "ogd",
+    "Stream",
+    "prepare",
+    "Result",
+    "compiler_options",
+    "running_sum",
+    "run",
+    "sweep",
+    "BatchSolution",
+    "best_fixed",
+    "checkpoints",
+    "best_fixed_prefixes",
+    "regret_curve",
+    "fit_slope",
+]
+
+
 TASKS = ("regression", "binary", "multiclass")
 
 

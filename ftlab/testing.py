@@ -11,6 +11,8 @@ from ftlab.core import partition
 from ftlab.models import bert
 from ftlab.types import Params
 
+__all__ = ["classifier_batch", "random_params", "assert_trains_only"]
+
 
 def classifier_batch(
     config: bert.BertConfig, *, seed: int = 0, n: int = 4, seq: int = 7, num_classes: int = 3

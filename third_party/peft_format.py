@@ -18,8 +18,19 @@ The ftlab <-> HF module names (the same as `third_party.minilm`)::
 PEFT's scale is ``lora_alpha / r`` (without ``use_rslora``), the same as ``ftlab.peft.lora``.
 
 A PEFT ``target_modules`` list matches a module whose name equals an entry or ends in
-``"." + entry``; so ``"output.dense"`` also selects ``attention.output.dense``. :func:`export`
-checks that the ``target_modules`` it writes select exactly the adapter's modules.
+``"." + entry``; so ``"output.dense"`` also selects ``attention.output.dense``, and ``"dense"``
+also selects the pooler's ``pooler.dense``. :func:`export` checks that the ``target_modules`` it
+writes select exactly the adapter's modules, the pooler's and the embeddings' included.
+
+ftlab's encoder has no pooler: it returns hidden states, which ftlab pools itself (mean pooling
+for sentence embeddings). An adapter written by PEFT with ``target_modules=["query", "value",
+"dense"]`` holds LoRA weights for ``pooler.dense`` too, which cannot change any ftlab output;
+:func:`import_` drops them with a `UserWarning` that names the modules, and lists them in the
+returned config under ``"skipped_modules"``. Any other module ftlab lacks is refused.
+
+Integrity: :func:`export` records a sha256 of every tensor in the safetensors metadata
+(``ftlab.core.tensorfile``); :func:`import_` verifies them when present (files written by PEFT
+have none and load unverified), and names the file when it is truncated or its JSON is bad.
 
 Licence: the format is defined by huggingface/peft (Apache-2.0); no PEFT code is copied here, and
 PEFT/torch are not imported (the optional interop test uses them to load what this writes).
@@ -30,12 +41,25 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ftlab.core import partition
+from ftlab.core import partition, tensorfile
+
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "DEFAULT_BASE_MODEL",
+    "peft_key",
+    "to_state_dict",
+    "from_state_dict",
+    "export",
+    "import_",
+]
+
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -73,6 +97,23 @@ _HF_KEY = re.compile(
     + r")\.lora_(?P<ab>A|B)\.weight"
 )
 _TASK_TYPES = (None, "FEATURE_EXTRACTION")
+# Modules of a BertModel that ftlab's encoder does not have but that cannot change its outputs:
+# the pooler maps the [CLS] state to `pooler_output`, which ftlab never computes.
+_SKIPPABLE = ("pooler.dense",)
+# Other BertModel modules a PEFT target_modules entry could select (LoRA wraps Linear and
+# Embedding layers); export's check that target_modules selects nothing extra covers them all.
+_OTHER_HF_MODULES = (
+    "embeddings.word_embeddings",
+    "embeddings.position_embeddings",
+    "embeddings.token_type_embeddings",
+    *_SKIPPABLE,
+)
+_SKIPPABLE_KEY = re.compile(
+    re.escape(_KEY_PREFIX)
+    + r"(?P<module>"
+    + "|".join(re.escape(m) for m in _SKIPPABLE)
+    + r")\.lora_(?P<ab>A|B)\.weight"
+)
 
 # Fields that change what the adapter computes: they must hold exactly these values.
 _REQUIRED = {
@@ -162,10 +203,15 @@ def _all_hf_modules(num_layers: int) -> list[str]:
     return [_hf_module(i, m) for i in range(num_layers) for m in _MODULES]
 
 
+def _every_hf_module(num_layers: int) -> list[str]:
+    """Every BertModel module PEFT's LoRA could wrap, the encoder's and the others."""
+    return [*_OTHER_HF_MODULES[:3], *_all_hf_modules(num_layers), *_OTHER_HF_MODULES[3:]]
+
+
 def _derive_target_modules(hf_modules: set[str], num_layers: int) -> list[str]:
     kinds = sorted({_HF_TO_FTLAB[n.split(".", 3)[3]] for n in hf_modules}, key=list(_MODULES).index)
     short = [_SUFFIX[k] for k in kinds]
-    selected = {n for n in _all_hf_modules(num_layers) if _peft_matches(short, n)}
+    selected = {n for n in _every_hf_module(num_layers) if _peft_matches(short, n)}
     if selected == hf_modules:
         return short
     # Some layers only, or mlp/output without attention/out: list the exact module names.
@@ -292,8 +338,6 @@ def export(
     >>> cfg["target_modules"], cfg2["rank"], back["layer_0"]["attention"]["value"]["lora_b"].shape
     (['value'], 2, (2, 4))
     """
-    from safetensors import numpy as safetensors_numpy  # noqa: PLC0415 (optional dependency)
-
     if task_type not in _TASK_TYPES:
         raise ValueError(
             f"peft_format.export: task_type={task_type!r}; a bare BertModel adapter has task_type "
@@ -313,9 +357,10 @@ def export(
     else:
         if not isinstance(target_modules, str):
             target_modules = list(target_modules)
-        selected = {n for n in _all_hf_modules(num_layers) if _peft_matches(target_modules, n)}
+        candidates = _every_hf_module(num_layers)
+        selected = {n for n in candidates if _peft_matches(target_modules, n)}
         unselected = sorted(hf_modules - selected)
-        extra = sorted(selected - hf_modules)
+        extra = sorted(selected - hf_modules, key=candidates.index)
         if unselected or extra:
             what = (
                 f"leaves out adapter modules {unselected[:4]} (PEFT would ignore their weights)"
@@ -350,7 +395,8 @@ def export(
     }
     path_dir = pathlib.Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
-    safetensors_numpy.save_file(state_dict, str(path_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    # "format": "pt" is what PEFT's own files say; the sha256 entries are read by import_ only.
+    tensorfile.save(path_dir / WEIGHTS_FILE, state_dict, metadata={"format": "pt"})
     (path_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return config
 
@@ -363,6 +409,10 @@ def import_(path_dir: str | pathlib.Path, *, prefix: str = "") -> tuple[dict, di
     a non-empty ``rank_pattern``, ...) is refused with the field's name; unknown fields are
     accepted only when empty (null, false, {}, []).
 
+    LoRA weights of the pooler (``pooler.dense``, selected by ``target_modules=[..., "dense"]``)
+    cannot change ftlab's encoder, which has no pooler: they are dropped with a `UserWarning`
+    naming them. The sha256 digests :func:`export` records are verified when present.
+
     Args:
         path_dir: The folder holding ``adapter_config.json`` and ``adapter_model.safetensors``.
         prefix: Where the encoder sits in the ftlab tree (``""`` or ``"encoder"``).
@@ -370,15 +420,16 @@ def import_(path_dir: str | pathlib.Path, *, prefix: str = "") -> tuple[dict, di
     Returns:
         ``(adapter, config_dict)``: the nested adapter (numpy, ftlab (in, out) layout), and
         ``{"rank", "alpha", "targets", "target_modules", "lora_dropout", "task_type",
-        "base_model_name_or_path"}`` where ``targets`` are ``ftlab.peft.lora.init`` regexes
-        selecting exactly the adapter's modules.
+        "base_model_name_or_path", "skipped_modules"}`` where ``targets`` are
+        ``ftlab.peft.lora.init`` regexes selecting exactly the adapter's modules and
+        ``skipped_modules`` the PEFT modules dropped (``["pooler.dense"]`` or ``[]``).
 
     Raises:
         FileNotFoundError: a file is missing.
-        ValueError: naming the config field or tensor that ftlab cannot represent.
+        ValueError: naming the config field or tensor that ftlab cannot represent, or the file
+            that is not valid JSON, is truncated, or whose tensors no longer match the digests
+            recorded in it (`ftlab.core.tensorfile.CorruptFileError`).
     """
-    from safetensors import numpy as safetensors_numpy  # noqa: PLC0415 (optional dependency)
-
     path_dir = pathlib.Path(path_dir)
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path_dir / f).is_file():
@@ -387,7 +438,9 @@ def import_(path_dir: str | pathlib.Path, *, prefix: str = "") -> tuple[dict, di
                 hint = " (adapter_model.bin is not read; re-save with safe_serialization=True)"
             raise FileNotFoundError(f"{path_dir / f} is missing{hint}.")
     where = str(path_dir / CONFIG_FILE)
-    cfg = json.loads((path_dir / CONFIG_FILE).read_text())
+    cfg = tensorfile.read_json(path_dir / CONFIG_FILE, what="PEFT adapter config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {cfg!r}.")
     for field, allowed in _REQUIRED.items():
         if field not in cfg:
             if field == "peft_type":
@@ -424,9 +477,27 @@ def import_(path_dir: str | pathlib.Path, *, prefix: str = "") -> tuple[dict, di
             "names or a regex string."
         )
 
-    state_dict = safetensors_numpy.load_file(str(path_dir / WEIGHTS_FILE))
+    # PEFT writes no digests; the ones export wrote are verified.
+    state_dict, _ = tensorfile.load(path_dir / WEIGHTS_FILE, missing_digests="ignore")
     if not state_dict:
         raise ValueError(f"{path_dir / WEIGHTS_FILE}: holds no tensors.")
+    skipped = sorted({m["module"] for k in state_dict if (m := _SKIPPABLE_KEY.fullmatch(k))})
+    if skipped:
+        warnings.warn(
+            f"{path_dir / WEIGHTS_FILE}: skipping the LoRA weights of {skipped}: ftlab's BERT "
+            "encoder has no pooler, and the pooler cannot change the hidden states it returns "
+            "(nor their mean pooling). In PEFT, name the encoder's modules in target_modules "
+            "(e.g. 'attention.output.dense', 'intermediate.dense', 'output.dense' instead of "
+            "'dense') to leave the pooler out.",
+            UserWarning,
+            stacklevel=2,
+        )
+        state_dict = {k: v for k, v in state_dict.items() if not _SKIPPABLE_KEY.fullmatch(k)}
+        if not state_dict:
+            raise ValueError(
+                f"{path_dir / WEIGHTS_FILE}: holds LoRA weights for {skipped} only, which ftlab's "
+                "encoder does not have; there is no adapter left to load."
+            )
     adapter = from_state_dict(state_dict, prefix=prefix)
     _check_tensors(state_dict, rank=rank, where=str(path_dir / WEIGHTS_FILE))
     hf_modules = _hf_modules(state_dict)
@@ -444,6 +515,7 @@ def import_(path_dir: str | pathlib.Path, *, prefix: str = "") -> tuple[dict, di
         "lora_dropout": cfg.get("lora_dropout", 0.0),
         "task_type": cfg.get("task_type"),
         "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+        "skipped_modules": skipped,
     }
 
 

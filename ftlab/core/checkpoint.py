@@ -38,6 +38,9 @@ from jax.experimental import multihost_utils
 
 from ftlab.types import PyTree
 
+__all__ = ["QUARANTINE", "CheckpointRestoreError", "CheckpointMismatchError", "Checkpointer"]
+
+
 # Orbax's item folder for a single unnamed item, and the tree metadata file inside it.
 _ITEM = "default"
 _ITEM_METADATA = "_METADATA"
@@ -91,7 +94,7 @@ class Checkpointer:
         if not isinstance(save_every_steps, int) or save_every_steps < 1:
             raise ValueError(
                 f"Checkpointer: save_every_steps must be a positive integer, got "
-                f"{save_every_steps!r}; e.g. set config.checkpoint_every_steps = 1000."
+                f"{save_every_steps!r}, e.g. 1000."
             )
         if not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise ValueError(

@@ -10,6 +10,8 @@ import numpy as np
 from ftlab.core import partition
 from ftlab.types import Params
 
+__all__ = ["merge_pretrained"]
+
 
 def merge_pretrained(
     params: Params, loaded: Mapping, *, dont_load: Sequence[str] = (), what: str = "pretrained"
@@ -45,7 +47,7 @@ def merge_pretrained(
             f"  only in the model ({len(only_model)}): {only_model[:10]}\n"
             f"  only in {what} ({len(only_loaded)}): {only_loaded[:10]}\n"
             f"  mismatched ({len(bad)}): {bad[:10]}\n"
-            "Add regexes for new leaves to config.model.dont_load."
+            "Add regexes for the model's new leaves (a new head, say) to dont_load."
         )
     merged = {n: (flat[n] if n in skipped else flat_loaded[n]) for n in flat}
     return partition.unflatten(merged)

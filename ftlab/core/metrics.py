@@ -33,6 +33,19 @@ from typing import Any, Self, TextIO
 import numpy as np
 from absl import logging
 
+__all__ = [
+    "JSONL_NAME",
+    "TENSORBOARD_DIR",
+    "NonFiniteMetricError",
+    "check_finite",
+    "checked_mean",
+    "MetricWriter",
+    "read_jsonl",
+    "Progress",
+    "plot_curves",
+]
+
+
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -91,7 +104,7 @@ def check_finite(metrics: Mapping[str, Any], *, step: int, last_good_step: int |
     raise NonFiniteMetricError(
         f"{where} at step {step}: the {plural} went non-finite in {since}. "
         "Resume from a checkpoint at or before the last good step with a lower "
-        "config.optim learning rate or gradient clipping, or log more often to narrow it down.",
+        "learning rate or with gradient clipping, or log more often to narrow it down.",
         names=list(bad),
         step=step,
         last_good_step=last_good_step,

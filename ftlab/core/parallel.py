@@ -18,6 +18,9 @@ from jax.sharding import PartitionSpec as P
 
 from ftlab.types import PyTree
 
+__all__ = ["DATA_AXIS", "MODES", "initialize_distributed", "Plan", "make_plan"]
+
+
 DATA_AXIS = "data"
 MODES = ("mesh", "pmap")
 
@@ -164,16 +167,14 @@ class Plan:
 def make_plan(mode: str = "mesh", *, num_devices: int = 0) -> Plan:
     """A data-parallel plan over the first ``num_devices`` global devices (0: all of them)."""
     if mode not in MODES:
-        raise ValueError(f"config.parallel.mode={mode!r}; expected one of {MODES}")
+        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     devices = jax.devices()
     if num_devices:
         if num_devices > len(devices):
-            raise ValueError(
-                f"config.parallel.num_devices={num_devices} but only {len(devices)} devices exist"
-            )
+            raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices exist")
         devices = devices[:num_devices]
     if mode == "pmap" and jax.process_count() > 1:
-        raise ValueError("config.parallel.mode='pmap' is single-host here; use 'mesh' multi-host")
+        raise ValueError("mode='pmap' is single-host here; use 'mesh' multi-host")
     mesh = Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
     return Plan(mode=mode, mesh=mesh)
 

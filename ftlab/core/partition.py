@@ -13,6 +13,16 @@ optimizer group, so per-group learning rates are just more labels::
 
 Differentiating with respect to ``trainable`` alone means frozen leaves get no gradient computed,
 no optimizer state (build the optimizer on ``trainable``), and stay bit-identical.
+
+``"frozen"`` is the only frozen label. Words a reader could take for it (``"freeze"``, optax's
+word; ``"Frozen"``, ``"frozen "``, ``"fixed"``, ``"none"``, ...) are refused with an error that
+suggests ``"frozen"``, because as ordinary labels they would silently make a trainable group.
+
+Any pytree works, not only nested dicts: lists, tuples, dataclasses (``flax.struct``), registered
+custom nodes and ``nnx.State``. :func:`split` keeps the tree's own node types; a leaf or subtree
+that belongs to the other part is left out of a dict and is ``None`` anywhere else (``None`` is
+an empty subtree to `jax.grad`, `jax.tree.map` and optax, so the trainable part goes straight to
+them). :func:`merge` puts the parts back into the original structure.
 """
 
 from __future__ import annotations
@@ -27,12 +37,68 @@ import optax
 
 from ftlab.types import Params, PyTree
 
+__all__ = [
+    "FROZEN",
+    "Rules",
+    "claims",
+    "count",
+    "flatten",
+    "labels",
+    "merge",
+    "optimizer",
+    "path_name",
+    "paths",
+    "split",
+    "summary",
+    "trainable_labels",
+    "unflatten",
+]
+
 FROZEN = "frozen"
 Rules = Sequence[tuple[str, str]]
 
+# Labels that read as "do not train" but are not FROZEN; compared after strip() and lower().
+_FROZEN_LIKE = frozenset(
+    {
+        "freeze",
+        "frozen",
+        "freezed",
+        "fixed",
+        "fix",
+        "none",
+        "null",
+        "no",
+        "off",
+        "false",
+        "0",
+        "const",
+        "constant",
+        "stop",
+        "stop_gradient",
+        "set_to_zero",
+        "zero",
+        "skip",
+        "ignore",
+        "lock",
+        "locked",
+        "notrain",
+        "no_train",
+        "untrained",
+        "not_trainable",
+        "nontrainable",
+        "non_trainable",
+        "inference",
+        "eval",
+    }
+)
+
 
 def path_name(key_path: Sequence) -> str:
-    """Returns the slash-joined name of a `jax.tree_util` key path: ``encoder/layer_0/kernel``."""
+    """Returns the slash-joined name of a `jax.tree_util` key path: ``encoder/layer_0/kernel``.
+
+    >>> path_name((jax.tree_util.DictKey("encoder"), jax.tree_util.SequenceKey(2)))
+    'encoder/2'
+    """
     parts = []
     for k in key_path:
         if isinstance(k, jax.tree_util.DictKey):
@@ -41,6 +107,8 @@ def path_name(key_path: Sequence) -> str:
             parts.append(str(k.idx))
         elif isinstance(k, jax.tree_util.GetAttrKey):
             parts.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
         else:
             parts.append(str(k))
     return "/".join(parts)
@@ -49,15 +117,66 @@ def path_name(key_path: Sequence) -> str:
 def flatten(tree: PyTree) -> dict[str, object]:
     """Returns ``{path_name: leaf}`` in tree order.
 
-    >>> flatten({"a": {"b": 1, "c": 2}})
-    {'a/b': 1, 'a/c': 2}
+    Args:
+      tree: any pytree.
+
+    Returns:
+      The leaves by name; ``None`` subtrees hold no leaves and do not appear.
+
+    Raises:
+      ValueError: a dict key contains ``/``, or two leaves would share a name.
+
+    >>> flatten({"a": {"b": 1, "c": 2}, "d": [3]})
+    {'a/b': 1, 'a/c': 2, 'd/0': 3}
     """
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {path_name(p): v for p, v in leaves}
+    out = {}
+    for path, leaf in leaves:
+        for i, k in enumerate(path):
+            if isinstance(k, jax.tree_util.DictKey) and "/" in str(k.key):
+                where = path_name(path[:i])
+                raise ValueError(
+                    f"dict key {str(k.key)!r}"
+                    + (f" under {where!r}" if where else "")
+                    + " contains '/', the separator of leaf paths, so its leaves would be "
+                    "renamed and regrouped; rename the key (e.g. replace '/' by '_')."
+                )
+        name = path_name(path)
+        if name in out:  # e.g. dict keys 1 and "1"
+            raise ValueError(f"two leaves share the path name {name!r}; rename one of their keys.")
+        out[name] = leaf
+    return out
 
 
-def unflatten(flat: Mapping[str, object]) -> dict:
-    """Inverse of :func:`flatten` for nested-dict trees."""
+def unflatten(flat: Mapping[str, object], *, like: PyTree | None = None) -> PyTree:
+    """Inverse of :func:`flatten`.
+
+    Args:
+      flat: ``{path_name: leaf}``.
+      like: a tree with the structure to rebuild (lists, dataclasses, ...); its leaves are
+        ignored and ``flat`` must name exactly its leaves. None builds nested dicts from the names.
+
+    Returns:
+      The tree.
+
+    Raises:
+      ValueError: with ``like``, the names differ from its leaves' names.
+
+    >>> unflatten({"a/b": 1, "a/c": 2})
+    {'a': {'b': 1, 'c': 2}}
+    >>> unflatten({"0": 5, "1/x": 6}, like=[0, {"x": 0}])
+    [5, {'x': 6}]
+    """
+    if like is not None:
+        names = list(flatten(like))
+        if set(names) != set(flat):
+            raise ValueError(
+                f"unflatten: flat and like name different leaves: only in flat "
+                f"{sorted(set(flat) - set(names))[:5]}, only in like "
+                f"{sorted(set(names) - set(flat))[:5]}"
+            )
+        treedef = jax.tree_util.tree_structure(like)
+        return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
     out: dict = {}
     for name, leaf in flat.items():
         node = out
@@ -73,35 +192,43 @@ def paths(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(lambda p, _: path_name(p), tree)
 
 
-def labels(params: Params, rules: Rules, *, what: str = "config.partition.rules") -> dict:
+def labels(params: Params, rules: Rules, *, what: str = "rules") -> PyTree:
     """Labels every leaf with the label of the first rule whose regex fully matches its path.
 
     Args:
-      params: a nested-dict parameter tree.
+      params: a parameter pytree (nested dicts, lists, dataclasses, ...).
       rules: ordered ``(regex, label)`` pairs; end with a catch-all such as ``(".*", "frozen")``.
-      what: how to name the rules in error messages (the config key they came from).
+        A label is a string: :data:`FROZEN` or the name of a trainable optimizer group.
+      what: how to name the rules in error messages; a caller that read them from a config
+        passes the config key (e.g. ``"config.partition.rules"``).
 
     Returns:
-      A nested dict of the same structure as ``params`` with string labels as leaves.
+      A tree of the same structure as ``params`` with string labels as leaves.
 
     Raises:
-      ValueError: a rule claims no leaf, a leaf is claimed by no rule, or a regex is invalid.
+      ValueError: a rule claims no leaf, a leaf is claimed by no rule, a regex is invalid, a label
+        is not a string or reads as frozen without being ``"frozen"`` (``"freeze"``), or a dict
+        key of ``params`` contains ``/``.
+
+    >>> labels({"w": 1.0, "head": [2.0]}, [("head/.*", "train"), (".*", "frozen")])
+    {'head': ['train'], 'w': 'frozen'}
     """
     compiled = []
     for i, rule in enumerate(rules):
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
             raise ValueError(f"{what}[{i}]: expected a (regex, label) pair, got {rule!r}")
         pattern, label = rule
+        _check_label(label, f"{what}[{i}]")
         try:
-            compiled.append((re.compile(pattern), str(label)))
-        except re.error as e:
+            compiled.append((re.compile(pattern), label))
+        except (re.error, TypeError) as e:
             raise ValueError(f"{what}[{i}]: invalid regex {pattern!r}: {e}") from None
     flat = flatten(params)
-    out, claimed, uncovered = {}, collections.Counter(), []
+    out, claimed, uncovered = [], collections.Counter(), []
     for name in flat:
         for i, (regex, label) in enumerate(compiled):
             if regex.fullmatch(name):
-                out[name] = label
+                out.append(label)
                 claimed[i] += 1
                 break
         else:
@@ -119,7 +246,20 @@ def labels(params: Params, rules: Rules, *, what: str = "config.partition.rules"
             + (f" (nor did {unused[1:]})" if len(unused) > 1 else "")
             + f"; top-level names are: {', '.join(top)}. Example leaf: {next(iter(flat), None)!r}."
         )
-    return unflatten(out)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), out)
+
+
+def _check_label(label: object, what: str) -> None:
+    if not isinstance(label, str):
+        raise ValueError(
+            f"{what}: label {label!r} is not a string; use {FROZEN!r} or a trainable group name "
+            "such as 'train'."
+        )
+    if label != FROZEN and label.strip().lower() in _FROZEN_LIKE:
+        raise ValueError(
+            f"{what}: label {label!r} is not a partition label; the label that freezes is "
+            f"{FROZEN!r} (any other label would make {label!r} a trainable group)."
+        )
 
 
 def claims(params: Params, rules: Rules) -> list[tuple[str, str, int]]:
@@ -134,56 +274,169 @@ def claims(params: Params, rules: Rules) -> list[tuple[str, str, int]]:
     return [(p, lab, counts[i]) for i, (p, lab) in enumerate(rules)]
 
 
-def split(params: Params, label_tree: Mapping) -> tuple[dict, dict]:
-    """Splits ``params`` into ``(trainable, frozen)`` nested dicts with disjoint leaves.
+def split(params: Params, label_tree: PyTree) -> tuple[PyTree, PyTree]:
+    """Splits ``params`` into ``(trainable, frozen)`` trees with disjoint leaves.
 
-    Leaves labelled :data:`FROZEN` go to ``frozen``; all others to ``trainable``. Empty branches are
-    dropped, so either part may be ``{}``.
+    Leaves labelled :data:`FROZEN` go to ``frozen``; all others to ``trainable``. Both keep the
+    node types of ``params``. A dict leaves out keys whose subtree has no leaf in that part, so a
+    nested-dict tree gives nested dicts and either part may be ``{}``; under any other node
+    (list, tuple, dataclass, custom node) a missing leaf or subtree is ``None``. Subtrees that
+    hold no leaf at all (an empty dict or list) go to ``frozen``, so :func:`merge` rebuilds them.
+
+    Args:
+      params: the parameter pytree.
+      label_tree: labels for the leaves of ``params``, from :func:`labels`.
+
+    Returns:
+      ``(trainable, frozen)``; ``merge(trainable, frozen)`` has the structure of ``params``.
+
+    Raises:
+      ValueError: ``label_tree`` does not name the same leaves as ``params``, or holds a label
+        that is not a string or reads as frozen without being ``"frozen"``.
+
+    >>> trainable, frozen = split([{"w": 1, "b": 2}, 3], [{"w": "frozen", "b": "train"}, "frozen"])
+    >>> trainable, frozen
+    ([{'b': 2}, None], [{'w': 1}, 3])
+    >>> merge(trainable, frozen)
+    [{'b': 2, 'w': 1}, 3]
     """
     flat, flat_labels = flatten(params), flatten(label_tree)
     if flat.keys() != flat_labels.keys():
         only_p = sorted(flat.keys() - flat_labels.keys())[:5]
         only_l = sorted(flat_labels.keys() - flat.keys())[:5]
         raise ValueError(
-            f"label tree does not match params: only in params {only_p}, only in labels {only_l}"
+            f"label_tree does not match params: only in params {only_p}, only in labels {only_l}"
         )
-    trainable = {k: v for k, v in flat.items() if flat_labels[k] != FROZEN}
-    frozen = {k: v for k, v in flat.items() if flat_labels[k] == FROZEN}
-    return unflatten(trainable), unflatten(frozen)
+    for name, label in flat_labels.items():
+        _check_label(label, f"label_tree[{name!r}]")
+    # By name, in the order of params' leaves: a label tree of another node type (nested dicts
+    # for a dataclass, say) may list the same leaves in another order.
+    is_frozen = [flat_labels[name] == FROZEN for name in flat]
+    return _part(params, [not f for f in is_frozen], keep_empty=False), _part(
+        params, is_frozen, keep_empty=True
+    )
 
 
-def merge(*trees: Mapping) -> dict:
-    """Merges disjoint nested dicts (e.g. ``trainable`` and ``frozen``) into one tree.
+# Stands for a leaf of the other part while a part is pruned; never leaves this module.
+_OTHER = type("_Other", (), {"__repr__": lambda self: "<other part>"})()
+_EMPTY = object()  # a pruned subtree with nothing left
+
+
+def _part(tree: PyTree, keep: Sequence[bool], *, keep_empty: bool) -> PyTree:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    marked = treedef.unflatten([x if k else _OTHER for x, k in zip(leaves, keep, strict=True)])
+    out = _prune(marked, keep_empty)
+    if out is not _EMPTY:
+        return out
+    if isinstance(tree, dict):
+        return {}
+    children = _children(tree)
+    if children is None:  # the tree is a single leaf
+        return None
+    return children[0].unflatten([None] * len(children[1]))
+
+
+def _children(node: PyTree) -> tuple[jax.tree_util.PyTreeDef, list] | None:
+    """The one-level structure and children of a pytree node, or None for a leaf."""
+    kids, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+    if len(kids) == 1 and kids[0] is node:
+        return None
+    return treedef, kids
+
+
+def _prune(node: PyTree, keep_empty: bool) -> object:
+    if node is _OTHER:
+        return _EMPTY
+    if not jax.tree_util.tree_leaves(node):  # no leaf of either part below: None, {}, []
+        return node if keep_empty else _EMPTY
+    if type(node) is dict:
+        out = {}
+        for k, v in node.items():
+            p = _prune(v, keep_empty)
+            if p is not _EMPTY:
+                out[k] = p
+        return out if out else _EMPTY
+    children = _children(node)
+    if children is None:
+        return node
+    treedef, kids = children
+    pruned = [_prune(k, keep_empty) for k in kids]
+    if all(p is _EMPTY for p in pruned):
+        return _EMPTY
+    return treedef.unflatten([None if p is _EMPTY else p for p in pruned])
+
+
+def merge(*trees: PyTree) -> PyTree:
+    """Merges trees with disjoint leaves (e.g. ``trainable`` and ``frozen``) into one tree.
+
+    Dicts are united key by key; any other node must have the same type (and, for dataclasses
+    and custom nodes, the same static fields) in every tree that holds it, and ``None`` or a
+    missing key stands for "in another tree". So ``merge(*split(params, label_tree))`` has the
+    structure of ``params``, and merging nested dicts works as it always did.
 
     Cheap and traceable: under `jax.jit` it only rearranges references.
+
+    Raises:
+      ValueError: a leaf appears in more than one tree, a path is a leaf in one tree and a
+        subtree in another, or two trees hold different node types at a path.
     """
-    out: dict = {}
-    for tree in trees:
-        _merge_into(out, tree, "")
-    return out
+    return _merge_nodes(list(trees), "")
 
 
-def _merge_into(out: dict, tree: Mapping, prefix: str) -> None:
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            node = out.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"merge: {prefix}{k} is both a leaf and a subtree")
-            _merge_into(node, v, f"{prefix}{k}/")
-        else:
-            if k in out:
-                raise ValueError(f"merge: leaf {prefix}{k} appears in more than one tree")
-            out[k] = v
+def _absent(x: object) -> bool:
+    return x is None or (type(x) is dict and not x)
 
 
-def trainable_labels(label_tree: Mapping) -> dict:
+def _merge_nodes(nodes: list, path: str) -> PyTree:
+    present = [n for n in nodes if not _absent(n)]
+    if not present:
+        # Keep an empty dict or list over None: it may be part of the original structure.
+        return next((n for n in nodes if n is not None), None)
+    if len(present) == 1:
+        return present[0]
+    where = path.rstrip("/") or "the root"
+    if all(type(n) is dict for n in present):
+        out: dict = {}
+        keys = list(dict.fromkeys(k for n in present for k in n))
+        for k in keys:
+            out[k] = _merge_nodes([n[k] for n in present if k in n], f"{path}{k}/")
+        return out
+    structures = [_children(n) for n in present]
+    if all(s is None for s in structures):
+        raise ValueError(f"merge: leaf {where} appears in more than one tree")
+    if any(s is None for s in structures):
+        raise ValueError(f"merge: {where} is both a leaf and a subtree")
+    treedef = structures[0][0]
+    for n, (other, _) in zip(present[1:], structures[1:], strict=True):
+        if other != treedef:
+            raise ValueError(
+                f"merge: {where} is {_describe(present[0], treedef)} in one tree and "
+                f"{_describe(n, other)} in another"
+            )
+    keys = [
+        path_name(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(
+            present[0], is_leaf=lambda x: x is not present[0]
+        )[0]
+    ]
+    merged = [
+        _merge_nodes([s[1][i] for s in structures], f"{path}{keys[i]}/")
+        for i in range(len(structures[0][1]))
+    ]
+    return treedef.unflatten(merged)
+
+
+def _describe(node: object, treedef: jax.tree_util.PyTreeDef) -> str:
+    return f"a {type(node).__name__} ({treedef})"
+
+
+def trainable_labels(label_tree: PyTree) -> PyTree:
     """The label tree restricted to trainable leaves (same structure as ``trainable``)."""
-    flat = flatten(label_tree)
-    return unflatten({k: v for k, v in flat.items() if v != FROZEN})
+    return split(label_tree, label_tree)[0]
 
 
 def optimizer(
-    transforms: Mapping[str, optax.GradientTransformation], label_tree: Mapping
+    transforms: Mapping[str, optax.GradientTransformation], label_tree: PyTree
 ) -> optax.GradientTransformation:
     """One optax transformation per trainable label, applied to the ``trainable`` subtree.
 
@@ -193,16 +446,20 @@ def optimizer(
 
     Returns:
       A transformation whose ``init``/``update`` take the ``trainable`` tree from :func:`split`.
+
+    Raises:
+      ValueError: a trainable label has no transformation in ``transforms``.
     """
-    used = sorted(set(flatten(trainable_labels(label_tree)).values()))
+    tl = trainable_labels(label_tree)
+    used = sorted(set(flatten(tl).values()))
     missing = [label for label in used if label not in transforms]
     if missing:
         raise ValueError(
-            f"no optimizer for partition label(s) {missing}; configured: {sorted(transforms)}"
+            f"no optimizer for partition label(s) {missing}; transforms has: {sorted(transforms)}"
         )
     if len(used) == 1:
         return transforms[used[0]]
-    return optax.partition({k: transforms[k] for k in used}, trainable_labels(label_tree))
+    return optax.partition({k: transforms[k] for k in used}, tl)
 
 
 def summary(params: Params, label_tree: Mapping, *, depth: int = 1) -> str:

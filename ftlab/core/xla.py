@@ -16,6 +16,8 @@ from typing import Any
 
 import jax
 
+__all__ = ["cpu_options"]
+
 
 def cpu_options(options: Mapping[str, Any], backend: str | None = None) -> dict[str, Any]:
     """``options`` where ``backend`` (default: JAX's) is CPU and XLA accepts them; else ``{}``."""

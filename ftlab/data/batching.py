@@ -11,6 +11,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+__all__ = ["steps_per_epoch", "train_batch", "eval_batches", "process_slice"]
+
 
 def _num_rows(arrays: Mapping[str, np.ndarray]) -> int:
     if not arrays:

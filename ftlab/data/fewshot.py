@@ -38,6 +38,17 @@ import unicodedata
 
 import numpy as np
 
+__all__ = [
+    "Dataset",
+    "load_digits",
+    "split_classes",
+    "sample_episodes",
+    "sample_batch",
+    "font_paths",
+    "load_glyphs",
+]
+
+
 # Not instances of the characters their cmaps claim: placeholder glyphs (LastResort), STIX size
 # variants and non-Unicode alternates, and the BaKoMa Computer Modern fonts (TeX encodings, e.g.
 # cmsy10 maps "L" to a circled plus).

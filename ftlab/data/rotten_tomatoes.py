@@ -23,6 +23,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+__all__ = ["SHA256", "LABEL_NAMES", "SPLITS", "Split", "data_path", "load", "majority_baseline"]
+
+
 SHA256 = "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"
 LABEL_NAMES = {
     "sentiment": ("rotten", "fresh"),

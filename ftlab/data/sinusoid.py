@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["AMPLITUDE", "PHASE", "X_RANGE", "sample", "curve"]
+
+
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, np.pi)
 X_RANGE = (-5.0, 5.0)

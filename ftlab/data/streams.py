@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["STREAMS", "dataset", "load", "task", "running_standardize"]
+
+
 # name -> (river dataset class name, feature columns in CSV order, task)
 STREAMS = {
     "phishing": (

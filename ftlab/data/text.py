@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["encode"]
+
 
 def _fixed_length(tokenizer: Any, max_length: int) -> Any:
     """`tokenizer` if it already truncates and pads to exactly `max_length`, else a configured copy.

@@ -1,35 +1,45 @@
 """Meta-learning over a partition: MAML, first-order MAML, ANIL, Meta-SGD and Reptile.
 
-from ftlab import meta
-adapted = meta.adapt(params, support, loss_fn=loss_fn, inner_lr=0.01, num_steps=5)
+The verbs are re-exported here from the modules where they live (``maml``, ``reptile``), which
+load on first use::
+
+    from ftlab import meta
+    adapted = meta.adapt(params, support, loss_fn=loss_fn, inner_lr=0.01, num_steps=5)
 """
 
-from ftlab.meta.maml import (
-    ADAPT,
-    ALL,
-    MetaState,
-    adapt,
-    check_tasks,
-    compiler_options,
-    head_rules,
-    init_inner_lr,
-    init_state,
-    make_meta_step,
-    meta_loss,
-)
-from ftlab.meta.reptile import make_reptile_step
+import importlib
 
-__all__ = [
-    "ADAPT",
-    "ALL",
-    "MetaState",
-    "adapt",
-    "check_tasks",
-    "compiler_options",
-    "head_rules",
-    "init_inner_lr",
-    "init_state",
-    "make_meta_step",
-    "make_reptile_step",
-    "meta_loss",
-]
+_SUBMODULES = ("maml", "reptile")
+# name -> the submodule that defines it
+_NAMES = {
+    "ADAPT": "maml",
+    "ALL": "maml",
+    "MetaState": "maml",
+    "adapt": "maml",
+    "check_tasks": "maml",
+    "compiler_options": "maml",
+    "head_rules": "maml",
+    "init_inner_lr": "maml",
+    "init_state": "maml",
+    "make_meta_step": "maml",
+    "meta_loss": "maml",
+    "make_reptile_step": "reptile",
+}
+
+__all__ = [*_NAMES, *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(
+        f"module {__name__!r} has no attribute {name!r}; it has: {', '.join(__all__)}"
+    )
+
+
+def __dir__():
+    return sorted(__all__)

@@ -1,9 +1,12 @@
 """Parameter-efficient fine-tuning methods as transformations of parameter pytrees.
 
 Each module offers the same verbs: ``init`` (add the method's leaves), ``rules`` (its partition),
-``adapter`` (its leaves alone) and, where the method allows, ``merge``/``unmerge``.
+``adapter`` (its leaves alone) and, where the method allows, ``merge``/``unmerge``. Submodules
+load on first use::
 
-- ``dense``: the shared `nn.Dense` interception behind the dense-layer methods.
+    from ftlab.peft import lora
+
+- ``dense``: the shared interception of linear layers behind the dense-layer methods.
 - ``lora``: LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
 - ``dora``: weight-decomposed LoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353).
 - ``ia3``: IA3's learned rescaling (Liu et al. 2022, https://arxiv.org/abs/2205.05638).
@@ -15,6 +18,21 @@ Each module offers the same verbs: ``init`` (add the method's leaves), ``rules``
 - ``reft``: LoReFT (Wu et al. 2024, https://arxiv.org/abs/2404.03592).
 """
 
-from ftlab.peft import adapters, dense, dora, ia3, lora, prefix, prompt, qlora, reft
+import importlib
 
-__all__ = ["adapters", "dense", "dora", "ia3", "lora", "prefix", "prompt", "qlora", "reft"]
+_SUBMODULES = ("adapters", "dense", "dora", "ia3", "lora", "prefix", "prompt", "qlora", "reft")
+
+__all__ = list(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    # Submodules load on first use, so importing one does not import its siblings.
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(
+        f"module {__name__!r} has no attribute {name!r}; it has: {', '.join(__all__)}"
+    )
+
+
+def __dir__():
+    return sorted(__all__)

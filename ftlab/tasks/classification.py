@@ -10,6 +10,9 @@ import optax
 
 from ftlab.types import Params, PRNGKey
 
+__all__ = ["ApplyFn", "make_loss_fn", "make_eval_fn"]
+
+
 # apply(params, batch, rng) -> logits [batch, classes]; rng is None at evaluation.
 ApplyFn = Callable[[Params, Mapping[str, jax.Array], PRNGKey | None], jax.Array]
 

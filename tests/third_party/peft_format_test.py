@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
+from safetensors import safe_open
 
 from ftlab.core import partition
 from ftlab.data import text
@@ -184,3 +185,92 @@ def test_peft_loads_the_exported_adapter_and_matches_ftlab(minilm, tmp_path, mon
     valid = b["attention_mask"].astype(bool)  # padded positions are not compared
     assert np.max(np.abs(hf - hf_base)[valid]) > 1e-2  # the adapter changes the output noticeably
     np.testing.assert_allclose(ours[valid], hf[valid], atol=1e-4, rtol=1e-4)
+
+
+# --- the pooler, which ftlab's encoder does not have -------------------------------------------
+
+POOLER = "base_model.model.pooler.dense.lora_{}.weight"
+DENSE_KINDS = ["attention/query", "attention/value", "attention/out", "mlp/intermediate"]
+
+
+def _peft_written(path, *, with_pooler=True):
+    """An adapter as PEFT writes it for target_modules=["query", "value", "dense"] on BertModel:
+    no digests in the metadata, and LoRA on the pooler's dense layer too."""
+    state_dict = peft_format.to_state_dict(_adapter([*DENSE_KINDS, "mlp/output"], layers=(0,)))
+    if with_pooler:
+        rng = np.random.default_rng(1)
+        state_dict[POOLER.format("A")] = rng.normal(size=(2, 8)).astype(np.float32)
+        state_dict[POOLER.format("B")] = rng.normal(size=(8, 2)).astype(np.float32)
+    path.mkdir()
+    safetensors_numpy.save_file(
+        state_dict, str(path / "adapter_model.safetensors"), {"format": "pt"}
+    )
+    cfg = {
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["query", "value", "dense"],
+    }
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return state_dict
+
+
+def test_import_skips_the_pooler_with_a_warning_naming_it(tmp_path):
+    _peft_written(tmp_path / "peft")
+    with pytest.warns(UserWarning, match=r"skipping the LoRA weights of \['pooler.dense'\]"):
+        ad, cfg = peft_format.import_(tmp_path / "peft")
+    assert cfg["skipped_modules"] == ["pooler.dense"]
+    assert "pooler" not in partition.flatten(ad) and len(partition.flatten(ad)) == 2 * 5
+    chex.assert_trees_all_equal(ad, _adapter([*DENSE_KINDS, "mlp/output"], layers=(0,)))
+
+
+def test_import_without_a_pooler_warns_nothing(tmp_path, recwarn):
+    _peft_written(tmp_path / "peft", with_pooler=False)  # a PEFT file without digests
+    _, cfg = peft_format.import_(tmp_path / "peft")
+    assert cfg["skipped_modules"] == [] and not recwarn.list
+
+
+def test_export_extra_module_check_covers_the_pooler(tmp_path):
+    ad = _adapter([*DENSE_KINDS, "mlp/output"], layers=(0,))
+    with pytest.raises(ValueError, match=r"also selects \['pooler.dense'\]"):
+        peft_format.export(
+            tmp_path, ad, rank=2, alpha=4, target_modules=["query", "value", "dense"]
+        )
+    with pytest.raises(ValueError, match=r"also selects \['embeddings.word_embeddings'"):
+        peft_format.export(tmp_path, ad, rank=2, alpha=4, target_modules=".*")
+
+
+# --- file integrity ------------------------------------------------------------------------------
+
+
+def _flip_data_byte(path, tensor):
+    """Flips one byte inside ``tensor``'s data region of a safetensors file."""
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    begin, _ = json.loads(raw[8 : 8 + n])[tensor]["data_offsets"]
+    raw[8 + n + begin + 3] ^= 0x7F  # the top byte of the first float32
+    path.write_bytes(bytes(raw))
+
+
+def test_export_records_digests_and_import_refuses_a_flipped_byte(tmp_path):
+    peft_format.export(tmp_path, _adapter(["attention/query"]), rank=2, alpha=4)
+    key = "base_model.model.encoder.layer.1.attention.self.query.lora_B.weight"
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and f"sha256:{key}" in meta
+    _flip_data_byte(tmp_path / "adapter_model.safetensors", key)
+    with pytest.raises(ValueError, match=rf"adapter_model\.safetensors: tensor '{key}' is corrupt"):
+        peft_format.import_(tmp_path)
+
+
+def test_import_names_a_truncated_weights_file_and_a_bad_config(tmp_path):
+    peft_format.export(tmp_path, _adapter(["attention/query"]), rank=2, alpha=4)
+    weights = tmp_path / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: not a readable safetensors"):
+        peft_format.import_(tmp_path)
+    weights.write_bytes(good)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA",')
+    with pytest.raises(ValueError, match=r"adapter_config\.json: not a valid PEFT adapter config"):
+        peft_format.import_(tmp_path)
