@@ -1,0 +1,339 @@
+"""Flax NNX models through ftlab: the split/merge bridge, LoRA on NNX layers, freezing, saving."""
+
+import chex
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ftlab import nnx as ftnnx
+from ftlab.core import checkpoint, partition, sites, train
+
+RANK, ALPHA = 2, 4.0
+LORA_RULES = [(".*/lora_(a|b)", "train"), (".*", "frozen")]
+
+
+class Net(nnx.Module):
+    """Conv -> Linear (in a list) -> LinearGeneral -> Einsum -> Linear head."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(4, 6, rngs=rngs)])
+        self.heads = nnx.LinearGeneral(6, (2, 3), rngs=rngs)
+        self.mix = nnx.Einsum("bhd,hdk->bk", (2, 3, 5), (5,), rngs=rngs)
+        self.head = nnx.Linear(5, 3, rngs=rngs)
+
+    def features(self, x):
+        h = nnx.relu(self.conv(x)).mean(axis=(1, 2))
+        h = nnx.relu(self.layers[0](h))
+        return nnx.relu(self.mix(self.heads(h)))
+
+    def __call__(self, x):
+        return self.head(self.features(x))
+
+
+class NormNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(3, 4, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.lin(x))
+
+
+@pytest.fixture(scope="module")
+def net():
+    model = Net(nnx.Rngs(0))
+    graphdef, params = ftnnx.split(model)
+    return model, graphdef, params
+
+
+@pytest.fixture(scope="module")
+def batch():
+    kx, kt = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (8, 5, 5, 2))
+    teacher = Net(nnx.Rngs(7))
+    return {"x": x, "y": teacher(x)}
+
+
+def _loss_fn(apply):
+    def loss_fn(params, batch, rng):
+        del rng
+        return jnp.mean((apply(params, batch["x"]) - batch["y"]) ** 2), {}
+
+    return loss_fn
+
+
+def _fit(params, rules, apply, batch, *, steps):
+    """Trains with ftlab's own state and step; returns the states after 1 and after all steps."""
+    tx = optax.adam(3e-2)
+    state = train.init_state(params, partition.labels(params, rules, what="rules"), tx, seed=0)
+    step = jax.jit(train.make_train_step(_loss_fn(apply), tx))
+    first, metrics = step(state, batch)
+    losses = [metrics["train/loss"]]
+    state = first
+    for _ in range(steps - 1):
+        state, metrics = step(state, batch)
+        losses.append(metrics["train/loss"])
+    return first, state, np.array(losses)
+
+
+def _with_random_b(params, seed=3):
+    """LoRA leaves with a nonzero ``lora_b``, so the adapter changes the output."""
+    flat = partition.flatten(params)
+    for i, name in enumerate(sorted(flat)):
+        if name.endswith("/lora_b") or name == "lora_b":
+            flat[name] = 0.5 * jax.random.normal(jax.random.key(seed + i), flat[name].shape)
+    return partition.unflatten(flat)
+
+
+# --- the bridge -----------------------------------------------------------------------------
+
+
+def test_split_gives_slash_paths_and_apply_equals_the_module(net, batch):
+    model, graphdef, params = net
+    assert sorted(partition.flatten(params)) == [
+        f"{m}/{leaf}"
+        for m in ("conv", "head", "heads", "layers/0", "mix")
+        for leaf in ("bias", "kernel")
+    ]
+    expected = model(batch["x"])
+    chex.assert_trees_all_equal(jax.jit(ftnnx.make_apply(graphdef))(params, batch["x"]), expected)
+    rebuilt = ftnnx.merge(graphdef, params)
+    assert isinstance(rebuilt, Net)
+    chex.assert_trees_all_equal(rebuilt(batch["x"]), expected)
+    features = ftnnx.make_apply(graphdef, method="features")(params, batch["x"])
+    chex.assert_shape(features, (8, 5))
+
+
+def test_batch_stats_are_a_separate_collection_that_apply_updates():
+    model = NormNet(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"split: .*bn/mean \(batch_stats\).*split_collections"):
+        ftnnx.split(model)
+    graphdef, params, collections = ftnnx.split_collections(model)
+    assert sorted(partition.flatten(collections)) == ["batch_stats/bn/mean", "batch_stats/bn/var"]
+    assert "bn/scale" in partition.flatten(params)
+    with pytest.raises(ValueError, match=r"collections=True"):
+        ftnnx.make_apply(graphdef)
+    apply = jax.jit(ftnnx.make_apply(graphdef, collections=True))
+    x = jax.random.normal(jax.random.key(0), (16, 3)) + 2.0
+    out, new = apply(params, collections, x)
+    expected = model(x)  # the module updates its own statistics in place the same way
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new["batch_stats"]["bn"]["mean"], model.bn.mean[...], rtol=1e-6)
+    assert not np.allclose(
+        new["batch_stats"]["bn"]["mean"], collections["batch_stats"]["bn"]["mean"]
+    )
+
+
+# --- LoRA -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_run(net, batch):
+    _, graphdef, params = net
+    lora_params = ftnnx.lora_init(
+        graphdef, params, jax.random.key(2), targets=[".*"], rank=RANK, alpha=ALPHA
+    )
+    apply = ftnnx.make_apply(graphdef, alpha=ALPHA, rank=RANK)
+    first, last, losses = _fit(lora_params, LORA_RULES, apply, batch, steps=25)
+    return lora_params, apply, first, last, losses
+
+
+def test_lora_reaches_every_layer_kind_and_starts_as_identity(net, batch, lora_run):
+    model, graphdef, params = net
+    lora_params, apply, *_ = lora_run
+    lora_leaves = {k: v.shape for k, v in partition.flatten(lora_params).items() if "lora" in k}
+    assert lora_leaves == {
+        "conv/lora_a": (3 * 3 * 2, RANK),  # (window x in, r)
+        "conv/lora_b": (RANK, 4),
+        "layers/0/lora_a": (4, RANK),
+        "layers/0/lora_b": (RANK, 6),
+        "heads/lora_a": (6, RANK),
+        "heads/lora_b": (RANK, 2 * 3),
+        "mix/lora_a": (2 * 3, RANK),
+        "mix/lora_b": (RANK, 5),
+        "head/lora_a": (5, RANK),
+        "head/lora_b": (RANK, 3),
+    }
+    chex.assert_trees_all_equal(jax.jit(apply)(lora_params, batch["x"]), model(batch["x"]))
+
+
+def test_lora_fine_tunes_only_its_leaves(net, batch, lora_run):
+    _, _, params = net
+    lora_params, apply, first, last, losses = lora_run
+    trainable = sorted(partition.flatten(last.trainable))
+    assert trainable == sorted(k for k in partition.flatten(lora_params) if "lora" in k)
+    # Optimizer state exists for the LoRA leaves only.
+    adam = last.opt_state[0]
+    assert sorted(partition.flatten(adam.mu)) == trainable
+    assert sorted(partition.flatten(adam.nu)) == trainable
+    # The frozen base is bit-identical to the pretrained arrays.
+    chex.assert_trees_all_equal(last.frozen, params)
+    # One step changes the output; training lowers the loss.
+    assert np.max(np.abs(apply(first.params, batch["x"]) - apply(lora_params, batch["x"]))) > 1e-4
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_partial_freeze_trains_only_the_head(net, batch):
+    _, graphdef, params = net
+    rules = [("head/.*", "train"), (".*", "frozen")]
+    first, last, losses = _fit(params, rules, ftnnx.make_apply(graphdef), batch, steps=10)
+    assert sorted(partition.flatten(last.trainable)) == ["head/bias", "head/kernel"]
+    frozen = {k: v for k, v in partition.flatten(params).items() if not k.startswith("head/")}
+    chex.assert_trees_all_equal(partition.flatten(last.frozen), frozen)
+    assert not np.allclose(last.trainable["head"]["kernel"], params["head"]["kernel"])
+    assert losses[-1] < losses[0], losses
+
+
+def test_checkpoint_round_trip_of_an_nnx_lora_state(tmp_path, net, batch, lora_run):
+    _, graphdef, _ = net
+    _, apply, _, last, _ = lora_run
+    with checkpoint.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+        ckpt.save(int(last.step), last, force=True)
+        ckpt.wait_until_finished()
+        restored, step = ckpt.restore_latest(jax.eval_shape(lambda: last))
+    assert step == int(last.step)
+    chex.assert_trees_all_equal(restored, last)
+    chex.assert_trees_all_equal(apply(restored.params, batch["x"]), apply(last.params, batch["x"]))
+    # The merged plain tree, as a module again.
+    merged = ftnnx.lora_merge(graphdef, restored.params, alpha=ALPHA, rank=RANK)
+    model = ftnnx.merge(graphdef, merged)
+    np.testing.assert_allclose(
+        model(batch["x"]), apply(restored.params, batch["x"]), rtol=1e-5, atol=1e-5
+    )
+
+
+def _layers():
+    rngs = nnx.Rngs(0)
+    return {
+        "Linear": (nnx.Linear(4, 3, rngs=rngs), (5, 4)),
+        "LinearGeneral": (nnx.LinearGeneral((2, 3), (4, 5), axis=(1, -1), rngs=rngs), (7, 2, 3)),
+        "Einsum": (nnx.Einsum("bhd,hdk->bk", (2, 3, 5), (5,), rngs=rngs), (7, 2, 3)),
+        # Input and output axes interleave in the kernel: merge must transpose.
+        "Einsum-interleaved": (nnx.Einsum("bi,hio->bho", (2, 4, 3), (2, 3), rngs=rngs), (7, 4)),
+        "Conv": (nnx.Conv(3, 5, (3, 3), strides=2, rngs=rngs), (2, 6, 6, 3)),
+        "Conv1D-circular": (nnx.Conv(2, 4, (3,), padding="CIRCULAR", rngs=rngs), (2, 9, 2)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_layers()))
+def test_merged_equals_unmerged_for_each_layer_kind(kind):
+    layer, x_shape = _layers()[kind]
+    x = jax.random.normal(jax.random.key(4), x_shape)
+    graphdef, params = ftnnx.split(layer)
+    lora_params = _with_random_b(
+        ftnnx.lora_init(
+            graphdef, params, jax.random.key(5), targets=[type(layer)], rank=2, alpha=3.0
+        )
+    )
+    unmerged = ftnnx.make_apply(graphdef, alpha=3.0, rank=2)(lora_params, x)
+    merged = ftnnx.make_apply(graphdef)(
+        ftnnx.lora_merge(graphdef, lora_params, alpha=3.0, rank=2), x
+    )
+    assert np.max(np.abs(unmerged - layer(x))) > 1e-2  # the adapter does something
+    np.testing.assert_allclose(unmerged, merged, rtol=1e-5, atol=1e-5)
+
+
+def _output_shapes(jaxpr):
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [tuple(v.aval.shape) for v in eqn.outvars]
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else [p]:
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    shapes += _output_shapes(inner)
+    return shapes
+
+
+@pytest.mark.parametrize("kind", ["Linear", "LinearGeneral", "Einsum-interleaved", "Conv"])
+def test_factored_gradient_forms_no_kernel_sized_array(kind):
+    layer, x_shape = _layers()[kind]
+    x = jax.random.normal(jax.random.key(4), x_shape)
+    graphdef, params = ftnnx.split(layer)
+    lora_params = ftnnx.lora_init(
+        graphdef, params, jax.random.key(5), targets=[type(layer)], rank=2, alpha=3.0
+    )
+    trainable, frozen = partition.split(lora_params, partition.labels(lora_params, [
+        ("lora_(a|b)", "train"), (".*", "frozen")]))  # fmt: skip
+    apply = ftnnx.make_apply(graphdef, alpha=3.0, rank=2)
+    kernel_shape = tuple(params["kernel"].shape)
+
+    def count(f):
+        return _output_shapes(jax.make_jaxpr(f)(trainable).jaxpr).count(kernel_shape)
+
+    def loss(t):
+        return jnp.sum(apply(partition.merge(t, frozen), x) ** 2)
+
+    def merged_form_loss(t):  # the dense alternative, to show the count can see it
+        delta = (t["lora_a"] @ t["lora_b"]).reshape(kernel_shape)
+        return jnp.sum((frozen["kernel"] + delta) ** 2)
+
+    assert count(jax.grad(merged_form_loss)) > 0
+    assert count(jax.grad(loss)) == count(loss) == 0
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(targets=["layer/0"]), r"'layer/0' matched no layer.*layers/0 \(Linear"),
+        (dict(targets=[nnx.Embed]), r"targets\[0\]: Embed is not a layer LoRA reaches"),
+        (dict(targets="head"), r"targets must be a list"),
+        (dict(rank=0), r"lora_init: rank=0 must be a positive integer"),
+        (dict(rank=4), r"rank=4 exceeds min\(in, out\)=3 of head \(Linear"),
+        (dict(alpha=float("nan")), r"lora_init: alpha=nan"),
+    ],
+    ids=["no-match", "other-type", "string", "rank0", "rank-too-big", "alpha-nan"],
+)  # fmt: skip
+def test_lora_init_errors_name_the_argument(net, kwargs, match):
+    _, graphdef, params = net
+    args = dict(targets=[".*"], rank=RANK, alpha=ALPHA) | kwargs
+    with pytest.raises(ValueError, match=match):
+        ftnnx.lora_init(graphdef, params, jax.random.key(0), **args)
+
+
+def test_lora_init_refuses_modules_it_cannot_reach():
+    graphdef, params, _ = ftnnx.split_collections(NormNet(nnx.Rngs(0)))
+    with pytest.raises(
+        ValueError, match=r"'bn' matches bn \(BatchNorm\), not a layer LoRA reaches"
+    ):
+        ftnnx.lora_init(graphdef, params, jax.random.key(0), targets=["bn"], rank=1, alpha=1.0)
+    grouped = nnx.Conv(4, 4, (3,), feature_group_count=2, rngs=nnx.Rngs(0))
+    graphdef, params = ftnnx.split(grouped)
+    with pytest.raises(ValueError, match=r"cannot reach .*\(Conv\): feature_group_count=2"):
+        ftnnx.lora_init(graphdef, params, jax.random.key(0), targets=[nnx.Conv], rank=1, alpha=1.0)
+
+
+def test_apply_errors_name_the_leaves(net, batch, lora_run):
+    _, graphdef, params = net
+    lora_params = lora_run[0]
+    x = batch["x"]
+    with pytest.raises(
+        ValueError, match=r"LoRA leaves \(conv/lora_a, \.\.\.\) but no alpha and rank"
+    ):
+        ftnnx.make_apply(graphdef)(lora_params, x)
+    with pytest.raises(ValueError, match=r"rank=3 but conv/lora_a has rank 2"):
+        ftnnx.make_apply(graphdef, alpha=ALPHA, rank=3)(lora_params, x)
+    with pytest.raises(ValueError, match=r"rank=3 but conv/lora_a has rank 2"):
+        ftnnx.lora_merge(graphdef, lora_params, alpha=ALPHA, rank=3)
+    # A LoRA leaf on a layer the call never reaches: nothing silent.
+    features = ftnnx.make_apply(graphdef, method="features", alpha=ALPHA, rank=RANK)
+    with pytest.raises(sites.UnconsumedLeavesError, match=r"head/lora_a, head/lora_b") as e:
+        jax.jit(features)(lora_params, x)
+    assert e.value.leaves == ["head/lora_a", "head/lora_b"]
+    # Leaves of a method ftlab.nnx does not apply, and half a LoRA pair.
+    flat = partition.flatten(params)
+    ia3 = partition.unflatten(flat | {"head/ia3_scale": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"only in the tree \['head/ia3_scale'\].*LoRA only"):
+        ftnnx.make_apply(graphdef)(ia3, x)
+    half = partition.unflatten(flat | {"head/lora_a": jnp.ones((5, 2))})
+    with pytest.raises(ValueError, match=r"head/lora_a has no head/lora_b"):
+        ftnnx.make_apply(graphdef, alpha=ALPHA, rank=RANK)(half, x)
+    with pytest.raises(ValueError, match=r"lora_merge: params hold no lora_a/lora_b"):
+        ftnnx.lora_merge(graphdef, params, alpha=ALPHA, rank=RANK)
