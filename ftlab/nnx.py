@@ -287,7 +287,7 @@ def make_apply(
 
     def run(params, cols, args, kwargs):
         with sites.tracking(params, what=what):
-            module, lora = _build(graphdef, params, cols, alpha=alpha, rank=rank, what=what)
+            module, _ = _build(graphdef, params, cols, alpha=alpha, rank=rank, what=what)
             # A model's own parameter whose name is also a method's leaf name (a Param called
             # `prompt`, say) is read by the model itself.
             for path, *_ in graphdef.params:
@@ -302,7 +302,6 @@ def make_apply(
                         f"make_apply: method={method!r} is not a method of {type(module).__name__}."
                     )
             out = fn(*args, **kwargs)
-        del lora
         return out, module
 
     if collections:
@@ -447,10 +446,11 @@ def lora_merge(graphdef: GraphDef, params: Params, *, alpha: float, rank: int) -
             "by lora_init)."
         )
     scale = float(alpha) / int(rank)
+    adapter = {_join(path, n) for path in lora for n in _LORA_NAMES}
     out = {}
     for name, leaf in flat.items():
         parent, _, last = name.rpartition("/")
-        if last in _LORA_NAMES and parent in lora:
+        if name in adapter:
             continue
         if last == "kernel" and parent in lora:
             layer, a, b = lora[parent]
@@ -522,7 +522,7 @@ def _split(module: nnx.Module, what: str) -> tuple[GraphDef, Params, dict]:
 
 
 def _dtype(value: Any) -> Any:
-    return np.dtype(value.dtype) if hasattr(value, "dtype") else type(value)
+    return getattr(value, "dtype", type(value))  # numpy's or JAX's (typed PRNG keys)
 
 
 def _order(params_meta, path: str) -> int:
@@ -644,10 +644,12 @@ def _lora_leaves(
     """``{layer path: (info, lora_a, lora_b)}``, checked against the graph."""
     layers = {x.path: x for x in graphdef.layers}
     module_types = dict(graphdef.modules)
+    # The model's own variables may bear these names too (flax's nnx.LoRA holds `lora_a`).
+    own = {name for name, *_ in graphdef.params}
     pairs: dict[str, dict[str, Any]] = {}
     for name, leaf in flat.items():
         parent, _, last = name.rpartition("/")
-        if last in _LORA_NAMES:
+        if last in _LORA_NAMES and name not in own:
             pairs.setdefault(parent, {})[last] = (name, leaf)
     out = {}
     for path, pair in pairs.items():
@@ -705,11 +707,8 @@ def _build(graphdef, params, collections, *, alpha, rank, what):
         _check_alpha(alpha, f"{what}: alpha")
     flat = partition.flatten(params)
     lora = _lora_leaves(graphdef, flat, rank=rank, what=what, need_scale=True)
-    base = {
-        k: v
-        for k, v in flat.items()
-        if not (k.rpartition("/")[2] in _LORA_NAMES and k.rpartition("/")[0] in lora)
-    }
+    adapter = {_join(path, n) for path in lora for n in _LORA_NAMES}
+    base = {k: v for k, v in flat.items() if k not in adapter}
     param_state = _rebuild(
         [(name, key_path, shape) for name, key_path, shape, _ in graphdef.params],
         base,

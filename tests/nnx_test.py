@@ -132,6 +132,14 @@ def test_batch_stats_are_a_separate_collection_that_apply_updates():
     )
 
 
+def test_a_model_with_flax_own_lora_leaves_keeps_them_as_parameters():
+    model = nnx.LoRALinear(3, 4, lora_rank=2, rngs=nnx.Rngs(0))
+    graphdef, params = ftnnx.split(model)
+    assert "lora/lora_a" in partition.flatten(params)  # nnx.LoRAParam is a Param
+    x = jnp.ones((2, 3))
+    chex.assert_trees_all_equal(ftnnx.make_apply(graphdef)(params, x), model(x))
+
+
 # --- LoRA -----------------------------------------------------------------------------------
 
 
