@@ -74,6 +74,7 @@ __all__ = [
     "LayerInfo",
     "lora_init",
     "lora_merge",
+    "lora_unmerge",
     "make_apply",
     "merge",
     "split",
@@ -457,6 +458,48 @@ def lora_merge(graphdef: GraphDef, params: Params, *, alpha: float, rank: int) -
             leaf = (leaf + scale * _dense_delta(layer, a, b)).astype(leaf.dtype)
         out[name] = leaf
     return partition.unflatten(out)
+
+
+def lora_unmerge(
+    graphdef: GraphDef, merged: Params, adapter: Params, *, alpha: float, rank: int
+) -> Params:
+    """Undoes :func:`lora_merge`: subtracts the update from the kernels and puts the leaves back.
+
+    Args:
+        graphdef: From :func:`split`.
+        merged: A tree from :func:`lora_merge` (no LoRA leaves).
+        adapter: The LoRA leaves that were merged (a tree holding at least them; other leaves
+            are ignored), e.g. the trained tree itself.
+        alpha: LoRA's alpha.
+        rank: LoRA's rank; must equal the leaves' rank.
+
+    Returns:
+        The unmerged tree; its kernels equal the originals within float rounding.
+
+    Raises:
+        ValueError: ``merged`` still holds LoRA leaves, or ``adapter`` holds none or ones
+            that do not fit (as in :func:`lora_merge`).
+    """
+    _check_alpha(alpha, "lora_unmerge: alpha")
+    _check_rank_value(rank, "lora_unmerge: rank")
+    flat = partition.flatten(merged)
+    if _lora_leaves(graphdef, flat, rank=None, what="lora_unmerge", need_scale=False):
+        raise ValueError("lora_unmerge: merged still holds LoRA leaves; it was not merged.")
+    adapter_flat = {
+        k: v for k, v in partition.flatten(adapter).items() if k.rpartition("/")[2] in _LORA_NAMES
+    }
+    lora = _lora_leaves(graphdef, adapter_flat, rank=rank, what="lora_unmerge", need_scale=False)
+    if not lora:
+        raise ValueError("lora_unmerge: adapter holds no lora_a/lora_b leaves.")
+    scale = float(alpha) / int(rank)
+    out = {}
+    for name, leaf in flat.items():
+        parent, _, last = name.rpartition("/")
+        if last == "kernel" and parent in lora:
+            layer, a, b = lora[parent]
+            leaf = (leaf - scale * _dense_delta(layer, a, b)).astype(leaf.dtype)
+        out[name] = leaf
+    return partition.unflatten(out | adapter_flat)
 
 
 # --- internals ------------------------------------------------------------------------------

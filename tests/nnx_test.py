@@ -38,28 +38,52 @@ class NormNet(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
         self.lin = nnx.Linear(3, 4, rngs=rngs)
         self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)  # keeps its own rng state
 
     def __call__(self, x):
-        return self.bn(self.lin(x))
+        return self.drop(self.bn(self.lin(x)))
 
 
-def _make(cls, seed):
-    # One compiled initialisation instead of an eager (separately compiled) op per parameter.
-    return nnx.jit(lambda rngs: cls(rngs))(nnx.Rngs(seed))
+def _init(make, seed):
+    """``(graphdef, params)`` of ``make(rngs)`` built abstractly, with numpy-drawn parameters.
+
+    Nothing is compiled to initialise (an eager init compiles one random op per kernel shape,
+    which dominated this file's cold run).
+    """
+    graphdef, shapes = ftnnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def draw(s):
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 100
+        return jnp.asarray(rng.standard_normal(s.shape, np.float32) / np.sqrt(fan_in))
+
+    return graphdef, jax.tree.map(draw, shapes)
+
+
+# Calls a module compiled (cached per graph and input shapes).
+_call = nnx.jit(lambda module, x: module(x))
+
+
+def _randn(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
 @pytest.fixture(scope="module")
 def net():
-    model = _make(Net, 0)
-    graphdef, params = ftnnx.split(model)
-    return model, graphdef, params
+    graphdef, params = _init(Net, 0)
+    return ftnnx.merge(graphdef, params), graphdef, params
 
 
 @pytest.fixture(scope="module")
-def batch():
-    x = jax.random.normal(jax.random.key(1), (8, 5, 5, 2))
-    teacher = _make(Net, 7)
-    return {"x": x, "y": nnx.jit(lambda m, x: m(x))(teacher, x)}
+def plain_apply(net):
+    return jax.jit(ftnnx.make_apply(net[1]))
+
+
+@pytest.fixture(scope="module")
+def batch(plain_apply):
+    x = _randn(1, (8, 5, 5, 2))
+    _, teacher = _init(Net, 7)
+    return {"x": x, "y": plain_apply(teacher, x)}
 
 
 def _loss_fn(apply):
@@ -73,7 +97,7 @@ def _loss_fn(apply):
 def _fit(params, rules, apply, batch, *, steps):
     """Trains with ftlab's own state and step; returns the states after 1 and after all steps."""
     tx = optax.adam(3e-2)
-    state = train.init_state(params, partition.labels(params, rules, what="rules"), tx, seed=0)
+    state = train.init_state(params, partition.labels(params, rules), tx, seed=0)
     step = jax.jit(train.make_train_step(_loss_fn(apply), tx))
     first, metrics = step(state, batch)
     losses = [metrics["train/loss"]]
@@ -96,40 +120,48 @@ def _with_random_b(params, seed=3):
 # --- the bridge -----------------------------------------------------------------------------
 
 
-def test_split_gives_slash_paths_and_apply_equals_the_module(net, batch):
+def test_split_gives_slash_paths_and_apply_equals_the_module(net, batch, plain_apply):
     model, graphdef, params = net
     assert sorted(partition.flatten(params)) == [
         f"{m}/{leaf}"
         for m in ("conv", "head", "heads", "layers/0", "mix")
         for leaf in ("bias", "kernel")
     ]
-    expected = model(batch["x"])
-    chex.assert_trees_all_equal(jax.jit(ftnnx.make_apply(graphdef))(params, batch["x"]), expected)
-    rebuilt = ftnnx.merge(graphdef, params)
-    assert isinstance(rebuilt, Net)
-    chex.assert_trees_all_equal(rebuilt(batch["x"]), expected)
-    features = ftnnx.make_apply(graphdef, method="features")(params, batch["x"])
-    chex.assert_shape(features, (8, 5))
+    assert isinstance(model, Net)  # the fixture's module is ftnnx.merge(graphdef, params)
+    chex.assert_trees_all_equal(plain_apply(params, batch["x"]), _call(model, batch["x"]))
+    # split of the rebuilt module gives back the same tree.
+    chex.assert_trees_all_equal(ftnnx.split(model)[1], params)
+    features = jax.eval_shape(ftnnx.make_apply(graphdef, method="features"), params, batch["x"])
+    assert features.shape == (8, 5)
 
 
-def test_batch_stats_are_a_separate_collection_that_apply_updates():
+def test_batch_stats_and_rng_state_are_collections_that_apply_updates():
     model = NormNet(nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"split: .*bn/mean \(batch_stats\).*split_collections"):
         ftnnx.split(model)
     graphdef, params, collections = ftnnx.split_collections(model)
-    assert sorted(partition.flatten(collections)) == ["batch_stats/bn/mean", "batch_stats/bn/var"]
+    assert sorted(partition.flatten(collections)) == [
+        "batch_stats/bn/mean",
+        "batch_stats/bn/var",
+        "rng_count/drop/rngs/count",
+        "rng_key/drop/rngs/key",
+    ]
     assert "bn/scale" in partition.flatten(params)
     with pytest.raises(ValueError, match=r"collections=True"):
         ftnnx.make_apply(graphdef)
     apply = jax.jit(ftnnx.make_apply(graphdef, collections=True))
-    x = jax.random.normal(jax.random.key(0), (16, 3)) + 2.0
+    x = _randn(0, (16, 3)) + 2.0
     out, new = apply(params, collections, x)
-    expected = model(x)  # the module updates its own statistics in place the same way
+    expected = model(x)  # the module updates its own state in place the same way
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(new["batch_stats"]["bn"]["mean"], model.bn.mean[...], rtol=1e-6)
     assert not np.allclose(
         new["batch_stats"]["bn"]["mean"], collections["batch_stats"]["bn"]["mean"]
     )
+    assert int(new["rng_count"]["drop"]["rngs"]["count"]) == 1
+    # The advanced rng state draws a new dropout mask.
+    again, _ = apply(params, new, x)
+    assert np.any((again == 0) != (out == 0))
 
 
 def test_a_model_with_flax_own_lora_leaves_keeps_them_as_parameters():
@@ -151,7 +183,7 @@ def lora_run(net, batch):
     )(params, jax.random.key(2))
     apply = ftnnx.make_apply(graphdef, alpha=ALPHA, rank=RANK)
     first, last, losses = _fit(lora_params, LORA_RULES, apply, batch, steps=25)
-    return lora_params, apply, first, last, losses
+    return lora_params, jax.jit(apply), first, last, losses
 
 
 def test_lora_reaches_every_layer_kind_and_starts_as_identity(net, batch, lora_run):
@@ -170,7 +202,7 @@ def test_lora_reaches_every_layer_kind_and_starts_as_identity(net, batch, lora_r
         "head/lora_a": (5, RANK),
         "head/lora_b": (RANK, 3),
     }
-    chex.assert_trees_all_equal(jax.jit(apply)(lora_params, batch["x"]), model(batch["x"]))
+    chex.assert_trees_all_equal(apply(lora_params, batch["x"]), _call(model, batch["x"]))
 
 
 def test_lora_fine_tunes_only_its_leaves(net, batch, lora_run):
@@ -214,7 +246,7 @@ def test_checkpoint_round_trip_of_an_nnx_lora_state(tmp_path, net, batch, lora_r
     merged = ftnnx.lora_merge(graphdef, restored.params, alpha=ALPHA, rank=RANK)
     model = ftnnx.merge(graphdef, merged)
     np.testing.assert_allclose(
-        model(batch["x"]), apply(restored.params, batch["x"]), rtol=1e-5, atol=1e-5
+        _call(model, batch["x"]), apply(restored.params, batch["x"]), rtol=1e-5, atol=1e-5
     )
 
 
@@ -231,8 +263,7 @@ _LAYERS = {
 def _layer(kind):
     """A single-layer model of ``kind``: graph, base tree, input."""
     make, x_shape = _LAYERS[kind]
-    graphdef, params = ftnnx.split(make(nnx.Rngs(0)))
-    return graphdef, params, jax.random.normal(jax.random.key(4), x_shape)
+    return (*_init(make, 0), _randn(4, x_shape))
 
 
 def _lora(graphdef, params):
@@ -247,15 +278,19 @@ def test_merged_equals_unmerged_for_each_layer_kind(kind):
     def outputs(params, x):
         lora_params = _with_random_b(_lora(graphdef, params))
         merged = ftnnx.lora_merge(graphdef, lora_params, alpha=3.0, rank=2)
+        unmerged = ftnnx.lora_unmerge(graphdef, merged, lora_params, alpha=3.0, rank=2)
         return (
             ftnnx.make_apply(graphdef)(params, x),
             ftnnx.make_apply(graphdef, alpha=3.0, rank=2)(lora_params, x),
             ftnnx.make_apply(graphdef)(merged, x),
+            (merged, unmerged, lora_params),
         )
 
-    base, unmerged, merged = outputs(params, x)
-    assert np.max(np.abs(unmerged - base)) > 1e-2  # the adapter does something
-    np.testing.assert_allclose(unmerged, merged, rtol=1e-5, atol=1e-5)
+    base, lora_out, merged_out, (merged, unmerged, lora_params) = outputs(params, x)
+    assert np.max(np.abs(lora_out - base)) > 1e-2  # the adapter does something
+    np.testing.assert_allclose(lora_out, merged_out, rtol=1e-5, atol=1e-5)
+    assert sorted(merged) == ["bias", "kernel"]
+    chex.assert_trees_all_close(unmerged, lora_params, rtol=1e-5, atol=1e-6)
 
 
 def _output_shapes(jaxpr):
@@ -273,7 +308,7 @@ def _output_shapes(jaxpr):
 @pytest.mark.parametrize("kind", ["Linear", *_LAYERS])
 def test_factored_gradient_forms_no_kernel_sized_array(kind):
     if kind == "Linear":
-        graphdef, params = ftnnx.split(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+        graphdef, params = _init(lambda r: nnx.Linear(4, 3, rngs=r), 0)
         x = jnp.ones((5, 4))
     else:
         graphdef, params, x = _layer(kind)
@@ -321,13 +356,12 @@ def test_lora_init_errors_name_the_argument(net, kwargs, match):
 
 
 def test_lora_init_refuses_modules_it_cannot_reach():
-    graphdef, params, _ = ftnnx.split_collections(NormNet(nnx.Rngs(0)))
+    graphdef, params, _ = ftnnx.split_collections(nnx.eval_shape(lambda: NormNet(nnx.Rngs(0))))
     with pytest.raises(
         ValueError, match=r"'bn' matches bn \(BatchNorm\), not a layer LoRA reaches"
     ):
         ftnnx.lora_init(graphdef, params, jax.random.key(0), targets=["bn"], rank=1, alpha=1.0)
-    grouped = nnx.Conv(4, 4, (3,), feature_group_count=2, rngs=nnx.Rngs(0))
-    graphdef, params = ftnnx.split(grouped)
+    graphdef, params = _init(lambda r: nnx.Conv(4, 4, (3,), feature_group_count=2, rngs=r), 0)
     with pytest.raises(ValueError, match=r"cannot reach .*\(Conv\): feature_group_count=2"):
         ftnnx.lora_init(graphdef, params, jax.random.key(0), targets=[nnx.Conv], rank=1, alpha=1.0)
 
