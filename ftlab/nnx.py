@@ -19,14 +19,14 @@ parameters: :func:`split` refuses a module that holds any, naming it, and
 collections=True)`` then gives ``apply(params, collections, *args) -> (out, collections)`` with
 the state the call left behind (updated batch statistics, advanced rng counts).
 
-LoRA (:func:`lora_init`, :func:`lora_merge`) puts ``lora_a`` [in, r] and ``lora_b`` [r, out]
-next to the kernel of each targeted ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum`` or
-``nnx.Conv``; "in" and "out" are the kernel's input and output axes flattened (a convolution's
-kernel is read as (window x in, out), an einsum kernel's axes are split by whether the input
-operand or the output names them). The model is never edited: :func:`merge` rebuilds the module
-and replaces, on that fresh instance only, the operation each layer already lets a user choose
-(``dot_general``, ``einsum_op``, ``conv_general_dilated``) with one that adds the low-rank term
-in factored form::
+LoRA (:func:`lora_init`, :func:`lora_merge`, :func:`lora_unmerge`) puts ``lora_a`` [in, r]
+and ``lora_b`` [r, out] next to the kernel of each targeted ``nnx.Linear``,
+``nnx.LinearGeneral``, ``nnx.Einsum`` or ``nnx.Conv``; "in" and "out" are the kernel's input
+and output axes flattened (a convolution's kernel is read as (window x in, out), an einsum
+kernel's axes are split by whether the input operand or the output names them). The model is
+never edited: :func:`merge` rebuilds the module and replaces, on that fresh instance only, the
+operation each layer already lets a user choose (``dot_general``, ``einsum_op``,
+``conv_general_dilated``) with one that adds the low-rank term in factored form::
 
     Linear, LinearGeneral   y + s * (x . A) . B        (contracting the layer's input axes)
     Einsum                  y + s * einsum(einsum(x, A), B)
@@ -40,7 +40,8 @@ naming it.
 Layers LoRA cannot reach faithfully are refused by :func:`lora_init`, naming the layer: a
 ``LinearGeneral`` with ``batch_axis`` (one kernel per batch index), a grouped or masked ``Conv``,
 an ``Einsum`` whose kernel shares an index with both the input and the output, or whose equation
-is given only at call time.
+is given only at call time, and layers stacked by ``nnx.vmap``/``nnx.scan`` (a kernel with a
+leading layer axis). The bridge itself (split, apply, rules) takes all of these.
 
 Integer keys of NNX containers (``nnx.List``) become strings in the tree, as in a checkpoint;
 :func:`merge` turns them back, so a tree restored from disk merges too.
@@ -582,19 +583,23 @@ def _layer_info(path: str, layer: nnx.Module) -> LayerInfo:
     einsum_str = None
     if isinstance(layer, nnx.Linear):
         kind, in_axes, out_axes = "Linear", (0,), (1,)
+        expected_ndim = 2
     elif isinstance(layer, nnx.LinearGeneral):
         kind = "LinearGeneral"
         n_in = len(layer.in_features)
         in_axes, out_axes = tuple(range(n_in)), tuple(range(n_in, len(shape)))
+        expected_ndim = len(layer.batch_axis) + n_in + len(layer.out_features)
         if layer.batch_axis:
             problem = "it has batch_axis (one kernel per batch index, so one adapter would not do)"
     elif isinstance(layer, nnx.Einsum):
         kind = "Einsum"
         einsum_str = layer.einsum_str
         in_axes, out_axes, problem = _einsum_axes(einsum_str, len(shape))
+        expected_ndim = len(shape)
     else:
         kind = "Conv"
         in_axes, out_axes = tuple(range(len(shape) - 1)), (len(shape) - 1,)
+        expected_ndim = len(layer.kernel_size) + 2
         if layer.feature_group_count != 1:
             problem = (
                 f"feature_group_count={layer.feature_group_count} (a grouped kernel is not one "
@@ -602,6 +607,12 @@ def _layer_info(path: str, layer: nnx.Module) -> LayerInfo:
             )
         elif layer.mask is not None:
             problem = "it has a kernel mask (the low-rank update would not be masked)"
+    if len(shape) != expected_ndim:
+        # e.g. layers stacked by nnx.vmap / nnx.scan: one kernel per layer along a leading axis.
+        problem = (
+            f"its kernel has shape {list(shape)}, not the {expected_ndim}-D kernel of one "
+            f"{kind} (stacked layers?)"
+        )
     return LayerInfo(
         path=path,
         kind=kind,

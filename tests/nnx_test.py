@@ -366,6 +366,23 @@ def test_lora_init_refuses_modules_it_cannot_reach():
         ftnnx.lora_init(graphdef, params, jax.random.key(0), targets=[nnx.Conv], rank=1, alpha=1.0)
 
 
+class Block(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+
+def _stacked(rngs):
+    """Three Blocks stacked by nnx.vmap, as nnx.scan-ed models hold them: kernel [3, 4, 4]."""
+    return nnx.split_rngs(splits=3)(nnx.vmap(Block, in_axes=0, out_axes=0))(rngs)
+
+
+def test_lora_init_refuses_stacked_layers():
+    graphdef, params = _init(_stacked, 0)
+    assert params["lin"]["kernel"].shape == (3, 4, 4)
+    with pytest.raises(ValueError, match=r"cannot reach lin \(Linear\): its kernel has shape"):
+        ftnnx.lora_init(graphdef, params, jax.random.key(0), targets=["lin"], rank=1, alpha=1.0)
+
+
 def test_apply_errors_name_the_leaves(net, batch, lora_run):
     _, graphdef, params = net
     lora_params = lora_run[0]
