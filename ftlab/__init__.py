@@ -39,6 +39,8 @@ _MODULES = {
     "pretrain": "ftlab.pretrain",
     "generation": "ftlab.generation",
     "icl": "ftlab.icl",
+    "nnx": "ftlab.nnx",
+    "sites": "ftlab.core.sites",
     "tensorfile": "ftlab.core.tensorfile",
     "config_options": "ftlab.config_options",
     "testing": "ftlab.testing",
