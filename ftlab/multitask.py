@@ -43,6 +43,27 @@ import numpy as np
 from ftlab.core import partition
 from ftlab.types import Params, PRNGKey, PyTree
 
+__all__ = [
+    "FROZEN",
+    "KINDS",
+    "LABELS",
+    "SHARED",
+    "TASK",
+    "check_labels",
+    "check_task_shapes",
+    "init",
+    "lambda_matrix",
+    "masked_mean",
+    "pairwise_penalty",
+    "per_task",
+    "select",
+    "stack",
+    "task_axes",
+    "uncertainty_factors",
+    "uncertainty_weighted",
+    "weighted_sum",
+]
+
 TASK = "task"
 SHARED = "shared"
 FROZEN = partition.FROZEN

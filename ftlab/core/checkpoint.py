@@ -38,6 +38,8 @@ from jax.experimental import multihost_utils
 
 from ftlab.types import PyTree
 
+__all__ = ["QUARANTINE", "CheckpointMismatchError", "CheckpointRestoreError", "Checkpointer"]
+
 # Orbax's item folder for a single unnamed item, and the tree metadata file inside it.
 _ITEM = "default"
 _ITEM_METADATA = "_METADATA"
