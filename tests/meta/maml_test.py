@@ -328,3 +328,48 @@ def test_bad_task_shapes_name_the_array_and_the_expected_shape():
             inner_lr={"w": np.zeros(2)},
             num_steps=1,
         )
+
+
+# -- one loss signature -------------------------------------------------------------------------
+def test_a_train_style_loss_drives_the_meta_step_and_reports_its_metrics():
+    """The loss `train.make_train_step` takes, with an rng and aux metrics, works unchanged."""
+    seen = []
+
+    def loss_fn(params, batch, rng):
+        seen.append(rng)
+        noise = 0.0 * jax.random.normal(rng, ())  # uses the key: it must be a real key
+        err = _mlp(params, batch["x"]) - batch["y"]
+        return jnp.mean(err**2) + noise, {"mae": jnp.mean(jnp.abs(err))}
+
+    params, tasks = _params(), _tasks()
+    tx = optax.sgd(0.1)
+    state = train.init_state(params, partition.labels(params, [(".*", "train")]), tx, seed=0)
+    new, metrics = jax.jit(meta.make_meta_step(loss_fn, tx, inner_lr=LR, num_steps=2))(state, tasks)
+    assert set(metrics) == {"train/loss", "train/grad_norm", "train/mae"}
+    assert 0 < float(metrics["train/mae"]) < float(metrics["train/loss"]) ** 0.5 + 1
+    assert int(new.step) == 1 and seen
+    # The same loss trains the same state with the plain train step.
+    joint = {k: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tasks[k]) for k in tasks}
+    _, m = jax.jit(train.make_train_step(loss_fn, tx))(state, joint["support"])
+    assert set(m) == {"train/loss", "train/grad_norm", "train/mae"}
+
+
+def test_inner_lr_given_twice_or_never_is_an_error():
+    w = np.array([0.3, -0.2, 0.5], np.float32)
+    tx = optax.sgd(0.1)
+    learned = {"w": w, "inner_lr": {"w": np.full(3, 0.1, np.float32)}}
+    state = train.init_state(learned, jax.tree.map(lambda _: "train", learned), tx, seed=0)
+    with pytest.raises(ValueError, match=r"inner_lr=0.1, but the parameters hold learned rates"):
+        meta.make_meta_step(_linear_loss, tx, inner_lr=0.1, num_steps=1)(state, _linear_tasks())
+    plain = train.init_state({"w": w}, {"w": "train"}, tx, seed=0)
+    with pytest.raises(ValueError, match=r"inner_lr=None and the parameters hold no learned"):
+        meta.make_meta_step(_linear_loss, tx, inner_lr=None, num_steps=1)(plain, _linear_tasks())
+    with pytest.raises(ValueError, match=r"Reptile does not learn inner learning rates"):
+        meta.make_reptile_step(_linear_loss, tx, inner_lr=0.1, num_steps=1)(state, _linear_tasks())
+    with pytest.raises(ValueError, match=r"adapt: params holds learned rates under 'inner_lr'"):
+        meta.adapt(
+            learned, _linear_tasks()["support"], loss_fn=_linear_loss, inner_lr=0.1, num_steps=1
+        )
+    stats = train.init_state({"w": w}, {"w": "train"}, tx, seed=0, collections={"s": {"m": w}})
+    with pytest.raises(ValueError, match=r"make_meta_step: the state holds collections \['s'\]"):
+        meta.make_meta_step(_linear_loss, tx, inner_lr=0.1, num_steps=1)(stats, _linear_tasks())

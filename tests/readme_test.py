@@ -1,0 +1,103 @@
+"""The README's Python snippets run top to bottom, in one namespace, as a reader would run them.
+
+Each fenced ```` ```python ```` block of README.md is executed in order in one shared namespace, so
+a snippet that breaks what an earlier one left behind (a donated step that deleted the caller's
+``params``, say) fails here. A failing block is reported with its first line number in README.md.
+
+Names that the README's prose introduces but no snippet defines come from :func:`_prose_names`:
+
+- ``params``: a tiny random BERT classifier's parameters (`ftlab.models.bert`, 2 layers, hidden
+  size 16, paths ``encoder/layer_i/attention/query/kernel`` and ``head/...``) as device arrays,
+  as ``model.init`` would return them;
+- ``apply(params, batch, rng)``: that classifier's logits (dropout when ``rng`` is given);
+- ``loss_fn(params, batch, rng) -> (loss, aux)``: its cross-entropy
+  (`ftlab.tasks.classification.make_loss_fn`);
+- ``batch``: a fixed classification batch; ``rng``: a PRNG key;
+- the modules a reader has imported: ``jax``, ``jnp``, ``np``, ``optax``.
+
+A snippet that needs more (a new name in the prose) fails with a NameError naming the block's
+line; add the name here. Blocks whose first line is ``# readme-test: skip`` are not run.
+Blocks that load the SmolLM2 weights run only when ``FTLAB_README_SLOW=1``: loading and
+dequantising the 135M GGUF takes longer than the whole suite's budget for one file allows, and
+``tests/third_party/smollm2_test.py`` checks that snippet's answer ("Paris").
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+_FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+_SKIP = "# readme-test: skip"
+# Snippets that need a large download-free but slow load; run with FTLAB_README_SLOW=1.
+_SLOW = ("smollm2.load(",)
+
+
+def python_blocks(text: str) -> list[tuple[int, str]]:
+    """``[(first line number of the code, code)]`` of every ```` ```python ```` block, in order."""
+    return [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in _FENCE.finditer(text)]
+
+
+def _prose_names() -> dict:
+    from ftlab import testing
+    from ftlab.models import bert
+    from ftlab.tasks import classification
+
+    config = bert.BertConfig.tiny(hidden_size=16, num_heads=2, intermediate_size=24)
+    model = bert.BertClassifier(config, num_classes=2)
+    batch = testing.classifier_batch(config, n=4, seq=6, num_classes=2)
+
+    def apply(params, batch, rng):
+        kwargs = {} if rng is None else dict(deterministic=False, rngs={"dropout": rng})
+        return model.apply(
+            {"params": params}, batch["input_ids"], batch["attention_mask"], **kwargs
+        )
+
+    params = jax.tree.map(jnp.asarray, testing.random_params(model, batch))
+    return {
+        "jax": jax,
+        "jnp": jnp,
+        "np": np,
+        "optax": optax,
+        "params": params,
+        "apply": apply,
+        "loss_fn": classification.make_loss_fn(apply),
+        "batch": batch,
+        "rng": jax.random.PRNGKey(0),
+    }
+
+
+def test_python_blocks_are_found():
+    blocks = python_blocks("a\n```python\nx = 1\n```\nb\n```python\ny = x\n```\n")
+    assert blocks == [(3, "x = 1\n"), (7, "y = x\n")]
+
+
+def test_readme_snippets_run_top_to_bottom():
+    blocks = python_blocks(README.read_text())
+    assert blocks, f"no ```python blocks in {README}"
+    slow = os.environ.get("FTLAB_README_SLOW") == "1"
+    namespace = _prose_names()
+    ran = 0
+    for line, code in blocks:
+        if code.startswith(_SKIP) or (not slow and any(s in code for s in _SLOW)):
+            continue
+        try:
+            exec(compile(code, f"README.md:{line}", "exec"), namespace)
+        except Exception as e:  # noqa: BLE001 - report which block, then fail
+            tb = "".join(traceback.format_exception(e)[-6:])
+            pytest.fail(
+                f"README.md python block at line {line} raised {type(e).__name__}: {e}\n"
+                f"(blocks run in order in one namespace; earlier blocks ran fine)\n{tb}",
+                pytrace=False,
+            )
+        ran += 1
+    assert ran >= 2, f"only {ran} README blocks ran"
