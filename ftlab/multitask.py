@@ -72,7 +72,7 @@ LABELS = (TASK, SHARED, FROZEN)
 KINDS = {"regression": 0.5, "classification": 1.0}
 
 
-def check_labels(label_tree: Mapping, *, what: str = "config.multitask.rules") -> None:
+def check_labels(label_tree: Mapping, *, what: str = "label_tree") -> None:
     """Raises unless every label is one of `LABELS`, naming the first offending leaf path."""
     for name, label in partition.flatten(label_tree).items():
         if label not in LABELS:
@@ -82,7 +82,7 @@ def check_labels(label_tree: Mapping, *, what: str = "config.multitask.rules") -
             )
 
 
-def task_axes(label_tree: Mapping, *, what: str = "config.multitask.rules") -> dict:
+def task_axes(label_tree: Mapping, *, what: str = "label_tree") -> dict:
     """The `jax.vmap` ``in_axes`` tree: 0 for per-task leaves, None for shared and frozen ones.
 
     >>> task_axes({"head": {"kernel": "task"}, "trunk": {"kernel": "shared"}})
@@ -300,7 +300,7 @@ def lambda_matrix(
     value: float | Sequence[Sequence[float]] | np.ndarray,
     *,
     num_tasks: int,
-    what: str = "config.multitask.lam",
+    what: str = "value",
 ) -> np.ndarray:
     """Validates the pairwise coupling ``lambda`` as a symmetric non-negative ``[T, T]`` matrix.
 
@@ -310,7 +310,7 @@ def lambda_matrix(
     Args:
       value: a scalar or a ``[T, T]`` nested sequence / array.
       num_tasks: T.
-      what: the config key, for error messages.
+      what: how errors name ``value`` (a caller may pass its config key).
 
     Returns:
       A float32 ``[T, T]`` numpy array with zero diagonal.

@@ -246,7 +246,7 @@ def test_collections_the_loss_does_not_return_are_an_error(bn_variables):
     labels = partition.labels(params, [(".*", "train")])
     tx = optax.sgd(0.1)
     state = train.init_state(params, labels, tx, seed=0, collections=stats)
-    eval_mode = train.make_train_step(_bn_loss(train_mode=False), tx)
+    eval_mode = jax.jit(train.make_train_step(_bn_loss(train_mode=False), tx))
     with pytest.raises(ValueError, match=r"loss_fn returned no aux\['collections'\].*bn/mean"):
         eval_mode(state, _bn_batch())
     # A loss that returns collections the state does not hold (built without collections=).
@@ -257,6 +257,6 @@ def test_collections_the_loss_does_not_return_are_an_error(bn_variables):
         return _bn_loss(train_mode=True)(variables, batch, rng)
 
     with pytest.raises(ValueError, match=r"leaves the state does not hold: \['batch_stats/bn/"):
-        train.make_train_step(forgot, tx)(bare, _bn_batch())
+        jax.jit(train.make_train_step(forgot, tx))(bare, _bn_batch())
     with pytest.raises(ValueError, match=r"collection_labels does not match collections"):
         train.init_state(params, labels, tx, seed=0, collections=stats, collection_labels={})
