@@ -19,7 +19,7 @@ A snippet that needs more (a new name in the prose) fails with a NameError namin
 line; add the name here. Blocks whose first line is ``# readme-test: skip`` are not run.
 Blocks that load the SmolLM2 weights run only when ``FTLAB_README_SLOW=1``: loading and
 dequantising the 135M GGUF and compiling generation add about 7 s on a 2-core CPU, and
-``tests/third_party/smollm2_test.py`` already checks that snippet's answer ("Paris").
+``tests/generation_test.py`` already checks that snippet's answer ("Paris").
 """
 
 from __future__ import annotations
