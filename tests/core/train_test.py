@@ -260,3 +260,22 @@ def test_collections_the_loss_does_not_return_are_an_error(bn_variables):
         jax.jit(train.make_train_step(forgot, tx))(bare, _bn_batch())
     with pytest.raises(ValueError, match=r"collection_labels does not match collections"):
         train.init_state(params, labels, tx, seed=0, collections=stats, collection_labels={})
+
+
+def test_pmapped_step_averages_collections_like_the_jitted_one(bn_variables):
+    """Under `jax.pmap` (one device here) the step pmeans the updated batch_stats."""
+    params, stats = bn_variables["params"], {"batch_stats": bn_variables["batch_stats"]}
+    labels = partition.labels(params, [(".*", "train")])
+    tx = optax.sgd(0.1)
+    state = train.init_state(params, labels, tx, seed=0, collections=stats)
+    batch = _bn_batch()
+    jitted, _ = jax.jit(train.make_train_step(_bn_loss(train_mode=True), tx))(state, batch)
+    step = train.make_train_step(_bn_loss(train_mode=True), tx, axis_name="data")
+    pmapped, _ = jax.pmap(step, axis_name="data")(
+        jax.tree.map(lambda x: x[None], state), jax.tree.map(lambda x: x[None], batch)
+    )
+    # rng differs (fold_in of the device index) but this loss draws none.
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[0], pmapped.collections), jitted.collections, rtol=1e-6
+    )
+    assert not np.allclose(jitted.collections["batch_stats"]["bn"]["mean"], 0.0)
