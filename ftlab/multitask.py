@@ -43,6 +43,27 @@ import numpy as np
 from ftlab.core import partition
 from ftlab.types import Params, PRNGKey, PyTree
 
+__all__ = [
+    "FROZEN",
+    "KINDS",
+    "LABELS",
+    "SHARED",
+    "TASK",
+    "check_labels",
+    "check_task_shapes",
+    "init",
+    "lambda_matrix",
+    "masked_mean",
+    "pairwise_penalty",
+    "per_task",
+    "select",
+    "stack",
+    "task_axes",
+    "uncertainty_factors",
+    "uncertainty_weighted",
+    "weighted_sum",
+]
+
 TASK = "task"
 SHARED = "shared"
 FROZEN = partition.FROZEN
@@ -51,7 +72,7 @@ LABELS = (TASK, SHARED, FROZEN)
 KINDS = {"regression": 0.5, "classification": 1.0}
 
 
-def check_labels(label_tree: Mapping, *, what: str = "config.multitask.rules") -> None:
+def check_labels(label_tree: Mapping, *, what: str = "label_tree") -> None:
     """Raises unless every label is one of `LABELS`, naming the first offending leaf path."""
     for name, label in partition.flatten(label_tree).items():
         if label not in LABELS:
@@ -61,7 +82,7 @@ def check_labels(label_tree: Mapping, *, what: str = "config.multitask.rules") -
             )
 
 
-def task_axes(label_tree: Mapping, *, what: str = "config.multitask.rules") -> dict:
+def task_axes(label_tree: Mapping, *, what: str = "label_tree") -> dict:
     """The `jax.vmap` ``in_axes`` tree: 0 for per-task leaves, None for shared and frozen ones.
 
     >>> task_axes({"head": {"kernel": "task"}, "trunk": {"kernel": "shared"}})
@@ -279,7 +300,7 @@ def lambda_matrix(
     value: float | Sequence[Sequence[float]] | np.ndarray,
     *,
     num_tasks: int,
-    what: str = "config.multitask.lam",
+    what: str = "value",
 ) -> np.ndarray:
     """Validates the pairwise coupling ``lambda`` as a symmetric non-negative ``[T, T]`` matrix.
 
@@ -289,7 +310,7 @@ def lambda_matrix(
     Args:
       value: a scalar or a ``[T, T]`` nested sequence / array.
       num_tasks: T.
-      what: the config key, for error messages.
+      what: how errors name ``value`` (a caller may pass its config key).
 
     Returns:
       A float32 ``[T, T]`` numpy array with zero diagonal.

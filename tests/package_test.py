@@ -30,18 +30,19 @@ def test_the_design_calls_compose_on_a_toy_regression():
     assert sorted(ftlab.partition.flatten(frozen)) == ["encoder/layer_0/query/kernel"]
     assert "encoder/layer_0/query/lora_a" in ftlab.partition.flatten(trainable)
 
-    def loss_fn(p, batch):
+    def loss_fn(p, batch, rng):  # the loss signature of every ftlab step
+        del rng
         q = p["encoder"]["layer_0"]["query"]
         w = q["kernel"] + q["lora_a"] @ q["lora_b"]
         pred = jnp.tanh(batch["x"] @ w) @ p["head"]["kernel"] + p["head"]["bias"]
-        return jnp.mean((pred - batch["y"]) ** 2)
+        return jnp.mean((pred - batch["y"]) ** 2), {}
 
     x = jax.random.normal(jax.random.PRNGKey(2), (8, 4))
     support = {"x": x, "y": jnp.sin(x[:, 0])}
     adapted = ftlab.maml.adapt(
         params, support, loss_fn=loss_fn, inner_lr=0.1, num_steps=3, rules=rules
     )
-    assert loss_fn(adapted, support) < loss_fn(params, support)
+    assert loss_fn(adapted, support, None)[0] < loss_fn(params, support, None)[0]
     # the frozen kernel is passed through untouched
     chex.assert_trees_all_equal(
         adapted["encoder"]["layer_0"]["query"]["kernel"],

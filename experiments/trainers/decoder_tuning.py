@@ -126,10 +126,9 @@ def run_one(config, model, task, data, method: str, n: int, seed: int, steps_cac
     ids, mask = encode(model, task, texts, config.data.query_len)
     label_ids = icl.label_token_ids(model.tokenizer, task)
 
-    # A copy of the base: the donated train state would otherwise delete `model.params`' buffers.
-    base = jax.tree.map(jnp.array, model.params)
+    # train.init_state copies what it holds, so the donated steps leave `model.params` intact.
     params, rules, wrap, to_plain = add_method(
-        config, method, base, jax.random.key(1000 * seed + n)
+        config, method, model.params, jax.random.key(1000 * seed + n)
     )
     label_tree = partition.labels(params, rules, what=f"config.methods[{method!r}] rules")
     lr = config.optim.lr[method]

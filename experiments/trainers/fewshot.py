@@ -83,11 +83,12 @@ class ConvNet(nn.Module):
 
 
 def make_fns(model: nn.Module):
-    """``loss_fn(params, batch) -> mean cross-entropy`` and ``accuracy(params, batch)``."""
+    """``loss_fn(params, batch, rng) -> (cross-entropy, {})`` and ``accuracy(params, batch)``."""
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, rng):
+        del rng
         logits = model.apply({"params": params}, batch["x"])
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])), {}
 
     def accuracy(params, batch):
         logits = model.apply({"params": params}, batch["x"])
@@ -176,15 +177,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if method == "finetune":
         model, params = build_model(config, len(train_ids), image_shape)
         loss_fn, _ = make_fns(model)
-
-        def joint_loss(p, batch, rng):
-            del rng
-            return loss_fn(p, batch), {}
-
         state = train.init_state(
             params, partition.labels(params, [(".*", "train")]), tx, seed=config.seed
         )
-        step_fn = jax.jit(train.make_train_step(joint_loss, tx))
+        step_fn = jax.jit(train.make_train_step(loss_fn, tx))
 
         def batch_at(step):
             return fewshot.sample_batch(
@@ -193,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         model, params = build_model(config, ways, image_shape)
         loss_fn, _ = make_fns(model)
-        state = meta.init_state(
+        state = train.init_state(
             params, partition.labels(params, [(".*", "train")]), tx, seed=config.seed
         )
         kw = dict(inner_lr=config.meta.inner_lr, num_steps=config.meta.inner_steps, rules=rules)

@@ -45,11 +45,12 @@ class MLP(nn.Module):
 
 
 def make_loss_fn(model: nn.Module):
-    """``loss_fn(params, batch) -> MSE`` over ``batch["x"]`` [n, 1], ``batch["y"]`` [n, 1]."""
+    """``loss_fn(params, batch, rng) -> (MSE, {})`` over ``batch["x"]``, ``batch["y"]`` [n, 1]."""
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, rng):
+        del rng
         pred = model.apply({"params": params}, batch["x"])
-        return jnp.mean((pred - batch["y"]) ** 2)
+        return jnp.mean((pred - batch["y"]) ** 2), {}
 
     return loss_fn
 
@@ -81,12 +82,7 @@ def build_step(config, loss_fn, tx, *, axis_name=None):
     """The training step of ``config.meta.method`` and the batch it expects."""
     m, method = config.meta, config.meta.method
     if method == "pretrained":
-
-        def joint_loss(params, batch, rng):
-            del rng
-            return loss_fn(params, batch), {}
-
-        return train.make_train_step(joint_loss, tx, axis_name=axis_name)
+        return train.make_train_step(loss_fn, tx, axis_name=axis_name)
     if method == "reptile":
         return meta.make_reptile_step(
             loss_fn,
@@ -99,7 +95,8 @@ def build_step(config, loss_fn, tx, *, axis_name=None):
     return meta.make_meta_step(
         loss_fn,
         tx,
-        inner_lr=m.inner_lr,
+        # Meta-SGD's rates are leaves of the state (meta.with_inner_lr).
+        inner_lr=None if method == "metasgd" else m.inner_lr,
         num_steps=m.inner_steps,
         rules=inner_rules(config),
         first_order=method == "fomaml",
@@ -109,18 +106,16 @@ def build_step(config, loss_fn, tx, *, axis_name=None):
 
 
 def init_state(config, params, tx):
-    label_tree = partition.labels(params, [(".*", "train")])
-    if config.meta.method == "pretrained":
-        return train.init_state(params, label_tree, tx, seed=config.seed)
-    lr = None
+    """Every leaf meta-trained; Meta-SGD adds its learned rates under ``inner_lr/...``."""
     if config.meta.method == "metasgd":
-        lr = meta.init_inner_lr(
+        params = meta.with_inner_lr(
             params,
             jax.random.PRNGKey(config.seed + 1),
             low=config.meta.metasgd_lr_init[0],
             high=config.meta.metasgd_lr_init[1],
         )
-    return meta.init_state(params, label_tree, tx, seed=config.seed, inner_lr=lr)
+    label_tree = partition.labels(params, [(".*", "train")])
+    return train.init_state(params, label_tree, tx, seed=config.seed)
 
 
 def _joint_batch(tasks):
@@ -154,7 +149,7 @@ def make_evaluator(config, loss_fn, model):
 
     def trajectory(params, inner_lr, task):
         def step(p, _):
-            query = loss_fn(p, task["query"])
+            query = loss_fn(p, task["query"], None)[0]
             curve = model.apply({"params": p}, PLOT_GRID)[:, 0]
             p = meta.adapt(
                 p, task["support"], loss_fn=loss_fn, inner_lr=inner_lr, num_steps=1, rules=rules
@@ -162,7 +157,7 @@ def make_evaluator(config, loss_fn, model):
             return p, (query, curve)
 
         last, (queries, curves) = jax.lax.scan(step, params, None, length=max_steps)
-        queries = jnp.concatenate([queries, loss_fn(last, task["query"])[None]])
+        queries = jnp.concatenate([queries, loss_fn(last, task["query"], None)[0][None]])
         curves = jnp.concatenate([curves, model.apply({"params": last}, PLOT_GRID)[None, :, 0]])
         return queries, curves
 
@@ -199,7 +194,7 @@ def summarize(per_step: dict) -> dict[str, float]:
 def eval_inner_lr(config, state):
     """Fine-tuning step size at test time: learned (Meta-SGD), the baseline's, or the inner lr."""
     if config.meta.method == "metasgd":
-        return state.inner_lr
+        return meta.split_inner_lr(state.params)[1]
     if config.meta.method == "pretrained":
         return config.evals.finetune_lr
     return config.meta.inner_lr
@@ -273,7 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     def run_eval():
         s = plan.get_state(state)
-        per_step, curves = evaluator(s.params, eval_inner_lr(config, s), eval_batch)
+        params = meta.split_inner_lr(s.params)[0]
+        per_step, curves = evaluator(params, eval_inner_lr(config, s), eval_batch)
         return summarize(per_step), curves
 
     # -- loop --------------------------------------------------------------------------------

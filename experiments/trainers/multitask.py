@@ -175,15 +175,14 @@ def _sampler(split: Mapping[str, np.ndarray], batch_size: int):
 
 
 def _compile_chunk(train_step, sample, chunk: int):
-    """``chunk(state) -> (state, mean metrics)``: ``chunk`` steps in one `lax.scan`, jitted."""
+    """``chunk(state) -> (state, mean metrics)``: ``chunk`` steps of `train.scan_steps`, jitted."""
+
+    def batch_at(state):
+        return sample(jax.random.fold_in(state.rng, state.step))
 
     @functools.partial(jax.jit, donate_argnums=0)
     def train_chunk(state):
-        def body(state, _):
-            batch = sample(jax.random.fold_in(state.rng, state.step))
-            return train_step(state, batch)
-
-        state, history = jax.lax.scan(body, state, None, length=chunk)
+        state, history = train.scan_steps(train_step, state, batch_at, num_steps=chunk)
         return state, jax.tree.map(jnp.mean, history)
 
     return train_chunk

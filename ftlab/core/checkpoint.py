@@ -11,6 +11,11 @@ A thin layer over `orbax.checkpoint.CheckpointManager` for a trainer:
     ckpt.save(total_steps, state, force=True)
     ckpt.close()
 
+The state is any pytree; for `ftlab.core.train.TrainState`, save ``state.checkpointable()``
+(everything but the frozen parameters, which come from the pretrained source on resume): its
+``collections`` (BatchNorm's ``batch_stats``, updated or frozen) are saved and restored with the
+trainable leaves and the optimizer state.
+
 Orbax writes each step into a temporary folder and renames it when complete, so an interrupted
 save never replaces a good step. What orbax does not do is step over a step folder that is
 broken for other reasons (emptied, half-copied, bit-rotted): an empty folder counts as the
@@ -38,8 +43,7 @@ from jax.experimental import multihost_utils
 
 from ftlab.types import PyTree
 
-__all__ = ["QUARANTINE", "CheckpointRestoreError", "CheckpointMismatchError", "Checkpointer"]
-
+__all__ = ["QUARANTINE", "CheckpointMismatchError", "CheckpointRestoreError", "Checkpointer"]
 
 # Orbax's item folder for a single unnamed item, and the tree metadata file inside it.
 _ITEM = "default"

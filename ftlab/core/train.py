@@ -1,8 +1,53 @@
-"""A pure, partition-aware train step: ``step(state, batch) -> (state, metrics)``.
+"""One train state and one step core for every trainer: ``step(state, batch) -> (state, metrics)``.
 
-The state carries the trainable and frozen parts of the parameter tree separately. The step
-differentiates the loss with respect to ``state.trainable`` only, so frozen leaves get no
-gradient computed and no optimizer state, and they are passed through untouched (bit-identical).
+Every step in ftlab (plain training, MAML / ANIL / Meta-SGD / Reptile meta-steps, multi-task
+training, pretraining) carries the same :class:`TrainState` and calls the same loss signature::
+
+    loss_fn(params, batch, rng) -> (loss, aux)        # loss: scalar mean; aux: {name: scalar}
+
+and ends in the same update, :func:`apply_gradients`. The step kinds differ only in how they turn
+``(state, batch)`` into a gradient of ``state.trainable``: :func:`make_train_step` differentiates
+the loss; `ftlab.meta.make_meta_step` differentiates the query loss after an inner loop that
+calls the same ``loss_fn``; `ftlab.meta.make_reptile_step` hands the optimizer a direction.
+:func:`scan_steps` runs any of them many times inside one `jax.lax.scan`.
+
+The state holds three kinds of leaves:
+
+- ``trainable``: the leaves the optimizer updates from a gradient (their optimizer state is
+  ``opt_state``). Meta-SGD's learned inner learning rates are trainable leaves like any other,
+  under ``inner_lr/...`` in the same tree (see `ftlab.meta.with_inner_lr`).
+- ``frozen``: parameter leaves that get no gradient, no optimizer state, and never change
+  (bit-identical). ``partition.split(params, label_tree)`` decides, by rules over leaf paths.
+- ``collections``: non-parameter variables a model updates in its forward pass (Flax's
+  ``batch_stats``, or any other mutable collection), as ``{name: tree}``. They get no gradient
+  and no optimizer state. Labels over their paths (``batch_stats/bn_0/mean``) decide whether the
+  step updates them: a leaf labelled ``"frozen"`` stays bit-identical (a linear probe on a
+  BatchNorm trunk in eval mode), any other label lets the step take the loss's new value.
+
+What the loss receives: with no collections, the merged parameter tree (``state.params``), as
+``model.apply({"params": params}, ...)`` wants it. Once the state holds collections, the full
+Flax variables dict ``{"params": params, **collections}`` (``state.variables``), and the loss
+returns the updated collections in ``aux["collections"]``::
+
+    def loss_fn(variables, batch, rng):
+        logits, updates = model.apply(variables, batch["x"], train=True, mutable=["batch_stats"])
+        return xent(logits, batch["y"]), {"collections": updates}
+
+A state with collections whose loss returns no ``aux["collections"]`` (or one that lacks an
+updated leaf), or a loss that returns collections the state does not hold, is an error: nothing
+is dropped silently. ``aux["collections"]`` never reaches the metrics.
+
+Donation: compile a step with the state donated (``jax.jit(step, donate_argnums=0)``). A donated
+array is deleted, so :func:`init_state` copies the caller's arrays into the state: the caller's
+``params`` stay usable after any number of donated steps (pass ``copy=False`` to hold one copy
+of a large model, and drop your own reference). Checkpoints (`ftlab.core.checkpoint`) save the
+state, collections included; :meth:`TrainState.checkpointable` leaves out the frozen parameters,
+which come from the pretrained source on resume.
+
+Why this shape: the parameter tree keeps the paths every rule, log and checkpoint already speak
+of (``encoder/layer_3/attention/query/kernel``); collections sit beside it under their Flax names,
+so a BatchNorm model's rules read ``batch_stats/.*``; and a meta-learned inner learning rate is
+not a second kind of state but a subtree that partition rules freeze or train like the rest.
 """
 
 from __future__ import annotations
@@ -18,22 +63,42 @@ import optax
 from ftlab.core import partition
 from ftlab.types import Params, PRNGKey
 
-# loss_fn(params, batch, rng) -> (scalar loss, {metric_name: scalar}); params is the merged tree.
+__all__ = [
+    "COLLECTIONS",
+    "EvalFn",
+    "LossFn",
+    "StepFn",
+    "TrainState",
+    "apply_gradients",
+    "copy_tree",
+    "init_state",
+    "make_eval_step",
+    "make_train_step",
+    "scan_steps",
+]
+
+# loss_fn(params, batch, rng) -> (scalar loss, aux); params is the merged tree (or the variables
+# dict when the state holds collections); aux is {metric name: scalar}, plus "collections".
 LossFn = Callable[[Params, Mapping[str, jax.Array], PRNGKey], tuple[jax.Array, dict]]
 # eval_fn(params, batch) -> {name: per-example values [batch]}; summed under batch["mask"].
 EvalFn = Callable[[Params, Mapping[str, jax.Array]], dict]
+# The key of aux under which a loss returns its updated collections.
+COLLECTIONS = "collections"
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a train step reads and writes.
+    """Everything a step reads and writes.
 
     Attributes:
       step: int32 scalar, the number of updates applied so far.
-      trainable: the trainable subtree (see `partition.split`).
-      frozen: the frozen subtree; never updated.
+      trainable: the subtree the optimizer updates (see `partition.split`).
+      frozen: the frozen parameter subtree; never updated.
       opt_state: optimizer state over ``trainable`` only.
       rng: a raw uint32 PRNG key; step ``s`` uses ``fold_in(rng, s)``.
+      collections: ``{name: tree}`` of non-parameter variables (``batch_stats``); ``{}`` if none.
+      fixed: the paths (``batch_stats/bn/mean``) of collection leaves the step never updates;
+        static, so it is part of the compiled step rather than an input.
     """
 
     step: jax.Array
@@ -41,21 +106,88 @@ class TrainState:
     frozen: Params
     opt_state: Any
     rng: jax.Array
+    collections: dict = flax.struct.field(default_factory=dict)
+    fixed: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
     @property
     def params(self) -> Params:
         """The full parameter tree, for the forward pass."""
         return partition.merge(self.trainable, self.frozen)
 
+    @property
+    def variables(self) -> Params:
+        """What a loss or eval function receives: ``params``, or with collections the Flax
+        variables dict ``{"params": params, **collections}``."""
+        if not self.collections:
+            return self.params
+        return {"params": self.params, **self.collections}
+
     def checkpointable(self) -> TrainState:
-        """The state without frozen leaves: frozen weights come from the pretrained source."""
+        """The state without frozen parameters: they come from the pretrained source."""
         return self.replace(frozen={})
 
 
+def copy_tree(tree):
+    """Copies every `jax.Array` leaf (same sharding), so donating the copy cannot delete them."""
+    return jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
+
+
 def init_state(
-    params: Params, label_tree: Mapping, tx: optax.GradientTransformation, *, seed: int
+    params: Params,
+    label_tree: Mapping,
+    tx: optax.GradientTransformation,
+    *,
+    seed: int,
+    collections: Mapping | None = None,
+    collection_labels: Mapping | None = None,
+    copy: bool = True,
 ) -> TrainState:
-    """Splits ``params`` by ``label_tree`` and initialises the optimizer on the trainable part."""
+    """Splits ``params`` by ``label_tree`` and initialises the optimizer on the trainable part.
+
+    Args:
+      params: the parameter tree (with Meta-SGD's ``inner_lr`` subtree, if any).
+      label_tree: labels of ``params`` from `partition.labels`.
+      tx: the optimizer over the trainable subtree.
+      seed: seeds ``state.rng``.
+      collections: non-parameter variables, ``{"batch_stats": ...}`` as `Module.init` returns
+        them beside ``"params"``; None or ``{}`` for a model without any.
+      collection_labels: labels of ``collections`` (from `partition.labels(collections, rules)`
+        with rules over ``batch_stats/...`` paths): ``"frozen"`` keeps a leaf bit-identical, any
+        other label lets the step update it. None: every collection leaf is updated.
+      copy: copy the caller's arrays into the state (default), so a step compiled with the state
+        donated never deletes ``params`` or ``collections``; False shares their buffers.
+
+    Returns:
+      The state at step 0.
+
+    Raises:
+      ValueError: ``collections`` has a ``"params"`` entry, or ``collection_labels`` does not
+        match ``collections``.
+
+    >>> state = init_state({"w": jnp.ones(2), "b": jnp.zeros(2)}, {"w": "train", "b": "frozen"},
+    ...                    optax.sgd(0.1), seed=0)
+    >>> sorted(state.trainable), sorted(state.frozen)
+    (['w'], ['b'])
+    """
+    collections = dict(collections or {})
+    if "params" in collections:
+        raise ValueError(
+            "init_state: collections has a 'params' entry; pass the parameters as params and "
+            f"only the other collections ({sorted(k for k in collections if k != 'params')}) "
+            "as collections"
+        )
+    fixed: tuple[str, ...] = ()
+    if collection_labels is not None:
+        flat, flat_labels = partition.flatten(collections), partition.flatten(collection_labels)
+        if flat.keys() != flat_labels.keys():
+            raise ValueError(
+                "init_state: collection_labels does not match collections: only in collections "
+                f"{sorted(flat.keys() - flat_labels.keys())[:5]}, only in collection_labels "
+                f"{sorted(flat_labels.keys() - flat.keys())[:5]}"
+            )
+        fixed = tuple(k for k, v in flat_labels.items() if v == partition.FROZEN)
+    if copy:
+        params, collections = copy_tree((params, collections))
     trainable, frozen = partition.split(params, label_tree)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -63,7 +195,52 @@ def init_state(
         frozen=frozen,
         opt_state=tx.init(trainable),
         rng=jax.random.PRNGKey(seed),
+        collections=collections,
+        fixed=fixed,
     )
+
+
+def apply_gradients(
+    state: TrainState,
+    tx: optax.GradientTransformation,
+    grads: Params,
+    loss: jax.Array,
+    aux: Mapping | None = None,
+    *,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict]:
+    """The end of every step: average over devices, update, count, report.
+
+    Args:
+      state: the state the gradient was computed at.
+      tx: the optimizer over ``state.trainable``.
+      grads: a tree like ``state.trainable`` (a gradient, or any update direction).
+      loss: the scalar loss.
+      aux: the loss's aux: ``{name: scalar}`` metrics, plus the updated collections under
+        ``"collections"`` when the state holds collections.
+      axis_name: the `jax.pmap` axis to average over; None under `jax.jit`.
+
+    Returns:
+      ``(new state, metrics)``: metrics ``train/loss``, ``train/grad_norm`` and ``train/<name>``
+      for each metric in ``aux``.
+
+    Raises:
+      ValueError: the collections in ``aux`` do not match ``state.collections`` (see the module
+        docstring).
+    """
+    aux = dict(aux or {})
+    updated = aux.pop(COLLECTIONS, None)
+    collections = _updated_collections(state, updated, axis_name)
+    if axis_name is not None:
+        grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
+    metrics.update({f"train/{k}": v for k, v in aux.items()})
+    new_state = state.replace(
+        step=state.step + 1, trainable=trainable, opt_state=opt_state, collections=collections
+    )
+    return new_state, metrics
 
 
 def make_train_step(
@@ -72,11 +249,12 @@ def make_train_step(
     """Builds ``step(state, batch) -> (state, metrics)``; jit or pmap it with the state donated.
 
     Args:
-      loss_fn: ``loss_fn(params, batch, rng) -> (loss, metrics)`` with ``loss`` the mean over the
-        batch, so that the mean over equal device shards equals the global mean.
+      loss_fn: ``loss_fn(params, batch, rng) -> (loss, aux)`` with ``loss`` the mean over the
+        batch, so that the mean over equal device shards equals the global mean. It receives
+        ``state.variables`` (see the module docstring for collections).
       tx: an optax transformation over the trainable subtree.
-      axis_name: the mapped axis to average gradients and metrics over under `jax.pmap`; None
-        under `jax.jit`, where sharding propagation makes the batch mean global by itself.
+      axis_name: the mapped axis to average gradients, metrics and collections over under
+        `jax.pmap`; None under `jax.jit`, where sharding propagation makes the batch mean global.
 
     Returns:
       The pure step function. Metrics: ``train/loss``, ``train/grad_norm`` and ``train/<name>``
@@ -90,19 +268,41 @@ def make_train_step(
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
         def loss_of_trainable(trainable):
-            return loss_fn(partition.merge(trainable, state.frozen), batch, rng)
+            return loss_fn(state.replace(trainable=trainable).variables, batch, rng)
 
         (loss, aux), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(state.trainable)
-        if axis_name is not None:
-            grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
-        metrics.update({f"train/{k}": v for k, v in aux.items()})
-        new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
-        return new_state, metrics
+        return apply_gradients(state, tx, grads, loss, aux, axis_name=axis_name)
 
     return step
+
+
+StepFn = Callable[[TrainState, Any], tuple[TrainState, dict]]
+
+
+def scan_steps(
+    step: StepFn, state: TrainState, batch_at: Callable[[TrainState], Any], *, num_steps: int
+) -> tuple[TrainState, dict]:
+    """Runs ``num_steps`` steps in one `jax.lax.scan`, each on ``batch_at(state)``.
+
+    For data that lives on the device (sampled inside the scan from ``state.step``), this removes
+    the per-step host round trip that dominates a small network's step. Call it inside
+    `jax.jit` (donating the state where the caller keeps no reference to it).
+
+    Args:
+      step: any step of this module's kind (not jitted: it is traced into the scan).
+      state: the state to start from.
+      batch_at: ``batch_at(state) -> batch``, traced; e.g. rows drawn with
+        ``fold_in(state.rng, state.step)``.
+      num_steps: steps to run (static).
+
+    Returns:
+      ``(state, metrics)`` with each metric stacked, ``[num_steps]``.
+    """
+
+    def body(state, _):
+        return step(state, batch_at(state))
+
+    return jax.lax.scan(body, state, None, length=num_steps)
 
 
 def make_eval_step(
@@ -110,12 +310,13 @@ def make_eval_step(
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], dict]:
     """Builds ``eval_step(state, batch) -> {name: masked sum}`` plus ``count``.
 
-    ``batch["mask"]`` marks real rows (1) against padding (0); dividing the summed values by the
-    summed ``count`` over all batches gives exact means regardless of padding or device count.
+    ``eval_fn`` receives ``state.variables`` (the parameters, or with collections the variables
+    dict). ``batch["mask"]`` marks real rows (1) against padding (0); dividing the summed values by
+    the summed ``count`` over all batches gives exact means regardless of padding or device count.
     """
 
     def eval_step(state: TrainState, batch):
-        values = eval_fn(state.params, batch)
+        values = eval_fn(state.variables, batch)
         mask = batch["mask"]
         sums = {k: jnp.sum(v * mask) for k, v in values.items()}
         sums["count"] = jnp.sum(mask)
@@ -124,3 +325,47 @@ def make_eval_step(
         return sums
 
     return eval_step
+
+
+def _updated_collections(state: TrainState, updated: Mapping | None, axis_name) -> dict:
+    """The state's collections after a step: the loss's values (averaged over devices under
+    `jax.pmap`), except where ``fixed``: those leaves pass through as they are, bit for bit."""
+    if updated is None:
+        moving = [k for k in partition.flatten(state.collections) if k not in state.fixed]
+        if moving:
+            raise ValueError(
+                f"loss_fn returned no aux[{COLLECTIONS!r}], but the state holds collections the "
+                f"step updates, e.g. {moving[:3]}; return the updated collections (model.apply("
+                "..., mutable=[...]) gives them) or label those leaves 'frozen' in "
+                "init_state's collection_labels"
+            )
+        return state.collections
+    old, new = partition.flatten(state.collections), partition.flatten(updated)
+    extra = sorted(new.keys() - old.keys())
+    if extra:
+        raise ValueError(
+            f"loss_fn returned aux[{COLLECTIONS!r}] leaves the state does not hold: {extra[:5]}; "
+            "pass them to init_state(..., collections=...)"
+        )
+    missing = sorted(k for k in old.keys() - new.keys() if k not in state.fixed)
+    if missing:
+        raise ValueError(
+            f"loss_fn's aux[{COLLECTIONS!r}] lacks collection leaves the step updates: "
+            f"{missing[:5]}; return every mutable collection, or label those leaves 'frozen' "
+            "in init_state's collection_labels"
+        )
+    fixed = set(state.fixed)
+    flat = {}
+    for name, leaf in old.items():
+        if name in fixed:
+            flat[name] = leaf
+            continue
+        value = new[name]
+        if jnp.shape(value) != jnp.shape(leaf):
+            raise ValueError(
+                f"loss_fn's aux[{COLLECTIONS!r}][{name!r}] has shape {jnp.shape(value)}; the "
+                f"state's has {jnp.shape(leaf)}"
+            )
+        value = jnp.asarray(value, jnp.result_type(leaf))
+        flat[name] = value if axis_name is None else jax.lax.pmean(value, axis_name)
+    return partition.unflatten(flat)

@@ -1,7 +1,8 @@
 """Meta-learning over a partition: MAML, first-order MAML, ANIL, Meta-SGD and Reptile.
 
-The verbs are re-exported here from the modules where they live (``maml``, ``reptile``), which
-load on first use::
+Every meta-step carries `ftlab.core.train.TrainState` and takes the loss of every ftlab step,
+``loss_fn(params, batch, rng) -> (loss, aux)``. The verbs are re-exported here from the modules
+where they live (``maml``, ``reptile``), which load on first use::
 
     from ftlab import meta
     adapted = meta.adapt(params, support, loss_fn=loss_fn, inner_lr=0.01, num_steps=5)
@@ -14,15 +15,17 @@ _SUBMODULES = ("maml", "reptile")
 _NAMES = {
     "ADAPT": "maml",
     "ALL": "maml",
-    "MetaState": "maml",
+    "INNER_LR": "maml",
+    "LossFn": "maml",
     "adapt": "maml",
     "check_tasks": "maml",
     "compiler_options": "maml",
     "head_rules": "maml",
     "init_inner_lr": "maml",
-    "init_state": "maml",
     "make_meta_step": "maml",
     "meta_loss": "maml",
+    "split_inner_lr": "maml",
+    "with_inner_lr": "maml",
     "make_reptile_step": "reptile",
 }
 

@@ -4,16 +4,23 @@ Three sets of leaves take part in a meta-step:
 
 - *adapted* leaves, chosen by the inner ``rules``: the inner loop takes gradient steps on them
   (every leaf for MAML, ``head/.*`` for ANIL, ``.*/lora_(a|b)`` for MAML over LoRA factors);
-- *meta-trained* leaves, the ``trainable`` part of the outer partition (`ftlab.core.partition`):
-  the outer optimizer updates them from the gradient of the query loss after adaptation;
+- *meta-trained* leaves, the ``trainable`` part of the state (`ftlab.core.train.TrainState`, the
+  same state every ftlab step carries): the outer optimizer updates them from the gradient of the
+  query loss after adaptation;
 - *frozen* leaves: no inner gradient, no outer gradient, no optimizer state, bit-identical.
+
+Meta-SGD's learned per-parameter inner learning rates are leaves of the same tree, under
+``inner_lr/...`` (:data:`INNER_LR`, added by :func:`with_inner_lr`): partition rules train or
+freeze them like any other leaf, checkpoints save them, and the meta-step reads its inner step
+sizes from them when they are there.
 
 A task batch is a dict ``{"support": {...}, "query": {...}}`` whose leaves are
 ``[tasks, shots, ...]`` arrays (``x`` and ``y`` for regression); one task is the same without the
-leading axis. ``loss_fn(params, batch) -> scalar`` is the mean loss over a batch of one task::
+leading axis. ``loss_fn(params, batch, rng) -> (loss, aux)`` is the loss of every ftlab step
+(`ftlab.core.train.LossFn`), here the mean loss over a batch of one task::
 
     rules = maml.ALL                                       # or maml.head_rules() for ANIL
-    state = maml.init_state(params, label_tree, optax.adam(1e-3), seed=0)
+    state = train.init_state(params, label_tree, optax.adam(1e-3), seed=0)
     step = jax.jit(maml.make_meta_step(loss_fn, tx, inner_lr=0.01, num_steps=1, rules=rules))
     state, metrics = step(state, tasks)                   # metrics["train/loss"]: query loss
     adapted = maml.adapt(state.params, support, loss_fn=loss_fn, inner_lr=0.01, num_steps=10)
@@ -22,7 +29,8 @@ The inner loop is a `jax.lax.scan` over steps (``remat=True`` wraps each step in
 `jax.checkpoint`, so backpropagating through many steps stores only the adapted leaves per step,
 not every activation); the task batch is a `jax.vmap`; the meta-step is one function to jit (or
 pmap with ``axis_name``). Under `jax.jit` with the task axis sharded over a mesh (e.g. with
-`ftlab.core.parallel.Plan.compile_train_step`), the step runs data parallel over tasks.
+`ftlab.core.parallel.Plan.compile_train_step`), the step runs data parallel over tasks. The loss
+gets its own key per task and inner step, from ``fold_in(state.rng, state.step)``.
 
 References:
     Finn et al., "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks" (MAML and
@@ -38,22 +46,39 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from ftlab.core import partition, xla
+from ftlab.core import partition, train, xla
 from ftlab.types import Params, PRNGKey, PyTree
 
-# loss_fn(params, batch) -> scalar mean loss over one task's batch; params is the full tree.
-LossFn = Callable[[Params, Mapping[str, jax.Array]], jax.Array]
+__all__ = [
+    "ADAPT",
+    "ALL",
+    "INNER_LR",
+    "LossFn",
+    "adapt",
+    "check_tasks",
+    "compiler_options",
+    "head_rules",
+    "init_inner_lr",
+    "make_meta_step",
+    "meta_loss",
+    "split_inner_lr",
+    "with_inner_lr",
+]
+
+# The loss of every ftlab step: loss_fn(params, batch, rng) -> (scalar mean loss, aux).
+LossFn = train.LossFn
 Rules = Sequence[tuple[str, str]]
 
 ADAPT = "adapt"
 # Inner rules: every leaf adapts (MAML, Meta-SGD). A leaf labelled `partition.FROZEN` in the inner
 # rules is held fixed by the inner loop (it may still be meta-trained by the outer loop).
 ALL: Rules = ((".*", ADAPT),)
+# The top-level key of Meta-SGD's learned inner learning rates in the parameter tree.
+INNER_LR = "inner_lr"
 
 
 def head_rules(head: str = "head") -> Rules:
@@ -63,58 +88,6 @@ def head_rules(head: str = "head") -> Rules:
     (('head/.*', 'adapt'), ('.*', 'frozen'))
     """
     return ((f"{head}/.*", ADAPT), (".*", partition.FROZEN))
-
-
-@flax.struct.dataclass
-class MetaState:
-    """Everything a meta-step reads and writes.
-
-    Attributes:
-      step: int32 scalar, meta-updates applied so far.
-      trainable: ``{"params": meta-trained subtree}``, plus ``"inner_lr"`` (a tree over the
-        adapted leaves) for Meta-SGD.
-      frozen: the frozen subtree; never updated.
-      opt_state: the outer optimizer's state over ``trainable``.
-      rng: a raw PRNG key (for methods or losses that need randomness).
-    """
-
-    step: jax.Array
-    trainable: dict
-    frozen: Params
-    opt_state: Any
-    rng: jax.Array
-
-    @property
-    def params(self) -> Params:
-        """The full parameter tree."""
-        return partition.merge(self.trainable["params"], self.frozen)
-
-    @property
-    def inner_lr(self) -> PyTree | None:
-        """Meta-SGD's learned per-leaf inner learning rates, or None."""
-        return self.trainable.get("inner_lr")
-
-
-def init_state(
-    params: Params,
-    label_tree: Mapping,
-    tx: optax.GradientTransformation,
-    *,
-    seed: int,
-    inner_lr: PyTree | None = None,
-) -> MetaState:
-    """Splits ``params`` by the outer ``label_tree``; adds Meta-SGD's ``inner_lr`` tree if given."""
-    trainable, frozen = partition.split(params, label_tree)
-    meta = {"params": trainable}
-    if inner_lr is not None:
-        meta["inner_lr"] = inner_lr
-    return MetaState(
-        step=jnp.zeros((), jnp.int32),
-        trainable=meta,
-        frozen=frozen,
-        opt_state=tx.init(meta),
-        rng=jax.random.PRNGKey(seed),
-    )
 
 
 def init_inner_lr(
@@ -131,7 +104,7 @@ def init_inner_lr(
     >>> lr["w"].shape, bool(jnp.all((lr["w"] >= 0.005) & (lr["w"] < 0.1)))
     ((2, 3), True)
     """
-    fast, _ = partition.split(params, partition.labels(params, rules, what="inner rules"))
+    fast, _ = partition.split(params, partition.labels(params, rules, what="rules"))
     leaves, treedef = jax.tree.flatten(fast)
     keys = jax.random.split(rng, max(len(leaves), 1))
     lrs = [
@@ -139,6 +112,36 @@ def init_inner_lr(
         for k, x in zip(keys, leaves, strict=False)
     ]
     return jax.tree.unflatten(treedef, lrs)
+
+
+def with_inner_lr(params: Params, rng: PRNGKey, **kwargs) -> dict:
+    """``params`` plus Meta-SGD's learned rates under :data:`INNER_LR`, from `init_inner_lr`.
+
+    Label the result with rules that cover ``inner_lr/...`` (a catch-all does) and build the state
+    with `ftlab.core.train.init_state`: the meta-step then adapts with these rates and, where they
+    are trainable, learns them.
+
+    Raises:
+      ValueError: ``params`` already has an ``inner_lr`` entry.
+
+    >>> sorted(with_inner_lr({"w": jnp.zeros(2)}, jax.random.key(0)))
+    ['inner_lr', 'w']
+    """
+    if INNER_LR in params:
+        raise ValueError(f"with_inner_lr: params already has an {INNER_LR!r} entry")
+    return {**params, INNER_LR: init_inner_lr(params, rng, **kwargs)}
+
+
+def split_inner_lr(params: Params) -> tuple[dict, PyTree | None]:
+    """``(params without inner_lr, the learned rates or None)``.
+
+    >>> split_inner_lr({"w": 1.0, "inner_lr": {"w": 0.1}})
+    ({'w': 1.0}, {'w': 0.1})
+    """
+    if INNER_LR not in params:
+        return params, None
+    rest = {k: v for k, v in params.items() if k != INNER_LR}
+    return rest, params[INNER_LR]
 
 
 def adapt(
@@ -151,6 +154,7 @@ def adapt(
     rules: Rules = ALL,
     first_order: bool = False,
     remat: bool = False,
+    rng: PRNGKey | None = None,
 ) -> Params:
     """Takes ``num_steps`` gradient steps on the support loss, on the leaves ``rules`` select.
 
@@ -160,51 +164,60 @@ def adapt(
     ``params`` gives the MAML meta-gradient, second-order terms included unless ``first_order``.
 
     Args:
-      params: the full parameter tree.
+      params: the full parameter tree (without an ``inner_lr`` entry: see `split_inner_lr`).
       support: one task's support batch, arrays ``[shots, ...]``.
-      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      loss_fn: ``loss_fn(params, batch, rng) -> (loss, aux)``; ``aux`` is not used here.
       inner_lr: a step size, or (Meta-SGD) a tree of step sizes with the structure and shapes of
         the adapted leaves (see :func:`init_inner_lr`).
       num_steps: inner gradient steps (static); 0 returns ``params``.
       rules: ``(regex, label)`` rules over leaf paths; leaves labelled ``"frozen"`` do not adapt.
       first_order: treat the inner gradients as constants (`jax.lax.stop_gradient`): FOMAML.
       remat: rematerialise each inner step's activations in the backward pass (`jax.checkpoint`).
+      rng: the loss's key; inner step ``s`` gets ``fold_in(rng, s)``. None: ``PRNGKey(0)``.
 
     Returns:
       The adapted full tree.
 
     Raises:
       ValueError: bad ``num_steps``, support leaves without a shared ``[shots]`` axis, rules that
-        select no leaf, or an ``inner_lr`` tree that does not match the adapted leaves.
+        select no leaf, an ``inner_lr`` tree that does not match the adapted leaves, or
+        ``params`` holding an ``inner_lr`` entry.
 
-    >>> loss = lambda p, b: jnp.mean((b["x"] * p["w"] - b["y"]) ** 2)
+    >>> loss = lambda p, b, rng: (jnp.mean((b["x"] * p["w"] - b["y"]) ** 2), {})
     >>> s = {"x": jnp.ones(4), "y": jnp.full(4, 2.0)}
     >>> float(adapt({"w": 0.0}, s, loss_fn=loss, inner_lr=0.25, num_steps=1)["w"])
     1.0
     """
     if not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"num_steps={num_steps!r}; expected an integer >= 0")
+    if isinstance(params, Mapping) and INNER_LR in params:
+        raise ValueError(
+            f"adapt: params holds learned rates under {INNER_LR!r}; pass "
+            "meta.split_inner_lr(params) as (params, inner_lr) instead"
+        )
     _check_batch(support, what="support", lead=1)
-    label_tree = partition.labels(params, rules, what="inner rules")
+    label_tree = partition.labels(params, rules, what="rules")
     fast, rest = partition.split(params, label_tree)
     if not jax.tree.leaves(fast):
-        raise ValueError(f"inner rules {list(rules)} select no leaf to adapt")
+        raise ValueError(f"rules {list(rules)} select no leaf to adapt")
     if num_steps == 0:
         return params
     lrs = _inner_lr_tree(inner_lr, fast)
+    if rng is None:
+        rng = jax.random.PRNGKey(0)
 
-    def support_loss(f):
-        return loss_fn(partition.merge(f, rest), support)
+    def support_loss(f, key):
+        return loss_fn(partition.merge(f, rest), support, key)[0]
 
-    def inner_step(f, _):
-        grads = jax.grad(support_loss)(f)
+    def inner_step(f, s):
+        grads = jax.grad(support_loss)(f, jax.random.fold_in(rng, s))
         if first_order:
             grads = jax.lax.stop_gradient(grads)
         return jax.tree.map(lambda p, g, a: p - a * g, f, grads, lrs), None
 
     if remat:
         inner_step = jax.checkpoint(inner_step)
-    fast, _ = jax.lax.scan(inner_step, fast, None, length=num_steps)
+    fast, _ = jax.lax.scan(inner_step, fast, jnp.arange(num_steps))
     return partition.merge(fast, rest)
 
 
@@ -212,25 +225,26 @@ def make_meta_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     *,
-    inner_lr: float,
+    inner_lr: float | None,
     num_steps: int,
     rules: Rules = ALL,
     first_order: bool = False,
     remat: bool = False,
     axis_name: str | None = None,
-) -> Callable[[MetaState, Mapping], tuple[MetaState, dict]]:
+) -> Callable[[train.TrainState, Mapping], tuple[train.TrainState, dict]]:
     """Builds ``step(state, tasks) -> (state, metrics)`` for MAML, FOMAML, ANIL and Meta-SGD.
 
     The meta-loss is the query loss after :func:`adapt` on the support set, averaged over the
-    task batch (`jax.vmap`); its gradient with respect to ``state.trainable`` (meta-trained leaves
-    and, for Meta-SGD, the inner learning rates) goes to ``tx``. Meta-SGD is MAML whose state holds
-    an ``inner_lr`` tree (:func:`init_state` with ``inner_lr=init_inner_lr(...)``); it then
-    overrides the scalar ``inner_lr``.
+    task batch (`jax.vmap`); its gradient with respect to ``state.trainable`` goes to ``tx``
+    through `ftlab.core.train.apply_gradients`, the update every ftlab step ends in. Meta-SGD is
+    MAML over a state whose tree holds learned rates under ``inner_lr/...`` (:func:`with_inner_lr`).
 
     Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over one task's batch.
+      loss_fn: ``loss_fn(params, batch, rng) -> (loss, aux)``, the mean loss over one task's
+        batch: the same function `ftlab.core.train.make_train_step` takes. The query ``aux``
+        metrics, averaged over tasks, are reported as ``train/<name>``.
       tx: the outer (meta) optimizer over ``state.trainable``.
-      inner_lr: the inner step size (ignored when the state carries learned rates).
+      inner_lr: the inner step size; None for Meta-SGD, whose state carries learned rates.
       num_steps: inner gradient steps per task.
       rules: inner rules (:data:`ALL`; :func:`head_rules` for ANIL).
       first_order: first-order MAML (Finn et al. 2017, section 5.2).
@@ -238,23 +252,34 @@ def make_meta_step(
       axis_name: the pmapped device axis to average gradients over; None under `jax.jit`.
 
     Returns:
-      The pure step. Metrics: ``train/loss`` (query loss after adaptation, mean over tasks) and
-      ``train/grad_norm``.
+      The pure step. Metrics: ``train/loss`` (query loss after adaptation, mean over tasks),
+      ``train/grad_norm`` and the loss's own metrics.
+
+    Raises:
+      ValueError (when the step is traced): the state holds learned rates and ``inner_lr`` is
+        given, or neither; or the state holds collections (meta-steps do not update them).
     """
 
-    def step(state: MetaState, tasks):
-        loss, grads = jax.value_and_grad(meta_loss)(
-            state.trainable,
-            state.frozen,
-            tasks,
-            loss_fn=loss_fn,
-            inner_lr=inner_lr,
-            num_steps=num_steps,
-            rules=rules,
-            first_order=first_order,
-            remat=remat,
-        )
-        return _apply_meta_grads(state, tx, loss, grads, axis_name)
+    def step(state: train.TrainState, tasks):
+        _check_no_collections(state, "make_meta_step")
+        rng = _step_rng(state, axis_name)
+
+        def objective(trainable):
+            return _meta_objective(
+                trainable,
+                state.frozen,
+                tasks,
+                loss_fn=loss_fn,
+                inner_lr=inner_lr,
+                num_steps=num_steps,
+                rules=rules,
+                first_order=first_order,
+                remat=remat,
+                rng=rng,
+            )
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+        return train.apply_gradients(state, tx, grads, loss, aux, axis_name=axis_name)
 
     return step
 
@@ -265,40 +290,88 @@ def meta_loss(
     tasks: Mapping,
     *,
     loss_fn: LossFn,
-    inner_lr: float,
+    inner_lr: float | None,
     num_steps: int,
     rules: Rules = ALL,
     first_order: bool = False,
     remat: bool = False,
+    rng: PRNGKey | None = None,
 ) -> jax.Array:
     """The MAML objective: query loss after :func:`adapt`, averaged over the task batch.
 
     Args:
-      trainable: ``{"params": meta-trained subtree}`` (plus ``"inner_lr"`` for Meta-SGD), as in
-        :attr:`MetaState.trainable`; differentiate with respect to it.
-      frozen: the frozen subtree.
+      trainable: the meta-trained subtree (``state.trainable``); differentiate with respect to it.
+      frozen: the frozen subtree (``state.frozen``).
       tasks: ``{"support": ..., "query": ...}`` of ``[tasks, shots, ...]`` arrays.
       loss_fn, inner_lr, num_steps, rules, first_order, remat: as in :func:`make_meta_step`.
+      rng: the key tasks and inner steps draw theirs from; None: ``PRNGKey(0)``.
 
     Returns:
       The scalar meta-loss.
     """
-    check_tasks(tasks)
+    return _meta_objective(
+        trainable,
+        frozen,
+        tasks,
+        loss_fn=loss_fn,
+        inner_lr=inner_lr,
+        num_steps=num_steps,
+        rules=rules,
+        first_order=first_order,
+        remat=remat,
+        rng=jax.random.PRNGKey(0) if rng is None else rng,
+    )[0]
 
-    def task_loss(task):
+
+def _meta_objective(
+    trainable, frozen, tasks, *, loss_fn, inner_lr, num_steps, rules, first_order, remat, rng
+):
+    """``(meta-loss, aux averaged over tasks)``."""
+    check_tasks(tasks)
+    params, rates = split_inner_lr(partition.merge(trainable, frozen))
+    if rates is not None and inner_lr is not None:
+        raise ValueError(
+            f"inner_lr={inner_lr!r}, but the parameters hold learned rates under "
+            f"{INNER_LR!r} (Meta-SGD); pass inner_lr=None to use them"
+        )
+    if rates is None and inner_lr is None:
+        raise ValueError(
+            f"inner_lr=None and the parameters hold no learned rates under {INNER_LR!r}; give "
+            "a step size, or add rates with meta.with_inner_lr"
+        )
+    num_tasks = jax.tree.leaves(tasks["support"])[0].shape[0]
+
+    def task_loss(task, key):
         adapted = adapt(
-            partition.merge(trainable["params"], frozen),
+            params,
             task["support"],
             loss_fn=loss_fn,
-            inner_lr=trainable.get("inner_lr", inner_lr),
+            inner_lr=inner_lr if rates is None else rates,
             num_steps=num_steps,
             rules=rules,
             first_order=first_order,
             remat=remat,
+            rng=key,
         )
-        return loss_fn(adapted, task["query"])
+        return loss_fn(adapted, task["query"], jax.random.fold_in(key, num_steps))
 
-    return jnp.mean(jax.vmap(task_loss)(tasks))
+    losses, aux = jax.vmap(task_loss)(tasks, jax.random.split(rng, num_tasks))
+    return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
+
+
+def _step_rng(state, axis_name):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    return rng
+
+
+def _check_no_collections(state, what):
+    if state.collections:
+        raise ValueError(
+            f"{what}: the state holds collections {sorted(state.collections)}; meta-steps "
+            "adapt parameters only and do not update collections"
+        )
 
 
 # A meta-step over a small network is ~100 small kernels: XLA:CPU's YNNPACK fusions of dots with
@@ -390,13 +463,3 @@ def _inner_lr_tree(inner_lr, fast):
                 f"inner_lr[{k!r}] has shape {jnp.shape(got[k])}; expected {jnp.shape(v)}"
             )
     return partition.unflatten({k: got[k] for k in want})
-
-
-def _apply_meta_grads(state, tx, loss, grads, axis_name):
-    if axis_name is not None:
-        grads, loss = jax.lax.pmean((grads, loss), axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
-    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
-    return new_state, metrics

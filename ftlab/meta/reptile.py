@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ftlab.core import partition
+from ftlab.core import partition, train
 from ftlab.meta import maml
+
+__all__ = ["make_reptile_step"]
 
 
 def make_reptile_step(
@@ -32,11 +34,12 @@ def make_reptile_step(
     num_steps: int,
     rules: maml.Rules = maml.ALL,
     axis_name: str | None = None,
-) -> Callable[[maml.MetaState, Mapping], tuple[maml.MetaState, dict]]:
+) -> Callable[[train.TrainState, Mapping], tuple[train.TrainState, dict]]:
     """Builds ``step(state, tasks) -> (state, metrics)`` for Reptile.
 
     Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over one task's batch.
+      loss_fn: ``loss_fn(params, batch, rng) -> (loss, aux)``, the mean loss over one task's
+        batch (the loss of every ftlab step); ``aux`` is not used.
       tx: the outer optimizer; it receives ``mean_t(theta - phi_t)`` as the gradient.
       inner_lr: SGD step size of the inner loop.
       num_steps: inner steps per task (Reptile needs more than one to differ from joint training).
@@ -49,14 +52,20 @@ def make_reptile_step(
       there is no query set) and ``train/grad_norm`` (norm of the Reptile direction).
     """
 
-    def step(state: maml.MetaState, tasks):
+    def step(state: train.TrainState, tasks):
         maml.check_tasks(tasks, need_query=False)
-        if "inner_lr" in state.trainable:
-            raise ValueError("Reptile does not learn inner learning rates; drop state 'inner_lr'")
-        theta = state.trainable["params"]
+        maml._check_no_collections(state, "make_reptile_step")
+        if maml.INNER_LR in state.params:
+            raise ValueError(
+                f"make_reptile_step: Reptile does not learn inner learning rates; the state holds "
+                f"{maml.INNER_LR!r} leaves"
+            )
+        theta = state.trainable
         eval_set = "query" if "query" in tasks else "support"
+        rng = maml._step_rng(state, axis_name)
+        num_tasks = jax.tree.leaves(tasks["support"])[0].shape[0]
 
-        def one_task(task):
+        def one_task(task, key):
             adapted = maml.adapt(
                 partition.merge(theta, state.frozen),
                 task["support"],
@@ -64,15 +73,16 @@ def make_reptile_step(
                 inner_lr=inner_lr,
                 num_steps=num_steps,
                 rules=rules,
+                rng=key,
             )
             phi = _like(adapted, theta)
-            return phi, loss_fn(adapted, task[eval_set])
+            return phi, loss_fn(adapted, task[eval_set], jax.random.fold_in(key, num_steps))[0]
 
-        phis, losses = jax.vmap(one_task)(tasks)
+        phis, losses = jax.vmap(one_task)(tasks, jax.random.split(rng, num_tasks))
         # Mean of per-task differences, not theta minus the mean: a leaf a task left unchanged
         # then contributes an exact zero, which matters once Adam rescales tiny directions.
         direction = jax.tree.map(lambda t, p: jnp.mean(t[None] - p, axis=0), theta, phis)
-        return maml._apply_meta_grads(state, tx, jnp.mean(losses), {"params": direction}, axis_name)
+        return train.apply_gradients(state, tx, direction, jnp.mean(losses), axis_name=axis_name)
 
     return step
 

@@ -34,6 +34,8 @@ from ftlab.core import partition, train
 from ftlab.pretrain import loop, network
 from ftlab.types import Params, PRNGKey
 
+__all__ = ["init", "make_stage_loss", "pretrain", "stage_rules"]
+
 
 def init(
     rng: PRNGKey, *, input_dim: int, features: Sequence[int], num_classes: int | None = None

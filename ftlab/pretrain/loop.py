@@ -1,7 +1,8 @@
 """Many train steps as one compiled `lax.scan` over batches drawn from in-memory arrays.
 
 For data sets that fit on the device (digits, Fashion-MNIST), sampling the batch inside the scan
-removes the per-step host round trip, which dominates the cost of a small network's step.
+removes the per-step host round trip, which dominates the cost of a small network's step. The
+scan is `ftlab.core.train.scan_steps`; this module only draws the rows.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import jax
 from ftlab.core import train
 from ftlab.types import PRNGKey
 
-StepFn = Callable[[train.TrainState, Mapping[str, jax.Array]], tuple[train.TrainState, dict]]
+__all__ = ["make_fit"]
+
+StepFn = train.StepFn
 
 
 def make_fit(
@@ -46,13 +49,13 @@ def make_fit(
                 "lower the batch size or use more data."
             )
 
-        def body(state, _):
+        def batch_at(state):
             idx = jax.random.choice(
                 jax.random.fold_in(rng, state.step), n, (batch_size,), replace=False
             )
-            return step(state, jax.tree.map(lambda a: a[idx], arrays))
+            return jax.tree.map(lambda a: a[idx], arrays)
 
-        return jax.lax.scan(body, state, length=num_steps)
+        return train.scan_steps(step, state, batch_at, num_steps=num_steps)
 
     # No donation: the state is small and callers keep their initial trees (a shared pretrained
     # encoder, or the "before" copy a test compares against).

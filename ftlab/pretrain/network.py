@@ -25,6 +25,17 @@ import jax.numpy as jnp
 
 from ftlab.types import Params, PRNGKey
 
+__all__ = [
+    "MLP",
+    "classify",
+    "dense",
+    "encode",
+    "init_classifier",
+    "init_dense",
+    "init_mlp",
+    "project",
+]
+
 
 class MLP(nn.Module):
     """Dense layers ``layer_0 .. layer_{L-1}`` with ReLU between them.

@@ -30,6 +30,18 @@ import optax
 from ftlab.pretrain import network
 from ftlab.types import Params, PRNGKey
 
+__all__ = [
+    "NUM_ROTATIONS",
+    "augment",
+    "info_nce",
+    "init_contrastive",
+    "init_rotation",
+    "make_contrastive_loss",
+    "nt_xent",
+    "rotation_loss",
+    "rotations",
+]
+
 NUM_ROTATIONS = 4
 
 

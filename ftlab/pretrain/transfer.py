@@ -15,6 +15,8 @@ from ftlab.core import partition
 from ftlab.pretrain import network
 from ftlab.types import Params, PRNGKey
 
+__all__ = ["RULES", "accuracy", "classifier_loss", "new_classifier"]
+
 RULES = {
     "probe": [("head/.*", "train"), (".*", partition.FROZEN)],
     "finetune": [(".*", "train")],

@@ -228,3 +228,30 @@ def test_changed_model_raises_mismatch_and_moves_nothing(tmp_path):
 def test_rejects_bad_save_interval(tmp_path):
     with pytest.raises(ValueError, match="save_every_steps"):
         checkpoint.Checkpointer(tmp_path, save_every_steps=0)
+
+
+def test_train_state_collections_survive_save_and_restore(tmp_path):
+    """ftlab's TrainState: batch_stats (updated and frozen ones) round-trip with the parameters."""
+    from ftlab.core import train
+
+    params = {"dense": {"kernel": jnp.full((2, 3), 0.5), "bias": jnp.zeros((3,))}}
+    stats = {"batch_stats": {"bn": {"mean": jnp.arange(3.0), "var": jnp.full((3,), 2.0)}}}
+    labels = {"dense": {"kernel": "train", "bias": "frozen"}}
+    stat_labels = {"batch_stats": {"bn": {"mean": "train", "var": "frozen"}}}
+    state = train.init_state(
+        params, labels, _TX, seed=0, collections=stats, collection_labels=stat_labels
+    )
+    state = state.replace(
+        collections={
+            "batch_stats": {"bn": {"mean": jnp.ones(3), "var": stats["batch_stats"]["bn"]["var"]}}
+        }
+    )
+    fresh = train.init_state(
+        params, labels, _TX, seed=1, collections=stats, collection_labels=stat_labels
+    )
+    _save_all(tmp_path, {7: state.checkpointable()})
+    with checkpoint.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+        restored, step = ckpt.restore_latest(fresh.checkpointable())
+    assert step == 7 and restored.fixed == ("batch_stats/bn/var",)
+    chex.assert_trees_all_equal(restored.collections, state.collections)
+    chex.assert_trees_all_equal(restored.replace(frozen=state.frozen), state)

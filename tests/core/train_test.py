@@ -132,3 +132,150 @@ def test_eval_step_masks_padding(params):
     assert float(masked["count"]) == 4 and float(full["count"]) == 8
     ref = eval_step(state, {**half, "mask": np.ones(4, np.float32)})
     np.testing.assert_allclose(masked["loss"], ref["loss"], rtol=1e-6)
+
+
+# -- donation -----------------------------------------------------------------------------------
+def test_donated_steps_never_delete_the_callers_params(params):
+    """init_state copies: the README's order (state, donated steps, then params again) works."""
+    labels = partition.labels(params, [("head/.*", "train"), (".*", "frozen")])
+    tx = optax.adam(1e-2)
+    state = train.init_state(params, labels, tx, seed=0)
+    step = jax.jit(train.make_train_step(classification.make_loss_fn(_apply), tx), donate_argnums=0)
+    for i in range(2):
+        state, _ = step(state, _batch(i))
+    # Every leaf of the caller's tree is alive and unchanged, frozen and trainable alike.
+    for name, leaf in partition.flatten(params).items():
+        assert not leaf.is_deleted(), name
+    state2 = train.init_state(params, labels, tx, seed=0)
+    chex.assert_trees_all_equal(state2.frozen, state.frozen)
+    # copy=False shares the buffers, and then the donated step does delete them.
+    shared = jax.tree.map(jnp.array, params)
+    state3 = train.init_state(shared, labels, tx, seed=0, copy=False)
+    step(state3, _batch(0))
+    assert shared["body"]["kernel"].is_deleted()
+
+
+# -- non-parameter collections: a BatchNorm CNN ---------------------------------------------------
+class _BNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool):  # [n, 6, 6, 1] -> [n, 3]
+        x = nn.Conv(4, (3, 3), name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.5, name="bn")(x)
+        x = jnp.mean(nn.relu(x), axis=(1, 2))
+        return nn.Dense(3, name="head")(x)
+
+
+_BN = _BNNet()
+
+
+def _bn_batch(seed=0, n=16):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=(n,)).astype(np.int32)
+    x = rng.normal(size=(n, 6, 6, 1)).astype(np.float32) + y[:, None, None, None]
+    return {"x": x, "label": y}
+
+
+def _bn_loss(*, train_mode: bool):
+    def loss_fn(variables, batch, rng):
+        del rng
+        if train_mode:
+            logits, updates = _BN.apply(variables, batch["x"], train=True, mutable=["batch_stats"])
+            aux = {"collections": updates}
+        else:
+            logits, aux = _BN.apply(variables, batch["x"], train=False), {}
+        xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return jnp.mean(xent), aux
+
+    return loss_fn
+
+
+@pytest.fixture(scope="module")
+def bn_variables():
+    variables = jax.jit(lambda r: _BN.init(r, jnp.zeros((2, 6, 6, 1)), train=False))(
+        jax.random.PRNGKey(0)
+    )
+    return jax.tree.map(np.asarray, variables)
+
+
+@pytest.fixture(scope="module")
+def bn_finetuned(bn_variables):
+    """Full fine-tuning with batch_stats updated by the step: (start state, end state, losses)."""
+    params, stats = bn_variables["params"], {"batch_stats": bn_variables["batch_stats"]}
+    labels = partition.labels(params, [(".*", "train")])
+    tx = optax.adam(3e-2)
+    start = train.init_state(params, labels, tx, seed=0, collections=stats)
+    step = jax.jit(train.make_train_step(_bn_loss(train_mode=True), tx))
+    state, losses = start, []
+    for i in range(8):
+        state, metrics = step(state, _bn_batch(i % 2))
+        losses.append(float(metrics["train/loss"]))
+    return start, state, losses
+
+
+def test_batchnorm_model_fine_tunes_and_its_batch_stats_move(bn_finetuned):
+    start, end, losses = bn_finetuned
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert set(end.collections) == {"batch_stats"}
+    for name, leaf in partition.flatten(end.collections).items():
+        assert not np.allclose(leaf, partition.flatten(start.collections)[name]), name
+    # The eval step sees the running statistics: variables = {"params", "batch_stats"}.
+    assert set(end.variables) == {"params", "batch_stats"}
+
+
+def test_frozen_batch_stats_stay_bit_identical(bn_variables):
+    """A linear probe on a BatchNorm trunk: rules freeze batch_stats/..., in eval or train mode."""
+    params, stats = bn_variables["params"], {"batch_stats": bn_variables["batch_stats"]}
+    labels = partition.labels(params, [("head/.*", "train"), (".*", "frozen")])
+    stat_labels = partition.labels(stats, [("batch_stats/.*", "frozen")])
+    tx = optax.adam(3e-2)
+    for train_mode in (False, True):
+        state = train.init_state(
+            params, labels, tx, seed=0, collections=stats, collection_labels=stat_labels
+        )
+        step = jax.jit(train.make_train_step(_bn_loss(train_mode=train_mode), tx))
+        for i in range(2):
+            state, metrics = step(state, _bn_batch(i))
+        assert "train/collections" not in metrics
+        chex.assert_trees_all_equal(state.collections, stats)
+        chex.assert_trees_all_equal(state.frozen, partition.split(params, labels)[1])
+        assert not np.allclose(state.trainable["head"]["kernel"], params["head"]["kernel"])
+
+
+def test_collections_the_loss_does_not_return_are_an_error(bn_variables):
+    params, stats = bn_variables["params"], {"batch_stats": bn_variables["batch_stats"]}
+    labels = partition.labels(params, [(".*", "train")])
+    tx = optax.sgd(0.1)
+    state = train.init_state(params, labels, tx, seed=0, collections=stats)
+    eval_mode = jax.jit(train.make_train_step(_bn_loss(train_mode=False), tx))
+    with pytest.raises(ValueError, match=r"loss_fn returned no aux\['collections'\].*bn/mean"):
+        eval_mode(state, _bn_batch())
+    # A loss that returns collections the state does not hold (built without collections=).
+    bare = train.init_state(params, labels, tx, seed=0)
+
+    def forgot(params, batch, rng):
+        variables = {"params": params, **stats}
+        return _bn_loss(train_mode=True)(variables, batch, rng)
+
+    with pytest.raises(ValueError, match=r"leaves the state does not hold: \['batch_stats/bn/"):
+        jax.jit(train.make_train_step(forgot, tx))(bare, _bn_batch())
+    with pytest.raises(ValueError, match=r"collection_labels does not match collections"):
+        train.init_state(params, labels, tx, seed=0, collections=stats, collection_labels={})
+
+
+def test_pmapped_step_averages_collections_like_the_jitted_one(bn_variables):
+    """Under `jax.pmap` (one device here) the step pmeans the updated batch_stats."""
+    params, stats = bn_variables["params"], {"batch_stats": bn_variables["batch_stats"]}
+    labels = partition.labels(params, [(".*", "train")])
+    tx = optax.sgd(0.1)
+    state = train.init_state(params, labels, tx, seed=0, collections=stats)
+    batch = _bn_batch()
+    jitted, _ = jax.jit(train.make_train_step(_bn_loss(train_mode=True), tx))(state, batch)
+    step = train.make_train_step(_bn_loss(train_mode=True), tx, axis_name="data")
+    pmapped, _ = jax.pmap(step, axis_name="data")(
+        jax.tree.map(lambda x: x[None], state), jax.tree.map(lambda x: x[None], batch)
+    )
+    # rng differs (fold_in of the device index) but this loss draws none.
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[0], pmapped.collections), jitted.collections, rtol=1e-6
+    )
+    assert not np.allclose(jitted.collections["batch_stats"]["bn"]["mean"], 0.0)

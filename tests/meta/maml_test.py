@@ -12,7 +12,7 @@ import pytest
 from jax import flatten_util
 
 from ftlab import meta
-from ftlab.core import partition
+from ftlab.core import partition, train
 from ftlab.data import sinusoid
 from ftlab.peft import lora
 
@@ -26,6 +26,11 @@ def _mlp(params, x):  # a smooth net, so second-order terms are not zero: [n, 1]
 
 def _mse(params, batch):
     return jnp.mean((_mlp(params, batch["x"]) - batch["y"]) ** 2)
+
+
+def _mse_loss(params, batch, rng):  # the loss signature of every ftlab step
+    del rng
+    return _mse(params, batch), {}
 
 
 def _params(dtype=np.float32, width=3):
@@ -44,7 +49,7 @@ def _tasks(num_tasks=2, shots=4, dtype=np.float32):
 
 
 def _loss_kwargs(**kw):
-    return dict(loss_fn=_mse, inner_lr=LR, **kw)
+    return dict(loss_fn=_mse_loss, inner_lr=LR, **kw)
 
 
 # -- MAML and FOMAML meta-gradients ---------------------------------------------------------------
@@ -57,9 +62,9 @@ def test_meta_gradient_matches_finite_differences_and_remat_changes_nothing():
             f = lambda t, remat: meta.meta_loss(  # noqa: E731
                 t, {}, tasks, num_steps=2, remat=remat, **_loss_kwargs()
             )
-            grads = jax.grad(f)({"params": p}, False)["params"]
-            grads_remat = jax.grad(f)({"params": p}, True)["params"]
-            return f({"params": p}, False), grads, grads_remat
+            grads = jax.grad(f)(p, False)
+            grads_remat = jax.grad(f)(p, True)
+            return f(p, False), grads, grads_remat
 
         _, grads, grads_remat = loss_and_grads(params)
         chex.assert_trees_all_close(grads, grads_remat, rtol=1e-12)
@@ -86,13 +91,13 @@ def one_step_grads():
 
             def grads(first_order):
                 g = jax.grad(meta.meta_loss)(
-                    {"params": params},
+                    params,
                     {},
                     tasks,
                     num_steps=1,
                     **_loss_kwargs(first_order=first_order),
                 )
-                return flatten_util.ravel_pytree(g["params"])[0]
+                return flatten_util.ravel_pytree(g)[0]
 
             # Hand-derived, per task: adapted = theta - a g_s(theta); MAML's gradient is
             # (I - a H_s(theta)) g_q(adapted), FOMAML's drops the Hessian term: g_q(adapted).
@@ -134,9 +139,9 @@ def test_anil_adapts_only_the_head_and_meta_trains_the_body():
             params, support, num_steps=3, rules=meta.head_rules(), **_loss_kwargs()
         )
         g = jax.grad(meta.meta_loss)(
-            {"params": params}, {}, tasks, num_steps=1, rules=meta.head_rules(), **_loss_kwargs()
+            params, {}, tasks, num_steps=1, rules=meta.head_rules(), **_loss_kwargs()
         )
-        return adapted, g["params"]
+        return adapted, g
 
     adapted, grads = compute(params)
     # The body passes through the inner loop untouched: not even a float round trip.
@@ -167,16 +172,17 @@ def test_maml_over_lora_factors_learns_and_keeps_frozen_leaves_bit_identical():
     )
     apply = lora.wrap_apply(lambda p, x: model.apply({"params": p}, x), alpha=1.0, rank=1)
 
-    def loss_fn(p, batch):
-        return jnp.mean((apply(p, batch["x"]) - batch["y"]) ** 2)
+    def loss_fn(p, batch, rng):
+        del rng
+        return jnp.mean((apply(p, batch["x"]) - batch["y"]) ** 2), {}
 
     label_tree = partition.labels(params, lora.rules())
     inner = ((".*/lora_(a|b)", meta.ADAPT), (".*", partition.FROZEN))
     tx = optax.adam(1e-2)
-    state = meta.init_state(params, label_tree, tx, seed=0)
+    state = train.init_state(params, label_tree, tx, seed=0)
     # Optimizer state exists for the LoRA factors only.
-    mu = partition.flatten(state.opt_state[0].mu["params"])
-    assert sorted(mu) == sorted(partition.flatten(state.trainable["params"]))
+    mu = partition.flatten(state.opt_state[0].mu)
+    assert sorted(mu) == sorted(partition.flatten(state.trainable))
     assert all(k.endswith(("lora_a", "lora_b")) for k in mu)
     kw = dict(loss_fn=loss_fn, inner_lr=0.01, num_steps=2, rules=inner)
     step = jax.jit(meta.make_meta_step(tx=tx, **kw))
@@ -203,7 +209,7 @@ def test_compiler_options_change_speed_not_numbers():
     assert meta.compiler_options("gpu") == {}
     params = _params(width=40)
     tx = optax.adam(1e-2)
-    state = meta.init_state(params, partition.labels(params, ((".*", "train"),)), tx, seed=0)
+    state = train.init_state(params, partition.labels(params, ((".*", "train"),)), tx, seed=0)
     step = meta.make_meta_step(tx=tx, num_steps=2, **_loss_kwargs())
     tasks = _tasks(num_tasks=5, shots=10)
     results = []
@@ -226,8 +232,9 @@ def _linear_tasks(num_tasks=3, shots=4, dim=3):
     return {"support": mk(), "query": mk()}
 
 
-def _linear_loss(params, batch):
-    return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+def _linear_loss(params, batch, rng):
+    del rng
+    return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2), {}
 
 
 def _np_grad(w, x, y):
@@ -240,8 +247,10 @@ def test_metasgd_step_matches_numpy_reference():
     alpha = np.array([0.05, 0.1, 0.02], np.float32)
     beta = 0.1
     tx = optax.sgd(beta)
-    state = meta.init_state({"w": w}, {"w": "train"}, tx, seed=0, inner_lr={"w": alpha})
-    step = meta.make_meta_step(_linear_loss, tx, inner_lr=0.0, num_steps=1)
+    # The learned rates are leaves of the tree, trained like the weights.
+    params = {"w": w, "inner_lr": {"w": alpha}}
+    state = train.init_state(params, {"w": "train", "inner_lr": {"w": "train"}}, tx, seed=0)
+    step = meta.make_meta_step(_linear_loss, tx, inner_lr=None, num_steps=1)
     new, metrics = jax.jit(step)(state, tasks)
 
     dw, dalpha, losses = 0.0, 0.0, []
@@ -255,8 +264,9 @@ def test_metasgd_step_matches_numpy_reference():
         dw += (np.eye(3) - hess @ np.diag(alpha)) @ g_q / 3
         dalpha += -g_s * g_q / 3
         losses.append(np.mean((xq @ w1 - yq) ** 2))
-    np.testing.assert_allclose(new.trainable["params"]["w"], w - beta * dw, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(new.inner_lr["w"], alpha - beta * dalpha, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.trainable["w"], w - beta * dw, rtol=1e-5, atol=1e-6)
+    lr = meta.split_inner_lr(new.params)[1]["w"]
+    np.testing.assert_allclose(lr, alpha - beta * dalpha, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(metrics["train/loss"], np.mean(losses), rtol=1e-5)
 
 
@@ -265,7 +275,7 @@ def test_reptile_step_matches_numpy_reference():
     w = np.array([0.3, -0.2, 0.5], np.float32)
     inner_lr, eps, k = 0.05, 0.5, 3
     tx = optax.sgd(eps)
-    state = meta.init_state({"w": w}, {"w": "train"}, tx, seed=0)
+    state = train.init_state({"w": w}, {"w": "train"}, tx, seed=0)
     step = meta.make_reptile_step(_linear_loss, tx, inner_lr=inner_lr, num_steps=k)
     new, _ = jax.jit(step)(state, tasks)
 
@@ -277,13 +287,13 @@ def test_reptile_step_matches_numpy_reference():
             phi = phi - inner_lr * _np_grad(phi, xs, ys)
         phis.append(phi)
     expected = w + eps * (np.mean(phis, axis=0) - w)
-    np.testing.assert_allclose(new.trainable["params"]["w"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.trainable["w"], expected, rtol=1e-5, atol=1e-6)
 
 
 # -- errors -------------------------------------------------------------------------------------
 def test_bad_task_shapes_name_the_array_and_the_expected_shape():
     tasks = _linear_tasks()
-    state = meta.init_state({"w": np.zeros(3, np.float32)}, {"w": "train"}, optax.sgd(1.0), seed=0)
+    state = train.init_state({"w": np.zeros(3, np.float32)}, {"w": "train"}, optax.sgd(1.0), seed=0)
     step = meta.make_meta_step(_linear_loss, optax.sgd(1.0), inner_lr=0.1, num_steps=1)
 
     bad = {
@@ -318,3 +328,48 @@ def test_bad_task_shapes_name_the_array_and_the_expected_shape():
             inner_lr={"w": np.zeros(2)},
             num_steps=1,
         )
+
+
+# -- one loss signature -------------------------------------------------------------------------
+def test_a_train_style_loss_drives_the_meta_step_and_reports_its_metrics():
+    """The loss `train.make_train_step` takes, with an rng and aux metrics, works unchanged."""
+    seen = []
+
+    def loss_fn(params, batch, rng):
+        seen.append(rng)
+        noise = 0.0 * jax.random.normal(rng, ())  # uses the key: it must be a real key
+        err = _mlp(params, batch["x"]) - batch["y"]
+        return jnp.mean(err**2) + noise, {"mae": jnp.mean(jnp.abs(err))}
+
+    params, tasks = _params(), _tasks()
+    tx = optax.sgd(0.1)
+    state = train.init_state(params, partition.labels(params, [(".*", "train")]), tx, seed=0)
+    new, metrics = jax.jit(meta.make_meta_step(loss_fn, tx, inner_lr=LR, num_steps=2))(state, tasks)
+    assert set(metrics) == {"train/loss", "train/grad_norm", "train/mae"}
+    assert 0 < float(metrics["train/mae"]) < float(metrics["train/loss"]) ** 0.5 + 1
+    assert int(new.step) == 1 and seen
+    # The same loss trains the same state with the plain train step.
+    joint = {k: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tasks[k]) for k in tasks}
+    _, m = jax.jit(train.make_train_step(loss_fn, tx))(state, joint["support"])
+    assert set(m) == {"train/loss", "train/grad_norm", "train/mae"}
+
+
+def test_inner_lr_given_twice_or_never_is_an_error():
+    w = np.array([0.3, -0.2, 0.5], np.float32)
+    tx = optax.sgd(0.1)
+    learned = {"w": w, "inner_lr": {"w": np.full(3, 0.1, np.float32)}}
+    state = train.init_state(learned, jax.tree.map(lambda _: "train", learned), tx, seed=0)
+    with pytest.raises(ValueError, match=r"inner_lr=0.1, but the parameters hold learned rates"):
+        meta.make_meta_step(_linear_loss, tx, inner_lr=0.1, num_steps=1)(state, _linear_tasks())
+    plain = train.init_state({"w": w}, {"w": "train"}, tx, seed=0)
+    with pytest.raises(ValueError, match=r"inner_lr=None and the parameters hold no learned"):
+        meta.make_meta_step(_linear_loss, tx, inner_lr=None, num_steps=1)(plain, _linear_tasks())
+    with pytest.raises(ValueError, match=r"Reptile does not learn inner learning rates"):
+        meta.make_reptile_step(_linear_loss, tx, inner_lr=0.1, num_steps=1)(state, _linear_tasks())
+    with pytest.raises(ValueError, match=r"adapt: params holds learned rates under 'inner_lr'"):
+        meta.adapt(
+            learned, _linear_tasks()["support"], loss_fn=_linear_loss, inner_lr=0.1, num_steps=1
+        )
+    stats = train.init_state({"w": w}, {"w": "train"}, tx, seed=0, collections={"s": {"m": w}})
+    with pytest.raises(ValueError, match=r"make_meta_step: the state holds collections \['s'\]"):
+        meta.make_meta_step(_linear_loss, tx, inner_lr=0.1, num_steps=1)(stats, _linear_tasks())

@@ -10,13 +10,13 @@ import numpy as np
 _SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np, optax
 from ftlab import meta
-from ftlab.core import parallel
+from ftlab.core import parallel, train
 from ftlab.data import sinusoid
 assert jax.device_count() == 4, jax.devices()
 
-def loss_fn(p, b):
+def loss_fn(p, b, rng):
     h = jax.nn.relu(b["x"] @ p["body"]["w"] + p["body"]["b"][None])
-    return jnp.mean((h @ p["head"]["w"] - b["y"]) ** 2)
+    return jnp.mean((h @ p["head"]["w"] - b["y"]) ** 2), {}
 
 rng = np.random.default_rng(0)
 params = {"body": {"w": rng.normal(size=(1, 8)), "b": rng.normal(size=8)},
@@ -29,7 +29,7 @@ for method, make in (("maml", meta.make_meta_step), ("reptile", meta.make_reptil
     for n in (1, 4):
         plan = parallel.make_plan("mesh", num_devices=n)
         labels = jax.tree.map(lambda _: "train", params)
-        state = plan.put_state(meta.init_state(params, labels, tx, seed=0))
+        state = plan.put_state(train.init_state(params, labels, tx, seed=0))
         step = plan.compile_train_step(make(loss_fn, tx, **kw))
         for i in range(2):
             t = sinusoid.sample(0, i, num_tasks=8, shots=5, query_shots=5)
@@ -37,7 +37,7 @@ for method, make in (("maml", meta.make_meta_step), ("reptile", meta.make_reptil
             state, _ = step(state, batch)
         out.append(jax.device_get(state.trainable))
     diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), *out)
-    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), out[0], {"params": params})
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), out[0], params)
     print(method, max(jax.tree.leaves(diff)), max(jax.tree.leaves(moved)))
 """
 
