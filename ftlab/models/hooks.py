@@ -379,7 +379,8 @@ def hidden(module: nn.Module, h: jax.Array, token_mask: jax.Array) -> jax.Array:
     handlers = _handlers().get(HIDDEN, [])
     for fn in handlers:
         h = fn(module, h, token_mask)
-    if not handlers and module.has_variable("params", REFT):
+    recording = getattr(_local, "recording", None) is not None
+    if not handlers and not recording and module.has_variable("params", REFT):
         raise ValueError(
             f"{scope_path(module)}/{REFT} is in the params, but the model was applied without "
             "the ReFT handler, so the intervention would be silently skipped; wrap the apply "
@@ -433,6 +434,9 @@ def discover(apply_fn: Callable, params: Any, *args, **kwargs) -> tuple[Site, ..
     Returns:
         The sites in call order, each once (a module that calls a hook twice is one site).
 
+    Method leaves already in ``params`` need not be used by ``apply_fn`` (no
+    `UnconsumedLeavesError` here), so sites can be discovered on a tree another method extended.
+
     Raises:
         ValueError: no hook was called, or a site's path is not in ``params`` (``apply_fn``
             handed the model a subtree of ``params``).
@@ -440,7 +444,11 @@ def discover(apply_fn: Callable, params: Any, *args, **kwargs) -> tuple[Site, ..
     previous = getattr(_local, "recording", None)
     _local.recording = found = {}
     try:
-        jax.eval_shape(lambda p: apply_fn(p, *args, **kwargs), params)
+        # Discovery only looks: method leaves already in the tree (a method added earlier, whose
+        # wrapper apply_fn may lack) are no reason to refuse, so their check is suppressed here.
+        with contextlib.suppress(_sites.UnconsumedLeavesError):
+            with _sites.tracking(params, what="hooks.discover"):
+                jax.eval_shape(lambda p: apply_fn(p, *args, **kwargs), params)
     finally:
         _local.recording = previous
     if not found:
