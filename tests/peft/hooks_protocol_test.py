@@ -76,7 +76,7 @@ class TinyViT(nn.Module):
     """Patches (`nn.Conv`) + positions, blocks, mean pool over the patches, linear head."""
 
     width: int = 16
-    depth: int = 2
+    depth: int = 1
     heads: int = 2
     patch: int = 4
     classes: int = 3
@@ -130,7 +130,7 @@ def _vit(**fields):
 
 # --- ftlab's Llama as a 3-way classifier of the last position ------------------------------
 
-LLAMA = llama.LlamaForCausalLM(llama.LlamaConfig.tiny())
+LLAMA = llama.LlamaForCausalLM(llama.LlamaConfig.tiny(num_layers=1))
 
 
 def _llama():
@@ -168,7 +168,7 @@ METHODS = {
         False,
     ),
     "reft": (
-        lambda p, k, s: reft.init(p, k, sites=s, layers=[0, 1], rank=2),
+        lambda p, k, s: reft.init(p, k, sites=s, layers=[0], rank=2),
         lambda f, s: reft.wrap_apply(f, first_n=1, last_n=1),
         reft.rules(),
         True,
@@ -186,9 +186,9 @@ def test_method_on_llama_and_a_test_only_vit(method, model):
     found = hooks.discover(apply, base, batch, None)
     params = init(base, jax.random.key(1), found)
     wrapped = wrap(apply, found)
-    forward = jax.jit(lambda p: wrapped(p, batch, None))
-    plain = jax.jit(lambda p: apply(p, batch, None))(base)
-    start = forward(params)
+    # One compile for both: the adapted model and the base model.
+    both = jax.jit(lambda p, q: (wrapped(p, batch, None), apply(q, batch, None)))
+    start, plain = both(params, base)
     if identity:  # to one float32 ulp: the hook changes how XLA fuses the neighbouring ops
         np.testing.assert_allclose(start, plain, atol=1e-6, rtol=0)
     else:
@@ -197,7 +197,7 @@ def test_method_on_llama_and_a_test_only_vit(method, model):
     tx = partition.optimizer({"train": optax.adam(3e-2)}, label_tree)
     # Frozen leaves bit-identical, no optimizer state for them, every trainable leaf moves.
     state = testing.assert_trains_only(params, label_tree, tx, wrapped, batch, steps=2)
-    assert float(jnp.max(jnp.abs(forward(state.params) - start))) > 1e-4
+    assert float(jnp.max(jnp.abs(both(state.params, base)[0] - start))) > 1e-4
 
 
 def _bert():
@@ -218,7 +218,7 @@ def test_discover_finds_the_sites_of_every_model_by_their_calls_alone():
         (hooks.EMBEDDINGS, "", "", 16),
         *[
             (kind, f"layer_{i}", name, 16)
-            for i in range(2)
+            for i in range(1)
             for kind, name in [
                 (hooks.SUBLAYER, "attention"),
                 (hooks.SUBLAYER, "output"),
@@ -258,7 +258,7 @@ def test_renamed_model_gets_gradients_and_an_unhooked_one_is_refused():
     # One step's worth of gradient: up-projections and the prefix MLP both get nonzero gradients.
     loss = lambda p: jnp.sum(prefix.wrap_apply(apply, found)(p, batch, None) ** 2)  # noqa: E731
     grads = jax.jit(jax.grad(loss))(params)
-    assert float(jnp.abs(grads["layer_1"]["output_adapter"]["up"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(grads["layer_0"]["output_adapter"]["up"]["kernel"]).sum()) > 0
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads["prefix_mlp"]))
 
     # The same names (Flax's attention: `layer_i/attention/{query,key,value,out}`), but a model
@@ -329,3 +329,41 @@ def test_a_lora_tree_without_its_wrapper_raises_whatever_compiled_first():
                 alpha=4,
             ),
         )
+
+
+def test_every_leaf_a_hook_reads_is_a_registered_method_name():
+    """Otherwise `ftlab.core.sites` would not check it, and an unused leaf could pass silently."""
+    names = [hooks.PROMPT, hooks.PREFIX_KEY, hooks.PREFIX_VALUE, hooks.REFT, prefix.MLP]
+    names += [hooks.adapter_name(n) for n in hooks.SUBLAYERS]
+    assert all(n in sites.METHOD_NAMES for n in names), names
+    with pytest.raises(ValueError, match=r"name='ffn' is not one of \('attention', 'output'\)"):
+        _Bad().init(jax.random.key(0), jnp.ones((1, 2)))
+    with pytest.raises(ValueError, match="only 'hidden' sites take handlers"):
+        with hooks.handling(hooks.EMBEDDINGS, lambda m, h, t: h):
+            pass
+
+
+class _Bad(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return hooks.sublayer_output(self, "ffn", x)
+
+
+@pytest.mark.parametrize("module", [adapters, prefix, prompt, reft])
+def test_no_structural_method_imports_a_model(module):
+    """They find their sites through the protocol only (no `layer_\\d+/attention/...` regexes)."""
+    import ast
+    import inspect
+    import re
+
+    tree = ast.parse(inspect.getsource(module))
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "ftlab.models"
+        for alias in node.names
+    }
+    assert imported == {"hooks"}, imported
+    patterns = [v.pattern for v in vars(module).values() if isinstance(v, re.Pattern)]
+    patterns += [pattern for pattern, _ in module.rules()]
+    assert not any("layer" in p or "attention/" in p for p in patterns), patterns
