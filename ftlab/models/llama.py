@@ -52,8 +52,8 @@ method leaf of its tree was read (`hooks.track_root`).
 * Prefix keys and values are the per-layer keys and values (after projection and, as Li & Liang's
   `past_key_values`, *after* RoPE: they are used as given, never rotated) of `n_prefix` virtual
   positions in front of the sequence, one row of `kv_heads * head_dim` split into the `kv_heads`
-  KV heads like the projected keys (so `prefix.init` sizes them from `key/kernel`). Every query
-  attends to them; they do not shift the tokens' positions and take no cache slots.
+  KV heads like the projected keys (`prefix.init` sizes them from the keys the hook saw). Every
+  query attends to them; they do not shift the tokens' positions and take no cache slots.
 
 The model takes an explicit KV cache (`Cache`, from `init_cache`): a call writes its keys and
 values at slots `cache.index ...` and returns the new cache, so prefill and decoding are two calls
