@@ -47,6 +47,11 @@ Nothing silent. Every hook reports the leaves it read to `ftlab.core.sites` (``c
 applying a tree whose method leaves no hook read (a model that does not call the hook the method
 needs, a wrapper left off) raises `UnconsumedLeavesError` naming them.
 
+Limits. Hooks and handlers act while Python runs, i.e. while `jax.jit` traces: put `jax.jit`
+outside a method's wrapper, never inside. Layers run under `nn.scan` are one module, so discover
+sites on an unrolled tree (`ftlab.models.llama.unstack_layers`). A module that calls the same
+hook twice (weight sharing) is one site, whose leaves both calls read.
+
 A user's model opting in (a ViT block)::
 
     class Block(nn.Module):
