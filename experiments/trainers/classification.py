@@ -23,7 +23,7 @@ from experiments.trainers import resume
 from ftlab.core import loading, parallel, partition, train
 from ftlab.core import metrics as metrics_lib
 from ftlab.data import batching, rotten_tomatoes, text
-from ftlab.models import attention, bert
+from ftlab.models import attention, bert, hooks
 from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
 from ftlab.tasks import classification
 from third_party import minilm, peft_format
@@ -91,12 +91,27 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[bert.BertClassifier,
 
 
 PEFT_METHODS = ("none", "lora", "dora", "ia3", "adapters", "prompt", "prefix", "reft")
+# Methods that attach through the model's hook sites (`ftlab.models.hooks`).
+STRUCTURAL = ("adapters", "prompt", "prefix", "reft")
 
 
-def build_method(config: ml_collections.ConfigDict, params, apply):
-    """Applies ``config.peft``'s tree transformation; returns ``(params, apply)``."""
+def method_sites(config: ml_collections.ConfigDict, params, apply) -> tuple[hooks.Site, ...]:
+    """The model's hook sites (`hooks.discover`), traced on a one-row batch of the data's length."""
+    ids = np.zeros((1, config.data.max_length), np.int32)
+    return hooks.discover(
+        apply, params, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, None
+    )
+
+
+def build_method(config: ml_collections.ConfigDict, params, apply, *, sites=None):
+    """Applies ``config.peft``'s tree transformation; returns ``(params, apply)``.
+
+    ``sites``: the model's hook sites (`method_sites`), traced here when None and needed.
+    """
     p = config.peft
     rng = jax.random.PRNGKey(config.seed + 1)
+    if p.method in STRUCTURAL and sites is None:
+        sites = method_sites(config, params, apply)
     if p.method == "none":
         return params, apply
     if p.method in ("lora", "dora"):
@@ -109,14 +124,18 @@ def build_method(config: ml_collections.ConfigDict, params, apply):
         )
         apply = ia3.wrap_apply(apply)
     elif p.method == "adapters":
-        params = adapters.init(params, rng, bottleneck=p.bottleneck)
+        params = adapters.init(params, rng, sites=sites, bottleneck=p.bottleneck)
+        apply = adapters.wrap_apply(apply)
     elif p.method == "prompt":
-        params = prompt.init(params, rng, length=p.length)
+        params = prompt.init(params, rng, sites=sites, length=p.length)
+        apply = prompt.wrap_apply(apply)
     elif p.method == "prefix":
-        params = prefix.init(params, rng, length=p.length, hidden_mlp=p.prefix_hidden_mlp)
-        apply = prefix.wrap_apply(apply)
+        params = prefix.init(
+            params, rng, sites=sites, length=p.length, hidden_mlp=p.prefix_hidden_mlp
+        )
+        apply = prefix.wrap_apply(apply, sites)
     elif p.method == "reft":
-        params = reft.init(params, rng, layers=list(p.reft_layers), rank=p.rank)
+        params = reft.init(params, rng, sites=sites, layers=list(p.reft_layers), rank=p.rank)
         apply = reft.wrap_apply(apply, first_n=p.reft_first_n, last_n=p.reft_last_n)
     else:
         raise ValueError(f"config.peft.method={p.method!r}; expected one of {PEFT_METHODS}")
@@ -124,18 +143,19 @@ def build_method(config: ml_collections.ConfigDict, params, apply):
 
 
 def save_method(
-    config: ml_collections.ConfigDict, trainable, frozen, workdir: pathlib.Path
+    config: ml_collections.ConfigDict, trainable, frozen, workdir: pathlib.Path, *, sites=None
 ) -> dict:
     """Writes the trained leaves alone (method leaves + head), not the frozen base.
 
-    LoRA adapters are also exported in Hugging Face PEFT's format (``adapter_peft/``).
+    LoRA adapters are also exported in Hugging Face PEFT's format (``adapter_peft/``). Prefix
+    tuning needs the model's hook ``sites`` (`method_sites`) to lay out its prefixes.
     """
     if config.peft.method == "none":
         return {}
     trainable = jax.device_get(trainable)
     if config.peft.method == "prefix":
         # Inference needs only the prefixes: evaluate the reparametrising MLP once, drop it.
-        full = prefix.finalize(partition.merge(trainable, jax.device_get(frozen)))
+        full = prefix.finalize(partition.merge(trainable, jax.device_get(frozen)), sites)
         trainable = partition.merge(prefix.adapter(full), {"head": trainable["head"]})
     path = workdir / "adapter.safetensors"
     safetensors_numpy.save_file(
@@ -225,7 +245,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # -- model, partition, optimizer --------------------------------------------------------
     model, params = build_model(config)
     n_base = partition.count(params)
-    params, apply = build_method(config, params, make_apply(model))
+    sites = None
+    if config.peft.method in STRUCTURAL:
+        sites = method_sites(config, params, make_apply(model))
+    params, apply = build_method(config, params, make_apply(model), sites=sites)
     rules = [tuple(r) for r in config.partition.rules]
     label_tree = partition.labels(params, rules, what="config.partition.rules")
     if is_chief:
@@ -332,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.wait_until_finished()
     if is_chief:
         final = plan.get_state(state)
-        results.update(save_method(config, final.trainable, final.frozen, workdir))
+        results.update(save_method(config, final.trainable, final.frozen, workdir, sites=sites))
         writer.write(total, {k: v for k, v in results.items() if k.startswith("eval/")})
         (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         for path in metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir):

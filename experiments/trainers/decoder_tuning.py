@@ -27,6 +27,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import time
@@ -42,25 +43,42 @@ from experiments.trainers import icl as icl_trainer
 from ftlab import icl
 from ftlab.core import partition, train
 from ftlab.data import rotten_tomatoes
-from ftlab.models import llama
+from ftlab.models import hooks, llama
 from ftlab.peft import lora, prefix, prompt, qlora
 
 METHODS = ("prompt", "prefix", "lora", "qlora")
 
 
-def add_method(config: ml_collections.ConfigDict, method: str, params, rng):
-    """The method's tree, rules, training apply wrapper and ``to_plain(trained) -> tree``."""
+def add_method(
+    config: ml_collections.ConfigDict,
+    method: str,
+    params,
+    rng,
+    *,
+    model_config: llama.LlamaConfig,
+):
+    """The method's tree, rules, training apply wrapper and ``to_plain(trained) -> tree``.
+
+    ``model_config``: the decoder's config, to trace its hook sites (`hooks.discover`).
+    """
     p = config.peft
-    if method == "prompt":
-        params = prompt.init(params, rng, length=p.length)
-        return params, prompt.rules(), (lambda f: f), (lambda t: t)
-    if method == "prefix":
-        # prefix.init finds the layers by their `layer_<i>` paths: unstack the scanned layers
-        # (the loss stacks them again, prefixes included, so the step still compiles one layer).
-        if llama.LAYERS in params["decoder"]:
+    if method in ("prompt", "prefix"):
+        if method == "prefix" and llama.LAYERS in params["decoder"]:
+            # A prefix per layer needs the layers one by one: unstack the scanned layers (the
+            # loss stacks them again, prefixes included, so the step still compiles one layer).
             params = llama.unstack_layers(params)
-        params = prefix.init(params, rng, length=p.length, hidden_mlp=p.prefix_hidden_mlp)
-        return params, prefix.rules(), prefix.wrap_apply, prefix.finalize
+        module = llama.LlamaForCausalLM(model_config)
+        ids = jnp.ones((1, 2), jnp.int32)
+        sites = hooks.discover(lambda q: module.apply({"params": q}, ids), params)
+    if method == "prompt":
+        params = prompt.init(params, rng, sites=sites, length=p.length)
+        return params, prompt.rules(), prompt.wrap_apply, (lambda t: t)
+    if method == "prefix":
+        params = prefix.init(
+            params, rng, sites=sites, length=p.length, hidden_mlp=p.prefix_hidden_mlp
+        )
+        wrap = functools.partial(prefix.wrap_apply, sites=sites)
+        return params, prefix.rules(), wrap, functools.partial(prefix.finalize, sites=sites)
     if method in ("lora", "qlora"):
         params = lora.init(params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha)
         wrap = lambda f: lora.wrap_apply(f, alpha=p.alpha, rank=p.rank)  # noqa: E731
@@ -128,7 +146,7 @@ def run_one(config, model, task, data, method: str, n: int, seed: int, steps_cac
 
     # train.init_state copies what it holds, so the donated steps leave `model.params` intact.
     params, rules, wrap, to_plain = add_method(
-        config, method, model.params, jax.random.key(1000 * seed + n)
+        config, method, model.params, jax.random.key(1000 * seed + n), model_config=model.config
     )
     label_tree = partition.labels(params, rules, what=f"config.methods[{method!r}] rules")
     lr = config.optim.lr[method]

@@ -13,16 +13,20 @@ Every linear map is an `nn.Dense`, so dense-layer methods (LoRA, DoRA, IA3) can 
 `nn.Dense.__call__` without editing this file. Parameters are always float32; `BertConfig.dtype` is
 the computation dtype. Softmax, layer-norm statistics, pooling and classifier logits run in float32.
 
-Hook points for structural methods. Each reads optional leaves that the model's own `init` never
-creates; a tree without them gives the base model, traced exactly as before (the hook code only
-runs when its leaves are present). Half a method's leaves, or a wrong shape, is an error naming
-the leaf path.
+Hook points for structural methods: the model calls the sites of `ftlab.models.hooks` (the
+protocol, written down there), so the methods find them through `hooks.discover`, never through
+these path names. Each reads optional leaves that the model's own `init` never creates; a tree
+without them gives the base model, traced exactly as before. Half a method's leaves, or a wrong
+shape, is an error naming the leaf path. Where the leaves land in this model:
 
-    embeddings/prompt                        [n, hidden]  soft prompt (`ftlab.peft.prompt`)
-    layer_{i}/attention/prefix_{key,value}   [n, hidden]  prefix tuning (`ftlab.peft.prefix`)
-    layer_{i}/{attention,output}_adapter/{down,up}/{kernel,bias}    adapters (`ftlab.peft.adapters`)
-    layer_{i}/reft/...    read by the `BertLayer.intervene` hook method, which ReFT replaces with
-                          `nn.intercept_methods` (`ftlab.peft.reft`): its positions are static.
+    embeddings/prompt                        [n, hidden]  `hooks.embeddings` (prompt tuning)
+    layer_{i}/attention/prefix_{key,value}   [n, hidden]  `hooks.key_value` (prefix tuning)
+    layer_{i}/{attention,output}_adapter/{down,up}/{kernel,bias}   `hooks.sublayer_output`
+    layer_{i}/reft/...                       `hooks.hidden` on each layer's output (ReFT)
+
+Applied as the root of `apply`, `BertEncoder` and `BertClassifier` check that every method leaf
+of their tree was read (`hooks.track_root`): a LoRA tree applied without `lora.wrap_apply`
+raises, naming the leaves, instead of running the base model.
 
 With a prompt the encoder returns `[batch, n + seq, hidden]` (prompt positions first); the
 classifier and `encode_sentences` pool over the real tokens only.
@@ -51,15 +55,20 @@ from ftlab.models import attention, hooks
 # tokens never see padding. The logits are float32 when this is added, whatever the compute dtype.
 _MASK_VALUE = -1e9
 
-# Leaf names of the structural hook points (see the module docstring).
-PROMPT = hooks.PROMPT
-PREFIX_KEY, PREFIX_VALUE = hooks.PREFIX_KEY, hooks.PREFIX_VALUE
-ATTENTION_ADAPTER, OUTPUT_ADAPTER = "attention_adapter", "output_adapter"
-REFT = hooks.REFT
-INTERVENE_METHOD = hooks.INTERVENE_METHOD
-
-
-_scope_path, _hook_leaves = hooks.scope_path, hooks.hook_leaves
+__all__ = [
+    "BertClassifier",
+    "BertConfig",
+    "BertEmbeddings",
+    "BertEncoder",
+    "BertLayer",
+    "BertMlp",
+    "BertSelfAttention",
+    "attention_bias",
+    "encode_sentences",
+    "l2_normalize",
+    "mean_pool",
+    "real_positions",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,11 +252,11 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
 class BertEmbeddings(nn.Module):
     """Word + position + token-type embeddings, then layer norm and dropout.
 
-    Prompt hook: if the tree holds `prompt` [n_prompt, hidden], its rows are prepended to the
-    sequence and go through the same (frozen) layer norm and dropout as the tokens, but get no
-    position or token-type embedding, so the real tokens keep positions 0..seq-1 and a prompt
-    never eats into `max_position_embeddings`. Passing the prompt through the layer norm keeps
-    it in the space of word-embedding rows, which makes Lester et al.'s vocabulary init sound.
+    Prompt site (`hooks.embeddings`): if the tree holds `prompt` [n_prompt, hidden], its rows are
+    prepended to the sequence and go through the same (frozen) layer norm and dropout as the tokens,
+    but get no position or token-type embedding, so the real tokens keep positions 0..seq-1 and a
+    prompt never eats into `max_position_embeddings`. Passing the prompt through the layer norm
+    keeps it in the space of word-embedding rows, which makes Lester et al.'s vocabulary init sound.
     The output is then `[batch, n_prompt + seq, hidden]`.
     """
 
@@ -279,15 +288,7 @@ class BertEmbeddings(nn.Module):
         )
         types_ = embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = words + positions + types_
-        prompt = _hook_leaves(self, PROMPT)
-        if prompt is not None:
-            if prompt.ndim != 2 or prompt.shape[1] != cfg.hidden_size:
-                raise ValueError(
-                    f"{_scope_path(self)}/{PROMPT} has shape {prompt.shape}; a soft prompt is "
-                    f"[n_prompt, hidden={cfg.hidden_size}]. Re-create it with prompt.init(...)."
-                )
-            rows = jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0], *prompt.shape))
-            x = jnp.concatenate([rows, x], axis=1)
+        x = hooks.embeddings(self, x, table="word_embeddings/embedding")
         x = _layer_norm(cfg, "layer_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -295,9 +296,10 @@ class BertEmbeddings(nn.Module):
 class BertSelfAttention(nn.Module):
     """Multi-head self-attention: `query`, `key`, `value` and `out` projections.
 
-    Prefix hook: if the tree holds `prefix_key` and `prefix_value` [n_prefix, hidden], they are
-    the keys and values (already projected, split into heads like the others) of `n_prefix`
-    virtual positions placed before the sequence; every query may attend to them (bias 0).
+    Prefix site (`hooks.key_value`): if the tree holds `prefix_key` and `prefix_value` [n_prefix,
+    hidden], they are the keys and values (already projected, split into heads like the others) of
+    `n_prefix` virtual positions placed before the sequence; every query may attend to them (bias
+    0).
     """
 
     config: BertConfig
@@ -312,12 +314,7 @@ class BertSelfAttention(nn.Module):
             return y.reshape(batch, seq_len, cfg.num_heads, cfg.head_dim)
 
         q, k, v = heads("query"), heads("key"), heads("value")
-        prefix = self._prefix(batch)
-        if prefix is not None:
-            k = jnp.concatenate([prefix[0].astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([prefix[1].astype(v.dtype), v], axis=1)
-            n = prefix[0].shape[1]
-            bias = jnp.concatenate([jnp.zeros((*bias.shape[:-1], n), bias.dtype), bias], axis=-1)
+        k, v, bias = hooks.key_value(self, k, v, bias)
         dropout = None
         if not deterministic and cfg.probs_dropout_rate > 0.0:
             dropout = functools.partial(
@@ -326,14 +323,6 @@ class BertSelfAttention(nn.Module):
         impl = attention.resolve(cfg.attention, cfg.dtype, dropout=dropout is not None)
         y = attention.dot_product_attention(q, k, v, bias, implementation=impl, dropout=dropout)
         return _dense(cfg.hidden_size, cfg, "out")(y.reshape(batch, seq_len, cfg.hidden_size))
-
-    def _prefix(self, batch: int) -> tuple[jax.Array, jax.Array] | None:
-        """`(keys, values)` `[batch, n_prefix, heads, head_dim]` from the prefix leaves, or None."""
-        cfg = self.config
-        return hooks.prefix_key_values(
-            self, batch, heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
-            width=f"hidden={cfg.hidden_size}",
-        )  # fmt: skip
 
 
 class BertMlp(nn.Module):
@@ -350,38 +339,15 @@ class BertMlp(nn.Module):
         return _dense(cfg.hidden_size, cfg, "output")(h)
 
 
-class BertAdapter(nn.Module):
-    """A Houlsby bottleneck adapter: `x + up(gelu(down(x)))`.
-
-    Attributes:
-        config: The model's `BertConfig`.
-        bottleneck: Width of the `down` projection's output.
-
-    References:
-        Houlsby et al., "Parameter-Efficient Transfer Learning for NLP",
-        https://arxiv.org/abs/1902.00751
-    """
-
-    config: BertConfig
-    bottleneck: int
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        h = _dense(self.bottleneck, cfg, "down")(x)
-        h = nn.gelu(h, approximate=False)
-        return x + _dense(cfg.hidden_size, cfg, "up")(h)
-
-
 class BertLayer(nn.Module):
     """One post-LN transformer layer: `LN(x + attn(x))`, then `LN(h + mlp(h))`.
 
-    Adapter hook: if the tree holds `attention_adapter` (or `output_adapter`) with
-    `{down,up}/{kernel,bias}`, a `BertAdapter` transforms the attention (or MLP) sublayer output
-    after its dropout and before the residual add and layer norm, where Houlsby et al. put it.
+    Adapter sites (`hooks.sublayer_output`, names `"attention"` and `"output"`): an adapter
+    transforms the attention (or MLP) sublayer output after its dropout and before the residual
+    add and layer norm, where Houlsby et al. put it.
 
-    Intervention hook: the layer's output passes through `intervene(h, token_mask)`, a method
-    that returns `h` unchanged; a method such as ReFT replaces it with `nn.intercept_methods`.
+    Hidden-state site (`hooks.hidden`): the layer's output, edited by the handler a method such
+    as ReFT installs; `h` itself without one.
     """
 
     config: BertConfig
@@ -391,70 +357,15 @@ class BertLayer(nn.Module):
         cfg = self.config
         a = BertSelfAttention(cfg, name="attention")(x, bias, deterministic=deterministic)
         a = nn.Dropout(cfg.dropout_rate)(a, deterministic=deterministic)
-        a = self._adapter(ATTENTION_ADAPTER, a)
+        a = hooks.sublayer_output(self, "attention", a)
         h = _layer_norm(cfg, "attention_layer_norm")(x + a)
         m = BertMlp(cfg, name="mlp")(h)
         m = nn.Dropout(cfg.dropout_rate)(m, deterministic=deterministic)
-        m = self._adapter(OUTPUT_ADAPTER, m)
+        m = hooks.sublayer_output(self, "output", m)
         y = _layer_norm(cfg, "output_layer_norm")(h + m)
         if token_mask is None:
             token_mask = jnp.ones(y.shape[:2], jnp.int32)
-        return self.intervene(y, token_mask)
-
-    def intervene(self, h: jax.Array, token_mask: jax.Array) -> jax.Array:
-        """The hidden-state hook point: identity unless a method intercepts it.
-
-        Args:
-            h: The layer's output `[batch, seq, hidden]`.
-            token_mask: `[batch, seq]`, 1 at real tokens, 0 at padding and prompt positions.
-
-        Returns:
-            `h`.
-
-        Raises:
-            ValueError: the tree holds `reft` leaves here but no interceptor handled them.
-        """
-        del token_mask
-        if self.has_variable("params", REFT):
-            raise ValueError(
-                f"{_scope_path(self)}/{REFT} is in the params, but the model was applied without "
-                "the ReFT interceptor, so the intervention would be silently skipped; wrap the "
-                "apply function with reft.wrap_apply(apply, first_n=..., last_n=...)."
-            )
-        return h
-
-    def _adapter(self, name: str, x: jax.Array) -> jax.Array:
-        tree = _hook_leaves(self, name)
-        if tree is None:
-            return x
-        cfg = self.config
-        path = f"{_scope_path(self)}/{name}"
-        got = {}
-        for sub in ("down", "up"):
-            for leaf in ("kernel", "bias"):
-                node = tree.get(sub) if isinstance(tree, Mapping) else None
-                value = node.get(leaf) if isinstance(node, Mapping) else None
-                if value is None:
-                    raise ValueError(
-                        f"{path}/{sub}/{leaf} is missing; an adapter needs down/{{kernel,bias}} "
-                        "and up/{kernel,bias}. Re-create it with adapters.init(...)."
-                    )
-                got[f"{sub}/{leaf}"] = value
-        down = got["down/kernel"]
-        k = down.shape[-1] if down.ndim == 2 else 0
-        shapes = {
-            "down/kernel": (cfg.hidden_size, k),
-            "down/bias": (k,),
-            "up/kernel": (k, cfg.hidden_size),
-            "up/bias": (cfg.hidden_size,),
-        }
-        for leaf, shape in shapes.items():
-            if got[leaf].shape != shape or k < 1:
-                raise ValueError(
-                    f"{path}/{leaf} has shape {got[leaf].shape}, expected {shape}: down/kernel is "
-                    f"[hidden={cfg.hidden_size}, bottleneck], up/kernel [bottleneck, hidden]."
-                )
-        return BertAdapter(cfg, k, name=name)(x)
+        return hooks.hidden(self, y, token_mask)
 
 
 class BertEncoder(nn.Module):
@@ -467,6 +378,7 @@ class BertEncoder(nn.Module):
     config: BertConfig
 
     @nn.compact
+    @hooks.track_root
     def __call__(
         self,
         input_ids: jax.Array,
@@ -565,6 +477,7 @@ class BertClassifier(nn.Module):
     pooling: str = "mean"
 
     @nn.compact
+    @hooks.track_root
     def __call__(
         self,
         input_ids: jax.Array,

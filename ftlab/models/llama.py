@@ -27,15 +27,22 @@ of `ftlab.peft.dense` (LoRA, DoRA, IA3) apply without editing this file. Paramet
 `LlamaConfig.dtype` is the computation dtype. RMSNorm statistics, RoPE, attention softmax and the
 returned logits are float32.
 
-Hook points for structural methods, named as in `ftlab.models.bert` so that the same tree
-transformations find them. Each reads optional leaves the model's `init` never creates; without
-them the model is traced exactly as the base model. A wrong shape is an error naming the leaf.
+Hook points for structural methods: the model calls the sites of `ftlab.models.hooks` (the
+protocol, written down there), as `ftlab.models.bert` does, so the methods find them through
+`hooks.discover`. Each reads optional leaves the model's `init` never creates; without them the
+model is traced exactly as the base model. A wrong shape is an error naming the leaf. Where the
+leaves land in this model:
 
-    decoder/embeddings/prompt                  [n_prompt, hidden]   soft prompt (prompt tuning)
-    decoder/layer_{i}/attention/prefix_key     [n_prefix, kv_heads * head_dim]   prefix tuning
+    decoder/embeddings/prompt                  [n_prompt, hidden]   `hooks.embeddings`
+    decoder/layer_{i}/attention/prefix_key     [n_prefix, kv_heads * head_dim]   `hooks.key_value`
     decoder/layer_{i}/attention/prefix_value   [n_prefix, kv_heads * head_dim]
-    decoder/layer_{i}/reft/...   read by the `LlamaLayer.intervene` hook method, which a method
-                                 such as ReFT replaces with `nn.intercept_methods`.
+    decoder/layer_{i}/{attention,output}_adapter/...   `hooks.sublayer_output` on the attention
+                                 and MLP outputs before each residual add (adapters)
+    decoder/layer_{i}/reft/...   `hooks.hidden` on each layer's output (ReFT)
+
+Discover sites on an unrolled tree (`unstack_layers`): under `nn.scan` the layers are one module.
+Applied as the root of `apply`, `LlamaForCausalLM` (or a lone `LlamaDecoder`) checks that every
+method leaf of its tree was read (`hooks.track_root`).
 
 * The soft prompt is prepended to the embedded tokens when a call starts a sequence (`start=True`,
   the default). Its rows take positions `0..n_prompt-1` and the tokens follow, as in Lester et
@@ -45,8 +52,8 @@ them the model is traced exactly as the base model. A wrong shape is an error na
 * Prefix keys and values are the per-layer keys and values (after projection and, as Li & Liang's
   `past_key_values`, *after* RoPE: they are used as given, never rotated) of `n_prefix` virtual
   positions in front of the sequence, one row of `kv_heads * head_dim` split into the `kv_heads`
-  KV heads like the projected keys (so `prefix.init` sizes them from `key/kernel`). Every query
-  attends to them; they do not shift the tokens' positions and take no cache slots.
+  KV heads like the projected keys (`prefix.init` sizes them from the keys the hook saw). Every
+  query attends to them; they do not shift the tokens' positions and take no cache slots.
 
 The model takes an explicit KV cache (`Cache`, from `init_cache`): a call writes its keys and
 values at slots `cache.index ...` and returns the new cache, so prefill and decoding are two calls
@@ -84,16 +91,32 @@ from ftlab.models import attention, hooks
 # Finite so that a fully masked row (a padding query) gives a uniform softmax, not NaN.
 _MASK_VALUE = -1e9
 
-# Leaf names of the structural hook points, shared with `ftlab.models.bert`.
-PROMPT = hooks.PROMPT
-PREFIX_KEY, PREFIX_VALUE = hooks.PREFIX_KEY, hooks.PREFIX_VALUE
-REFT = hooks.REFT
-INTERVENE_METHOD = hooks.INTERVENE_METHOD
+__all__ = [
+    "LAYERS",
+    "Cache",
+    "LayerCache",
+    "LlamaAttention",
+    "LlamaConfig",
+    "LlamaDecoder",
+    "LlamaEmbeddings",
+    "LlamaForCausalLM",
+    "LlamaLayer",
+    "LlamaMlp",
+    "RMSNorm",
+    "forward",
+    "init",
+    "init_cache",
+    "lm_logits",
+    "num_prompt",
+    "param_shapes",
+    "rope",
+    "stack_if_uniform",
+    "stack_layers",
+    "unstack_layers",
+]
+
 # Name of the stacked-layers subtree (`stack_layers`).
 LAYERS = "layers"
-
-
-_scope_path, _hook_leaf = hooks.scope_path, hooks.hook_leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,8 +327,8 @@ def rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
 class LlamaEmbeddings(nn.Module):
     """The token embedding table, also the tied output projection (`attend`).
 
-    Prompt hook: `prompt` [n_prompt, hidden] in this module's params is prepended by `__call__`
-    when `start` is True.
+    Prompt site (`hooks.embeddings`): `prompt` [n_prompt, hidden] in this module's params is
+    prepended by `__call__` when `start` is True.
     """
 
     config: LlamaConfig
@@ -323,17 +346,7 @@ class LlamaEmbeddings(nn.Module):
     def __call__(self, input_ids: jax.Array, *, start: bool) -> jax.Array:
         """`[batch, seq]` ids -> `[batch, n_prompt + seq, hidden]` (no prompt unless `start`)."""
         x = self.word_embeddings(input_ids)
-        prompt = _hook_leaf(self, PROMPT)
-        if prompt is None or not start:
-            return x
-        hidden = self.config.hidden_size
-        if prompt.ndim != 2 or prompt.shape[1] != hidden:
-            raise ValueError(
-                f"{_scope_path(self)}/{PROMPT} has shape {prompt.shape}; a soft prompt is "
-                f"[n_prompt, hidden={hidden}]."
-            )
-        rows = jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0], *prompt.shape))
-        return jnp.concatenate([rows, x], axis=1)
+        return hooks.embeddings(self, x, table="word_embeddings/embedding", prepend=start)
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """Tied LM head: `[..., hidden]` -> float32 logits `[..., vocab]`."""
@@ -343,8 +356,8 @@ class LlamaEmbeddings(nn.Module):
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention with RoPE: `query`, `key`, `value`, `out` projections.
 
-    Prefix hook: `prefix_key` and `prefix_value` [n_prefix, kv_heads * head_dim] (see the module
-    docstring) are attended to by every query.
+    Prefix site (`hooks.key_value`): `prefix_key` and `prefix_value` [n_prefix, kv_heads *
+    head_dim] (see the module docstring) are attended to by every query.
     """
 
     config: LlamaConfig
@@ -384,12 +397,7 @@ class LlamaAttention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start)
             v = jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start)
             cache = LayerCache(k, v)
-        prefix = self._prefix(batch)
-        if prefix is not None:
-            n = prefix[0].shape[1]
-            k = jnp.concatenate([prefix[0].astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([prefix[1].astype(v.dtype), v], axis=1)
-            bias = jnp.concatenate([jnp.zeros((batch, seq, n), bias.dtype), bias], axis=-1)
+        k, v, bias = hooks.key_value(self, k, v, bias)
         # A fused kernel for whole sequences; the einsum path for cached decoding.
         impl = (
             "einsum"
@@ -399,14 +407,6 @@ class LlamaAttention(nn.Module):
         y = attention.dot_product_attention(q, k, v, bias[:, None], implementation=impl)
         y = y.reshape(batch, seq, cfg.num_heads * hd).astype(cfg.dtype)
         return _dense(cfg.hidden_size, cfg, "out")(y), cache
-
-    def _prefix(self, batch: int) -> tuple[jax.Array, jax.Array] | None:
-        """`(keys, values)` `[batch, n_prefix, kv_heads, head_dim]` from the prefix leaves."""
-        cfg = self.config
-        return hooks.prefix_key_values(
-            self, batch, heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
-            width=f"kv_heads * head_dim={cfg.kv_dim}",
-        )  # fmt: skip
 
 
 class LlamaMlp(nn.Module):
@@ -425,8 +425,9 @@ class LlamaMlp(nn.Module):
 class LlamaLayer(nn.Module):
     """One pre-norm decoder layer: `h = x + attn(norm(x))`, `y = h + mlp(norm(h))`.
 
-    Intervention hook: the output passes through `intervene(y, token_mask)`, the identity unless
-    a method replaces it with `nn.intercept_methods` (as `ftlab.peft.reft` does for BERT).
+    Adapter sites (`hooks.sublayer_output`): the attention output (`"attention"`) and the MLP
+    output (`"output"`), each before its residual add. Hidden-state site (`hooks.hidden`): the
+    layer's output.
     """
 
     config: LlamaConfig
@@ -441,31 +442,10 @@ class LlamaLayer(nn.Module):
             cache,
             index,
         )
-        h = x + a
-        y = h + LlamaMlp(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="mlp_norm")(h))
-        return self.intervene(y, token_mask), cache
-
-    def intervene(self, h: jax.Array, token_mask: jax.Array) -> jax.Array:
-        """The hidden-state hook point: identity unless a method intercepts it.
-
-        Args:
-            h: The layer's output `[batch, seq, hidden]` (soft-prompt positions included).
-            token_mask: `[batch, seq]`, 1 at real tokens, 0 at padding and soft-prompt positions.
-
-        Returns:
-            `h`.
-
-        Raises:
-            ValueError: the tree holds `reft` leaves here but no interceptor handled them.
-        """
-        del token_mask
-        if self.has_variable("params", REFT):
-            raise ValueError(
-                f"{_scope_path(self)}/{REFT} is in the params, but the model was applied without "
-                "an interceptor for LlamaLayer.intervene, so the intervention would be silently "
-                "skipped."
-            )
-        return h
+        h = x + hooks.sublayer_output(self, "attention", a)
+        m = LlamaMlp(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="mlp_norm")(h))
+        y = h + hooks.sublayer_output(self, "output", m)
+        return hooks.hidden(self, y, token_mask), cache
 
 
 def _positions_and_bias(
@@ -505,6 +485,7 @@ class LlamaDecoder(nn.Module):
     config: LlamaConfig
 
     @nn.compact
+    @hooks.track_root
     def __call__(
         self,
         input_ids: jax.Array,
@@ -590,6 +571,7 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
 
     @nn.compact
+    @hooks.track_root
     def __call__(
         self,
         input_ids: jax.Array,
@@ -639,7 +621,7 @@ def lm_logits(params: types.Params, hidden: jax.Array) -> jax.Array:
 
 def num_prompt(params: types.Params) -> int:
     """Number of soft-prompt rows in a `LlamaForCausalLM` tree (0 without a prompt)."""
-    prompt = params["decoder"]["embeddings"].get(PROMPT)
+    prompt = params["decoder"]["embeddings"].get(hooks.PROMPT)
     return 0 if prompt is None else int(prompt.shape[0])
 
 

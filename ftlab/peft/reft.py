@@ -1,6 +1,7 @@
-"""LoReFT: low-rank interventions on hidden states, as a tree transformation plus an interceptor.
+"""LoReFT: low-rank interventions on hidden states, as a tree transformation plus a hook handler.
 
-``init`` adds, for each chosen layer, the intervention's leaves::
+``init`` adds, for each chosen hidden-state site (`ftlab.models.hooks.hidden`, found by
+`hooks.discover`; on ftlab's models one per layer, in order), the intervention's leaves::
 
     encoder/layer_3/reft/rotation   [r, hidden]   trained; R = orthonormal_rows(rotation)
     encoder/layer_3/reft/weight     [r, hidden]   trained; W, starts equal to R
@@ -23,11 +24,12 @@ Positions are static settings, not leaves: the first ``first_n`` and the last ``
 tokens of each sequence (paper's "f1+l1" is ``first_n=1, last_n=1``), found from the attention
 mask with static shapes (no dynamic slicing; padding and soft-prompt positions never count).
 Where the two ranges overlap in a short sequence the position is edited once. They reach the
-model through :func:`wrap_apply`, which installs an interceptor on the model's hidden-state hook
-(`BertLayer.intervene`) inside the traced function, as `ftlab.peft.dense` does for LoRA. Applying
+model through :func:`wrap_apply`, which installs a handler on the model's hidden-state hook
+(`hooks.handling`) inside the traced function, as `ftlab.peft.dense` does for LoRA. Applying
 a tree with ``reft`` leaves without it is an error, never a silent no-op. A typical run::
 
-    params = reft.init(params, rng, layers=[2, 4], rank=4)
+    sites = hooks.discover(apply, params, example_batch, None)   # apply(params, batch, rng)
+    params = reft.init(params, rng, sites=sites, layers=[2, 4], rank=4)
     label_tree = partition.labels(params, reft.rules(extra=[("head/.*", "train")]))
     apply = reft.wrap_apply(apply, first_n=1, last_n=1)   # apply(params, batch, rng) -> logits
 
@@ -49,13 +51,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftlab.core import partition, sites
-from ftlab.models import bert
+from ftlab.core import partition
+from ftlab.models import hooks
 from ftlab.types import Params, PRNGKey
 
+__all__ = [
+    "LEAVES",
+    "Positions",
+    "adapter",
+    "init",
+    "intercept",
+    "intervene",
+    "orthonormal_rows",
+    "positions",
+    "rules",
+    "wrap_apply",
+]
+
 LEAVES = ("rotation", "weight", "bias")
-_LAYER = re.compile(r"(?P<layer>(?:.*/)?layer_(?P<index>\d+))/attention/key/kernel")
-_REFT_LEAF = re.compile(rf"(.*/)?layer_\d+/{bert.REFT}/({'|'.join(LEAVES)})")
+_REFT_LEAF = re.compile(rf"(.*/)?{hooks.REFT}/({'|'.join(LEAVES)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,62 +136,59 @@ def init(
     params: Params,
     rng: PRNGKey,
     *,
+    sites: Sequence[hooks.Site],
     layers: Sequence[int],
     rank: int,
     what: str = "config.peft",
 ) -> dict:
-    """Adds a LoReFT intervention after each layer in ``layers``.
+    """Adds a LoReFT intervention at each hidden-state site in ``layers``.
 
     Positions are not chosen here: they are static settings of :func:`wrap_apply`.
 
     Args:
-        params: A BERT tree (`BertEncoder` or `BertClassifier`) without interventions.
+        params: The model's tree, without interventions.
         rng: Key for the initial rotations.
-        layers: Indices of the layers whose outputs are edited (the paper edits all layers or a
-            few; e.g. ``[2, 4]``).
+        sites: The model's hook sites, from `hooks.discover(apply, params, *example)`.
+        layers: Indices into the model's hidden-state sites in call order (on ftlab's models,
+            the layer indices; the paper edits all layers or a few, e.g. ``[2, 4]``).
         rank: The subspace dimension r (the paper uses 1 to 8), at most the hidden width.
         what: How to name the config group in errors.
 
     Returns:
-        A new tree with ``<layer>/reft/{rotation,weight,bias}``: ``rotation`` a random
+        A new tree with ``<site>/reft/{rotation,weight,bias}``: ``rotation`` a random
         orthonormal [r, hidden], ``weight`` equal to ``orthonormal_rows(rotation)`` and ``bias``
         zero, so the intervention is exactly zero at init.
 
     Raises:
-        ValueError: a bad ``rank`` or layer index (naming ``config.peft.<field>``), or
-            interventions already in the tree.
+        ValueError: a bad ``rank`` or layer index (naming ``config.peft.<field>``), no
+            hidden-state site, or interventions already in the tree.
 
-    >>> p = {"layer_0": {"attention": {"key": {"kernel": np.zeros((4, 4))}}}}
-    >>> sorted(init(p, jax.random.key(0), layers=[0], rank=2)["layer_0"]["reft"])
+    >>> site = hooks.Site(hooks.HIDDEN, "layer_0", width=4)
+    >>> sorted(init({}, jax.random.key(0), sites=[site], layers=[0], rank=2)["layer_0"]["reft"])
     ['bias', 'rotation', 'weight']
     """
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(f"{what}.rank={rank!r} must be an integer >= 1 (the paper uses 1 to 8).")
     if isinstance(layers, (str, int)) or not len(layers):
         raise ValueError(f"{what}.layers={layers!r} must be a non-empty list of layer indices.")
-    flat = partition.flatten(params)
-    found = {int(m["index"]): m["layer"] for k in flat if (m := _LAYER.fullmatch(k))}
-    if not found:
-        raise ValueError(
-            f"reft.init: no '<...>/layer_<i>/attention/key/kernel' in the tree (example leaf: "
-            f"{next(iter(flat), None)!r}); pass a BERT encoder or classifier tree."
-        )
+    found = hooks.of_kind(sites, hooks.HIDDEN, what="reft.init")
     for j, i in enumerate(layers):
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or int(i) not in found:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < len(found):
             raise ValueError(
                 f"{what}.layers[{j}]={i!r} is not a layer of this model; it has layers "
-                f"0..{max(found)}."
+                f"0..{len(found) - 1}."
             )
     if len(set(int(i) for i in layers)) != len(layers):
         raise ValueError(f"{what}.layers={list(layers)} repeats a layer; list each once.")
+    flat = partition.flatten(params)
     existing = [k for k in flat if _REFT_LEAF.fullmatch(k)]
     if existing:
         raise ValueError(
             f"reft.init: {existing[0]} already exists; start from the base parameters."
         )
-    # The residual stream's width is the key projection's *input* size (its output is narrower
-    # under grouped-query attention, e.g. 192 against 576 in SmolLM2).
-    hidden = np.shape(flat[f"{found[int(layers[0])]}/attention/key/kernel"])[0]
+    # The residual stream's width, as the hook saw it (under grouped-query attention it is wider
+    # than the key projection's output, e.g. 576 against 192 in SmolLM2).
+    hidden = found[int(layers[0])].width
     if rank > hidden:
         raise ValueError(
             f"{what}.rank={rank} exceeds the hidden width {hidden}; R has orthonormal rows, so "
@@ -186,10 +197,12 @@ def init(
     out = dict(flat)
     for i in sorted(int(i) for i in layers):
         key = jax.random.fold_in(rng, i)
-        rotation = orthonormal_rows(jax.random.normal(key, (rank, hidden), jnp.float32))
-        out[f"{found[i]}/{bert.REFT}/rotation"] = rotation
-        out[f"{found[i]}/{bert.REFT}/weight"] = jax.jit(orthonormal_rows)(rotation)
-        out[f"{found[i]}/{bert.REFT}/bias"] = jnp.zeros((rank,), jnp.float32)
+        width = found[i].width
+        rotation = orthonormal_rows(jax.random.normal(key, (rank, width), jnp.float32))
+        name = found[i].leaf(hooks.REFT)
+        out[f"{name}/rotation"] = rotation
+        out[f"{name}/weight"] = jax.jit(orthonormal_rows)(rotation)
+        out[f"{name}/bias"] = jnp.zeros((rank,), jnp.float32)
     return partition.unflatten(out)
 
 
@@ -221,11 +234,10 @@ def intervene(leaves: Mapping[str, jax.Array], h: jax.Array, where: jax.Array) -
 
 
 def _leaves(module: nn.Module) -> dict | None:
-    if not module.has_variable("params", bert.REFT):
+    tree = hooks.hook_leaves(module, hooks.REFT)  # reports the read to ftlab.core.sites
+    if tree is None:
         return None
-    tree = module.variables["params"][bert.REFT]
-    sites.consume(module, bert.REFT)
-    path = "/".join(module.scope.path) + f"/{bert.REFT}"
+    path = f"{hooks.scope_path(module)}/{hooks.REFT}"
     got = {}
     for leaf in LEAVES:
         if not isinstance(tree, Mapping) or tree.get(leaf) is None:
@@ -248,23 +260,22 @@ def _leaves(module: nn.Module) -> dict | None:
     return got
 
 
-def _interceptor(where: Positions) -> Callable:
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != bert.INTERVENE_METHOD:
-            return next_fun(*args, **kwargs)
-        leaves = _leaves(context.module)
+def _handler(where: Positions) -> Callable:
+    def handler(module, h, token_mask):
+        leaves = _leaves(module)
         if leaves is None:
-            return next_fun(*args, **kwargs)
-        h, token_mask = args
+            return h
         sel = positions(token_mask, first_n=where.first_n, last_n=where.last_n)
         return intervene(leaves, h, sel)
 
-    return interceptor
+    return handler
 
 
 @contextlib.contextmanager
 def intercept(*, first_n: int = 1, last_n: int = 1, what: str = "config.peft") -> Iterator[None]:
-    """Applies every ``reft`` intervention in the tree while active; enter it inside traces.
+    """Applies every ``reft`` intervention at the model's hidden-state sites while active.
+
+    Enter it inside the traced function (as :func:`wrap_apply` does).
 
     Args:
         first_n: Edit the first ``first_n`` real tokens of each sequence.
@@ -276,7 +287,7 @@ def intercept(*, first_n: int = 1, last_n: int = 1, what: str = "config.peft") -
             mis-shaped (naming the leaf path).
     """
     where = Positions(first_n=first_n, last_n=last_n, what=what)
-    with nn.intercept_methods(_interceptor(where)):
+    with hooks.handling(hooks.HIDDEN, _handler(where)):
         yield
 
 
@@ -285,23 +296,17 @@ def wrap_apply(
 ) -> Callable:
     """Returns ``apply_fn`` running inside :func:`intercept`, same signature and result.
 
-    Wrapping (rather than entering the context around a jitted call) puts the interceptor
-    inside whatever `jax.jit` or `jax.grad` traces it.
-
-    >>> model = bert.BertEncoder(bert.BertConfig.tiny(dropout_rate=0.0))
-    >>> ids = jnp.ones((1, 4), jnp.int32)
-    >>> p = init(model.init(jax.random.key(0), ids, ids)["params"], jax.random.key(1),
-    ...          layers=[1], rank=2)
-    >>> f = wrap_apply(lambda q: model.apply({"params": q}, ids, ids), first_n=1, last_n=0)
-    >>> jax.jit(f)(p).shape
-    (1, 4, 16)
+    Wrapping (rather than entering the context around a jitted call) puts the handler inside
+    whatever `jax.jit` or `jax.grad` traces it. The call is checked like `hooks.wrap_apply`: an
+    intervention (or any method leaf) of the first argument that the model did not read raises.
     """
     Positions(first_n=first_n, last_n=last_n, what=what)  # validate now, not at trace time
 
     @functools.wraps(apply_fn)
-    def wrapped(*args, **kwargs):
-        with intercept(first_n=first_n, last_n=last_n, what=what):
-            return apply_fn(*args, **kwargs)
+    def wrapped(params, *args, **kwargs):
+        with hooks.tracking(params, what="reft.wrap_apply(apply)"):
+            with intercept(first_n=first_n, last_n=last_n, what=what):
+                return apply_fn(params, *args, **kwargs)
 
     return wrapped
 
@@ -310,9 +315,9 @@ def rules(*, extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """Partition rules that train the interventions (and ``extra``) and freeze the rest.
 
     >>> rules()
-    [('(.*/)?layer_\\\\d+/reft/.*', 'train'), ('.*', 'frozen')]
+    [('(.*/)?reft/.*', 'train'), ('.*', 'frozen')]
     """
-    return [*extra, (rf"(.*/)?layer_\d+/{bert.REFT}/.*", "train"), (".*", partition.FROZEN)]
+    return [*extra, (rf"(.*/)?{hooks.REFT}/.*", "train"), (".*", partition.FROZEN)]
 
 
 def adapter(params: Params) -> dict:
@@ -329,7 +334,7 @@ def adapter(params: Params) -> dict:
     if not out:
         top = sorted({k.split("/")[0] for k in flat})
         raise ValueError(
-            f"reft.adapter: no '<...>/layer_<i>/{bert.REFT}/...' leaf in the tree (top-level "
+            f"reft.adapter: no '<...>/{hooks.REFT}/...' leaf in the tree (top-level "
             f"names: {', '.join(top)}); add them with reft.init(...) first."
         )
     return partition.unflatten(out)

@@ -41,9 +41,11 @@ def test_prefix_tuning_trains_on_the_stacked_decoder_tree():
     plain = llama.init(cfg, jax.random.key(0))
     config = ml_collections.ConfigDict({"peft": {"length": 3, "prefix_hidden_mlp": 8}})
     params, _, wrap, to_plain = decoder_tuning.add_method(
-        config, "prefix", llama.stack_layers(plain), jax.random.key(1)
+        config, "prefix", llama.stack_layers(plain), jax.random.key(1), model_config=cfg
     )
-    same, _, _, _ = decoder_tuning.add_method(config, "prefix", plain, jax.random.key(1))
+    same, _, _, _ = decoder_tuning.add_method(
+        config, "prefix", plain, jax.random.key(1), model_config=cfg
+    )
     batch = {
         "input_ids": jnp.array([[1, 2, 3, 4], [5, 6, 7, 0]]),
         "attention_mask": jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]]),

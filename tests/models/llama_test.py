@@ -3,14 +3,13 @@
 import pathlib
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ftlab.core import partition
-from ftlab.models import llama
+from ftlab.models import hooks, llama
 from ftlab.peft import lora, prefix, prompt
 
 CFG = llama.LlamaConfig.tiny()
@@ -29,6 +28,11 @@ def params():
     return jax.tree_util.tree_map_with_path(
         lambda path, x: x * 1.5 if "norm" in partition.path_name(path) else x, p
     )
+
+
+@pytest.fixture(scope="module")
+def sites(params):
+    return hooks.discover(lambda p: MODEL.apply({"params": p}, jnp.ones((1, 3), jnp.int32)), params)
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +173,9 @@ def _two_chunks(tree, ids, split, size):
     return a, b, cache
 
 
-def test_soft_prompt_equals_prepended_tokens(params, apply):
+def test_soft_prompt_equals_prepended_tokens(params, sites, apply):
     """A prompt whose rows are word embeddings acts exactly like those tokens in front."""
-    tree = prompt.init(params, jax.random.key(2), length=3)
+    tree = prompt.init(params, jax.random.key(2), sites=sites, length=3)
     rows = tree["decoder"]["embeddings"]["prompt"]
     table = params["decoder"]["embeddings"]["word_embeddings"]["embedding"]
     tokens = [int(jnp.argmin(jnp.sum((table - r[None]) ** 2, axis=1))) for r in rows]
@@ -186,8 +190,9 @@ def test_soft_prompt_equals_prepended_tokens(params, apply):
     assert int(cache.index) == 7
 
 
-def test_prefix_hook_with_and_without_cache(params, apply):
-    tree = prefix.finalize(prefix.init(params, jax.random.key(3), length=2, hidden_mlp=8))
+def test_prefix_hook_with_and_without_cache(params, sites, apply):
+    tree = prefix.init(params, jax.random.key(3), sites=sites, length=2, hidden_mlp=8)
+    tree = prefix.finalize(tree, sites)
     assert tree["decoder"]["layer_0"]["attention"]["prefix_key"].shape == (2, CFG.kv_dim)
     ids = np.array([[4, 5, 6, 7, 8]])
     full = apply(tree, ids, np.ones_like(ids))
@@ -200,17 +205,16 @@ def test_prefix_hook_with_and_without_cache(params, apply):
         jax.eval_shape(lambda p: MODEL.apply({"params": p}, ids), bad)
 
 
-def test_intervene_hook(params):
+def test_hidden_state_hook(params):
     ids = jnp.array([[1, 2, 3]])
 
-    def zero_layer_1(next_fun, args, kwargs, context):
-        if context.method_name == llama.INTERVENE_METHOD and context.module.name == "layer_1":
-            return jnp.zeros_like(args[0])
-        return next_fun(*args, **kwargs)
+    def zero_layer_1(module, h, token_mask):
+        del token_mask
+        return jnp.zeros_like(h) if module.name == "layer_1" else h
 
     @jax.jit
     def hidden(p):
-        with nn.intercept_methods(zero_layer_1):
+        with hooks.handling(hooks.HIDDEN, zero_layer_1):
             return MODEL.apply({"params": p}, ids, return_hidden=True)
 
     out = hidden(params)
@@ -220,6 +224,21 @@ def test_intervene_hook(params):
     bad["decoder"]["layer_0"]["reft"] = {"bias": jnp.zeros(2)}
     with pytest.raises(ValueError, match="decoder/layer_0/reft is in the params"):
         jax.eval_shape(lambda p: MODEL.apply({"params": p}, ids), bad)
+
+
+def test_sites_are_one_per_hook_call_in_order(sites):
+    kinds = [(s.kind, s.path, s.name) for s in sites]
+    assert kinds[0] == (hooks.EMBEDDINGS, "decoder/embeddings", "")
+    assert sites[0].table == "decoder/embeddings/word_embeddings/embedding"
+    layer = [k for k in kinds if k[1].startswith("decoder/layer_1")]
+    assert layer == [
+        (hooks.KEY_VALUE, "decoder/layer_1/attention", ""),
+        (hooks.SUBLAYER, "decoder/layer_1", "attention"),
+        (hooks.SUBLAYER, "decoder/layer_1", "output"),
+        (hooks.HIDDEN, "decoder/layer_1", ""),
+    ]
+    kv = sites[1]
+    assert (kv.heads, kv.head_dim, kv.width) == (CFG.num_kv_heads, CFG.head_dim, CFG.kv_dim)
 
 
 def test_bf16_compute_close_to_float32(params):

@@ -1,5 +1,7 @@
 """Houlsby adapters: exact identity at init, placement, training moves only adapters, errors."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 
 from ftlab import testing
 from ftlab.core import partition
-from ftlab.models import bert
+from ftlab.models import bert, hooks
 from ftlab.peft import adapters
 
 TINY = bert.BertConfig.tiny(dropout_rate=0.0)
@@ -26,13 +28,19 @@ def _batch(seed=0, n=4, seq=7):
     return testing.classifier_batch(TINY, seed=seed, n=n, seq=seq)
 
 
+@functools.cache
+def _sites():
+    """The model's hook sites, traced once (`hooks.discover`)."""
+    return hooks.discover(_apply, testing.random_params(MODEL, _batch()), _batch(), None)
+
+
 @pytest.fixture(scope="module")
 def base():
     return testing.random_params(MODEL, _batch())
 
 
 def _with_adapters(base):
-    return adapters.init(base, jax.random.key(1), bottleneck=BOTTLENECK)
+    return adapters.init(base, jax.random.key(1), sites=_sites(), bottleneck=BOTTLENECK)
 
 
 def test_init_adds_two_adapters_per_layer_and_is_exact_identity(base):
@@ -44,7 +52,7 @@ def test_init_adds_two_adapters_per_layer_and_is_exact_identity(base):
     assert np.std(a["down"]["kernel"]) > 0 and not np.any(a["up"]["kernel"])
     # The adapter itself is an exact identity at init: x + (gelu(x @ down) @ 0 + 0) == x.
     x = np.random.default_rng(1).normal(size=(2, 3, TINY.hidden_size)).astype(np.float32)
-    y = jax.jit(bert.BertAdapter(TINY, BOTTLENECK).apply)({"params": a}, x)
+    y = jax.jit(hooks.adapter)(a, x)
     np.testing.assert_array_equal(y, x)
     # The whole model agrees to float rounding only: XLA fuses the base model's `out` dense with
     # the residual add (a GEMM accumulating into x), and the adapter between them changes that
@@ -91,7 +99,7 @@ def test_rules_with_layer_norms():
 @pytest.mark.parametrize("bottleneck", [0, 2.5, True])
 def test_bad_bottleneck_names_the_config_key(base, bottleneck):
     with pytest.raises(ValueError, match=r"config\.peft\.bottleneck"):
-        adapters.init(base, jax.random.key(0), bottleneck=bottleneck)
+        adapters.init(base, jax.random.key(0), sites=_sites(), bottleneck=bottleneck)
 
 
 def test_half_an_adapter_names_the_leaf_path(base):
@@ -101,4 +109,4 @@ def test_half_an_adapter_names_the_leaf_path(base):
     with pytest.raises(ValueError, match="encoder/layer_1/attention_adapter/up/bias is missing"):
         jax.eval_shape(_apply, params, b, None)
     with pytest.raises(ValueError, match="already exists"):
-        adapters.init(_with_adapters(base), jax.random.key(0), bottleneck=2)
+        adapters.init(_with_adapters(base), jax.random.key(0), sites=_sites(), bottleneck=2)

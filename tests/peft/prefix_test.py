@@ -1,5 +1,7 @@
 """Prefix tuning: finalized equals training-time, prefixes attend, training, errors."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 
 from ftlab import testing
 from ftlab.core import partition
-from ftlab.models import attention, bert
+from ftlab.models import attention, bert, hooks
 from ftlab.peft import prefix
 
 TINY = bert.BertConfig.tiny(dropout_rate=0.0)
@@ -22,11 +24,14 @@ def _apply(params, batch, rng):
     return MODEL.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
 
 
-APPLY = prefix.wrap_apply(_apply)
-
-
 def _batch(seed=0, n=4, seq=7):
     return testing.classifier_batch(TINY, seed=seed, n=n, seq=seq)
+
+
+@functools.cache
+def _sites():
+    """The model's hook sites, traced once (`hooks.discover`)."""
+    return hooks.discover(_apply, testing.random_params(MODEL, _batch()), _batch(), None)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,13 @@ def base():
 
 
 def _with_prefix(base):
-    return prefix.init(base, jax.random.key(1), length=LENGTH, hidden_mlp=HIDDEN_MLP)
+    return prefix.init(
+        base, jax.random.key(1), sites=_sites(), length=LENGTH, hidden_mlp=HIDDEN_MLP
+    )
+
+
+def APPLY(params, batch, rng):  # noqa: N802 (a constant wrapped function)
+    return prefix.wrap_apply(_apply, _sites())(params, batch, rng)
 
 
 def test_init_materialize_and_finalize_trees(base):
@@ -44,7 +55,7 @@ def test_init_materialize_and_finalize_trees(base):
     chex.assert_shape(
         params["prefix_mlp"]["dense_1"]["kernel"], (HIDDEN_MLP, 2 * TINY.num_layers * 16)
     )
-    final = prefix.finalize(params)
+    final = prefix.finalize(params, _sites())
     assert "prefix_mlp" not in final
     added = sorted(set(partition.flatten(final)) - set(partition.flatten(base)))
     assert added == [
@@ -58,7 +69,7 @@ def test_finalized_tree_equals_training_time_output_and_prefixes_attend(base):
     batch = _batch(1)
     trained_path, served, plain = jax.jit(
         lambda p, f, b: (APPLY(p, batch, None), _apply(f, batch, None), _apply(b, batch, None))
-    )(params, prefix.finalize(params), base)
+    )(params, prefix.finalize(params, _sites()), base)
     np.testing.assert_array_equal(served, trained_path)
     assert np.max(np.abs(served - plain)) > 1e-3
 
@@ -99,7 +110,7 @@ def test_training_moves_only_the_mlp_and_head_and_lowers_the_loss(base):
     assert all(k.startswith(("head/", "prefix_mlp/")) for k in partition.flatten(trainable0))
     state = testing.assert_trains_only(params, label_tree, tx, APPLY, _batch(3), steps=4)
     # The served tree is the frozen base plus prefixes only.
-    served = prefix.finalize(state.params)
+    served = prefix.finalize(state.params, _sites())
     assert set(partition.flatten(prefix.adapter(served))) == {
         f"encoder/layer_{i}/attention/prefix_{kv}" for i in range(2) for kv in ("key", "value")
     }
@@ -114,17 +125,19 @@ def test_training_moves_only_the_mlp_and_head_and_lowers_the_loss(base):
 )
 def test_init_errors_name_the_config_key(base, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        prefix.init(base, jax.random.key(0), **(dict(length=LENGTH, hidden_mlp=4) | kwargs))
+        prefix.init(
+            base, jax.random.key(0), sites=_sites(), **(dict(length=LENGTH, hidden_mlp=4) | kwargs)
+        )
 
 
 def test_incomplete_trees_name_the_leaf_path(base):
-    final = prefix.finalize(_with_prefix(base))
+    final = prefix.finalize(_with_prefix(base), _sites())
     del final["encoder"]["layer_1"]["attention"]["prefix_value"]
     with pytest.raises(ValueError, match="encoder/layer_1/attention/prefix_value is missing"):
         jax.eval_shape(_apply, final, _batch(), None)
     params = _with_prefix(base)
     del params["prefix_mlp"]["dense_1"]["bias"]
     with pytest.raises(ValueError, match="prefix_mlp/dense_1/bias is missing"):
-        prefix.materialize(params)
+        prefix.materialize(params, _sites())
     with pytest.raises(ValueError, match="prefix_key already exists next to prefix_mlp"):
-        prefix.materialize(prefix.materialize(_with_prefix(base)))
+        prefix.materialize(prefix.materialize(_with_prefix(base), _sites()), _sites())

@@ -1,5 +1,7 @@
 """Prompt tuning: prompt placement, masking and pooling, vocab init, training, errors."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 
 from ftlab import testing
 from ftlab.core import partition
-from ftlab.models import bert
+from ftlab.models import bert, hooks
 from ftlab.peft import prompt
 
 TINY = bert.BertConfig.tiny(dropout_rate=0.0)
@@ -27,6 +29,12 @@ def _batch(seed=0, n=4, seq=7):
     return testing.classifier_batch(TINY, seed=seed, n=n, seq=seq)
 
 
+@functools.cache
+def _sites():
+    """The model's hook sites, traced once (`hooks.discover`)."""
+    return hooks.discover(_apply, testing.random_params(MODEL, _batch()), _batch(), None)
+
+
 @pytest.fixture(scope="module")
 def base():
     return testing.random_params(MODEL, _batch())
@@ -38,18 +46,18 @@ def _encode(params, ids, mask):
 
 
 def test_vocab_init_copies_distinct_word_rows(base):
-    params = prompt.init(base, jax.random.key(1), length=LENGTH)
+    params = prompt.init(base, sites=_sites(), rng=jax.random.key(1), length=LENGTH)
     p = np.asarray(params["encoder"]["embeddings"]["prompt"])
     table = np.asarray(base["encoder"]["embeddings"]["word_embeddings"]["embedding"])
     chex.assert_shape(p, (LENGTH, TINY.hidden_size))
     rows = [int(np.flatnonzero((table == r).all(-1))[0]) for r in p]
     assert len(set(rows)) == LENGTH
-    rnd = prompt.init(base, jax.random.key(1), length=LENGTH, init="random")
+    rnd = prompt.init(base, sites=_sites(), rng=jax.random.key(1), length=LENGTH, init="random")
     assert np.max(np.abs(rnd["encoder"]["embeddings"]["prompt"])) <= 0.5
 
 
 def test_prompt_is_prepended_attended_and_padding_stays_invisible(base):
-    params = prompt.init(base, jax.random.key(1), length=LENGTH)
+    params = prompt.init(base, sites=_sites(), rng=jax.random.key(1), length=LENGTH)
     enc, enc0 = params["encoder"], base["encoder"]
     rng = np.random.default_rng(3)
     sentence = rng.integers(1, TINY.vocab_size, 5).astype(np.int32)
@@ -69,7 +77,7 @@ def test_prompt_is_prepended_attended_and_padding_stays_invisible(base):
 
 
 def test_classifier_pools_over_real_tokens_only(base):
-    params = prompt.init(base, jax.random.key(1), length=LENGTH)
+    params = prompt.init(base, sites=_sites(), rng=jax.random.key(1), length=LENGTH)
     b = _batch(1)
     ids, mask = b["input_ids"], b["attention_mask"]
     hidden = _encode(params["encoder"], ids, mask)
@@ -83,7 +91,9 @@ def test_classifier_pools_over_real_tokens_only(base):
 
 
 def test_training_moves_only_prompt_and_head_and_lowers_the_loss(base):
-    params = jax.tree.map(jnp.array, prompt.init(base, jax.random.key(1), length=LENGTH))
+    params = jax.tree.map(
+        jnp.array, prompt.init(base, sites=_sites(), rng=jax.random.key(1), length=LENGTH)
+    )
     label_tree = partition.labels(params, prompt.rules(extra=[("head/.*", "train")]))
     tx = partition.optimizer({"train": optax.adam(1e-2)}, label_tree)
     trainable0, _ = partition.split(jax.tree.map(np.array, params), label_tree)
@@ -101,11 +111,11 @@ def test_training_moves_only_prompt_and_head_and_lowers_the_loss(base):
 )
 def test_init_errors_name_the_config_key(base, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        prompt.init(base, jax.random.key(0), **({"length": LENGTH} | kwargs))
+        prompt.init(base, sites=_sites(), rng=jax.random.key(0), **({"length": LENGTH} | kwargs))
 
 
 def test_misshaped_prompt_names_the_leaf_path(base):
-    params = prompt.init(base, jax.random.key(1), length=LENGTH)
+    params = prompt.init(base, sites=_sites(), rng=jax.random.key(1), length=LENGTH)
     params["encoder"]["embeddings"]["prompt"] = np.zeros((LENGTH, 5), np.float32)
     with pytest.raises(ValueError, match=r"encoder/embeddings/prompt has shape \(3, 5\)"):
         jax.eval_shape(_apply, params, _batch(), None)

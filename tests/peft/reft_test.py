@@ -1,5 +1,7 @@
 """LoReFT: exact at init, edits only chosen positions, R stays orthonormal, training, errors."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 
 from ftlab import testing
 from ftlab.core import partition, train
-from ftlab.models import bert
+from ftlab.models import bert, hooks
 from ftlab.peft import reft
 from ftlab.tasks import classification
 
@@ -31,13 +33,19 @@ def _batch(seed=0, n=4, seq=7):
     return testing.classifier_batch(TINY, seed=seed, n=n, seq=seq)
 
 
+@functools.cache
+def _sites():
+    """The model's hook sites, traced once (`hooks.discover`)."""
+    return hooks.discover(_apply, testing.random_params(MODEL, _batch()), _batch(), None)
+
+
 @pytest.fixture(scope="module")
 def base():
     return testing.random_params(MODEL, _batch())
 
 
 def _with_reft(base, layers=(0, 1)):
-    return reft.init(base, jax.random.key(1), layers=list(layers), rank=RANK)
+    return reft.init(base, jax.random.key(1), sites=_sites(), layers=list(layers), rank=RANK)
 
 
 def test_positions_are_first_and_last_real_tokens():
@@ -126,7 +134,7 @@ def test_training_keeps_r_orthonormal_moves_only_reft_and_head(base):
 )
 def test_init_errors_name_the_config_key(base, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        reft.init(base, jax.random.key(0), **(dict(layers=[0], rank=RANK) | kwargs))
+        reft.init(base, jax.random.key(0), sites=_sites(), **(dict(layers=[0], rank=RANK) | kwargs))
 
 
 def test_apply_errors_name_the_leaf_path(base):
@@ -144,7 +152,10 @@ def test_init_sizes_interventions_by_the_residual_width_under_grouped_query_atte
     from ftlab.models import llama
 
     config = llama.LlamaConfig.tiny()  # hidden 16, key/value projections 8 wide (GQA)
-    params = reft.init(llama.init(config, jax.random.key(0)), jax.random.key(1), layers=[0], rank=2)
+    base = llama.init(config, jax.random.key(0))
+    model = llama.LlamaForCausalLM(config)
+    sites = hooks.discover(lambda p: model.apply({"params": p}, jnp.ones((1, 3), jnp.int32)), base)
+    params = reft.init(base, jax.random.key(1), sites=sites, layers=[0], rank=2)
     leaves = partition.flatten(reft.adapter(params))
     widths = {v.shape[-1] for k, v in leaves.items() if v.ndim == 2}
     assert config.hidden_size in widths and config.kv_dim not in widths, leaves
