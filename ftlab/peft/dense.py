@@ -275,6 +275,15 @@ class Layer:
         """Columns of the kernel as a matrix: the product of its output axes."""
         return math.prod(self.kernel_shape[self.n_in :])
 
+    @property
+    def in_scale_shape(self) -> tuple[int, ...]:
+        """The shape of IA3's ``ia3_scale_in``: ``(fan_in,)``, for a convolution
+        ``(1, ..., 1, in_channels)``, which broadcasts over the kernel's window axes (and so
+        tells `ftlab.peft.ia3.merge` which axis it scales without knowing the layer type)."""
+        if self.kind == "Conv":
+            return (1,) * (self.n_in - 1) + (self.in_features,)
+        return (self.fan_in,)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
@@ -512,8 +521,8 @@ def select(
     kinds = [_kind_name(t, f"{arg}layer_types[{i}]") for i, t in enumerate(layer_types)]
     if not targets and not kinds and not allow_empty:
         raise ValueError(
-            f"{arg}targets and {arg}layer_types are both empty; name at least one module regex "
-            f"or layer type ({', '.join(KINDS)})."
+            f"{arg}targets and {arg if arg.endswith('.') else ''}layer_types are both empty; "
+            f"name at least one module regex or layer type ({', '.join(KINDS)})."
         )
     if kinds and layers is None:
         raise ValueError(
@@ -687,17 +696,17 @@ def _check_leaves(module: nn.Module, present: set[str], geo: _Geometry, opts: Op
                 f"{path}: rank={opts.lora_rank} but {path}/{LORA_A} has rank {a.shape[1]}, so the "
                 f"scale alpha / rank would be wrong; pass the rank the adapter was trained with."
             )
-    for name, size, axis in (
-        (DORA_M, d_out, "out"),
-        (IA3_SCALE, d_out, "out"),
-        (IA3_SCALE_IN, geo.layer.in_features, "in"),
+    for name, expected, axis in (
+        (DORA_M, (d_out,), "out"),
+        (IA3_SCALE, (d_out,), "out"),
+        (IA3_SCALE_IN, geo.layer.in_scale_shape, "in"),
     ):
         if name in present:
             shape = module.get_variable("params", name).shape
-            if shape != (size,):
+            if tuple(shape) != tuple(expected):
                 raise ValueError(
-                    f"{path}/{name}: shape {shape}, expected [{axis}] = ({size},) for kernel "
-                    f"{kshape}."
+                    f"{path}/{name}: shape {shape}, expected [{axis}] = {tuple(expected)} for "
+                    f"kernel {kshape}."
                 )
 
 
@@ -709,7 +718,7 @@ def _trailing(v: jax.Array, y: jax.Array, sizes: tuple[int, ...]) -> jax.Array:
 def _scale_input(x: jax.Array, v: jax.Array, geo: _Geometry) -> jax.Array:
     """``x`` times the flat vector ``v`` laid over the axes ``geo.x_axes`` (kernel order)."""
     if geo.layer.kind in ("Dense", "Conv"):  # the last axis of x
-        return x * _broadcast_last(v.astype(x.dtype), x)
+        return x * _broadcast_last(v.reshape(-1).astype(x.dtype), x)
     v = v.astype(x.dtype).reshape(geo.x_sizes)
     order = sorted(range(len(geo.x_axes)), key=lambda i: geo.x_axes[i])
     v = jnp.transpose(v, order)
