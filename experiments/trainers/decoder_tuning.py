@@ -62,7 +62,9 @@ def add_method(config: ml_collections.ConfigDict, method: str, params, rng):
         params = prefix.init(params, rng, length=p.length, hidden_mlp=p.prefix_hidden_mlp)
         return params, prefix.rules(), prefix.wrap_apply, prefix.finalize
     if method in ("lora", "qlora"):
-        params = lora.init(params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha)
+        params = lora.init(
+            params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha, what="config.peft"
+        )
         wrap = lambda f: lora.wrap_apply(f, alpha=p.alpha, rank=p.rank)  # noqa: E731
         if method == "lora":
             return params, lora.rules(), wrap, lambda t: lora.merge(t, alpha=p.alpha, rank=p.rank)

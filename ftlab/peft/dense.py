@@ -447,7 +447,8 @@ def layers(apply_fn: Callable, *args, **kwargs) -> dict[str, Layer]:
         else:
             return next_fun(*a, **kw)
         geo = _geometry(module, _input(a, kw), shape, a, kw)
-        found.setdefault(geo.layer.path, geo.layer)
+        path = "/".join(module.scope.path)  # "" for a bare layer applied on its own
+        found.setdefault(path, dataclasses.replace(geo.layer, path=path))
         return next_fun(*a, **kw)
 
     with nn.intercept_methods(record):
