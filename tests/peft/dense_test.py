@@ -8,6 +8,8 @@ frozen kernel. Single layers of each kind with unusual settings (strides, circul
 padding, non-last axes, ellipsis equations) check merge against the factored forward pass.
 """
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -16,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from ftlab.core import partition
+from ftlab.core import partition, sites
 from ftlab.peft import dense, dora, ia3, lora
 
 RANK, ALPHA = 3, 6.0
@@ -291,3 +293,140 @@ def test_merge_equals_factored_on_each_layer_setting(zoo, method):
         np.testing.assert_allclose(y_merged[n], y[n], atol=1e-4, rtol=1e-4, err_msg=n)
     if unmerge is not None:
         chex.assert_trees_all_close(unmerge(merged, params), params, atol=1e-5)
+
+
+# -- selecting layers, and the errors ------------------------------------------------------------
+
+
+def _leaf_modules(params):
+    return sorted({k.rpartition("/")[0] for k in partition.flatten(params) if "lora_" in k})
+
+
+def test_select_by_type_by_path_or_both(base, found):
+    kw = dict(rank=2, alpha=4.0, layers=found)
+    by_type = lora.init(base, jax.random.key(0), layer_types=[nn.Conv], **kw)
+    assert _leaf_modules(by_type) == ["patch"]
+    both = lora.init(base, jax.random.key(0), targets=["head"], layer_types=["DenseGeneral"], **kw)
+    assert _leaf_modules(both) == ["attn/key", "attn/out", "attn/query", "attn/value", "head"]
+    # Without layers the candidates are the 2-D kernels, taken as [in, out]: only the head here.
+    plain = lora.init(base, jax.random.key(0), targets=[".*"], rank=2, alpha=4.0)
+    assert _leaf_modules(plain) == ["head"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(layer_types=["Conv"]), r"lora\.init: layer_types needs layers=dense\.layers"),
+        (
+            dict(targets=["attn/query"]),
+            r"lora\.init: targets\[0\]: .* not \[in, out\] matrices \(attn/query \[6, 2, 4\]\); "
+            r"pass layers=",
+        ),
+        (dict(layer_types=["LSTM"], layers={}), r"lora\.init: layer_types\[0\]: 'LSTM' is not"),
+        (dict(), r"lora\.init: targets and layer_types are both empty"),
+        (dict(targets=["head"], what="config.peft", rank=9), r"config\.peft\.rank=9 exceeds"),
+    ],
+    ids=["types-without-layers", "3d-without-layers", "unknown-type", "nothing", "config-prefix"],
+)
+def test_init_errors_name_the_argument(base, kwargs, match):
+    kwargs = dict(rank=2, alpha=4.0) | kwargs
+    with pytest.raises(ValueError, match=match):
+        lora.init(base, jax.random.key(0), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "layer, shape, match",
+    [
+        (
+            nn.Einsum((4, 2, 3), "btd,hdk->bthk"),
+            (2, 3, 2),
+            r"nn\.Einsum 'btd,hdk->bthk': .* contracted axes \('d'\) first .* "
+            r"e\.g\. 'btd,dhk->bthk'",
+        ),
+        (nn.Conv(4, (3,), feature_group_count=2), (2, 5, 4), r"feature_group_count=2"),
+        (nn.DenseGeneral(3, batch_dims=(0,)), (2, 4), r"batch_dims=\(0,\)"),
+    ],
+    ids=["einsum-order", "grouped-conv", "batch-dims"],
+)
+def test_layers_the_methods_cannot_reach_are_refused_by_name(layer, shape, match):
+    x = jnp.ones(shape)
+    p = {"layer": jax.tree.map(np.asarray, layer.init(jax.random.key(0), x)["params"])}
+
+    def f(p, x):
+        return layer.apply({"params": p["layer"]}, x)
+
+    (found,) = dense.layers(f, p, x).values()
+    found = {"layer": dataclasses.replace(found, path="layer")}
+    with pytest.raises(ValueError, match=r"lora\.init: targets: layer is a layer .*" + match):
+        lora.init(p, jax.random.key(0), targets=["layer"], layers=found, rank=1, alpha=1.0)
+    # Leaves put there by hand are refused when applied, naming the module, never ignored.
+    a = np.ones((found["layer"].fan_in, 1), np.float32)
+    b = np.ones((1, found["layer"].fan_out), np.float32)
+    p["layer"] |= {"lora_a": a, "lora_b": b}
+    with pytest.raises(ValueError, match=match):
+        lora.wrap_apply(f, alpha=1.0, rank=1)(p, x)
+
+
+# -- nothing silent: LoRA leaves that no layer used raise ----------------------------------------
+
+
+class Bypass(nn.Module):
+    """A layer that reads its own kernel instead of calling a Flax linear layer."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 3))
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.ConvTranspose(3, (2,)), Bypass()], ids=["conv-transpose", "own-kernel"]
+)
+def test_lora_leaves_no_layer_consumed_raise(layer):
+    x = jnp.ones((2, 4, 5))
+    p = {"net": dict(layer.init(jax.random.key(0), x)["params"])}
+    k = p["net"]["kernel"]
+    p["net"] |= {"lora_a": jnp.ones((int(np.prod(k.shape[:-1])), 1)), "lora_b": jnp.ones((1, 3))}
+    f = lora.wrap_apply(lambda p, x: layer.apply({"params": p["net"]}, x), alpha=1.0, rank=1)
+    with pytest.raises(sites.UnconsumedLeavesError, match=r"net/lora_a, net/lora_b"):
+        f(p, x)
+
+
+def test_a_function_jitted_earlier_without_the_wrapper_is_never_reused_silently():
+    model = nn.Dense(2)
+    x = jnp.ones((1, 3))
+    p = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+    p |= {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2))}
+
+    def f(p, x):
+        return model.apply({"params": p}, x)
+
+    jitted = jax.jit(f)
+    base_out = jitted(p, x)  # traced without the interceptor: the base model
+    with pytest.raises(sites.UnconsumedLeavesError, match="lora_a"):
+        lora.wrap_apply(jitted, alpha=2.0, rank=1)(p, x)  # the cached trace skips LoRA
+    # jit outside the wrapper traces with the interceptor and applies the adapter.
+    adapted = jax.jit(lora.wrap_apply(f, alpha=2.0, rank=1))(p, x)
+    np.testing.assert_allclose(adapted - base_out, 2.0 * 3.0 * jnp.ones((1, 2)))
+
+
+# -- the remaining silent paths of the LoRA verbs (issue 17, item 8) -----------------------------
+
+
+def test_wrap_apply_with_another_rank_than_the_leaves_raises():
+    model = nn.Dense(4)
+    p = {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}
+    p |= {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 4))}
+    f = lora.wrap_apply(lambda p, x: model.apply({"params": p}, x), alpha=40.0, rank=2)
+    f(p, jnp.ones((1, 4)))  # the leaves' own rank is fine
+    # rank=4 with alpha=40 would scale by 10 instead of 20 (merge refuses it as well).
+    wrong = lora.wrap_apply(lambda p, x: model.apply({"params": p}, x), alpha=40.0, rank=4)
+    with pytest.raises(ValueError, match=r"rank=4 but .*lora_a has rank 2, so the scale"):
+        wrong(p, jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match=r"rank=4 but .*lora_a has rank 2"):
+        lora.merge({"d": p}, alpha=40.0, rank=4)
+
+
+def test_merge_refuses_lora_leaves_without_a_kernel():
+    p = {"q": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 4))}, "h": {"kernel": 1.0}}
+    with pytest.raises(ValueError, match=r"lora\.merge: q holds lora_a/lora_b but no q/kernel"):
+        lora.merge(p, alpha=1.0, rank=2)
