@@ -1,9 +1,13 @@
-"""One interception of `nn.Dense.__call__` shared by the dense-layer PEFT methods.
+"""One interception of Flax's linear layers shared by the dense-layer PEFT methods.
 
 A dense-layer method stores its leaves next to the kernel it modifies, e.g.
 ``encoder/layer_3/attention/query/lora_a``, and the model is applied unchanged inside
-:func:`intercept`, which changes the output of every `nn.Dense` that carries such leaves. Models
-need no edit: any linen model built from `nn.Dense` gets every method. The leaves it knows:
+:func:`intercept`, which changes the output of every linear layer that carries such leaves:
+`nn.Dense`, `nn.DenseGeneral` (so `nn.MultiHeadDotProductAttention`), `nn.Einsum` and `nn.Conv`.
+Models need no edit. Each kernel is treated as the matrix [in, out] = [fan_in, fan_out] of its
+``(*in axes, *out axes)`` layout (:class:`Layer`; a convolution's in axes are its window and input
+channels), and every effect below is computed in factored form on the layer's own input. The
+leaves it knows (shapes for `nn.Dense`; ``in``/``out`` mean fan_in/fan_out elsewhere):
 
 ==================  ===========  ==============================================================
 leaf                shape        effect on ``y = x @ kernel + bias``
@@ -20,8 +24,36 @@ leaf                shape        effect on ``y = x @ kernel + bias``
 ==================  ===========  ==============================================================
 
 Any combination on one module composes in that order: IA3 wraps the (LoRA- or DoRA-) adapted
-linear map. Inconsistent leaves (``dora_m`` without the LoRA pair, one of the pair alone, a shape
-that does not fit the kernel) raise an error naming the module path.
+linear map.
+
+Which method runs on which layer kind (merge: ``lora.merge``/``unmerge``, ``dora.merge``,
+``ia3.merge``/``unmerge``, each equal to the intercepted model within float tolerance):
+
+=============  ========  ================  ======================  ===========================
+method         Dense     DenseGeneral      Einsum                  Conv
+=============  ========  ================  ======================  ===========================
+LoRA           yes       yes               yes (1)                 yes: (window x in, out) (2)
+DoRA           yes       yes               yes (1)                 yes (2), norm over window x in
+IA3 output     [out]     [prod(features)]  [prod(out axes)] (1)    [out] (2)
+IA3 input      [in]      [prod(in axes)]   [prod(contracted)] (1)  [1, ..., 1, in_channels] (2)
+QLoRA (Q4)     yes       refused           refused                 refused
+=============  ========  ================  ======================  ===========================
+
+(1) The equation must put the contracted axes first in the kernel and end the output with the
+kernel's other axes in kernel order (``"btd,dhk->bthk"``, not ``"btd,hdk->bthk"``); a kernel
+axis shared with the input and output (a batched einsum) or an ellipsis in the kernel is refused.
+(2) ``feature_group_count > 1`` and ``mask`` are refused. `nn.DenseGeneral` with ``batch_dims``
+is refused. Refusals name the layer (at ``init`` and, for leaves added by hand, when applied);
+any other layer (`nn.ConvTranspose`, `nn.ConvLocal`, a module reading its own kernel) is not
+intercepted, and :func:`wrap_apply` raises naming the leaves it left unused.
+
+Inconsistent leaves (``dora_m`` without the LoRA pair, one of the pair alone, a shape that does
+not fit the kernel) raise an error naming the module path.
+
+To select targets by layer type, or to adapt kernels that are not 2-D, ``init`` functions take
+``layers=dense.layers(apply_fn, params, batch)``: an abstract trace that records each layer's
+type and kernel layout (the tree alone cannot tell a [in, heads, dim] projection from a 1-D
+convolution's [window, in, out]).
 
 Hyperparameters that are not leaves (LoRA's ``alpha / rank`` scale, DoRA's gradient option) travel
 in the interceptor's closure, so they are static under `jax.jit` and can never become trainable by
