@@ -393,10 +393,14 @@ def _geometry(module: nn.Module, x: jax.Array, kernel_shape, args=(), kwargs=Non
             )
         ins = "".join(c for c in ker if c in lhs)
         outs = "".join(c for c in ker if c not in lhs)
+        if not ins or not outs:
+            return refuse(
+                f"nn.Einsum {eq!r}: the kernel has no {'contracted' if not ins else 'output'} "
+                "axis, so it is no (contracted axes, output axes) matrix"
+            )
         if ker != ins + outs or not out.endswith(outs):
-            suggestion = f"{lhs},{ins}{outs}->{out.replace(outs, '') if outs in out else out}"
-            if outs in out:
-                suggestion = f"{lhs},{ins}{outs}->{out.replace(outs, '')}{outs}"
+            rest = "".join(c for c in out if c not in outs)
+            suggestion = f"{lhs},{ins}{outs}->{rest}{outs}"
             return refuse(
                 f"nn.Einsum {eq!r}: the dense-layer methods need the kernel's contracted axes "
                 f"({ins!r}) first and its output axes ({outs!r}) last in the kernel, and the "
