@@ -42,10 +42,13 @@ QLoRA (Q4)     yes       refused           refused                 refused
 (1) The equation must put the contracted axes first in the kernel and end the output with the
 kernel's other axes in kernel order (``"btd,dhk->bthk"``, not ``"btd,hdk->bthk"``); a kernel
 axis shared with the input and output (a batched einsum) or an ellipsis in the kernel is refused.
-(2) ``feature_group_count > 1`` and ``mask`` are refused. `nn.DenseGeneral` with ``batch_dims``
-is refused. Refusals name the layer (at ``init`` and, for leaves added by hand, when applied);
-any other layer (`nn.ConvTranspose`, `nn.ConvLocal`, a module reading its own kernel) is not
-intercepted, and :func:`wrap_apply` raises naming the leaves it left unused.
+(2) A kernel ``mask`` is refused. A grouped or depthwise convolution (``feature_group_count``
+g > 1, kernel [*window, in / g, out]) takes every method: the update of the (window x in / g,
+out) matrix is applied per group, and ``ia3_scale_in`` covers all ``in`` channels.
+`nn.DenseGeneral` with ``batch_dims`` is refused. Refusals name the layer (at ``init`` and, for
+leaves added by hand, when applied); any other layer (`nn.ConvTranspose`, `nn.ConvLocal`, a
+module reading its own kernel) is not intercepted, and :func:`wrap_apply` raises naming the
+leaves it left unused.
 
 Inconsistent leaves (``dora_m`` without the LoRA pair, one of the pair alone, a shape that does
 not fit the kernel) raise an error naming the module path.
@@ -429,13 +432,9 @@ def _geometry(module: nn.Module, x: jax.Array, kernel_shape, args=(), kwargs=Non
         n_in = nd - 1
         if module.mask is not None:
             return refuse("nn.Conv with a kernel mask", n_in)
-        if module.feature_group_count != 1:
-            return refuse(
-                f"nn.Conv with feature_group_count={module.feature_group_count} (a grouped or "
-                "depthwise convolution is not one (window x in, out) matrix)",
-                n_in,
-            )
-        layer = Layer(path, kind, kernel_shape, n_in, kernel_shape[-2])
+        # A grouped convolution's kernel [*window, in / groups, out] is still one matrix
+        # (window x in / groups, out); ia3_scale_in scales all `in` input channels.
+        layer = Layer(path, kind, kernel_shape, n_in, kernel_shape[-2] * module.feature_group_count)
         return _Geometry(layer, kernel_shape[:-1], kernel_shape[-1:], (x.ndim - 1,), x.shape[-1:])
     return refuse(f"{type(module).__name__} is not one of {', '.join(KINDS)}")
 
@@ -487,8 +486,19 @@ def layers(apply_fn: Callable, *args, **kwargs) -> dict[str, Layer]:
         found.setdefault(path, dataclasses.replace(geo.layer, path=path))
         return next_fun(*a, **kw)
 
+    # Arrays become abstract arguments (not constants of the trace), so nothing is computed.
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    arrays = [i for i, leaf in enumerate(leaves) if hasattr(leaf, "shape")]
+
+    def run(*abstract):
+        filled = list(leaves)
+        for i, value in zip(arrays, abstract, strict=True):
+            filled[i] = value
+        a, kw = jax.tree.unflatten(treedef, filled)
+        return apply_fn(*a, **kw)
+
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda: apply_fn(*args, **kwargs))
+        jax.eval_shape(run, *[leaves[i] for i in arrays])
     return found
 
 
@@ -792,8 +802,19 @@ def _lora_delta(module: nn.Module, geo: _Geometry, x: jax.Array, dtype, opts: Op
         h = jnp.einsum(eq, x, a_k, precision=module.precision)
     else:  # Conv: the window x in -> r convolution, with the layer's own padding and strides
         a_k = a.reshape(*geo.in_sizes, rank)
-        low = module.clone(parent=None, features=rank, use_bias=False, dtype=dtype)
+        groups = module.feature_group_count
+        if groups > 1:
+            # Each group's input channels meet the same update: convolve every group with A
+            # (A tiled once per group, group-major outputs [..., groups * r]), then each output
+            # channel takes its own group's r values through B.
+            a_k = jnp.tile(a_k, (1,) * (a_k.ndim - 1) + (groups,))
+        low = module.clone(parent=None, features=groups * rank, use_bias=False, dtype=dtype)
         h = low.apply({"params": {"kernel": a_k}}, x)
+        if groups > 1:
+            h = h.reshape(*h.shape[:-1], groups, rank)
+            b_g = b.reshape(rank, groups, b.shape[1] // groups)
+            delta = jnp.einsum("...gr,rgo->...go", h, b_g, precision=module.precision)
+            return (delta.reshape(*delta.shape[:-2], -1) * opts.lora_scale).astype(dtype)
     delta = jnp.einsum("...r,ro->...o", h, b, precision=module.precision)
     if len(geo.out_sizes) != 1:
         delta = delta.reshape(delta.shape[:-1] + tuple(geo.out_sizes))
@@ -846,9 +867,8 @@ def _interceptor(opts: Options) -> Callable:
         if Q4_DATA not in present and not module.has_variable("params", "kernel"):
             return next_fun(*args, **kwargs)  # let the layer report its missing kernel
         geo = _geometry(module, x, _kernel_shape(module, present), args, kwargs)
-        if not geo.layer.unsupported and tuple(geo.x_sizes) != tuple(
-            geo.in_sizes if geo.layer.kind != "Conv" else geo.in_sizes[-1:]
-        ):
+        expected = (geo.layer.in_features,) if geo.layer.kind == "Conv" else geo.in_sizes
+        if not geo.layer.unsupported and tuple(geo.x_sizes) != tuple(expected):
             if Q4_DATA in present:
                 raise ValueError(
                     f"{geo.layer.path}: input has {x.shape[-1]} features, Q4 kernel expects "

@@ -330,12 +330,13 @@ def _vectors(flat: Mapping[str, Any], *, what: str) -> dict[str, dict[str, Any]]
 def _fits(kernel_shape, shape, axis: str) -> bool:
     """Whether an IA3 vector of ``shape`` scales a trailing (out) / leading (in) axis group."""
     kernel_shape = tuple(kernel_shape)
-    if len(shape) > 1:  # a convolution's [1, ..., 1, in_channels]
+    if len(shape) > 1:  # a convolution's [1, ..., 1, in_channels]; in / groups kernel rows
         return (
             axis == "in"
             and len(shape) == len(kernel_shape) - 1
             and all(s == 1 for s in shape[:-1])
-            and shape[-1] == kernel_shape[-2]
+            and shape[-1] % kernel_shape[-2] == 0
+            and kernel_shape[-1] % (shape[-1] // kernel_shape[-2]) == 0
         )
     if len(shape) != 1:
         return False
@@ -363,7 +364,13 @@ def _rescale(flat: Mapping[str, Any], vectors: Mapping[str, Mapping[str, Any]], 
             if IA3_SCALE_IN in leaves:
                 v = jnp.asarray(leaves[IA3_SCALE_IN], x.dtype)
                 if v.ndim > 1:  # a convolution's input channels, for every window position
-                    x = apply(x, v[..., None])
+                    # Input channel g * in_g + j feeds kernel row j of group g's outputs.
+                    in_g, d_out = shape[-2], shape[-1]
+                    groups = v.shape[-1] // in_g
+                    s = v.reshape(groups, in_g).T  # [in_g, groups]
+                    s = s.reshape((1,) * (len(shape) - 2) + (in_g, groups, 1))
+                    x = x.reshape(*shape[:-1], groups, d_out // groups)
+                    x = apply(x, s).reshape(shape)
                 else:  # rows of the kernel as [fan_in, fan_out]
                     x = apply(x.reshape(v.shape[0], -1), v[:, None]).reshape(shape)
             leaf = x

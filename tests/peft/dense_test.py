@@ -205,6 +205,8 @@ LAYERS = {
     "conv_strided_circular": (nn.Conv(5, (3, 3), strides=2, padding="CIRCULAR"), (2, 7, 7, 4)),
     "conv_causal_1d": (nn.Conv(5, (3,), padding="CAUSAL", kernel_dilation=2), (2, 9, 4)),
     "conv_unbatched": (nn.Conv(5, (2, 2)), (6, 6, 4)),
+    "conv_grouped": (nn.Conv(6, (3,), feature_group_count=2), (2, 7, 4)),
+    "conv_depthwise": (nn.Conv(8, (2, 2), feature_group_count=4), (2, 5, 5, 4)),
 }
 
 
@@ -343,10 +345,10 @@ def test_init_errors_name_the_argument(base, kwargs, match):
             r"nn\.Einsum 'btd,hdk->bthk': .* contracted axes \('d'\) first .* "
             r"e\.g\. 'btd,dhk->bthk'",
         ),
-        (nn.Conv(4, (3,), feature_group_count=2), (2, 5, 4), r"feature_group_count=2"),
+        (nn.Conv(4, (3,), mask=np.ones((3, 4, 4))), (2, 5, 4), r"nn\.Conv with a kernel mask"),
         (nn.DenseGeneral(3, batch_dims=(0,)), (2, 4), r"batch_dims=\(0,\)"),
     ],
-    ids=["einsum-order", "grouped-conv", "batch-dims"],
+    ids=["einsum-order", "masked-conv", "batch-dims"],
 )
 def test_layers_the_methods_cannot_reach_are_refused_by_name(layer, shape, match):
     x = jnp.ones(shape)
