@@ -17,10 +17,12 @@ so ``W' = W`` at init and the adapted model starts out equal to the base model. 
 kind LoRA reaches takes DoRA too (`nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Conv`): the
 column norm runs over the kernel as the matrix [fan_in, fan_out] of its ``(*in, *out)`` axes
 (`ftlab.peft.dense.Layer`), so ``dora_m`` is [fan_out], e.g. one magnitude per output channel of
-a convolution over its window and input channels. The model is applied
-inside `ftlab.peft.dense.intercept` (:func:`wrap_apply`), which uses the paper's efficient form
-``y = m / ||W + s A B||_c * (x W + s x A B) + bias``: the base output ``x W`` is reused and the
-LoRA part stays factored, so training forms no gradient of the frozen kernel.
+a convolution over its window and input channels.
+
+The model is applied inside `ftlab.peft.dense.intercept` (:func:`wrap_apply`), which uses the
+paper's efficient form ``y = m / ||W + s A B||_c * (x W + s x A B) + bias``: the base output
+``x W`` is reused and the LoRA part stays factored, so training forms no gradient of the frozen
+kernel.
 
 What it costs over LoRA: the norm ``||W + s A B||_c`` needs the [in, out] matrix ``W + s A B`` in
 every forward pass (a matmul of the factors and an add per adapted layer); that is inherent to
@@ -193,6 +195,12 @@ def init(
         raise ValueError(
             f"{arg}targets: {clash[0]} already exists; start from the base parameters, or "
             "fold the existing adapter in first with dora.merge(...)."
+        )
+    quantized = [m for m in added if f"{m}/kernel" not in out]
+    if quantized:
+        raise ValueError(
+            f"{arg}targets: {quantized[0]} holds a Q4 kernel; DoRA's column norm needs the "
+            "full-precision kernel. Use LoRA there, or dequantise first (qlora.dequantize_tree)."
         )
     result = {}
     for name, leaf in out.items():

@@ -165,6 +165,11 @@ def init(
             raise ValueError(msg) from None
     for leaf_name, key in ((IA3_SCALE, "targets_out"), (IA3_SCALE_IN, "targets_in")):
         for m in chosen[key]:
+            if f"{m}/kernel" not in flat:
+                raise ValueError(
+                    f"{arg}{key}: {m} holds no kernel (a Q4 kernel?); IA3 vectors fold into a "
+                    "full-precision kernel. Dequantise first (qlora.dequantize_tree)."
+                )
             if f"{m}/{leaf_name}" in flat:
                 raise ValueError(
                     f"{arg}{key}: {m}/{leaf_name} already exists; start from the base "

@@ -172,7 +172,7 @@ def init(
 
     Raises:
         ValueError: a target or layer type matches no layer (available module paths are
-            listed), a chosen layer cannot take LoRA (e.g. a grouped convolution), the rank is
+            listed), a chosen layer cannot take LoRA (e.g. a masked convolution), the rank is
             out of range, alpha is not a finite nonzero number, or a chosen module already holds
             LoRA leaves.
 
