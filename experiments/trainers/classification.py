@@ -116,11 +116,16 @@ def build_method(config: ml_collections.ConfigDict, params, apply, *, sites=None
         return params, apply
     if p.method in ("lora", "dora"):
         module = lora if p.method == "lora" else dora
-        params = module.init(params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha)
+        params = module.init(
+            params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha, what="config.peft"
+        )
         apply = module.wrap_apply(apply, alpha=p.alpha, rank=p.rank, dropout=p.dropout)
     elif p.method == "ia3":
         params = ia3.init(
-            params, targets_out=list(p.ia3_targets_out), targets_in=list(p.ia3_targets_in)
+            params,
+            targets_out=list(p.ia3_targets_out),
+            targets_in=list(p.ia3_targets_in),
+            what="config.peft",
         )
         apply = ia3.wrap_apply(apply)
     elif p.method == "adapters":

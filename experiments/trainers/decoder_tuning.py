@@ -80,8 +80,16 @@ def add_method(
         wrap = functools.partial(prefix.wrap_apply, sites=sites)
         return params, prefix.rules(), wrap, functools.partial(prefix.finalize, sites=sites)
     if method in ("lora", "qlora"):
-        params = lora.init(params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha)
-        wrap = lambda f: lora.wrap_apply(f, alpha=p.alpha, rank=p.rank)  # noqa: E731
+        params = lora.init(
+            params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha, what="config.peft"
+        )
+
+        def wrap(f):
+            # Stack before the wrapper, so that it checks the tree the model sees (the LoRA
+            # leaves are consumed at `decoder/layers/...`); stacking again inside is a no-op.
+            g = lora.wrap_apply(f, alpha=p.alpha, rank=p.rank)
+            return lambda q, *args: g(llama.stack_if_uniform(q), *args)
+
         if method == "lora":
             return params, lora.rules(), wrap, lambda t: lora.merge(t, alpha=p.alpha, rank=p.rank)
         params = qlora.quantize(params, targets=list(p.qlora_targets), what="config.peft.qlora")

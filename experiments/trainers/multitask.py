@@ -443,6 +443,7 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         targets=list(p.targets),
         rank=p.rank,
         alpha=p.alpha,
+        what="config.peft",
     )
     base = jax.tree.map(np.asarray, base)
     apply = lora.wrap_apply(classification_trainer.make_apply(model), alpha=p.alpha, rank=p.rank)

@@ -13,10 +13,16 @@ norm over ``in``, a vector of size out). ``init`` puts three leaves next to each
     encoder/layer_3/attention/query/lora_b    [r, out]    trained, zeros
     encoder/layer_3/attention/query/dora_m    [out]       trained, ||W||_c
 
-so ``W' = W`` at init and the adapted model starts out equal to the base model. The model is applied
-inside `ftlab.peft.dense.intercept` (:func:`wrap_apply`), which uses the paper's efficient form
-``y = m / ||W + s A B||_c * (x W + s x A B) + bias``: the base output ``x W`` is reused and the
-LoRA part stays factored, so training forms no gradient of the frozen kernel.
+so ``W' = W`` at init and the adapted model starts out equal to the base model. Every layer
+kind LoRA reaches takes DoRA too (`nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Conv`): the
+column norm runs over the kernel as the matrix [fan_in, fan_out] of its ``(*in, *out)`` axes
+(`ftlab.peft.dense.Layer`), so ``dora_m`` is [fan_out], e.g. one magnitude per output channel of
+a convolution over its window and input channels.
+
+The model is applied inside `ftlab.peft.dense.intercept` (:func:`wrap_apply`), which uses the
+paper's efficient form ``y = m / ||W + s A B||_c * (x W + s x A B) + bias``: the base output
+``x W`` is reused and the LoRA part stays factored, so training forms no gradient of the frozen
+kernel.
 
 What it costs over LoRA: the norm ``||W + s A B||_c`` needs the [in, out] matrix ``W + s A B`` in
 every forward pass (a matmul of the factors and an add per adapted layer); that is inherent to
@@ -56,6 +62,18 @@ from ftlab.core import partition
 from ftlab.peft import dense, lora
 from ftlab.types import Params, PRNGKey
 
+__all__ = [
+    "DORA_M",
+    "LORA_A",
+    "LORA_B",
+    "adapter",
+    "init",
+    "intercept",
+    "merge",
+    "rules",
+    "wrap_apply",
+]
+
 LORA_A, LORA_B, DORA_M = dense.LORA_A, dense.LORA_B, dense.DORA_M
 _DORA_LEAF = re.compile(rf".*/({LORA_A}|{LORA_B}|{DORA_M})")
 # Compiled as one computation, like the norm inside the jitted forward pass (which keeps it
@@ -75,7 +93,9 @@ def intercept(*, alpha: float, rank: int, exact_norm_grad: bool = False):
     [6.0]
     """
     return dense.intercept(
-        lora_scale=lora.scale(alpha=alpha, rank=rank), dora_exact_norm_grad=exact_norm_grad
+        lora_scale=lora.scale(alpha=alpha, rank=rank),
+        dora_exact_norm_grad=exact_norm_grad,
+        lora_rank=int(rank),
     )
 
 
@@ -112,6 +132,8 @@ def wrap_apply(
         lora_scale=lora.scale(alpha=alpha, rank=rank),
         dora_exact_norm_grad=exact_norm_grad,
         lora_dropout=dropout,
+        lora_rank=int(rank),
+        what="dora.wrap_apply(apply_fn)",
     )
 
 
@@ -119,12 +141,14 @@ def init(
     params: Params,
     rng: PRNGKey,
     *,
-    targets: Sequence[str],
+    targets: Sequence[str] = (),
     rank: int,
     alpha: float,
-    what: str = "config.peft",
+    layer_types: Sequence[str | type] = (),
+    layers: Mapping[str, dense.Layer] | None = None,
+    what: str | None = None,
 ) -> Params:
-    """Adds ``lora_a``, ``lora_b`` and ``dora_m`` next to every dense kernel whose path matches.
+    """Adds ``lora_a``, ``lora_b`` and ``dora_m`` next to every chosen linear layer's kernel.
 
     ``lora_a``/``lora_b`` are drawn as `ftlab.peft.lora.init` draws them (``lora_b`` zeros);
     ``dora_m`` [out] is ``||W||_c``, computed by the same (jitted) function the forward pass uses,
@@ -134,11 +158,14 @@ def init(
     Args:
         params: A parameter tree (nested dicts) without a ``{"params": ...}`` wrapper.
         rng: PRNG key for ``lora_a``.
-        targets: Regexes, each ``re.fullmatch``-ed against the module path of a 2-D ``kernel``
-            leaf, e.g. ``r"encoder/layer_\\d+/attention/(query|value)"``.
-        rank: The adapter rank r, 1 <= r <= min(in, out) for every targeted kernel.
+        targets: Regexes, each ``re.fullmatch``-ed against the module path of a kernel (the
+            path without ``/kernel``), e.g. ``r"encoder/layer_\\d+/attention/(query|value)"``.
+        rank: The adapter rank r, 1 <= r <= min(fan_in, fan_out) for every chosen kernel.
         alpha: The LoRA alpha (the scale ``alpha / r`` is given at apply time).
-        what: The config group named in errors: ``{what}.targets``, ``{what}.rank``, ...
+        layer_types: Layer kinds to adapt wherever they are; see `ftlab.peft.lora.init`.
+        layers: The model's layers from `ftlab.peft.dense.layers`; see `ftlab.peft.lora.init`.
+        what: Prefix of the argument names in errors, e.g. ``"config.peft"``; by default
+            errors say ``dora.init: targets[0]``.
 
     Returns:
         A new tree with the DoRA leaves added; every other leaf is the same object as before.
@@ -157,16 +184,23 @@ def init(
     """
     flat = partition.flatten(params)
     stray = [k for k in flat if k.endswith(f"/{DORA_M}")]
+    arg = f"{what}." if what else "dora.init: "
     out = partition.flatten(
-        lora.init(params, rng, targets=targets, rank=rank, alpha=alpha, what=what)
+        lora._init(params, rng, targets, rank, alpha, layer_types, layers, arg=arg)  # noqa: SLF001
     )
     s = lora.scale(alpha=alpha, rank=rank)
     added = [k[: -len(f"/{LORA_A}")] for k in out if k.endswith(f"/{LORA_A}") and k not in flat]
     clash = [f"{m}/{DORA_M}" for m in added if f"{m}/{DORA_M}" in stray]
     if clash:
         raise ValueError(
-            f"{what}.targets: {clash[0]} already exists; start from the base parameters, or "
+            f"{arg}targets: {clash[0]} already exists; start from the base parameters, or "
             "fold the existing adapter in first with dora.merge(...)."
+        )
+    quantized = [m for m in added if f"{m}/kernel" not in out]
+    if quantized:
+        raise ValueError(
+            f"{arg}targets: {quantized[0]} holds a Q4 kernel; DoRA's column norm needs the "
+            "full-precision kernel. Use LoRA there, or dequantise first (qlora.dequantize_tree)."
         )
     result = {}
     for name, leaf in out.items():
@@ -174,7 +208,9 @@ def init(
         module = name[: -len(f"/{LORA_B}")] if name.endswith(f"/{LORA_B}") else None
         if module in added:
             kernel = jnp.asarray(out[f"{module}/kernel"])
-            norm = _column_norm(kernel, out[f"{module}/{LORA_A}"], leaf, scale=s)
+            a = out[f"{module}/{LORA_A}"]
+            kernel_2d = kernel.reshape(np.shape(a)[0], np.shape(leaf)[1])
+            norm = _column_norm(kernel_2d, a, leaf, scale=s)
             result[f"{module}/{DORA_M}"] = norm.astype(kernel.dtype)
     return partition.unflatten(result)
 
@@ -250,6 +286,8 @@ def merge(params: Params, *, alpha: float, rank: int) -> Params:
         if module in modules:
             a, b, m = modules[module]
             kernel = jnp.asarray(leaf)
+            shape = kernel.shape
+            kernel = kernel.reshape(np.shape(a)[0], np.shape(b)[1])  # (*in, *out) as a matrix
             f32 = jnp.float32
             ab = jnp.matmul(
                 jnp.asarray(a, f32), jnp.asarray(b, f32), precision=jax.lax.Precision.HIGHEST
@@ -258,7 +296,7 @@ def merge(params: Params, *, alpha: float, rank: int) -> Params:
             if m is not None:
                 norm = _column_norm(kernel, jnp.asarray(a), jnp.asarray(b), scale=s)
                 v = v * dense.dora_gain(jnp.asarray(m, f32), norm)[None, :]
-            leaf = v.astype(kernel.dtype)
+            leaf = v.astype(kernel.dtype).reshape(shape)
         out[name] = leaf
     return partition.unflatten(out)
 
@@ -288,17 +326,23 @@ def _modules(
         if f"{module}/kernel" not in flat:
             raise ValueError(f"{what}: {module} holds adapter leaves but no {module}/kernel.")
         a, b, m = leaves[LORA_A], leaves[LORA_B], leaves.get(DORA_M)
-        d_in, d_out = np.shape(flat[f"{module}/kernel"])
+        kernel_shape = np.shape(flat[f"{module}/kernel"])
         r = np.shape(a)[-1] if np.ndim(a) == 2 else -1
-        if np.shape(a) != (d_in, r) or np.shape(b) != (r, d_out):
+        fits = np.ndim(a) == 2 and np.ndim(b) == 2 and np.shape(b)[0] == r
+        if fits:
+            try:
+                d_in, d_out = dense.kernel_matrix_shape(kernel_shape, np.shape(a)[0], where=what)
+            except ValueError:
+                fits = False
+        if not fits or np.shape(b) != (r, d_out):
             raise ValueError(
                 f"{what}: {module}/{LORA_A} {np.shape(a)} and {LORA_B} {np.shape(b)} must be "
-                f"[in, r] and [r, out] for kernel [{d_in}, {d_out}]."
+                f"[in, r] and [r, out] for kernel {list(kernel_shape)} (input axes first)."
             )
         if r != rank:
             raise ValueError(
                 f"{what}: rank={rank} but {module}/{LORA_A} has rank {r}; pass the "
-                "rank the adapter was trained with (config.peft.rank)."
+                "rank the adapter was trained with."
             )
         if m is not None and np.shape(m) != (d_out,):
             raise ValueError(

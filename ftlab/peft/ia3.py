@@ -12,6 +12,12 @@ rescales (a vector on the output of ``mlp/intermediate`` would act before the GE
 vectors start at ones, so the adapted model starts out equal to the base model; apply the model
 inside :func:`wrap_apply` (`ftlab.peft.dense` does the work, and needs no hyperparameter).
 
+Every layer kind LoRA reaches takes IA3 (`nn.Dense`, `nn.DenseGeneral`, `nn.Einsum`, `nn.Conv`):
+``ia3_scale`` is [fan_out] over the kernel's output axes (the output's trailing axes), and
+``ia3_scale_in`` [fan_in] over the axes of the input the kernel contracts; for a convolution it
+scales the input channels and has shape [1, ..., 1, in_channels], broadcasting over the kernel's
+window axes. Select layers by path or, with ``layers=dense.layers(...)``, by type.
+
 Both scalings fold into the kernel exactly (:func:`merge`): output scaling multiplies kernel
 columns and the bias, input scaling multiplies kernel rows. :func:`unmerge` divides them out again.
 
@@ -32,6 +38,20 @@ import numpy as np
 from ftlab.core import partition
 from ftlab.peft import dense
 from ftlab.types import Params
+
+__all__ = [
+    "DEFAULT_TARGETS_IN",
+    "DEFAULT_TARGETS_OUT",
+    "IA3_SCALE",
+    "IA3_SCALE_IN",
+    "adapter",
+    "init",
+    "intercept",
+    "merge",
+    "rules",
+    "unmerge",
+    "wrap_apply",
+]
 
 IA3_SCALE, IA3_SCALE_IN = dense.IA3_SCALE, dense.IA3_SCALE_IN
 # The paper's placement on a BERT-style encoder: keys, values (output scaling) and the FFN
@@ -69,7 +89,7 @@ def wrap_apply(apply_fn: Callable) -> Callable:
     >>> f(p, jnp.ones(1)).tolist()
     [6.0]
     """
-    return dense.wrap_apply(apply_fn)
+    return dense.wrap_apply(apply_fn, what="ia3.wrap_apply(apply_fn)")
 
 
 def init(
@@ -77,26 +97,35 @@ def init(
     *,
     targets_out: Sequence[str] = DEFAULT_TARGETS_OUT,
     targets_in: Sequence[str] = DEFAULT_TARGETS_IN,
-    what: str = "config.peft",
+    layer_types_out: Sequence[str | type] = (),
+    layer_types_in: Sequence[str | type] = (),
+    layers: Mapping[str, dense.Layer] | None = None,
+    what: str | None = None,
 ) -> Params:
-    """Adds ``ia3_scale`` [out] / ``ia3_scale_in`` [in] (ones) next to the matching kernels.
+    """Adds ``ia3_scale`` [out] / ``ia3_scale_in`` [in] (ones) next to the chosen kernels.
 
     Args:
         params: A parameter tree (nested dicts) without a ``{"params": ...}`` wrapper.
-        targets_out: Regexes ``re.fullmatch``-ed against module paths of 2-D ``kernel`` leaves
-            (the path without ``/kernel``); each match gets ``ia3_scale`` [out], scaling the
-            dense output (bias included). Default: attention keys and values.
-        targets_in: Likewise; each match gets ``ia3_scale_in`` [in], scaling the dense input.
+        targets_out: Regexes ``re.fullmatch``-ed against module paths of kernels (the path
+            without ``/kernel``); each match gets ``ia3_scale`` [fan_out], scaling the layer's
+            output (bias included). Default: attention keys and values.
+        targets_in: Likewise; each match gets ``ia3_scale_in``, scaling the layer's input.
             Default: ``mlp/output``, i.e. the FFN activation after GELU.
-        what: The config group named in errors: ``{what}.targets_out``, ``{what}.targets_in``.
+        layer_types_out: Layer kinds whose outputs to scale wherever they are (``"Dense"``,
+            ``"DenseGeneral"``, ``"Einsum"``, ``"Conv"`` or the classes); needs ``layers``.
+        layer_types_in: Likewise for input scaling.
+        layers: The model's layers from `ftlab.peft.dense.layers`; without it the candidates
+            are the 2-D kernels, taken as [in, out].
+        what: Prefix of the argument names in errors, e.g. ``"config.peft"`` for
+            ``config.peft.targets_out[0]``; by default errors say ``ia3.init: targets_out[0]``.
 
     Returns:
         A new tree with the IA3 leaves added; every other leaf is the same object as before.
 
     Raises:
-        ValueError: both target lists are empty, a target matches no dense kernel (available
-            module paths are listed), a regex is invalid, or a targeted module already holds
-            the IA3 leaf.
+        ValueError: nothing is chosen, a target or type matches no layer (available module
+            paths are listed), a regex is invalid, a chosen layer cannot take IA3, or a chosen
+            module already holds the IA3 leaf.
 
     References:
         Liu et al. 2022, https://arxiv.org/abs/2205.05638 (section 3.3)
@@ -106,25 +135,44 @@ def init(
     >>> p["k"]["ia3_scale"].tolist(), p["o"]["ia3_scale_in"].tolist()
     ([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
     """
+    arg = f"{what}." if what else "ia3.init: "
     flat = partition.flatten(params)
-    modules = [
-        k[: -len("/kernel")] for k, v in flat.items() if k.endswith("/kernel") and np.ndim(v) == 2
-    ]
-    chosen_out = _match(targets_out, modules, f"{what}.targets_out")
-    chosen_in = _match(targets_in, modules, f"{what}.targets_in")
-    if not chosen_out and not chosen_in:
+    if not (targets_out or targets_in or layer_types_out or layer_types_in):
         raise ValueError(
-            f"{what}.targets_out and {what}.targets_in are both empty; name at least one dense "
-            f"module regex (defaults: {list(DEFAULT_TARGETS_OUT)}, {list(DEFAULT_TARGETS_IN)})."
+            f"{arg}targets_out and {arg if arg.endswith('.') else ''}targets_in are both empty; "
+            f"name at least one module regex (defaults: {list(DEFAULT_TARGETS_OUT)}, "
+            f"{list(DEFAULT_TARGETS_IN)})."
         )
-    for chosen, leaf_name, key in (
-        (chosen_out, IA3_SCALE, "targets_out"),
-        (chosen_in, IA3_SCALE_IN, "targets_in"),
+    chosen = {}
+    for key, targets, types in (
+        ("targets_out", targets_out, layer_types_out),
+        ("targets_in", targets_in, layer_types_in),
     ):
-        for m in chosen:
+        if isinstance(targets, str):
+            raise ValueError(
+                f"{arg}{key} must be a list of regexes, got the string {targets!r}; "
+                f"write [{targets!r}]."
+            )
+        # Errors name this group's own arguments: {arg}targets_out[0], {arg}layer_types_out[0].
+        suffix = key.removeprefix("targets")
+        try:
+            chosen[key] = dense.select(
+                flat, targets=targets, layer_types=types, layers=layers, arg=arg, allow_empty=True
+            )
+        except ValueError as e:
+            msg = str(e).replace(f"{arg}targets", f"{arg}{key}")
+            msg = msg.replace(f"{arg}layer_types", f"{arg}layer_types{suffix}")
+            raise ValueError(msg) from None
+    for leaf_name, key in ((IA3_SCALE, "targets_out"), (IA3_SCALE_IN, "targets_in")):
+        for m in chosen[key]:
+            if f"{m}/kernel" not in flat:
+                raise ValueError(
+                    f"{arg}{key}: {m} holds no kernel (a Q4 kernel?); IA3 vectors fold into a "
+                    "full-precision kernel. Dequantise first (qlora.dequantize_tree)."
+                )
             if f"{m}/{leaf_name}" in flat:
                 raise ValueError(
-                    f"{what}.{key}: {m}/{leaf_name} already exists; start from the base "
+                    f"{arg}{key}: {m}/{leaf_name} already exists; start from the base "
                     "parameters, or fold the existing vectors in first with ia3.merge(...)."
                 )
     out = {}
@@ -132,10 +180,12 @@ def init(
         out[name] = leaf
         module = name[: -len("/kernel")] if name.endswith("/kernel") else None
         dtype = getattr(leaf, "dtype", jnp.float32)
-        if module in chosen_in:
-            out[f"{module}/{IA3_SCALE_IN}"] = jnp.ones(np.shape(leaf)[0], dtype)
-        if module in chosen_out:
-            out[f"{module}/{IA3_SCALE}"] = jnp.ones(np.shape(leaf)[1], dtype)
+        if module in chosen["targets_in"]:
+            shape = chosen["targets_in"][module].in_scale_shape
+            out[f"{module}/{IA3_SCALE_IN}"] = jnp.ones(shape, dtype)
+        if module in chosen["targets_out"]:
+            shape = (chosen["targets_out"][module].fan_out,)
+            out[f"{module}/{IA3_SCALE}"] = jnp.ones(shape, dtype)
     return partition.unflatten(out)
 
 
@@ -259,29 +309,6 @@ def unmerge(merged: Params, adapter_tree: Params) -> Params:
 # ---------------------------------------------------------------------------------------------
 
 
-def _match(targets: Sequence[str], modules: Sequence[str], what: str) -> list[str]:
-    """The module paths (tree order) matched by ``targets``; every pattern must match one."""
-    if isinstance(targets, str):
-        raise ValueError(
-            f"{what} must be a list of regexes, got the string {targets!r}; write [{targets!r}]."
-        )
-    chosen = set()
-    for i, pattern in enumerate(targets):
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"{what}[{i}]: invalid regex {pattern!r}: {e}") from None
-        hits = [m for m in modules if regex.fullmatch(m)]
-        if not hits:
-            generic = list(dict.fromkeys(re.sub(r"_\d+(?=/|$)", r"_\\d+", m) for m in modules))
-            raise ValueError(
-                f"{what}[{i}]: pattern {pattern!r} matched no dense kernel. Targets are matched "
-                f"against module paths (without '/kernel'); available: {', '.join(generic)}."
-            )
-        chosen.update(hits)
-    return [m for m in modules if m in chosen]
-
-
 def _vectors(flat: Mapping[str, Any], *, what: str) -> dict[str, dict[str, Any]]:
     """``{module: {leaf_name: vector}}`` for the IA3 leaves, checked against their kernels."""
     vectors: dict[str, dict[str, Any]] = {}
@@ -294,14 +321,32 @@ def _vectors(flat: Mapping[str, Any], *, what: str) -> dict[str, dict[str, Any]]
     for module, leaves in vectors.items():
         if f"{module}/kernel" not in flat:
             raise ValueError(f"{what}: {module} holds IA3 leaves but no {module}/kernel.")
-        d_in, d_out = np.shape(flat[f"{module}/kernel"])
-        for leaf_name, size, axis in ((IA3_SCALE, d_out, "out"), (IA3_SCALE_IN, d_in, "in")):
-            if leaf_name in leaves and np.shape(leaves[leaf_name]) != (size,):
+        kernel_shape = np.shape(flat[f"{module}/kernel"])
+        for leaf_name, axis in ((IA3_SCALE, "out"), (IA3_SCALE_IN, "in")):
+            if leaf_name in leaves and not _fits(kernel_shape, np.shape(leaves[leaf_name]), axis):
                 raise ValueError(
                     f"{what}: {module}/{leaf_name} has shape {np.shape(leaves[leaf_name])}, "
-                    f"expected [{axis}] = ({size},) for kernel [{d_in}, {d_out}]."
+                    f"expected [{axis}] for kernel {list(kernel_shape)} (the product of its "
+                    f"{'trailing' if axis == 'out' else 'leading'} axes)."
                 )
     return vectors
+
+
+def _fits(kernel_shape, shape, axis: str) -> bool:
+    """Whether an IA3 vector of ``shape`` scales a trailing (out) / leading (in) axis group."""
+    kernel_shape = tuple(kernel_shape)
+    if len(shape) > 1:  # a convolution's [1, ..., 1, in_channels]; in / groups kernel rows
+        return (
+            axis == "in"
+            and len(shape) == len(kernel_shape) - 1
+            and all(s == 1 for s in shape[:-1])
+            and shape[-1] % kernel_shape[-2] == 0
+            and kernel_shape[-1] % (shape[-1] // kernel_shape[-2]) == 0
+        )
+    if len(shape) != 1:
+        return False
+    groups = kernel_shape[::-1] if axis == "out" else kernel_shape
+    return any(int(np.prod(groups[:k])) == shape[0] for k in range(1, len(kernel_shape)))
 
 
 def _rescale(flat: Mapping[str, Any], vectors: Mapping[str, Mapping[str, Any]], *, invert: bool):
@@ -316,12 +361,26 @@ def _rescale(flat: Mapping[str, Any], vectors: Mapping[str, Mapping[str, Any]], 
         leaves = vectors.get(module, {})
         x = jnp.asarray(leaf)
         if leaf_name == "kernel" and leaves:
-            if IA3_SCALE in leaves:  # columns
-                x = apply(x, jnp.asarray(leaves[IA3_SCALE], x.dtype)[None, :])
-            if IA3_SCALE_IN in leaves:  # rows
-                x = apply(x, jnp.asarray(leaves[IA3_SCALE_IN], x.dtype)[:, None])
+            # Kernels are laid out (*in axes, *out axes) (`ftlab.peft.dense.Layer`).
+            shape = x.shape
+            if IA3_SCALE in leaves:  # columns of the kernel as [fan_in, fan_out]
+                v = jnp.asarray(leaves[IA3_SCALE], x.dtype)
+                x = apply(x.reshape(-1, v.shape[0]), v[None, :]).reshape(shape)
+            if IA3_SCALE_IN in leaves:
+                v = jnp.asarray(leaves[IA3_SCALE_IN], x.dtype)
+                if v.ndim > 1:  # a convolution's input channels, for every window position
+                    # Input channel g * in_g + j feeds kernel row j of group g's outputs.
+                    in_g, d_out = shape[-2], shape[-1]
+                    groups = v.shape[-1] // in_g
+                    s = v.reshape(groups, in_g).T  # [in_g, groups]
+                    s = s.reshape((1,) * (len(shape) - 2) + (in_g, groups, 1))
+                    x = x.reshape(*shape[:-1], groups, d_out // groups)
+                    x = apply(x, s).reshape(shape)
+                else:  # rows of the kernel as [fan_in, fan_out]
+                    x = apply(x.reshape(v.shape[0], -1), v[:, None]).reshape(shape)
             leaf = x
         elif leaf_name == "bias" and IA3_SCALE in leaves:
-            leaf = apply(x, jnp.asarray(leaves[IA3_SCALE], x.dtype))
+            v = jnp.asarray(leaves[IA3_SCALE], x.dtype)
+            leaf = apply(x.reshape(-1), v).reshape(x.shape)
         out[name] = leaf
     return partition.unflatten(out)

@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters on frozen dense kernels, as a transformation of the parameter tree.
+"""LoRA: low-rank adapters on frozen linear kernels, as a transformation of the parameter tree.
 
 ``init`` puts ``lora_a`` [in, r] and ``lora_b`` [r, out] next to each targeted kernel::
 
@@ -7,11 +7,22 @@
     encoder/layer_3/attention/query/lora_b    [r, out]    trained, zeros
 
 and the model, applied inside :func:`intercept` (or `ftlab.peft.dense.wrap_apply`), computes
-``x @ kernel + bias + (x @ lora_a @ lora_b) * alpha / r``. Since ``lora_b`` starts at zero the
-adapted model starts out equal to the base model. The scale ``alpha / r`` is not a leaf: it is a
-static number given to the interceptor and to :func:`merge` alike, so both always agree and it can
-never be trained. Training stays in factored form, so no [in, out] gradient of a frozen kernel is
-formed; :func:`merge` folds the adapter into plain kernels for inference at the base model's cost.
+``x @ kernel + bias + (x @ lora_a @ lora_b) * alpha / r``.
+
+Every Flax linear layer takes LoRA: `nn.Dense`, `nn.DenseGeneral` (e.g. the query, key, value
+and output projections of `nn.MultiHeadDotProductAttention`), `nn.Einsum` and `nn.Conv`. Their
+kernels are laid out ``(*in axes, *out axes)`` and LoRA adapts the kernel as the matrix
+[fan_in, fan_out] of that split (for a convolution, (window x in channels, out)): ``lora_a`` is
+[fan_in, r], ``lora_b`` [r, fan_out], and the interceptor computes the update factored (the
+input contracted with ``lora_a`` shaped as a kernel of r outputs, then ``lora_b``). A kernel that
+is not 2-D needs its layer type, which :func:`init` takes as ``layers=dense.layers(apply_fn,
+params, batch)``; ``layer_types=("Conv",)`` then selects by type instead of by path.
+
+Since ``lora_b`` starts at zero the adapted model starts out equal to the base model. The scale
+``alpha / r`` is not a leaf: it is a static number given to the interceptor and to :func:`merge`
+alike, so both always agree and it can never be trained. Training stays in factored form, so no
+[in, out] gradient of a frozen kernel is formed; :func:`merge` folds the adapter into plain
+kernels for inference at the base model's cost.
 
 A typical run::
 
@@ -43,6 +54,23 @@ import numpy as np
 from ftlab.core import partition
 from ftlab.peft import dense
 from ftlab.types import Params, PRNGKey
+
+__all__ = [
+    "CONFIG_FILE",
+    "LORA_A",
+    "LORA_B",
+    "WEIGHTS_FILE",
+    "adapter",
+    "init",
+    "intercept",
+    "load",
+    "merge",
+    "rules",
+    "save",
+    "scale",
+    "unmerge",
+    "wrap_apply",
+]
 
 LORA_A, LORA_B = dense.LORA_A, dense.LORA_B
 WEIGHTS_FILE = "lora.safetensors"
@@ -78,14 +106,16 @@ def intercept(*, alpha: float, rank: int):
     ...     nn.Dense(1).apply({"params": p}, jnp.ones(1)).tolist()
     [3.0]
     """
-    return dense.intercept(lora_scale=scale(alpha=alpha, rank=rank))
+    return dense.intercept(lora_scale=scale(alpha=alpha, rank=rank), lora_rank=int(rank))
 
 
 def wrap_apply(apply_fn: Callable, *, alpha: float, rank: int, dropout: float = 0.0) -> Callable:
     """`ftlab.peft.dense.wrap_apply` with ``lora_scale = alpha / rank``.
 
     ``dropout`` is LoRA's dropout on the low-rank branch's input (HF PEFT's ``lora_dropout``),
-    active only when the model is applied with a ``"dropout"`` rng stream.
+    active only when the model is applied with a ``"dropout"`` rng stream. A LoRA pair whose
+    rank is not ``rank`` raises when applied (its scale ``alpha / rank`` would be wrong), and so
+    do LoRA leaves no layer used (see `ftlab.peft.dense.wrap_apply`).
 
     >>> import flax.linen as nn
     >>> p = {"kernel": jnp.ones((1, 1)), "bias": jnp.zeros(1),
@@ -95,7 +125,11 @@ def wrap_apply(apply_fn: Callable, *, alpha: float, rank: int, dropout: float = 
     [5.0]
     """
     return dense.wrap_apply(
-        apply_fn, lora_scale=scale(alpha=alpha, rank=rank), lora_dropout=dropout
+        apply_fn,
+        lora_scale=scale(alpha=alpha, rank=rank),
+        lora_dropout=dropout,
+        lora_rank=int(rank),
+        what="lora.wrap_apply(apply_fn)",
     )
 
 
@@ -103,34 +137,44 @@ def init(
     params: Params,
     rng: PRNGKey,
     *,
-    targets: Sequence[str],
+    targets: Sequence[str] = (),
     rank: int,
     alpha: float,
-    what: str = "config.peft",
+    layer_types: Sequence[str | type] = (),
+    layers: Mapping[str, dense.Layer] | None = None,
+    what: str | None = None,
 ) -> Params:
-    """Adds ``lora_a`` and ``lora_b`` next to every dense kernel whose module path matches.
+    """Adds ``lora_a`` and ``lora_b`` next to every chosen linear layer's kernel.
 
-    ``lora_a`` [in, r] is drawn like PEFT's default (``kaiming_uniform_(a=sqrt(5))`` on the torch
-    [r, in] weight), i.e. uniform on ``[-1/sqrt(in), 1/sqrt(in)]``; ``lora_b`` [r, out] is zeros,
-    so the adapted model equals the base model at init (the paper's choice; A Gaussian, B zero).
+    ``lora_a`` [fan_in, r] is drawn like PEFT's default (``kaiming_uniform_(a=sqrt(5))`` on the
+    torch [r, in] weight), i.e. uniform on ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``; ``lora_b``
+    [r, fan_out] is zeros, so the adapted model equals the base model at init (the paper's
+    choice; A Gaussian, B zero). For `nn.Dense`, fan_in and fan_out are the kernel's [in, out].
 
     Args:
         params: A parameter tree (nested dicts) without a ``{"params": ...}`` wrapper.
         rng: PRNG key for ``lora_a``; leaf ``i`` (in tree order) uses ``fold_in(rng, i)``.
-        targets: Regexes, each ``re.fullmatch``-ed against the module path of a 2-D ``kernel``
-            leaf (the path without ``/kernel``), e.g.
-            ``r"encoder/layer_\\d+/attention/(query|value)"``.
-        rank: The adapter rank r, 1 <= r <= min(in, out) for every targeted kernel.
+        targets: Regexes, each ``re.fullmatch``-ed against the module path of a kernel (the
+            path without ``/kernel``), e.g. ``r"encoder/layer_\\d+/attention/(query|value)"``.
+        rank: The adapter rank r, 1 <= r <= min(fan_in, fan_out) for every chosen kernel.
         alpha: The LoRA alpha; only checked here (the scale ``alpha / r`` is given at apply time).
-        what: The config group named in errors: ``{what}.targets``, ``{what}.rank``, ...
+        layer_types: Layer kinds to adapt wherever they are (``"Dense"``, ``"DenseGeneral"``,
+            ``"Einsum"``, ``"Conv"`` or the `flax.linen` classes); needs ``layers``. A layer is
+            chosen when it matches a target or its type is listed.
+        layers: The model's layers, ``dense.layers(apply_fn, params, *example_args)``. Without
+            it the candidates are the 2-D kernels, taken as [in, out]; with it every supported
+            layer the model calls, whatever its kernel's rank.
+        what: Prefix of the argument names in errors, e.g. ``"config.peft"`` for
+            ``config.peft.targets[0]``; by default errors say ``lora.init: targets[0]``.
 
     Returns:
         A new tree with the LoRA leaves added; every other leaf is the same object as before.
 
     Raises:
-        ValueError: a target matches no dense kernel (available module paths are listed), the
-            rank is out of range, alpha is not a finite nonzero number, or a targeted module
-            already holds LoRA leaves.
+        ValueError: a target or layer type matches no layer (available module paths are
+            listed), a chosen layer cannot take LoRA (e.g. a masked convolution), the rank is
+            out of range, alpha is not a finite nonzero number, or a chosen module already holds
+            LoRA leaves.
 
     References:
         Hu et al. 2021, https://arxiv.org/abs/2106.09685
@@ -140,61 +184,46 @@ def init(
     >>> p["body"]["lora_a"].shape, p["body"]["lora_b"].shape
     ((4, 2), (2, 3))
     """
-    if isinstance(targets, str):
-        raise ValueError(
-            f"{what}.targets must be a list of regexes, got the string {targets!r}; "
-            f"write [{targets!r}]."
-        )
-    _check_rank_value(rank, f"{what}.rank")
-    _check_alpha(alpha, f"{what}.alpha")
+    arg = f"{what}." if what else "lora.init: "
+    return _init(params, rng, targets, rank, alpha, layer_types, layers, arg=arg)
+
+
+def _init(params, rng, targets, rank, alpha, layer_types, layers, *, arg: str) -> Params:
+    """:func:`init` with ``arg`` prefixing argument names in errors (shared with `dora.init`)."""
+    _check_rank_value(rank, f"{arg}rank")
+    _check_alpha(alpha, f"{arg}alpha")
     flat = partition.flatten(params)
-    modules = _dense_modules(flat)
-    compiled = []
-    for i, pattern in enumerate(targets):
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as e:
-            raise ValueError(f"{what}.targets[{i}]: invalid regex {pattern!r}: {e}") from None
-    if not compiled:
-        raise ValueError(f"{what}.targets is empty; name at least one dense module regex.")
-    chosen = []
-    for i, regex in enumerate(compiled):
-        hits = [m for m in modules if regex.fullmatch(m)]
-        if not hits:
-            raise ValueError(
-                f"{what}.targets[{i}]: pattern {targets[i]!r} matched no dense kernel. Targets "
-                "are matched against module paths (without '/kernel'); available: "
-                f"{_summarize(modules)}."
-            )
-        chosen.extend(h for h in hits if h not in chosen)
-    chosen = [m for m in modules if m in chosen]  # tree order, for reproducible rng use
-    for m in chosen:
+    chosen = dense.select(flat, targets=targets, layer_types=layer_types, layers=layers, arg=arg)
+    for m, layer in chosen.items():
         present = [f"{m}/{n}" for n in dense.METHOD_LEAVES if f"{m}/{n}" in flat]
         if present:
             raise ValueError(
-                f"{what}.targets: {present[0]} already exists; start from the base parameters, or "
+                f"{arg}targets: {present[0]} already exists; start from the base parameters, or "
                 "fold the existing adapter in first with lora.merge(...)."
             )
-        d_in, d_out = np.shape(flat[f"{m}/kernel"])
+        d_in, d_out = layer.fan_in, layer.fan_out
         if rank > min(d_in, d_out):
             raise ValueError(
-                f"{what}.rank={rank} exceeds min(in, out)={min(d_in, d_out)} of {m}/kernel "
+                f"{arg}rank={rank} exceeds min(in, out)={min(d_in, d_out)} of {m}/kernel "
                 f"[{d_in}, {d_out}]; a rank that large is no longer low-rank. Use "
-                f"{what}.rank <= {min(d_in, d_out)} or drop {m} from {what}.targets."
+                f"rank <= {min(d_in, d_out)} or drop {m} from the targets."
             )
+    order = list(chosen)
     out = {}
     for name, leaf in flat.items():
         out[name] = leaf
-        module = name[: -len("/kernel")] if name.endswith("/kernel") else None
-        if module in chosen:
-            d_in, d_out = np.shape(leaf)
-            dtype = getattr(leaf, "dtype", jnp.float32)
-            key = jax.random.fold_in(rng, chosen.index(module))
-            bound = 1.0 / math.sqrt(d_in)
-            out[f"{module}/{LORA_A}"] = jax.random.uniform(
-                key, (d_in, rank), dtype, minval=-bound, maxval=bound
+        module = name.rpartition("/")[0]
+        if name.rpartition("/")[2] in ("kernel", dense.Q4_DATA) and module in chosen:
+            layer = chosen[module]
+            dtype = (
+                jnp.float32 if name.endswith(dense.Q4_DATA) else getattr(leaf, "dtype", jnp.float32)
             )
-            out[f"{module}/{LORA_B}"] = jnp.zeros((rank, d_out), dtype)
+            key = jax.random.fold_in(rng, order.index(module))
+            bound = 1.0 / math.sqrt(layer.fan_in)
+            out[f"{module}/{LORA_A}"] = jax.random.uniform(
+                key, (layer.fan_in, rank), dtype, minval=-bound, maxval=bound
+            )
+            out[f"{module}/{LORA_B}"] = jnp.zeros((rank, layer.fan_out), dtype)
     return partition.unflatten(out)
 
 
@@ -238,7 +267,9 @@ def merge(params: Params, *, alpha: float, rank: int) -> Params:
     """Folds ``alpha / rank * lora_a @ lora_b`` into each kernel and drops the LoRA leaves.
 
     The result is a plain tree the base model applies without any interceptor, at the base
-    model's cost. Pure and jittable.
+    model's cost. Pure and jittable. Any layer kind: the [fan_in, fan_out] update is reshaped to
+    the kernel's ``(*in axes, *out axes)`` shape (`ftlab.peft.dense.Layer`), so merging needs
+    no layer types.
 
     Args:
         params: A tree holding LoRA leaves (from :func:`init`, trained).
@@ -249,7 +280,8 @@ def merge(params: Params, *, alpha: float, rank: int) -> Params:
         The merged tree.
 
     Raises:
-        ValueError: no LoRA leaves, a module without a kernel or with only one of the pair, or a
+        ValueError: no LoRA leaves, a module without a kernel (the adapter is never dropped
+            silently) or with only one of the pair, a pair that does not fit its kernel, or a
             ``rank`` that differs from the leaves' rank.
 
     >>> p = {"d": {"kernel": jnp.zeros((2, 2)), "lora_a": jnp.ones((2, 1)),
@@ -260,6 +292,13 @@ def merge(params: Params, *, alpha: float, rank: int) -> Params:
     s = scale(alpha=alpha, rank=rank)
     flat = partition.flatten(params)
     pairs = _pairs(flat, rank=rank, what="lora.merge")
+    for module in pairs:
+        if f"{module}/kernel" not in flat:
+            quantized = f"{module}/{dense.Q4_DATA}" in flat
+            raise ValueError(
+                f"lora.merge: {module} holds {LORA_A}/{LORA_B} but no {module}/kernel to fold "
+                "them into" + ("; it is a Q4 kernel, use qlora.merge." if quantized else ".")
+            )
     out = {}
     for name, leaf in flat.items():
         if _LORA_LEAF.fullmatch(name):
@@ -267,7 +306,9 @@ def merge(params: Params, *, alpha: float, rank: int) -> Params:
         module = name[: -len("/kernel")] if name.endswith("/kernel") else None
         if module in pairs:
             a, b = pairs[module]
-            leaf = (jnp.asarray(leaf) + s * _matmul(a, b)).astype(jnp.asarray(leaf).dtype)
+            leaf = jnp.asarray(leaf)
+            delta = _delta(a, b, leaf.shape, where=f"lora.merge: {module}")
+            leaf = (leaf + s * delta).astype(leaf.dtype)
         out[name] = leaf
     return partition.unflatten(out)
 
@@ -321,7 +362,8 @@ def unmerge(merged: Params, adapter_tree: Params, *, alpha: float, rank: int) ->
         if module in pairs:
             a, b = pairs[module]
             kernel = jnp.asarray(leaf)
-            out[name] = (kernel - s * _matmul(a, b)).astype(kernel.dtype)
+            delta = _delta(a, b, kernel.shape, where=f"lora.unmerge: {module}")
+            out[name] = (kernel - s * delta).astype(kernel.dtype)
             out[f"{module}/{LORA_A}"], out[f"{module}/{LORA_B}"] = a, b
         else:
             out[name] = leaf
@@ -444,20 +486,6 @@ def _check_config(config_dict: Mapping[str, Any], *, where: str) -> None:
     _check_alpha(config_dict["alpha"], f"{where}: alpha")
 
 
-def _dense_modules(flat: Mapping[str, Any]) -> list[str]:
-    """Module paths (without '/kernel') of the 2-D kernels, in tree order."""
-    return [
-        k[: -len("/kernel")] for k, v in flat.items() if k.endswith("/kernel") and np.ndim(v) == 2
-    ]
-
-
-def _summarize(modules: Sequence[str], limit: int = 12) -> str:
-    # Collapse layer indices so a 24-layer model lists a handful of patterns, not 144 paths.
-    generic = list(dict.fromkeys(re.sub(r"_\d+(?=/|$)", r"_\\d+", m) for m in modules))
-    shown = ", ".join(generic[:limit])
-    return shown + (f", ... ({len(generic) - limit} more)" if len(generic) > limit else "")
-
-
 def _pairs(flat: Mapping[str, Any], *, rank: int, what: str) -> dict[str, tuple[Any, Any]]:
     """``{module: (lora_a, lora_b)}``, checking pairs are complete and of rank ``rank``."""
     modules: dict[str, dict[str, Any]] = {}
@@ -481,10 +509,21 @@ def _pairs(flat: Mapping[str, Any], *, rank: int, what: str) -> dict[str, tuple[
         if np.shape(a)[1] != rank:
             raise ValueError(
                 f"{what}: rank={rank} but {module}/{LORA_A} has rank {np.shape(a)[1]}; pass the "
-                "rank the adapter was trained with (config.peft.rank)."
+                "rank the adapter was trained with."
             )
         out[module] = (a, b)
     return out
+
+
+def _delta(a: Any, b: Any, kernel_shape, *, where: str) -> jax.Array:
+    """``a @ b`` shaped as the kernel (whose input axes come first, see `dense.Layer`)."""
+    dense.kernel_matrix_shape(kernel_shape, np.shape(a)[0], where=where)
+    if np.shape(b)[1] * np.shape(a)[0] != math.prod(kernel_shape):
+        raise ValueError(
+            f"{where}: {LORA_A} {np.shape(a)} and {LORA_B} {np.shape(b)} do not fit kernel "
+            f"{list(kernel_shape)}."
+        )
+    return _matmul(a, b).reshape(kernel_shape)
 
 
 def _matmul(a: Any, b: Any) -> jax.Array:

@@ -35,6 +35,20 @@ from ftlab.core import partition
 from ftlab.peft import dense, lora
 from ftlab.types import Params
 
+__all__ = [
+    "BLOCK",
+    "Q4_DATA",
+    "Q4_MIN",
+    "Q4_SCALE",
+    "dequantize",
+    "dequantize_tree",
+    "from_gguf_q4_1",
+    "merge",
+    "nbytes",
+    "quantize",
+    "quantize_kernel",
+]
+
 Q4_DATA, Q4_SCALE, Q4_MIN = dense.Q4_DATA, dense.Q4_SCALE, dense.Q4_MIN
 BLOCK = 32
 # bytes of one GGUF block_q4_1: float16 d, float16 m, 16 bytes of codes
@@ -118,14 +132,18 @@ def dequantize(data: jax.Array, scale: jax.Array, minimum: jax.Array, dtype=jnp.
     return dense.dequantize_q4_1(data, scale, minimum, dtype)
 
 
-def quantize(params: Params, *, targets: Sequence[str], what: str = "config.qlora") -> Params:
+def quantize(params: Params, *, targets: Sequence[str], what: str | None = None) -> Params:
     """Replaces the ``kernel`` of every matching dense module by Q4_1 leaves.
+
+    Only 2-D kernels ([in, out], `nn.Dense`'s layout) are quantised: the Q4 kernel runs on
+    `nn.Dense` only, and the interceptor refuses it on any other layer type.
 
     Args:
         params: A parameter tree.
         targets: Regexes ``re.fullmatch``-ed against module paths (the kernel path without
             ``/kernel``), e.g. ``r"decoder/layer_\\d+/(attention|mlp)/.*"``.
-        what: The config group named in errors.
+        what: Prefix of the argument names in errors, e.g. ``"config.peft.qlora"`` for
+            ``config.peft.qlora.targets[0]``; by default errors say ``qlora.quantize: targets``.
 
     Returns:
         A new tree; every other leaf is the same object as before.
@@ -134,6 +152,9 @@ def quantize(params: Params, *, targets: Sequence[str], what: str = "config.qlor
         ValueError: a target matches no 2-D kernel (available modules are listed), or a
             matched kernel's input size is not a multiple of 32.
     """
+    arg = f"{what}." if what else "qlora.quantize: "
+    if isinstance(targets, str):
+        raise ValueError(f"{arg}targets must be a list of regexes, got the string {targets!r}.")
     flat = partition.flatten(params)
     modules = [
         n[: -len("/kernel")] for n, v in flat.items() if n.endswith("/kernel") and np.ndim(v) == 2
@@ -143,7 +164,7 @@ def quantize(params: Params, *, targets: Sequence[str], what: str = "config.qlor
         hits = [m for m in modules if re.fullmatch(pattern, m)]
         if not hits:
             raise ValueError(
-                f"{what}.targets[{i}]: pattern {pattern!r} matched no dense kernel; available: "
+                f"{arg}targets[{i}]: pattern {pattern!r} matched no dense kernel; available: "
                 f"{', '.join(modules[:6])}{', ...' if len(modules) > 6 else ''}"
             )
         chosen.update(hits)
@@ -154,7 +175,7 @@ def quantize(params: Params, *, targets: Sequence[str], what: str = "config.qlor
             if np.shape(leaf)[0] % BLOCK:
                 raise ValueError(
                     f"{name}: input size {np.shape(leaf)[0]} is not a multiple of {BLOCK}; "
-                    f"Q4_1 blocks cannot cover it. Drop {module} from {what}.targets."
+                    f"Q4_1 blocks cannot cover it. Drop {module} from the targets ({arg}targets)."
                 )
             for k, v in quantize_kernel(np.asarray(leaf)).items():
                 out[f"{module}/{k}"] = v

@@ -221,15 +221,15 @@ def test_held_norm_adds_no_dense_array_to_the_backward_pass():
     [
         (
             dict(targets=[r"encoder/layer_\d+/attention/qury"]),
-            r"config\.peft\.targets\[0\].*available: .*attention/query",
+            r"dora\.init: targets\[0\].*available: .*attention/query",
         ),
-        (dict(rank=0), r"config\.peft\.rank"),
-        (dict(rank=13), r"config\.peft\.rank=13 exceeds min\(in, out\)=12"),
-        (dict(alpha=0.0), r"config\.peft\.alpha"),
+        (dict(rank=0), r"dora\.init: rank"),
+        (dict(rank=13), r"dora\.init: rank=13 exceeds min\(in, out\)=12"),
+        (dict(alpha=0.0), r"dora\.init: alpha"),
     ],
     ids=["typo", "rank0", "rank-too-big", "alpha0"],
 )
-def test_init_errors_name_the_config_key(base, kwargs, match):
+def test_init_errors_name_the_argument(base, kwargs, match):
     args = dict(targets=TARGETS, rank=RANK, alpha=ALPHA) | kwargs
     with pytest.raises(ValueError, match=match):
         dora.init(base, jax.random.key(0), **args)

@@ -142,15 +142,15 @@ def test_composes_with_dora_on_the_same_module(base):
     [
         (
             dict(targets_out=[r"encoder/layer_\d+/attention/kee"]),
-            r"config\.peft\.targets_out\[0\].*available: .*attention/key",
+            r"ia3\.init: targets_out\[0\].*available: .*attention/key",
         ),
-        (dict(targets_in=[r"encoder/layer_\d+/ffn/output"]), r"config\.peft\.targets_in\[0\]"),
-        (dict(targets_out=[], targets_in=[]), r"config\.peft\.targets_out and .* both empty"),
-        (dict(targets_out="encoder/.*"), r"config\.peft\.targets_out must be a list"),
+        (dict(targets_in=[r"encoder/layer_\d+/ffn/output"]), r"ia3\.init: targets_in\[0\]"),
+        (dict(targets_out=[], targets_in=[]), r"ia3\.init: targets_out and .* both empty"),
+        (dict(targets_out="encoder/.*"), r"ia3\.init: targets_out must be a list"),
     ],
     ids=["typo-out", "typo-in", "empty", "string"],
 )
-def test_init_errors_name_the_config_key(base, kwargs, match):
+def test_init_errors_name_the_argument(base, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ia3.init(base, **kwargs)
 

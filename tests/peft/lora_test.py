@@ -205,16 +205,16 @@ def test_rules_claim_lora_leaves_and_head(base):
     [
         (
             dict(targets=[r"encoder/layer_\d+/attention/qury"]),
-            r"config\.peft\.targets\[0\].*available: .*attention/query",
+            r"lora\.init: targets\[0\].*available: .*attention/query",
         ),
-        (dict(targets=["encoder/layer_0/attention_layer_norm"]), r"config\.peft\.targets\[0\]"),
-        (dict(rank=0), r"config\.peft\.rank"),
-        (dict(rank=13), r"config\.peft\.rank=13 exceeds min\(in, out\)=12"),
-        (dict(alpha=0.0), r"config\.peft\.alpha"),
+        (dict(targets=["encoder/layer_0/attention_layer_norm"]), r"lora\.init: targets\[0\]"),
+        (dict(rank=0), r"lora\.init: rank"),
+        (dict(rank=13), r"lora\.init: rank=13 exceeds min\(in, out\)=12"),
+        (dict(alpha=0.0), r"lora\.init: alpha"),
     ],
     ids=["typo", "not-dense", "rank0", "rank-too-big", "alpha0"],
 )
-def test_init_errors_name_the_config_key(base, kwargs, match):
+def test_init_errors_name_the_argument(base, kwargs, match):
     args = dict(targets=TARGETS, rank=RANK, alpha=ALPHA) | kwargs
     with pytest.raises(ValueError, match=match):
         lora.init(base, jax.random.key(0), **args)
