@@ -24,6 +24,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+__all__ = ["IMPLEMENTATIONS", "check", "dot_product_attention", "resolve"]
+
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
