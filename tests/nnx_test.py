@@ -410,3 +410,43 @@ def test_apply_errors_name_the_leaves(net, batch, lora_run):
         ftnnx.make_apply(graphdef, alpha=ALPHA, rank=RANK)(half, x)
     with pytest.raises(ValueError, match=r"lora_merge: params hold no lora_a/lora_b"):
         ftnnx.lora_merge(graphdef, params, alpha=ALPHA, rank=RANK)
+
+
+def test_an_nnx_batchnorm_model_fine_tunes_through_the_train_step_with_its_collections():
+    # The NNX collections tree is what train.init_state takes as `collections`; the loss gets
+    # Flax's variables dict and hands the updated statistics (and rng counts) back.
+    graphdef, params, collections = ftnnx.split_collections(NormNet(nnx.Rngs(0)))
+    apply = ftnnx.make_apply(graphdef, collections=True)
+    x = _randn(1, (16, 3)) + 2.0
+    y = jnp.asarray(np.arange(16) % 4, jnp.int32)
+
+    def loss_fn(variables, batch, rng):
+        del rng
+        rest = {k: v for k, v in variables.items() if k != "params"}
+        out, new = apply(variables["params"], rest, batch["x"])
+        xent = optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
+        return xent, {"collections": new}
+
+    labels = partition.labels(params, [("lin/.*", "train"), (".*", "frozen")])
+    tx = optax.sgd(0.1)
+    step = jax.jit(train.make_train_step(loss_fn, tx))
+    for frozen_stats in (False, True):
+        rules = [("batch_stats/.*", "frozen" if frozen_stats else "train"), (".*", "train")]
+        state = train.init_state(
+            params,
+            labels,
+            tx,
+            seed=0,
+            collections=collections,
+            collection_labels=partition.labels(collections, rules),
+        )
+        state, _ = step(state, {"x": x, "y": y})
+        mean0 = collections["batch_stats"]["bn"]["mean"]
+        mean1 = state.collections["batch_stats"]["bn"]["mean"]
+        if frozen_stats:
+            np.testing.assert_array_equal(mean1, mean0)
+        else:
+            assert not np.allclose(mean1, mean0)
+        assert int(state.collections["rng_count"]["drop"]["rngs"]["count"]) == 1
+        assert not np.allclose(state.params["lin"]["kernel"], params["lin"]["kernel"])
+        np.testing.assert_array_equal(state.params["bn"]["scale"], params["bn"]["scale"])
