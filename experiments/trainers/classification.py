@@ -129,19 +129,30 @@ def build_method(config: ml_collections.ConfigDict, params, apply, *, sites=None
         )
         apply = ia3.wrap_apply(apply)
     elif p.method == "adapters":
-        params = adapters.init(params, rng, sites=sites, bottleneck=p.bottleneck)
+        params = adapters.init(
+            params, rng, sites=sites, bottleneck=p.bottleneck, what="config.peft"
+        )
         apply = adapters.wrap_apply(apply)
     elif p.method == "prompt":
-        params = prompt.init(params, rng, sites=sites, length=p.length)
+        params = prompt.init(params, rng, sites=sites, length=p.length, what="config.peft")
         apply = prompt.wrap_apply(apply)
     elif p.method == "prefix":
         params = prefix.init(
-            params, rng, sites=sites, length=p.length, hidden_mlp=p.prefix_hidden_mlp
+            params,
+            rng,
+            sites=sites,
+            length=p.length,
+            hidden_mlp=p.prefix_hidden_mlp,
+            what="config.peft",
         )
         apply = prefix.wrap_apply(apply, sites)
     elif p.method == "reft":
-        params = reft.init(params, rng, sites=sites, layers=list(p.reft_layers), rank=p.rank)
-        apply = reft.wrap_apply(apply, first_n=p.reft_first_n, last_n=p.reft_last_n)
+        params = reft.init(
+            params, rng, sites=sites, layers=list(p.reft_layers), rank=p.rank, what="config.peft"
+        )
+        apply = reft.wrap_apply(
+            apply, first_n=p.reft_first_n, last_n=p.reft_last_n, what="config.peft"
+        )
     else:
         raise ValueError(f"config.peft.method={p.method!r}; expected one of {PEFT_METHODS}")
     return jax.tree.map(np.asarray, params), apply

@@ -71,11 +71,16 @@ def add_method(
         ids = jnp.ones((1, 2), jnp.int32)
         sites = hooks.discover(lambda q: module.apply({"params": q}, ids), params)
     if method == "prompt":
-        params = prompt.init(params, rng, sites=sites, length=p.length)
+        params = prompt.init(params, rng, sites=sites, length=p.length, what="config.peft")
         return params, prompt.rules(), prompt.wrap_apply, (lambda t: t)
     if method == "prefix":
         params = prefix.init(
-            params, rng, sites=sites, length=p.length, hidden_mlp=p.prefix_hidden_mlp
+            params,
+            rng,
+            sites=sites,
+            length=p.length,
+            hidden_mlp=p.prefix_hidden_mlp,
+            what="config.peft",
         )
         wrap = functools.partial(prefix.wrap_apply, sites=sites)
         return params, prefix.rules(), wrap, functools.partial(prefix.finalize, sites=sites)

@@ -54,7 +54,7 @@ def init(
     *,
     sites: Sequence[hooks.Site],
     bottleneck: int,
-    what: str = "config.peft",
+    what: str | None = None,
 ) -> dict:
     """Adds an adapter at every sublayer-output site of the model.
 
@@ -64,7 +64,8 @@ def init(
         sites: The model's hook sites, from `hooks.discover(apply, params, *example)`; the
             ``sublayer`` ones get an adapter.
         bottleneck: The adapter width k (Houlsby et al. use 8 to 256).
-        what: How to name the config group in errors.
+        what: The config group that set these arguments, e.g. ``"config.peft"`` for
+            ``config.peft.bottleneck``; by default errors say ``adapters.init: bottleneck``.
 
     Returns:
         A new tree with ``<site>/<name>_adapter/{down,up}/{kernel,bias}`` added; ``up`` is zero,
@@ -80,10 +81,11 @@ def init(
     >>> a["down"]["kernel"].shape, float(a["up"]["kernel"].sum())
     ((4, 2), 0.0)
     """
+    arg = f"{what}." if what else "adapters.init: "
     if isinstance(bottleneck, bool) or not isinstance(bottleneck, (int, np.integer)):
-        raise ValueError(f"{what}.bottleneck={bottleneck!r} must be an integer >= 1 (e.g. 64).")
+        raise ValueError(f"{arg}bottleneck={bottleneck!r} must be an integer >= 1 (e.g. 64).")
     if bottleneck < 1:
-        raise ValueError(f"{what}.bottleneck={bottleneck} must be >= 1 (e.g. 64).")
+        raise ValueError(f"{arg}bottleneck={bottleneck} must be >= 1 (e.g. 64).")
     targets = hooks.of_kind(sites, hooks.SUBLAYER, what="adapters.init")
     flat = partition.flatten(params)
     existing = [k for k in flat if _ADAPTER_LEAF.fullmatch(k)]

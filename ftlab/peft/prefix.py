@@ -68,7 +68,7 @@ def init(
     sites: Sequence[hooks.Site],
     length: int,
     hidden_mlp: int,
-    what: str = "config.peft",
+    what: str | None = None,
 ) -> dict:
     """Adds the prefix reparametrisation ``prefix_mlp/...`` for the model's key/value sites.
 
@@ -80,7 +80,8 @@ def init(
         length: Number of prefix positions per site (Li & Liang: 10 for table-to-text, 200
             for summarisation).
         hidden_mlp: Width of the MLP's hidden layer (Li & Liang: 512 to 800).
-        what: How to name the config group in errors.
+        what: The config group that set these arguments, e.g. ``"config.peft"``; by
+            default errors say ``prefix.init: length``.
 
     Returns:
         A new tree with a top-level ``prefix_mlp`` subtree: the embedding N(0, 1), kernels
@@ -95,8 +96,9 @@ def init(
     >>> mlp["embedding"].shape, mlp["dense_1"]["kernel"].shape
     ((3, 4), (5, 8))
     """
-    _check_positive(length, f"{what}.length", "e.g. 10")
-    _check_positive(hidden_mlp, f"{what}.hidden_mlp", "e.g. 512")
+    arg = f"{what}." if what else "prefix.init: "
+    _check_positive(length, f"{arg}length", "e.g. 10")
+    _check_positive(hidden_mlp, f"{arg}hidden_mlp", "e.g. 512")
     targets = hooks.of_kind(sites, hooks.KEY_VALUE, what="prefix.init")
     flat = partition.flatten(params)
     stale = [k for k in flat if _PREFIX_LEAF.fullmatch(k) or k.startswith(f"{MLP}/")]

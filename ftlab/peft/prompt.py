@@ -52,7 +52,7 @@ def init(
     sites: Sequence[hooks.Site],
     length: int,
     init: str = "vocab",  # noqa: A002 (the paper's and the config's name)
-    what: str = "config.peft",
+    what: str | None = None,
 ) -> dict:
     """Adds a soft prompt ``<embeddings site>/prompt`` [length, hidden] to the model's tree.
 
@@ -64,7 +64,8 @@ def init(
         length: Number of prompt vectors (Lester et al. use 1 to 150; 20 to 100 is typical).
         init: ``"vocab"`` copies distinct random rows of the token table the site names;
             ``"random"`` draws uniform(-0.5, 0.5).
-        what: How to name the config group in errors.
+        what: The config group that set these arguments, e.g. ``"config.peft"``; by
+            default errors say ``prompt.init: length``.
 
     Returns:
         A new tree with the prompt leaf added.
@@ -78,10 +79,11 @@ def init(
     >>> init(p, jax.random.key(0), sites=[site], length=2)["embeddings"]["prompt"].shape
     (2, 3)
     """
+    arg = f"{what}." if what else "prompt.init: "
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
-        raise ValueError(f"{what}.length={length!r} must be an integer >= 1 (e.g. 20).")
+        raise ValueError(f"{arg}length={length!r} must be an integer >= 1 (e.g. 20).")
     if init not in INITS:
-        raise ValueError(f"{what}.init={init!r} is not one of {list(INITS)}.")
+        raise ValueError(f"{arg}init={init!r} is not one of {list(INITS)}.")
     found = hooks.of_kind(sites, hooks.EMBEDDINGS, what="prompt.init")
     if len(found) != 1:
         raise ValueError(
@@ -97,10 +99,10 @@ def init(
     if init == "vocab":
         if not site.table or site.table not in flat:
             raise ValueError(
-                f"prompt.init: {what}.init='vocab' copies rows of the token-embedding table, but "
+                f"prompt.init: {arg}init='vocab' copies rows of the token-embedding table, but "
                 f"the model's embeddings hook at {site.path or '<root>'!r} names "
                 f"{'no table' if not site.table else repr(site.table) + ', not in params'}; "
-                f"pass table=... to hooks.embeddings or use {what}.init='random'."
+                f"pass table=... to hooks.embeddings or use {arg}init='random'."
             )
         table = jnp.asarray(flat[site.table])
         vocab = table.shape[0]

@@ -79,21 +79,23 @@ class Positions:
     Attributes:
         first_n: Edit the first ``first_n`` real tokens.
         last_n: Edit the last ``last_n`` real tokens.
-        what: How to name the config group in errors.
+        what: The config group that set them, e.g. ``"config.peft"`` for
+            ``config.peft.first_n``; None names the arguments alone.
     """
 
     first_n: int = 1
     last_n: int = 1
-    what: str = "config.peft"
+    what: str | None = None
 
     def __post_init__(self):
+        arg = f"{self.what}." if self.what else "reft: "
         for name in ("first_n", "last_n"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"{self.what}.{name}={v!r} must be an integer >= 0.")
+                raise ValueError(f"{arg}{name}={v!r} must be an integer >= 0.")
         if self.first_n == 0 and self.last_n == 0:
             raise ValueError(
-                f"{self.what}.first_n and {self.what}.last_n are both 0, so no position would be "
+                f"{arg}first_n and last_n are both 0, so no position would be "
                 "edited; the paper's default is first_n=1, last_n=1."
             )
 
@@ -139,7 +141,7 @@ def init(
     sites: Sequence[hooks.Site],
     layers: Sequence[int],
     rank: int,
-    what: str = "config.peft",
+    what: str | None = None,
 ) -> dict:
     """Adds a LoReFT intervention at each hidden-state site in ``layers``.
 
@@ -152,7 +154,8 @@ def init(
         layers: Indices into the model's hidden-state sites in call order (on ftlab's models,
             the layer indices; the paper edits all layers or a few, e.g. ``[2, 4]``).
         rank: The subspace dimension r (the paper uses 1 to 8), at most the hidden width.
-        what: How to name the config group in errors.
+        what: The config group that set these arguments (e.g. ``"config.peft"``); None names
+            the arguments alone.
 
     Returns:
         A new tree with ``<site>/reft/{rotation,weight,bias}``: ``rotation`` a random
@@ -160,26 +163,27 @@ def init(
         zero, so the intervention is exactly zero at init.
 
     Raises:
-        ValueError: a bad ``rank`` or layer index (naming ``config.peft.<field>``), no
+        ValueError: a bad ``rank`` or layer index (naming the argument, or ``<what>.<field>``), no
             hidden-state site, or interventions already in the tree.
 
     >>> site = hooks.Site(hooks.HIDDEN, "layer_0", width=4)
     >>> sorted(init({}, jax.random.key(0), sites=[site], layers=[0], rank=2)["layer_0"]["reft"])
     ['bias', 'rotation', 'weight']
     """
+    arg = f"{what}." if what else "reft.init: "
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise ValueError(f"{what}.rank={rank!r} must be an integer >= 1 (the paper uses 1 to 8).")
+        raise ValueError(f"{arg}rank={rank!r} must be an integer >= 1 (the paper uses 1 to 8).")
     if isinstance(layers, (str, int)) or not len(layers):
-        raise ValueError(f"{what}.layers={layers!r} must be a non-empty list of layer indices.")
+        raise ValueError(f"{arg}layers={layers!r} must be a non-empty list of layer indices.")
     found = hooks.of_kind(sites, hooks.HIDDEN, what="reft.init")
     for j, i in enumerate(layers):
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < len(found):
             raise ValueError(
-                f"{what}.layers[{j}]={i!r} is not a layer of this model; it has layers "
+                f"{arg}layers[{j}]={i!r} is not a layer of this model; it has layers "
                 f"0..{len(found) - 1}."
             )
     if len(set(int(i) for i in layers)) != len(layers):
-        raise ValueError(f"{what}.layers={list(layers)} repeats a layer; list each once.")
+        raise ValueError(f"{arg}layers={list(layers)} repeats a layer; list each once.")
     flat = partition.flatten(params)
     existing = [k for k in flat if _REFT_LEAF.fullmatch(k)]
     if existing:
@@ -191,8 +195,8 @@ def init(
     hidden = found[int(layers[0])].width
     if rank > hidden:
         raise ValueError(
-            f"{what}.rank={rank} exceeds the hidden width {hidden}; R has orthonormal rows, so "
-            f"use {what}.rank <= {hidden}."
+            f"{arg}rank={rank} exceeds the hidden width {hidden}; R has orthonormal rows, so "
+            f"use rank <= {hidden}."
         )
     out = dict(flat)
     for i in sorted(int(i) for i in layers):
@@ -272,7 +276,7 @@ def _handler(where: Positions) -> Callable:
 
 
 @contextlib.contextmanager
-def intercept(*, first_n: int = 1, last_n: int = 1, what: str = "config.peft") -> Iterator[None]:
+def intercept(*, first_n: int = 1, last_n: int = 1, what: str | None = None) -> Iterator[None]:
     """Applies every ``reft`` intervention at the model's hidden-state sites while active.
 
     Enter it inside the traced function (as :func:`wrap_apply` does).
@@ -280,7 +284,8 @@ def intercept(*, first_n: int = 1, last_n: int = 1, what: str = "config.peft") -
     Args:
         first_n: Edit the first ``first_n`` real tokens of each sequence.
         last_n: Edit the last ``last_n`` real tokens.
-        what: How to name the config group in errors.
+        what: The config group that set these arguments (e.g. ``"config.peft"``); None names
+            the arguments alone.
 
     Raises:
         ValueError: both counts are 0, or (at apply time) an intervention is incomplete or
@@ -292,7 +297,7 @@ def intercept(*, first_n: int = 1, last_n: int = 1, what: str = "config.peft") -
 
 
 def wrap_apply(
-    apply_fn: Callable, *, first_n: int = 1, last_n: int = 1, what: str = "config.peft"
+    apply_fn: Callable, *, first_n: int = 1, last_n: int = 1, what: str | None = None
 ) -> Callable:
     """Returns ``apply_fn`` running inside :func:`intercept`, same signature and result.
 

@@ -97,8 +97,8 @@ def test_rules_with_layer_norms():
 
 
 @pytest.mark.parametrize("bottleneck", [0, 2.5, True])
-def test_bad_bottleneck_names_the_config_key(base, bottleneck):
-    with pytest.raises(ValueError, match=r"config\.peft\.bottleneck"):
+def test_bad_bottleneck_names_the_argument(base, bottleneck):
+    with pytest.raises(ValueError, match=r"adapters\.init: bottleneck"):
         adapters.init(base, jax.random.key(0), sites=_sites(), bottleneck=bottleneck)
 
 

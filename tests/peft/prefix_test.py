@@ -119,8 +119,8 @@ def test_training_moves_only_the_mlp_and_head_and_lowers_the_loss(base):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(length=0), r"config\.peft\.length"),
-        (dict(hidden_mlp=-1), r"config\.peft\.hidden_mlp"),
+        (dict(length=0), r"prefix\.init: length"),
+        (dict(hidden_mlp=-1), r"prefix\.init: hidden_mlp"),
     ],
 )
 def test_init_errors_name_the_config_key(base, kwargs, match):

@@ -107,7 +107,7 @@ def test_training_moves_only_prompt_and_head_and_lowers_the_loss(base):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(length=0), r"config\.peft\.length"), (dict(init="zeros"), r"config\.peft\.init")],
+    [(dict(length=0), r"prompt\.init: length"), (dict(init="zeros"), r"prompt\.init: init")],
 )
 def test_init_errors_name_the_config_key(base, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -125,10 +125,10 @@ def test_training_keeps_r_orthonormal_moves_only_reft_and_head(base):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(layers=[2]), r"config\.peft\.layers\[0\]=2 .* layers 0\.\.1"),
-        (dict(layers=[0, 0]), r"config\.peft\.layers"),
-        (dict(rank=0), r"config\.peft\.rank"),
-        (dict(rank=17), r"config\.peft\.rank=17 exceeds the hidden width 16"),
+        (dict(layers=[2]), r"reft\.init: layers\[0\]=2 .* layers 0\.\.1"),
+        (dict(layers=[0, 0]), r"reft\.init: layers"),
+        (dict(rank=0), r"reft\.init: rank"),
+        (dict(rank=17), r"reft\.init: rank=17 exceeds the hidden width 16"),
     ],
     ids=["layer-out-of-range", "layer-repeated", "rank0", "rank-too-big"],
 )
@@ -138,7 +138,7 @@ def test_init_errors_name_the_config_key(base, kwargs, match):
 
 
 def test_apply_errors_name_the_leaf_path(base):
-    with pytest.raises(ValueError, match=r"config\.peft\.first_n and config\.peft\.last_n"):
+    with pytest.raises(ValueError, match=r"reft: first_n and last_n"):
         reft.wrap_apply(_apply, first_n=0, last_n=0)
     params = _with_reft(base)
     with pytest.raises(ValueError, match="encoder/layer_0/reft is in the params.*reft.wrap_apply"):
