@@ -14,7 +14,7 @@ Submodules load on first use::
 - ``streams``: river's bundled real streams, for online learning.
 """
 
-import importlib
+from ftlab import _lazy
 
 _SUBMODULES = (
     "batching",
@@ -27,17 +27,4 @@ _SUBMODULES = (
     "text",
 )
 
-__all__ = list(_SUBMODULES)
-
-
-def __getattr__(name: str):
-    # Submodules load on first use, so importing one does not import its siblings.
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(
-        f"module {__name__!r} has no attribute {name!r}; it has: {', '.join(__all__)}"
-    )
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, _SUBMODULES)

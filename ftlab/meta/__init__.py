@@ -8,7 +8,7 @@ where they live (``maml``, ``reptile``), which load on first use::
     adapted = meta.adapt(params, support, loss_fn=loss_fn, inner_lr=0.01, num_steps=5)
 """
 
-import importlib
+from ftlab import _lazy
 
 _SUBMODULES = ("maml", "reptile")
 # name -> the submodule that defines it
@@ -29,20 +29,4 @@ _NAMES = {
     "make_reptile_step": "reptile",
 }
 
-__all__ = [*_NAMES, *_SUBMODULES]
-
-
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    if name in _NAMES:
-        value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(
-        f"module {__name__!r} has no attribute {name!r}; it has: {', '.join(__all__)}"
-    )
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, _SUBMODULES, _NAMES)

@@ -18,21 +18,8 @@ load on first use::
 - ``reft``: LoReFT (Wu et al. 2024, https://arxiv.org/abs/2404.03592).
 """
 
-import importlib
+from ftlab import _lazy
 
 _SUBMODULES = ("adapters", "dense", "dora", "ia3", "lora", "prefix", "prompt", "qlora", "reft")
 
-__all__ = list(_SUBMODULES)
-
-
-def __getattr__(name: str):
-    # Submodules load on first use, so importing one does not import its siblings.
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(
-        f"module {__name__!r} has no attribute {name!r}; it has: {', '.join(__all__)}"
-    )
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, _SUBMODULES)

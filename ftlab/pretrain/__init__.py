@@ -11,21 +11,8 @@ Submodules load on first use::
 - ``transfer``: a new head, then linear probing or full fine-tuning.
 """
 
-import importlib
+from ftlab import _lazy
 
 _SUBMODULES = ("layerwise", "loop", "network", "ssl", "transfer")
 
-__all__ = list(_SUBMODULES)
-
-
-def __getattr__(name: str):
-    # Submodules load on first use, so importing one does not import its siblings.
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(
-        f"module {__name__!r} has no attribute {name!r}; it has: {', '.join(__all__)}"
-    )
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, _SUBMODULES)
