@@ -17,7 +17,6 @@ refused; other changes (learning rate, num_steps, max_steps_per_run, ...) are lo
 from __future__ import annotations
 
 import importlib
-import json
 import logging as std_logging
 import pathlib
 import sys
@@ -28,9 +27,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import schema
-
-# The run's config, written at every start; a rerun is compared with it (check_resume).
-CONFIG_FILE = "config.json"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
@@ -73,7 +69,9 @@ def load_config() -> ml_collections.ConfigDict:
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     """Validates ``config``, checks it against the run in ``workdir``, then trains."""
     schema.validate(config)
-    check_resume(config, workdir)
+    other = schema.check_resume(config, workdir)
+    if other:
+        logging.warning("resuming %s with a changed config: %s", workdir, schema.show(other))
     if config.get("parallel") is not None and config.parallel.get("multihost", False):
         from ftlab.core import parallel  # noqa: PLC0415 - must precede any other JAX use
 
@@ -90,40 +88,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     trainer = importlib.import_module(f"experiments.trainers.{config.experiment}")
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
+        (workdir / schema.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
     trainer.train_and_evaluate(config, str(workdir))
-
-
-def check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Compares ``config`` with the config of the run saved in ``workdir``, if any.
-
-    A change of a structural field (`schema.Field.structural`: one that alters the saved
-    state's shape, or any field for kinds that reuse finished runs' results) is refused; other
-    changes (learning rate, num_steps, max_steps_per_run, ...) are logged in one line.
-
-    Raises:
-        schema.ConfigError: A structural field changed; names every such field.
-    """
-    folder = schema.SAVED_STATE[schema.kind_of(config)[0]]
-    saved = workdir / CONFIG_FILE
-    state = workdir / folder if folder else None
-    # Nothing to resume (a new workdir, or a run that stopped before saving): no comparison.
-    if state is None or not saved.is_file() or not state.is_dir() or not any(state.iterdir()):
-        return
-    structural, other = schema.changes(json.loads(saved.read_text()), config)
-
-    def show(triples):
-        return "; ".join(f"config.{k}: {a!r} -> {b!r}" for k, a, b in triples)
-
-    if structural:
-        raise schema.ConfigError(
-            structural[0][0],
-            f"changed since the run in {workdir} started ({show(structural)}), and the saved "
-            f"{folder} hold the old {'config' if folder != 'checkpoints' else 'shapes'}; use a "
-            "new --workdir, or the old value",
-        )
-    if other:
-        logging.warning("resuming %s with a changed config: %s", workdir, show(other))
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import pathlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,18 +31,23 @@ import ml_collections
 from ftlab.core import partition
 
 __all__ = [
+    "CONFIG_FILE",
     "ConfigError",
     "Field",
     "KINDS",
     "SAVED_STATE",
     "changes",
+    "check_resume",
     "flatten",
     "kind_of",
     "schema_of",
+    "show",
     "validate",
 ]
 
 _MISSING = object()
+# the run's config in its workdir, written at every start; a rerun is compared with it
+CONFIG_FILE = "config.json"
 # a ConfigDict is not a collections.abc.Mapping
 _GROUP = (Mapping, ml_collections.ConfigDict)
 
@@ -54,8 +61,10 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str, value: Any = _MISSING):
         self.key = key
+        if isinstance(value, ml_collections.ConfigDict):
+            value = value.to_dict()  # its repr is multi-line YAML
         shown = "" if value is _MISSING else f"={value!r}"
-        super().__init__(f"config.{key}{shown}: {message}")
+        super().__init__(" ".join(f"config.{key}{shown}: {message}".split()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -719,3 +728,37 @@ def changes(
             is_structural = every or (field is not None and field.structural)
             (structural if is_structural else other).append((key, a, b))
     return structural, other
+
+
+def show(triples: Sequence[tuple[str, Any, Any]]) -> str:
+    """``config.key: old -> new; ...`` of `changes`' triples."""
+    return "; ".join(f"config.{k}: {a!r} -> {b!r}" for k, a, b in triples)
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list:
+    """Compares ``config`` with the config of the run saved in ``workdir`` (`CONFIG_FILE`).
+
+    Nothing is compared when there is nothing to resume: a new workdir, a kind that starts
+    over (`SAVED_STATE` None), or a run that stopped before it saved anything.
+
+    Returns:
+        The allowed changes, ``(key, old, new)`` triples (`changes`), for the caller to log.
+
+    Raises:
+        ConfigError: A structural field changed; names every such field, old and new value.
+    """
+    workdir = pathlib.Path(workdir)
+    folder = SAVED_STATE[kind_of(config)[0]]
+    saved = workdir / CONFIG_FILE
+    state = workdir / folder if folder else None
+    if state is None or not saved.is_file() or not state.is_dir() or not any(state.iterdir()):
+        return []
+    structural, other = changes(json.loads(saved.read_text()), config)
+    if structural:
+        what = "shapes" if folder == "checkpoints" else "config"
+        raise ConfigError(
+            structural[0][0],
+            f"changed since the run in {workdir} started, and its saved {folder} hold the old "
+            f"{what}: {show(structural)}; use a new --workdir, or the old values",
+        )
+    return other
