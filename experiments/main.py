@@ -88,7 +88,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     trainer = importlib.import_module(f"experiments.trainers.{config.experiment}")
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        (workdir / schema.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
+        # Written whole, then renamed: another process of a multi-host run may be reading it.
+        tmp = workdir / f"{schema.CONFIG_FILE}.tmp"
+        tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
+        tmp.replace(workdir / schema.CONFIG_FILE)
     trainer.train_and_evaluate(config, str(workdir))
 
 
