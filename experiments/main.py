@@ -84,6 +84,14 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
 
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
+    # The one range check that needs the machine (schema.validate runs before JAX starts).
+    wanted = config.parallel.num_devices if config.get("parallel") is not None else 0
+    if wanted > jax.device_count():
+        raise schema.ConfigError(
+            "parallel.num_devices",
+            f"must be <= the {jax.device_count()} devices of this run (0: all of them)",
+            wanted,
+        )
     logging.info("config:\n%s", config)
     trainer = importlib.import_module(f"experiments.trainers.{config.experiment}")
     workdir.mkdir(parents=True, exist_ok=True)

@@ -629,6 +629,13 @@ def _cross_checks(kind: str, variant: str, c: ml_collections.ConfigDict) -> None
             "(the steps run in compiled chunks of that length)",
             c.optim.num_steps,
         )
+    if kind == "classification" and c.peft.method == "reft":
+        if not c.peft.reft_first_n and not c.peft.reft_last_n:
+            raise ConfigError(
+                "peft.reft_first_n",
+                "and config.peft.reft_last_n are both 0, so ReFT would intervene nowhere",
+                0,
+            )
     if kind == "decoder_tuning":
         missing = [m for m in c.methods if m not in c.optim.lr]
         if missing:

@@ -146,6 +146,11 @@ CASES = [
         r"^config\.optim\.lr=.*\['prompt'\]=-1\.0 must be a number > 0",
     ),
     (
+        ("reft_minilm", "tiny"),
+        dict(peft__reft_first_n=0, peft__reft_last_n=0),
+        r"^config\.peft\.reft_first_n=0: and config\.peft\.reft_last_n are both 0",
+    ),
+    (
         ("maml_fewshot", "quick"),
         dict(data__ways=6),
         r"^config\.data\.num_train_classes=5: leaves fewer than config\.data\.ways=6",
