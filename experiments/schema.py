@@ -1,18 +1,19 @@
 """What each experiment kind's config may hold: every field's type and range, checked up front.
 
-    schema.validate(config)            # raises ConfigError naming the first bad key
-    structural, other = schema.changes(saved_config, config)   # on resume
+    schema.validate(config)                    # raises ConfigError naming the first bad key
+    allowed = schema.check_resume(config, workdir)   # refuses a structural change, lists others
 
 A kind's schema is a table ``{dotted key: Field}``. A key of the config that is not in its kind's
 table is an error (it could not take effect), as is a required key that is missing; a few keys are
 optional (trainers read them with ``.get``). Checks that relate two fields (``num_steps`` a
 multiple of ``log_every_steps``, a learning rate for every method, ...) follow the table.
 
-Fields marked ``structural`` fix the saved state's shape or meaning (model size, method, rank,
-number of classes, partition rules): a run may not resume under a changed one. Kinds that resume
-by reusing finished runs' results (sweeps) treat every field as structural, because a result
-recorded under one config is not a result of another. Any other change (learning rate,
-``num_steps``, ``max_steps_per_run``, logging, ...) is allowed on resume and listed.
+Fields marked structural (``.fixed()``) fix the saved state's shape or meaning (model size,
+method, rank, number of classes, partition rules): a run may not resume under a changed one.
+Kinds that resume by reusing finished runs' results (sweeps) treat every field as structural,
+because a result recorded under one config is not a result of another. Any other change
+(learning rate, ``num_steps``, ``max_steps_per_run``, logging, ...) is allowed on resume and
+listed.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ class Field:
     structural: bool = False
     optional: bool = False
 
-    def s(self) -> Field:
-        """This field, marked structural."""
+    def fixed(self) -> Field:
+        """This field, marked structural: fixed for the life of a run."""
         return dataclasses.replace(self, structural=True)
 
     def opt(self) -> Field:
@@ -133,6 +134,7 @@ def real(*, ge=None, gt=None, le=None, lt=None, example: str = "") -> Field:
 
 
 def boolean() -> Field:
+    """True or False (not 0 or 1)."""
     return Field(lambda v: None if isinstance(v, bool) else "must be True or False")
 
 
@@ -143,6 +145,8 @@ def choice(*values: str) -> Field:
 
 
 def string(*, nonempty: bool = False) -> Field:
+    """Any string (a path, a name), or any but ``""``."""
+
     def check(v):
         if not isinstance(v, str) or (nonempty and not v):
             return "must be a non-empty string" if nonempty else "must be a string"
@@ -312,8 +316,8 @@ PARALLEL = {
 ROTTEN_TOMATOES_TASKS = ("sentiment", "subjectivity")
 # the BERT classifier built by experiments/trainers/classification.py `build_model`
 ENCODER = {
-    "model.encoder": choice("minilm", "tiny").s(),
-    "model.num_classes": integer(2, note="a classifier needs two classes or more").s(),
+    "model.encoder": choice("minilm", "tiny").fixed(),
+    "model.num_classes": integer(2, note="a classifier needs two classes or more").fixed(),
     "model.pooling": choice("mean", "cls"),
     "model.dropout_rate": real(ge=0, lt=1),
     "model.attention_dropout_rate": nullable(real(ge=0, lt=1)).opt(),
@@ -333,18 +337,18 @@ CLASSIFICATION = {
     "data.seed": SEED,
     "data.limit": integer(0, note="0: all examples"),
     **ENCODER,
-    "partition.rules": rules().s(),
-    "peft.method": choice(*PEFT_METHODS).s(),
-    "peft.targets": regexes().s(),
-    "peft.rank": integer(1).s(),
+    "partition.rules": rules().fixed(),
+    "peft.method": choice(*PEFT_METHODS).fixed(),
+    "peft.targets": regexes().fixed(),
+    "peft.rank": integer(1).fixed(),
     "peft.alpha": real(gt=0),
     "peft.dropout": real(ge=0, lt=1),
-    "peft.ia3_targets_out": regexes(nonempty=False).s(),
-    "peft.ia3_targets_in": regexes(nonempty=False).s(),
-    "peft.bottleneck": integer(1).s(),
-    "peft.length": integer(1).s(),
-    "peft.prefix_hidden_mlp": integer(1).s(),
-    "peft.reft_layers": integers(0).s(),
+    "peft.ia3_targets_out": regexes(nonempty=False).fixed(),
+    "peft.ia3_targets_in": regexes(nonempty=False).fixed(),
+    "peft.bottleneck": integer(1).fixed(),
+    "peft.length": integer(1).fixed(),
+    "peft.prefix_hidden_mlp": integer(1).fixed(),
+    "peft.reft_layers": integers(0).fixed(),
     "peft.reft_first_n": integer(0),
     "peft.reft_last_n": integer(0),
     "optim.batch_size": integer(1),
@@ -365,8 +369,8 @@ META = {
     "data.seed": SEED,
     "data.shots": integer(1),
     "data.query_shots": integer(1),
-    "model.hidden": integers(1, nonempty=False).s(),
-    "meta.method": choice("maml", "fomaml", "anil", "metasgd", "reptile", "pretrained").s(),
+    "model.hidden": integers(1, nonempty=False).fixed(),
+    "meta.method": choice("maml", "fomaml", "anil", "metasgd", "reptile", "pretrained").fixed(),
     "meta.inner_lr": POSITIVE_LR,
     "meta.inner_steps": integer(1),
     "meta.remat": boolean(),
@@ -388,20 +392,20 @@ META = {
 
 FEWSHOT = {
     "seed": SEED,
-    "data.dataset": choice("digits", "glyphs").s(),
+    "data.dataset": choice("digits", "glyphs").fixed(),
     "data.seed": SEED,
     "data.split_seed": SEED,
-    "data.num_train_classes": integer(1).s(),
-    "data.ways": integer(2).s(),
+    "data.num_train_classes": integer(1).fixed(),
+    "data.ways": integer(2).fixed(),
     "data.shots": integer(1),
     "data.query": integer(1),
-    "data.glyph_size": integer(4).s(),
-    "data.glyph_classes": integer(2).s(),
+    "data.glyph_size": integer(4).fixed(),
+    "data.glyph_classes": integer(2).fixed(),
     "data.glyph_instances": integer(2),
-    "model.filters": integer(1).s(),
-    "model.blocks": integer(1).s(),
-    "model.norm": choice("batch", "instance").s(),
-    "meta.method": choice("maml", "fomaml", "anil", "reptile", "finetune").s(),
+    "model.filters": integer(1).fixed(),
+    "model.blocks": integer(1).fixed(),
+    "model.norm": choice("batch", "instance").fixed(),
+    "meta.method": choice("maml", "fomaml", "anil", "reptile", "finetune").fixed(),
     "meta.inner_lr": POSITIVE_LR,
     "meta.inner_steps": integer(1),
     "optim.meta_batch_size": integer(1),
