@@ -318,20 +318,23 @@ ROTTEN_TOMATOES_TASKS = ("sentiment", "subjectivity")
 ENCODER = {
     "model.encoder": choice("minilm", "tiny").fixed(),
     "model.num_classes": integer(2, note="a classifier needs two classes or more").fixed(),
-    "model.pooling": choice("mean", "cls"),
+    # the head was trained on these features
+    "model.pooling": choice("mean", "cls").fixed(),
     "model.dropout_rate": real(ge=0, lt=1),
     "model.attention_dropout_rate": nullable(real(ge=0, lt=1)).opt(),
     "model.attention": choice("auto", "einsum", "xla", "cudnn").opt(),
     "model.dtype": choice("float32", "bfloat16").opt(),
-    "model.pretrained": boolean().opt(),
-    "model.dont_load": regexes(nonempty=False),
+    # frozen leaves are not checkpointed but rebuilt at every start: from these (and the seed)
+    "model.pretrained": boolean().fixed().opt(),
+    "model.dont_load": regexes(nonempty=False).fixed(),
     "data.max_length": integer(2, le=512),
 }
 PEFT_METHODS = ("none", "lora", "dora", "ia3", "adapters", "prompt", "prefix", "reft")
 
 CLASSIFICATION = {
     "method": string(nonempty=True),
-    "seed": SEED,
+    # initialises the leaves that are frozen, and so rebuilt (not restored) on resume
+    "seed": SEED.fixed(),
     "data.dataset": choice("rotten_tomatoes"),
     "data.task": choice(*ROTTEN_TOMATOES_TASKS),
     "data.seed": SEED,
@@ -394,7 +397,8 @@ FEWSHOT = {
     "seed": SEED,
     "data.dataset": choice("digits", "glyphs").fixed(),
     "data.seed": SEED,
-    "data.split_seed": SEED,
+    # which classes are meta-train and which held out
+    "data.split_seed": SEED.fixed(),
     "data.num_train_classes": integer(1).fixed(),
     "data.ways": integer(2).fixed(),
     "data.shots": integer(1),
