@@ -29,8 +29,6 @@ from typing import Any
 
 import ml_collections
 
-from ftlab.core import partition
-
 __all__ = [
     "CONFIG_FILE",
     "ConfigError",
@@ -217,6 +215,9 @@ def rules() -> Field:
     """Partition rules: ``((regex, label), ...)``; ``"frozen"`` freezes, any other label trains."""
 
     def check(v):
+        # imported here: it brings JAX, which a launcher that refuses a bad flag does not need
+        from ftlab.core import partition  # noqa: PLC0415
+
         if isinstance(v, str) or not isinstance(v, Sequence) or not v:
             return "must be a non-empty tuple of (regex, label) pairs, e.g. (('.*', 'train'),)"
         for i, rule in enumerate(v):
