@@ -3,26 +3,30 @@
   python -m experiments.main --config=configs/linear_probe_minilm.py --workdir=runs/probe \
       --config.optim.lr=3e-3
 
-Running the same command again resumes from the latest good checkpoint in the workdir.
+Every config value is checked against its experiment kind's schema (`experiments/schema.py`)
+before anything runs. A bad value, a config file that cannot be loaded, or an error of the
+library that names a config key exits with status 2 and one line on stderr, with no traceback;
+tracebacks are kept for bugs.
+
+Running the same command again resumes from the latest good checkpoint (or the finished runs) in
+the workdir. The config is compared with the one saved there (config.json): a change of a field
+that alters the saved state (model size, method, rank, num_classes, partition rules, ...) is
+refused; other changes (learning rate, num_steps, max_steps_per_run, ...) are logged in one line.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging as std_logging
-import os
 import pathlib
 import sys
+from typing import NoReturn
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# experiment kind `k` -> module experiments/trainers/k.py with train_and_evaluate(config, workdir)
-TRAINERS = sorted(
-    p.stem
-    for p in pathlib.Path(__file__).with_name("trainers").glob("*.py")
-    if not p.stem.startswith("_")
-)
+from experiments import schema
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
@@ -40,7 +44,34 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    try:
+        run(load_config(), pathlib.Path(_WORKDIR.value))
+    except ValueError as e:
+        # The user's input, named by its config key: one line. Anything else is a bug and
+        # keeps its traceback.
+        if not is_user_error(e):
+            raise
+        fail(f"error: {e}")
+
+
+def load_config() -> ml_collections.ConfigDict:
+    """The parsed --config; a file that cannot be loaded exits with one line naming it."""
     config = _CONFIG.value
+    try:
+        config.get("experiment")  # config_flags defers a load failure to the first access
+    except OSError as e:
+        cause = e.__cause__ or e
+        lines = [x.strip() for x in str(cause).splitlines() if x.strip()]
+        fail(f"error in --config={flags.FLAGS['config'].config_filename}: {lines[-1]}")
+    return config
+
+
+def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Validates ``config``, checks it against the run in ``workdir``, then trains."""
+    schema.validate(config)
+    other = schema.check_resume(config, workdir)
+    if other:
+        logging.warning("resuming %s with a changed config: %s", workdir, schema.show(other))
     if config.get("parallel") is not None and config.parallel.get("multihost", False):
         from ftlab.core import parallel  # noqa: PLC0415 - must precede any other JAX use
 
@@ -53,17 +84,34 @@ def main(argv):
 
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
-    if config.experiment not in TRAINERS:
-        raise app.UsageError(
-            f"config.experiment={config.experiment!r}; known kinds: {', '.join(TRAINERS)}"
+    # The one range check that needs the machine (schema.validate runs before JAX starts).
+    wanted = config.parallel.num_devices if config.get("parallel") is not None else 0
+    if wanted > jax.device_count():
+        raise schema.ConfigError(
+            "parallel.num_devices",
+            f"must be <= the {jax.device_count()} devices of this run (0: all of them)",
+            wanted,
         )
     logging.info("config:\n%s", config)
     trainer = importlib.import_module(f"experiments.trainers.{config.experiment}")
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2) + "\n")
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+        # Written whole, then renamed: another process of a multi-host run may be reading it.
+        tmp = workdir / f"{schema.CONFIG_FILE}.tmp"
+        tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
+        tmp.replace(workdir / schema.CONFIG_FILE)
+    trainer.train_and_evaluate(config, str(workdir))
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is about the user's input: a ConfigError or a message naming a key."""
+    return isinstance(error, schema.ConfigError) or str(error).startswith("config.")
+
+
+def fail(message: str) -> NoReturn:
+    """Exits with status 2 and ``message`` on one line of stderr (no traceback)."""
+    print(" ".join(message.split()), file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def parse_flags(argv):
@@ -89,7 +137,7 @@ def parse_flags(argv):
         ]
         where = where[-1] if where else "--config"
         what = "unknown config key " if isinstance(e, (AttributeError, KeyError)) else ""
-        sys.exit(f"error in {where}: {what}{messages[0] if messages else type(e).__name__}")
+        fail(f"error in {where}: {what}{messages[0] if messages else type(e).__name__}")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,11 @@ def evaluate_task(config, model: _Model, name: str) -> dict:
             idx = icl.sample_demos(rng, labels, k)
             cut = config.data.max_demo_tokens
             demos = [(icl.truncate(model.tokenizer, texts[i], cut), int(labels[i])) for i in idx]
+            try:  # the library names its argument; the user set the config key
+                icl.encode_prefix(model.tokenizer, icl.prefix_text(task, demos),
+                                  config.icl.prefix_len, pad_id=model.pad_id)  # fmt: skip
+            except ValueError as e:
+                raise ValueError(f"config.icl.prefix_len={config.icl.prefix_len}: {e}") from None
             start = time.perf_counter()
             acc, _ = icl.accuracy(
                 model.config, model.params, model.tokenizer, task, demos,
