@@ -147,9 +147,19 @@ def build_method(config: ml_collections.ConfigDict, params, apply, *, sites=None
         )
         apply = prefix.wrap_apply(apply, sites)
     elif p.method == "reft":
-        params = reft.init(
-            params, rng, sites=sites, layers=list(p.reft_layers), rank=p.rank, what="config.peft"
-        )
+        try:
+            params = reft.init(
+                params,
+                rng,
+                sites=sites,
+                layers=list(p.reft_layers),
+                rank=p.rank,
+                what="config.peft",
+            )
+        except ValueError as e:  # reft.init's `layers` is this config's `peft.reft_layers`
+            raise ValueError(
+                str(e).replace("config.peft.layers", "config.peft.reft_layers")
+            ) from None
         apply = reft.wrap_apply(
             apply, first_n=p.reft_first_n, last_n=p.reft_last_n, what="config.peft"
         )
