@@ -23,10 +23,15 @@ latest step and its restore fails with an unrelated error. `Checkpointer.restore
 each step newest-first, moves broken ones to `<directory>/quarantine/` (nothing is ever deleted)
 and restores the newest one that works.
 
-Corruption is found only where orbax or TensorStore notice it: missing or unreadable metadata
-and damaged OCDBT index nodes (which are checksummed, and hold small arrays inline) raise on
-restore. The bulk chunks of larger arrays carry no checksum, so a flipped bit inside one can
-restore without error as a wrong value.
+Orbax and TensorStore notice some corruption themselves: missing or unreadable metadata and
+damaged OCDBT index nodes (which are checksummed, and hold small arrays inline) raise on
+restore. The bulk chunks of larger arrays carry no checksum, so a flipped bit inside one would
+restore without error as a wrong value. `save` therefore records a sha256 of every leaf's bytes
+(`ftlab.core.tensorfile.digest`) in the step's orbax metadata (``custom_metadata``, key
+``sha256``), and `restore_latest` verifies each restored leaf against it: a mismatch is one more
+kind of broken step (quarantined, the previous step tried, the leaf named in the warning).
+Leaves sharded across processes (neither fully addressable nor fully replicated) get no digest.
+Checkpoints written before digests existed restore unverified.
 """
 
 import itertools
@@ -41,6 +46,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ftlab.core import tensorfile
 from ftlab.types import PyTree
 
 __all__ = ["QUARANTINE", "CheckpointMismatchError", "CheckpointRestoreError", "Checkpointer"]
@@ -50,6 +56,8 @@ _ITEM = "default"
 _ITEM_METADATA = "_METADATA"
 # Orbax names the folder of a save in progress `<step>.orbax-checkpoint-tmp[-<timestamp>]`.
 _TMP_MARKER = ".orbax-checkpoint-tmp"
+# Key of the per-leaf digests in a step's custom metadata: {leaf path: hex sha256}.
+_DIGESTS = "sha256"
 QUARANTINE = "quarantine"
 
 # Orbax barriers need names that are unique within the job; every process makes the same calls
@@ -107,6 +115,7 @@ class Checkpointer:
         # orbax insists on absolute paths (a relative one fails inside its background save).
         self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
         self.save_every_steps = save_every_steps
+        self.max_to_keep = max_to_keep
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -143,7 +152,14 @@ class Checkpointer:
         if step in self._manager.all_steps():
             logging.info("Checkpointer: step %d is already saved in %s.", step, self.directory)
             return False
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        # The digests are taken before the save starts, from the same host bytes it writes;
+        # this syncs with the device (the save would copy the arrays off it anyway).
+        return self._manager.save(
+            step,
+            args=ocp.args.StandardSave(state),
+            force=True,
+            custom_metadata={_DIGESTS: _leaf_digests(state)},
+        )
 
     def latest_step(self) -> int | None:
         """The newest step folder orbax sees, or None (broken ones count until restore_latest)."""
@@ -186,12 +202,16 @@ class Checkpointer:
             if problem is None:
                 try:
                     restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+                    self._verify(step, restored)
+                except tensorfile.CorruptFileError as e:
+                    problem = f"corrupt: {_first_line(e)}"
                 except Exception as e:  # noqa: BLE001 - any failure means "try an older step"
                     problem = f"corrupt: restore raised {type(e).__name__}: {_first_line(e)}"
             problem = _agree_across_processes(problem)
             if problem is None:
                 if problems:
                     self._manager.reload()
+                self._drop_beyond_max_to_keep()
                 logging.info("Checkpointer: restored step %d from %s.", step, step_dir)
                 return restored, step
             self._quarantine(step_dir, problem)
@@ -242,6 +262,35 @@ class Checkpointer:
             return f"corrupt: reading its tree metadata raised {type(e).__name__}: {_first_line(e)}"
         _check_matches(saved, target, step_dir)
         return None
+
+    def _drop_beyond_max_to_keep(self) -> None:
+        """Deletes the oldest steps beyond `max_to_keep`, as the save that left them would have.
+
+        A process killed after a save finished but before orbax deleted the oldest step (or a
+        run resumed with a smaller `max_to_keep`) leaves too many steps; no save of this run may
+        follow (the run had finished), so they are removed here.
+        """
+        steps = sorted(self._manager.all_steps())
+        for step in steps[: max(len(steps) - self.max_to_keep, 0)]:
+            logging.info("Checkpointer: deleting step %d (beyond max_to_keep).", step)
+            self._manager.delete(step)
+
+    def _verify(self, step: int, restored: PyTree) -> None:
+        """Raises CorruptFileError if a restored leaf's bytes differ from those saved."""
+        try:
+            custom = self._manager.metadata(step).custom_metadata or {}
+        except Exception as e:  # noqa: BLE001 - unreadable step metadata is a broken step
+            raise tensorfile.CorruptFileError(
+                f"reading the step metadata raised {type(e).__name__}: {_first_line(e)}"
+            ) from e
+        expected = custom.get(_DIGESTS)
+        if expected is None:
+            logging.info("Checkpointer: step %d has no leaf digests; restored unverified.", step)
+            return
+        actual = _host_leaves(restored)
+        # Leaves without a digest at save (sharded across processes) cannot be checked.
+        actual = {name: leaf for name, leaf in actual.items() if name in expected}
+        tensorfile.verify(actual, expected, where=f"step {step}")
 
     def _quarantine_unfinished_saves(self) -> None:
         """Moves folders of saves that never finished (orbax temporary folders) aside."""
@@ -353,6 +402,28 @@ def _free_name(folder: epath.Path, name: str) -> epath.Path:
     return candidate
 
 
+def _host_leaves(tree: PyTree) -> dict[str, np.ndarray]:
+    """``{leaf path: host array}`` of the leaves this process holds whole."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    flat = {}
+    for path, leaf in leaves:
+        if isinstance(leaf, jax.Array):
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                leaf = jax.random.key_data(leaf)
+            if not leaf.is_fully_addressable:
+                if not leaf.is_fully_replicated:
+                    continue
+                leaf = leaf.addressable_data(0)
+        if hasattr(leaf, "shape") or isinstance(leaf, (int, float, np.number)):
+            flat[_path_name(path)] = np.asarray(leaf)
+    return flat
+
+
+def _leaf_digests(tree: PyTree) -> dict[str, str]:
+    return tensorfile.digests(_host_leaves(tree))
+
+
 def _first_line(error: BaseException) -> str:
+    # Not shortened: the first line names the damaged file, and a cut-off path helps no one.
     text = str(error).strip()
-    return (text.splitlines()[0] if text else repr(error))[:300]
+    return text.splitlines()[0] if text else repr(error)
