@@ -17,6 +17,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import workdir
+
 # experiment kind `k` -> module experiments/trainers/k.py with train_and_evaluate(config, workdir)
 TRAINERS = sorted(
     p.stem
@@ -61,9 +63,18 @@ def main(argv):
     trainer = importlib.import_module(f"experiments.trainers.{config.experiment}")
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if jax.process_index() == 0:
+        try:  # one writer per workdir; the lock lasts until this process ends, however it ends
+            held = workdir.lock(_WORKDIR.value)  # noqa: F841 - kept open while the run lasts
+        except workdir.WorkdirBusyError as e:
+            sys.exit(f"error: {e}")
         with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2) + "\n")
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    try:
+        trainer.train_and_evaluate(config, _WORKDIR.value)
+    finally:  # orbax's background saves end before the interpreter does, on every path
+        from experiments.trainers import resume  # noqa: PLC0415 - imports jax
+
+        resume.close_all()
 
 
 def parse_flags(argv):

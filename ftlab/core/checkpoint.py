@@ -206,7 +206,7 @@ class Checkpointer:
                 except tensorfile.CorruptFileError as e:
                     problem = f"corrupt: {_first_line(e)}"
                 except Exception as e:  # noqa: BLE001 - any failure means "try an older step"
-                    problem = f"corrupt: restore raised {type(e).__name__}: {_first_line(e)}"
+                    problem = f"corrupt: restore raised {_describe(e)}"
             problem = _agree_across_processes(problem)
             if problem is None:
                 if problems:
@@ -312,7 +312,10 @@ class Checkpointer:
     def _move_aside(self, path: epath.Path, problem: str) -> None:
         destination = _free_name(self.directory / QUARANTINE, path.name)
         logging.warning(
-            "Checkpointer: skipping %s: %s. Moving it to %s.", path, problem, destination
+            "Checkpointer: skipping %s: %s. Moving it to %s.",
+            path,
+            problem.rstrip("."),
+            destination,
         )
         destination.parent.mkdir(parents=True, exist_ok=True)
         path.rename(destination)
@@ -421,6 +424,19 @@ def _host_leaves(tree: PyTree) -> dict[str, np.ndarray]:
 
 def _leaf_digests(tree: PyTree) -> dict[str, str]:
     return tensorfile.digests(_host_leaves(tree))
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: first line`` of the innermost cause, which names the damaged file.
+
+    Orbax wraps TensorStore's error ('OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database at
+    local file "...") in one whose first line ends inside a dump of the TensorStore spec.
+    """
+    while (error.__cause__ or error.__context__) is not None and str(
+        error.__cause__ or error.__context__
+    ).strip():
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error: BaseException) -> str:
