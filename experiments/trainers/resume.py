@@ -20,11 +20,14 @@ Preemption: cloud TPU and spot GPU hosts send SIGTERM some time before they take
 and a person presses Ctrl-C (SIGINT). From `restore` until `Checkpointer.close`, either signal
 only sets a flag: the step in flight finishes, `stop_requested` turns true, the trainer saves
 a checkpoint at that step, closes its writers and returns as if ``max_steps_per_run`` had
-stopped it, so the process exits with status 0 and the same command resumes. A second SIGINT
-interrupts at once (KeyboardInterrupt). In a multi-process job JAX's preemption service
-(`jax.experimental.multihost_utils.reached_preemption_sync_point`) receives the notice and
-picks the step all processes stop at; `stop_requested` must then be called at every step on
-every process.
+stopped it, so the process exits with status 0 and the same command resumes. A second signal
+of the same kind acts at once, as it would without this (KeyboardInterrupt, termination).
+
+In a multi-process job no handler is installed: JAX's preemption service
+(`jax.experimental.multihost_utils.reached_preemption_sync_point`, enabled by
+`jax.distributed.initialize`) receives the scheduler's notice and picks the step all processes
+stop at; `stop_requested` must then be called at every step on every process. (There SIGINT
+keeps its default effect.)
 """
 
 from __future__ import annotations
@@ -100,9 +103,11 @@ class Checkpointer(checkpoint.Checkpointer):
         # thread (a notebook's worker, say) keeps the default behaviour.
         if threading.current_thread() is not threading.main_thread():
             return
+        # In a multi-process job JAX's preemption service takes the notice: a flag set in one
+        # process alone could not make every process stop at the same step.
+        if jax.process_count() > 1:
+            return
         for sig in _SIGNALS:
-            if sig == signal.SIGTERM and jax.process_count() > 1:
-                continue  # JAX's preemption service handles SIGTERM in multi-process jobs
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _uninstall(self) -> None:
@@ -111,14 +116,20 @@ class Checkpointer(checkpoint.Checkpointer):
         self._previous = {}
 
     def _on_signal(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt  # a second Ctrl-C: the person does not want to wait
-        self.signal_name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.signal_name == name:
+            # The second one acts as if we were not there (KeyboardInterrupt, termination):
+            # the sender does not want to wait, or the loop that would stop is gone (a trainer
+            # called in-process raised before its `close`).
+            self._uninstall()
+            signal.raise_signal(signum)
+            return
+        self.signal_name = name
         # Printed now, not at the step's end: the person who pressed Ctrl-C sees it was heard.
         logging.warning(
-            "%s received: finishing the current step, then saving a checkpoint (press Ctrl-C "
-            "again to stop at once without one).",
-            self.signal_name,
+            "%s received: finishing the current step, then saving a checkpoint (send it again "
+            "to stop at once without one).",
+            name,
         )
 
 

@@ -133,5 +133,8 @@ def test_sigint_sets_a_stop_flag_and_close_restores_the_handler(tmp_path):
     assert not ckpt.stop_requested(1)
     os.kill(os.getpid(), signal.SIGINT)
     assert ckpt.signal_name == "SIGINT" and ckpt.stop_requested(2)
+    with pytest.raises(KeyboardInterrupt):  # the second one interrupts at once
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
     ckpt.close()
     assert signal.getsignal(signal.SIGINT) is before
