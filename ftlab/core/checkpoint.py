@@ -36,6 +36,8 @@ Checkpoints written before digests existed restore unverified.
 
 import itertools
 import os
+import re
+import sys
 from collections.abc import Sequence
 from typing import Self
 
@@ -192,6 +194,7 @@ class Checkpointer:
             CheckpointRestoreError: Steps exist but none restores; each was quarantined.
         """
         self.wait_until_finished()
+        _silence_closed_loop_callbacks()  # before any read: callbacks may beat the except
         self._manager.reload()
         self._quarantine_unfinished_saves()
         target = jax.tree.map(_abstract, abstract_state)
@@ -321,6 +324,35 @@ class Checkpointer:
         path.rename(destination)
 
 
+def _silence_closed_loop_callbacks() -> None:
+    """Drops the 'Event loop is closed' errors of reads still in flight when a restore failed.
+
+    Orbax runs a restore in its own asyncio loop and closes it at the first failed read; the
+    TensorStore reads of the other arrays still finish and call back into the closed loop from
+    their threads. Each such callback raised `RuntimeError('Event loop is closed')` into
+    `sys.unraisablehook`, which printed one traceback per array (hundreds per broken step)
+    after the restore had already fallen back correctly. This hook drops exactly those and
+    passes every other unraisable exception on.
+    """
+    global _unraisable_filter_installed
+    if _unraisable_filter_installed:
+        return
+    _unraisable_filter_installed = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and (
+            str(unraisable.exc_value) == "Event loop is closed"
+        ):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+_unraisable_filter_installed = False
+
+
 def _abstract(leaf):
     """Concrete jax arrays become ShapeDtypeStructs that keep their sharding."""
     if isinstance(leaf, jax.Array):
@@ -440,6 +472,8 @@ def _describe(error: BaseException) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    # Not shortened: the first line names the damaged file, and a cut-off path helps no one.
+    # Not cut at a length: the first line names the damaged file. TensorStore's spec dump (a
+    # line of JSON that repeats the folder) is left out.
     text = str(error).strip()
-    return text.splitlines()[0] if text else repr(error)
+    line = text.splitlines()[0] if text else repr(error)
+    return re.sub(r" ?\[tensorstore_spec='.*?'\]", "", line)
