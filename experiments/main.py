@@ -69,11 +69,14 @@ def main(argv):
             sys.exit(f"error: {e}")
         with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2) + "\n")
+    from experiments.trainers import resume  # noqa: PLC0415 - imports jax
+    from ftlab.core import checkpoint  # noqa: PLC0415
+
     try:
         trainer.train_and_evaluate(config, _WORKDIR.value)
+    except checkpoint.CheckpointSaveError as e:  # a full disk is no bug: one line
+        sys.exit(f"error: {e}")
     finally:  # orbax's background saves end before the interpreter does, on every path
-        from experiments.trainers import resume  # noqa: PLC0415 - imports jax
-
         resume.close_all()
 
 

@@ -33,6 +33,7 @@ keeps its default effect.)
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import pathlib
 import signal
@@ -133,6 +134,18 @@ class Checkpointer(checkpoint.Checkpointer):
         )
 
 
+class _OrbaxErrorsWithoutTracebacks(std_logging.Filter):
+    """Keeps orbax's error lines but not their tracebacks (a failed save logged four)."""
+
+    def filter(self, record):
+        if "/orbax/" in record.pathname and record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_ORBAX_FILTER = _OrbaxErrorsWithoutTracebacks()
+
+
 def close_all() -> None:
     """Closes every checkpointer a trainer left open (it raised before its own `close`).
 
@@ -190,6 +203,8 @@ def restore(
                 f"config.checkpoint.{key}={value!r}; expected a positive integer "
                 f"(e.g. --config.checkpoint.{key}={1000 if key == 'every_steps' else 2})."
             )
+    # The error itself arrives once, as CheckpointSaveError or a warning naming the step.
+    logging.get_absl_handler().addFilter(_ORBAX_FILTER)  # adding twice adds it once
     ckpt = Checkpointer(
         pathlib.Path(workdir) / "checkpoints",
         max_to_keep=config.checkpoint.keep,

@@ -34,6 +34,8 @@ Leaves sharded across processes (neither fully addressable nor fully replicated)
 Checkpoints written before digests existed restore unverified.
 """
 
+import contextlib
+import inspect
 import itertools
 import os
 import re
@@ -51,7 +53,13 @@ from jax.experimental import multihost_utils
 from ftlab.core import tensorfile
 from ftlab.types import PyTree
 
-__all__ = ["QUARANTINE", "CheckpointMismatchError", "CheckpointRestoreError", "Checkpointer"]
+__all__ = [
+    "QUARANTINE",
+    "CheckpointMismatchError",
+    "CheckpointRestoreError",
+    "CheckpointSaveError",
+    "Checkpointer",
+]
 
 # Orbax's item folder for a single unnamed item, and the tree metadata file inside it.
 _ITEM = "default"
@@ -69,6 +77,11 @@ _barrier_ids = itertools.count()
 
 class CheckpointRestoreError(RuntimeError):
     """Every saved step failed to restore; the message lists each folder and its problem."""
+
+
+class CheckpointSaveError(OSError):
+    """A save failed (a full disk, a lost connection); the message names the step and the
+    steps still on disk."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -127,6 +140,8 @@ class Checkpointer:
             ),
         )
         self._metadata_handler = ocp.StandardCheckpointHandler()
+        self._last_save: int | None = None
+        self._save_failed_reported = False
 
     def should_save(self, step: int) -> bool:
         """Whether `save(step, ...)` would write without `force`.
@@ -156,12 +171,18 @@ class Checkpointer:
             return False
         # The digests are taken before the save starts, from the same host bytes it writes;
         # this syncs with the device (the save would copy the arrays off it anyway).
-        return self._manager.save(
-            step,
-            args=ocp.args.StandardSave(state),
-            force=True,
-            custom_metadata={_DIGESTS: _leaf_digests(state)},
-        )
+        # Orbax waits for the previous save before it starts one: a failure reported now may
+        # be that save's, and names its step.
+        self.wait_until_finished()
+        with self._reporting_save_errors(step):
+            started = self._manager.save(
+                step,
+                args=ocp.args.StandardSave(state),
+                force=True,
+                custom_metadata={_DIGESTS: _leaf_digests(state)},
+            )
+        self._last_save = step
+        return started
 
     def latest_step(self) -> int | None:
         """The newest step folder orbax sees, or None (broken ones count until restore_latest)."""
@@ -194,7 +215,7 @@ class Checkpointer:
             CheckpointRestoreError: Steps exist but none restores; each was quarantined.
         """
         self.wait_until_finished()
-        _silence_closed_loop_callbacks()  # before any read: callbacks may beat the except
+        _silence_orbax_stragglers()  # before any read: callbacks may beat the except
         self._manager.reload()
         self._quarantine_unfinished_saves()
         target = jax.tree.map(_abstract, abstract_state)
@@ -238,13 +259,50 @@ class Checkpointer:
         return None
 
     def wait_until_finished(self) -> None:
-        """Blocks until the files of the last save are complete."""
-        self._manager.wait_until_finished()
+        """Blocks until the files of the last save are complete.
+
+        Raises:
+            CheckpointSaveError: The last save failed in the background.
+        """
+        with self._reporting_save_errors(self._last_save):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finishes pending saves and releases orbax's resources."""
-        self._manager.close()
-        self._metadata_handler.close()
+        """Finishes pending saves and releases orbax's resources.
+
+        Raises:
+            CheckpointSaveError: The last save failed in the background (not raised again
+                when `save` or `wait_until_finished` already reported it).
+        """
+        try:
+            with self._reporting_save_errors(self._last_save):
+                self._manager.close()
+        except CheckpointSaveError:
+            if not self._save_failed_reported:
+                raise
+        finally:
+            self._metadata_handler.close()
+
+    @contextlib.contextmanager
+    def _reporting_save_errors(self, step: int | None):
+        """Turns orbax's save failures into one CheckpointSaveError naming what was kept."""
+        _silence_orbax_stragglers()  # before the save: its abandoned writes complain at exit
+        try:
+            yield
+        except CheckpointSaveError:
+            raise
+        except Exception as e:
+            if self._save_failed_reported:
+                raise CheckpointSaveError(f"{self.directory}: an earlier save failed") from e
+            self._save_failed_reported = True
+            try:
+                kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            except OSError:
+                kept = "unknown (the folder cannot be listed)"
+            raise CheckpointSaveError(
+                f"saving checkpoint step {step if step is not None else '?'} to {self.directory} "
+                f"failed: {_describe(e)}; steps kept on disk: {kept}"
+            ) from e
 
     def __enter__(self) -> Self:
         return self
@@ -324,15 +382,17 @@ class Checkpointer:
         path.rename(destination)
 
 
-def _silence_closed_loop_callbacks() -> None:
-    """Drops the 'Event loop is closed' errors of reads still in flight when a restore failed.
+def _silence_orbax_stragglers() -> None:
+    """Drops the notices of orbax's work left behind by a failed restore or save.
 
     Orbax runs a restore in its own asyncio loop and closes it at the first failed read; the
     TensorStore reads of the other arrays still finish and call back into the closed loop from
     their threads. Each such callback raised `RuntimeError('Event loop is closed')` into
     `sys.unraisablehook`, which printed one traceback per array (hundreds per broken step)
-    after the restore had already fallen back correctly. This hook drops exactly those and
-    passes every other unraisable exception on.
+    after the restore had already fallen back correctly. Likewise a failed save leaves write
+    coroutines that are collected while the interpreter shuts down, each printing an unrelated
+    `ImportError`. The error itself is reported once (a warning, or CheckpointSaveError). This
+    hook drops exactly those two kinds and passes every other unraisable exception on.
     """
     global _unraisable_filter_installed
     if _unraisable_filter_installed:
@@ -341,8 +401,13 @@ def _silence_closed_loop_callbacks() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and (
-            str(unraisable.exc_value) == "Event loop is closed"
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if (
+            isinstance(error, ImportError)
+            and "Python is likely shutting down" in str(error)
+            and inspect.iscoroutine(unraisable.object)
         ):
             return
         previous(unraisable)

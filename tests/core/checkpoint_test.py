@@ -289,3 +289,20 @@ def test_steps_beyond_max_to_keep_left_by_a_crash_are_removed_on_restore(tmp_pat
     with checkpoint.Checkpointer(tmp_path, save_every_steps=1, max_to_keep=2) as ckpt:
         _, step = ckpt.restore_latest(_abstract(_state(0.0)))
         assert step == 3 and ckpt.all_steps() == [2, 3]
+
+
+def test_a_failed_save_is_one_error_naming_the_step_and_what_was_kept(tmp_path, monkeypatch):
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every_steps=1)
+    assert ckpt.save(1, _state(0.1))
+
+    def full_disk(*args, **kwargs):
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0": No space left on device')
+
+    monkeypatch.setattr(ckpt._manager, "save", full_disk)
+    with pytest.raises(
+        checkpoint.CheckpointSaveError,
+        match=r"saving checkpoint step 2 to .* failed: ValueError: RESOURCE_EXHAUSTED: .*"
+        r"No space left on device; steps kept on disk: \[1\]$",
+    ):
+        ckpt.save(2, _state(0.2))
+    ckpt.close()  # reported once: closing does not raise it again
