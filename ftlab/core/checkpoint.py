@@ -26,12 +26,13 @@ and restores the newest one that works.
 Orbax and TensorStore notice some corruption themselves: missing or unreadable metadata and
 damaged OCDBT index nodes (which are checksummed, and hold small arrays inline) raise on
 restore. The bulk chunks of larger arrays carry no checksum, so a flipped bit inside one would
-restore without error as a wrong value. `save` therefore records a sha256 of every leaf's bytes
-(`ftlab.core.tensorfile.digest`) in the step's orbax metadata (``custom_metadata``, key
-``sha256``), and `restore_latest` verifies each restored leaf against it: a mismatch is one more
-kind of broken step (quarantined, the previous step tried, the leaf named in the warning).
-Leaves sharded across processes (neither fully addressable nor fully replicated) get no digest.
-Checkpoints written before digests existed restore unverified.
+restore without error as a wrong value. `save` therefore records a sha256 of every array
+leaf's bytes (`ftlab.core.tensorfile.digest`) and its dtype in the step's orbax metadata
+(``custom_metadata``, keys ``sha256`` and ``dtypes``), and `restore_latest` verifies each
+restored leaf against it: a mismatch is one more kind of broken step (quarantined, the previous
+step tried, the leaf named in the warning). Leaves sharded across processes (neither fully
+addressable nor fully replicated), and leaves restored as another dtype than saved, are not
+compared. Checkpoints written before digests existed restore unverified.
 """
 
 import contextlib
@@ -68,6 +69,9 @@ _ITEM_METADATA = "_METADATA"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 # Key of the per-leaf digests in a step's custom metadata: {leaf path: hex sha256}.
 _DIGESTS = "sha256"
+# ... and their dtypes, {leaf path: dtype name}: a leaf restored as another dtype (the config
+# changed it; orbax casts) has other bytes without being corrupt, and is not compared.
+_DTYPES = "dtypes"
 QUARANTINE = "quarantine"
 
 # Orbax barriers need names that are unique within the job; every process makes the same calls
@@ -179,7 +183,7 @@ class Checkpointer:
                 step,
                 args=ocp.args.StandardSave(state),
                 force=True,
-                custom_metadata={_DIGESTS: _leaf_digests(state)},
+                custom_metadata=_leaf_digests(state),
             )
         self._last_save = step
         return started
@@ -348,10 +352,15 @@ class Checkpointer:
         if expected is None:
             logging.info("Checkpointer: step %d has no leaf digests; restored unverified.", step)
             return
-        actual = _host_leaves(restored)
-        # Leaves without a digest at save (sharded across processes) cannot be checked.
-        actual = {name: leaf for name, leaf in actual.items() if name in expected}
-        tensorfile.verify(actual, expected, where=f"step {step}")
+        saved_dtypes = custom.get(_DTYPES, {})
+        # Leaves without a digest at save (sharded across processes, python scalars) or
+        # restored as another dtype cannot be compared; the others must all match.
+        actual = {
+            name: leaf
+            for name, leaf in _host_leaves(restored).items()
+            if name in expected and saved_dtypes.get(name) == str(leaf.dtype)
+        }
+        tensorfile.verify(actual, {name: expected[name] for name in actual}, where=f"step {step}")
 
     def _quarantine_unfinished_saves(self) -> None:
         """Moves folders of saves that never finished (orbax temporary folders) aside."""
@@ -514,13 +523,18 @@ def _host_leaves(tree: PyTree) -> dict[str, np.ndarray]:
                 if not leaf.is_fully_replicated:
                     continue
                 leaf = leaf.addressable_data(0)
-        if hasattr(leaf, "shape") or isinstance(leaf, (int, float, np.number)):
+        if isinstance(leaf, (jax.Array, np.ndarray)):
             flat[_path_name(path)] = np.asarray(leaf)
     return flat
 
 
-def _leaf_digests(tree: PyTree) -> dict[str, str]:
-    return tensorfile.digests(_host_leaves(tree))
+def _leaf_digests(tree: PyTree) -> dict[str, dict[str, str]]:
+    """The step's custom metadata: each array leaf's sha256 and dtype."""
+    flat = _host_leaves(tree)
+    return {
+        _DIGESTS: tensorfile.digests(flat),
+        _DTYPES: {name: str(array.dtype) for name, array in flat.items()},
+    }
 
 
 def _describe(error: BaseException) -> str:

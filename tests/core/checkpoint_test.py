@@ -306,3 +306,13 @@ def test_a_failed_save_is_one_error_naming_the_step_and_what_was_kept(tmp_path, 
     ):
         ckpt.save(2, _state(0.2))
     ckpt.close()  # reported once: closing does not raise it again
+
+
+def test_a_leaf_restored_as_another_dtype_is_not_taken_for_corruption(tmp_path):
+    state = {"w": jnp.linspace(0.0, 1.0, 6, dtype=jnp.float32), "n": jnp.array(3, jnp.int32)}
+    _save_all(tmp_path, {1: state})
+    target = {"w": jax.ShapeDtypeStruct((6,), jnp.bfloat16), "n": state["n"]}
+    with checkpoint.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+        restored, step = ckpt.restore_latest(target)
+    assert step == 1 and restored["w"].dtype == jnp.bfloat16
+    assert not (tmp_path / "quarantine").exists()
