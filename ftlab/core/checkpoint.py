@@ -20,8 +20,8 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 save never replaces a good step. What orbax does not do is step over a step folder that is
 broken for other reasons (emptied, half-copied, bit-rotted): an empty folder counts as the
 latest step and its restore fails with an unrelated error. `Checkpointer.restore_latest` checks
-each step newest-first, moves broken ones to `<directory>/quarantine/` (nothing is ever deleted)
-and restores the newest one that works.
+each step newest-first, moves broken ones to `<directory>/quarantine/` (nothing broken is ever
+deleted) and restores the newest one that works.
 
 Orbax and TensorStore notice some corruption themselves: missing or unreadable metadata and
 damaged OCDBT index nodes (which are checksummed, and hold small arrays inline) raise on
@@ -202,7 +202,10 @@ class Checkpointer:
         Steps are tried newest first. One that is empty, half-written (no item metadata),
         unreadable, or raises while restoring is logged as a warning and moved to
         `<directory>/quarantine/<name>`; then the next older one is tried. Folders of saves
-        that never finished (orbax temporary folders) are moved there too.
+        that never finished (orbax temporary folders) are moved there too. A restored leaf
+        whose bytes differ from the digest recorded at save makes its step broken as well.
+        Steps older than the newest `max_to_keep` (left by a process killed between a save
+        and orbax's clean-up) are deleted once a step is restored.
 
         Args:
             abstract_state: The restore target: a pytree of `jax.ShapeDtypeStruct` (with

@@ -86,19 +86,31 @@ def test_rerun_after_a_kill_at_the_end_writes_nothing_twice(finished, tmp_path):
 
 def test_a_second_writer_is_refused_in_one_line_naming_the_holder(finished, tmp_path):
     workdir = tmp_path / "busy"
-    held = workdir_lib.lock(workdir)
-    with pytest.raises(workdir_lib.WorkdirBusyError, match=rf"pid {os.getpid()} on "):
-        workdir_lib.lock(workdir)  # another open file: refused even within one process
-    rc, err = _run(workdir)
-    assert rc == 1
-    assert (
-        err.strip()
-        .splitlines()[-1]
-        .startswith(f"error: workdir {workdir} is in use by pid {os.getpid()} on ")
-    ), err[-2000:]
-    assert "Traceback" not in err
-    assert not (workdir / "config.json").exists()
-    held.close()  # released: the next one takes it, as after the holder's death
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from experiments import workdir; "
+            f"held = workdir.lock({str(workdir)!r}); print('locked', flush=True); time.sleep(60)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc, err = _run(workdir)
+        assert rc == 1
+        assert (
+            err.strip()
+            .splitlines()[-1]
+            .startswith(f"error: workdir {workdir} is in use by pid {holder.pid} on ")
+        ), err[-2000:]
+        assert "Traceback" not in err
+        assert not (workdir / "config.json").exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock, no stale lock is left
+        holder.wait()
     workdir_lib.lock(workdir).close()
 
 
