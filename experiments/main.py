@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import schema
+from experiments import workdir as workdirs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
@@ -67,11 +68,8 @@ def load_config() -> ml_collections.ConfigDict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Validates ``config``, checks it against the run in ``workdir``, then trains."""
+    """Validates ``config``, locks ``workdir``, checks the config against its run, then trains."""
     schema.validate(config)
-    other = schema.check_resume(config, workdir)
-    if other:
-        logging.warning("resuming %s with a changed config: %s", workdir, schema.show(other))
     if config.get("parallel") is not None and config.parallel.get("multihost", False):
         from ftlab.core import parallel  # noqa: PLC0415 - must precede any other JAX use
 
@@ -92,6 +90,17 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
             f"must be <= the {jax.device_count()} devices of this run (0: all of them)",
             wanted,
         )
+    held = None
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:  # one writer per workdir; the lock lasts until this process ends, however it ends
+            held = workdirs.lock(workdir)
+        except workdirs.WorkdirBusyError as e:
+            fail(f"error: {e}")
+    # Under the lock, so that no other writer changes the run between the check and the start.
+    other = schema.check_resume(config, workdir)
+    if other:
+        logging.warning("resuming %s with a changed config: %s", workdir, schema.show(other))
     logging.info("config:\n%s", config)
     trainer = importlib.import_module(f"experiments.trainers.{config.experiment}")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +109,16 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         tmp = workdir / f"{schema.CONFIG_FILE}.tmp"
         tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
         tmp.replace(workdir / schema.CONFIG_FILE)
-    trainer.train_and_evaluate(config, str(workdir))
+    from experiments.trainers import resume  # noqa: PLC0415 - imports jax
+    from ftlab.core import checkpoint  # noqa: PLC0415
+
+    try:
+        trainer.train_and_evaluate(config, str(workdir))
+    except checkpoint.CheckpointSaveError as e:  # a full disk is no bug: one line
+        fail(f"error: {e}")
+    finally:  # orbax's background saves end before the interpreter does, on every path
+        resume.close_all()
+        del held
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -328,7 +328,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log_now = done % config.log_every_steps == 0 or is_last
         # The final step is evaluated after the loop, on validation and test.
         eval_now = done % config.evals.every_steps == 0 and not is_last
-        save_now = ckpt.should_save(done) or done == stop
+        preempted = ckpt.stop_requested(done)  # SIGTERM/SIGINT: save here and stop
+        save_now = ckpt.should_save(done) or done == stop or preempted
         if not (log_now or eval_now or save_now):
             continue  # no host sync between checks: the host runs ahead of the device
         # Check every step since the last check before anything is logged or saved, so a
@@ -344,16 +345,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.write(done, logged)
         progress.update(done, loss=logged["train/loss"])
         if save_now:
-            ckpt.save(done, plan.get_state(state).checkpointable(), force=done == stop)
+            ckpt.save(done, plan.get_state(state).checkpointable(), force=done == stop or preempted)
         # Time spent evaluating and saving is not training time.
         tick, tick_step = time.perf_counter(), done
+        if preempted and done < total:
+            stop = done
+            break
     progress.close()
     if stop < total:
         ckpt.wait_until_finished()
         writer.close()
         ckpt.close()
         logging.info(
-            "stopped at step %d of %d (config.max_steps_per_run); rerun to resume", stop, total
+            "stopped at step %d of %d (config.max_steps_per_run or a signal); rerun to resume",
+            stop,
+            total,
         )
         return {"step": stop}
 
@@ -383,7 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         final = plan.get_state(state)
         results.update(save_method(config, final.trainable, final.frozen, workdir, sites=sites))
         writer.write(total, {k: v for k, v in results.items() if k.startswith("eval/")})
-        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        resume.write_json(workdir / "results.json", results)
         for path in metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir):
             logging.info("wrote %s", path)
         logging.info("results: %s", json.dumps(results))

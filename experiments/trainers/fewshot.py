@@ -227,7 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, m = step_fn(state, batch_at(step))
         pending.append(m)
         done = step + 1
-        save_now = ckpt.should_save(done) or done == stop
+        preempted = ckpt.stop_requested(done)  # SIGTERM/SIGINT: save here and stop
+        save_now = ckpt.should_save(done) or done == stop or preempted
         if not (done % config.log_every_steps == 0 or done == stop or save_now):
             continue
         logged = metrics_lib.checked_mean(
@@ -238,7 +239,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(done, logged)
         progress.update(done, loss=logged["train/loss"])
         if save_now:
-            ckpt.save(done, state.replace(frozen={}), force=done == stop)
+            ckpt.save(done, state.replace(frozen={}), force=done == stop or preempted)
+        if preempted and done < total:
+            stop = done
+            break
     train_seconds = time.perf_counter() - start
     progress.close()
     ckpt.wait_until_finished()
@@ -293,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     writer.write(total, {k: v for k, v in results.items() if k.startswith("eval/acc")})
     writer.close()
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    resume.write_json(workdir / "results.json", results)
     write_table([results], workdir / "results.md")
     plot([results], workdir / "accuracy.png")
     logging.info("results: %s", json.dumps(results))

@@ -289,7 +289,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         done = step + 1
         log_now = done % config.log_every_steps == 0 or done == stop
         eval_now = done % config.evals.every_steps == 0 and done != total
-        save_now = ckpt.should_save(done) or done == stop
+        preempted = ckpt.stop_requested(done)  # SIGTERM/SIGINT: save here and stop
+        save_now = ckpt.should_save(done) or done == stop or preempted
         if not (log_now or eval_now or save_now):
             continue
         history, pending = jax.device_get(pending), []
@@ -303,8 +304,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write(done, logged)
         progress.update(done, loss=logged["train/loss"])
         if save_now:
-            ckpt.save(done, plan.get_state(state).replace(frozen={}), force=done == stop)
+            ckpt.save(
+                done, plan.get_state(state).replace(frozen={}), force=done == stop or preempted
+            )
         tick, tick_step = time.perf_counter(), done
+        if preempted and done < total:
+            stop = done
+            break
     progress.close()
     ckpt.wait_until_finished()
     if stop < total:
@@ -321,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results["train_seconds_this_run"] = train_time
     if is_chief:
         writer.write(total, {k: v for k, v in results.items() if k.startswith("eval/mse")})
-        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        resume.write_json(workdir / "results.json", results)
         plot_adapted(workdir / "adapted_curves.png", config, held_out, curves)
         if config.plot_metrics:
             metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)

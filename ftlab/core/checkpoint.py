@@ -20,17 +20,27 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 save never replaces a good step. What orbax does not do is step over a step folder that is
 broken for other reasons (emptied, half-copied, bit-rotted): an empty folder counts as the
 latest step and its restore fails with an unrelated error. `Checkpointer.restore_latest` checks
-each step newest-first, moves broken ones to `<directory>/quarantine/` (nothing is ever deleted)
-and restores the newest one that works.
+each step newest-first, moves broken ones to `<directory>/quarantine/` (nothing broken is ever
+deleted) and restores the newest one that works.
 
-Corruption is found only where orbax or TensorStore notice it: missing or unreadable metadata
-and damaged OCDBT index nodes (which are checksummed, and hold small arrays inline) raise on
-restore. The bulk chunks of larger arrays carry no checksum, so a flipped bit inside one can
-restore without error as a wrong value.
+Orbax and TensorStore notice some corruption themselves: missing or unreadable metadata and
+damaged OCDBT index nodes (which are checksummed, and hold small arrays inline) raise on
+restore. The bulk chunks of larger arrays carry no checksum, so a flipped bit inside one would
+restore without error as a wrong value. `save` therefore records a sha256 of every array
+leaf's bytes (`ftlab.core.tensorfile.digest`) and its dtype in the step's orbax metadata
+(``custom_metadata``, keys ``sha256`` and ``dtypes``), and `restore_latest` verifies each
+restored leaf against it: a mismatch is one more kind of broken step (quarantined, the previous
+step tried, the leaf named in the warning). Leaves sharded across processes (neither fully
+addressable nor fully replicated), and leaves restored as another dtype than saved, are not
+compared. Checkpoints written before digests existed restore unverified.
 """
 
+import contextlib
+import inspect
 import itertools
 import os
+import re
+import sys
 from collections.abc import Sequence
 from typing import Self
 
@@ -41,15 +51,27 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ftlab.core import tensorfile
 from ftlab.types import PyTree
 
-__all__ = ["QUARANTINE", "CheckpointMismatchError", "CheckpointRestoreError", "Checkpointer"]
+__all__ = [
+    "QUARANTINE",
+    "CheckpointMismatchError",
+    "CheckpointRestoreError",
+    "CheckpointSaveError",
+    "Checkpointer",
+]
 
 # Orbax's item folder for a single unnamed item, and the tree metadata file inside it.
 _ITEM = "default"
 _ITEM_METADATA = "_METADATA"
 # Orbax names the folder of a save in progress `<step>.orbax-checkpoint-tmp[-<timestamp>]`.
 _TMP_MARKER = ".orbax-checkpoint-tmp"
+# Key of the per-leaf digests in a step's custom metadata: {leaf path: hex sha256}.
+_DIGESTS = "sha256"
+# ... and their dtypes, {leaf path: dtype name}: a leaf restored as another dtype (the config
+# changed it; orbax casts) has other bytes without being corrupt, and is not compared.
+_DTYPES = "dtypes"
 QUARANTINE = "quarantine"
 
 # Orbax barriers need names that are unique within the job; every process makes the same calls
@@ -59,6 +81,11 @@ _barrier_ids = itertools.count()
 
 class CheckpointRestoreError(RuntimeError):
     """Every saved step failed to restore; the message lists each folder and its problem."""
+
+
+class CheckpointSaveError(OSError):
+    """A save failed (a full disk, a lost connection); the message names the step and the
+    steps still on disk."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -107,6 +134,7 @@ class Checkpointer:
         # orbax insists on absolute paths (a relative one fails inside its background save).
         self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
         self.save_every_steps = save_every_steps
+        self.max_to_keep = max_to_keep
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -116,6 +144,8 @@ class Checkpointer:
             ),
         )
         self._metadata_handler = ocp.StandardCheckpointHandler()
+        self._last_save: int | None = None
+        self._save_failed_reported = False
 
     def should_save(self, step: int) -> bool:
         """Whether `save(step, ...)` would write without `force`.
@@ -143,7 +173,20 @@ class Checkpointer:
         if step in self._manager.all_steps():
             logging.info("Checkpointer: step %d is already saved in %s.", step, self.directory)
             return False
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        # The digests are taken before the save starts, from the same host bytes it writes;
+        # this syncs with the device (the save would copy the arrays off it anyway).
+        # Orbax waits for the previous save before it starts one: a failure reported now may
+        # be that save's, and names its step.
+        self.wait_until_finished()
+        with self._reporting_save_errors(step):
+            started = self._manager.save(
+                step,
+                args=ocp.args.StandardSave(state),
+                force=True,
+                custom_metadata=_leaf_digests(state),
+            )
+        self._last_save = step
+        return started
 
     def latest_step(self) -> int | None:
         """The newest step folder orbax sees, or None (broken ones count until restore_latest)."""
@@ -159,7 +202,10 @@ class Checkpointer:
         Steps are tried newest first. One that is empty, half-written (no item metadata),
         unreadable, or raises while restoring is logged as a warning and moved to
         `<directory>/quarantine/<name>`; then the next older one is tried. Folders of saves
-        that never finished (orbax temporary folders) are moved there too.
+        that never finished (orbax temporary folders) are moved there too. A restored leaf
+        whose bytes differ from the digest recorded at save makes its step broken as well.
+        Steps older than the newest `max_to_keep` (left by a process killed between a save
+        and orbax's clean-up) are deleted once a step is restored.
 
         Args:
             abstract_state: The restore target: a pytree of `jax.ShapeDtypeStruct` (with
@@ -176,6 +222,7 @@ class Checkpointer:
             CheckpointRestoreError: Steps exist but none restores; each was quarantined.
         """
         self.wait_until_finished()
+        _silence_orbax_stragglers()  # before any read: callbacks may beat the except
         self._manager.reload()
         self._quarantine_unfinished_saves()
         target = jax.tree.map(_abstract, abstract_state)
@@ -186,12 +233,16 @@ class Checkpointer:
             if problem is None:
                 try:
                     restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+                    self._verify(step, restored)
+                except tensorfile.CorruptFileError as e:
+                    problem = f"corrupt: {_first_line(e)}"
                 except Exception as e:  # noqa: BLE001 - any failure means "try an older step"
-                    problem = f"corrupt: restore raised {type(e).__name__}: {_first_line(e)}"
+                    problem = f"corrupt: restore raised {_describe(e)}"
             problem = _agree_across_processes(problem)
             if problem is None:
                 if problems:
                     self._manager.reload()
+                self._drop_beyond_max_to_keep()
                 logging.info("Checkpointer: restored step %d from %s.", step, step_dir)
                 return restored, step
             self._quarantine(step_dir, problem)
@@ -215,13 +266,50 @@ class Checkpointer:
         return None
 
     def wait_until_finished(self) -> None:
-        """Blocks until the files of the last save are complete."""
-        self._manager.wait_until_finished()
+        """Blocks until the files of the last save are complete.
+
+        Raises:
+            CheckpointSaveError: The last save failed in the background.
+        """
+        with self._reporting_save_errors(self._last_save):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finishes pending saves and releases orbax's resources."""
-        self._manager.close()
-        self._metadata_handler.close()
+        """Finishes pending saves and releases orbax's resources.
+
+        Raises:
+            CheckpointSaveError: The last save failed in the background (not raised again
+                when `save` or `wait_until_finished` already reported it).
+        """
+        try:
+            with self._reporting_save_errors(self._last_save):
+                self._manager.close()
+        except CheckpointSaveError:
+            if not self._save_failed_reported:
+                raise
+        finally:
+            self._metadata_handler.close()
+
+    @contextlib.contextmanager
+    def _reporting_save_errors(self, step: int | None):
+        """Turns orbax's save failures into one CheckpointSaveError naming what was kept."""
+        _silence_orbax_stragglers()  # before the save: its abandoned writes complain at exit
+        try:
+            yield
+        except CheckpointSaveError:
+            raise
+        except Exception as e:
+            if self._save_failed_reported:
+                raise CheckpointSaveError(f"{self.directory}: an earlier save failed") from e
+            self._save_failed_reported = True
+            try:
+                kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            except OSError:
+                kept = "unknown (the folder cannot be listed)"
+            raise CheckpointSaveError(
+                f"saving checkpoint step {step if step is not None else '?'} to {self.directory} "
+                f"failed: {_describe(e)}; steps kept on disk: {kept}"
+            ) from e
 
     def __enter__(self) -> Self:
         return self
@@ -243,6 +331,40 @@ class Checkpointer:
         _check_matches(saved, target, step_dir)
         return None
 
+    def _drop_beyond_max_to_keep(self) -> None:
+        """Deletes the oldest steps beyond `max_to_keep`, as the save that left them would have.
+
+        A process killed after a save finished but before orbax deleted the oldest step (or a
+        run resumed with a smaller `max_to_keep`) leaves too many steps; no save of this run may
+        follow (the run had finished), so they are removed here.
+        """
+        steps = sorted(self._manager.all_steps())
+        for step in steps[: max(len(steps) - self.max_to_keep, 0)]:
+            logging.info("Checkpointer: deleting step %d (beyond max_to_keep).", step)
+            self._manager.delete(step)
+
+    def _verify(self, step: int, restored: PyTree) -> None:
+        """Raises CorruptFileError if a restored leaf's bytes differ from those saved."""
+        try:
+            custom = self._manager.metadata(step).custom_metadata or {}
+        except Exception as e:  # noqa: BLE001 - unreadable step metadata is a broken step
+            raise tensorfile.CorruptFileError(
+                f"reading the step metadata raised {type(e).__name__}: {_first_line(e)}"
+            ) from e
+        expected = custom.get(_DIGESTS)
+        if expected is None:
+            logging.info("Checkpointer: step %d has no leaf digests; restored unverified.", step)
+            return
+        saved_dtypes = custom.get(_DTYPES, {})
+        # Leaves without a digest at save (sharded across processes, python scalars) or
+        # restored as another dtype cannot be compared; the others must all match.
+        actual = {
+            name: leaf
+            for name, leaf in _host_leaves(restored).items()
+            if name in expected and saved_dtypes.get(name) == str(leaf.dtype)
+        }
+        tensorfile.verify(actual, {name: expected[name] for name in actual}, where=f"step {step}")
+
     def _quarantine_unfinished_saves(self) -> None:
         """Moves folders of saves that never finished (orbax temporary folders) aside."""
         # Only the primary process looks and moves, so all processes pass one barrier.
@@ -263,10 +385,49 @@ class Checkpointer:
     def _move_aside(self, path: epath.Path, problem: str) -> None:
         destination = _free_name(self.directory / QUARANTINE, path.name)
         logging.warning(
-            "Checkpointer: skipping %s: %s. Moving it to %s.", path, problem, destination
+            "Checkpointer: skipping %s: %s. Moving it to %s.",
+            path,
+            problem.rstrip("."),
+            destination,
         )
         destination.parent.mkdir(parents=True, exist_ok=True)
         path.rename(destination)
+
+
+def _silence_orbax_stragglers() -> None:
+    """Drops the notices of orbax's work left behind by a failed restore or save.
+
+    Orbax runs a restore in its own asyncio loop and closes it at the first failed read; the
+    TensorStore reads of the other arrays still finish and call back into the closed loop from
+    their threads. Each such callback raised `RuntimeError('Event loop is closed')` into
+    `sys.unraisablehook`, which printed one traceback per array (hundreds per broken step)
+    after the restore had already fallen back correctly. Likewise a failed save leaves write
+    coroutines that are collected while the interpreter shuts down, each printing an unrelated
+    `ImportError`. The error itself is reported once (a warning, or CheckpointSaveError). This
+    hook drops exactly those two kinds and passes every other unraisable exception on.
+    """
+    global _unraisable_filter_installed
+    if _unraisable_filter_installed:
+        return
+    _unraisable_filter_installed = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if (
+            isinstance(error, ImportError)
+            and "Python is likely shutting down" in str(error)
+            and inspect.iscoroutine(unraisable.object)
+        ):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+_unraisable_filter_installed = False
 
 
 def _abstract(leaf):
@@ -353,6 +514,48 @@ def _free_name(folder: epath.Path, name: str) -> epath.Path:
     return candidate
 
 
+def _host_leaves(tree: PyTree) -> dict[str, np.ndarray]:
+    """``{leaf path: host array}`` of the leaves this process holds whole."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    flat = {}
+    for path, leaf in leaves:
+        if isinstance(leaf, jax.Array):
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                leaf = jax.random.key_data(leaf)
+            if not leaf.is_fully_addressable:
+                if not leaf.is_fully_replicated:
+                    continue
+                leaf = leaf.addressable_data(0)
+        if isinstance(leaf, (jax.Array, np.ndarray)):
+            flat[_path_name(path)] = np.asarray(leaf)
+    return flat
+
+
+def _leaf_digests(tree: PyTree) -> dict[str, dict[str, str]]:
+    """The step's custom metadata: each array leaf's sha256 and dtype."""
+    flat = _host_leaves(tree)
+    return {
+        _DIGESTS: tensorfile.digests(flat),
+        _DTYPES: {name: str(array.dtype) for name, array in flat.items()},
+    }
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: first line`` of the innermost cause, which names the damaged file.
+
+    Orbax wraps TensorStore's error ('OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database at
+    local file "...") in one whose first line ends inside a dump of the TensorStore spec.
+    """
+    while (error.__cause__ or error.__context__) is not None and str(
+        error.__cause__ or error.__context__
+    ).strip():
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
 def _first_line(error: BaseException) -> str:
+    # Not cut at a length: the first line names the damaged file. TensorStore's spec dump (a
+    # line of JSON that repeats the folder) is left out.
     text = str(error).strip()
-    return (text.splitlines()[0] if text else repr(error))[:300]
+    line = text.splitlines()[0] if text else repr(error)
+    return re.sub(r" ?\[tensorstore_spec='.*?'\]", "", line)

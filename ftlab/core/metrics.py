@@ -148,6 +148,12 @@ class MetricWriter:
     deterministic train step logged at the same steps). A last line cut off by a crash is
     dropped as well. A run starting from scratch in a used workdir passes `resume_step=0`.
 
+    Exactly once: a record whose step and metric names equal those of a line already in the
+    file when it was opened replaces that line instead of adding a second one (and adds no
+    second TensorBoard event). A run killed after its last checkpoint but before it finished
+    writing redoes the final evaluation at the checkpoint's step when rerun; its line is
+    written once.
+
     In multi-process jobs create it with `enabled=jax.process_index() == 0`: a disabled
     writer touches no file and every method does nothing.
     """
@@ -177,8 +183,13 @@ class MetricWriter:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # (step, metric names) -> line number of the records already on disk.
+        self._existing: dict[tuple[Any, tuple[str, ...]], int] = {}
         if self.path.exists():
             _rewrite_jsonl(self.path, resume_step, keep)
+            for number, record in enumerate(read_jsonl(self.path)):
+                if isinstance(record, dict):
+                    self._existing[_record_key(record)] = number
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
         import tensorboardX  # Imported here: only process 0 of a job needs it.
@@ -212,11 +223,25 @@ class MetricWriter:
                     "step number; rename it (e.g. 'train/step_time')."
                 )
             record[name] = _to_float(name, value, step)
+        number = self._existing.pop(_record_key(record), None)
+        if number is not None:
+            self._replace_line(number, json.dumps(record) + "\n")
+            return  # its TensorBoard events were written with the line it replaces
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for name, value in record.items():
             if name != "step":
                 self._tensorboard.add_scalar(name, value, global_step=record["step"])
+
+    def _replace_line(self, number: int, line: str) -> None:
+        """Replaces the `number`-th non-blank line, atomically (temporary file + rename)."""
+        self._file.close()
+        lines = [x for x in self.path.read_text(encoding="utf-8").splitlines(True) if x.strip()]
+        lines[number] = line
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(lines), encoding="utf-8")
+        os.replace(temporary, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def flush(self) -> None:
         """Pushes buffered TensorBoard events to disk (JSONL lines are never buffered)."""
@@ -236,6 +261,10 @@ class MetricWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _record_key(record: dict) -> tuple[Any, tuple[str, ...]]:
+    return record.get("step"), tuple(sorted(k for k in record if k != "step"))
 
 
 def _to_float(name: str, value: Any, step: int) -> float:

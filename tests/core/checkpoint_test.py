@@ -66,9 +66,10 @@ def _drop_metadata(step_dir):
 
 
 # When TensorStore fails one read of a damaged checkpoint, orbax's event loop closes while
-# sibling reads still complete; their callbacks then raise "Event loop is closed" in a thread.
-# It is noise from orbax/TensorStore, not a failure of the code under test.
-_ignore_closed_loop = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+# sibling reads still complete; their callbacks raised "Event loop is closed" in a thread, one
+# traceback each, at times during a later test. The Checkpointer drops exactly those: any that
+# gets through, in any test of this module, fails it.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 
 
 def _save_all(directory, states: dict[int, TrainState], **kwargs) -> None:
@@ -131,7 +132,6 @@ def test_nothing_saved_returns_none(tmp_path):
         assert ckpt.latest_step() is None
 
 
-@_ignore_closed_loop
 @pytest.mark.parametrize(
     "breakage, reason",
     [
@@ -165,7 +165,6 @@ def test_broken_newest_step_is_quarantined_and_older_restored(tmp_path, caplog, 
         chex.assert_trees_all_equal(restored, newer)
 
 
-@_ignore_closed_loop
 def test_truncated_array_data_falls_back(tmp_path, caplog):
     # Big enough that the array is stored in its own data file, not inline in the index.
     state = {"w": jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64)}
@@ -198,7 +197,6 @@ def test_unfinished_save_folder_is_moved_aside(tmp_path):
     assert not unfinished.exists()
 
 
-@_ignore_closed_loop
 def test_all_broken_raises_naming_every_folder(tmp_path):
     _save_all(tmp_path, {1: _state(0.1), 2: _state(0.2)})
     _flip(tmp_path / "1")
@@ -255,3 +253,66 @@ def test_train_state_collections_survive_save_and_restore(tmp_path):
     assert step == 7 and restored.fixed == ("batch_stats/bn/var",)
     chex.assert_trees_all_equal(restored.collections, state.collections)
     chex.assert_trees_all_equal(restored.replace(frozen=state.frozen), state)
+
+
+def test_flipped_byte_inside_a_large_array_falls_back_naming_the_leaf(tmp_path, caplog):
+    # A chunk of raw array bytes carries no checksum of its own in orbax/TensorStore: without
+    # the per-leaf digests this restored step 2 with one wrong value and no warning.
+    good = {"emb": jax.random.normal(jax.random.key(0), (64, 64)), "b": jnp.ones(3)}
+    newer = {"emb": good["emb"] + 1, "b": good["b"]}
+    _save_all(tmp_path, {1: good, 2: newer})
+    # The array's one chunk is the biggest data file (blosc-shuffled, so its raw bytes do not
+    # appear as such); a byte in its middle is array data, not framing.
+    bulk = max((tmp_path / "2").rglob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+    assert bulk.stat().st_size > 8000
+    data = bytearray(bulk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bulk.write_bytes(bytes(data))
+
+    with (
+        checkpoint.Checkpointer(tmp_path, save_every_steps=1) as ckpt,
+        caplog.at_level(logging.WARNING),
+    ):
+        restored, step = ckpt.restore_latest(jax.eval_shape(lambda: good))
+    assert step == 1
+    chex.assert_trees_all_equal(restored, good)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("'emb'" in w and "corrupt" in w and str(tmp_path / "2") in w for w in warnings)
+    assert all("\n" not in w for w in warnings)
+    assert (tmp_path / "quarantine" / "2").is_dir()
+
+
+def test_steps_beyond_max_to_keep_left_by_a_crash_are_removed_on_restore(tmp_path):
+    # A process killed after a save finished but before orbax removed the oldest step
+    # leaves one step too many; the next restore applies max_to_keep.
+    _save_all(tmp_path, {s: _state(s / 10) for s in (1, 2, 3)}, max_to_keep=3)
+    with checkpoint.Checkpointer(tmp_path, save_every_steps=1, max_to_keep=2) as ckpt:
+        _, step = ckpt.restore_latest(_abstract(_state(0.0)))
+        assert step == 3 and ckpt.all_steps() == [2, 3]
+
+
+def test_a_failed_save_is_one_error_naming_the_step_and_what_was_kept(tmp_path, monkeypatch):
+    ckpt = checkpoint.Checkpointer(tmp_path, save_every_steps=1)
+    assert ckpt.save(1, _state(0.1))
+
+    def full_disk(*args, **kwargs):
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0": No space left on device')
+
+    monkeypatch.setattr(ckpt._manager, "save", full_disk)
+    with pytest.raises(
+        checkpoint.CheckpointSaveError,
+        match=r"saving checkpoint step 2 to .* failed: ValueError: RESOURCE_EXHAUSTED: .*"
+        r"No space left on device; steps kept on disk: \[1\]$",
+    ):
+        ckpt.save(2, _state(0.2))
+    ckpt.close()  # reported once: closing does not raise it again
+
+
+def test_a_leaf_restored_as_another_dtype_is_not_taken_for_corruption(tmp_path):
+    state = {"w": jnp.linspace(0.0, 1.0, 6, dtype=jnp.float32), "n": jnp.array(3, jnp.int32)}
+    _save_all(tmp_path, {1: state})
+    target = {"w": jax.ShapeDtypeStruct((6,), jnp.bfloat16), "n": state["n"]}
+    with checkpoint.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+        restored, step = ckpt.restore_latest(target)
+    assert step == 1 and restored["w"].dtype == jnp.bfloat16
+    assert not (tmp_path / "quarantine").exists()

@@ -55,6 +55,21 @@ def test_resume_drops_lines_after_the_restored_step(tmp_path):
     assert (resumed / "metrics.jsonl").read_text() == (uninterrupted / "metrics.jsonl").read_text()
 
 
+def test_rerun_replaces_a_line_already_written_instead_of_adding_one(tmp_path):
+    # A run killed after its final checkpoint redoes the final evaluation when rerun.
+    with metrics.MetricWriter(tmp_path) as writer:
+        writer.write(6, {"train/loss": 0.5})
+        writer.write(6, {"eval/accuracy": 0.75})
+    with metrics.MetricWriter(tmp_path, resume_step=6) as writer:
+        writer.write(6, {"eval/accuracy": 0.75})
+        writer.write(7, {"eval/accuracy": 0.5})
+    assert metrics.read_jsonl(tmp_path / "metrics.jsonl") == [
+        {"step": 6, "train/loss": 0.5},
+        {"step": 6, "eval/accuracy": 0.75},
+        {"step": 7, "eval/accuracy": 0.5},
+    ]
+
+
 def test_disabled_writer_touches_nothing(tmp_path):
     _log(tmp_path / "run", [1], enabled=False)
     assert not (tmp_path / "run").exists()
