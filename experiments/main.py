@@ -70,7 +70,14 @@ def load_config() -> ml_collections.ConfigDict:
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     """Validates ``config``, locks ``workdir``, checks the config against its run, then trains."""
     schema.validate(config)
-    if config.get("parallel") is not None and config.parallel.get("multihost", False):
+    multihost = config.get("parallel") is not None and config.parallel.get("multihost", False)
+    # One writer per workdir (process 0 of a multi-host run, once JAX says which that is); the
+    # resume check runs under the lock, so no other writer changes the run in between.
+    held = None if multihost else _lock(workdir)
+    other = schema.check_resume(config, workdir)
+    if other:
+        logging.warning("resuming %s with a changed config: %s", workdir, schema.show(other))
+    if multihost:
         from ftlab.core import parallel  # noqa: PLC0415 - must precede any other JAX use
 
         parallel.initialize_distributed(
@@ -80,6 +87,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         )
     import jax  # noqa: PLC0415
 
+    if multihost and jax.process_index() == 0:
+        held = _lock(workdir)
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
     # The one range check that needs the machine (schema.validate runs before JAX starts).
@@ -90,17 +99,6 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
             f"must be <= the {jax.device_count()} devices of this run (0: all of them)",
             wanted,
         )
-    held = None
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        try:  # one writer per workdir; the lock lasts until this process ends, however it ends
-            held = workdirs.lock(workdir)
-        except workdirs.WorkdirBusyError as e:
-            fail(f"error: {e}")
-    # Under the lock, so that no other writer changes the run between the check and the start.
-    other = schema.check_resume(config, workdir)
-    if other:
-        logging.warning("resuming %s with a changed config: %s", workdir, schema.show(other))
     logging.info("config:\n%s", config)
     trainer = importlib.import_module(f"experiments.trainers.{config.experiment}")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +117,15 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     finally:  # orbax's background saves end before the interpreter does, on every path
         resume.close_all()
         del held
+
+
+def _lock(workdir: pathlib.Path):
+    """The workdir's lock, held while the returned file stays open; a busy workdir exits."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return workdirs.lock(workdir)
+    except workdirs.WorkdirBusyError as e:
+        fail(f"error: {e}")
 
 
 def is_user_error(error: BaseException) -> bool:

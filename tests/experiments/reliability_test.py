@@ -100,7 +100,7 @@ def test_a_second_writer_is_refused_in_one_line_naming_the_holder(finished, tmp_
     try:
         assert holder.stdout.readline().strip() == "locked"
         rc, err = _run(workdir)
-        assert rc == 1
+        assert rc == 2  # a user error: one line, status 2
         assert (
             err.strip()
             .splitlines()[-1]
