@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
+import inspect
 import json
 import pathlib
 import resource
@@ -308,8 +310,14 @@ def cached_features(
     settings = {
         "model": repr(model),
         "batch_size": batch_size,
-        "ftlab": importlib.metadata.version("ftlab"),
-        "jax": jax.__version__,
+        # The code that computes them: a change to the model's source between releases (same
+        # ftlab version) must not reuse features computed by the old code.
+        "source": {
+            m.__name__: hashlib.sha256(inspect.getsource(m).encode()).hexdigest()
+            for m in (bert, attention, hooks, features)
+        },
+        "cut": inspect.getsource(make_head_input_fn),
+        "versions": {p: importlib.metadata.version(p) for p in ("ftlab", "jax", "jaxlib", "flax")},
         "platform": jax.devices()[0].platform,
     }
     key = features.cache_key(trunk=frozen, inputs=inputs, settings=settings)
