@@ -241,8 +241,9 @@ def features_blocker(config: ml_collections.ConfigDict, model, label_tree) -> st
         return f"config.peft.method={config.peft.method!r} changes the forward pass"
     if model.config.dropout_rate or model.config.probs_dropout_rate:
         return (
-            f"dropout (config.model.dropout_rate={model.config.dropout_rate}, attention "
-            f"{model.config.probs_dropout_rate}) makes the encoder's outputs random in training"
+            f"dropout (config.model.dropout_rate={model.config.dropout_rate}, on attention "
+            f"probabilities {model.config.probs_dropout_rate}) makes the encoder's outputs "
+            "random in training"
         )
     return None
 
@@ -417,7 +418,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     cache = config.data.get("cache_features")
     blocker = features_blocker(config, model, label_tree)
     if cache and blocker:
-        raise ValueError(f"config.data.cache_features=True, but {blocker}.")
+        raise ValueError(
+            f"config.data.cache_features=True, but {blocker}; set it to False (a forward pass "
+            "per step) or None (cache when possible)."
+        )
     if cache is None and blocker:
         logging.info("features: computed at every step, not cached: %s", blocker)
     if cache is not False and not blocker:
