@@ -79,6 +79,11 @@ def get_config(arg=None):
     config.data.max_length = 64
     # 0: all examples; otherwise the first N of each split (quick runs)
     config.data.limit = 0
+    # Train the head on its inputs computed once (cached in the workdir, keyed by weights, data,
+    # settings and code) instead of a forward pass per step. None: whenever nothing below the
+    # head trains or is random (no dropout); True: required (an error says what prevents it);
+    # False: never.
+    config.data.cache_features = ml_collections.config_dict.placeholder(bool)
 
     config.model = ml_collections.ConfigDict()
     # "minilm": the pretrained all-MiniLM-L6-v2 encoder; "tiny": a random 2-layer BERT

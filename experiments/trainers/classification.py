@@ -6,11 +6,16 @@ Every method is the same loop; ``config.partition.rules`` decides what trains.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import inspect
 import json
 import pathlib
 import resource
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,9 +25,9 @@ from absl import logging
 from safetensors import numpy as safetensors_numpy
 
 from experiments.trainers import resume
-from ftlab.core import loading, parallel, partition, train
+from ftlab.core import loading, parallel, partition, tensorfile, train
 from ftlab.core import metrics as metrics_lib
-from ftlab.data import batching, rotten_tomatoes, text
+from ftlab.data import batching, features, rotten_tomatoes, text
 from ftlab.models import attention, bert, hooks
 from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
 from ftlab.tasks import classification
@@ -233,6 +238,150 @@ def build_optimizer(config: ml_collections.ConfigDict, label_tree) -> optax.Grad
     return partition.optimizer({g: tx() for g in groups}, label_tree)
 
 
+# The head's inputs, cached in the workdir when the layers below the head are frozen and
+# deterministic (`features_blocker`); one file, recomputed when its key changes.
+FEATURES_FILE = "features.safetensors"
+
+
+def features_blocker(config: ml_collections.ConfigDict, model, label_tree) -> str | None:
+    """Why the head's inputs cannot be computed once for the whole run; None when they can.
+
+    They can when nothing below the head trains (every trainable leaf is under ``head/``, no PEFT
+    method wraps the model) and nothing below it is random in training (no dropout on the
+    encoder's activations or attention probabilities, the same rate the head's input dropout
+    uses): then the head sees the same inputs at every step as a forward pass would give it.
+    """
+    trainable = [
+        name
+        for name, label in partition.flatten(label_tree).items()
+        if label != partition.FROZEN and not name.startswith("head/")
+    ]
+    if trainable:
+        return f"config.partition.rules train leaves below the head, e.g. {trainable[0]}"
+    if config.peft.method != "none":
+        return f"config.peft.method={config.peft.method!r} changes the forward pass"
+    if model.config.dropout_rate or model.config.probs_dropout_rate:
+        return (
+            f"dropout (config.model.dropout_rate={model.config.dropout_rate}, on attention "
+            f"probabilities {model.config.probs_dropout_rate}) makes the encoder's outputs "
+            "random in training"
+        )
+    return None
+
+
+def make_head_input_fn(model: bert.BertClassifier):
+    """``fn(params, batch) -> [batch, hidden]``: what the head receives, in evaluation mode.
+
+    It runs the classifier itself and records the input of its ``head`` module, so the cut is
+    exactly the head's input whatever the pooling does.
+    """
+
+    def fn(params, batch):
+        seen = []
+
+        def record(next_fun, args, kwargs, context):
+            if context.module.name == "head" and context.method_name == "__call__":
+                seen.append(args[0])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+        (head_input,) = seen
+        return head_input
+
+    return fn
+
+
+def make_head_apply(model: bert.BertClassifier):
+    """``apply(params, batch, rng) -> logits`` from ``batch["features"]`` (the head's inputs).
+
+    The classifier's head as it is built there (float32 Dense); no dropout, as
+    `features_blocker` allows the cache only without it.
+    """
+    head = nn.Dense(model.num_classes, dtype=jnp.float32, param_dtype=jnp.float32)
+
+    def apply(params, batch, rng):
+        del rng
+        return head.apply({"params": params["head"]}, batch["features"])
+
+    return apply
+
+
+def cached_features(
+    config: ml_collections.ConfigDict,
+    model: bert.BertClassifier,
+    params,
+    label_tree,
+    data: dict[str, dict[str, np.ndarray]],
+    workdir: pathlib.Path,
+    *,
+    is_chief: bool,
+) -> dict[str, np.ndarray]:
+    """``{split: head inputs}``, read from ``workdir/features.safetensors`` when its key matches.
+
+    The key covers the frozen weights, the token ids and masks of every split, the model
+    configuration, the computation settings and the code version; any change recomputes (and
+    says why in the log) and overwrites the file.
+    """
+    batch_size = config.evals.batch_size
+    _, frozen = partition.split(params, label_tree)
+    inputs = {
+        split: {k: arrays[k] for k in ("input_ids", "attention_mask")}
+        for split, arrays in data.items()
+    }
+    settings = {
+        "model": repr(model),
+        "batch_size": batch_size,
+        # The code that computes them: a change to the model's source between releases (same
+        # ftlab version) must not reuse features computed by the old code.
+        "source": {
+            m.__name__: hashlib.sha256(inspect.getsource(m).encode()).hexdigest()
+            for m in (bert, attention, hooks, features)
+        },
+        "cut": inspect.getsource(make_head_input_fn),
+        "versions": {p: importlib.metadata.version(p) for p in ("ftlab", "jax", "jaxlib", "flax")},
+        "platform": jax.devices()[0].platform,
+    }
+    key = features.cache_key(trunk=frozen, inputs=inputs, settings=settings)
+    path = workdir / FEATURES_FILE
+    try:
+        cached = features.load(path, key=key)
+        if set(cached) == set(data):
+            logging.info("features: reusing %s", path)
+            return cached
+        logging.info(
+            "features: %s holds splits %s, not %s; recomputing", path, sorted(cached), sorted(data)
+        )
+    except FileNotFoundError:
+        logging.info("features: none cached in %s yet; computing them once", workdir)
+    except features.StaleCacheError as e:
+        logging.info("features: recomputing, the cache cannot be used: %s", e)
+    except tensorfile.CorruptFileError as e:
+        logging.warning("features: recomputing, the cache cannot be used: %s", e)
+    # Weights placed once, not copied from host memory at every batch.
+    fn = functools.partial(jax.jit(make_head_input_fn(model)), jax.device_put(params))
+    start = time.perf_counter()
+    computed = {
+        split: features.compute(
+            fn,
+            arrays,
+            batch_size=batch_size,
+            # Padding is most of a short snippet's tokens: cut each batch after its longest row.
+            lengths=arrays["attention_mask"].sum(axis=1),
+            sequence_keys=("input_ids", "attention_mask"),
+        )
+        for split, arrays in inputs.items()
+    }
+    logging.info(
+        "features: computed %s in %.1f s",
+        {k: v.shape for k, v in computed.items()},
+        time.perf_counter() - start,
+    )
+    if is_chief:
+        features.save(path, computed, key=key)
+    return computed
+
+
 def evaluate(plan, eval_step, state, arrays, *, batch_size: int) -> dict[str, float]:
     """Exact means over a split (padding masked out)."""
     totals: dict[str, float] = {}
@@ -284,6 +433,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     n_trainable = partition.count(partition.split(params, label_tree)[0])
     tx = build_optimizer(config, label_tree)
     state = train.init_state(params, label_tree, tx, seed=config.seed)
+
+    # -- cached features --------------------------------------------------------------------
+    # None: cache the head's inputs when the trunk allows it; True: require it; False: never.
+    cache = config.data.get("cache_features")
+    blocker = features_blocker(config, model, label_tree)
+    if cache and blocker:
+        raise ValueError(
+            f"config.data.cache_features=True, but {blocker}; set it to False (a forward pass "
+            "per step) or None (cache when possible)."
+        )
+    if cache is None and blocker:
+        logging.info("features: computed at every step, not cached: %s", blocker)
+    if cache is not False and not blocker:
+        head_inputs = cached_features(
+            config, model, params, label_tree, data, workdir, is_chief=is_chief
+        )
+        data = {
+            split: {"features": head_inputs[split], "label": arrays["label"]}
+            for split, arrays in data.items()
+        }
+        apply = make_head_apply(model)
 
     # -- restore ----------------------------------------------------------------------------
     # A run may stop early (config.max_steps_per_run, e.g. to fit a job's time limit); running

@@ -6,6 +6,7 @@ Submodules load on first use::
 
 - ``batching``: batches as a pure function of ``(arrays, step)``, so a resumed run sees the same.
 - ``text``: strings to fixed-length token arrays.
+- ``features``: a frozen trunk's outputs computed once; their cache, keyed by what they depend on.
 - ``rotten_tomatoes``: Rotten Tomatoes review snippets (Pang & Lee) for sentiment.
 - ``images``: small labelled image sets shipped inside installed packages.
 - ``fewshot``: few-shot image classification episodes (sklearn digits, font glyphs).
@@ -18,6 +19,7 @@ from ftlab import _lazy
 
 _SUBMODULES = (
     "batching",
+    "features",
     "fewshot",
     "images",
     "multitask",

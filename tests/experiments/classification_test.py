@@ -2,7 +2,9 @@
 its last good checkpoint when a run goes bad. Runs in-process on the tiny random encoder."""
 
 import json
+import logging
 import pathlib
+import re
 import shutil
 
 import chex
@@ -13,10 +15,11 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors import numpy as safetensors_numpy
 
-from configs import finetune_minilm
+from configs import finetune_minilm, linear_probe_minilm
 from experiments.trainers import classification as trainer
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train
+from ftlab.data import features
 from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
 from ftlab.tasks import classification
 from third_party import peft_format
@@ -254,3 +257,71 @@ def test_no_recompilation_inside_the_loop(tmp_path):
     # One train step and one eval step per run, however many steps and evaluations.
     assert lowered.count("jit(step)") == 1, lowered
     assert lowered.count("jit(eval_step)") == 1, lowered
+
+
+def _probe(**overrides):
+    config = linear_probe_minilm.get_config("tiny,steps=3")
+    for key, value in overrides.items():
+        node = config
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return config
+
+
+def test_cached_feature_probe_equals_uncached_reuses_and_recomputes(tmp_path, monkeypatch, caplog):
+    """The probe on cached head inputs is the probe: same results to the last digit; the cache
+    is read instead of running the encoder again, and a changed key recomputes it, saying so."""
+    calls = []
+    compute = features.compute
+    monkeypatch.setattr(features, "compute", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    caplog.set_level(logging.INFO)
+    uncached = trainer.train_and_evaluate(_probe(**{"data.cache_features": False}), tmp_path / "a")
+    assert calls == [] and not (tmp_path / "a" / trainer.FEATURES_FILE).exists()
+
+    cached = trainer.train_and_evaluate(_probe(), tmp_path / "b")
+    assert len(calls) == 3  # train, validation, test: one pass each
+    assert _measured(cached) == _measured(uncached)
+    chex.assert_trees_all_close(_trainable_at(tmp_path / "b", 3), _trainable_at(tmp_path / "a", 3))
+
+    # A new run with the cache in its workdir runs no encoder forward pass.
+    (tmp_path / "c").mkdir()
+    shutil.copy(tmp_path / "b" / trainer.FEATURES_FILE, tmp_path / "c")
+    calls.clear()
+    assert _measured(trainer.train_and_evaluate(_probe(), tmp_path / "c")) == _measured(cached)
+    assert calls == []
+
+    # Other inputs (a shorter max_length): the stale cache is recomputed, and the log says why.
+    shutil.rmtree(tmp_path / "c" / "checkpoints")
+    caplog.clear()
+    trainer.train_and_evaluate(_probe(**{"data.max_length": 16}), tmp_path / "c")
+    assert len(calls) == 3
+    assert "recomputing, the cache cannot be used" in caplog.text
+    assert "computed for a different inputs" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "method, overrides, reason",
+    [
+        ("full", {}, r"config.partition.rules train leaves below the head, e.g. encoder/"),
+        ("linear_probe", {"model.dropout_rate": 0.1}, r"dropout \(config.model.dropout_rate=0.1"),
+        ("lora", {}, r"config.partition.rules train leaves below the head"),
+    ],
+)
+def test_cache_features_refuses_a_trunk_that_trains_or_is_random(
+    method, overrides, reason, tmp_path
+):
+    config = finetune_minilm.get_config(f"tiny,method={method}")
+    config.data.cache_features = True
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    model, params = trainer.build_model(config)
+    params, _ = trainer.build_method(config, params, trainer.make_apply(model))
+    labels = partition.labels(params, [tuple(r) for r in config.partition.rules])
+    assert re.search(reason, trainer.features_blocker(config, model, labels))
+    # The run refuses before training, naming the key and the cause.
+    with pytest.raises(ValueError, match=r"config.data.cache_features=True, but " + reason):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
