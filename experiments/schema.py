@@ -340,6 +340,8 @@ CLASSIFICATION = {
     "data.task": choice(*ROTTEN_TOMATOES_TASKS),
     "data.seed": SEED,
     "data.limit": integer(0, note="0: all examples"),
+    # None: cache the head's inputs when nothing below the head trains or draws dropout.
+    "data.cache_features": nullable(boolean()).opt(),
     **ENCODER,
     "partition.rules": rules().fixed(),
     "peft.method": choice(*PEFT_METHODS).fixed(),
