@@ -19,7 +19,7 @@ import pytest
 from ftlab import testing
 from ftlab.core import partition, sites
 from ftlab.models import bert, hooks, llama
-from ftlab.peft import adapters, lora, prefix, prompt, reft
+from ftlab.peft import adapters, dense, dora, ia3, lora, prefix, prompt, reft
 
 # --- a model ftlab has never seen --------------------------------------------------------------
 
@@ -367,3 +367,73 @@ def test_no_structural_method_imports_a_model(module):
     patterns = [v.pattern for v in vars(module).values() if isinstance(v, re.Pattern)]
     patterns += [pattern for pattern, _ in module.rules()]
     assert not any("layer" in p or "attention/" in p for p in patterns), patterns
+
+
+# --- the dense-layer methods on the same three models ------------------------------------------
+
+BERT = bert.BertClassifier(
+    bert.BertConfig.tiny(hidden_size=12, num_heads=2, intermediate_size=20, dropout_rate=0.0),
+    num_classes=3,
+)
+
+
+def _bert():
+    batch = testing.classifier_batch(BERT.config)
+
+    def apply(params, batch, rng):
+        del rng
+        return BERT.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+
+    return apply, testing.random_params(BERT, batch), batch
+
+
+DENSE_MODELS = {"bert": _bert, "llama": _llama, "vit": _vit}
+# Every model's attention projections, by path or (the ViT's Flax attention) by layer type.
+DENSE_TARGETS = {
+    "bert": dict(targets=[r".*/attention/(query|value)"]),
+    "llama": dict(targets=[r".*/attention/(query|value)"]),
+    "vit": dict(layer_types=("DenseGeneral", "Conv")),
+}
+DENSE_METHODS = {
+    "lora": (
+        lambda p, k, t, layers: lora.init(p, k, rank=2, alpha=4, layers=layers, **t),
+        lambda f: lora.wrap_apply(f, alpha=4, rank=2),
+        lora.rules(),
+    ),
+    "dora": (
+        lambda p, k, t, layers: dora.init(p, k, rank=2, alpha=4, layers=layers, **t),
+        lambda f: dora.wrap_apply(f, alpha=4, rank=2),
+        dora.rules(),
+    ),
+    "ia3": (
+        lambda p, k, t, layers: ia3.init(
+            p,
+            targets_out=t.get("targets", ()),
+            targets_in=(),
+            layer_types_out=t.get("layer_types", ()),
+            layers=layers,
+        ),
+        ia3.wrap_apply,
+        ia3.rules(),
+    ),
+}
+
+
+@pytest.mark.parametrize("model", sorted(DENSE_MODELS))
+@pytest.mark.parametrize("method", sorted(DENSE_METHODS))
+def test_dense_layer_method_on_bert_llama_and_a_test_only_vit(method, model):
+    """Identity at init, trains only its leaves (frozen bit-identical, no optimizer state for
+    them), and the output moves after training: LoRA, DoRA and IA3 on each of the three models."""
+    apply, base, batch = DENSE_MODELS[model]()
+    init, wrap, rules = DENSE_METHODS[method]
+    layers = dense.layers(apply, base, batch, None)
+    params = init(base, jax.random.key(1), DENSE_TARGETS[model], layers)
+    wrapped = wrap(apply)
+    both = jax.jit(lambda p, q: (wrapped(p, batch, None), apply(q, batch, None)))
+    start, plain = both(params, base)
+    np.testing.assert_allclose(start, plain, atol=1e-6, rtol=0)
+    label_tree = partition.labels(params, rules)
+    tx = partition.optimizer({"train": optax.adam(3e-2)}, label_tree)
+    # Three steps: LoRA's lora_a only moves once lora_b has left zero.
+    state = testing.assert_trains_only(params, label_tree, tx, wrapped, batch, steps=3)
+    assert float(jnp.max(jnp.abs(both(state.params, base)[0] - start))) > 1e-4
