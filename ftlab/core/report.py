@@ -30,11 +30,13 @@ import numpy as np
 __all__ = [
     "HLine",
     "Line",
+    "Panel",
     "curves",
     "figure",
     "interval95",
     "line_plot",
     "markdown_table",
+    "panels_plot",
     "save_curves",
     "save_figure",
     "save_json",
@@ -169,24 +171,11 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 100) -> pathlib.Path
     return path
 
 
-def line_plot(
-    lines: Sequence[Line],
-    *,
-    xlabel: str,
-    ylabel: str,
-    title: str | None = None,
-    hlines: Sequence[HLine] = (),
-    xscale: str | tuple[str, Mapping[str, Any]] = "linear",
-    yscale: str = "linear",
-    xticks: tuple[Sequence[float], Sequence[str], float] | None = None,
-    legend: Mapping[str, Any] | None = None,
-    grid: float | None = 0.3,
-    figsize: tuple[float, float] = (6, 4),
-    layout: str | None = None,
-):
-    """Lines (with error bars where given) and horizontal reference lines on one axes.
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One axes of `panels_plot`: lines (with error bars where given) and reference lines.
 
-    Args:
+    Attributes:
         lines: The series, drawn in order.
         xlabel: The x axis label.
         ylabel: The y axis label.
@@ -195,40 +184,87 @@ def line_plot(
         xscale: ``"linear"``, ``"log"``, ... or ``(scale, kwargs)``, e.g. ``("log", {"base": 2})``.
         yscale: The y scale.
         xticks: ``(positions, labels, rotation)`` to label the x axis by name.
+        ylim: ``(bottom, top)``, or None to fit the data.
         legend: Keyword arguments of the legend; None draws no legend.
         grid: The grid's alpha; None draws no grid.
-        figsize: Inches.
+    """
+
+    lines: Sequence[Line]
+    xlabel: str = ""
+    ylabel: str = ""
+    title: str | None = None
+    hlines: Sequence[HLine] = ()
+    xscale: str | tuple[str, Mapping[str, Any]] = "linear"
+    yscale: str = "linear"
+    xticks: tuple[Sequence[float], Sequence[str], float] | None = None
+    ylim: tuple[float, float] | None = None
+    legend: Mapping[str, Any] | None = None
+    grid: float | None = 0.3
+
+
+def panels_plot(
+    panels: Sequence[Panel],
+    *,
+    figsize: tuple[float, float],
+    suptitle: str | None = None,
+    layout: str | None = None,
+):
+    """One row of panels (e.g. one per dataset, or per held-out task).
+
+    Args:
+        panels: The axes, left to right.
+        figsize: Inches, for the whole row.
+        suptitle: A title over all panels, if any.
         layout: Matplotlib's layout engine (``"constrained"``); None lays out tightly at the end.
 
     Returns:
         The figure (save it with `save_figure`).
     """
     fig = figure(figsize, layout=layout)
-    ax = fig.add_subplot()
-    for line in lines:
+    for index, panel in enumerate(panels):
+        _draw(fig.add_subplot(1, len(panels), index + 1), panel)
+    if suptitle is not None:
+        fig.suptitle(suptitle)
+    if layout is None:
+        fig.tight_layout()
+    return fig
+
+
+def line_plot(
+    lines: Sequence[Line],
+    *,
+    figsize: tuple[float, float] = (6, 4),
+    layout: str | None = None,
+    **panel: Any,
+):
+    """`panels_plot` of the one `Panel` ``Panel(lines, **panel)``: lines on one axes."""
+    return panels_plot([Panel(lines, **panel)], figsize=figsize, layout=layout)
+
+
+def _draw(ax, panel: Panel) -> None:
+    for line in panel.lines:
         if line.yerr is None:
             ax.plot(line.x, line.y, label=line.label, **line.style)
         else:
             ax.errorbar(line.x, line.y, yerr=line.yerr, label=line.label, **line.style)
-    for h in hlines:
+    for h in panel.hlines:
         ax.axhline(h.y, label=h.label, **h.style)
-    scale, scale_kwargs = (xscale, {}) if isinstance(xscale, str) else xscale
+    scale, scale_kwargs = (panel.xscale, {}) if isinstance(panel.xscale, str) else panel.xscale
     ax.set_xscale(scale, **scale_kwargs)
-    ax.set_yscale(yscale)
-    if xticks is not None:
-        positions, labels, rotation = xticks
+    ax.set_yscale(panel.yscale)
+    if panel.xticks is not None:
+        positions, labels, rotation = panel.xticks
         ax.set_xticks(positions, labels, rotation=rotation)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title is not None:
-        ax.set_title(title)
-    if grid is not None:
-        ax.grid(True, alpha=grid)
-    if legend is not None:
-        ax.legend(**legend)
-    if layout is None:
-        fig.tight_layout()
-    return fig
+    if panel.ylim is not None:
+        ax.set_ylim(*panel.ylim)
+    ax.set_xlabel(panel.xlabel)
+    ax.set_ylabel(panel.ylabel)
+    if panel.title is not None:
+        ax.set_title(panel.title)
+    if panel.grid is not None:
+        ax.grid(True, alpha=panel.grid)
+    if panel.legend is not None:
+        ax.legend(**panel.legend)
 
 
 def scatter_plot(

@@ -76,6 +76,26 @@ def test_line_plot_saves_a_png_of_the_expected_size_without_switching_backend(tm
     assert _png_size(report.save_figure(fig, tmp_path / "s.png", dpi=50)) == (350, 225)
 
 
+def test_panels_plot_draws_one_axes_per_panel(tmp_path):
+    panels = [
+        report.Panel(
+            [
+                report.Line(
+                    [0, 1], [0, 1], label="K=2", style={"color": "k", "marker": "^", "ls": "none"}
+                )
+            ],
+            title=f"task {i}",
+            ylim=(-6.0, 6.0),
+            legend={"fontsize": 7} if i == 0 else None,
+        )
+        for i in range(3)
+    ]
+    fig = report.panels_plot(panels, figsize=(3, 2), suptitle="adapted")
+    assert [ax.get_title() for ax in fig.axes] == ["task 0", "task 1", "task 2"]
+    assert fig.axes[2].get_ylim() == (-6.0, 6.0) and fig.axes[1].get_legend() is None
+    assert _png_size(report.save_figure(fig, tmp_path / "p.png", dpi=90)) == (270, 180)
+
+
 def test_save_curves_writes_one_png_per_group(tmp_path):
     records = [
         {"step": 1, "train/loss": 1.0, "train/lr": 0.1, "note": "x"},
