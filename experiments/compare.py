@@ -16,6 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ftlab.core import report
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A compare config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every run and the report go.")
 _FINISHED_ONLY = flags.DEFINE_bool(
@@ -80,36 +82,19 @@ def best_per_method(runs: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
-    lines.append("|" + "---|" * len(COLUMNS))
-    for r in rows:
-        cells = [fmt.format(r[k]) if r.get(k) is not None else "" for k, _, fmt in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """One row per method (its best run), the columns of `COLUMNS`; a missing value is blank."""
+    cells = [
+        [fmt.format(r[k]) if r.get(k) is not None else "" for k, _, fmt in COLUMNS] for r in rows
+    ]
+    return report.markdown_table([title for _, title, _ in COLUMNS], cells)
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for r in rows:
-        ax.scatter(r["trainable_params"], 100 * r["eval/test/accuracy"])
-        ax.annotate(
-            r["method"],
-            (r["trainable_params"], 100 * r["eval/test/accuracy"]),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def plot(rows: list[dict]):
+    """Test accuracy against trainable parameters (log x), one named point per method."""
+    points = [(r["trainable_params"], 100 * r["eval/test/accuracy"], r["method"]) for r in rows]
+    return report.scatter_plot(
+        points, xscale="log", xlabel="trainable parameters (log scale)", ylabel="test accuracy (%)"
+    )
 
 
 def compare(config, workdir: str, *, finished_only: bool = False) -> list[dict]:
@@ -137,9 +122,10 @@ def compare(config, workdir: str, *, finished_only: bool = False) -> list[dict]:
             for x in sorted(runs, key=lambda x: x["lr"])
             if x["method"] == r["method"]
         )
-    (workdir / "compare.json").write_text(json.dumps({"best": rows, "runs": runs}, indent=2))
-    (workdir / "compare.md").write_text(markdown(rows))
-    plot(rows, workdir / "compare.png")
+    report.save_table(
+        workdir / "compare", markdown=markdown(rows), data={"best": rows, "runs": runs}
+    )
+    report.save_figure(plot(rows), workdir / "compare.png", dpi=120)
     logging.info("wrote %s", workdir / "compare.md")
     return rows
 

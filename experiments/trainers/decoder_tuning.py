@@ -39,9 +39,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments.trainers import icl as icl_trainer
+from experiments import models
 from ftlab import icl
 from ftlab.core import partition, train
+from ftlab.core import report as report_lib
 from ftlab.data import rotten_tomatoes
 from ftlab.models import hooks, llama
 from ftlab.peft import lora, prefix, prompt, qlora
@@ -257,66 +258,67 @@ def _icl_points(path: str, task: str) -> dict[int, tuple[float, float]]:
 
 
 def table(rows: list[dict], icl_points: dict) -> str:
+    """One row per method: trainable parameters, base memory, accuracy (± std over seeds) per n."""
     ns = sorted({r["n"] for r in rows})
-    lines = ["| method | trainable | base held (MiB) | " + " | ".join(f"n={n}" for n in ns) + " |"]
-    lines.append("|---|---|---|" + "---|" * len(ns))
+    cells = []
     for method in dict.fromkeys(r["method"] for r in rows):
         rs = {r["n"]: r for r in rows if r["method"] == method}
         first = next(iter(rs.values()))
-        cells = []
+        accuracies = []
         for n in ns:
             r = rs.get(n)
             spread = f" ± {r['accuracy_std']:.3f}" if r and r["seeds"] > 1 else ""
-            cells.append(f"{r['accuracy_mean']:.3f}{spread}" if r else "")
-        lines.append(
-            f"| {method} | {first['trainable_params']:,} | "
-            f"{first['base_mib_during_training']:.0f} | " + " | ".join(cells) + " |"
-        )
+            accuracies.append(f"{r['accuracy_mean']:.3f}{spread}" if r else "")
+        base_mib = f"{first['base_mib_during_training']:.0f}"
+        cells.append([method, f"{first['trainable_params']:,}", base_mib, *accuracies])
+    notes = []
     if icl_points:
-        lines.append("")
         shots = ", ".join(f"k={k}: {m:.3f} ± {s:.3f}" for k, (m, s) in sorted(icl_points.items()))
-        lines.append(f"ICL on the same test examples (k demonstrations, no training): {shots}")
-    return "\n".join(lines) + "\n"
+        notes.append(f"ICL on the same test examples (k demonstrations, no training): {shots}")
+    header = ["method", "trainable", "base held (MiB)", *(f"n={n}" for n in ns)]
+    return report_lib.markdown_table(header, cells, notes=notes)
 
 
-def plot(rows: list[dict], icl_points: dict, path: pathlib.Path, majority: float) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
+def plot(rows: list[dict], icl_points: dict, majority: float):
+    """Accuracy against n (log2 x) per method, the ICL points at n = k, and the baselines."""
+    lines = []
     for method in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == method]
-        ax.errorbar(
-            [r["n"] for r in rs],
-            [r["accuracy_mean"] for r in rs],
-            yerr=[r["accuracy_std"] for r in rs],
-            marker="o",
-            capsize=3,
-            label=method,
+        lines.append(
+            report_lib.Line(
+                [r["n"] for r in rs],
+                [r["accuracy_mean"] for r in rs],
+                yerr=[r["accuracy_std"] for r in rs],
+                label=method,
+                style={"marker": "o", "capsize": 3},
+            )
         )
+    hlines = []
     if icl_points:
         ks = sorted(k for k in icl_points if k > 0)
-        ax.errorbar(
-            ks,
-            [icl_points[k][0] for k in ks],
-            yerr=[icl_points[k][1] for k in ks],
-            marker="s",
-            ls="--",
-            color="k",
-            capsize=3,
-            label="ICL (k demonstrations)",
+        lines.append(
+            report_lib.Line(
+                ks,
+                [icl_points[k][0] for k in ks],
+                yerr=[icl_points[k][1] for k in ks],
+                label="ICL (k demonstrations)",
+                style={"marker": "s", "ls": "--", "color": "k", "capsize": 3},
+            )
         )
         if 0 in icl_points:
-            ax.axhline(icl_points[0][0], color="k", ls=":", lw=1, label="zero-shot")
-    ax.axhline(majority, color="grey", ls="-.", lw=1, label="majority class")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("labelled examples (tuning) / demonstrations (ICL)")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(path))
+            style = {"color": "k", "ls": ":", "lw": 1}
+            hlines.append(report_lib.HLine(icl_points[0][0], label="zero-shot", style=style))
+    style = {"color": "grey", "ls": "-.", "lw": 1}
+    hlines.append(report_lib.HLine(majority, label="majority class", style=style))
+    return report_lib.line_plot(
+        lines,
+        hlines=hlines,
+        xscale=("log", {"base": 2}),
+        xlabel="labelled examples (tuning) / demonstrations (ICL)",
+        ylabel="test accuracy",
+        legend={"fontsize": 8},
+        figsize=(6, 4),
+    )
 
 
 def report(config, workdir: pathlib.Path, runs: list[dict], *, n_test: int, majority: float):
@@ -332,9 +334,8 @@ def report(config, workdir: pathlib.Path, runs: list[dict], *, n_test: int, majo
         "icl": points,
         "runs": runs,
     }
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (workdir / "results.md").write_text(table(rows, points))
-    plot(rows, points, workdir / "tuning_vs_icl.png", majority)
+    report_lib.save_table(workdir / "results", markdown=table(rows, points), data=results)
+    report_lib.save_figure(plot(rows, points, majority), workdir / "tuning_vs_icl.png")
     return rows
 
 
@@ -347,9 +348,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             raise ValueError(f"config.methods: {m!r} is not one of {METHODS}.")
         if m not in config.optim.lr:
             raise ValueError(f"config.optim.lr has no learning rate for {m!r}.")
-    task = icl_trainer.TASKS[config.data.task]
+    task = models.DECODER_TASKS[config.data.task]
     data = rotten_tomatoes.load(task=config.data.task, seed=config.data.split_seed)
-    model = icl_trainer.build_model(config, data["train"].text[:3000])
+    model = models.decoder(config, data["train"].text[:3000])
     try:  # every run is scored after the zero-shot instruction: it must fit before any trains
         icl.encode_prefix(
             model.tokenizer, icl.prefix_text(task, []), config.data.prefix_len, pad_id=model.pad_id
@@ -369,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                     runs.append(json.loads(path.read_text()))
                     continue
                 r = run_one(config, model, task, data, method, n, seed, steps_cache)
-                path.write_text(json.dumps(r, indent=2) + "\n")
+                report_lib.save_json(path, r)
                 runs.append(r)
                 # the report so far, so a long run can be read (and plotted) while it goes on
                 report(config, workdir, runs, n_test=n_test, majority=majority)

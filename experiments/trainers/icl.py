@@ -14,69 +14,24 @@ is the instruction alone (one draw: there is nothing to draw). Writes into the w
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
+from experiments import models
 from experiments.trainers import finished
 from ftlab import icl
+from ftlab.core import report
 from ftlab.data import rotten_tomatoes
-from ftlab.models import llama
 
-TASKS = {
-    "sentiment": icl.Task(
-        instruction="Classify the sentiment of each movie review as positive or negative.",
-        template="Review: {text}\nSentiment:",
-        label_words=(" negative", " positive"),  # rotten_tomatoes labels: rotten 0, fresh 1
-    ),
-    "subjectivity": icl.Task(
-        instruction="Say whether each movie text is a plot summary or a critic's opinion.",
-        template="Text: {text}\nType:",
-        label_words=(" opinion", " plot"),  # rotten_tomatoes labels: review 0, plot 1
-    ),
-}
+# The prompted tasks and the model live in `experiments/models.py`, shared with decoder tuning.
+TASKS = models.DECODER_TASKS
 
 
-class _Model:
-    """What the evaluation needs: config, params, tokenizer, pad id."""
-
-    def __init__(self, config, params, tokenizer, pad_id):
-        self.config, self.params, self.tokenizer, self.pad_id = config, params, tokenizer, pad_id
-
-
-def build_model(config: ml_collections.ConfigDict, texts: list[str]) -> _Model:
-    """SmolLM2, or (`config.model.name == "tiny"`) a random tiny Llama with a word-level stand-in
-    tokenizer built from `texts` (for end-to-end tests: seconds instead of minutes)."""
-    if config.model.name == "smollm2":
-        from third_party import smollm2  # noqa: PLC0415 (loads 540 MB of weights)
-
-        m = smollm2.load()
-        # Stacked once here, so the compiled prefill/score do not restack 30 layers per call.
-        return _Model(m.config, llama.stack_layers(m.params), m.tokenizer, m.pad_id)
-    if config.model.name != "tiny":
-        raise ValueError(f"config.model.name={config.model.name!r}; expected 'smollm2' or 'tiny'.")
-    from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
-
-    words: dict[str, int] = {"[UNK]": 0, "[PAD]": 1}
-    extra = " ".join(
-        t.instruction + " " + t.template + " ".join(t.label_words) for t in TASKS.values()
-    )
-    for text in [extra, *texts]:
-        for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text):
-            if len(words) < config.model.vocab_size:
-                words.setdefault(w, len(words))
-    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    cfg = llama.LlamaConfig.tiny(vocab_size=config.model.vocab_size, max_position_embeddings=1024)
-    return _Model(cfg, llama.init(cfg, jax.random.key(config.seed)), tok, 1)
-
-
-def evaluate_task(config, model: _Model, name: str) -> dict:
+def evaluate_task(config, model: models.Decoder, name: str) -> dict:
     """Accuracy of every draw for every k on one task."""
     task = TASKS[name]
     data = rotten_tomatoes.load(task=name, seed=config.data.split_seed)
@@ -120,13 +75,11 @@ def evaluate_task(config, model: _Model, name: str) -> dict:
 
 
 def _table(results: dict) -> str:
+    """One row per task: the majority baseline, then mean (± std over draws) accuracy per k."""
     shots = sorted({int(k) for r in results["tasks"].values() for k in r["shots"]})
-    lines = [
-        "| task | majority | " + " | ".join(f"k={k}" for k in shots) + " |",
-        "|---|---|" + "---|" * len(shots),
-    ]
+    rows = []
     for name, r in results["tasks"].items():
-        cells = []
+        cells = [name, f"{r['majority_baseline']:.3f}"]
         for k in shots:
             s = r["shots"].get(str(k))
             if s is None:
@@ -135,28 +88,36 @@ def _table(results: dict) -> str:
                 cells.append(f"{s['mean']:.3f}")
             else:
                 cells.append(f"{s['mean']:.3f} ± {s['std']:.3f}")
-        lines.append(f"| {name} | {r['majority_baseline']:.3f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return report.markdown_table(["task", "majority", *(f"k={k}" for k in shots)], rows)
 
 
-def _plot(results: dict, path: pathlib.Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    fig = Figure(figsize=(5, 3.5))
-    ax = fig.add_subplot()
-    for name, r in results["tasks"].items():
+def _plot(results: dict):
+    """Accuracy against k per task (error bars: std over draws), dotted: its majority class."""
+    lines, baselines = [], []
+    for i, (name, r) in enumerate(results["tasks"].items()):
         ks = sorted(int(k) for k in r["shots"])
-        mean = [r["shots"][str(k)]["mean"] for k in ks]
-        std = [r["shots"][str(k)]["std"] for k in ks]
-        ax.errorbar(ks, mean, yerr=std, marker="o", capsize=3, label=name)
-        ax.axhline(r["majority_baseline"], ls=":", lw=1, color=ax.lines[-1].get_color())
-    ax.set_xlabel("demonstrations k")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"ICL, {results['model']} (dotted: majority class)")
-    ax.legend()
-    fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(path))
+        lines.append(
+            report.Line(
+                ks,
+                [r["shots"][str(k)]["mean"] for k in ks],
+                yerr=[r["shots"][str(k)]["std"] for k in ks],
+                label=name,
+                style={"marker": "o", "capsize": 3, "color": f"C{i}"},
+            )
+        )
+        style = {"ls": ":", "lw": 1, "color": f"C{i}"}
+        baselines.append(report.HLine(r["majority_baseline"], style=style))
+    return report.line_plot(
+        lines,
+        hlines=baselines,
+        xlabel="demonstrations k",
+        ylabel="accuracy",
+        title=f"ICL, {results['model']} (dotted: majority class)",
+        legend={},
+        grid=None,
+        figsize=(5, 3.5),
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -169,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Model (the tiny stand-in's vocabulary comes from the first task's training texts).
     first = rotten_tomatoes.load(task=config.data.tasks[0], seed=config.data.split_seed)["train"]
-    model = build_model(config, first.text[: config.data.demo_pool])
+    model = models.decoder(config, first.text[: config.data.demo_pool])
 
     results = {"model": config.model.name, "tasks": {}}
     start = time.perf_counter()
@@ -186,8 +147,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       f"icl/{name}/accuracy_std": s["std"]})  # fmt: skip
             past.put(name, r)
     results["wall_seconds"] = time.perf_counter() - start
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (workdir / "results.md").write_text(_table(results))
-    _plot(results, workdir / "icl.png")
-    logging.info("ICL results:\n%s", _table(results))
+    table = _table(results)
+    report.save_table(workdir / "results", markdown=table, data=results)
+    report.save_figure(_plot(results), workdir / "icl.png")
+    logging.info("ICL results:\n%s", table)
     return results

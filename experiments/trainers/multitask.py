@@ -26,7 +26,6 @@ mid-method checkpoints are written).
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
@@ -39,10 +38,11 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments import models
 from experiments.trainers import finished
 from ftlab import multitask
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import partition, train
+from ftlab.core import partition, report, train
 from ftlab.data import multitask as multitask_data
 
 # method: (rules over the multi-task tree, task weighting, uses the pairwise penalty)
@@ -217,45 +217,52 @@ def markdown_table(results: dict, task_names: Sequence[str], *, max_task_columns
     first = next(iter(results.values()))
     metric = next(iter(first["per_task"]))
     show_tasks = len(task_names) <= max_task_columns
-    head = (
-        ["method"] + (list(task_names) if show_tasks else []) + [f"mean {k}" for k in first["mean"]]
-    )
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    header = ["method", *(task_names if show_tasks else []), *(f"mean {k}" for k in first["mean"])]
+    rows = []
     for name, r in results.items():
         cells = [name] + ([f"{v:.3f}" for v in r["per_task"][metric]] if show_tasks else [])
-        cells += [f"{v:.4f}" for v in r["mean"].values()]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells + [f"{v:.4f}" for v in r["mean"].values()])
     note = f"per-task cells: test {metric}" if show_tasks else "per-task values: results.json"
-    return "\n".join(lines) + f"\n\n({note})\n"
+    return report.markdown_table(header, rows, notes=[f"({note})"])
 
 
-def plot_per_task(results: dict, task_names: Sequence[str], path: pathlib.Path) -> None:
-    """One figure: the first metric per task (tasks sorted by the first method's value)."""
-    import matplotlib  # noqa: PLC0415 - plotting only here
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+def plot_per_task(results: dict, task_names: Sequence[str]):
+    """The first metric per task and method (tasks sorted by the first method's value)."""
     first = next(iter(results.values()))
     metric = next(iter(first["per_task"]))
     order = np.argsort(first["per_task"][metric])
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.1 * len(task_names) + 4), 4))
-    for name, r in results.items():
-        values = np.asarray(r["per_task"][metric])[order]
-        mean = r["mean"][metric]
-        ax.plot(
-            np.arange(len(values)), values, marker="o", ms=3, lw=1, label=f"{name} ({mean:.3f})"
+    lines = [
+        report.Line(
+            np.arange(len(order)),
+            np.asarray(r["per_task"][metric])[order],
+            label=f"{name} ({r['mean'][metric]:.3f})",
+            style={"marker": "o", "ms": 3, "lw": 1},
         )
+        for name, r in results.items()
+    ]
+    xticks = None
     if len(task_names) <= 20:
-        ax.set_xticks(np.arange(len(task_names)), [task_names[i] for i in order], rotation=60)
-    ax.set_xlabel(f"task (sorted by {next(iter(results))})")
-    ax.set_ylabel(f"test {metric}")
-    if metric == "mse":
-        ax.set_yscale("log")  # a few small classes have errors 100x the typical one
-    ax.legend(fontsize=7, title="method (mean)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        xticks = (np.arange(len(task_names)), [task_names[i] for i in order], 60)
+    return report.line_plot(
+        lines,
+        xticks=xticks,
+        xlabel=f"task (sorted by {next(iter(results))})",
+        ylabel=f"test {metric}",
+        # a few small classes have errors 100x the typical one
+        yscale="log" if metric == "mse" else "linear",
+        legend={"fontsize": 7, "title": "method (mean)"},
+        grid=None,
+        figsize=(max(6.0, 0.1 * len(task_names) + 4), 4),
+    )
+
+
+def _save(workdir: pathlib.Path, results: dict, task_names: Sequence[str], out: dict) -> str:
+    """Writes results.md/.json, per_task.png and the training curves; returns the table."""
+    table = markdown_table(results, task_names)
+    report.save_table(workdir / "results", markdown=table, data=out)
+    report.save_figure(plot_per_task(results, task_names), workdir / "per_task.png", dpi=120)
+    metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
+    return table
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -342,8 +349,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results["constant"] = evaluate(data.kind, constant, data.test, data.y_std)
 
     # -- outputs ----------------------------------------------------------------------------
-    table = markdown_table(results, data.task_names)
-    (workdir / "results.md").write_text(table)
     out = {
         "dataset": config.data.dataset,
         "task_names": list(data.task_names),
@@ -351,10 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "test_counts": data.test.counts.tolist(),
         "methods": results,
     }
-    (workdir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot_per_task(results, data.task_names, workdir / "per_task.png")
-    metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
-    print(table, flush=True)
+    print(_save(workdir, results, data.task_names, out), flush=True)
     return out
 
 
@@ -420,7 +422,6 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
     leading task axis; `multitask.per_task` runs every task's forward pass as one `jax.vmap` with
     the frozen kernels broadcast. Dropout is off (the per-task function gets no rng).
     """
-    from experiments.trainers import classification as classification_trainer  # noqa: PLC0415
     from ftlab.peft import lora  # noqa: PLC0415
     from ftlab.tasks import classification  # noqa: PLC0415
 
@@ -435,7 +436,7 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
     sample = _sampler(train_arrays, config.optim.batch_size)
 
     # -- model: pretrained encoder + LoRA leaves + head -------------------------------------
-    model, base = classification_trainer.build_model(config)
+    model, base = models.encoder_classifier(config)
     p = config.peft
     base = lora.init(
         base,
@@ -446,7 +447,7 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         what="config.peft",
     )
     base = jax.tree.map(np.asarray, base)
-    apply = lora.wrap_apply(classification_trainer.make_apply(model), alpha=p.alpha, rank=p.rank)
+    apply = lora.wrap_apply(models.classifier_apply(model), alpha=p.alpha, rank=p.rank)
     task_loss_fn = classification.make_loss_fn(apply)
 
     def task_loss(params, batch):
@@ -536,8 +537,6 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         float(max(np.mean(labels[t][mask[t]]), 1 - np.mean(labels[t][mask[t]])))
         for t in range(num_tasks)
     ]
-    table = markdown_table(results, task_names)
-    (workdir / "results.md").write_text(table)
     out = {
         "dataset": config.data.dataset,
         "task_names": task_names,
@@ -546,8 +545,5 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         "majority_baseline_accuracy": majority,
         "methods": results,
     }
-    (workdir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot_per_task(results, task_names, workdir / "per_task.png")
-    metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
-    print(table, flush=True)
+    print(_save(workdir, results, task_names, out), flush=True)
     return out

@@ -9,7 +9,6 @@ river's scores, timings), `table.md` (one row per step size of the vmapped sweep
 from __future__ import annotations
 
 import functools
-import json
 import math
 import pathlib
 import time
@@ -24,6 +23,7 @@ from absl import logging
 
 from ftlab import online
 from ftlab.core import metrics as metrics_lib
+from ftlab.core import report
 from ftlab.data import streams
 
 
@@ -154,32 +154,43 @@ def river_progressive(
     return out
 
 
-def plot_regret(path: pathlib.Path, steps, regret, slope: float, intercept: float, title: str):
-    """Log-log R(t) against t with the fitted line."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+def plot_regret(steps, regret, slope: float, intercept: float, title: str):
+    """Log-log R(t) against t with the fitted line (and a slope-0.5 line through its end)."""
     steps, regret = np.asarray(steps, float), np.asarray(regret, float)
     keep = regret > 0
-    ax.loglog(steps[keep], regret[keep], "o-", label="R(t) (prefix comparators)")
-    if math.isfinite(slope):
-        ax.loglog(steps, np.exp(intercept) * steps**slope, "--", label=f"fit: slope {slope:.3f}")
-        ax.loglog(
-            steps,
-            np.exp(intercept) * steps[-1] ** (slope - 0.5) * steps**0.5,
-            ":",
-            label="slope 0.5",
+    lines = [
+        report.Line(
+            steps[keep], regret[keep], label="R(t) (prefix comparators)", style={"marker": "o"}
         )
-    ax.set_xlabel("t (examples)")
-    ax.set_ylabel("regret R(t)")
-    ax.set_title(title)
-    ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    ]
+    if math.isfinite(slope):
+        lines.append(
+            report.Line(
+                steps,
+                np.exp(intercept) * steps**slope,
+                label=f"fit: slope {slope:.3f}",
+                style={"ls": "--"},
+            )
+        )
+        lines.append(
+            report.Line(
+                steps,
+                np.exp(intercept) * steps[-1] ** (slope - 0.5) * steps**0.5,
+                label="slope 0.5",
+                style={"ls": ":"},
+            )
+        )
+    return report.line_plot(
+        lines,
+        xscale="log",
+        yscale="log",
+        xlabel="t (examples)",
+        ylabel="regret R(t)",
+        title=title,
+        legend={},
+        grid=None,
+        figsize=(5, 4),
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -259,14 +270,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             metrics_lib.check_finite(row, step=int(t), last_good_step=None)
             writer.write(int(t), row)
     metrics_lib.plot_curves(workdir / metrics_lib.JSONL_NAME, workdir / "plots")
-    plot_regret(
-        workdir / "plots" / "regret.png",
-        steps,
-        prefix_regret,
-        slope,
-        intercept,
-        f"{name}: {config.learner.name} lr={config.learner.lr}",
-    )
+    title = f"{name}: {config.learner.name} lr={config.learner.lr}"
+    figure = plot_regret(steps, prefix_regret, slope, intercept, title)
+    report.save_figure(figure, workdir / "plots" / "regret.png")
 
     results: dict[str, Any] = {
         "stream": name,
@@ -308,30 +314,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     name, x, y, columns, pipeline=True, limit=num, **kw
                 )
 
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (workdir / "table.md").write_text(_table(results, metric_names))
+    report.save_json(workdir / "results.json", results)
+    report.save_text(workdir / "table.md", _table(results, metric_names))
     logging.info("results: %s", {k: v for k, v in results.items() if not isinstance(v, list)})
     return results
 
 
 def _table(results: dict, metric_names: tuple[str, ...]) -> str:
-    head = "| learner | " + " | ".join(metric_names) + " | regret R(T) |\n"
-    head += "|---" * (len(metric_names) + 2) + "|\n"
+    """The learner, each step size of the sweep and river's learners: metrics and regret."""
     learner = results["learner"]
     rows = [
-        f"| ftlab {learner['name']} lr={learner['lr']} ({learner['decay']}) | "
-        + " | ".join(f"{results[f'progressive/{k}']:.4f}" for k in metric_names)
-        + f" | {results['regret']:.2f} (slope {results['regret/slope']:.3f}) |"
+        [
+            f"ftlab {learner['name']} lr={learner['lr']} ({learner['decay']})",
+            *(f"{results[f'progressive/{k}']:.4f}" for k in metric_names),
+            f"{results['regret']:.2f} (slope {results['regret/slope']:.3f})",
+        ]
     ]
     for lr, row in results["sweep"].items():
         rows.append(
-            f"| ftlab sweep lr={lr} | "
-            + " | ".join(f"{row[k]:.4f}" for k in metric_names)
-            + f" | {row['regret_vs_final_comparator']:.2f} (vs u*_T) |"
+            [
+                f"ftlab sweep lr={lr}",
+                *(f"{row[k]:.4f}" for k in metric_names),
+                f"{row['regret_vs_final_comparator']:.2f} (vs u*_T)",
+            ]
         )
     for key in ("river/same_features", "river/pipeline"):
         if key in results:
-            rows.append(
-                f"| {key} | " + " | ".join(f"{results[key][k]:.4f}" for k in metric_names) + " | |"
-            )
-    return head + "\n".join(rows) + "\n"
+            rows.append([key, *(f"{results[key][k]:.4f}" for k in metric_names), ""])
+    return report.markdown_table(["learner", *metric_names, "regret R(T)"], rows)

@@ -18,7 +18,6 @@ command after an interruption skips what finished.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import platform
 import time
@@ -31,7 +30,7 @@ from absl import logging
 
 from experiments.trainers import finished
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import partition, train
+from ftlab.core import partition, report, train
 from ftlab.data import images
 from ftlab.pretrain import layerwise, loop, network, ssl, transfer
 
@@ -99,31 +98,26 @@ class Pretrainer:
 
 def markdown(rows: list[dict], fractions) -> str:
     """One row per (method, mode), one column per label fraction: mean ± std test accuracy."""
-    head = ["method", "mode"] + [f"{100 * f:g}% labels" for f in fractions]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cells: dict[tuple, dict] = {}
     for r in rows:
         cells.setdefault((r["method"], r["mode"]), {})[r["fraction"]] = r
+    table = []
     for (method, mode), by_fraction in cells.items():
         values = []
         for f in fractions:
             r = by_fraction[f]
             values.append(f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}")
-        lines.append("| " + " | ".join([method, mode, *values]) + " |")
-    return "\n".join(lines) + "\n"
+        table.append([method, mode, *values])
+    header = ["method", "mode", *(f"{100 * f:g}% labels" for f in fractions)]
+    return report.markdown_table(header, table)
 
 
-def plot(rows: list[dict], path: pathlib.Path, *, title: str) -> None:
+def plot(rows: list[dict], *, title: str):
     """Test accuracy against label fraction (log x): colour = method, line style = mode."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     styles = {"probe": "-", "finetune": "--"}
+    lines = []
     for method in methods:
         for mode in MODES:
             sel = sorted(
@@ -132,23 +126,30 @@ def plot(rows: list[dict], path: pathlib.Path, *, title: str) -> None:
             )
             if not sel:
                 continue
-            axes.errorbar(
-                [r["fraction"] for r in sel],
-                [r["accuracy_mean"] for r in sel],
-                yerr=[r["accuracy_std"] for r in sel],
-                color=colors[method],
-                linestyle=styles[mode],
-                marker="o",
-                capsize=3,
-                label=f"{method} ({mode})",
+            lines.append(
+                report.Line(
+                    [r["fraction"] for r in sel],
+                    [r["accuracy_mean"] for r in sel],
+                    yerr=[r["accuracy_std"] for r in sel],
+                    label=f"{method} ({mode})",
+                    style={
+                        "color": colors[method],
+                        "linestyle": styles[mode],
+                        "marker": "o",
+                        "capsize": 3,
+                    },
+                )
             )
-    axes.set_xscale("log")
-    axes.set_xlabel("fraction of train labels")
-    axes.set_ylabel("test accuracy")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, ncol=2)
-    figure.savefig(path, dpi=110)
+    return report.line_plot(
+        lines,
+        xscale="log",
+        xlabel="fraction of train labels",
+        ylabel="test accuracy",
+        title=title,
+        legend={"fontsize": 8, "ncol": 2},
+        figsize=(7, 4.5),
+        layout="constrained",
+    )
 
 
 def pretrain_and_transfer(
@@ -296,13 +297,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "hardware": f"{platform.machine()} {jax.devices()[0].platform}",
     }
     table = markdown(rows, fractions)
-    (workdir / "results.md").write_text(table)
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(
-        rows,
-        workdir / "transfer.png",
-        title=f"{config.data.dataset}: transfer after pretraining ({len(config.seeds)} seeds)",
-    )
+    report.save_table(workdir / "results", markdown=table, data=results)
+    title = f"{config.data.dataset}: transfer after pretraining ({len(config.seeds)} seeds)"
+    report.save_figure(plot(rows, title=title), workdir / "transfer.png", dpi=110)
     if (workdir / metrics_lib.JSONL_NAME).stat().st_size:
         metrics_lib.plot_curves(workdir / metrics_lib.JSONL_NAME, workdir / "plots")
     print(table, flush=True)

@@ -6,8 +6,9 @@
 - ``train``: the train state and the compiled train step.
 - ``checkpoint``: orbax checkpoints of a train state, written atomically and resumed.
 - ``loading``: merging pretrained weights into a freshly initialised tree, path by path.
-- ``metrics``: metric writers (JSON Lines, TensorBoard), non-finite checks, progress, plots.
+- ``metrics``: metric writers (JSON Lines, TensorBoard), non-finite checks, progress.
 - ``parallel``: the data-parallel plan (device mesh or pmap) and multi-host start-up.
+- ``report``: tables (Markdown and JSON), 95% intervals and PNG plots of results.
 - ``sites``: the check that every method leaf of an applied tree was consumed.
 - ``tensorfile``: safetensors with a sha256 per tensor; JSON that names its file on errors.
 - ``xla``: XLA compiler options that apply on the CPU only.
@@ -21,6 +22,7 @@ _SUBMODULES = (
     "metrics",
     "parallel",
     "partition",
+    "report",
     "sites",
     "tensorfile",
     "train",

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,8 @@ from typing import Any, Self, TextIO
 
 import numpy as np
 from absl import logging
+
+from ftlab.core import report
 
 __all__ = [
     "JSONL_NAME",
@@ -473,8 +474,8 @@ def plot_curves(jsonl_path: str | os.PathLike, out_dir: str | os.PathLike) -> li
     `train/grad_norm` become two panels of `train.png`, `eval/validation/accuracy` a panel of
     `eval.png`. Fields that are not numbers (strings, lists, booleans) are skipped.
 
-    Renders with matplotlib's Agg canvas directly, so the global pyplot backend of the caller
-    (e.g. a notebook) is left alone.
+    The drawing is `report.save_curves`' (the Agg canvas directly, so the global pyplot backend
+    of the caller, e.g. a notebook's, is left alone).
 
     Args:
         jsonl_path: A file written by `MetricWriter`.
@@ -486,40 +487,7 @@ def plot_curves(jsonl_path: str | os.PathLike, out_dir: str | os.PathLike) -> li
     Raises:
         ValueError: A line of the file is not valid JSON.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    series: dict[str, dict[str, tuple[list, list]]] = {}
-    for record in read_jsonl(jsonl_path):
-        step = record.get("step")
-        if not _is_number(step):
-            continue
-        for name, value in record.items():
-            if name == "step" or not _is_number(value):
-                continue
-            group = name.split("/", 1)[0]
-            steps, values = series.setdefault(group, {}).setdefault(name, ([], []))
-            steps.append(step)
-            values.append(value)
-
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for group, curves in sorted(series.items()):
-        columns = min(len(curves), 3)
-        rows = math.ceil(len(curves) / columns)
-        figure = Figure(figsize=(4.5 * columns, 3.2 * rows), layout="constrained")
-        FigureCanvasAgg(figure)
-        for index, (name, (steps, values)) in enumerate(sorted(curves.items())):
-            axes = figure.add_subplot(rows, columns, index + 1)
-            axes.plot(steps, values, marker="." if len(steps) < 50 else None, linewidth=1.2)
-            axes.set_title(name, fontsize=10)
-            axes.set_xlabel("step")
-            axes.grid(alpha=0.3)
-        path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', group)}.png"
-        figure.savefig(path, dpi=100)
-        written.append(path)
-    return written
+    return report.save_curves(read_jsonl(jsonl_path), out_dir)
 
 
 def _is_number(value: Any) -> bool:
