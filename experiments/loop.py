@@ -328,7 +328,11 @@ def train(
     except BaseException:
         bar.close()
         writer.close()
-        raise  # the launcher's resume.close_all shuts the checkpointer down
+        try:
+            ckpt.close()  # finishes the last good save; no orbax threads left behind the error
+        except Exception as e:  # noqa: BLE001 - the run's own error is the one to show
+            logging.error("closing the checkpointer failed too: %s: %s", type(e).__name__, e)
+        raise
     bar.close()
     run = Run(
         state=state,
