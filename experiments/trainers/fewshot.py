@@ -175,6 +175,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     plan = parallel.make_plan(config.parallel.mode, num_devices=config.parallel.num_devices)
     what = "pretrain_batch_size" if method == "finetune" else "meta_batch_size"
     plan.check_batch_size(config.optim[what], what=f"config.optim.{what}")
+    if (method, config.model.norm, plan.mode) == ("finetune", "batch", "pmap") and (
+        plan.num_devices > 1
+    ):
+        # Under pmap each device normalises its own share of the pretraining batch: the result
+        # would depend on the device count (a mesh normalises over the global batch).
+        raise ValueError(
+            "config.parallel.mode='pmap' with config.model.norm='batch' normalises each "
+            "device's share of the pretraining batch on its own; use mode 'mesh' or norm "
+            "'instance'"
+        )
+    # pmap runs the step per device: the gradient mean then needs the axis' name
+    axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
 
     if method == "finetune":
         model, params = build_model(config, len(train_ids), image_shape)
@@ -182,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = train.init_state(
             params, partition.labels(params, [(".*", "train")]), tx, seed=config.seed
         )
-        step_fn = train.make_train_step(loss_fn, tx)
+        step_fn = train.make_train_step(loss_fn, tx, axis_name=axis)
 
         def batch_at(step):
             return fewshot.sample_batch(
@@ -194,7 +206,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = train.init_state(
             params, partition.labels(params, [(".*", "train")]), tx, seed=config.seed
         )
-        kw = dict(inner_lr=config.meta.inner_lr, num_steps=config.meta.inner_steps, rules=rules)
+        kw = dict(
+            inner_lr=config.meta.inner_lr,
+            num_steps=config.meta.inner_steps,
+            rules=rules,
+            axis_name=axis,
+        )
         if method == "reptile":
             step_fn = meta.make_reptile_step(loss_fn, tx, **kw)
         else:
