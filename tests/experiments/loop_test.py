@@ -188,3 +188,23 @@ def test_fewshot_on_8_simulated_devices_equals_1(tmp_path):
     assert one.keys() == eight.keys() and one
     for key in one:
         assert eight[key] == pytest.approx(one[key], abs=1e-6), key
+
+
+def test_classification_evaluator_chosen_by_name_in_the_config(tmp_path):
+    from configs import finetune_minilm
+    from experiments import schema
+    from experiments.trainers import classification
+
+    config = finetune_minilm.get_config("tiny,method=linear_probe,steps=4")
+    config.evals.every_steps = 4  # the built-in validation evaluator: never before the end
+    config.evals.plugins = {"test_acc": {"type": "accuracy", "split": "test", "every_steps": 2}}
+    config.profile = {"steps": (3,)}
+    schema.validate(config)
+    classification.train_and_evaluate(config, str(tmp_path))
+    evaluated = [r for r in _lines(tmp_path) if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evaluated] == [2, 4]
+    assert [k for k in evaluated[0] if k.startswith("eval/")] == ["eval/test/accuracy"]
+    assert list((tmp_path / loop.PROFILE_DIR).rglob("*.xplane.pb"))
+    config.evals.plugins = {"x": {"every_steps": 2}}
+    with pytest.raises(schema.ConfigError, match=r"config.evals.plugins=.*must map names"):
+        schema.validate(config)
