@@ -145,7 +145,8 @@ def from_config(
         **context: What every factory receives besides its options.
 
     Raises:
-        ValueError: A type that is not registered, or options its factory does not take.
+        ValueError: A type that is not registered, or options its factory does not take or
+            refuses (a factory raises TypeError or ValueError for those).
     """
     out = []
     for name, spec in (plugins or {}).items():
@@ -159,7 +160,7 @@ def from_config(
         steps = tuple(spec.pop("steps", ()))
         try:
             run = _REGISTRY[type_name](**spec, **context)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:  # an option it does not take, or a bad value
             raise ValueError(f"{what}.{name}: {e}") from None
         out.append(Evaluator(name, run, every_steps=every, steps=steps))
     return out
@@ -246,6 +247,7 @@ def train(
     Raises:
         ftlab.core.metrics.NonFiniteMetricError: A train metric or a checked evaluation metric
             went NaN or infinite; names the step range, and nothing from it was saved.
+        ValueError: ``config.profile.steps`` names a step after the last one.
     """
     workdir = pathlib.Path(workdir)
     is_chief = _process_index() == 0
@@ -257,6 +259,11 @@ def train(
         train_step = plan.compile_train_step(step_fn, compiler_options=compiler_options)
         total = config.optim.num_steps
         profile_steps = set(config.get("profile", {}).get("steps", ()))
+        if beyond := sorted(s for s in profile_steps if s > total):
+            raise ValueError(
+                f"config.profile.steps={tuple(sorted(profile_steps))}: step(s) {beyond} are "
+                f"after the last step, config.optim.num_steps={total}; they would never be traced"
+            )
         writer = metrics_lib.MetricWriter(workdir, enabled=is_chief, resume_step=start_step)
     except BaseException:
         ckpt.close()

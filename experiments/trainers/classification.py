@@ -399,7 +399,7 @@ def _split_evaluator(metric: str | None):
 
     def factory(*, split: str = "validation", eval_step, plan, data, batch_size):
         if split not in data:
-            raise TypeError(f"split={split!r} is not one of {sorted(data)}")
+            raise ValueError(f"split={split!r} is not one of {sorted(data)}")
 
         def run(state):
             results = evaluate(plan, eval_step, state, data[split], batch_size=batch_size)

@@ -128,6 +128,8 @@ def test_profile_trace_written_for_a_chosen_step(tmp_path):
     _run(tmp_path, _config(**{"profile.steps": (2,), "optim.num_steps": 2}))
     traces = list((tmp_path / loop.PROFILE_DIR).rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
+    with pytest.raises(ValueError, match=r"config.profile.steps=\(2, 9\): step\(s\) \[9\]"):
+        _run(tmp_path / "late", _config(**{"profile.steps": (2, 9)}))
 
 
 def test_evaluator_chosen_by_name(tmp_path):
@@ -205,6 +207,9 @@ def test_classification_evaluator_chosen_by_name_in_the_config(tmp_path):
     assert [r["step"] for r in evaluated] == [2, 4]
     assert [k for k in evaluated[0] if k.startswith("eval/")] == ["eval/test/accuracy"]
     assert list((tmp_path / loop.PROFILE_DIR).rglob("*.xplane.pb"))
+    config.evals.plugins = {"val": {"type": "loss", "split": "dev"}}
+    with pytest.raises(ValueError, match=r"plugins.val: split='dev' is not one of"):
+        classification.train_and_evaluate(config, str(tmp_path / "dev"))
     config.evals.plugins = {"x": {"every_steps": 2}}
     with pytest.raises(schema.ConfigError, match=r"config.evals.plugins=.*must map names"):
         schema.validate(config)
