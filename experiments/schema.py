@@ -667,6 +667,13 @@ def _cross_checks(kind: str, variant: str, c: ml_collections.ConfigDict) -> None
             "(the steps run in compiled chunks of that length)",
             c.optim.num_steps,
         )
+    profile = c.get("profile") or {}
+    if late := [s for s in profile.get("steps", ()) if s > c.optim.num_steps]:
+        raise ConfigError(
+            "profile.steps",
+            f"names step(s) {late} after the last, config.optim.num_steps={c.optim.num_steps}",
+            tuple(profile.steps),
+        )
     if kind == "classification" and c.peft.method == "reft":
         if not c.peft.reft_first_n and not c.peft.reft_last_n:
             raise ConfigError(

@@ -207,6 +207,10 @@ def test_classification_evaluator_chosen_by_name_in_the_config(tmp_path):
     assert [r["step"] for r in evaluated] == [2, 4]
     assert [k for k in evaluated[0] if k.startswith("eval/")] == ["eval/test/accuracy"]
     assert list((tmp_path / loop.PROFILE_DIR).rglob("*.xplane.pb"))
+    config.profile.steps = (3, 5)
+    with pytest.raises(schema.ConfigError, match=r"config.profile.steps=\(3, 5\): names step"):
+        schema.validate(config)
+    config.profile.steps = (3,)
     config.evals.plugins = {"val": {"type": "loss", "split": "dev"}}
     with pytest.raises(ValueError, match=r"plugins.val: split='dev' is not one of"):
         classification.train_and_evaluate(config, str(tmp_path / "dev"))
