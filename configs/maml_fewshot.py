@@ -190,6 +190,10 @@ def get_config(arg=None):
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 50
     config.checkpoint.keep = 2
+    # data parallel over a device mesh ("mesh": jit + sharding) or "pmap"; 0: all devices
+    config.parallel = ml_collections.ConfigDict()
+    config.parallel.mode = "mesh"
+    config.parallel.num_devices = 0
 
     if opts.quick:
         config.data.glyph_classes = 40

@@ -314,6 +314,27 @@ PARALLEL = {
     "parallel.num_processes": integer(0, note="0: auto-detect").opt(),
     "parallel.process_id": integer(-1, note="-1: auto-detect").opt(),
 }
+
+
+def plugins() -> Field:
+    """``{name: {"type": str, ...}}``: evaluators chosen by name (`experiments.loop`)."""
+
+    def check(v):
+        v = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
+        if not isinstance(v, Mapping) or not all(
+            isinstance(s, Mapping) and isinstance(s.get("type"), str) for s in v.values()
+        ):
+            return 'must map names to dicts with a "type", e.g. {"val": {"type": "accuracy"}}'
+        return None
+
+    return Field(check)
+
+
+# keys of the trainers that run on `experiments.loop` (classification, meta, fewshot)
+STEP_LOOP = {
+    # trace these steps with jax.profiler into <workdir>/profile
+    "profile.steps": integers(1).opt(),
+}
 ROTTEN_TOMATOES_TASKS = ("sentiment", "subjectivity")
 # the BERT classifier built by experiments/trainers/classification.py `build_model`
 ENCODER = {
@@ -365,7 +386,10 @@ CLASSIFICATION = {
     "optim.grad_clip_norm": real(gt=0, example="1.0"),
     "evals.every_steps": STEPS,
     "evals.batch_size": integer(1),
+    # the evaluator types classification registers: classification, accuracy, loss
+    "evals.plugins": plugins().opt(),
     **LOOP,
+    **STEP_LOOP,
     **PARALLEL,
 }
 
@@ -393,6 +417,7 @@ META = {
     "evals.every_steps": STEPS,
     "plot_metrics": boolean(),
     **LOOP,
+    **STEP_LOOP,
     **PARALLEL,
 }
 
@@ -427,6 +452,8 @@ FEWSHOT = {
     "evals.finetune_lr": POSITIVE_LR,
     "evals.finetune_rules": rules(),
     **LOOP,
+    **STEP_LOOP,
+    **PARALLEL,
 }
 
 MULTITASK_TABULAR = {
@@ -639,6 +666,13 @@ def _cross_checks(kind: str, variant: str, c: ml_collections.ConfigDict) -> None
             f"must be a multiple of config.log_every_steps={c.log_every_steps} "
             "(the steps run in compiled chunks of that length)",
             c.optim.num_steps,
+        )
+    profile = c.get("profile") or {}
+    if late := [s for s in profile.get("steps", ()) if s > c.optim.num_steps]:
+        raise ConfigError(
+            "profile.steps",
+            f"names step(s) {late} after the last, config.optim.num_steps={c.optim.num_steps}",
+            tuple(profile.steps),
         )
     if kind == "classification" and c.peft.method == "reft":
         if not c.peft.reft_first_n and not c.peft.reft_last_n:

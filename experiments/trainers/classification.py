@@ -24,6 +24,7 @@ import optax
 from absl import logging
 from safetensors import numpy as safetensors_numpy
 
+from experiments import loop
 from experiments.trainers import resume
 from ftlab.core import loading, parallel, partition, tensorfile, train
 from ftlab.core import metrics as metrics_lib
@@ -393,6 +394,27 @@ def evaluate(plan, eval_step, state, arrays, *, batch_size: int) -> dict[str, fl
     return {k: v / count for k, v in totals.items()}
 
 
+def _split_evaluator(metric: str | None):
+    """A factory for `loop.register`: ``metric`` (None: all) of the classifier on a split."""
+
+    def factory(*, split: str = "validation", eval_step, plan, data, batch_size):
+        if split not in data:
+            raise ValueError(f"split={split!r} is not one of {sorted(data)}")
+
+        def run(state):
+            results = evaluate(plan, eval_step, state, data[split], batch_size=batch_size)
+            return {f"eval/{split}/{k}": v for k, v in results.items() if metric in (None, k)}
+
+        return run
+
+    return factory
+
+
+# config.evals.plugins.<name> = dict(type="accuracy", split="test", every_steps=100), ...
+for _type, _metric in (("classification", None), ("accuracy", "accuracy"), ("loss", "loss")):
+    loop.register(_type)(_split_evaluator(_metric))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains, evaluates and checkpoints into ``workdir``; resumes from its latest checkpoint.
 
@@ -455,86 +477,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         }
         apply = make_head_apply(model)
 
-    # -- restore ----------------------------------------------------------------------------
-    # A run may stop early (config.max_steps_per_run, e.g. to fit a job's time limit); running
-    # the same command again resumes from the checkpoint written at the stop.
-    ckpt, state, start_step, stop = resume.restore(
-        config, workdir, state, abstract=plan.abstract_state
-    )
-    state = plan.put_state(state)
-
-    # -- compiled steps ---------------------------------------------------------------------
+    # -- evaluators -------------------------------------------------------------------------
     axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
-    loss_fn = classification.make_loss_fn(apply)
-    train_step = plan.compile_train_step(train.make_train_step(loss_fn, tx, axis_name=axis))
     eval_step = plan.compile_eval_step(
         train.make_eval_step(classification.make_eval_fn(apply), axis_name=axis)
     )
 
-    def run_eval(split):
+    def run_eval(state, split):
         results = evaluate(plan, eval_step, state, data[split], batch_size=config.evals.batch_size)
         return {f"eval/{split}/{k}": v for k, v in results.items()}
 
+    evaluators = [
+        loop.Evaluator(
+            "validation", lambda s: run_eval(s, "validation"), every_steps=config.evals.every_steps
+        ),
+        *loop.from_config(
+            config.evals.get("plugins"),
+            eval_step=eval_step,
+            plan=plan,
+            data=data,
+            batch_size=config.evals.batch_size,
+        ),
+    ]
+
     # -- loop -------------------------------------------------------------------------------
-    total = config.optim.num_steps
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_chief, resume_step=start_step)
-    progress = metrics_lib.Progress(total, initial_step=start_step, enabled=is_chief)
-    pending, last_good = [], start_step
-    tick, tick_step = time.perf_counter(), start_step
-    logging.info(
-        "training steps %d..%d, %d steps per epoch",
-        start_step,
-        total,
-        batching.steps_per_epoch(n_train, config.optim.batch_size),
-    )
-    for step in range(start_step, stop):
-        batch = batching.train_batch(
+    # A run may stop early (config.max_steps_per_run, e.g. to fit a job's time limit); running
+    # the same command again resumes from the checkpoint written at the stop.
+    logging.info("%d steps per epoch", batching.steps_per_epoch(n_train, config.optim.batch_size))
+    run = loop.train(
+        config,
+        workdir,
+        plan=plan,
+        state=state,
+        step_fn=train.make_train_step(classification.make_loss_fn(apply), tx, axis_name=axis),
+        batch_at=lambda step: batching.train_batch(
             data["train"], step, batch_size=config.optim.batch_size, seed=config.data.seed
-        )
-        state, step_metrics = train_step(state, plan.put_batch(batch))
-        pending.append(step_metrics)
-        done = step + 1
-        is_last = done == total
-        log_now = done % config.log_every_steps == 0 or is_last
-        # The final step is evaluated after the loop, on validation and test.
-        eval_now = done % config.evals.every_steps == 0 and not is_last
-        preempted = ckpt.stop_requested(done)  # SIGTERM/SIGINT: save here and stop
-        save_now = ckpt.should_save(done) or done == stop or preempted
-        if not (log_now or eval_now or save_now):
-            continue  # no host sync between checks: the host runs ahead of the device
-        # Check every step since the last check before anything is logged or saved, so a
-        # checkpoint never holds parameters that came from a non-finite update.
-        history, pending = jax.device_get(pending), []
-        logged = metrics_lib.checked_mean(history, last_step=done, last_good_step=last_good)
-        last_good = done
-        now = time.perf_counter()
-        logged["train/steps_per_sec"] = (done - tick_step) / max(now - tick, 1e-9)
-        if eval_now:
-            logged.update(run_eval("validation"))
-        if log_now or eval_now:
-            writer.write(done, logged)
-        progress.update(done, loss=logged["train/loss"])
-        if save_now:
-            ckpt.save(done, plan.get_state(state).checkpointable(), force=done == stop or preempted)
-        # Time spent evaluating and saving is not training time.
-        tick, tick_step = time.perf_counter(), done
-        if preempted and done < total:
-            stop = done
-            break
-    progress.close()
-    if stop < total:
-        ckpt.wait_until_finished()
-        writer.close()
-        ckpt.close()
-        logging.info(
-            "stopped at step %d of %d (config.max_steps_per_run or a signal); rerun to resume",
-            stop,
-            total,
-        )
-        return {"step": stop}
+        ),
+        evaluators=evaluators,
+    )
+    if not run.finished:
+        return {"step": run.step}
+    total, state = run.step, run.state
 
     # -- final evaluation -------------------------------------------------------------------
-    results = {"step": total, **run_eval("validation"), **run_eval("test")}
+    results = {"step": total, **run_eval(state, "validation"), **run_eval(state, "test")}
     results["trainable_params"] = n_trainable
     rates = (
         [
@@ -542,7 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for m in metrics_lib.read_jsonl(workdir / "metrics.jsonl")
             if "train/steps_per_sec" in m
         ]
-        if is_chief
+        if run.is_chief
         else []
     )
     # The first window includes compilation: leave it out of the typical step time.
@@ -554,15 +540,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results["majority_baseline/test"] = float(
         max(np.mean(data["test"]["label"]), 1 - np.mean(data["test"]["label"]))
     )
-    ckpt.wait_until_finished()
-    if is_chief:
+    run.checkpointer.wait_until_finished()
+    if run.is_chief:
         final = plan.get_state(state)
         results.update(save_method(config, final.trainable, final.frozen, workdir, sites=sites))
-        writer.write(total, {k: v for k, v in results.items() if k.startswith("eval/")})
+        run.write({k: v for k, v in results.items() if k.startswith("eval/")})
         resume.write_json(workdir / "results.json", results)
         for path in metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir):
             logging.info("wrote %s", path)
         logging.info("results: %s", json.dumps(results))
-    writer.close()
-    ckpt.close()
+    run.close()
     return results

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -34,10 +33,10 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments import loop
 from experiments.trainers import resume
 from ftlab import meta
-from ftlab.core import metrics as metrics_lib
-from ftlab.core import partition, train
+from ftlab.core import parallel, partition, train
 from ftlab.data import fewshot
 
 METHODS = ("maml", "fomaml", "anil", "reptile", "finetune")
@@ -173,6 +172,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ways = d.ways
     rules = inner_rules(config)
     tx = optax.adam(config.optim.lr)
+    plan = parallel.make_plan(config.parallel.mode, num_devices=config.parallel.num_devices)
+    what = "pretrain_batch_size" if method == "finetune" else "meta_batch_size"
+    plan.check_batch_size(config.optim[what], what=f"config.optim.{what}")
+    if (method, config.model.norm, plan.mode) == ("finetune", "batch", "pmap") and (
+        plan.num_devices > 1
+    ):
+        # Under pmap each device normalises its own share of the pretraining batch: the result
+        # would depend on the device count (a mesh normalises over the global batch).
+        raise ValueError(
+            "config.parallel.mode='pmap' with config.model.norm='batch' normalises each "
+            "device's share of the pretraining batch on its own; use mode 'mesh' or norm "
+            "'instance'"
+        )
+    # pmap runs the step per device: the gradient mean then needs the axis' name
+    axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
 
     if method == "finetune":
         model, params = build_model(config, len(train_ids), image_shape)
@@ -180,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = train.init_state(
             params, partition.labels(params, [(".*", "train")]), tx, seed=config.seed
         )
-        step_fn = jax.jit(train.make_train_step(loss_fn, tx))
+        step_fn = train.make_train_step(loss_fn, tx, axis_name=axis)
 
         def batch_at(step):
             return fewshot.sample_batch(
@@ -192,13 +206,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = train.init_state(
             params, partition.labels(params, [(".*", "train")]), tx, seed=config.seed
         )
-        kw = dict(inner_lr=config.meta.inner_lr, num_steps=config.meta.inner_steps, rules=rules)
+        kw = dict(
+            inner_lr=config.meta.inner_lr,
+            num_steps=config.meta.inner_steps,
+            rules=rules,
+            axis_name=axis,
+        )
         if method == "reptile":
-            step_fn = jax.jit(meta.make_reptile_step(loss_fn, tx, **kw))
+            step_fn = meta.make_reptile_step(loss_fn, tx, **kw)
         else:
-            step_fn = jax.jit(
-                meta.make_meta_step(loss_fn, tx, first_order=method == "fomaml", **kw)
-            )
+            step_fn = meta.make_meta_step(loss_fn, tx, first_order=method == "fomaml", **kw)
 
         def batch_at(step):
             ep = fewshot.sample_episodes(
@@ -215,48 +232,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     logging.info("%s on %s: %d parameters", method, d.dataset, partition.count(params))
 
-    # -- resume: every batch is a pure function of (seed, step), so a restored state continues
+    # -- loop: every batch is a pure function of (seed, step), so a restored state continues
     # the same run --------------------------------------------------------------------------
-    ckpt, state, start_step, stop = resume.restore(config, workdir, state)
-    total = config.optim.num_steps
-    writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
-    progress = metrics_lib.Progress(total, initial_step=start_step)
-    pending, last_good = [], start_step
-    start = time.perf_counter()
-    for step in range(start_step, stop):
-        state, m = step_fn(state, batch_at(step))
-        pending.append(m)
-        done = step + 1
-        preempted = ckpt.stop_requested(done)  # SIGTERM/SIGINT: save here and stop
-        save_now = ckpt.should_save(done) or done == stop or preempted
-        if not (done % config.log_every_steps == 0 or done == stop or save_now):
-            continue
-        logged = metrics_lib.checked_mean(
-            jax.device_get(pending), last_step=done, last_good_step=last_good
-        )
-        pending, last_good = [], done
-        logged["train/seconds"] = time.perf_counter() - start
-        writer.write(done, logged)
-        progress.update(done, loss=logged["train/loss"])
-        if save_now:
-            ckpt.save(done, state.replace(frozen={}), force=done == stop or preempted)
-        if preempted and done < total:
-            stop = done
-            break
-    train_seconds = time.perf_counter() - start
-    progress.close()
-    ckpt.wait_until_finished()
-    ckpt.close()
-    if stop < total:
-        writer.close()
-        logging.info("stopped at step %d of %d; rerun to resume", stop, total)
-        return {"step": stop}
+    run = loop.train(config, workdir, plan=plan, state=state, step_fn=step_fn, batch_at=batch_at)
+    if not run.finished:
+        return {"step": run.step}
+    total = run.step
 
     # -- evaluation on held-out classes ------------------------------------------------------
     m = config.model
     eval_model = ConvNet(ways=ways, filters=m.filters, blocks=m.blocks, norm=m.norm)
     eval_loss, eval_acc = make_fns(eval_model)
-    params = state.params
+    params = plan.get_state(run.state).params
     if method == "finetune":
         params = fresh_head(params, ways)
         eval_rules, eval_lr = tuple(e.finetune_rules), e.finetune_lr
@@ -293,14 +280,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "eval/num_tasks": int(len(accs)),
         "eval/query_per_class": e.query,
         **summarize(accs, e.num_steps),
-        "train_seconds_this_run": train_seconds,
+        "train_seconds_this_run": run.train_seconds,
     }
-    writer.write(total, {k: v for k, v in results.items() if k.startswith("eval/acc")})
-    writer.close()
-    resume.write_json(workdir / "results.json", results)
-    write_table([results], workdir / "results.md")
-    plot([results], workdir / "accuracy.png")
-    logging.info("results: %s", json.dumps(results))
+    if run.is_chief:
+        run.write({k: v for k, v in results.items() if k.startswith("eval/acc")})
+        resume.write_json(workdir / "results.json", results)
+        write_table([results], workdir / "results.md")
+        plot([results], workdir / "accuracy.png")
+        logging.info("results: %s", json.dumps(results))
+    run.close()
     return results
 
 

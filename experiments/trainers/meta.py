@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import time
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments import loop
 from experiments.trainers import resume
 from ftlab import meta
 from ftlab.core import metrics as metrics_lib
@@ -123,11 +123,6 @@ def _joint_batch(tasks):
     x = np.concatenate([tasks["support"]["x"], tasks["query"]["x"]], axis=1)
     y = np.concatenate([tasks["support"]["y"], tasks["query"]["y"]], axis=1)
     return {"x": x.reshape(-1, 1), "y": y.reshape(-1, 1)}
-
-
-def put_tasks(plan: parallel.Plan, tasks: dict) -> dict:
-    """Places a task batch with its task axis sharded over the data mesh."""
-    return partition.unflatten(plan.put_batch(partition.flatten(tasks)))
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -242,7 +237,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise ValueError(f"config.data.task={config.data.task!r}; expected 'sinusoid'")
     plan = parallel.make_plan(config.parallel.mode, num_devices=config.parallel.num_devices)
     plan.check_batch_size(config.optim.meta_batch_size, what="config.optim.meta_batch_size")
-    is_chief = jax.process_index() == 0
 
     # -- model, optimizer, state -------------------------------------------------------------
     model, params = build_model(config)
@@ -251,87 +245,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = init_state(config, params, tx)
     logging.info("method %s, %d parameters", method, partition.count(params))
 
-    # -- restore -----------------------------------------------------------------------------
-    ckpt, state, start_step, stop = resume.restore(
-        config, workdir, state, abstract=plan.abstract_state
-    )
-    state = plan.put_state(state)
-
-    # -- compiled steps, evaluator -----------------------------------------------------------
+    # -- evaluator --------------------------------------------------------------------------
     axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
-    step_fn = plan.compile_train_step(
-        build_step(config, loss_fn, tx, axis_name=axis), compiler_options=meta.compiler_options()
-    )
     evaluator = make_evaluator(config, loss_fn, model)
     held_out = eval_tasks(config)
     eval_batch = {"support": held_out["support"], "query": held_out["query"]}
 
-    def run_eval():
+    def run_eval(state):
         s = plan.get_state(state)
         params = meta.split_inner_lr(s.params)[0]
         per_step, curves = evaluator(params, eval_inner_lr(config, s), eval_batch)
         return summarize(per_step), curves
 
+    evaluators = [
+        loop.Evaluator(
+            "held_out",
+            # the means only; the final results also hold the intervals
+            lambda s: {k: v for k, v in run_eval(s)[0].items() if not k.endswith("_ci95")},
+            every_steps=config.evals.every_steps,
+            # Fine-tuning with Meta-SGD's learned rates (tuned for one step) may diverge at
+            # ten: that is a result to report, not a broken run.
+            check_finite=False,
+        ),
+    ]
+
     # -- loop --------------------------------------------------------------------------------
-    total = config.optim.num_steps
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_chief, resume_step=start_step)
-    progress = metrics_lib.Progress(total, initial_step=start_step, enabled=is_chief)
-    pending, last_good = [], start_step
-    tick, tick_step, train_time = time.perf_counter(), start_step, 0.0
-    for step in range(start_step, stop):
+    def batch_at(step):
         tasks = sample_tasks(config, step)
-        if method == "pretrained":
-            batch = plan.put_batch(_joint_batch(tasks))
-        else:
-            batch = put_tasks(plan, tasks)
-        state, step_metrics = step_fn(state, batch)
-        pending.append(step_metrics)
-        done = step + 1
-        log_now = done % config.log_every_steps == 0 or done == stop
-        eval_now = done % config.evals.every_steps == 0 and done != total
-        preempted = ckpt.stop_requested(done)  # SIGTERM/SIGINT: save here and stop
-        save_now = ckpt.should_save(done) or done == stop or preempted
-        if not (log_now or eval_now or save_now):
-            continue
-        history, pending = jax.device_get(pending), []
-        logged = metrics_lib.checked_mean(history, last_step=done, last_good_step=last_good)
-        last_good = done
-        now = time.perf_counter()
-        logged["train/steps_per_sec"] = (done - tick_step) / max(now - tick, 1e-9)
-        train_time += now - tick
-        if eval_now:  # the means only; the final results also hold the intervals
-            logged.update({k: v for k, v in run_eval()[0].items() if not k.endswith("_ci95")})
-        writer.write(done, logged)
-        progress.update(done, loss=logged["train/loss"])
-        if save_now:
-            ckpt.save(
-                done, plan.get_state(state).replace(frozen={}), force=done == stop or preempted
-            )
-        tick, tick_step = time.perf_counter(), done
-        if preempted and done < total:
-            stop = done
-            break
-    progress.close()
-    ckpt.wait_until_finished()
-    if stop < total:
-        writer.close()
-        ckpt.close()
-        logging.info("stopped at step %d of %d; rerun to resume", stop, total)
-        return {"step": stop}
+        return _joint_batch(tasks) if method == "pretrained" else tasks
+
+    run = loop.train(
+        config,
+        workdir,
+        plan=plan,
+        state=state,
+        step_fn=build_step(config, loss_fn, tx, axis_name=axis),
+        batch_at=batch_at,
+        evaluators=evaluators,
+        compiler_options=meta.compiler_options(),
+    )
+    if not run.finished:
+        return {"step": run.step}
+    total = run.step
 
     # -- final evaluation --------------------------------------------------------------------
-    summary, curves = run_eval()
+    run.checkpointer.wait_until_finished()
+    summary, curves = run_eval(run.state)
     results = {"step": total, "method": method, **summary}
     results["eval/num_tasks"] = config.evals.num_tasks
     results["eval/shots"] = config.evals.shots
-    results["train_seconds_this_run"] = train_time
-    if is_chief:
-        writer.write(total, {k: v for k, v in results.items() if k.startswith("eval/mse")})
+    results["train_seconds_this_run"] = run.train_seconds
+    if run.is_chief:
+        run.write({k: v for k, v in results.items() if k.startswith("eval/mse")})
         resume.write_json(workdir / "results.json", results)
         plot_adapted(workdir / "adapted_curves.png", config, held_out, curves)
         if config.plot_metrics:
             metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
         logging.info("results: %s", json.dumps(results))
-    writer.close()
-    ckpt.close()
+    run.close()
     return results

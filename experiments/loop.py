@@ -1,0 +1,363 @@
+"""The one training loop that step-based trainers configure.
+
+A trainer builds its data, model, loss and evaluators, then hands them to `train`, which owns
+everything between the first and the last step:
+
+    run = loop.train(config, workdir, plan=plan, state=state, step_fn=train_step,
+                     batch_at=lambda step: sample(step), evaluators=[...])
+    if not run.finished:      # config.max_steps_per_run, SIGTERM or SIGINT: rerun to resume
+        return {"step": run.step}
+    results = final_evaluation(run.plan.get_state(run.state))
+    run.write(results)        # the final line of metrics.jsonl (process 0 only)
+    run.close()
+
+What it owns: resume from the workdir's newest good orbax checkpoint (`resume.restore`), data-
+parallel placement of state and batches over the device mesh (`ftlab.core.parallel.Plan`: jit +
+sharding, ``pmap`` on request, multi-host), the step schedule (`itstime`: log every
+``config.log_every_steps``, evaluate per evaluator, checkpoint every
+``config.checkpoint.every_steps``, trace the steps in ``config.profile.steps``), the stop on a
+non-finite loss or evaluation metric naming the step (before that step is saved), writers and the
+progress bar on process 0 only, and the clean stop with a checkpoint on SIGTERM/SIGINT.
+
+It lives in ``experiments/`` rather than ``ftlab/`` because it reads the config (and opens the
+workdir's files and signal handlers through `experiments.trainers.resume`): the library below
+stays free of flags and I/O, and a notebook that wants a loop of its own composes
+`ftlab.core.train` and `ftlab.core.parallel` directly.
+
+Evaluators are plugins: ``config.evals.plugins = {"val": dict(type="accuracy", every_steps=100,
+...)}`` picks factories registered under their type with `register` (a trainer registers the
+types its task supports); `from_config` builds them and refuses an unknown type or option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import tqdm
+from absl import logging
+
+from experiments.trainers import resume
+from ftlab.core import metrics as metrics_lib
+from ftlab.core import parallel, partition
+
+__all__ = [
+    "PROFILE_DIR",
+    "Evaluator",
+    "Run",
+    "from_config",
+    "itstime",
+    "register",
+    "registered",
+    "train",
+]
+
+# Profiler traces of ``config.profile.steps`` go here (TensorBoard's profile plugin reads it).
+PROFILE_DIR = "profile"
+
+
+def itstime(
+    step: int,
+    every_n_steps: int = 0,
+    *,
+    steps: Iterable[int] = (),
+    total_steps: int | None = None,
+    last: bool = False,
+) -> bool:
+    """Whether ``step`` (the number of steps done) is one of a schedule's steps.
+
+    As big_vision's ``itstime``: every ``every_n_steps`` (0: never), at the listed ``steps``,
+    and at ``total_steps`` when ``last``.
+
+    >>> [s for s in range(1, 11) if itstime(s, 4, steps=(1,), total_steps=10, last=True)]
+    [1, 4, 8, 10]
+    """
+    if every_n_steps and step % every_n_steps == 0:
+        return True
+    if step in tuple(steps):
+        return True
+    return last and total_steps is not None and step == total_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """An evaluation the loop runs during training.
+
+    Attributes:
+        name: Its name (the key under ``config.evals.plugins``, or the trainer's own).
+        run: ``run(state) -> {metric name: scalar}``; ``state`` is as placed on the devices.
+        every_steps: Run every that many steps (0: only at ``steps``). Never at the last step:
+            trainers evaluate the final state themselves, with everything they report.
+        steps: Also run at these steps.
+        check_finite: A NaN or infinite metric stops the run, naming the step. Off for
+            evaluations whose divergence is a result (fine-tuning with a learned step size).
+    """
+
+    name: str
+    run: Callable[[Any], Mapping[str, Any]]
+    every_steps: int = 0
+    steps: tuple[int, ...] = ()
+    check_finite: bool = True
+
+
+# type name -> factory(**options, **context) -> run(state) -> metrics
+_REGISTRY: dict[str, Callable[..., Callable[[Any], Mapping[str, Any]]]] = {}
+
+
+def register(type_name: str):
+    """Decorator: registers an evaluator factory under ``type_name``.
+
+    The factory is called as ``factory(**options, **context)``, where ``options`` are the
+    plugin's config entries other than ``type`` and ``every_steps``/``steps``, and ``context``
+    what the trainer passes to `from_config` (its predict function, data, ...); it returns
+    ``run(state) -> metrics``.
+    """
+
+    def decorate(factory):
+        _REGISTRY[type_name] = factory
+        return factory
+
+    return decorate
+
+
+def registered() -> tuple[str, ...]:
+    """The evaluator types registered so far."""
+    return tuple(sorted(_REGISTRY))
+
+
+def from_config(
+    plugins: Mapping[str, Mapping[str, Any]] | None,
+    *,
+    what: str = "config.evals.plugins",
+    **context: Any,
+) -> list[Evaluator]:
+    """Builds the evaluators that ``plugins`` (``{name: {"type": ..., ...}}``) choose by name.
+
+    Args:
+        plugins: Name -> options; ``type`` picks the factory, ``every_steps`` and ``steps`` the
+            schedule, the rest goes to the factory.
+        what: How errors name ``plugins``.
+        **context: What every factory receives besides its options.
+
+    Raises:
+        ValueError: A type that is not registered, or options its factory does not take or
+            refuses (a factory raises TypeError or ValueError for those).
+    """
+    out = []
+    for name, spec in (plugins or {}).items():
+        spec = dict(spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec)
+        type_name = spec.pop("type", None)
+        if type_name not in _REGISTRY:
+            raise ValueError(
+                f"{what}.{name}.type={type_name!r}; expected one of {', '.join(registered())}"
+            )
+        every = spec.pop("every_steps", 0)
+        steps = tuple(spec.pop("steps", ()))
+        try:
+            run = _REGISTRY[type_name](**spec, **context)
+        except (TypeError, ValueError) as e:  # an option it does not take, or a bad value
+            raise ValueError(f"{what}.{name}: {e}") from None
+        out.append(Evaluator(name, run, every_steps=every, steps=steps))
+    return out
+
+
+def _process_index() -> int:
+    # One indirection, so that a test can stand in for process 1 of a multi-process job.
+    return jax.process_index()
+
+
+@dataclasses.dataclass
+class Run:
+    """What `train` leaves behind: the state, where it stopped, and the open writers.
+
+    Attributes:
+        state: The state as placed on the devices (`plan.get_state` gives one copy).
+        plan: The data-parallel plan it was placed with.
+        start_step: The step this invocation resumed from (0: fresh).
+        step: The last step done.
+        total: ``config.optim.num_steps``.
+        finished: Whether ``step == total``; if not, the writers are closed already.
+        train_seconds: Seconds spent in train steps this invocation (not evaluating, saving).
+        is_chief: Whether this is process 0, the one that writes files.
+    """
+
+    state: Any
+    plan: parallel.Plan
+    start_step: int
+    step: int
+    total: int
+    finished: bool
+    train_seconds: float
+    is_chief: bool
+    writer: metrics_lib.MetricWriter
+    checkpointer: resume.Checkpointer
+
+    def write(self, metrics: Mapping[str, Any]) -> None:
+        """Writes ``metrics`` to metrics.jsonl at the last step (process 0 only)."""
+        self.writer.write(self.step, metrics)
+
+    def close(self) -> None:
+        """Waits for the last checkpoint, then closes the metric files and the checkpointer."""
+        self.checkpointer.wait_until_finished()
+        self.writer.close()
+        self.checkpointer.close()
+
+
+def _place(plan: parallel.Plan, batch: Mapping) -> dict:
+    """Places a (possibly nested) host batch with its leading axis on the data mesh."""
+    return partition.unflatten(plan.put_batch(partition.flatten(batch)))
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    plan: parallel.Plan,
+    state: Any,
+    step_fn: Callable,
+    batch_at: Callable[[int], Mapping],
+    evaluators: Sequence[Evaluator] = (),
+    compiler_options: dict | None = None,
+) -> Run:
+    """Runs ``config.optim.num_steps`` steps of ``step_fn`` from the workdir's newest checkpoint.
+
+    Args:
+        config: Reads ``optim.num_steps``, ``log_every_steps``, ``max_steps_per_run``,
+            ``checkpoint.every_steps``/``keep`` and, if present, ``profile.steps``.
+        workdir: The run's folder: checkpoints, metrics.jsonl, tensorboard, profile.
+        plan: Where state and batches go (`parallel.make_plan`).
+        state: The fresh state on the host (`ftlab.core.train.init_state`); a checkpoint
+            replaces its trainable part.
+        step_fn: ``step(state, batch) -> (state, metrics)``, not yet compiled; the plan
+            compiles it once, donating the state.
+        batch_at: ``step -> global batch`` on the host (numpy; nested dicts allowed), a pure
+            function of the step so that a resumed run sees the batches it would have seen.
+        evaluators: Run during training, on their own schedules (never at the last step).
+        compiler_options: XLA options for the compiled step (jit modes only).
+
+    Returns:
+        The `Run`. When it is not ``finished`` (stopped by ``config.max_steps_per_run`` or a
+        signal, with a checkpoint at ``run.step``), its writers are closed already.
+
+    Raises:
+        ftlab.core.metrics.NonFiniteMetricError: A train metric or a checked evaluation metric
+            went NaN or infinite; names the step range, and nothing from it was saved.
+        ValueError: ``config.profile.steps`` names a step after the last one.
+    """
+    workdir = pathlib.Path(workdir)
+    is_chief = _process_index() == 0
+    ckpt, state, start_step, stop = resume.restore(
+        config, workdir, state, abstract=plan.abstract_state
+    )
+    try:
+        state = plan.put_state(state)
+        train_step = plan.compile_train_step(step_fn, compiler_options=compiler_options)
+        total = config.optim.num_steps
+        profile_steps = set(config.get("profile", {}).get("steps", ()))
+        if beyond := sorted(s for s in profile_steps if s > total):
+            raise ValueError(
+                f"config.profile.steps={tuple(sorted(profile_steps))}: step(s) {beyond} are "
+                f"after the last step, config.optim.num_steps={total}; they would never be traced"
+            )
+        writer = metrics_lib.MetricWriter(workdir, enabled=is_chief, resume_step=start_step)
+    except BaseException:
+        ckpt.close()
+        raise
+    # tqdm draws in place on a terminal and rate-limits itself in a log file.
+    bar = tqdm.tqdm(
+        total=total, initial=start_step, disable=not is_chief, unit="step", mininterval=1.0
+    )
+    pending, window = [], []
+    last_good, train_seconds, window_seconds, window_steps = start_step, 0.0, 0.0, 0
+    step = start_step
+    try:
+        tick = time.perf_counter()
+        for step in range(start_step, stop):
+            done = step + 1
+            tracing = done in profile_steps
+            if tracing:
+                jax.profiler.start_trace(str(workdir / PROFILE_DIR))
+            state, step_metrics = train_step(state, _place(plan, batch_at(step)))
+            if tracing:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                logging.info("profile: traced step %d into %s", done, workdir / PROFILE_DIR)
+            pending.append(step_metrics)
+            log_now = itstime(done, config.log_every_steps, total_steps=total, last=True)
+            due = [
+                e
+                for e in evaluators
+                if done != total and itstime(done, e.every_steps, steps=e.steps)
+            ]
+            preempted = ckpt.stop_requested(done)  # SIGTERM/SIGINT: save here and stop
+            save_now = ckpt.should_save(done) or done == stop or preempted
+            if not (log_now or due or save_now):
+                continue  # no host sync between checks: the host runs ahead of the device
+            # Every step since the last check is checked before anything is logged or saved,
+            # so a checkpoint never holds parameters that came from a non-finite update.
+            history, pending = jax.device_get(pending), []
+            for i, m in enumerate(history):
+                metrics_lib.check_finite(
+                    m, step=done - len(history) + i + 1, last_good_step=last_good
+                )
+            window += history
+            now = time.perf_counter()
+            window_seconds += now - tick
+            window_steps += len(history)
+            train_seconds += now - tick
+            if log_now or due:
+                logged = metrics_lib.checked_mean(window, last_step=done, last_good_step=last_good)
+                logged["train/steps_per_sec"] = window_steps / max(window_seconds, 1e-9)
+                window, window_seconds, window_steps = [], 0.0, 0
+                for evaluator in due:
+                    results = dict(evaluator.run(state))
+                    if evaluator.check_finite:
+                        metrics_lib.check_finite(results, step=done, last_good_step=last_good)
+                    logged.update(results)
+                writer.write(done, logged)
+                bar.set_postfix(loss=f"{logged['train/loss']:.4g}", refresh=False)
+            last_good = done
+            bar.update(done - bar.n)
+            if save_now:
+                ckpt.save(
+                    done, plan.get_state(state).replace(frozen={}), force=done == stop or preempted
+                )
+            tick = time.perf_counter()  # evaluating and saving is not training time
+            if preempted and done < total:
+                stop = done
+                break
+        step = stop
+    except BaseException:
+        bar.close()
+        writer.close()
+        try:
+            ckpt.close()  # finishes the last good save; no orbax threads left behind the error
+        except Exception as e:  # noqa: BLE001 - the run's own error is the one to show
+            logging.error("closing the checkpointer failed too: %s: %s", type(e).__name__, e)
+        raise
+    bar.close()
+    run = Run(
+        state=state,
+        plan=plan,
+        start_step=start_step,
+        step=step,
+        total=total,
+        finished=step == total,
+        train_seconds=train_seconds,
+        is_chief=is_chief,
+        writer=writer,
+        checkpointer=ckpt,
+    )
+    if not run.finished:
+        run.close()
+        logging.info(
+            "stopped at step %d of %d (config.max_steps_per_run or a signal); rerun to resume",
+            step,
+            total,
+        )
+    return run
