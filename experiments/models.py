@@ -3,9 +3,8 @@
 Trainers import these from here, never from one another (``multitask`` trains the classifier
 with a LoRA per task, ``decoder_tuning`` tunes the decoder that ``icl`` prompts).
 
-`encoder_classifier` and `classifier_apply` are, line for line, `build_model` and `make_apply`
-of `experiments/trainers/classification.py`, which still holds its own copies until that
-trainer moves onto the shared loop and imports them from here.
+`experiments/trainers/classification.py` names `encoder_classifier` and `classifier_apply`
+`build_model` and `make_apply`.
 """
 
 from __future__ import annotations

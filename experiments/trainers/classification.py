@@ -5,7 +5,6 @@ Every method is the same loop; ``config.partition.rules`` decides what trains.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -24,10 +23,10 @@ import optax
 from absl import logging
 from safetensors import numpy as safetensors_numpy
 
-from experiments import loop
+from experiments import loop, models
 from experiments.trainers import resume
-from ftlab.core import loading, parallel, partition, tensorfile, train
 from ftlab.core import metrics as metrics_lib
+from ftlab.core import parallel, partition, tensorfile, train
 from ftlab.data import batching, features, rotten_tomatoes, text
 from ftlab.models import attention, bert, hooks
 from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
@@ -54,46 +53,9 @@ def build_data(config: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndar
     }
 
 
-def build_model(config: ml_collections.ConfigDict) -> tuple[bert.BertClassifier, dict]:
-    """The classifier and its initial parameters (pretrained encoder + fresh head)."""
-    pretrained = None
-    m = config.model
-    if m.encoder == "minilm" and m.get("pretrained", True):
-        pretrained = minilm.load()
-        encoder_config = pretrained.config
-    elif m.encoder == "minilm":
-        encoder_config = minilm.architecture()
-    elif m.encoder == "tiny":
-        # MiniLM's tokenizer still does the tokenizing: the tiny model needs its vocabulary.
-        encoder_config = bert.BertConfig.tiny(vocab_size=30522, max_position_embeddings=512)
-    else:
-        raise ValueError(f"config.model.encoder={m.encoder!r}; expected minilm or tiny")
-    kernel = m.get("attention", "auto")
-    attention.check(kernel, what="config.model.attention")
-    dtype = m.get("dtype", "float32")
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"config.model.dtype={dtype!r}; expected 'float32' or 'bfloat16'")
-    encoder_config = dataclasses.replace(
-        encoder_config,
-        dropout_rate=m.dropout_rate,
-        attention_dropout_rate=m.get("attention_dropout_rate"),
-        attention=kernel,
-        dtype=jnp.dtype(dtype),
-    )
-    model = bert.BertClassifier(
-        encoder_config, num_classes=config.model.num_classes, pooling=config.model.pooling
-    )
-    ids = jnp.zeros((1, config.data.max_length), jnp.int32)
-    params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), ids, jnp.ones_like(ids))
-    params = jax.tree.map(np.asarray, params["params"])
-    if pretrained is not None:
-        params = loading.merge_pretrained(
-            params,
-            {"encoder": pretrained.params},
-            dont_load=config.model.dont_load,
-            what="all-MiniLM-L6-v2",
-        )
-    return model, params
+# The classifier and its apply function are shared with the multi-task trainer.
+build_model = models.encoder_classifier
+make_apply = models.classifier_apply
 
 
 PEFT_METHODS = ("none", "lora", "dora", "ia3", "adapters", "prompt", "prefix", "reft")
@@ -204,18 +166,6 @@ def save_method(
             lora_dropout=config.peft.dropout,
         )
     return {"adapter_bytes": path.stat().st_size}
-
-
-def make_apply(model: bert.BertClassifier):
-    """``apply(params, batch, rng) -> logits``; dropout on when an rng is given (training)."""
-
-    def apply(params, batch, rng):
-        kwargs = {} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
-        return model.apply(
-            {"params": params}, batch["input_ids"], batch["attention_mask"], **kwargs
-        )
-
-    return apply
 
 
 def build_optimizer(config: ml_collections.ConfigDict, label_tree) -> optax.GradientTransformation:
