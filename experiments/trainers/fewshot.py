@@ -36,7 +36,7 @@ from absl import logging
 from experiments import loop
 from experiments.trainers import resume
 from ftlab import meta
-from ftlab.core import parallel, partition, train
+from ftlab.core import parallel, partition, report, train
 from ftlab.data import fewshot
 
 METHODS = ("maml", "fomaml", "anil", "reptile", "finetune")
@@ -148,9 +148,7 @@ def summarize(accs: np.ndarray, steps) -> dict[str, float]:
     """Mean accuracy and the 95% half-width ``1.96 std / sqrt(n)`` per number of steps."""
     out = {}
     for k in sorted({0, *steps}):
-        a = accs[:, k]
-        out[f"eval/acc_step_{k}"] = float(np.mean(a))
-        out[f"eval/acc_step_{k}_ci95"] = float(1.96 * np.std(a) / np.sqrt(len(a)))
+        out[f"eval/acc_step_{k}"], out[f"eval/acc_step_{k}_ci95"] = report.interval95(accs[:, k])
     return out
 
 

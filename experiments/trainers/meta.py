@@ -25,7 +25,7 @@ from experiments import loop
 from experiments.trainers import resume
 from ftlab import meta
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, partition, train
+from ftlab.core import parallel, partition, report, train
 from ftlab.data import sinusoid
 
 METHODS = ("maml", "fomaml", "anil", "metasgd", "reptile", "pretrained")
@@ -181,8 +181,7 @@ def summarize(per_step: dict) -> dict[str, float]:
     """Mean and the 95% half-width ``1.96 std / sqrt(n)`` per number of fine-tuning steps."""
     out = {}
     for k, mse in per_step.items():
-        out[f"eval/mse_step_{k}"] = float(np.mean(mse))
-        out[f"eval/mse_step_{k}_ci95"] = float(1.96 * np.std(mse) / np.sqrt(len(mse)))
+        out[f"eval/mse_step_{k}"], out[f"eval/mse_step_{k}_ci95"] = report.interval95(mse)
     return out
 
 
