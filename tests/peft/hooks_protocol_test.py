@@ -371,22 +371,6 @@ def test_no_structural_method_imports_a_model(module):
 
 # --- the dense-layer methods on the same three models ------------------------------------------
 
-BERT = bert.BertClassifier(
-    bert.BertConfig.tiny(hidden_size=12, num_heads=2, intermediate_size=20, dropout_rate=0.0),
-    num_classes=3,
-)
-
-
-def _bert():
-    batch = testing.classifier_batch(BERT.config)
-
-    def apply(params, batch, rng):
-        del rng
-        return BERT.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
-
-    return apply, testing.random_params(BERT, batch), batch
-
-
 DENSE_MODELS = {"bert": _bert, "llama": _llama, "vit": _vit}
 # Every model's attention projections, by path or (the ViT's Flax attention) by layer type.
 DENSE_TARGETS = {
