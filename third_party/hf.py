@@ -1,0 +1,653 @@
+"""Hugging Face model folders in and out: `config.json` + safetensors + tokenizer files.
+
+`load` reads a folder as `transformers`' `save_pretrained` writes it (one `model.safetensors`, or
+shards `model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.json`) into an ftlab
+parameter tree and config; `save` writes one back that `load` reads to the same bits and that
+`transformers` loads with the same names, shapes and config keys.
+
+Supported architectures (`model_type` in `config.json`), all onto `ftlab.models.bert.BertEncoder`:
+
+* ``bert``: `BertModel`, as is.
+* ``roberta``: `RobertaModel`; the same tensors as BERT, but position ids start after the padding
+  index (`BertConfig.position_offset = pad_token_id + 1`).
+* ``distilbert``: `DistilBertModel`; no token-type embeddings (`type_vocab_size=0`), learned
+  positions, other tensor names (`q_lin`, `sa_layer_norm`, `ffn.lin1`, ...).
+
+The converter is defensive (as penzai's): every `config.json` field is either read into the
+config, checked against the one value ftlab implements, or on an explicit ignore-list with the
+reason it cannot change the forward pass (`IGNORED_FIELDS`); an unknown field is an error naming
+it, never skipped. Ignored fields are kept verbatim (`ModelConfig.passthrough`) and written back by
+`save`. Every tensor in the files must map to a leaf and every leaf must be in the files; the only
+tensors skipped are listed in `_SKIPPED_TENSORS` with their reason.
+
+Tensors are read memory-mapped (`safetensors.safe_open`), one shard at a time and one tensor at a
+time, and cast to the `dtype` asked for, so the host holds little more than the converted tree.
+
+Position ids of RoBERTa: transformers counts them over the non-padding tokens, ftlab over the
+sequence (`arange + position_offset`); they agree on every real token of a right-padded batch
+(ftlab's tokenizers pad on the right), and padded positions are masked out of attention.
+
+Usage:
+    >>> config, params, tok = load("path/to/folder")  # doctest: +SKIP
+    >>> encoder = bert.BertEncoder(config.config)  # doctest: +SKIP
+    >>> hidden = encoder.apply({"params": params}, ids, mask)  # doctest: +SKIP
+    >>> save("path/to/out", config, params, tok)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ftlab import types
+from ftlab.models import bert
+
+__all__ = [
+    "ARCHITECTURES",
+    "CONFIG_FILE",
+    "IGNORED_FIELDS",
+    "INDEX_FILE",
+    "WEIGHTS_FILE",
+    "ModelConfig",
+    "TokenizerFiles",
+    "config_to_hf",
+    "load",
+    "load_tokenizer",
+    "save",
+    "tensor_names",
+]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Tokenizer files copied verbatim between folders (those present); tokenizer.json is required.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
+
+# model_type -> the transformers class `save` names in "architectures" of a fresh config.
+ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilBertModel"}
+
+# config.json fields that cannot change the encoder's forward pass, with the reason. They are
+# kept verbatim and written back by `save`.
+IGNORED_FIELDS = {
+    "_name_or_path": "where transformers loaded the model from; bookkeeping",
+    "architectures": "the transformers class names; the architecture is model_type",
+    "transformers_version": "the writer's version; bookkeeping",
+    "torch_dtype": "the storage dtype of the tensors; load casts to its dtype argument",
+    "dtype": "the storage dtype of the tensors; load casts to its dtype argument",
+    "initializer_range": "the std of random init; loaded weights are not initialised",
+    "gradient_checkpointing": "a torch memory/compute trade-off in training; no effect on values",
+    "use_cache": "past key/value caching, used only by decoders",
+    "classifier_dropout": "dropout of a task head, which this loader does not load",
+    "id2label": "labels of a task head, which this loader does not load",
+    "label2id": "labels of a task head, which this loader does not load",
+    "num_labels": "size of a task head, which this loader does not load",
+    "problem_type": "loss of a task head, which this loader does not load",
+    "qa_dropout": "dropout of DistilBERT's question-answering head, not loaded",
+    "seq_classif_dropout": "dropout of DistilBERT's classification head, not loaded",
+    "bos_token_id": "a tokenizer id; the encoder's forward pass reads no special id",
+    "eos_token_id": "a tokenizer id; the encoder's forward pass reads no special id",
+    "sep_token_id": "a tokenizer id; the encoder's forward pass reads no special id",
+    "output_past": "a generation option; encoders have no past",
+    "tie_weights_": "DistilBERT's masked-LM head tying; the head is not loaded",
+    "return_dict": "the shape of transformers' return value",
+    "output_hidden_states": "what transformers returns; no effect on values",
+    "output_attentions": "what transformers returns; no effect on values",
+    "pruned_heads": "checked separately: must be empty",
+    "tie_word_embeddings": "an LM head's tying; the head is not loaded",
+    # RoBERTa reads it (its position offset); for BERT and DistilBERT it only makes torch zero
+    # the gradient of that embedding row, and their padded keys are masked out of attention.
+    "pad_token_id": "BERT/DistilBERT: torch's gradient of one embedding row only",
+    "chunk_size_feed_forward": "checked separately: feed-forward chunking changes memory only",
+}
+# Tensors in a folder that are not encoder parameters: (pattern, reason).
+_SKIPPED_TENSORS = (
+    (r"embeddings\.position_ids", "a constant arange buffer (older transformers saved it)"),
+    (r"embeddings\.token_type_ids", "a constant zeros buffer (older transformers saved it)"),
+    (r"pooler\.dense\.(weight|bias)", "BertModel's [CLS] pooler, which ftlab's encoder lacks"),
+)
+_SKIP = re.compile("|".join(p for p, _ in _SKIPPED_TENSORS))
+# Fields that must hold the one value ftlab implements (their default when absent). Present ones
+# go to `ModelConfig.passthrough` too, so `save` writes back the keys it read.
+_REQUIRED = {
+    # HF "gelu" is the exact erf GELU; "gelu_new"/"gelu_pytorch_tanh" are the tanh form.
+    "hidden_act": "gelu",
+    "activation": "gelu",
+    "position_embedding_type": "absolute",
+    "is_decoder": False,
+    "add_cross_attention": False,
+    "sinusoidal_pos_embds": False,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A model's ftlab config plus what `save` needs to write its `config.json` back.
+
+    Attributes:
+        model_type: `config.json`'s `model_type`, a key of `ARCHITECTURES`.
+        config: The `BertConfig` the parameter tree fits.
+        passthrough: The `IGNORED_FIELDS` present in the loaded `config.json`, and the fields
+            checked for the one value ftlab implements (`hidden_act`, ...), written back
+            verbatim by `save`.
+    """
+
+    model_type: str
+    config: bert.BertConfig
+    passthrough: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(
+                f"ModelConfig: model_type={self.model_type!r} is not one of "
+                f"{sorted(ARCHITECTURES)}."
+            )
+        unknown = sorted(set(self.passthrough) - set(IGNORED_FIELDS) - set(_REQUIRED))
+        if unknown:
+            raise ValueError(
+                f"ModelConfig: passthrough holds fields that are not ignorable: {unknown}."
+            )
+        for key, want in _REQUIRED.items():
+            if self.passthrough.get(key, want) != want:
+                raise ValueError(
+                    f"ModelConfig: passthrough[{key!r}] is {self.passthrough[key]!r}; ftlab "
+                    f"implements only {want!r}."
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerFiles:
+    """The tokenizer files of a folder, kept byte for byte so `save` writes them back unchanged.
+
+    Attributes:
+        files: File name -> contents; always holds `tokenizer.json`.
+    """
+
+    files: Mapping[str, bytes]
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template: `chat_template.jinja`, else `tokenizer_config.json`'s field."""
+        if "chat_template.jinja" in self.files:
+            return self.files["chat_template.jinja"].decode()
+        if "tokenizer_config.json" in self.files:
+            template = json.loads(self.files["tokenizer_config.json"]).get("chat_template")
+            return template if isinstance(template, str) else None
+        return None
+
+    def build(self, max_length: int | None = None, *, pad_token: str | None = None):
+        """A `tokenizers.Tokenizer` with padding and truncation set explicitly.
+
+        The file's own padding and truncation settings never apply: with `max_length`, every
+        encoding is truncated and right-padded to exactly `max_length` ids; without, neither.
+
+        Args:
+            max_length: Fixed number of tokens per encoding, or None for no padding/truncation.
+            pad_token: The padding token; None: `tokenizer_config.json`'s `pad_token`.
+
+        Returns:
+            The configured `tokenizers.Tokenizer`.
+
+        Raises:
+            ValueError: if `max_length` is given and no pad token is known or in the vocabulary.
+        """
+        import tokenizers  # noqa: PLC0415 (optional dependency, imported where used)
+
+        tok = tokenizers.Tokenizer.from_str(self.files["tokenizer.json"].decode())
+        tok.no_padding()
+        tok.no_truncation()
+        if max_length is None:
+            return tok
+        if pad_token is None and "tokenizer_config.json" in self.files:
+            pad_token = json.loads(self.files["tokenizer_config.json"]).get("pad_token")
+            if isinstance(pad_token, dict):  # an AddedToken as transformers serialises it
+                pad_token = pad_token.get("content")
+        if pad_token is None:
+            raise ValueError(
+                "TokenizerFiles.build: no pad_token given and tokenizer_config.json names none."
+            )
+        pad_id = tok.token_to_id(pad_token)
+        if pad_id is None:
+            raise ValueError(f"TokenizerFiles.build: pad_token={pad_token!r} is not in the vocab.")
+        tok.enable_truncation(max_length)
+        tok.enable_padding(pad_id=pad_id, pad_token=pad_token, length=max_length)
+        return tok
+
+
+class _Fields:
+    """Reads a `config.json` dict, remembering which fields were used."""
+
+    def __init__(self, d: Mapping[str, Any], where: str):
+        self.d, self.where, self.used = d, where, set()
+
+    def get(self, key: str, default: Any = ...) -> Any:
+        self.used.add(key)
+        if key in self.d:
+            return self.d[key]
+        if default is ...:
+            raise ValueError(f"{self.where}: required field {key!r} is missing.")
+        return default
+
+    def require(self, key: str, default: Any = ..., why: str = "") -> None:
+        want = _REQUIRED[key]
+        got = self.get(key, default)
+        if got != want:
+            raise ValueError(
+                f"{self.where}: field {key!r} is {got!r}, but ftlab implements only {want!r}"
+                f"{' (' + why + ')' if why else ''}."
+            )
+
+    def finish(self) -> dict[str, Any]:
+        """The passthrough fields; raises naming every field neither used nor ignorable."""
+        unknown = sorted(k for k in self.d if k not in self.used and k not in IGNORED_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"{self.where}: field(s) {', '.join(map(repr, unknown))} are not understood by "
+                "ftlab's converter; refusing to load rather than ignore them. If a field cannot "
+                "change the forward pass, add it with its reason to third_party.hf.IGNORED_FIELDS."
+            )
+        if self.d.get("pruned_heads"):
+            raise ValueError(f"{self.where}: field 'pruned_heads' is not empty; not implemented.")
+        if self.d.get("chunk_size_feed_forward", 0) not in (0, None):
+            # Chunking changes memory only, but refuse anything but the default to stay strict.
+            raise ValueError(f"{self.where}: field 'chunk_size_feed_forward' must be 0.")
+        return {
+            k: self.d[k]
+            for k in self.d
+            if (k in IGNORED_FIELDS and k not in self.used) or k in _REQUIRED
+        }
+
+
+def _bert_like_from_hf(f: _Fields, model_type: str) -> bert.BertConfig:
+    f.require("hidden_act")
+    f.require("position_embedding_type", "absolute")
+    f.require("is_decoder", False, "ftlab's BertEncoder is encoder-only")
+    f.require("add_cross_attention", False, "ftlab's BertEncoder is encoder-only")
+    hidden_dropout = float(f.get("hidden_dropout_prob", 0.1))
+    attention_dropout = float(f.get("attention_probs_dropout_prob", 0.1))
+    # RoBERTa numbers positions from padding_idx + 1 (transformers' default pad id is 1).
+    offset = int(f.get("pad_token_id", 1)) + 1 if model_type == "roberta" else 0
+    return bert.BertConfig(
+        vocab_size=int(f.get("vocab_size")),
+        hidden_size=int(f.get("hidden_size")),
+        num_layers=int(f.get("num_hidden_layers")),
+        num_heads=int(f.get("num_attention_heads")),
+        intermediate_size=int(f.get("intermediate_size")),
+        max_position_embeddings=int(f.get("max_position_embeddings")),
+        type_vocab_size=int(f.get("type_vocab_size", 2)),
+        layer_norm_eps=float(f.get("layer_norm_eps", 1e-12)),
+        dropout_rate=hidden_dropout,
+        attention_dropout_rate=None if attention_dropout == hidden_dropout else attention_dropout,
+        position_offset=offset,
+    )
+
+
+def _distilbert_from_hf(f: _Fields) -> bert.BertConfig:
+    f.require("activation")
+    f.require("sinusoidal_pos_embds", False, "a fixed sinusoidal table; ftlab's is learned")
+    dropout = float(f.get("dropout", 0.1))
+    attention_dropout = float(f.get("attention_dropout", 0.1))
+    return bert.BertConfig(
+        vocab_size=int(f.get("vocab_size")),
+        hidden_size=int(f.get("dim")),
+        num_layers=int(f.get("n_layers")),
+        num_heads=int(f.get("n_heads")),
+        intermediate_size=int(f.get("hidden_dim")),
+        max_position_embeddings=int(f.get("max_position_embeddings")),
+        type_vocab_size=0,
+        # DistilBERT's layer norms use a fixed eps of 1e-12 (not a config field).
+        layer_norm_eps=1e-12,
+        dropout_rate=dropout,
+        attention_dropout_rate=None if attention_dropout == dropout else attention_dropout,
+    )
+
+
+def config_from_hf(d: Mapping[str, Any], *, where: str = CONFIG_FILE) -> ModelConfig:
+    """Parses a `config.json` dict into a `ModelConfig`, refusing any field it does not know.
+
+    Args:
+        d: The parsed `config.json`.
+        where: How errors name the file.
+
+    Returns:
+        The `ModelConfig`.
+
+    Raises:
+        ValueError: naming the field when one is unknown, missing, or has a value ftlab does not
+            implement.
+    """
+    f = _Fields(d, where)
+    model_type = f.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"{where}: field 'model_type' is {model_type!r}; ftlab loads {sorted(ARCHITECTURES)}."
+        )
+    if model_type == "distilbert":
+        config = _distilbert_from_hf(f)
+    else:
+        config = _bert_like_from_hf(f, model_type)
+        if model_type == "bert" and config.type_vocab_size == 0:
+            raise ValueError(f"{where}: field 'type_vocab_size' is 0; BERT needs at least 1.")
+    return ModelConfig(model_type=model_type, config=config, passthrough=f.finish())
+
+
+def config_to_hf(model_config: ModelConfig) -> dict[str, Any]:
+    """The `config.json` dict of `model_config`, as transformers writes it for that class.
+
+    Raises:
+        ValueError: if the `BertConfig` cannot be expressed in that architecture's config
+            (a RoBERTa offset of 0, a DistilBERT with token types, ...), naming the field.
+    """
+    c, kind = model_config.config, model_config.model_type
+    out: dict[str, Any] = {"architectures": [ARCHITECTURES[kind]]}
+    out.update(model_config.passthrough)
+    attention_dropout = c.probs_dropout_rate
+    if kind == "distilbert":
+        if c.type_vocab_size or c.position_offset or c.layer_norm_eps != 1e-12:
+            raise ValueError(
+                "config_to_hf: a DistilBERT needs model_config.config.type_vocab_size=0, "
+                f"position_offset=0 and layer_norm_eps=1e-12; got {c.type_vocab_size}, "
+                f"{c.position_offset} and {c.layer_norm_eps}."
+            )
+        out.update(
+            model_type=kind,
+            activation="gelu",
+            vocab_size=c.vocab_size,
+            dim=c.hidden_size,
+            n_layers=c.num_layers,
+            n_heads=c.num_heads,
+            hidden_dim=c.intermediate_size,
+            max_position_embeddings=c.max_position_embeddings,
+            dropout=c.dropout_rate,
+            attention_dropout=attention_dropout,
+        )
+        return out
+    if kind == "roberta":
+        if c.position_offset < 1:
+            raise ValueError(
+                "config_to_hf: a RoBERTa needs model_config.config.position_offset = "
+                f"pad_token_id + 1 >= 1; got {c.position_offset}."
+            )
+        out["pad_token_id"] = c.position_offset - 1
+    else:
+        if c.position_offset:
+            raise ValueError(
+                "config_to_hf: BERT has no position offset; model_config.config."
+                f"position_offset is {c.position_offset} (use model_type='roberta')."
+            )
+    out.update(
+        model_type=kind,
+        hidden_act="gelu",
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings,
+        type_vocab_size=c.type_vocab_size,
+        layer_norm_eps=c.layer_norm_eps,
+        hidden_dropout_prob=c.dropout_rate,
+        attention_probs_dropout_prob=attention_dropout,
+    )
+    return out
+
+
+def tensor_names(model_config: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """HF tensor name -> (ftlab slash path, whether the torch `(out, in)` weight is transposed)."""
+    c, kind = model_config.config, model_config.model_type
+    names: dict[str, tuple[str, bool]] = {
+        "embeddings.word_embeddings.weight": ("embeddings/word_embeddings/embedding", False),
+        "embeddings.position_embeddings.weight": (
+            "embeddings/position_embeddings/embedding",
+            False,
+        ),
+        "embeddings.LayerNorm.weight": ("embeddings/layer_norm/scale", False),
+        "embeddings.LayerNorm.bias": ("embeddings/layer_norm/bias", False),
+    }
+    if c.type_vocab_size:
+        names["embeddings.token_type_embeddings.weight"] = (
+            "embeddings/token_type_embeddings/embedding",
+            False,
+        )
+    if kind == "distilbert":
+        prefix = "transformer.layer.{i}."
+        dense = {
+            "attention.q_lin": "attention/query",
+            "attention.k_lin": "attention/key",
+            "attention.v_lin": "attention/value",
+            "attention.out_lin": "attention/out",
+            "ffn.lin1": "mlp/intermediate",
+            "ffn.lin2": "mlp/output",
+        }
+        norms = {"sa_layer_norm": "attention_layer_norm", "output_layer_norm": "output_layer_norm"}
+    else:
+        prefix = "encoder.layer.{i}."
+        dense = {
+            "attention.self.query": "attention/query",
+            "attention.self.key": "attention/key",
+            "attention.self.value": "attention/value",
+            "attention.output.dense": "attention/out",
+            "intermediate.dense": "mlp/intermediate",
+            "output.dense": "mlp/output",
+        }
+        norms = {
+            "attention.output.LayerNorm": "attention_layer_norm",
+            "output.LayerNorm": "output_layer_norm",
+        }
+    for i in range(c.num_layers):
+        hf, ft = prefix.format(i=i), f"layer_{i}/"
+        for src, dst in dense.items():
+            names[f"{hf}{src}.weight"] = (f"{ft}{dst}/kernel", True)
+            names[f"{hf}{src}.bias"] = (f"{ft}{dst}/bias", False)
+        for src, dst in norms.items():
+            names[f"{hf}{src}.weight"] = (f"{ft}{dst}/scale", False)
+            names[f"{hf}{src}.bias"] = (f"{ft}{dst}/bias", False)
+    return names
+
+
+def _shards(folder: pathlib.Path) -> dict[pathlib.Path, list[str] | None]:
+    """Safetensors file -> the tensor names the index assigns it (None: a single file)."""
+    index, single = folder / INDEX_FILE, folder / WEIGHTS_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object.")
+        shards: dict[pathlib.Path, list[str] | None] = {}
+        for name, file in weight_map.items():
+            shards.setdefault(folder / file, []).append(name)
+        missing = sorted(str(p) for p in shards if not p.is_file())
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard(s) that are missing: {missing}.")
+        return shards
+    if single.is_file():
+        return {single: None}
+    raise FileNotFoundError(
+        f"{folder} holds neither {WEIGHTS_FILE} nor {INDEX_FILE}; is it a Hugging Face model "
+        "folder saved with safe_serialization?"
+    )
+
+
+def _read_tensors(
+    folder: pathlib.Path, want: Mapping[str, tuple[str, bool]], dtype: Any
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Reads the wanted tensors shard by shard; returns them and the unexpected names."""
+    from safetensors import safe_open  # noqa: PLC0415 (optional dependency)
+
+    out, unexpected = {}, []
+    # A task model's base tensors sit under a prefix ("bert.", "distilbert.", ...).
+    prefixes = ("", "bert.", "roberta.", "distilbert.")
+    for path, listed in _shards(folder).items():
+        with safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+            if listed is not None and set(keys) != set(listed):
+                raise ValueError(
+                    f"{path}: holds {sorted(set(keys) - set(listed))[:5]} not listed for it in "
+                    f"{INDEX_FILE}, and lacks {sorted(set(listed) - set(keys))[:5]}."
+                )
+            for key in keys:
+                name = next(
+                    (
+                        key[len(p) :]
+                        for p in prefixes
+                        if key.startswith(p) and key[len(p) :] in want
+                    ),
+                    None,
+                )
+                if name is None:
+                    bare = next((key[len(p) :] for p in prefixes[1:] if key.startswith(p)), key)
+                    if not _SKIP.fullmatch(bare):
+                        unexpected.append(key)
+                    continue
+                if name in out:
+                    raise ValueError(f"{folder}: tensor {name!r} is stored twice.")
+                value = f.get_tensor(key)
+                leaf, transpose = want[name]
+                if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+                    raise ValueError(f"{path}: tensor {key!r} ({leaf}) has dtype {value.dtype}.")
+                value = value.T if transpose else value
+                out[name] = np.ascontiguousarray(value.astype(dtype, copy=False))
+    return out, unexpected
+
+
+def _expected_shapes(config: bert.BertConfig) -> dict[str, tuple[int, ...]]:
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda key, x: bert.BertEncoder(config).init(key, x, jnp.ones_like(x)),
+        jax.random.key(0),
+        ids,
+    )["params"]
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def load_tokenizer(folder: str | pathlib.Path) -> TokenizerFiles | None:
+    """The folder's tokenizer files, or None when it has no `tokenizer.json`."""
+    folder = pathlib.Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    return TokenizerFiles(
+        {n: (folder / n).read_bytes() for n in _TOKENIZER_FILES if (folder / n).is_file()}
+    )
+
+
+def load(
+    path: str | pathlib.Path, *, dtype: Any = np.float32
+) -> tuple[ModelConfig, types.Params, TokenizerFiles | None]:
+    """Loads a Hugging Face model folder into an ftlab `BertEncoder` tree.
+
+    Args:
+        path: The folder: `config.json`, `model.safetensors` or the sharded files with
+            `model.safetensors.index.json`, and optionally `tokenizer.json` and friends.
+        dtype: Dtype of the returned arrays (float32 by default; `jnp.bfloat16` works too).
+
+    Returns:
+        `(model_config, params, tokenizer)`: the `ModelConfig` (its `config` builds the
+        `BertEncoder`), the parameter tree (nested dict of numpy arrays), and the
+        `TokenizerFiles` (None if the folder has no `tokenizer.json`).
+
+    Raises:
+        ValueError: naming a `config.json` field the converter does not understand or whose value
+            it does not implement; naming every tensor in the files that maps to no leaf and
+            every leaf missing from the files; naming each tensor whose shape is wrong.
+        FileNotFoundError: if `config.json` or the weights (or a listed shard) are missing.
+    """
+    folder = pathlib.Path(path)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing; is {folder} a model folder?")
+    model_config = config_from_hf(json.loads(config_path.read_text()), where=str(config_path))
+    names = tensor_names(model_config)
+    tensors, unexpected = _read_tensors(folder, names, dtype)
+    missing = sorted(k for k in names if k not in tensors)
+    if unexpected or missing:
+        lines = [f"{folder}: the tensors do not match {ARCHITECTURES[model_config.model_type]}:"]
+        if unexpected:
+            lines.append(f"  unexpected tensor(s) ({len(unexpected)}): {', '.join(unexpected)}")
+        if missing:
+            lines.append(
+                f"  missing tensor(s) ({len(missing)}): "
+                + ", ".join(f"{k} (-> {names[k][0]})" for k in missing)
+            )
+        raise ValueError("\n".join(lines))
+    shapes = _expected_shapes(model_config.config)
+    assert {leaf for leaf, _ in names.values()} == set(shapes), "tensor_names is out of date"
+    bad = [
+        f"  {k} -> {names[k][0]}: expected {shapes[names[k][0]]}, got {v.shape}"
+        + (" (transposed from torch (out, in))" if names[k][1] else "")
+        for k, v in tensors.items()
+        if v.shape != shapes[names[k][0]]
+    ]
+    if bad:
+        raise ValueError(f"{folder}: tensor shapes do not fit config.json:\n" + "\n".join(bad))
+    params: dict[str, Any] = {}
+    for name, value in tensors.items():
+        *parents, last = names[name][0].split("/")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return model_config, params, load_tokenizer(folder)
+
+
+def save(
+    path: str | pathlib.Path,
+    model_config: ModelConfig,
+    params: types.Params,
+    tokenizer: TokenizerFiles | None = None,
+) -> None:
+    """Writes a Hugging Face model folder that `load` and `transformers` read back.
+
+    Writes `config.json`, a single `model.safetensors` (torch names and `(out, in)` layout, in
+    the params' own dtype, metadata `format=pt` as transformers expects) and the tokenizer files.
+
+    Args:
+        path: The folder; created if missing. Existing files of the same names are replaced.
+        model_config: The architecture and config (from `load`, or built by hand).
+        params: A `BertEncoder` tree (no method leaves: merge LoRA first).
+        tokenizer: Tokenizer files to write, or None for none.
+
+    Raises:
+        ValueError: if `params` has leaves `model_config` does not know, or lacks some, naming them.
+    """
+    from safetensors import numpy as safetensors_numpy  # noqa: PLC0415 (optional dependency)
+
+    from ftlab.core import partition  # noqa: PLC0415
+
+    flat = {k: np.asarray(v) for k, v in partition.flatten(params).items()}
+    names = tensor_names(model_config)
+    by_leaf = {leaf: (hf, transpose) for hf, (leaf, transpose) in names.items()}
+    extra, missing = sorted(set(flat) - set(by_leaf)), sorted(set(by_leaf) - set(flat))
+    if extra or missing:
+        raise ValueError(
+            f"save: params do not fit {ARCHITECTURES[model_config.model_type]}: leaves not in "
+            f"the architecture {extra}, leaves missing {missing}. Merge method leaves (LoRA, "
+            "...) into the base weights first."
+        )
+    tensors = {
+        hf: np.ascontiguousarray(flat[leaf].T if transpose else flat[leaf])
+        for leaf, (hf, transpose) in by_leaf.items()
+    }
+    folder = pathlib.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config_to_hf(model_config)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    safetensors_numpy.save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        for name, data in tokenizer.files.items():
+            (folder / name).write_bytes(data)
