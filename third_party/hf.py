@@ -56,6 +56,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "ModelConfig",
     "TokenizerFiles",
+    "config_from_hf",
     "config_to_hf",
     "load",
     "load_tokenizer",
