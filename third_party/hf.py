@@ -46,11 +46,12 @@ from typing import Any
 import numpy as np
 
 from ftlab import types
-from ftlab.models import bert
+from ftlab.models import bert, llama
 
 __all__ = [
     "ARCHITECTURES",
     "CONFIG_FILE",
+    "DECODERS",
     "IGNORED_FIELDS",
     "INDEX_FILE",
     "WEIGHTS_FILE",
@@ -76,10 +77,21 @@ _TOKENIZER_FILES = (
     "vocab.txt",
     "vocab.json",
     "merges.txt",
+    # Not the tokenizer's, but a serving stack reads it beside it (eos ids, sampling defaults).
+    "generation_config.json",
 )
 
 # model_type -> the transformers class `save` names in "architectures" of a fresh config.
-ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilBertModel"}
+ARCHITECTURES = {
+    "bert": "BertModel",
+    "roberta": "RobertaModel",
+    "distilbert": "DistilBertModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+DECODERS = ("llama", "mistral", "qwen2", "qwen3")
 
 # config.json fields that cannot change the encoder's forward pass, with the reason. They are
 # kept verbatim and written back by `save`.
@@ -108,10 +120,11 @@ IGNORED_FIELDS = {
     "output_hidden_states": "what transformers returns; no effect on values",
     "output_attentions": "what transformers returns; no effect on values",
     "pruned_heads": "checked separately: must be empty",
-    "tie_word_embeddings": "an LM head's tying; the head is not loaded",
-    # RoBERTa reads it (its position offset); for BERT and DistilBERT it only makes torch zero
-    # the gradient of that embedding row, and their padded keys are masked out of attention.
-    "pad_token_id": "BERT/DistilBERT: torch's gradient of one embedding row only",
+    "tie_word_embeddings": "encoders: an LM head's tying, not loaded (decoders read the field)",
+    "max_window_layers": "Qwen's sliding-window layer count; inert as use_sliding_window is false",
+    # RoBERTa reads it (its position offset); elsewhere it only makes torch zero the gradient of
+    # that embedding row (padded keys are masked out of attention) or names a tokenizer id.
+    "pad_token_id": "except RoBERTa: torch's gradient of one embedding row, a tokenizer id",
     "chunk_size_feed_forward": "checked separately: feed-forward chunking changes memory only",
 }
 # Tensors in a folder that are not encoder parameters: (pattern, reason).
@@ -119,19 +132,26 @@ _SKIPPED_TENSORS = (
     (r"embeddings\.position_ids", "a constant arange buffer (older transformers saved it)"),
     (r"embeddings\.token_type_ids", "a constant zeros buffer (older transformers saved it)"),
     (r"pooler\.dense\.(weight|bias)", "BertModel's [CLS] pooler, which ftlab's encoder lacks"),
+    (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", "RoPE's frequencies, recomputed"),
 )
 _SKIP = re.compile("|".join(p for p, _ in _SKIPPED_TENSORS))
-# Fields that must hold the one value ftlab implements (their default when absent). Present ones
-# go to `ModelConfig.passthrough` too, so `save` writes back the keys it read.
-_REQUIRED = {
-    # HF "gelu" is the exact erf GELU; "gelu_new"/"gelu_pytorch_tanh" are the tanh form.
-    "hidden_act": "gelu",
-    "activation": "gelu",
-    "position_embedding_type": "absolute",
-    "is_decoder": False,
-    "add_cross_attention": False,
-    "sinusoidal_pos_embds": False,
-}
+# Fields checked for the one value ftlab implements (`_Fields.require`). Present ones go to
+# `ModelConfig.passthrough` too, so `save` writes back the keys it read.
+_CHECKED = (
+    "hidden_act",
+    "activation",
+    "position_embedding_type",
+    "is_decoder",
+    "add_cross_attention",
+    "sinusoidal_pos_embds",
+    "attention_bias",
+    "mlp_bias",
+    "pretraining_tp",
+    "attention_dropout",
+    "use_sliding_window",
+    "sliding_window",
+    "layer_types",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,15 +160,19 @@ class ModelConfig:
 
     Attributes:
         model_type: `config.json`'s `model_type`, a key of `ARCHITECTURES`.
-        config: The `BertConfig` the parameter tree fits.
+        config: The `BertConfig` (encoders: the tree is a `BertEncoder`'s) or `LlamaConfig`
+            (`DECODERS`: the tree is a `LlamaForCausalLM`'s) the parameter tree fits.
         passthrough: The `IGNORED_FIELDS` present in the loaded `config.json`, and the fields
             checked for the one value ftlab implements (`hidden_act`, ...), written back
             verbatim by `save`.
+        legacy_rope: The decoder's `config.json` gave `rope_theta`/`rope_scaling` (transformers
+            4) instead of `rope_parameters` (transformers 5); `save` writes the same form.
     """
 
     model_type: str
-    config: bert.BertConfig
+    config: bert.BertConfig | llama.LlamaConfig
     passthrough: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    legacy_rope: bool = False
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -156,17 +180,11 @@ class ModelConfig:
                 f"ModelConfig: model_type={self.model_type!r} is not one of "
                 f"{sorted(ARCHITECTURES)}."
             )
-        unknown = sorted(set(self.passthrough) - set(IGNORED_FIELDS) - set(_REQUIRED))
+        unknown = sorted(set(self.passthrough) - set(IGNORED_FIELDS) - set(_CHECKED))
         if unknown:
             raise ValueError(
                 f"ModelConfig: passthrough holds fields that are not ignorable: {unknown}."
             )
-        for key, want in _REQUIRED.items():
-            if self.passthrough.get(key, want) != want:
-                raise ValueError(
-                    f"ModelConfig: passthrough[{key!r}] is {self.passthrough[key]!r}; ftlab "
-                    f"implements only {want!r}."
-                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,8 +260,8 @@ class _Fields:
             raise ValueError(f"{self.where}: required field {key!r} is missing.")
         return default
 
-    def require(self, key: str, default: Any = ..., why: str = "") -> None:
-        want = _REQUIRED[key]
+    def require(self, key: str, want: Any, default: Any = ..., why: str = "") -> None:
+        assert key in _CHECKED, key
         got = self.get(key, default)
         if got != want:
             raise ValueError(
@@ -268,15 +286,16 @@ class _Fields:
         return {
             k: self.d[k]
             for k in self.d
-            if (k in IGNORED_FIELDS and k not in self.used) or k in _REQUIRED
+            if (k in IGNORED_FIELDS and k not in self.used) or k in _CHECKED
         }
 
 
 def _bert_like_from_hf(f: _Fields, model_type: str) -> bert.BertConfig:
-    f.require("hidden_act")
-    f.require("position_embedding_type", "absolute")
-    f.require("is_decoder", False, "ftlab's BertEncoder is encoder-only")
-    f.require("add_cross_attention", False, "ftlab's BertEncoder is encoder-only")
+    # HF "gelu" is the exact erf GELU; "gelu_new"/"gelu_pytorch_tanh" are the tanh form.
+    f.require("hidden_act", "gelu")
+    f.require("position_embedding_type", "absolute", "absolute")
+    f.require("is_decoder", False, False, "ftlab's BertEncoder is encoder-only")
+    f.require("add_cross_attention", False, False, "ftlab's BertEncoder is encoder-only")
     hidden_dropout = float(f.get("hidden_dropout_prob", 0.1))
     attention_dropout = float(f.get("attention_probs_dropout_prob", 0.1))
     # RoBERTa numbers positions from padding_idx + 1 (transformers' default pad id is 1).
@@ -297,8 +316,8 @@ def _bert_like_from_hf(f: _Fields, model_type: str) -> bert.BertConfig:
 
 
 def _distilbert_from_hf(f: _Fields) -> bert.BertConfig:
-    f.require("activation")
-    f.require("sinusoidal_pos_embds", False, "a fixed sinusoidal table; ftlab's is learned")
+    f.require("activation", "gelu")
+    f.require("sinusoidal_pos_embds", False, False, "a fixed sinusoidal table; ftlab's is learned")
     dropout = float(f.get("dropout", 0.1))
     attention_dropout = float(f.get("attention_dropout", 0.1))
     return bert.BertConfig(
@@ -314,6 +333,86 @@ def _distilbert_from_hf(f: _Fields) -> bert.BertConfig:
         dropout_rate=dropout,
         attention_dropout_rate=None if attention_dropout == dropout else attention_dropout,
     )
+
+
+def _rope_from_hf(f: _Fields) -> tuple[float, tuple | None, bool]:
+    """(rope_theta, LlamaConfig.rope_scaling, legacy form) from either config form."""
+    if "rope_parameters" in f.d:
+        params = dict(f.get("rope_parameters"))
+        legacy = False
+        for key in ("rope_theta", "rope_scaling"):
+            if key in f.d:
+                raise ValueError(
+                    f"{f.where}: fields 'rope_parameters' and {key!r} are both given; give one."
+                )
+        theta = params.pop("rope_theta", 10000.0)
+        scaling = params
+    else:
+        theta = f.get("rope_theta", 10000.0)
+        scaling = dict(f.get("rope_scaling", None) or {})
+        legacy = True
+        if "type" in scaling:  # the older spelling of rope_type
+            scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type", "default") == "default":
+        extra = sorted(set(scaling) - {"rope_type"})
+        if extra:
+            raise ValueError(f"{f.where}: default RoPE takes no parameters; got {extra}.")
+        return float(theta), None, legacy
+    try:
+        llama.LlamaConfig.tiny(rope_scaling=tuple(sorted(scaling.items())))
+    except ValueError as e:
+        raise ValueError(f"{f.where}: field 'rope_parameters'/'rope_scaling': {e}") from None
+    return float(theta), tuple(sorted(scaling.items())), legacy
+
+
+def _decoder_from_hf(f: _Fields, model_type: str) -> tuple[llama.LlamaConfig, bool]:
+    f.require("hidden_act", "silu", ..., "SwiGLU with SiLU")
+    f.require("attention_dropout", 0.0, 0.0, "ftlab's decoder has no attention dropout")
+    if model_type in ("llama", "qwen3"):
+        f.require("attention_bias", False, False, "only Qwen2 has q/k/v biases")
+    if model_type == "llama":
+        f.require("mlp_bias", False, False)
+        f.require("pretraining_tp", 1, 1, "sliced matmuls of torch training")
+    max_positions = int(f.get("max_position_embeddings"))
+    if model_type in ("qwen2", "qwen3"):
+        f.require("use_sliding_window", False, False, "sliding-window attention")
+        f.get("sliding_window", None)  # inert without use_sliding_window
+        layers = f.get("layer_types", None)
+        if layers is not None and set(layers) != {"full_attention"}:
+            raise ValueError(
+                f"{f.where}: field 'layer_types' is {layers!r}; ftlab implements only "
+                "'full_attention' layers."
+            )
+    elif model_type == "mistral":
+        window = f.get("sliding_window", None)
+        if window is not None and int(window) < max_positions:
+            raise ValueError(
+                f"{f.where}: field 'sliding_window' is {window}, shorter than "
+                f"max_position_embeddings={max_positions}; ftlab implements only full "
+                "attention (a window at least as long as the context)."
+            )
+    theta, scaling, legacy = _rope_from_hf(f)
+    hidden, heads = int(f.get("hidden_size")), int(f.get("num_attention_heads"))
+    head_dim = f.get("head_dim", None) if model_type != "qwen2" else None
+    if head_dim is not None and int(head_dim) == hidden // heads and hidden % heads == 0:
+        head_dim = None
+    config = llama.LlamaConfig(
+        vocab_size=int(f.get("vocab_size")),
+        hidden_size=hidden,
+        num_layers=int(f.get("num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(f.get("num_key_value_heads", heads)),
+        intermediate_size=int(f.get("intermediate_size")),
+        max_position_embeddings=max_positions,
+        rope_theta=theta,
+        rms_norm_eps=float(f.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(f.get("tie_word_embeddings", model_type == "qwen3")),
+        attention_head_dim=None if head_dim is None else int(head_dim),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        rope_scaling=scaling,
+    )
+    return config, legacy
 
 
 def config_from_hf(d: Mapping[str, Any], *, where: str = CONFIG_FILE) -> ModelConfig:
@@ -336,13 +435,18 @@ def config_from_hf(d: Mapping[str, Any], *, where: str = CONFIG_FILE) -> ModelCo
         raise ValueError(
             f"{where}: field 'model_type' is {model_type!r}; ftlab loads {sorted(ARCHITECTURES)}."
         )
-    if model_type == "distilbert":
+    legacy = False
+    if model_type in DECODERS:
+        config, legacy = _decoder_from_hf(f, model_type)
+    elif model_type == "distilbert":
         config = _distilbert_from_hf(f)
     else:
         config = _bert_like_from_hf(f, model_type)
         if model_type == "bert" and config.type_vocab_size == 0:
             raise ValueError(f"{where}: field 'type_vocab_size' is 0; BERT needs at least 1.")
-    return ModelConfig(model_type=model_type, config=config, passthrough=f.finish())
+    return ModelConfig(
+        model_type=model_type, config=config, passthrough=f.finish(), legacy_rope=legacy
+    )
 
 
 def config_to_hf(model_config: ModelConfig) -> dict[str, Any]:
@@ -355,6 +459,8 @@ def config_to_hf(model_config: ModelConfig) -> dict[str, Any]:
     c, kind = model_config.config, model_config.model_type
     out: dict[str, Any] = {"architectures": [ARCHITECTURES[kind]]}
     out.update(model_config.passthrough)
+    if kind in DECODERS:
+        return _decoder_to_hf(model_config, out)
     attention_dropout = c.probs_dropout_rate
     if kind == "distilbert":
         if c.type_vocab_size or c.position_offset or c.layer_norm_eps != 1e-12:
@@ -406,9 +512,76 @@ def config_to_hf(model_config: ModelConfig) -> dict[str, Any]:
     return out
 
 
+def _decoder_to_hf(model_config: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
+    c, kind = model_config.config, model_config.model_type
+    if c.qkv_bias != (kind == "qwen2") or c.qk_norm != (kind == "qwen3"):
+        raise ValueError(
+            f"config_to_hf: model_type={kind!r} needs qkv_bias={kind == 'qwen2'} and "
+            f"qk_norm={kind == 'qwen3'}; model_config.config has {c.qkv_bias} and {c.qk_norm}."
+        )
+    if kind == "qwen2" and c.attention_head_dim is not None:
+        raise ValueError("config_to_hf: Qwen2 has no head_dim field; attention_head_dim is set.")
+    out.update(
+        model_type=kind,
+        hidden_act="silu",
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_word_embeddings,
+    )
+    if kind != "qwen2":
+        out["head_dim"] = c.head_dim
+    scaling = dict(c.rope_scaling or {})
+    if model_config.legacy_rope:
+        out["rope_theta"] = c.rope_theta
+        out["rope_scaling"] = scaling or None
+    else:
+        out["rope_parameters"] = {"rope_theta": c.rope_theta, "rope_type": "default", **scaling}
+    return out
+
+
+def _decoder_names(c: llama.LlamaConfig) -> dict[str, tuple[str, bool]]:
+    names = {
+        "model.embed_tokens.weight": ("decoder/embeddings/word_embeddings/embedding", False),
+        "model.norm.weight": ("decoder/final_norm/scale", False),
+    }
+    if not c.tie_word_embeddings:
+        names["lm_head.weight"] = ("decoder/lm_head/kernel", True)
+    dense = {
+        "self_attn.q_proj": "attention/query",
+        "self_attn.k_proj": "attention/key",
+        "self_attn.v_proj": "attention/value",
+        "self_attn.o_proj": "attention/out",
+        "mlp.gate_proj": "mlp/gate",
+        "mlp.up_proj": "mlp/up",
+        "mlp.down_proj": "mlp/down",
+    }
+    norms = {"input_layernorm": "attention_norm", "post_attention_layernorm": "mlp_norm"}
+    if c.qk_norm:
+        norms.update(
+            {"self_attn.q_norm": "attention/query_norm", "self_attn.k_norm": "attention/key_norm"}
+        )
+    for i in range(c.num_layers):
+        hf, ft = f"model.layers.{i}.", f"decoder/layer_{i}/"
+        for src, dst in dense.items():
+            names[f"{hf}{src}.weight"] = (f"{ft}{dst}/kernel", True)
+            if c.qkv_bias and src[-6:] in ("q_proj", "k_proj", "v_proj"):
+                names[f"{hf}{src}.bias"] = (f"{ft}{dst}/bias", False)
+        for src, dst in norms.items():
+            names[f"{hf}{src}.weight"] = (f"{ft}{dst}/scale", False)
+    return names
+
+
 def tensor_names(model_config: ModelConfig) -> dict[str, tuple[str, bool]]:
     """HF tensor name -> (ftlab slash path, whether the torch `(out, in)` weight is transposed)."""
     c, kind = model_config.config, model_config.model_type
+    if kind in DECODERS:
+        return _decoder_names(c)
     names: dict[str, tuple[str, bool]] = {
         "embeddings.word_embeddings.weight": ("embeddings/word_embeddings/embedding", False),
         "embeddings.position_embeddings.weight": (
@@ -523,7 +696,9 @@ def _read_tensors(
     return out, unexpected
 
 
-def _expected_shapes(config: bert.BertConfig) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(config: bert.BertConfig | llama.LlamaConfig) -> dict[str, tuple[int, ...]]:
+    if isinstance(config, llama.LlamaConfig):
+        return llama.param_shapes(config)
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -550,7 +725,7 @@ def load_tokenizer(folder: str | pathlib.Path) -> TokenizerFiles | None:
 def load(
     path: str | pathlib.Path, *, dtype: Any = np.float32
 ) -> tuple[ModelConfig, types.Params, TokenizerFiles | None]:
-    """Loads a Hugging Face model folder into an ftlab `BertEncoder` tree.
+    """Loads a Hugging Face model folder into an ftlab `BertEncoder` or `LlamaForCausalLM` tree.
 
     Args:
         path: The folder: `config.json`, `model.safetensors` or the sharded files with

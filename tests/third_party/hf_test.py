@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from ftlab.core import partition
-from ftlab.models import bert
+from ftlab.models import bert, llama
 from third_party import hf
 
 DATA = pathlib.Path(__file__).parent / "testdata" / "hf"
-ARCHS = ("bert", "roberta", "distilbert")
+ENCODERS = ("bert", "roberta", "distilbert")
+DECODERS = ("llama_tied", "llama", "mistral", "qwen2", "qwen3")
+ARCHS = ENCODERS + DECODERS
 TOLERANCE = 1e-5
 
 
@@ -34,24 +36,42 @@ def recorded(arch):
 
 
 def _forward(config, params, recorded):
-    return np.asarray(
-        bert.BertEncoder(config).apply(
-            {"params": params}, recorded["input_ids"], recorded["attention_mask"]
-        )
-    )
+    """(last hidden state, logits or None) of ftlab's model."""
+    ids, mask = recorded["input_ids"], recorded["attention_mask"]
+    if isinstance(config, llama.LlamaConfig):
+        model = llama.LlamaForCausalLM(config)
+        hidden = model.apply({"params": params}, ids, mask, return_hidden=True)
+        return np.asarray(hidden), np.asarray(model.apply({"params": params}, ids, mask))
+    return np.asarray(bert.BertEncoder(config).apply({"params": params}, ids, mask)), None
 
 
-def _max_diff(hidden, recorded):
-    """Largest |diff| over real tokens (padded positions differ by construction, and are masked)."""
+def _max_diff(ours, recorded):
+    """Largest |diff| over real tokens (padded positions differ by construction, and are masked)
+    of the last hidden state and, for decoders, the logits."""
     real = recorded["attention_mask"].astype(bool)
-    return float(np.max(np.abs(hidden[real] - recorded["last_hidden_state"][real])))
+    hidden, logits = ours
+    diff = np.max(np.abs(hidden[real] - recorded["last_hidden_state"][real]))
+    if "logits" in recorded:
+        diff = max(diff, np.max(np.abs(logits[real] - recorded["logits"][real])))
+    return float(diff)
 
 
 def test_forward_matches_transformers(arch, loaded, recorded):
     model_config, params, _ = loaded
-    assert model_config.model_type == arch
+    assert model_config.model_type == arch.removesuffix("_tied")
     diff = _max_diff(_forward(model_config.config, params, recorded), recorded)
     assert diff < TOLERANCE, f"{arch}: max |diff| {diff:.2e} vs transformers"
+
+
+def test_decoder_switches():
+    configs = {arch: hf.load(DATA / arch)[0].config for arch in DECODERS}
+    assert configs["llama_tied"].tie_word_embeddings and configs["llama_tied"].rope_theta == 1e5
+    assert not configs["llama"].tie_word_embeddings
+    assert dict(configs["llama"].rope_scaling)["rope_type"] == "llama3"
+    assert configs["qwen2"].qkv_bias and not configs["qwen2"].qk_norm
+    assert configs["qwen3"].qk_norm and configs["qwen3"].head_dim == 16
+    chat = hf.load(DATA / "llama_tied")[2].chat_template
+    assert chat is not None and "messages" in chat
 
 
 def test_architecture_switches():
@@ -79,7 +99,7 @@ def test_round_trip_is_exact(arch, loaded, tmp_path):
     original = json.loads((DATA / arch / "config.json").read_text())
     written = json.loads((tmp_path / "config.json").read_text())
     assert written == original
-    from safetensors import safe_open
+    from safetensors import safe_open  # noqa: PLC0415
 
     def shapes(folder):
         out = {}
@@ -89,6 +109,9 @@ def test_round_trip_is_exact(arch, loaded, tmp_path):
         return {k: v for k, v in out.items() if not k.startswith("pooler.")}
 
     assert shapes(tmp_path) == shapes(DATA / arch)
+    assert sorted(p.name for p in tmp_path.iterdir() if "safetensors" not in p.name) == sorted(
+        p.name for p in (DATA / arch).iterdir() if "safetensors" not in p.name
+    )
 
 
 def test_tokenizer_matches_transformers(arch, loaded, recorded):
@@ -119,6 +142,36 @@ def test_unknown_config_field_is_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="'rope_scaling' are not understood"):
         hf.load(folder)
+
+
+def test_short_sliding_window_is_refused(tmp_path):
+    folder = _copy("mistral", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["sliding_window"] = 16
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="field 'sliding_window' is 16"):
+        hf.load(folder)
+
+
+def test_unknown_rope_type_is_refused(tmp_path):
+    folder = _copy("llama", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"]["rope_type"] = "yarn"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not implemented"):
+        hf.load(folder)
+
+
+def test_legacy_rope_fields_load_and_save_back(tmp_path):
+    folder = _copy("llama_tied", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    config["rope_scaling"] = None
+    (folder / "config.json").write_text(json.dumps(config))
+    model_config, params, tok = hf.load(folder)
+    assert model_config.legacy_rope and model_config.config.rope_theta == 1e5
+    hf.save(tmp_path / "out", model_config, params, tok)
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == config
 
 
 def test_unimplemented_value_is_refused(tmp_path):
@@ -166,15 +219,19 @@ def test_live_against_transformers(arch, loaded, tmp_path):
     recorded = dict(np.load(DATA / f"{arch}.npz"))
     model_config, params, tok = loaded
     hf.save(tmp_path, model_config, params, tok)
-    ids = torch.from_numpy(recorded["input_ids"])
-    mask = torch.from_numpy(recorded["attention_mask"])
+    inputs = {k: torch.from_numpy(recorded[k]) for k in ("input_ids", "attention_mask")}
     ours = _forward(model_config.config, params, recorded)
+    auto = transformers.AutoModelForCausalLM if arch in DECODERS else transformers.AutoModel
     for folder in (DATA / arch, tmp_path):
-        model, info = transformers.AutoModel.from_pretrained(folder, output_loading_info=True)
+        model, info = auto.from_pretrained(folder, output_loading_info=True)
         model.eval()
         # ftlab writes no pooler (it has none); everything else must load, nothing be left over.
         assert not info["unexpected_keys"], info
         assert all(k.startswith("pooler.") for k in info["missing_keys"]), info
+        theirs = {**recorded}
         with torch.no_grad():
-            theirs = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
-        assert _max_diff(ours, {**recorded, "last_hidden_state": theirs}) < TOLERANCE, folder
+            if arch in DECODERS:
+                theirs["logits"] = model(**inputs).logits.numpy()
+                model = model.model
+            theirs["last_hidden_state"] = model(**inputs).last_hidden_state.numpy()
+        assert _max_diff(ours, theirs) < TOLERANCE, folder

@@ -108,17 +108,67 @@ def models():
             **_common(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=32)
         )
     )
-    for m in (bert, roberta, distilbert):
-        # Random init leaves LayerNorms at (1, 0) and biases at 0; perturb them so a swapped
-        # or dropped bias/scale shows in the outputs.
+    # Random init leaves norms at (1, 0) and biases at 0 (below); perturb them so a swapped or
+    # dropped bias/scale shows in the outputs.
+    decoder = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    chat_tok = _tokenizer(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+    )
+    chat_tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    decoders = {
+        # SmolLM2's shape: tied embeddings, RoPE base 1e5.
+        "llama_tied": transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                **decoder, tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5
+            )
+        ),
+        # Llama 3.1's shape: untied head, llama3 RoPE scaling.
+        "llama": transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                **decoder,
+                tie_word_embeddings=False,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8,
+                },
+            )
+        ),
+        "mistral": transformers.MistralForCausalLM(
+            transformers.MistralConfig(**decoder, sliding_window=None)
+        ),
+        "qwen2": transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(**decoder, tie_word_embeddings=True)
+        ),
+        "qwen3": transformers.Qwen3ForCausalLM(
+            transformers.Qwen3Config(**decoder, head_dim=16, tie_word_embeddings=False)
+        ),
+    }
+    for m in (bert, roberta, distilbert, *decoders.values()):
         with torch.no_grad():
             for name, p in m.named_parameters():
-                if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                if "norm" in name.lower() or name.endswith("bias"):
                     p.add_(0.1 * torch.randn_like(p))
     return {
         "bert": (bert, bert_tok, {}),
         "roberta": (roberta, roberta_tok, {"max_shard_size": "40KB"}),
         "distilbert": (distilbert, bert_tok, {}),
+        **{k: (m, chat_tok if k == "llama_tied" else bert_tok, {}) for k, m in decoders.items()},
     }
 
 
@@ -133,15 +183,20 @@ def main():
         ids, mask = INPUT_IDS.copy(), ATTENTION_MASK.copy()
         if name == "roberta":
             ids = np.where(mask == 1, ids, 1)  # its pad id
+        extra = {}
         with torch.no_grad():
-            hidden = model(
-                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
-            ).last_hidden_state.numpy()
+            inputs = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+            if hasattr(model, "lm_head"):  # a decoder: record its logits too
+                extra["logits"] = model(**inputs).logits.numpy().astype(np.float32)
+                hidden = model.model(**inputs).last_hidden_state.numpy()
+            else:
+                hidden = model(**inputs).last_hidden_state.numpy()
         np.savez(
             OUT / f"{name}.npz",
             input_ids=ids,
             attention_mask=mask,
             last_hidden_state=hidden.astype(np.float32),
+            **extra,
             sentence_ids=np.array(tok(SENTENCE)["input_ids"], dtype=np.int64),
         )
         print(name, sorted(p.name for p in folder.iterdir()))
