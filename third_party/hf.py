@@ -20,8 +20,9 @@ it, never skipped. Ignored fields are kept verbatim (`ModelConfig.passthrough`) 
 `save`. Every tensor in the files must map to a leaf and every leaf must be in the files; the only
 tensors skipped are listed in `_SKIPPED_TENSORS` with their reason.
 
-Tensors are read memory-mapped (`safetensors.safe_open`), one shard at a time and one tensor at a
-time, and cast to the `dtype` asked for, so the host holds little more than the converted tree.
+Tensors are read memory-mapped (`np.memmap`; safetensors' own numpy reader has no bfloat16), one
+shard at a time and one tensor at a time, and cast to the `dtype` asked for, so the host holds
+little more than the converted tree. `save` writes bfloat16 trees as BF16 tensors.
 
 Position ids of RoBERTa: transformers counts them over the non-padding tokens, ftlab over the
 sequence (`arange + position_offset`); they agree on every real token of a right-padded batch
@@ -654,45 +655,131 @@ def _shards(folder: pathlib.Path) -> dict[pathlib.Path, list[str] | None]:
     )
 
 
+# Bytes per element of the safetensors dtype codes.
+_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+    "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+
+
+class _MappedSafetensors:
+    """A safetensors file memory-mapped, its tensors read one at a time as numpy views.
+
+    `safetensors.safe_open(framework="numpy")` cannot return bfloat16 tensors (numpy has no
+    such dtype), and most decoder checkpoints are bfloat16; the format is simple (an 8-byte
+    little-endian header length, a JSON header of dtype, shape and byte offsets, then the data),
+    so it is read here with `np.memmap` and `ml_dtypes.bfloat16`.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        import ml_dtypes  # noqa: PLC0415 (a jax dependency)
+
+        self.path = path
+        self.dtypes = {
+            "F64": np.float64,
+            "F32": np.float32,
+            "F16": np.float16,
+            "BF16": ml_dtypes.bfloat16,
+        }
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"{path}: not a safetensors file (header length {n}).")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise ValueError(f"{path}: the safetensors header is not JSON ({e}).") from None
+        header.pop("__metadata__", None)
+        self.header = header
+        self.data_size = size - 8 - n
+        # Every entry, read or skipped, must fit the file: a truncated file is named at once.
+        for key, info in header.items():
+            start, end = info["data_offsets"]
+            width = _ITEMSIZE.get(info["dtype"])
+            numel = int(np.prod(info["shape"]))
+            if end > self.data_size or (width is not None and end - start != numel * width):
+                raise ValueError(
+                    f"{path}: tensor {key!r} ({info['dtype']} {info['shape']}) has byte range "
+                    f"[{start}, {end}) that does not fit its shape or the file "
+                    f"({self.data_size} data bytes); truncated file?"
+                )
+        self.data = (
+            np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if self.data_size else None
+        )
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get(self, key: str) -> np.ndarray:
+        """The tensor `key` as a read-only view of the mapped file (floating dtypes only)."""
+        info = self.header[key]
+        if info["dtype"] not in self.dtypes:
+            raise ValueError(
+                f"{self.path}: tensor {key!r} has dtype {info['dtype']}; expected one of "
+                f"{sorted(self.dtypes)}."
+            )
+        start, end = info["data_offsets"]  # checked against the file in __init__
+        dtype = np.dtype(self.dtypes[info["dtype"]])
+        return self.data[start:end].view(dtype).reshape(tuple(info["shape"]))
+
+
+def _write_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """Writes a safetensors file (metadata `format=pt`, as transformers requires), bfloat16 too."""
+    codes = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in sorted(tensors):
+        array = tensors[name]
+        if array.dtype.name not in codes:
+            raise ValueError(f"save: leaf for {name!r} has dtype {array.dtype}; expected floats.")
+        header[name] = {
+            "dtype": codes[array.dtype.name],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name in sorted(tensors):
+            f.write(np.ascontiguousarray(tensors[name]).tobytes())
+
+
 def _read_tensors(
     folder: pathlib.Path, want: Mapping[str, tuple[str, bool]], dtype: Any
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Reads the wanted tensors shard by shard; returns them and the unexpected names."""
-    from safetensors import safe_open  # noqa: PLC0415 (optional dependency)
-
     out, unexpected = {}, []
     # A task model's base tensors sit under a prefix ("bert.", "distilbert.", ...).
     prefixes = ("", "bert.", "roberta.", "distilbert.")
     for path, listed in _shards(folder).items():
-        with safe_open(str(path), framework="numpy") as f:
-            keys = list(f.keys())
-            if listed is not None and set(keys) != set(listed):
-                raise ValueError(
-                    f"{path}: holds {sorted(set(keys) - set(listed))[:5]} not listed for it in "
-                    f"{INDEX_FILE}, and lacks {sorted(set(listed) - set(keys))[:5]}."
-                )
-            for key in keys:
-                name = next(
-                    (
-                        key[len(p) :]
-                        for p in prefixes
-                        if key.startswith(p) and key[len(p) :] in want
-                    ),
-                    None,
-                )
-                if name is None:
-                    bare = next((key[len(p) :] for p in prefixes[1:] if key.startswith(p)), key)
-                    if not _SKIP.fullmatch(bare):
-                        unexpected.append(key)
-                    continue
-                if name in out:
-                    raise ValueError(f"{folder}: tensor {name!r} is stored twice.")
-                value = f.get_tensor(key)
-                leaf, transpose = want[name]
-                if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
-                    raise ValueError(f"{path}: tensor {key!r} ({leaf}) has dtype {value.dtype}.")
-                value = value.T if transpose else value
-                out[name] = np.ascontiguousarray(value.astype(dtype, copy=False))
+        f = _MappedSafetensors(path)
+        keys = f.keys()
+        if listed is not None and set(keys) != set(listed):
+            raise ValueError(
+                f"{path}: holds {sorted(set(keys) - set(listed))[:5]} not listed for it in "
+                f"{INDEX_FILE}, and lacks {sorted(set(listed) - set(keys))[:5]}."
+            )
+        for key in keys:
+            name = next(
+                (key[len(p) :] for p in prefixes if key.startswith(p) and key[len(p) :] in want),
+                None,
+            )
+            if name is None:
+                bare = next((key[len(p) :] for p in prefixes[1:] if key.startswith(p)), key)
+                if not _SKIP.fullmatch(bare):
+                    unexpected.append(key)
+                continue
+            if name in out:
+                raise ValueError(f"{folder}: tensor {name!r} is stored twice.")
+            value = f.get(key)
+            value = value.T if want[name][1] else value
+            # A copy in the asked dtype: nothing returned keeps the file mapped.
+            out[name] = np.array(value, dtype=dtype, order="C", copy=True)
+        del f  # one shard mapped at a time
     return out, unexpected
 
 
@@ -790,7 +877,8 @@ def save(
     """Writes a Hugging Face model folder that `load` and `transformers` read back.
 
     Writes `config.json`, a single `model.safetensors` (torch names and `(out, in)` layout, in
-    the params' own dtype, metadata `format=pt` as transformers expects) and the tokenizer files.
+    the params' own dtype, bfloat16 included, metadata `format=pt` as transformers expects) and
+    the tokenizer files. A stacked decoder tree (`llama.stack_layers`) is unstacked first.
 
     Args:
         path: The folder; created if missing. Existing files of the same names are replaced.
@@ -801,10 +889,10 @@ def save(
     Raises:
         ValueError: if `params` has leaves `model_config` does not know, or lacks some, naming them.
     """
-    from safetensors import numpy as safetensors_numpy  # noqa: PLC0415 (optional dependency)
-
     from ftlab.core import partition  # noqa: PLC0415
 
+    if model_config.model_type in DECODERS and llama.LAYERS in params.get("decoder", {}):
+        params = llama.unstack_layers(params)  # a stacked tree (`llama.stack_layers`)
     flat = {k: np.asarray(v) for k, v in partition.flatten(params).items()}
     names = tensor_names(model_config)
     by_leaf = {leaf: (hf, transpose) for hf, (leaf, transpose) in names.items()}
@@ -823,7 +911,7 @@ def save(
     folder.mkdir(parents=True, exist_ok=True)
     config = config_to_hf(model_config)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    safetensors_numpy.save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    _write_safetensors(folder / WEIGHTS_FILE, tensors)
     if tokenizer is not None:
         for name, data in tokenizer.files.items():
             (folder / name).write_bytes(data)

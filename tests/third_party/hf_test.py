@@ -129,6 +129,20 @@ def test_dtype_cast():
     assert {leaf.dtype for leaf in leaves} == {np.dtype(jax.numpy.bfloat16)}
 
 
+def test_bfloat16_files_load_and_save(tmp_path):
+    """Most decoder checkpoints are BF16, which safetensors' numpy reader cannot return."""
+    model_config, params, tok = hf.load(DATA / "qwen3", dtype=jax.numpy.bfloat16)
+    hf.save(tmp_path, model_config, llama.stack_layers(params), tok)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert header["lm_head.weight"]["dtype"] == "BF16"
+    again = partition.flatten(hf.load(tmp_path, dtype=jax.numpy.bfloat16)[1])
+    as_f32 = partition.flatten(hf.load(tmp_path)[1])
+    for k, v in partition.flatten(params).items():
+        assert np.array_equal(again[k], v), k
+        np.testing.assert_array_equal(as_f32[k], v.astype(np.float32))
+
+
 def _copy(arch, tmp_path):
     folder = tmp_path / arch
     shutil.copytree(DATA / arch, folder)
@@ -192,6 +206,14 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     weights["transformer.layer.1.ffn.extra"] = np.zeros(3, np.float32)
     safetensors_numpy.save_file(weights, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match=r"(?s)unexpected.*ffn\.extra.*missing.*lin2\.bias"):
+        hf.load(folder)
+
+
+def test_truncated_file_is_named(tmp_path):
+    folder = _copy("bert", tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor .* truncated file\?"):
         hf.load(folder)
 
 
