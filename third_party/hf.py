@@ -5,13 +5,25 @@ shards `model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.jso
 parameter tree and config; `save` writes one back that `load` reads to the same bits and that
 `transformers` loads with the same names, shapes and config keys.
 
-Supported architectures (`model_type` in `config.json`), all onto `ftlab.models.bert.BertEncoder`:
+Supported architectures (`model_type` in `config.json`). Encoders, onto
+`ftlab.models.bert.BertEncoder` (a base model's folder, or a task model's base under `bert.` etc.):
 
 * ``bert``: `BertModel`, as is.
 * ``roberta``: `RobertaModel`; the same tensors as BERT, but position ids start after the padding
   index (`BertConfig.position_offset = pad_token_id + 1`).
 * ``distilbert``: `DistilBertModel`; no token-type embeddings (`type_vocab_size=0`), learned
   positions, other tensor names (`q_lin`, `sa_layer_norm`, `ffn.lin1`, ...).
+
+Decoders (`DECODERS`), `*ForCausalLM` folders onto `ftlab.models.llama.LlamaForCausalLM`:
+
+* ``llama``: SmolLM2 and Llama 2/3; tied or untied embeddings (`tie_word_embeddings`), RoPE
+  scaling `linear` or `llama3` (`rope_parameters`, or transformers 4's `rope_theta` and
+  `rope_scaling`, written back in the form read).
+* ``mistral``: as Llama; a `sliding_window` shorter than the context is refused.
+* ``qwen2``: q/k/v biases (`LlamaConfig.qkv_bias`); sliding windows refused.
+* ``qwen3``: q/k RMSNorms over each head (`qk_norm`) and its own `head_dim`.
+
+A tied checkpoint that also stores `lm_head.weight` loads when it equals the embedding table.
 
 The converter is defensive (as penzai's): every `config.json` field is either read into the
 config, checked against the one value ftlab implements, or on an explicit ignore-list with the
@@ -836,7 +848,20 @@ def load(
         raise FileNotFoundError(f"{config_path} is missing; is {folder} a model folder?")
     model_config = config_from_hf(json.loads(config_path.read_text()), where=str(config_path))
     names = tensor_names(model_config)
-    tensors, unexpected = _read_tensors(folder, names, dtype)
+    tied_copy = None
+    if model_config.model_type in DECODERS and model_config.config.tie_word_embeddings:
+        # Some tied checkpoints store the head too; it must be the table, and is then dropped.
+        tied_copy = {"lm_head.weight": ("decoder/embeddings/word_embeddings/embedding", False)}
+    tensors, unexpected = _read_tensors(folder, {**names, **(tied_copy or {})}, dtype)
+    if tied_copy and "lm_head.weight" in tensors:
+        head = tensors.pop("lm_head.weight")
+        table = tensors.get("model.embed_tokens.weight")
+        if table is None or not np.array_equal(head, table):
+            raise ValueError(
+                f"{folder}: config.json says tie_word_embeddings=true, but the files hold an "
+                "lm_head.weight that differs from model.embed_tokens.weight; set "
+                "tie_word_embeddings to false to load the separate head."
+            )
     missing = sorted(k for k in names if k not in tensors)
     if unexpected or missing:
         lines = [f"{folder}: the tensors do not match {ARCHITECTURES[model_config.model_type]}:"]

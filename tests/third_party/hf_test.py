@@ -209,6 +209,36 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
         hf.load(folder)
 
 
+def test_tied_checkpoint_may_store_its_head(tmp_path):
+    from safetensors import numpy as safetensors_numpy  # noqa: PLC0415
+
+    folder = _copy("qwen2", tmp_path)
+    weights = safetensors_numpy.load_file(str(folder / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].copy()
+    safetensors_numpy.save_file(weights, str(folder / "model.safetensors"))
+    assert "lm_head" not in hf.load(folder)[1]["decoder"]
+    weights["lm_head.weight"][0, 0] += 1.0
+    safetensors_numpy.save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="lm_head.weight that differs"):
+        hf.load(folder)
+
+
+def test_task_model_prefix(tmp_path):
+    """A BertFor...'s base tensors sit under `bert.`; its head is not loaded, and is named."""
+    from safetensors import numpy as safetensors_numpy  # noqa: PLC0415
+
+    folder = _copy("bert", tmp_path)
+    weights = safetensors_numpy.load_file(str(folder / "model.safetensors"))
+    weights = {f"bert.{k}": v for k, v in weights.items()}
+    safetensors_numpy.save_file(weights, str(folder / "model.safetensors"))
+    a, b = (partition.flatten(hf.load(f)[1]) for f in (folder, DATA / "bert"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    weights["classifier.weight"] = np.zeros((2, 32), np.float32)
+    safetensors_numpy.save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \(1\): classifier\.weight"):
+        hf.load(folder)
+
+
 def test_truncated_file_is_named(tmp_path):
     folder = _copy("bert", tmp_path)
     weights = folder / "model.safetensors"
