@@ -736,18 +736,24 @@ class _MappedSafetensors:
         return self.data[start:end].view(dtype).reshape(tuple(info["shape"]))
 
 
-def _write_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) -> None:
-    """Writes a safetensors file (metadata `format=pt`, as transformers requires), bfloat16 too."""
+def _write_safetensors(
+    path: pathlib.Path, tensors: Mapping[str, tuple[np.ndarray, bool]], names: list[str]
+) -> None:
+    """Writes `names` of `tensors` (name -> (array, transpose)) as a safetensors file.
+
+    Metadata `format=pt`, as transformers requires; bfloat16 included. Each tensor is transposed
+    into torch's layout only while it is written, so the host never holds a second model.
+    """
     codes = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name in sorted(tensors):
-        array = tensors[name]
+    for name in names:
+        array, transpose = tensors[name]
         if array.dtype.name not in codes:
             raise ValueError(f"save: leaf for {name!r} has dtype {array.dtype}; expected floats.")
         header[name] = {
             "dtype": codes[array.dtype.name],
-            "shape": list(array.shape),
+            "shape": list(array.shape[::-1] if transpose else array.shape),
             "data_offsets": [offset, offset + array.nbytes],
         }
         offset += array.nbytes
@@ -756,8 +762,9 @@ def _write_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray]) ->
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
-        for name in sorted(tensors):
-            f.write(np.ascontiguousarray(tensors[name]).tobytes())
+        for name in names:
+            array, transpose = tensors[name]
+            f.write(np.ascontiguousarray(array.T if transpose else array).tobytes())
 
 
 def _read_tensors(
@@ -898,6 +905,8 @@ def save(
     model_config: ModelConfig,
     params: types.Params,
     tokenizer: TokenizerFiles | None = None,
+    *,
+    max_shard_bytes: int | None = None,
 ) -> None:
     """Writes a Hugging Face model folder that `load` and `transformers` read back.
 
@@ -910,6 +919,11 @@ def save(
         model_config: The architecture and config (from `load`, or built by hand).
         params: A `BertEncoder` tree (no method leaves: merge LoRA first).
         tokenizer: Tokenizer files to write, or None for none.
+        max_shard_bytes: Split the weights into `model-0000i-of-0000n.safetensors` shards of
+            at most this many bytes (a larger tensor gets a shard of its own) listed in
+            `model.safetensors.index.json`, as `save_pretrained(max_shard_size=...)`; None:
+            one `model.safetensors`. Weight files of an earlier save in the folder are removed
+            first, so a stale index never shadows the new weights.
 
     Raises:
         ValueError: if `params` has leaves `model_config` does not know, or lacks some, naming them.
@@ -928,15 +942,40 @@ def save(
             f"the architecture {extra}, leaves missing {missing}. Merge method leaves (LoRA, "
             "...) into the base weights first."
         )
-    tensors = {
-        hf: np.ascontiguousarray(flat[leaf].T if transpose else flat[leaf])
-        for leaf, (hf, transpose) in by_leaf.items()
-    }
+    tensors = {hf: (flat[leaf], transpose) for leaf, (hf, transpose) in by_leaf.items()}
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise ValueError(f"save: max_shard_bytes={max_shard_bytes} must be positive.")
+    config = config_to_hf(model_config)
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    config = config_to_hf(model_config)
+    for old in [
+        folder / WEIGHTS_FILE,
+        folder / INDEX_FILE,
+        *folder.glob("model-*-of-*.safetensors"),
+    ]:
+        old.unlink(missing_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    _write_safetensors(folder / WEIGHTS_FILE, tensors)
+    order = sorted(tensors)
+    if max_shard_bytes is None:
+        _write_safetensors(folder / WEIGHTS_FILE, tensors, order)
+    else:
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name in order:
+            nbytes = tensors[name][0].nbytes
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors(folder / file, tensors, shard)
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(a.nbytes for a, _ in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         for name, data in tokenizer.files.items():
             (folder / name).write_bytes(data)

@@ -114,6 +114,16 @@ def test_round_trip_is_exact(arch, loaded, tmp_path):
     )
 
 
+def test_sharded_save_round_trips(tmp_path):
+    model_config, params, tok = hf.load(DATA / "llama")
+    hf.save(tmp_path, model_config, params, tok)
+    hf.save(tmp_path, model_config, params, tok, max_shard_bytes=20_000)
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    again = partition.flatten(hf.load(tmp_path)[1])  # the old model.safetensors is gone
+    assert all(np.array_equal(again[k], v) for k, v in partition.flatten(params).items())
+
+
 def test_tokenizer_matches_transformers(arch, loaded, recorded):
     tok = loaded[2].build()
     assert tok.padding is None and tok.truncation is None
@@ -270,7 +280,7 @@ def test_live_against_transformers(arch, loaded, tmp_path):
     transformers = pytest.importorskip("transformers")
     recorded = dict(np.load(DATA / f"{arch}.npz"))
     model_config, params, tok = loaded
-    hf.save(tmp_path, model_config, params, tok)
+    hf.save(tmp_path, model_config, params, tok, max_shard_bytes=30_000)
     inputs = {k: torch.from_numpy(recorded[k]) for k in ("input_ids", "attention_mask")}
     ours = _forward(model_config.config, params, recorded)
     auto = transformers.AutoModelForCausalLM if arch in DECODERS else transformers.AutoModel
