@@ -106,8 +106,8 @@ ARCHITECTURES = {
 }
 DECODERS = ("llama", "mistral", "qwen2", "qwen3")
 
-# config.json fields that cannot change the encoder's forward pass, with the reason. They are
-# kept verbatim and written back by `save`.
+# config.json fields that cannot change the forward pass, with the reason. They are kept verbatim
+# and written back by `save`.
 IGNORED_FIELDS = {
     "_name_or_path": "where transformers loaded the model from; bookkeeping",
     "architectures": "the transformers class names; the architecture is model_type",
@@ -116,7 +116,7 @@ IGNORED_FIELDS = {
     "dtype": "the storage dtype of the tensors; load casts to its dtype argument",
     "initializer_range": "the std of random init; loaded weights are not initialised",
     "gradient_checkpointing": "a torch memory/compute trade-off in training; no effect on values",
-    "use_cache": "past key/value caching, used only by decoders",
+    "use_cache": "whether transformers returns a KV cache; ftlab's cache is an explicit argument",
     "classifier_dropout": "dropout of a task head, which this loader does not load",
     "id2label": "labels of a task head, which this loader does not load",
     "label2id": "labels of a task head, which this loader does not load",
@@ -124,9 +124,9 @@ IGNORED_FIELDS = {
     "problem_type": "loss of a task head, which this loader does not load",
     "qa_dropout": "dropout of DistilBERT's question-answering head, not loaded",
     "seq_classif_dropout": "dropout of DistilBERT's classification head, not loaded",
-    "bos_token_id": "a tokenizer id; the encoder's forward pass reads no special id",
-    "eos_token_id": "a tokenizer id; the encoder's forward pass reads no special id",
-    "sep_token_id": "a tokenizer id; the encoder's forward pass reads no special id",
+    "bos_token_id": "a tokenizer/generation id; the forward pass reads none",
+    "eos_token_id": "a tokenizer/generation id; the forward pass reads none",
+    "sep_token_id": "a tokenizer/generation id; the forward pass reads none",
     "output_past": "a generation option; encoders have no past",
     "tie_weights_": "DistilBERT's masked-LM head tying; the head is not loaded",
     "return_dict": "the shape of transformers' return value",
@@ -140,7 +140,7 @@ IGNORED_FIELDS = {
     "pad_token_id": "except RoBERTa: torch's gradient of one embedding row, a tokenizer id",
     "chunk_size_feed_forward": "checked separately: feed-forward chunking changes memory only",
 }
-# Tensors in a folder that are not encoder parameters: (pattern, reason).
+# Tensors in a folder that are not model parameters: (pattern, reason).
 _SKIPPED_TENSORS = (
     (r"embeddings\.position_ids", "a constant arange buffer (older transformers saved it)"),
     (r"embeddings\.token_type_ids", "a constant zeros buffer (older transformers saved it)"),
@@ -414,12 +414,14 @@ def _decoder_from_hf(f: _Fields, model_type: str) -> tuple[llama.LlamaConfig, bo
         hidden_size=hidden,
         num_layers=int(f.get("num_hidden_layers")),
         num_heads=heads,
-        num_kv_heads=int(f.get("num_key_value_heads", heads)),
+        # Llama defaults to one KV head per query head; the others' defaults are model sizes.
+        num_kv_heads=int(f.get("num_key_value_heads", heads if model_type == "llama" else ...)),
         intermediate_size=int(f.get("intermediate_size")),
         max_position_embeddings=max_positions,
         rope_theta=theta,
         rms_norm_eps=float(f.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(f.get("tie_word_embeddings", model_type == "qwen3")),
+        # Absent: transformers' default for these four classes, untied.
+        tie_word_embeddings=bool(f.get("tie_word_embeddings", False)),
         attention_head_dim=None if head_dim is None else int(head_dim),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",

@@ -297,3 +297,26 @@ def test_live_against_transformers(arch, loaded, tmp_path):
                 model = model.model
             theirs["last_hidden_state"] = model(**inputs).last_hidden_state.numpy()
         assert _max_diff(ours, theirs) < TOLERANCE, folder
+
+
+def test_live_smollm2_gguf_exports_to_transformers(tmp_path):
+    """The real SmolLM2 (from its GGUF) saved as a folder: transformers gives ftlab's logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from third_party import smollm2  # noqa: PLC0415
+
+    pretrained = smollm2.load()
+    model_config = hf.ModelConfig("llama", pretrained.config)
+    tok = hf.TokenizerFiles({"tokenizer.json": pretrained.tokenizer.to_str().encode()})
+    hf.save(tmp_path, model_config, pretrained.params, tok)
+    ids = np.array([pretrained.tokenizer.encode("The capital of France is Paris.").ids])
+    ours = np.asarray(llama.forward(pretrained.config, pretrained.params, ids))
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids)).logits.numpy()
+    # 30 layers in float32 on two stacks; the logits are O(10).
+    assert np.max(np.abs(theirs - ours)) < 1e-3
+    assert np.array_equal(theirs.argmax(-1), ours.argmax(-1))
