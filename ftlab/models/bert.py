@@ -82,7 +82,8 @@ class BertConfig:
         num_heads: Attention heads per layer; must divide `hidden_size`.
         intermediate_size: Width of the MLP's hidden layer.
         max_position_embeddings: Longest sequence the position table covers.
-        type_vocab_size: Number of token-type (segment) ids.
+        type_vocab_size: Number of token-type (segment) ids; 0: the model has no token-type
+            embedding table (DistilBERT), and `token_type_ids` must not be passed.
         layer_norm_eps: Epsilon of every layer norm.
         dropout_rate: Dropout on embeddings, attention probabilities and sublayer outputs.
         dtype: Computation dtype (parameters stay float32).
@@ -90,6 +91,9 @@ class BertConfig:
             `dropout_rate`. 0 lets a fused attention kernel (cuDNN) run in training.
         attention: Attention kernel, one of `attention.IMPLEMENTATIONS` (`"auto"`: cuDNN on a
             GPU in bfloat16/float16 when no probability dropout applies, else the einsum path).
+        position_offset: Position id of the first token: token `i` reads row `i +
+            position_offset` of the position table. 0 for BERT; RoBERTa counts positions from
+            `padding_idx + 1` (2), so the rows below it are never read.
     """
 
     vocab_size: int
@@ -104,6 +108,7 @@ class BertConfig:
     dtype: Any = jnp.float32
     attention_dropout_rate: float | None = None
     attention: str = "auto"
+    position_offset: int = 0
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -117,6 +122,13 @@ class BertConfig:
         if rate is not None and not 0.0 <= rate < 1.0:
             raise ValueError(f"BertConfig: attention_dropout_rate={rate} must be in [0, 1).")
         attention.check(self.attention, what="BertConfig: attention")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"BertConfig: type_vocab_size={self.type_vocab_size} must be >= 0.")
+        if not 0 <= self.position_offset < self.max_position_embeddings:
+            raise ValueError(
+                f"BertConfig: position_offset={self.position_offset} must be in [0, "
+                f"max_position_embeddings={self.max_position_embeddings})."
+            )
 
     @property
     def probs_dropout_rate(self) -> float:
@@ -266,10 +278,12 @@ class BertEmbeddings(nn.Module):
     def __call__(self, input_ids, token_type_ids, *, deterministic: bool):
         cfg = self.config
         seq_len = input_ids.shape[1]
-        if seq_len > cfg.max_position_embeddings:
+        if seq_len + cfg.position_offset > cfg.max_position_embeddings:
+            room = cfg.max_position_embeddings - cfg.position_offset
             raise ValueError(
                 f"input_ids has sequence length {seq_len}, but the position table has only "
-                f"max_position_embeddings={cfg.max_position_embeddings} rows; truncate the input."
+                f"max_position_embeddings={cfg.max_position_embeddings} rows (room for {room} "
+                f"tokens after position_offset={cfg.position_offset}); truncate the input."
             )
 
         def embed(num, name):
@@ -284,10 +298,11 @@ class BertEmbeddings(nn.Module):
 
         words = embed(cfg.vocab_size, "word_embeddings")(input_ids)
         positions = embed(cfg.max_position_embeddings, "position_embeddings")(
-            jnp.arange(seq_len)[None, :]
+            jnp.arange(seq_len)[None, :] + cfg.position_offset
         )
-        types_ = embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
-        x = words + positions + types_
+        x = words + positions
+        if cfg.type_vocab_size:
+            x = x + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = hooks.embeddings(self, x, table="word_embeddings/embedding")
         x = _layer_norm(cfg, "layer_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
@@ -406,6 +421,11 @@ class BertEncoder(nn.Module):
             )
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        elif not self.config.type_vocab_size:
+            raise ValueError(
+                "token_type_ids was given, but the model has no token-type embeddings "
+                "(type_vocab_size=0); leave token_type_ids out."
+            )
         x = BertEmbeddings(self.config, name="embeddings")(
             input_ids, token_type_ids, deterministic=deterministic
         )

@@ -14,6 +14,12 @@ checkpoints see them; every kernel is `[in, out]`, no biases)::
     decoder/layer_{i}/mlp/down/kernel                   [intermediate, hidden]
     decoder/final_norm/scale                            [hidden]
 
+Switches of `LlamaConfig` for other checkpoints of the family (all off by default) add leaves:
+`qkv_bias` (Qwen2) `attention/{query,key,value}/bias`; `qk_norm` (Qwen3)
+`attention/{query,key}_norm/scale` [head_dim]; `tie_word_embeddings=False` (Llama, Mistral)
+`decoder/lm_head/kernel` [hidden, vocab]. `attention_head_dim` decouples the head width from
+`hidden_size // num_heads` and `rope_scaling` scales RoPE's frequencies (linear, llama3).
+
 The same model also accepts a *stacked* tree (`stack_layers`): `decoder/layers/...` with a leading
 `[num_layers]` axis on every layer leaf, run with `nn.scan`, so one layer body is compiled instead
 of `num_layers` (SmolLM2's 30 layers compile in seconds instead of tens of seconds on a CPU).
@@ -83,6 +89,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ftlab import types
 from ftlab.models import attention, hooks
@@ -138,6 +145,17 @@ class LlamaConfig:
         attention: Attention kernel for whole sequences, one of `attention.IMPLEMENTATIONS`
             (`"auto"`: cuDNN on a GPU in bfloat16/float16, else the einsum path); cached
             decoding always takes the einsum path.
+        tie_word_embeddings: The LM head is the embedding table (SmolLM2); False: a separate
+            `decoder/lm_head/kernel` [hidden, vocab].
+        attention_head_dim: Width of each head when it is not `hidden_size // num_heads`
+            (Qwen3); None: `hidden_size // num_heads`.
+        qkv_bias: The query, key and value projections have biases (Qwen2).
+        qk_norm: An RMSNorm over each query and key head before RoPE (Qwen3):
+            `attention/{query,key}_norm/scale` [head_dim].
+        rope_scaling: RoPE frequency scaling as `(name, value)` pairs (hashable, for `jit`):
+            `rope_type` `"linear"` (`factor`) or `"llama3"` (`factor`, `low_freq_factor`,
+            `high_freq_factor`, `original_max_position_embeddings`), as Hugging Face computes
+            them; None: none.
     """
 
     vocab_size: int
@@ -151,10 +169,17 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     dtype: Any = jnp.float32
     attention: str = "auto"
+    tie_word_embeddings: bool = True
+    attention_head_dim: int | None = None
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
 
     def __post_init__(self):
         attention.check(self.attention, what="LlamaConfig: attention")
-        if self.hidden_size % self.num_heads:
+        if self.rope_scaling is not None:
+            _scaled_inv_freq(np.ones(1), dict(self.rope_scaling))  # validates it
+        if self.attention_head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"LlamaConfig: hidden_size={self.hidden_size} is not divisible by "
                 f"num_heads={self.num_heads}."
@@ -169,6 +194,8 @@ class LlamaConfig:
 
     @property
     def head_dim(self) -> int:
+        if self.attention_head_dim is not None:
+            return self.attention_head_dim
         return self.hidden_size // self.num_heads
 
     @property
@@ -256,15 +283,17 @@ def init_cache(config: LlamaConfig, batch: int, size: int) -> Cache:
     )
 
 
-def _dense(features: int, config: LlamaConfig, name: str) -> Callable[[jax.Array], jax.Array]:
-    """A bias-free `nn.Dense` applied to `[..., in]` with the leading axes folded into one.
+def _dense(
+    features: int, config: LlamaConfig, name: str, *, use_bias: bool = False
+) -> Callable[[jax.Array], jax.Array]:
+    """An `nn.Dense` (bias-free unless `use_bias`) applied to `[..., in]`, leading axes folded.
 
     As in `ftlab.models.bert._dense`: XLA on CPU differentiates 2-D dots much faster, and the
     layer, its parameter paths and any `nn.Dense` interceptor are unchanged.
     """
     layer = nn.Dense(
         features,
-        use_bias=False,
+        use_bias=use_bias,
         dtype=config.dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(0.02),
@@ -296,7 +325,48 @@ class RMSNorm(nn.Module):
         return (y * scale.reshape((1,) * (x.ndim - 1) + scale.shape)).astype(self.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
+def _scaled_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
+    """Hugging Face's RoPE frequency scaling (`linear`, `llama3`) of float64 `inv_freq`."""
+    kind = scaling.get("rope_type")
+    want = {
+        "linear": {"rope_type", "factor"},
+        "llama3": {
+            "rope_type",
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        },
+    }
+    if kind not in want:
+        raise ValueError(
+            f"rope_scaling: rope_type {kind!r} is not implemented; ftlab implements "
+            f"{sorted(want)} (or no scaling)."
+        )
+    if set(scaling) != want[kind]:
+        raise ValueError(
+            f"rope_scaling: {kind!r} takes exactly {sorted(want[kind])}; got {sorted(scaling)}."
+        )
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, scaled)
+
+
+def rope(
+    x: jax.Array,
+    positions: jax.Array,
+    *,
+    theta: float,
+    scaling: tuple[tuple[str, Any], ...] | None = None,
+) -> jax.Array:
     """Rotary position embedding in Hugging Face's "rotate_half" layout, computed in float32.
 
     Dimension `j < d/2` of each head is paired with `j + d/2` and rotated by the angle
@@ -306,6 +376,7 @@ def rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
         x: `[batch, seq, heads, head_dim]`.
         positions: `[batch, seq]` integer positions.
         theta: Base frequency.
+        scaling: `LlamaConfig.rope_scaling`, or None.
 
     Returns:
         The rotated `x`, same shape and dtype.
@@ -315,7 +386,12 @@ def rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
     True
     """
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is None:
+        inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    else:
+        # Constants at trace time, so the default path above is traced exactly as before.
+        base = theta ** (-np.arange(half, dtype=np.float64) / half)
+        inv_freq = jnp.asarray(_scaled_inv_freq(base, dict(scaling)), jnp.float32)
     angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq[None, None, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x32 = x.astype(jnp.float32)
@@ -387,11 +463,16 @@ class LlamaAttention(nn.Module):
         cfg = self.config
         batch, seq, _ = x.shape
         kv, hd = cfg.num_kv_heads, cfg.head_dim
-        q = _dense(cfg.num_heads * hd, cfg, "query")(x).reshape(batch, seq, cfg.num_heads, hd)
-        k = _dense(cfg.kv_dim, cfg, "key")(x).reshape(batch, seq, kv, hd)
-        v = _dense(cfg.kv_dim, cfg, "value")(x).reshape(batch, seq, kv, hd)
-        q = rope(q, positions, theta=cfg.rope_theta)
-        k = rope(k, positions, theta=cfg.rope_theta)
+        bias_ = cfg.qkv_bias
+        q = _dense(cfg.num_heads * hd, cfg, "query", use_bias=bias_)(x)
+        q = q.reshape(batch, seq, cfg.num_heads, hd)
+        k = _dense(cfg.kv_dim, cfg, "key", use_bias=bias_)(x).reshape(batch, seq, kv, hd)
+        v = _dense(cfg.kv_dim, cfg, "value", use_bias=bias_)(x).reshape(batch, seq, kv, hd)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="query_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="key_norm")(k)
+        q = rope(q, positions, theta=cfg.rope_theta, scaling=cfg.rope_scaling)
+        k = rope(k, positions, theta=cfg.rope_theta, scaling=cfg.rope_scaling)
         if cache is not None:
             start = (0, index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start)
@@ -558,7 +639,12 @@ class LlamaDecoder(nn.Module):
         h = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="final_norm")(x[:, n_prompt:])
         if cache is not None:
             cache = Cache(layer_caches, new_mask, cache.index + mask.shape[1])
-        return (h if return_hidden else embeddings.attend(h)), cache
+        if return_hidden:
+            return h, cache
+        if cfg.tie_word_embeddings:
+            return embeddings.attend(h), cache
+        head = _dense(cfg.vocab_size, cfg, "lm_head")
+        return head(h).astype(jnp.float32), cache
 
 
 class LlamaForCausalLM(nn.Module):
@@ -606,7 +692,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 def lm_logits(params: types.Params, hidden: jax.Array) -> jax.Array:
-    """The tied LM head outside the model: `hidden @ embedding.T` in float32.
+    """The LM head outside the model: `hidden @ embedding.T` (or `@ lm_head`) in float32.
 
     Args:
         params: A `LlamaForCausalLM` tree (with the top-level `decoder`).
@@ -615,6 +701,9 @@ def lm_logits(params: types.Params, hidden: jax.Array) -> jax.Array:
     Returns:
         `[..., vocab]` float32 logits, computed in `hidden`'s dtype as the model does.
     """
+    if "lm_head" in params["decoder"]:  # untied (`LlamaConfig.tie_word_embeddings=False`)
+        kernel = params["decoder"]["lm_head"]["kernel"]
+        return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype)).astype(jnp.float32)
     table = params["decoder"]["embeddings"]["word_embeddings"]["embedding"]
     return jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype)).astype(jnp.float32)
 
@@ -653,6 +742,15 @@ def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
                 f"{layer}/mlp/down/kernel": (c.intermediate_size, c.hidden_size),
             }
         )
+        if c.qkv_bias:
+            shapes[f"{layer}/attention/query/bias"] = (c.num_heads * c.head_dim,)
+            shapes[f"{layer}/attention/key/bias"] = (c.kv_dim,)
+            shapes[f"{layer}/attention/value/bias"] = (c.kv_dim,)
+        if c.qk_norm:
+            shapes[f"{layer}/attention/query_norm/scale"] = (c.head_dim,)
+            shapes[f"{layer}/attention/key_norm/scale"] = (c.head_dim,)
+    if not c.tie_word_embeddings:
+        shapes[f"{d}/lm_head/kernel"] = (c.hidden_size, c.vocab_size)
     return shapes
 
 
@@ -763,6 +861,8 @@ def init(config: LlamaConfig, rng: types.PRNGKey) -> types.Params:
     for (path, shape), size in zip(shapes.items(), sizes, strict=True):
         if path.endswith("/scale"):
             flat[path] = jnp.ones(shape, jnp.float32)
+        elif path.endswith("/bias"):  # as nn.Dense's own init
+            flat[path] = jnp.zeros(shape, jnp.float32)
         else:
             flat[path] = noise[start : start + size].reshape(shape)
         start += size
