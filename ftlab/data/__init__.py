@@ -13,6 +13,7 @@ Submodules load on first use::
 - ``multitask``: real multi-task data as padded per-task arrays.
 - ``sinusoid``: sinusoid regression tasks as in Finn et al. (2017).
 - ``streams``: river's bundled real streams, for online learning.
+- ``files``: a user's CSV / JSON Lines / Parquet files: classification, chat, preference pairs.
 """
 
 from ftlab import _lazy
@@ -21,6 +22,7 @@ _SUBMODULES = (
     "batching",
     "features",
     "fewshot",
+    "files",
     "images",
     "multitask",
     "rotten_tomatoes",
