@@ -10,6 +10,7 @@ with a LoRA per task, ``decoder_tuning`` tunes the decoder that ``icl`` prompts)
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,15 @@ from ftlab import icl
 from ftlab.core import loading
 from ftlab.models import attention, bert, llama
 
-__all__ = ["DECODER_TASKS", "Decoder", "classifier_apply", "decoder", "encoder_classifier"]
+__all__ = [
+    "DECODER_TASKS",
+    "Decoder",
+    "HFEncoder",
+    "classifier_apply",
+    "decoder",
+    "encoder_classifier",
+    "hf_encoder",
+]
 
 
 # -- the BERT classifier -------------------------------------------------------------------------
@@ -32,7 +41,19 @@ def encoder_classifier(config: ml_collections.ConfigDict) -> tuple[bert.BertClas
 
     pretrained = None
     m = config.model
-    if m.encoder == "minilm" and m.get("pretrained", True):
+    what = "all-MiniLM-L6-v2"
+    if m.encoder == "hf":
+        pretrained, what = hf_encoder(m.path), m.path
+        encoder_config = pretrained.config
+        if not m.get("pretrained", True):  # the folder's architecture, random weights
+            pretrained = None
+        room = encoder_config.max_position_embeddings - encoder_config.position_offset
+        if config.data.max_length > room:
+            raise ValueError(
+                f"config.data.max_length={config.data.max_length} is more than the {room} "
+                f"positions of {m.path}; lower it."
+            )
+    elif m.encoder == "minilm" and m.get("pretrained", True):
         pretrained = minilm.load()
         encoder_config = pretrained.config
     elif m.encoder == "minilm":
@@ -41,7 +62,7 @@ def encoder_classifier(config: ml_collections.ConfigDict) -> tuple[bert.BertClas
         # MiniLM's tokenizer still does the tokenizing: the tiny model needs its vocabulary.
         encoder_config = bert.BertConfig.tiny(vocab_size=30522, max_position_embeddings=512)
     else:
-        raise ValueError(f"config.model.encoder={m.encoder!r}; expected minilm or tiny")
+        raise ValueError(f"config.model.encoder={m.encoder!r}; expected minilm, tiny or hf")
     kernel = m.get("attention", "auto")
     attention.check(kernel, what="config.model.attention")
     dtype = m.get("dtype", "float32")
@@ -65,9 +86,42 @@ def encoder_classifier(config: ml_collections.ConfigDict) -> tuple[bert.BertClas
             params,
             {"encoder": pretrained.params},
             dont_load=config.model.dont_load,
-            what="all-MiniLM-L6-v2",
+            what=what,
         )
     return model, params
+
+
+class HFEncoder(NamedTuple):
+    """An encoder checkpoint folder's `BertConfig`, weights and tokenizer files."""
+
+    config: bert.BertConfig
+    params: dict
+    tokenizer: Any
+
+
+def hf_encoder(path: str) -> HFEncoder:
+    """Loads a Hugging Face encoder folder (BERT, RoBERTa, DistilBERT) for the classifier.
+
+    Raises:
+        ValueError: naming ``config.model.path`` when the folder holds a decoder, has no
+            tokenizer, or `third_party.hf.load` refuses it.
+    """
+    from third_party import hf  # noqa: PLC0415 - reads weights only for this model
+
+    if not path:
+        raise ValueError("config.model.path is empty; pass --config.model.path=DIR (a folder).")
+    try:
+        model_config, params, tokenizer = hf.load(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"config.model.path={path!r}: {e}") from e
+    if model_config.model_type in hf.DECODERS:
+        raise ValueError(
+            f"config.model.path={path!r} holds a {model_config.model_type} decoder; the "
+            "classifier needs an encoder (BERT, RoBERTa or DistilBERT)."
+        )
+    if tokenizer is None:
+        raise ValueError(f"config.model.path={path!r} has no tokenizer.json to encode the data.")
+    return HFEncoder(model_config.config, params, tokenizer)
 
 
 def classifier_apply(model: bert.BertClassifier):

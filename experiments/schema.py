@@ -393,6 +393,28 @@ CLASSIFICATION = {
     **PARALLEL,
 }
 
+# classification on a user's files (config.data.dataset == "files") with a Hugging Face encoder
+# folder (configs/finetune.py): the same trainer, other data and model keys.
+CLASSIFICATION_FILES = {
+    **{k: v for k, v in CLASSIFICATION.items() if k not in ("data.task", "model.encoder")},
+    "data.dataset": choice("files"),
+    # required, but "" in configs/finetune.py (given on the command line; the trainer says so)
+    "data.train": string(),
+    # "": carve config.data.holdout_fraction of the training file's rows for this split
+    "data.validation": string(),
+    "data.test": string(),
+    "data.holdout_fraction": real(gt=0, lt=0.5),
+    "data.text_column": string(nonempty=True),
+    "data.label_column": string(nonempty=True),
+    # (): string labels, named in sorted order; else the label set in id order
+    "data.label_names": _seq(string(nonempty=True).check, "strings", nonempty=False, unique=True),
+    # integer labels in [0, config.model.num_classes) instead of strings
+    "data.integer_labels": boolean(),
+    "model.encoder": choice("hf").fixed(),
+    # a Hugging Face encoder folder: config.json, safetensors weights, tokenizer.json
+    "model.path": string().fixed(),
+}
+
 META = {
     "seed": SEED,
     "data.task": choice("sinusoid"),
@@ -601,7 +623,7 @@ ONLINE_MINILM = {
 
 # experiment kind (config.experiment) -> its variants' tables
 KINDS: dict[str, dict[str, dict[str, Field]]] = {
-    "classification": {"": CLASSIFICATION},
+    "classification": {"": CLASSIFICATION, "files": CLASSIFICATION_FILES},
     "meta": {"": META},
     "fewshot": {"": FEWSHOT},
     "multitask": {"tabular": MULTITASK_TABULAR, "text": MULTITASK_TEXT},
@@ -633,6 +655,8 @@ def kind_of(config: ml_collections.ConfigDict) -> tuple[str, str]:
         hint = "; run it with python -m experiments.compare" if kind == "compare" else ""
         raise ConfigError("experiment", f"must be one of {', '.join(map(repr, KINDS))}{hint}", kind)
     data = config.get("data") or {}
+    if kind == "classification":
+        return kind, "files" if data.get("dataset") == "files" else ""
     if kind == "multitask":
         return kind, "text" if data.get("dataset") == "rotten_tomatoes" else "tabular"
     if kind == "online":

@@ -27,17 +27,21 @@ from experiments import loop, models
 from experiments.trainers import resume
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, tensorfile, train
-from ftlab.data import batching, features, rotten_tomatoes, text
+from ftlab.data import batching, features, files, rotten_tomatoes, text
 from ftlab.models import attention, bert, hooks
 from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
 from ftlab.tasks import classification
-from third_party import minilm, peft_format
+from third_party import hf, minilm, peft_format
 
 
 def build_data(config: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndarray]]:
     """Tokenized splits: ``{split: {"input_ids", "attention_mask", "label"}}`` as numpy."""
+    if config.data.dataset == "files":
+        return build_file_data(config)
     if config.data.dataset != "rotten_tomatoes":
-        raise ValueError(f"config.data.dataset={config.data.dataset!r}; expected 'rotten_tomatoes'")
+        raise ValueError(
+            f"config.data.dataset={config.data.dataset!r}; expected 'rotten_tomatoes' or 'files'"
+        )
     splits = rotten_tomatoes.load(
         task=config.data.task, seed=config.data.seed, limit=config.data.limit or None
     )
@@ -50,6 +54,74 @@ def build_data(config: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndar
             "label": s.label,
         }
         for name, s in splits.items()
+    }
+
+
+def read_file_splits(config: ml_collections.ConfigDict) -> dict[str, files.TextClassification]:
+    """The user's train / validation / test files; a split without a file is carved from train.
+
+    ``config.data.holdout_fraction`` of the training file's rows goes to each missing split, by
+    a permutation seeded with ``config.data.seed``. Errors name the config key and the bad row.
+    """
+    d, num_classes = config.data, config.model.num_classes
+    names = tuple(d.label_names) or None
+    if not d.train:
+        raise ValueError("config.data.train is empty; pass --config.data.train=FILE.")
+
+    def read(key):
+        try:
+            return files.read_classification(
+                d[key],
+                text_column=d.text_column,
+                label_column=d.label_column,
+                label_names=names,
+                num_classes=num_classes if d.integer_labels else None,
+            )
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"config.data.{key}={d[key]!r}: {e}") from e
+
+    if d.integer_labels and names:
+        raise ValueError(
+            f"config.data.label_names={names} cannot take effect with config.data.integer_labels"
+        )
+    train = read("train")
+    if train.label_names is not None:
+        if len(train.label_names) != num_classes:
+            raise ValueError(
+                f"config.model.num_classes={num_classes}, but config.data.train has "
+                f"{len(train.label_names)} labels {train.label_names}; set num_classes to match "
+                "or list config.data.label_names"
+            )
+        names = train.label_names
+    missing = [k for k in ("validation", "test") if not d[k]]
+    splits = {k: read(k) for k in ("validation", "test") if d[k]}
+    if missing:
+        f = d.holdout_fraction
+        fractions = {"train": 1 - f * len(missing), **{k: f for k in missing}}
+        try:
+            splits.update(files.seeded_split(train, fractions, seed=d.seed))
+        except ValueError as e:
+            raise ValueError(f"config.data.holdout_fraction={f}: {e}") from e
+    else:
+        splits["train"] = train
+    limit = d.limit or None
+    return {
+        k: files.TextClassification(s.text[:limit], s.label[:limit], s.label_names)
+        for k, s in splits.items()
+    }
+
+
+def build_file_data(config: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndarray]]:
+    """`read_file_splits`, tokenised with the checkpoint folder's own tokenizer."""
+    if not config.model.path:
+        raise ValueError("config.model.path is empty; pass --config.model.path=DIR (a folder).")
+    tokenizer_files = hf.load_tokenizer(config.model.path)
+    if tokenizer_files is None:
+        raise ValueError(f"config.model.path={config.model.path!r} has no tokenizer.json")
+    tokenizer = tokenizer_files.build(config.data.max_length)
+    return {
+        name: files.encode_classification(tokenizer, s, max_length=config.data.max_length)
+        for name, s in read_file_splits(config).items()
     }
 
 
@@ -487,8 +559,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["total_params"] = partition.count(params)
     results["base_params"] = n_base
+    # The most frequent class's share (any number of classes; a user's file may have more).
     results["majority_baseline/test"] = float(
-        max(np.mean(data["test"]["label"]), 1 - np.mean(data["test"]["label"]))
+        np.bincount(data["test"]["label"]).max() / len(data["test"]["label"])
     )
     run.checkpointer.wait_until_finished()
     if run.is_chief:

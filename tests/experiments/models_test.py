@@ -10,7 +10,9 @@ from experiments.trainers import icl
 def test_encoder_classifier_refuses_an_unknown_encoder_naming_the_key():
     config = multitask_rotten_tomatoes.get_config("tiny")
     config.model.encoder = "gpt"
-    with pytest.raises(ValueError, match=r"config.model.encoder='gpt'; expected minilm or tiny"):
+    with pytest.raises(
+        ValueError, match=r"config.model.encoder='gpt'; expected minilm, tiny or hf"
+    ):
         models.encoder_classifier(config)
 
 
