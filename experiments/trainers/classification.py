@@ -119,9 +119,11 @@ def build_file_data(config: ml_collections.ConfigDict) -> dict[str, dict[str, np
     if tokenizer_files is None:
         raise ValueError(f"config.model.path={config.model.path!r} has no tokenizer.json")
     tokenizer = tokenizer_files.build(config.data.max_length)
+    splits = read_file_splits(config)
+    logging.info("labels (id order): %s", splits["train"].label_names or "integers")
     return {
         name: files.encode_classification(tokenizer, s, max_length=config.data.max_length)
-        for name, s in read_file_splits(config).items()
+        for name, s in splits.items()
     }
 
 

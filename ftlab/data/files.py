@@ -109,7 +109,7 @@ def read_rows(path: str | pathlib.Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
     if fmt == "csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
@@ -124,7 +124,7 @@ def read_rows(path: str | pathlib.Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield f"{path} line {line}", dict(zip(header, record, strict=True))
                 line = reader.line_num + 1
     elif fmt == "jsonl":
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for number, text in enumerate(f, start=1):
                 if not text.strip():
                     continue
@@ -221,6 +221,8 @@ def read_classification(
                 f"{where}: label {label!r} is {type(label).__name__}; string labels are expected "
                 "(pass num_classes for integer labels)."
             )
+        elif not label.strip():
+            raise ValueError(f"{where}: label is empty.")
         elif label_names is not None and label not in label_names:
             raise ValueError(
                 f"{where}: label {label!r} is not one of label_names={list(label_names)}."

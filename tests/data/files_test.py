@@ -103,6 +103,11 @@ def test_csv_field_count_unknown_suffix_and_both_label_modes(tmp_path):
         ).label,
         [1],
     )
+    with pytest.raises(ValueError, match=r"e\.csv line 3: label is empty"):
+        files.read_classification(write(tmp_path / "e.csv", "text,label\na,x\nb,\n"))
+    # Excel's byte-order mark is not part of the first column's name.
+    bom = files.read_classification(write(tmp_path / "bom.csv", "\ufefftext,label\na,x\n"))
+    assert bom.text == ["a"]
 
 
 def test_parquet_rows_named_by_index(tmp_path):
