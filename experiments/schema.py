@@ -314,6 +314,8 @@ PARALLEL = {
     "parallel.num_processes": integer(0, note="0: auto-detect").opt(),
     "parallel.process_id": integer(-1, note="-1: auto-detect").opt(),
 }
+# For the sweeps of short runs whose configs predate the group: mesh over all devices by default.
+PARALLEL_OPTIONAL = {key: field.opt() for key, field in PARALLEL.items()}
 
 
 def plugins() -> Field:
@@ -546,6 +548,7 @@ DECODER_TUNING = {
     "optim.max_steps": STEPS,
     "optim.lr": mapping(DECODER_METHODS, POSITIVE_LR),
     "icl_results": string(),
+    **PARALLEL_OPTIONAL,
 }
 
 ICL = {
@@ -620,7 +623,7 @@ SAVED_STATE: dict[str, str | None] = {
     "fewshot": "checkpoints",
     "multitask": "finished",
     "pretrain": "finished",
-    "decoder_tuning": "runs",
+    "decoder_tuning": "finished",
     "icl": "finished",
     "online": None,
 }
