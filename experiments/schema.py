@@ -517,6 +517,7 @@ PRETRAIN = {
     "transfer.finetune_lr": POSITIVE_LR,
     "transfer.weight_decay": real(ge=0),
     "log_every_steps": STEPS,
+    **PARALLEL_OPTIONAL,
 }
 
 DECODER_METHODS = ("prompt", "prefix", "lora", "qlora")
