@@ -472,6 +472,7 @@ MULTITASK_TABULAR = {
     "optim.lr": POSITIVE_LR,
     "optim.weight_decay": real(ge=0),
     "log_every_steps": STEPS,
+    **PARALLEL_OPTIONAL,
 }
 
 MULTITASK_TEXT = {
