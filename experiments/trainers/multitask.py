@@ -23,16 +23,14 @@ seed (one method takes seconds to minutes, the LoRA-per-task one about 20 on a C
 
 The tabular methods each train as one run of `experiments.loop` in ``runs/<method>/``: data-
 parallel over ``config.parallel`` (default: a mesh over all devices; the rows of each task's
-batch are split), stopped by a non-finite loss naming the step, writers on process 0 only. The
-text path (`train_lora_per_task`) still runs its own scan chunks.
+batch are split), stopped by a non-finite loss naming the step, writers on process 0 only. So do
+the text path's LoRA methods (`train_lora_per_task`).
 """
 
 from __future__ import annotations
 
-import functools
 import pathlib
 import shutil
-import time
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
@@ -179,20 +177,6 @@ def _sampler(split: Mapping[str, np.ndarray], batch_size: int):
         }
 
     return sample
-
-
-def _compile_chunk(train_step, sample, chunk: int):
-    """``chunk(state) -> (state, mean metrics)``: ``chunk`` steps of `train.scan_steps`, jitted."""
-
-    def batch_at(state):
-        return sample(jax.random.fold_in(state.rng, state.step))
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_chunk(state):
-        state, history = train.scan_steps(train_step, state, batch_at, num_steps=chunk)
-        return state, jax.tree.map(jnp.mean, history)
-
-    return train_chunk
 
 
 def make_plan(config: ml_collections.ConfigDict) -> parallel.Plan:
@@ -530,8 +514,10 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         logits = apply(params, batch, None).astype(jnp.float32)
         return logits[..., 1] - logits[..., 0]
 
+    plan = make_plan(config)
+    is_chief = jax.process_index() == 0  # one writer in a multi-process job
     past = finished.Runs(workdir, metric_prefix=lambda n: f"train/{n}/", config=config)
-    results, writer = {}, past.open_writer()
+    results, writer = {}, past.open_writer() if is_chief else None
     total, chunk = config.optim.num_steps, config.log_every_steps
     if total % chunk:
         raise ValueError(
@@ -560,15 +546,15 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         tx = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay)
         tx = partition.optimizer({multitask.TASK: tx, multitask.SHARED: tx}, label_tree)
         state = train.init_state(params, label_tree, tx, seed=config.seed)
-        train_chunk = _compile_chunk(train.make_train_step(loss_fn, tx), sample, chunk)
-        start = time.perf_counter()
-        for done in range(chunk, total + 1, chunk):
-            state, chunk_metrics = train_chunk(state)
-            chunk_metrics = {k: float(v) for k, v in jax.device_get(chunk_metrics).items()}
-            metrics_lib.check_finite(chunk_metrics, step=done, last_good_step=done - chunk)
-            writer.write(done, {f"train/{method}/{k[6:]}": v for k, v in chunk_metrics.items()})
-            logging.info("%s step %d: %s", method, done, chunk_metrics)
-        train_s = time.perf_counter() - start
+        train_step = train.make_train_step(loss_fn, tx, axis_name=_axis(plan))
+        state, train_s = _train(
+            config, workdir / RUNS / method, plan, state, train_step, sample, name=method,
+            writer=writer,
+        )  # fmt: skip
+        if state is None:  # stopped by a signal: the method starts over on the rerun
+            if writer is not None:
+                writer.close()
+            return {"stopped": method}
 
         predict = jax.jit(
             lambda params, batch, label_tree=label_tree: multitask.per_task(
@@ -601,9 +587,11 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 strict=True,
             )
         )
-        past.put(method, results[method])
+        if is_chief:
+            past.put(method, results[method])
         logging.info("%s: %s (%.1f s)", method, results[method]["mean"], train_s)
-    writer.close()
+    if writer is not None:
+        writer.close()
 
     labels, mask = test_arrays["label"], test_arrays["mask"] > 0
     majority = [
@@ -618,5 +606,6 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         "majority_baseline_accuracy": majority,
         "methods": results,
     }
-    print(_save(workdir, results, task_names, out), flush=True)
+    if is_chief:
+        print(_save(workdir, results, task_names, out), flush=True)
     return out
