@@ -52,8 +52,10 @@ __all__ = [
     "Run",
     "from_config",
     "itstime",
+    "plan_from",
     "register",
     "registered",
+    "short_run_config",
     "train",
 ]
 
@@ -164,6 +166,31 @@ def from_config(
             raise ValueError(f"{what}.{name}: {e}") from None
         out.append(Evaluator(name, run, every_steps=every, steps=steps))
     return out
+
+
+def plan_from(config: ml_collections.ConfigDict) -> parallel.Plan:
+    """The data-parallel plan of ``config.parallel`` (absent: a mesh over all devices).
+
+    For the sweeps of short runs whose configs may leave the group out (it is optional there).
+    """
+    p = config.get("parallel") or {}
+    return parallel.make_plan(p.get("mode", "mesh"), num_devices=p.get("num_devices", 0))
+
+
+def short_run_config(num_steps: int, *, log_every: int) -> ml_collections.ConfigDict:
+    """What `train` reads, for one short run of a sweep: checkpointed at its end only.
+
+    A sweep (`experiments.trainers.finished`) keeps its finished runs' results itself; the
+    run's own checkpoint serves a stop by a signal, and its end.
+    """
+    return ml_collections.ConfigDict(
+        {
+            "optim": {"num_steps": num_steps},
+            "log_every_steps": min(log_every, num_steps),
+            "max_steps_per_run": 0,
+            "checkpoint": {"every_steps": num_steps, "keep": 1},
+        }
+    )
 
 
 def _process_index() -> int:

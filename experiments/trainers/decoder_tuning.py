@@ -152,26 +152,6 @@ def num_steps(config: ml_collections.ConfigDict, n: int) -> int:
     return int(np.clip(steps, o.min_steps, o.max_steps))
 
 
-def loop_config(steps: int) -> ml_collections.ConfigDict:
-    """The loop's config for one run of ``steps`` steps: log and checkpoint at its end only."""
-    return ml_collections.ConfigDict(
-        {
-            "optim": {"num_steps": steps},
-            "log_every_steps": steps,
-            "max_steps_per_run": 0,
-            "checkpoint": {"every_steps": steps, "keep": 1},
-        }
-    )
-
-
-def make_plan(config: ml_collections.ConfigDict) -> parallel.Plan:
-    """The data-parallel plan of ``config.parallel`` (default: a mesh over all devices)."""
-    p = config.get("parallel") or {}
-    plan = parallel.make_plan(p.get("mode", "mesh"), num_devices=p.get("num_devices", 0))
-    plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
-    return plan
-
-
 def run_one(
     config, model, task, data, method: str, n: int, seed: int, steps_cache: dict, *, plan, workdir
 ) -> dict | None:
@@ -231,7 +211,7 @@ def run_one(
 
     try:
         run = loop.train(
-            loop_config(steps),
+            loop.short_run_config(steps, log_every=steps),
             workdir,
             plan=plan,
             state=state,
@@ -414,7 +394,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     majority = rotten_tomatoes.majority_baseline(
         rotten_tomatoes.Split(data["test"].text[:n_test], data["test"].label[:n_test])
     )
-    plan = make_plan(config)
+    plan = loop.plan_from(config)
+    plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
     past = finished.Runs(workdir, metric_prefix=lambda name: None, config=config)
     runs, steps_cache = [], {}
     for method in config.methods:

@@ -179,12 +179,6 @@ def _sampler(split: Mapping[str, np.ndarray], batch_size: int):
     return sample
 
 
-def make_plan(config: ml_collections.ConfigDict) -> parallel.Plan:
-    """The data-parallel plan of ``config.parallel`` (default: a mesh over all devices)."""
-    p = config.get("parallel") or {}
-    return parallel.make_plan(p.get("mode", "mesh"), num_devices=p.get("num_devices", 0))
-
-
 def _axis(plan: parallel.Plan) -> str | None:
     # pmap runs the step per device: the gradient mean then needs the axis' name
     return parallel.DATA_AXIS if plan.mode == "pmap" else None
@@ -214,16 +208,8 @@ def _train(config, workdir, plan, state, train_step, sample, *, name, writer):
         return train_step(state, {k: jnp.swapaxes(v, 0, 1) for k, v in batch.items()})
 
     shutil.rmtree(workdir, ignore_errors=True)  # an unfinished method starts over
-    loop_config = ml_collections.ConfigDict(
-        {
-            "optim": {"num_steps": total},
-            "log_every_steps": every,
-            "max_steps_per_run": 0,
-            "checkpoint": {"every_steps": total, "keep": 1},
-        }
-    )
     run = loop.train(
-        loop_config,
+        loop.short_run_config(total, log_every=every),
         workdir,
         plan=plan,
         state=state,
@@ -360,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(
             f"config.optim.num_steps={total} must be a multiple of config.log_every_steps={chunk}"
         )
-    plan = make_plan(config)
+    plan = loop.plan_from(config)
     is_chief = jax.process_index() == 0  # one writer in a multi-process job
     past = finished.Runs(workdir, metric_prefix=lambda n: f"train/{n}/", config=config)
     writer = past.open_writer() if is_chief else None
@@ -514,7 +500,7 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         logits = apply(params, batch, None).astype(jnp.float32)
         return logits[..., 1] - logits[..., 0]
 
-    plan = make_plan(config)
+    plan = loop.plan_from(config)
     is_chief = jax.process_index() == 0  # one writer in a multi-process job
     past = finished.Runs(workdir, metric_prefix=lambda n: f"train/{n}/", config=config)
     results, writer = {}, past.open_writer() if is_chief else None

@@ -71,22 +71,9 @@ _draw = jax.jit(
 )
 
 
-def loop_config(num_steps: int, log_every: int) -> ml_collections.ConfigDict:
-    """The loop's config for one short run: checkpointed at its end only."""
-    return ml_collections.ConfigDict(
-        {
-            "optim": {"num_steps": num_steps},
-            "log_every_steps": min(log_every, num_steps),
-            "max_steps_per_run": 0,
-            "checkpoint": {"every_steps": num_steps, "keep": 1},
-        }
-    )
-
-
 def make_plan(config: ml_collections.ConfigDict) -> parallel.Plan:
-    """The data-parallel plan of ``config.parallel`` (default: a mesh over all devices)."""
-    p = config.get("parallel") or {}
-    plan = parallel.make_plan(p.get("mode", "mesh"), num_devices=p.get("num_devices", 0))
+    """`loop.plan_from`, refusing pmap for the contrastive loss."""
+    plan = loop.plan_from(config)
     if plan.mode == "pmap" and plan.num_devices > 1 and "contrastive" in config.methods:
         # NT-Xent contrasts each view with the whole batch: per device it would see only a share
         raise ValueError(
@@ -131,7 +118,7 @@ class Fitter:
             return {k: v[idx] for k, v in arrays.items()}
 
         run = loop.train(
-            loop_config(num_steps, self.log_every),
+            loop.short_run_config(num_steps, log_every=self.log_every),
             workdir,
             plan=self.plan,
             state=state,
