@@ -200,6 +200,13 @@ def _train(config, workdir, plan, state, train_step, sample, *, name, writer):
     draw = jax.jit(lambda step: sample(jax.random.fold_in(rng, step)))
     width = next(iter(jax.eval_shape(draw, np.int32(0)).values())).shape[1]
     plan.check_batch_size(width, what="config.optim.batch_size (rows per task per step)")
+    if plan.mode == "pmap" and plan.num_devices > 1 and config.optim.batch_size == 0:
+        # the full split is padded per task: each device would average its own share of real
+        # rows, weighting them unlike the one mean a mesh computes
+        raise ValueError(
+            "config.parallel.mode='pmap' with config.optim.batch_size=0 (the padded full split) "
+            "weights each device's real rows on their own; use mode 'mesh' or a batch size"
+        )
 
     def batch_at(step):
         return {k: np.swapaxes(np.asarray(v), 0, 1) for k, v in draw(np.int32(step)).items()}
