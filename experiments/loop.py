@@ -52,8 +52,10 @@ __all__ = [
     "Run",
     "from_config",
     "itstime",
+    "plan_from",
     "register",
     "registered",
+    "short_run_config",
     "train",
 ]
 
@@ -166,6 +168,31 @@ def from_config(
     return out
 
 
+def plan_from(config: ml_collections.ConfigDict) -> parallel.Plan:
+    """The data-parallel plan of ``config.parallel`` (absent: a mesh over all devices).
+
+    For the sweeps of short runs whose configs may leave the group out (it is optional there).
+    """
+    p = config.get("parallel") or {}
+    return parallel.make_plan(p.get("mode", "mesh"), num_devices=p.get("num_devices", 0))
+
+
+def short_run_config(num_steps: int, *, log_every: int) -> ml_collections.ConfigDict:
+    """What `train` reads, for one short run of a sweep: checkpointed at its end only.
+
+    A sweep (`experiments.trainers.finished`) keeps its finished runs' results itself; the
+    run's own checkpoint serves a stop by a signal, and its end.
+    """
+    return ml_collections.ConfigDict(
+        {
+            "optim": {"num_steps": num_steps},
+            "log_every_steps": min(log_every, num_steps),
+            "max_steps_per_run": 0,
+            "checkpoint": {"every_steps": num_steps, "keep": 1},
+        }
+    )
+
+
 def _process_index() -> int:
     # One indirection, so that a test can stand in for process 1 of a multi-process job.
     return jax.process_index()
@@ -184,6 +211,8 @@ class Run:
         finished: Whether ``step == total``; if not, the writers are closed already.
         train_seconds: Seconds spent in train steps this invocation (not evaluating, saving).
         is_chief: Whether this is process 0, the one that writes files.
+        history: With ``keep_history``, every train step's metrics of this invocation, in
+            order, on the host (a sweep of short runs reports its first and last losses).
     """
 
     state: Any
@@ -196,6 +225,7 @@ class Run:
     is_chief: bool
     writer: metrics_lib.MetricWriter
     checkpointer: resume.Checkpointer
+    history: list = dataclasses.field(default_factory=list)
 
     def write(self, metrics: Mapping[str, Any]) -> None:
         """Writes ``metrics`` to metrics.jsonl at the last step (process 0 only)."""
@@ -223,6 +253,7 @@ def train(
     batch_at: Callable[[int], Mapping],
     evaluators: Sequence[Evaluator] = (),
     compiler_options: dict | None = None,
+    keep_history: bool = False,
 ) -> Run:
     """Runs ``config.optim.num_steps`` steps of ``step_fn`` from the workdir's newest checkpoint.
 
@@ -239,6 +270,8 @@ def train(
             function of the step so that a resumed run sees the batches it would have seen.
         evaluators: Run during training, on their own schedules (never at the last step).
         compiler_options: XLA options for the compiled step (jit modes only).
+        keep_history: Keep every step's train metrics in `Run.history` (they are fetched from
+            the devices at the checks anyway; the last step is always one).
 
     Returns:
         The `Run`. When it is not ``finished`` (stopped by ``config.max_steps_per_run`` or a
@@ -272,7 +305,7 @@ def train(
     bar = tqdm.tqdm(
         total=total, initial=start_step, disable=not is_chief, unit="step", mininterval=1.0
     )
-    pending, window = [], []
+    pending, window, kept = [], [], []
     last_good, train_seconds, window_seconds, window_steps = start_step, 0.0, 0.0, 0
     step = start_step
     try:
@@ -306,6 +339,8 @@ def train(
                     m, step=done - len(history) + i + 1, last_good_step=last_good
                 )
             window += history
+            if keep_history:
+                kept += history
             now = time.perf_counter()
             window_seconds += now - tick
             window_steps += len(history)
@@ -352,6 +387,7 @@ def train(
         is_chief=is_chief,
         writer=writer,
         checkpointer=ckpt,
+        history=kept,
     )
     if not run.finished:
         run.close()

@@ -314,6 +314,8 @@ PARALLEL = {
     "parallel.num_processes": integer(0, note="0: auto-detect").opt(),
     "parallel.process_id": integer(-1, note="-1: auto-detect").opt(),
 }
+# For the sweeps of short runs whose configs predate the group: mesh over all devices by default.
+PARALLEL_OPTIONAL = {key: field.opt() for key, field in PARALLEL.items()}
 
 
 def plugins() -> Field:
@@ -492,6 +494,7 @@ MULTITASK_TABULAR = {
     "optim.lr": POSITIVE_LR,
     "optim.weight_decay": real(ge=0),
     "log_every_steps": STEPS,
+    **PARALLEL_OPTIONAL,
 }
 
 MULTITASK_TEXT = {
@@ -537,6 +540,7 @@ PRETRAIN = {
     "transfer.finetune_lr": POSITIVE_LR,
     "transfer.weight_decay": real(ge=0),
     "log_every_steps": STEPS,
+    **PARALLEL_OPTIONAL,
 }
 
 DECODER_METHODS = ("prompt", "prefix", "lora", "qlora")
@@ -568,6 +572,7 @@ DECODER_TUNING = {
     "optim.max_steps": STEPS,
     "optim.lr": mapping(DECODER_METHODS, POSITIVE_LR),
     "icl_results": string(),
+    **PARALLEL_OPTIONAL,
 }
 
 ICL = {
@@ -642,7 +647,7 @@ SAVED_STATE: dict[str, str | None] = {
     "fewshot": "checkpoints",
     "multitask": "finished",
     "pretrain": "finished",
-    "decoder_tuning": "runs",
+    "decoder_tuning": "finished",
     "icl": "finished",
     "online": None,
 }

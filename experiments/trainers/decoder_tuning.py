@@ -10,7 +10,11 @@ the Q4 base dequantised). So every point of the table differs from ICL only in t
 
 Writes into the workdir:
 
-    runs/<method>_n<n>_s<seed>.json   one finished run (the experiment resumes run by run)
+    finished/<method>_n<n>_s<seed>.json  one finished run (the sweep resumes run by run;
+                                      `experiments/trainers/finished.py`)
+    runs/<method>_n<n>_s<seed>/       that run's loop folder (`experiments/loop.py`): its
+                                      checkpoint, from which an interrupted run resumes, and
+                                      metrics.jsonl
     results.json, results.md          accuracy per method and n (mean, std over seeds), trainable
                                       parameters, base bytes held during training, wall time
     tuning_vs_icl.png                 accuracy against n (log x), one line per method, with the
@@ -30,7 +34,6 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,15 +42,19 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import models
+from experiments import loop, models
+from experiments.trainers import finished
 from ftlab import icl
-from ftlab.core import partition, train
+from ftlab.core import metrics as metrics_lib
+from ftlab.core import parallel, partition, train
 from ftlab.core import report as report_lib
 from ftlab.data import rotten_tomatoes
 from ftlab.models import hooks, llama
 from ftlab.peft import lora, prefix, prompt, qlora
 
 METHODS = ("prompt", "prefix", "lora", "qlora")
+# Each run's loop folder (checkpoints, metrics.jsonl) under the workdir: runs/<method>_n<n>_s<seed>
+RUNS = "runs"
 
 
 def add_method(
@@ -145,18 +152,25 @@ def num_steps(config: ml_collections.ConfigDict, n: int) -> int:
     return int(np.clip(steps, o.min_steps, o.max_steps))
 
 
-def run_one(config, model, task, data, method: str, n: int, seed: int, steps_cache: dict) -> dict:
+def run_one(
+    config, model, task, data, method: str, n: int, seed: int, steps_cache: dict, *, plan, workdir
+) -> dict | None:
     """Trains ``method`` on ``n`` balanced examples and scores the test subset zero-shot.
 
-    ``steps_cache`` keeps one compiled train step per method: the learning rate is constant and
-    the batch shape does not depend on ``n``, so every ``n`` and seed reuses it.
+    The steps run in `experiments.loop.train` (placement by ``plan``, the stop on a non-finite
+    loss naming the step, an orbax checkpoint in ``workdir`` to resume an interrupted run).
+    ``steps_cache`` keeps one train step per method: the learning rate is constant and the batch
+    shape does not depend on ``n``, so every ``n`` and seed reuses its compilation.
+
+    Returns:
+        The run's record, or None when it stopped early (a signal): rerun to resume it.
     """
     train_split, test = data["train"], data["test"]
     idx = icl.sample_demos(np.random.default_rng([config.seed, n, seed]), train_split.label, n)
     texts = [train_split.text[i] for i in idx]
     labels = np.asarray(train_split.label)[idx].astype(np.int32)
     ids, mask = encode(model, task, texts, config.data.query_len)
-    label_ids = icl.label_token_ids(model.tokenizer, task)
+    label_ids = np.asarray(icl.label_token_ids(model.tokenizer, task))
 
     # train.init_state copies what it holds, so the donated steps leave `model.params` intact.
     params, rules, wrap, to_plain = add_method(
@@ -169,8 +183,14 @@ def run_one(config, model, task, data, method: str, n: int, seed: int, steps_cac
     base_bytes = qlora.nbytes(state.frozen)
     if method not in steps_cache:
         loss_fn = make_loss_fn(model.config, wrap)
-        steps_cache[method] = jax.jit(train.make_train_step(loss_fn, tx), donate_argnums=0)
-    step = steps_cache[method]
+
+        def with_label_ids(params, batch, rng):
+            # the label words' ids are one constant, not rows of the batch the plan shards
+            return loss_fn(params, {**batch, "label_ids": label_ids}, rng)
+
+        # pmap runs the step per device: the gradient mean then needs the axis' name
+        axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
+        steps_cache[method] = train.make_train_step(with_label_ids, tx, axis_name=axis)
 
     # Batches: passes over a fresh permutation of the n examples; with n smaller than the batch
     # size, examples repeat within a batch so that the shape (and the compiled step) is fixed.
@@ -179,24 +199,36 @@ def run_one(config, model, task, data, method: str, n: int, seed: int, steps_cac
     order = np.concatenate(
         [np.random.default_rng([seed, n, e]).permutation(n) for e in range(-(-steps * bs // n))]
     )
-    start = time.perf_counter()
-    losses = []
-    for i in range(steps):
+
+    def batch_at(i):
         b = order[i * bs : (i + 1) * bs]
-        batch = {
+        return {
             "input_ids": ids[b],
             "attention_mask": mask[b],
             "target": label_ids[labels[b]],
             "label": labels[b],
-            "label_ids": label_ids,
         }
-        state, m = step(state, batch)
-        losses.append(float(m["train/loss"]))
-        if not np.isfinite(losses[-1]):
-            raise FloatingPointError(f"{method}, n={n}, seed={seed}: loss {losses[-1]} at step {i}")
-    train_s = time.perf_counter() - start
 
-    plain = to_plain(jax.device_get(state.params))
+    try:
+        run = loop.train(
+            loop.short_run_config(steps, log_every=steps),
+            workdir,
+            plan=plan,
+            state=state,
+            step_fn=steps_cache[method],
+            batch_at=batch_at,
+            keep_history=True,
+        )
+    except metrics_lib.NonFiniteMetricError as e:
+        e.add_note(f"decoder tuning run {method}, n={n}, seed={seed}")
+        raise
+    if not run.finished:
+        return None
+    run.close()
+    # a resumed run kept only the steps after its checkpoint: the loss record starts there
+    losses = [float(m["train/loss"]) for m in run.history]
+
+    plain = to_plain(jax.device_get(run.plan.get_state(run.state).params))
     n_test = min(config.data.num_test, len(test.text))
     acc, _ = icl.accuracy(
         model.config,
@@ -219,11 +251,11 @@ def run_one(config, model, task, data, method: str, n: int, seed: int, steps_cac
         "lr": lr,
         "accuracy": acc,
         "num_test": n_test,
-        "first_loss": losses[0],
-        "last_loss": float(np.mean(losses[-max(1, steps // 10) :])),
+        "first_loss": losses[0] if run.start_step == 0 else None,
+        "last_loss": float(np.mean(losses[-max(1, steps // 10) :])) if losses else None,
         "trainable_params": partition.count(state.trainable),
         "base_mib_during_training": base_bytes / 2**20,
-        "train_seconds": train_s,
+        "train_seconds": run.train_seconds,
     }
 
 
@@ -334,15 +366,16 @@ def report(config, workdir: pathlib.Path, runs: list[dict], *, n_test: int, majo
         "icl": points,
         "runs": runs,
     }
-    report_lib.save_table(workdir / "results", markdown=table(rows, points), data=results)
-    report_lib.save_figure(plot(rows, points, majority), workdir / "tuning_vs_icl.png")
+    if jax.process_index() == 0:  # one writer in a multi-process job
+        report_lib.save_table(workdir / "results", markdown=table(rows, points), data=results)
+        report_lib.save_figure(plot(rows, points, majority), workdir / "tuning_vs_icl.png")
     return rows
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Runs every (method, n, seed) not yet finished, then writes the table and the plot."""
     workdir = pathlib.Path(workdir)
-    (workdir / "runs").mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     for m in config.methods:
         if m not in METHODS:
             raise ValueError(f"config.methods: {m!r} is not one of {METHODS}.")
@@ -361,21 +394,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     majority = rotten_tomatoes.majority_baseline(
         rotten_tomatoes.Split(data["test"].text[:n_test], data["test"].label[:n_test])
     )
+    plan = loop.plan_from(config)
+    plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
+    past = finished.Runs(workdir, metric_prefix=lambda name: None, config=config)
     runs, steps_cache = [], {}
     for method in config.methods:
         for n in config.data.num_examples:
             for seed in range(config.seeds):
-                path = workdir / "runs" / f"{method}_n{n}_s{seed}.json"
-                if path.exists():  # finished in an earlier invocation
-                    runs.append(json.loads(path.read_text()))
+                name = f"{method}_n{n}_s{seed}"
+                r = past.get(name)  # finished in an earlier invocation
+                if r is not None:
+                    runs.append(r)
                     continue
-                r = run_one(config, model, task, data, method, n, seed, steps_cache)
-                report_lib.save_json(path, r)
+                r = run_one(
+                    config, model, task, data, method, n, seed, steps_cache,
+                    plan=plan, workdir=workdir / RUNS / name,
+                )  # fmt: skip
+                if r is None:  # stopped by a signal, with a checkpoint: rerun to resume
+                    logging.info("stopped during run %s; rerun to resume", name)
+                    return report(config, workdir, runs, n_test=n_test, majority=majority)
+                if jax.process_index() == 0:
+                    past.put(name, r)
                 runs.append(r)
                 # the report so far, so a long run can be read (and plotted) while it goes on
                 report(config, workdir, runs, n_test=n_test, majority=majority)
                 logging.info(
-                    "%s n=%d seed=%d: accuracy %.4f (%d steps, %.0f s, loss %.3f -> %.3f)",
+                    "%s n=%d seed=%d: accuracy %.4f (%d steps, %.0f s, loss %s -> %.3f)",
                     method,
                     n,
                     seed,

@@ -19,15 +19,18 @@ markdown table), ``per_task.png`` (the test metric per task and method), ``metri
 TensorBoard events (training losses) and ``train.png`` into the workdir. Each method's result is
 kept in ``finished/<method>.json`` when it completes (`experiments/trainers/finished.py`): rerunning
 the same command after an interruption skips the finished methods and trains the rest from the
-seed (one method takes seconds to minutes, the LoRA-per-task one about 20 on a CPU, so no
-mid-method checkpoints are written).
+seed (one method takes seconds to minutes, the LoRA-per-task one about 20 on a CPU).
+
+The tabular methods each train as one run of `experiments.loop` in ``runs/<method>/``: data-
+parallel over ``config.parallel`` (default: a mesh over all devices; the rows of each task's
+batch are split), stopped by a non-finite loss naming the step, writers on process 0 only. So do
+the text path's LoRA methods (`train_lora_per_task`).
 """
 
 from __future__ import annotations
 
-import functools
 import pathlib
-import time
+import shutil
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
@@ -38,11 +41,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import models
+from experiments import loop, models
 from experiments.trainers import finished
 from ftlab import multitask
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import partition, report, train
+from ftlab.core import parallel, partition, report, train
 from ftlab.data import multitask as multitask_data
 
 # method: (rules over the multi-task tree, task weighting, uses the pairwise penalty)
@@ -57,6 +60,8 @@ METHODS = {
     ),
     "soft": ((("net/.*", multitask.TASK),), "uniform", True),
 }
+# Each tabular method's loop folder (checkpoint, metrics.jsonl): runs/<method>
+RUNS = "runs"
 
 
 class MLP(nn.Module):
@@ -174,18 +179,60 @@ def _sampler(split: Mapping[str, np.ndarray], batch_size: int):
     return sample
 
 
-def _compile_chunk(train_step, sample, chunk: int):
-    """``chunk(state) -> (state, mean metrics)``: ``chunk`` steps of `train.scan_steps`, jitted."""
+def _axis(plan: parallel.Plan) -> str | None:
+    # pmap runs the step per device: the gradient mean then needs the axis' name
+    return parallel.DATA_AXIS if plan.mode == "pmap" else None
 
-    def batch_at(state):
-        return sample(jax.random.fold_in(state.rng, state.step))
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_chunk(state):
-        state, history = train.scan_steps(train_step, state, batch_at, num_steps=chunk)
-        return state, jax.tree.map(jnp.mean, history)
+def _train(config, workdir, plan, state, train_step, sample, *, name, writer):
+    """``config.optim.num_steps`` steps of ``train_step`` as one run of `experiments.loop`.
 
-    return train_chunk
+    Step ``s`` trains on ``sample(fold_in(state.rng, s))``, as the scan of the tabular path
+    drew it on the device; the plan splits its rows (axis 1 of the ``[T, rows, ...]`` arrays;
+    the host hands them over rows first) over the data mesh. Each ``config.log_every_steps``
+    steps' mean goes to the sweep's ``writer`` as ``train/<name>/...`` (None: not process 0).
+
+    Returns:
+        ``(state on the host, train seconds)``, or ``(None, seconds)`` when a signal stopped it.
+    """
+    total, every = config.optim.num_steps, config.log_every_steps
+    rng = state.rng
+    draw = jax.jit(lambda step: sample(jax.random.fold_in(rng, step)))
+    width = next(iter(jax.eval_shape(draw, np.int32(0)).values())).shape[1]
+    plan.check_batch_size(width, what="config.optim.batch_size (rows per task per step)")
+    if plan.mode == "pmap" and plan.num_devices > 1 and config.optim.batch_size == 0:
+        # the full split is padded per task: each device would average its own share of real
+        # rows, weighting them unlike the one mean a mesh computes
+        raise ValueError(
+            "config.parallel.mode='pmap' with config.optim.batch_size=0 (the padded full split) "
+            "weights each device's real rows on their own; use mode 'mesh' or a batch size"
+        )
+
+    def batch_at(step):
+        return {k: np.swapaxes(np.asarray(v), 0, 1) for k, v in draw(np.int32(step)).items()}
+
+    def step_fn(state, batch):
+        return train_step(state, {k: jnp.swapaxes(v, 0, 1) for k, v in batch.items()})
+
+    shutil.rmtree(workdir, ignore_errors=True)  # an unfinished method starts over
+    run = loop.train(
+        loop.short_run_config(total, log_every=every),
+        workdir,
+        plan=plan,
+        state=state,
+        step_fn=step_fn,
+        batch_at=batch_at,
+        keep_history=True,
+    )
+    if not run.finished:
+        return None, run.train_seconds
+    run.close()
+    if writer is not None:
+        for done in range(every, total + 1, every):
+            window = run.history[done - every : done]
+            mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+            writer.write(done, {f"train/{name}/{k[6:]}": v for k, v in mean.items()})
+    return jax.device_get(plan.get_state(run.state)), run.train_seconds
 
 
 def evaluate(kind: str, pred: np.ndarray, split: multitask_data.TaskSplit, y_std: float) -> dict:
@@ -306,8 +353,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(
             f"config.optim.num_steps={total} must be a multiple of config.log_every_steps={chunk}"
         )
+    plan = loop.plan_from(config)
+    is_chief = jax.process_index() == 0  # one writer in a multi-process job
     past = finished.Runs(workdir, metric_prefix=lambda n: f"train/{n}/", config=config)
-    writer = past.open_writer()
+    writer = past.open_writer() if is_chief else None
     progress = metrics_lib.Progress(total * len(runs))
     results = {}
     for r, (name, method, lam_spec) in enumerate(runs):
@@ -317,29 +366,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             continue
         params, label_tree, tx, loss_fn, predict = build_run(config, data, method, lam_spec)
         state = train.init_state(params, label_tree, tx, seed=config.seed)
-        train_step = train.make_train_step(loss_fn, tx)
-
-        train_chunk = _compile_chunk(train_step, sample, chunk)
-        start = time.perf_counter()
-        last_good = 0
-        for done in range(chunk, total + 1, chunk):
-            state, chunk_metrics = train_chunk(state)
-            chunk_metrics = {k: float(v) for k, v in jax.device_get(chunk_metrics).items()}
-            metrics_lib.check_finite(chunk_metrics, step=done, last_good_step=last_good)
-            last_good = done
-            writer.write(done, {f"train/{name}/{k[6:]}": v for k, v in chunk_metrics.items()})
-            progress.update(r * total + done, loss=chunk_metrics["train/loss"])
-        train_s = time.perf_counter() - start
+        train_step = train.make_train_step(loss_fn, tx, axis_name=_axis(plan))
+        state, train_s = _train(
+            config, workdir / RUNS / name, plan, state, train_step, sample, name=name,
+            writer=writer,
+        )  # fmt: skip
+        if state is None:  # stopped by a signal: the method starts over on the rerun
+            progress.close()
+            if writer is not None:
+                writer.close()
+            return {"stopped": name}
+        progress.update((r + 1) * total, method=name)
         pred = np.asarray(jax.jit(predict)(state.params, test_x))
         results[name] = evaluate(data.kind, pred, data.test, data.y_std)
         results[name]["trainable_params"] = partition.count(state.trainable)
         results[name]["train_s"] = train_s
         if method == "hard_uncertainty":
             results[name]["log_var"] = [float(v) for v in state.params["log_var"]]
-        past.put(name, results[name])
+        if is_chief:
+            past.put(name, results[name])
         logging.info("%s: %s (%.1f s)", name, results[name]["mean"], train_s)
     progress.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
     # Reference row: the train majority class per task, or the train mean (0 after standardising).
     if data.kind == "classification":
         majority = np.where(data.train.y.mean(axis=1, keepdims=True) > 0.5, 1.0, -1.0)
@@ -356,7 +405,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "test_counts": data.test.counts.tolist(),
         "methods": results,
     }
-    print(_save(workdir, results, data.task_names, out), flush=True)
+    if is_chief:
+        print(_save(workdir, results, data.task_names, out), flush=True)
     return out
 
 
@@ -457,8 +507,10 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         logits = apply(params, batch, None).astype(jnp.float32)
         return logits[..., 1] - logits[..., 0]
 
+    plan = loop.plan_from(config)
+    is_chief = jax.process_index() == 0  # one writer in a multi-process job
     past = finished.Runs(workdir, metric_prefix=lambda n: f"train/{n}/", config=config)
-    results, writer = {}, past.open_writer()
+    results, writer = {}, past.open_writer() if is_chief else None
     total, chunk = config.optim.num_steps, config.log_every_steps
     if total % chunk:
         raise ValueError(
@@ -487,15 +539,15 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         tx = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay)
         tx = partition.optimizer({multitask.TASK: tx, multitask.SHARED: tx}, label_tree)
         state = train.init_state(params, label_tree, tx, seed=config.seed)
-        train_chunk = _compile_chunk(train.make_train_step(loss_fn, tx), sample, chunk)
-        start = time.perf_counter()
-        for done in range(chunk, total + 1, chunk):
-            state, chunk_metrics = train_chunk(state)
-            chunk_metrics = {k: float(v) for k, v in jax.device_get(chunk_metrics).items()}
-            metrics_lib.check_finite(chunk_metrics, step=done, last_good_step=done - chunk)
-            writer.write(done, {f"train/{method}/{k[6:]}": v for k, v in chunk_metrics.items()})
-            logging.info("%s step %d: %s", method, done, chunk_metrics)
-        train_s = time.perf_counter() - start
+        train_step = train.make_train_step(loss_fn, tx, axis_name=_axis(plan))
+        state, train_s = _train(
+            config, workdir / RUNS / method, plan, state, train_step, sample, name=method,
+            writer=writer,
+        )  # fmt: skip
+        if state is None:  # stopped by a signal: the method starts over on the rerun
+            if writer is not None:
+                writer.close()
+            return {"stopped": method}
 
         predict = jax.jit(
             lambda params, batch, label_tree=label_tree: multitask.per_task(
@@ -528,9 +580,11 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 strict=True,
             )
         )
-        past.put(method, results[method])
+        if is_chief:
+            past.put(method, results[method])
         logging.info("%s: %s (%.1f s)", method, results[method]["mean"], train_s)
-    writer.close()
+    if writer is not None:
+        writer.close()
 
     labels, mask = test_arrays["label"], test_arrays["mask"] > 0
     majority = [
@@ -545,5 +599,6 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         "majority_baseline_accuracy": majority,
         "methods": results,
     }
-    print(_save(workdir, results, task_names, out), flush=True)
+    if is_chief:
+        print(_save(workdir, results, task_names, out), flush=True)
     return out

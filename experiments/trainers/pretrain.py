@@ -14,12 +14,18 @@ Writes to the workdir: ``results.json`` (every accuracy, per seed and mean/std),
 pretext losses of the first seed and their plots under ``plots/``. Each (seed, method) run is
 kept in ``finished/`` when it completes (`experiments/trainers/finished.py`), so rerunning the
 command after an interruption skips what finished.
+
+Every training (a pretext task, a layer-wise stage, a probe or fine-tuning) is a short run of
+`experiments.loop` in ``runs/seed<s>_<method>/<part>/``: data-parallel over ``config.parallel``
+(default: a mesh over all devices), stopped by a non-finite loss naming the step, with writers on
+process 0 only. A (seed, method) run that did not finish starts over.
 """
 
 from __future__ import annotations
 
 import pathlib
 import platform
+import shutil
 import time
 
 import jax
@@ -28,53 +34,149 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments import loop
 from experiments.trainers import finished
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import partition, report, train
+from ftlab.core import parallel, partition, report, train
 from ftlab.data import images
-from ftlab.pretrain import layerwise, loop, network, ssl, transfer
+from ftlab.pretrain import layerwise, network, ssl, transfer
 
 METHODS = ("none", "layerwise", "rotation", "contrastive")
 MODES = ("probe", "finetune")
+# The loop's folders of each (seed, method) run: runs/seed<s>_<method>/{pretext,stage<k>,
+# <mode>_<fraction>} (checkpoint, metrics.jsonl); emptied when that run starts over.
+RUNS = "runs"
+
+
+class _NoWriter:
+    """Stands in for the metric writer on processes other than 0."""
+
+    def write(self, step, metrics):
+        del step, metrics
+
+    def close(self):
+        pass
+
+
+class Stopped(Exception):
+    """A signal stopped a run's loop (it saved a checkpoint): the sweep ends, a rerun resumes."""
+
+
+# The rows of step `step`, exactly as `ftlab.pretrain.loop.make_fit` drew them inside its scan.
+_draw = jax.jit(
+    lambda rng, step, n, size: jax.random.choice(
+        jax.random.fold_in(rng, step), n, (size,), replace=False
+    ),
+    static_argnums=(2, 3),
+)
+
+
+def make_plan(config: ml_collections.ConfigDict) -> parallel.Plan:
+    """`loop.plan_from`, refusing pmap for the contrastive loss."""
+    plan = loop.plan_from(config)
+    if plan.mode == "pmap" and plan.num_devices > 1 and "contrastive" in config.methods:
+        # NT-Xent contrasts each view with the whole batch: per device it would see only a share
+        raise ValueError(
+            "config.parallel.mode='pmap' splits the NT-Xent batch of config.methods' "
+            "'contrastive' over devices, which changes the loss; use mode 'mesh'"
+        )
+    return plan
+
+
+class Fitter:
+    """Runs ``num_steps`` steps on rows drawn from in-memory arrays through `experiments.loop`.
+
+    Step ``s`` trains on ``batch_size`` distinct rows drawn with ``fold_in(rng, s)`` (as
+    `ftlab.pretrain.loop.make_fit` did inside a scan), so a run is a pure function of its
+    inputs; the loop adds the placement over ``plan``, the stop on a non-finite loss naming the
+    step, process-0 writers and a checkpoint in the run's folder.
+    """
+
+    def __init__(self, plan: parallel.Plan, log_every: int):
+        self.plan, self.log_every = plan, log_every
+        self._steps: dict = {}
+
+    def step(self, key, loss_fn, tx):
+        """One train step per ``key``: the loop's jit then compiles it once for all its runs."""
+        if key not in self._steps:
+            axis = parallel.DATA_AXIS if self.plan.mode == "pmap" else None
+            self._steps[key] = train.make_train_step(loss_fn, tx, axis_name=axis)
+        return self._steps[key]
+
+    def __call__(self, workdir, state, step_fn, arrays, rng, *, num_steps, batch_size, what):
+        """Returns the trained state (on the host) and its metrics, each ``[num_steps]``."""
+        n = len(next(iter(arrays.values())))
+        if batch_size > n:
+            raise ValueError(
+                f"{what}={batch_size} is larger than the {n} rows available; "
+                "lower the batch size or use more data."
+            )
+        self.plan.check_batch_size(batch_size, what=what)
+
+        def batch_at(step):
+            idx = np.asarray(_draw(rng, np.int32(step), n, batch_size))
+            return {k: v[idx] for k, v in arrays.items()}
+
+        run = loop.train(
+            loop.short_run_config(num_steps, log_every=self.log_every),
+            workdir,
+            plan=self.plan,
+            state=state,
+            step_fn=step_fn,
+            batch_at=batch_at,
+            keep_history=True,
+        )
+        if not run.finished:
+            raise Stopped(str(workdir))
+        run.close()
+        history = {k: np.stack([np.asarray(m[k]) for m in run.history]) for k in run.history[0]}
+        return jax.device_get(self.plan.get_state(run.state)), history
 
 
 class Pretrainer:
     """Pretrains encoders by ``config.pretrain``; compiled steps are reused across seeds."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, fit: Fitter):
         self.config = config
         self.tx = optax.adam(config.pretrain.lr)
-        self._fits: dict[str, object] = {}
-
-    def _fit(self, method, loss_fn, num_steps):
-        if method not in self._fits:
-            step = train.make_train_step(loss_fn, self.tx)
-            self._fits[method] = loop.make_fit(
-                step, num_steps=num_steps, batch_size=self.config.pretrain.batch_size
-            )
-        return self._fits[method]
+        self.fit = fit
 
     def __call__(
-        self, method: str, train_images: np.ndarray, *, seed: int
+        self, method: str, train_images: np.ndarray, *, seed: int, workdir: pathlib.Path
     ) -> tuple[dict, list[dict[str, np.ndarray]]]:
-        """Pretrains an encoder on unlabelled images; returns it and its pretext metric curves."""
+        """Pretrains an encoder on unlabelled images; returns it and its pretext metric curves.
+
+        Each training (a pretext task, or one layer-wise stage) is a run of the loop in its own
+        folder under ``workdir``.
+        """
         p, features, tx = self.config.pretrain, tuple(self.config.model.features), self.tx
         input_dim = int(np.prod(train_images.shape[1:]))
         rng = jax.random.PRNGKey(seed)
         arrays = {"image": train_images}
+        what = "config.pretrain.batch_size"
         if method == "none":
             return network.init_mlp(rng, input_dim=input_dim, features=features), []
         if method == "layerwise":
+            # As `layerwise.pretrain`: stage k trains layer k from a fresh optimizer state.
             params = layerwise.init(rng, input_dim=input_dim, features=features)
-            params, history = layerwise.pretrain(
-                params,
-                arrays,
-                tx=tx,
-                steps_per_stage=p.layerwise_steps_per_stage,
-                batch_size=p.batch_size,
-                seed=seed,
-                noise_std=p.layerwise_noise_std,
-            )
+            history = []
+            for k in range(len(params["encoder"])):
+                rules = layerwise.stage_rules(k)
+                label_tree = partition.labels(params, rules, what=f"layerwise.stage_rules({k})")
+                state = train.init_state(params, label_tree, tx, seed=seed + k)
+                loss_fn = layerwise.make_stage_loss(k, noise_std=p.layerwise_noise_std)
+                state, curves = self.fit(
+                    workdir / f"stage{k}",
+                    state,
+                    self.fit.step(("layerwise", k), loss_fn, tx),
+                    arrays,
+                    jax.random.fold_in(rng, k),
+                    num_steps=p.layerwise_steps_per_stage,
+                    batch_size=p.batch_size,
+                    what=what,
+                )
+                params = state.params
+                history.append(curves)
             return params["encoder"], history
         if method == "rotation":
             params = ssl.init_rotation(rng, input_dim=input_dim, features=features)
@@ -92,8 +194,17 @@ class Pretrainer:
                 f"config.methods: unknown method {method!r}; expected one of {METHODS}"
             )
         state = train.init_state(params, partition.labels(params, [(".*", "train")]), tx, seed=seed)
-        state, metrics = self._fit(method, loss_fn, steps)(state, arrays, jax.random.PRNGKey(seed))
-        return jax.device_get(state.params["encoder"]), [jax.device_get(metrics)]
+        state, curves = self.fit(
+            workdir / "pretext",
+            state,
+            self.fit.step(method, loss_fn, tx),
+            arrays,
+            rng,
+            num_steps=steps,
+            batch_size=p.batch_size,
+            what=what,
+        )
+        return state.params["encoder"], [curves]
 
 
 def markdown(rows: list[dict], fractions) -> str:
@@ -163,14 +274,19 @@ def pretrain_and_transfer(
     *,
     log_curves,
     log_every,
+    workdir,
 ) -> dict:
     """One (seed, method) run: pretrain, then probe and fine-tune at every label fraction.
+
+    Every training in it is a run of the loop in a folder under ``workdir``, which starts
+    empty: a (seed, method) run that did not finish starts over.
 
     Returns ``{"accuracy": [[mode, fraction, labels, test accuracy], ...], "final_loss",
     "seconds"}`` (JSON, kept by `finished.Runs`).
     """
+    shutil.rmtree(workdir, ignore_errors=True)
     tick = time.perf_counter()
-    encoder, history = pretrain_encoder(method, train_split.images, seed=seed)
+    encoder, history = pretrain_encoder(method, train_split.images, seed=seed, workdir=workdir)
     seconds = time.perf_counter() - tick
     if log_curves:
         offset = 0
@@ -187,7 +303,10 @@ def pretrain_and_transfer(
         idx = images.label_subset(train_split.label, fraction=fraction, seed=seed)
         arrays = {"image": train_split.images[idx], "label": train_split.label[idx]}
         for mode in MODES:
-            accuracy.append([mode, fraction, len(idx), downstream(encoder, mode, arrays, seed)])
+            folder = workdir / f"{mode}_{fraction:g}"
+            accuracy.append(
+                [mode, fraction, len(idx), downstream(encoder, mode, arrays, seed, folder)]
+            )
     final_loss = float(np.mean(history[-1]["train/loss"][-10:])) if history else None
     return {"accuracy": accuracy, "final_loss": final_loss, "seconds": seconds}
 
@@ -220,20 +339,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mode: optax.adamw(lr, weight_decay=t.weight_decay)
         for mode, lr in (("probe", t.probe_lr), ("finetune", t.finetune_lr))
     }
-    fits: dict[tuple, object] = {}
+    plan = make_plan(config)
+    is_chief = jax.process_index() == 0  # one writer in a multi-process job
+    fit = Fitter(plan, config.log_every_steps)
 
-    def downstream(encoder, mode, arrays, seed):
+    def downstream(encoder, mode, arrays, seed, folder):
         n = len(arrays["label"])
-        key = (mode, n)
-        if key not in fits:
-            step = train.make_train_step(transfer.classifier_loss, txs[mode])
-            fits[key] = loop.make_fit(step, num_steps=t.num_steps, batch_size=min(t.batch_size, n))
         params = transfer.new_classifier(
             encoder, jax.random.PRNGKey(10_000 + seed), num_classes=num_classes
         )
         label_tree = partition.labels(params, transfer.RULES[mode])
         state = train.init_state(params, label_tree, txs[mode], seed=seed)
-        state, _ = fits[key](state, arrays, jax.random.PRNGKey(seed))
+        state, _ = fit(
+            folder,
+            state,
+            fit.step(mode, transfer.classifier_loss, txs[mode]),
+            arrays,
+            jax.random.PRNGKey(seed),
+            num_steps=t.num_steps,
+            batch_size=min(t.batch_size, n),
+            what="config.transfer.batch_size",
+        )
         return float(transfer.accuracy(state.params, te.images, te.label))
 
     # -- loop: one (seed, method) run at a time, each kept when it finishes -----------------
@@ -244,8 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return f"pretrain/{method}/" if seed == f"seed{first_seed}" else None
 
     past = finished.Runs(workdir, metric_prefix=metric_prefix, config=config)
-    pretrain_encoder = Pretrainer(config)
-    writer = past.open_writer()
+    pretrain_encoder = Pretrainer(config, fit)
+    writer = past.open_writer() if is_chief else _NoWriter()
     accuracy: dict[tuple, list[float]] = {}
     pretext: dict[str, dict[str, list[float]]] = {}
     runs = [(s, m) for s in config.seeds for m in config.methods]
@@ -254,11 +380,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         name = f"seed{seed}_{method}"
         cell = past.get(name)
         if cell is None:
-            cell = pretrain_and_transfer(
-                method, seed, pretrain_encoder, downstream, tr, fractions, writer,
-                log_curves=seed == first_seed, log_every=config.log_every_steps,
-            )  # fmt: skip
-            past.put(name, cell)
+            try:
+                cell = pretrain_and_transfer(
+                    method, seed, pretrain_encoder, downstream, tr, fractions, writer,
+                    log_curves=seed == first_seed, log_every=config.log_every_steps,
+                    workdir=workdir / RUNS / name,
+                )  # fmt: skip
+            except Stopped:
+                progress.close()
+                writer.close()
+                logging.info("stopped during run %s; rerun to resume", name)
+                return {"stopped": name}
+            if is_chief:
+                past.put(name, cell)
         info = pretext.setdefault(method, {"final_loss": [], "seconds": []})
         info["seconds"].append(cell["seconds"])
         if cell["final_loss"] is not None:
@@ -297,6 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "hardware": f"{platform.machine()} {jax.devices()[0].platform}",
     }
     table = markdown(rows, fractions)
+    if not is_chief:
+        return results
     report.save_table(workdir / "results", markdown=table, data=results)
     title = f"{config.data.dataset}: transfer after pretraining ({len(config.seeds)} seeds)"
     report.save_figure(plot(rows, title=title), workdir / "transfer.png", dpi=110)

@@ -22,9 +22,9 @@ def test_quick_run_trains_every_method_and_resumes(tmp_path):
     assert by["qlora"]["base_mib_during_training"] < by["prompt"]["base_mib_during_training"]
     assert (tmp_path / "tuning_vs_icl.png").stat().st_size > 0
     # a second invocation finds every run finished and only rewrites the report
-    before = (tmp_path / "runs" / "qlora_n4_s0.json").read_text()
+    before = (tmp_path / "finished" / "qlora_n4_s0.json").read_text()
     decoder_tuning.train_and_evaluate(config, str(tmp_path))
-    assert (tmp_path / "runs" / "qlora_n4_s0.json").read_text() == before
+    assert (tmp_path / "finished" / "qlora_n4_s0.json").read_text() == before
 
 
 def test_prefix_tuning_trains_on_the_stacked_decoder_tree():
@@ -62,3 +62,79 @@ def test_prefix_tuning_trains_on_the_stacked_decoder_tree():
     final = to_plain(params)
     assert "prefix_mlp" not in final
     assert final["decoder"]["layer_1"]["attention"]["prefix_key"].shape == (3, cfg.kv_dim)
+
+
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+    import pytest
+
+    from ftlab.core import metrics as metrics_lib
+
+    make = decoder_tuning.make_loss_fn
+
+    def nan_loss_fn(model_config, wrap):
+        loss_fn = make(model_config, wrap)
+
+        def poisoned(params, batch, rng):
+            loss, aux = loss_fn(params, batch, rng)
+            return loss * jnp.nan, aux
+
+        return poisoned
+
+    monkeypatch.setattr(decoder_tuning, "make_loss_fn", nan_loss_fn)
+    config = tune_smollm2.get_config("quick,num_examples=4,methods=prompt")
+    with pytest.raises(metrics_lib.NonFiniteMetricError, match=r"train/loss=nan at step 1\b"):
+        decoder_tuning.train_and_evaluate(config, str(tmp_path))
+    # nothing recorded as finished, nothing reported
+    assert not (tmp_path / "finished").exists() and not (tmp_path / "results.json").exists()
+
+
+_EIGHT_VS_ONE = """
+import json, sys
+import jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+from configs import tune_smollm2
+from experiments.trainers import decoder_tuning
+assert jax.device_count() == 8
+out = {}
+for devices in (1, 8):
+    c = tune_smollm2.get_config("quick,num_examples=8,methods=prompt")
+    c.optim.batch_size = 8
+    c.parallel = {"mode": "mesh", "num_devices": devices}
+    (r,) = decoder_tuning.train_and_evaluate(c, f"{sys.argv[1]}/{devices}")
+    runs = json.load(open(f"{sys.argv[1]}/{devices}/results.json"))["runs"]
+    out[devices] = {k: runs[0][k] for k in ("accuracy", "first_loss", "last_loss")}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_8_simulated_devices_equal_1(tmp_path):
+    # the plan splits each batch of 8 over 8 CPU devices: same losses and accuracy as one
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import pytest
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(root)
+    cache = os.environ.get("FTLAB_TEST_CACHE", root / ".jax_cache")
+    proc = subprocess.run(
+        [sys.executable, "-c", _EIGHT_VS_ONE, str(tmp_path), str(cache)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    one, eight = json.loads(line[len("RESULT") :]).values()
+    assert one.keys() == eight.keys() and one
+    for key in one:
+        assert eight[key] == pytest.approx(one[key], abs=1e-5), key

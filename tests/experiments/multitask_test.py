@@ -151,3 +151,20 @@ def test_one_lora_per_task_on_text_keeps_the_encoder_and_counts_its_leaves(tmp_p
     table = (tmp_path / "results.md").read_text()
     assert "| lora_per_task |" in table and "| lora_shared |" in table
     assert (tmp_path / "per_task.png").stat().st_size > 1000
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    per_example = trainer._per_example_loss
+
+    def poisoned(kind, pred, y):
+        return per_example(kind, pred, y) * jnp.nan
+
+    monkeypatch.setattr(trainer, "_per_example_loss", poisoned)
+    config = _yeast_config()
+    config.methods = ("independent",)
+    with pytest.raises(metrics_lib.NonFiniteMetricError, match=r"loss=nan.* at step 1\b"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    assert not list((tmp_path / "finished").glob("*.json"))
+    assert not (tmp_path / "results.json").exists()

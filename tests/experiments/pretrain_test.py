@@ -67,3 +67,21 @@ def test_unknown_method_is_named(tmp_path):
     config.methods = ("none", "jigsaw")
     with pytest.raises(ValueError, match="config.methods: unknown method 'jigsaw'"):
         trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_nan_pretext_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    from ftlab.pretrain import ssl
+
+    rotation_loss = ssl.rotation_loss
+
+    def poisoned(params, batch, rng):
+        loss, aux = rotation_loss(params, batch, rng)
+        return loss * np.nan, aux
+
+    monkeypatch.setattr(ssl, "rotation_loss", poisoned)
+    config = pretrain_digits.get_config("quick")
+    config.seeds, config.methods = (0,), ("rotation",)
+    with pytest.raises(metrics_lib.NonFiniteMetricError, match=r"train/loss=nan at step 1\b"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    assert not list((tmp_path / "finished").glob("*.json"))
+    assert not (tmp_path / "results.json").exists()
