@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import chex
 import flax.linen as nn
 import jax
@@ -11,7 +16,13 @@ from ftlab.core import partition
 from ftlab.models import bert
 from ftlab.types import Params
 
-__all__ = ["classifier_batch", "random_params", "assert_trains_only"]
+__all__ = [
+    "assert_trains_only",
+    "classifier_batch",
+    "jaxpr_output_shapes",
+    "random_params",
+    "run_on_simulated_devices",
+]
 
 
 def classifier_batch(
@@ -72,3 +83,44 @@ def assert_trains_only(params, label_tree, tx, apply, batch, *, steps: int, opt_
     for name, leaf in partition.flatten(state.trainable).items():
         assert not np.array_equal(leaf, partition.flatten(trainable0)[name]), name
     return state
+
+
+def jaxpr_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every equation's outputs, recursing into sub-jaxprs (pjit, custom_jvp, ...).
+
+    The check that a frozen kernel gets no dense gradient: no output of the gradient's jaxpr may
+    have the kernel's shape.
+    """
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [tuple(v.aval.shape) for v in eqn.outvars]
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else [p]:
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    shapes += jaxpr_output_shapes(inner)
+    return shapes
+
+
+def run_on_simulated_devices(
+    code: str, *args: str, devices: int = 8, root: str | os.PathLike, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Runs ``python -c code *args`` in a subprocess with ``devices`` simulated CPU devices.
+
+    ``XLA_FLAGS`` only takes effect before JAX starts, hence the subprocess. Raises an
+    AssertionError with the end of the child's stderr when it fails.
+    """
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(pathlib.Path(root))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

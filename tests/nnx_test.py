@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from ftlab import nnx as ftnnx
+from ftlab import testing
 from ftlab.core import checkpoint, partition, sites, train
 
 RANK, ALPHA = 2, 4.0
@@ -293,18 +294,6 @@ def test_merged_equals_unmerged_for_each_layer_kind(kind):
     chex.assert_trees_all_close(unmerged, lora_params, rtol=1e-5, atol=1e-6)
 
 
-def _output_shapes(jaxpr):
-    shapes = []
-    for eqn in jaxpr.eqns:
-        shapes += [tuple(v.aval.shape) for v in eqn.outvars]
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else [p]:
-                inner = getattr(sub, "jaxpr", sub)
-                if isinstance(inner, jax.extend.core.Jaxpr):
-                    shapes += _output_shapes(inner)
-    return shapes
-
-
 @pytest.mark.parametrize("kind", ["Linear", *_LAYERS])
 def test_factored_gradient_forms_no_kernel_sized_array(kind):
     if kind == "Linear":
@@ -320,7 +309,7 @@ def test_factored_gradient_forms_no_kernel_sized_array(kind):
     kernel_shape = tuple(params["kernel"].shape)
 
     def count(f):
-        return _output_shapes(jax.make_jaxpr(f)(trainable).jaxpr).count(kernel_shape)
+        return testing.jaxpr_output_shapes(jax.make_jaxpr(f)(trainable).jaxpr).count(kernel_shape)
 
     def loss(t):
         return jnp.sum(apply(partition.merge(t, frozen), x) ** 2)

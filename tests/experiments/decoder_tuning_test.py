@@ -113,26 +113,14 @@ def test_8_simulated_devices_equal_1(tmp_path):
     # the plan splits each batch of 8 over 8 CPU devices: same losses and accuracy as one
     import os
     import pathlib
-    import subprocess
-    import sys
 
     import pytest
 
+    from ftlab import testing
+
     root = pathlib.Path(__file__).resolve().parents[2]
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(root)
     cache = os.environ.get("FTLAB_TEST_CACHE", root / ".jax_cache")
-    proc = subprocess.run(
-        [sys.executable, "-c", _EIGHT_VS_ONE, str(tmp_path), str(cache)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = testing.run_on_simulated_devices(_EIGHT_VS_ONE, str(tmp_path), str(cache), root=root)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
     one, eight = json.loads(line[len("RESULT") :]).values()
     assert one.keys() == eight.keys() and one

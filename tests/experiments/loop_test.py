@@ -5,8 +5,6 @@ the few-shot trainer (which runs on it) giving the same numbers on 8 simulated d
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -15,6 +13,7 @@ import optax
 import pytest
 
 from experiments import loop
+from ftlab import testing
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train
 
@@ -172,19 +171,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.mark.slow
 def test_fewshot_on_8_simulated_devices_equals_1(tmp_path):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [sys.executable, "-c", _EIGHT_VS_ONE, str(tmp_path), str(CACHE)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = testing.run_on_simulated_devices(_EIGHT_VS_ONE, str(tmp_path), str(CACHE), root=ROOT)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
     one, eight = json.loads(line[len("RESULT") :]).values()
     assert one.keys() == eight.keys() and one

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 
+from ftlab import testing
 from ftlab.core import partition, sites
 from ftlab.peft import dense, dora, ia3, lora
 
@@ -159,18 +160,6 @@ def test_method_on_every_layer_kind(base, found, method):
     np.testing.assert_allclose(merged_out, adapted, atol=1e-5, rtol=1e-5)
 
 
-def _output_shapes(jaxpr):
-    shapes = []
-    for eqn in jaxpr.eqns:
-        shapes += [tuple(v.aval.shape) for v in eqn.outvars]
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else [p]:
-                inner = getattr(sub, "jaxpr", sub)
-                if isinstance(inner, jax.extend.core.Jaxpr):
-                    shapes += _output_shapes(inner)
-    return shapes
-
-
 def test_no_dense_gradient_of_a_frozen_kernel_on_any_layer_kind(base, found):
     params = lora.init(
         base, jax.random.key(2), layer_types=KINDS, layers=found, rank=RANK, alpha=ALPHA
@@ -185,7 +174,8 @@ def test_no_dense_gradient_of_a_frozen_kernel_on_any_layer_kind(base, found):
 
     # Sorted, since a gradient may be formed transposed before it is laid out as the kernel.
     shapes = {
-        tuple(sorted(s)) for s in _output_shapes(jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr)
+        tuple(sorted(s))
+        for s in testing.jaxpr_output_shapes(jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr)
     }
     assert (7, 10) in shapes
     # patch (Conv), attn/{query,key,value} and attn/out (DenseGeneral), mix (Einsum)

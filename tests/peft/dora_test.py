@@ -187,23 +187,11 @@ def test_gradients_match_finite_differences(name):
         assert np.max(np.abs(grads["held"] - grads["exact"])) > 1e-3
 
 
-def _output_shapes(jaxpr):
-    shapes = []
-    for eqn in jaxpr.eqns:
-        shapes += [tuple(v.aval.shape) for v in eqn.outvars]
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else [p]:
-                inner = getattr(sub, "jaxpr", sub)
-                if isinstance(inner, jax.extend.core.Jaxpr):
-                    shapes += _output_shapes(inner)
-    return shapes
-
-
 def test_held_norm_adds_no_dense_array_to_the_backward_pass():
     adapter, frozen, x = _tiny()
 
     def count(f):
-        return _output_shapes(jax.make_jaxpr(f)(adapter).jaxpr).count((D_IN, D_OUT))
+        return testing.jaxpr_output_shapes(jax.make_jaxpr(f)(adapter).jaxpr).count((D_IN, D_OUT))
 
     n_forward = count(lambda a: _loss(a, frozen, x, exact=False))
     assert n_forward > 0  # the norm of W + s A B needs the [in, out] matrix: inherent to DoRA

@@ -126,19 +126,6 @@ def test_training_moves_only_lora_and_head(base):
         assert not np.array_equal(leaf, partition.flatten(trainable0)[name]), name
 
 
-def _output_shapes(jaxpr):
-    """Shapes of every equation's outputs, recursing into sub-jaxprs (pjit, custom_jvp, ...)."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        shapes += [tuple(v.aval.shape) for v in eqn.outvars]
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else [p]:
-                inner = getattr(sub, "jaxpr", sub)
-                if isinstance(inner, jax.extend.core.Jaxpr):
-                    shapes += _output_shapes(inner)
-    return shapes
-
-
 @pytest.mark.parametrize("kernel_trainable", [False, True], ids=["frozen", "trainable"])
 def test_no_dense_gradient_of_a_frozen_lora_kernel(base, kernel_trainable):
     params = _randomized(_lora_tree(base))
@@ -149,7 +136,7 @@ def test_no_dense_gradient_of_a_frozen_lora_kernel(base, kernel_trainable):
     tx = optax.sgd(0.1)
     state = train.init_state(params, label_tree, tx, seed=0)
     step = train.make_train_step(classification.make_loss_fn(APPLY), tx)
-    shapes = _output_shapes(jax.make_jaxpr(step)(state, _batch()).jaxpr)
+    shapes = testing.jaxpr_output_shapes(jax.make_jaxpr(step)(state, _batch()).jaxpr)
     # The [12, 20] intermediate kernel is an input of the step; an equation producing that shape
     # is its gradient (or its update). Its LoRA factors do get gradients.
     assert ((12, 20) in shapes) == kernel_trainable
