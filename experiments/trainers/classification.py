@@ -24,9 +24,8 @@ from absl import logging
 from safetensors import numpy as safetensors_numpy
 
 from experiments import loop, models
-from experiments.trainers import resume
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, partition, tensorfile, train
+from ftlab.core import parallel, partition, report, tensorfile, train
 from ftlab.data import batching, features, files, rotten_tomatoes, text
 from ftlab.models import attention, bert, hooks
 from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
@@ -570,7 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         final = plan.get_state(state)
         results.update(save_method(config, final.trainable, final.frozen, workdir, sites=sites))
         run.write({k: v for k, v in results.items() if k.startswith("eval/")})
-        resume.write_json(workdir / "results.json", results)
+        report.save_json(workdir / "results.json", results)
         for path in metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir):
             logging.info("wrote %s", path)
         logging.info("results: %s", json.dumps(results))

@@ -34,7 +34,6 @@ import optax
 from absl import logging
 
 from experiments import loop
-from experiments.trainers import resume
 from ftlab import meta
 from ftlab.core import parallel, partition, report, train
 from ftlab.data import fewshot
@@ -282,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     if run.is_chief:
         run.write({k: v for k, v in results.items() if k.startswith("eval/acc")})
-        resume.write_json(workdir / "results.json", results)
+        report.save_json(workdir / "results.json", results)
         write_table([results], workdir / "results.md")
         plot([results], workdir / "accuracy.png")
         logging.info("results: %s", json.dumps(results))

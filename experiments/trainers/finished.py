@@ -23,6 +23,7 @@ from collections.abc import Callable
 import ml_collections
 
 from ftlab.core import metrics as metrics_lib
+from ftlab.core import report
 
 FOLDER = "finished"
 
@@ -77,11 +78,7 @@ class Runs:
 
     def put(self, name: str, result: dict) -> None:
         """Records a finished run (written to a temporary file, then renamed)."""
-        path = self._path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"config": self.config, "result": result}, indent=2) + "\n")
-        tmp.replace(path)
+        report.save_json(self._path(name), {"config": self.config, "result": result})
 
     def open_writer(self) -> metrics_lib.MetricWriter:
         """A metric writer that keeps the lines of finished runs only, and appends."""

@@ -22,7 +22,6 @@ import optax
 from absl import logging
 
 from experiments import loop
-from experiments.trainers import resume
 from ftlab import meta
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, report, train
@@ -296,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results["train_seconds_this_run"] = run.train_seconds
     if run.is_chief:
         run.write({k: v for k, v in results.items() if k.startswith("eval/mse")})
-        resume.write_json(workdir / "results.json", results)
+        report.save_json(workdir / "results.json", results)
         plot_adapted(workdir / "adapted_curves.png", config, held_out, curves)
         if config.plot_metrics:
             metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)

@@ -10,7 +10,7 @@
             stop = done
             break
     ...
-    resume.write_json(workdir / "results.json", results)
+    report.save_json(workdir / "results.json", results)   # ftlab.core.report: atomic
 
 Reads ``config.checkpoint.every_steps``, ``config.checkpoint.keep``, ``config.optim.num_steps``
 and ``config.max_steps_per_run`` (0: run to the end; else stop after that many steps, e.g. to
@@ -32,9 +32,7 @@ keeps its default effect.)
 
 from __future__ import annotations
 
-import json
 import logging as std_logging
-import os
 import pathlib
 import signal
 import threading
@@ -49,7 +47,7 @@ from absl import logging
 
 from ftlab.core import checkpoint
 
-__all__ = ["Checkpointer", "close_all", "restore", "write_json"]
+__all__ = ["Checkpointer", "close_all", "restore"]
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Checkpointers not yet closed, for `close_all` on the way out of a failed run.
@@ -226,15 +224,3 @@ def restore(
         total if not config.max_steps_per_run else min(total, start_step + config.max_steps_per_run)
     )
     return ckpt, state, start_step, stop
-
-
-def write_json(path: str | pathlib.Path, value: Any) -> None:
-    """Writes ``value`` as indented JSON through a temporary file and a rename.
-
-    A process killed while writing leaves the old file or the new one, never half of one; a
-    rerun that writes the same results replaces them (nothing is appended).
-    """
-    path = pathlib.Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)
