@@ -308,6 +308,12 @@ def _messages(where: str, row: Mapping[str, Any]) -> list[dict[str, str]]:
                 f"{where}: {key}[{i}] must be an object with {role_key!r} and {content_key!r}; "
                 f"got {turn!r}."
             )
+        extra = sorted(set(turn) - {role_key, content_key})
+        if extra:  # e.g. OpenAI's name / tool_calls: the rendered text would silently drop them
+            raise ValueError(
+                f"{where}: {key}[{i}] has field(s) {extra} that cannot take effect; a turn holds "
+                f"only {role_key!r} and {content_key!r}."
+            )
         role = turn[role_key]
         known = _SHAREGPT_ROLES if sharegpt else {r: r for r in _ROLES}
         if role not in known:
@@ -334,8 +340,8 @@ def read_chat(path: str | pathlib.Path) -> list[list[dict[str, str]]]:
 
     Raises:
         ValueError: naming the file and line for a row with neither or both keys, an empty list,
-            a turn without its two fields, an unknown role / `from`, a non-string content, or no
-            assistant turn; and for a CSV file or a file with no rows.
+            a turn without its two fields or with any other, an unknown role / `from`, a
+            non-string content, or no assistant turn; and for a CSV file or a file with no rows.
     """
     path = pathlib.Path(path)
     if _format(path) == "csv":

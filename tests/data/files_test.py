@@ -212,6 +212,14 @@ def test_chat_uses_the_given_template(tokenizer_files):
         ({"messages": [{"role": "assistant"}]}, r"messages\[0\] must be an object with"),
         ({"messages": [{"role": "assistant", "content": ["x"]}]}, r"content is list"),
         ({"messages": []}, "must be a non-empty list"),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "name": "bot"}]},
+            r"messages\[0\] has field\(s\) \['name'\] that cannot take effect",
+        ),
+        (
+            {"conversations": [{"from": "gpt", "value": "x", "weight": 0}]},
+            r"conversations\[0\] has field\(s\) \['weight'\]",
+        ),
         ({"text": "x"}, "exactly one of 'messages'"),
     ],
 )
