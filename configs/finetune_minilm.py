@@ -21,6 +21,7 @@ Results are recorded in README.md (measured, with command, hardware and date).
 
 import ml_collections
 
+from configs import common
 from ftlab import config_options
 
 METHODS = {
@@ -148,16 +149,7 @@ def get_config(arg=None):
     config.checkpoint.every_steps = 160
     config.checkpoint.keep = 2
 
-    config.parallel = ml_collections.ConfigDict()
-    # "mesh" (jit + NamedSharding over a `data` axis) or "pmap"
-    config.parallel.mode = "mesh"
-    # 0: all devices
-    config.parallel.num_devices = 0
-    # multi-host: jax.distributed.initialize() with these (empty/-1: auto-detect, as on TPU)
-    config.parallel.multihost = False
-    config.parallel.coordinator_address = ""
-    config.parallel.num_processes = 0
-    config.parallel.process_id = -1
+    config.parallel = common.parallel()
 
     if opts.quick or opts.tiny:
         config.data.limit = 64

@@ -122,6 +122,7 @@ far below it.
 
 import ml_collections
 
+from configs import common
 from ftlab import config_options
 
 METHODS = ("maml", "fomaml", "anil", "reptile", "finetune")
@@ -190,10 +191,7 @@ def get_config(arg=None):
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 50
     config.checkpoint.keep = 2
-    # data parallel over a device mesh ("mesh": jit + sharding) or "pmap"; 0: all devices
-    config.parallel = ml_collections.ConfigDict()
-    config.parallel.mode = "mesh"
-    config.parallel.num_devices = 0
+    config.parallel = common.parallel()
 
     if opts.quick:
         config.data.glyph_classes = 40

@@ -51,6 +51,7 @@ maml run took 827 s wall.
 
 import ml_collections
 
+from configs import common
 from ftlab import config_options
 
 METHODS = ("maml", "fomaml", "anil", "metasgd", "reptile", "pretrained")
@@ -110,9 +111,7 @@ def get_config(arg=None):
     config.checkpoint.every_steps = 10_000
     config.checkpoint.keep = 2
 
-    config.parallel = ml_collections.ConfigDict()
-    config.parallel.mode = "mesh"
-    config.parallel.num_devices = 0
+    config.parallel = common.parallel()
 
     if opts.quick:
         config.model.hidden = (8, 8)

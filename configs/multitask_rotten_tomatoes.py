@@ -29,6 +29,7 @@ for bit unchanged (results.json: frozen_bit_identical). A short run, not a conve
 
 import ml_collections
 
+from configs import common
 from ftlab import config_options
 
 
@@ -78,6 +79,9 @@ def get_config(arg=None):
 
     # steps per compiled chunk (a lax.scan) and per logged line
     config.log_every_steps = 20
+
+    # data parallel over all devices (configs/common.py has the multi-host settings)
+    config.parallel = common.parallel()
 
     if opts.quick or opts.tiny:
         config.data.limit = 24

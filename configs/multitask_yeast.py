@@ -35,6 +35,7 @@ on held-out data: every run is reported.
 
 import ml_collections
 
+from configs import common
 from ftlab import config_options
 
 
@@ -72,6 +73,9 @@ def get_config(arg=None):
 
     # steps per compiled chunk (a lax.scan) and per logged line
     config.log_every_steps = 100
+
+    # data parallel over all devices (configs/common.py has the multi-host settings)
+    config.parallel = common.parallel()
 
     if opts.quick:
         config.data.max_tasks = 3

@@ -45,6 +45,7 @@ std over seeds 0-4:
 
 import ml_collections
 
+from configs import common
 from ftlab import config_options
 
 
@@ -92,6 +93,9 @@ def get_config(arg=None):
     config.transfer.weight_decay = 1e-4
 
     config.log_every_steps = 20
+
+    # data parallel over all devices (configs/common.py has the multi-host settings)
+    config.parallel = common.parallel()
 
     if opts.quick:
         config.model.features = (16, 8)

@@ -17,6 +17,7 @@ Results: recorded in README.md (measured, with hardware and date).
 
 import ml_collections
 
+from configs import common
 from ftlab import config_options
 
 
@@ -80,4 +81,7 @@ def get_config(arg=None):
     )
     # ICL results of configs/icl_smollm2.py to draw beside the tuning curves ("" for none)
     config.icl_results = "" if opts.quick else "runs/icl_smollm2/results.json"
+    # data parallel over all devices (configs/common.py has the multi-host settings)
+    config.parallel = common.parallel()
+
     return config

@@ -514,6 +514,7 @@ MULTITASK_TEXT = {
     "optim.weight_decay": real(ge=0),
     "evals.batch_size": integer(1),
     "log_every_steps": STEPS,
+    **PARALLEL_OPTIONAL,
 }
 
 PRETRAIN = {

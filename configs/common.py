@@ -1,0 +1,24 @@
+"""Config groups that every experiment shares."""
+
+import ml_collections
+
+
+def parallel() -> ml_collections.ConfigDict:
+    """``config.parallel``: data parallel over all devices; multi-host settings as on Cloud TPU.
+
+    Run 2 processes x 4 devices on one machine (what the tests do) with
+    ``--config.parallel.multihost=True --config.parallel.coordinator_address=127.0.0.1:PORT
+    --config.parallel.num_processes=2 --config.parallel.process_id=0`` (and 1), each process
+    under ``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
+    """
+    group = ml_collections.ConfigDict()
+    # "mesh" (jit + NamedSharding over a `data` axis) or "pmap"
+    group.mode = "mesh"
+    # 0: all devices
+    group.num_devices = 0
+    # multi-host: jax.distributed.initialize() with these (empty/-1: auto-detect, as on TPU)
+    group.multihost = False
+    group.coordinator_address = ""
+    group.num_processes = 0
+    group.process_id = -1
+    return group
