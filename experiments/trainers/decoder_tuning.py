@@ -11,7 +11,7 @@ the Q4 base dequantised). So every point of the table differs from ICL only in t
 Writes into the workdir:
 
     finished/<method>_n<n>_s<seed>.json  one finished run (the sweep resumes run by run;
-                                      `experiments/trainers/finished.py`)
+                                      `experiments/finished.py`)
     runs/<method>_n<n>_s<seed>/       that run's loop folder (`experiments/loop.py`): its
                                       checkpoint, from which an interrupted run resumes, and
                                       metrics.jsonl
@@ -42,8 +42,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import loop, models
-from experiments.trainers import finished
+from experiments import finished, loop, models
 from ftlab import icl
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train

@@ -17,7 +17,7 @@ pretrained encoder instead, with one LoRA per task (`train_lora_per_task`).
 Writes ``results.json`` (per-task and mean test metrics per method), ``results.md`` (the same as a
 markdown table), ``per_task.png`` (the test metric per task and method), ``metrics.jsonl`` and
 TensorBoard events (training losses) and ``train.png`` into the workdir. Each method's result is
-kept in ``finished/<method>.json`` when it completes (`experiments/trainers/finished.py`): rerunning
+kept in ``finished/<method>.json`` when it completes (`experiments/finished.py`): rerunning
 the same command after an interruption skips the finished methods and trains the rest from the
 seed (one method takes seconds to minutes, the LoRA-per-task one about 20 on a CPU).
 
@@ -41,8 +41,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import loop, models
-from experiments.trainers import finished
+from experiments import finished, loop, models
 from ftlab import multitask
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, report, train

@@ -12,7 +12,7 @@ once fully fine-tuned, and is scored on the test split.
 Writes to the workdir: ``results.json`` (every accuracy, per seed and mean/std), ``results.md``
 (the table), ``transfer.png`` (test accuracy against label fraction), ``metrics.jsonl`` with the
 pretext losses of the first seed and their plots under ``plots/``. Each (seed, method) run is
-kept in ``finished/`` when it completes (`experiments/trainers/finished.py`), so rerunning the
+kept in ``finished/`` when it completes (`experiments/finished.py`), so rerunning the
 command after an interruption skips what finished.
 
 Every training (a pretext task, a layer-wise stage, a probe or fine-tuning) is a short run of
@@ -34,8 +34,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import loop
-from experiments.trainers import finished
+from experiments import finished, loop
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, report, train
 from ftlab.data import images
