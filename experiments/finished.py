@@ -8,7 +8,7 @@ that was interrupted) are dropped, so that its rerun writes them once:
     writer = past.open_writer()
     for name in names:
         # train(name, writer) writes "train/<name>/..." lines; it may raise finished.Stopped
-        result = past.get_or_run(name, lambda: train(name, writer))
+        result = past.get_or_run(name, train, name, writer)
 
 Each training inside a run is a `short_run` of `experiments.loop` (placement, the stop on a
 non-finite loss naming the step, process-0 writers, a checkpoint at its end and on a signal).
@@ -131,11 +131,12 @@ class Runs:
         if jax.process_index() == 0:
             report.save_json(path, {"config": self.config, "result": result})
 
-    def get_or_run(self, name: str, run: Callable[[], dict]) -> dict:
-        """The recorded result of ``name``, or ``run()``'s, recorded (`Stopped` passes through)."""
+    def get_or_run(self, name: str, run: Callable[..., dict], *args: Any) -> dict:
+        """The recorded result of ``name``, or ``run(*args)``'s, recorded (`Stopped` passes
+        through)."""
         result = self.get(name)
         if result is None:
-            result = run()
+            result = run(*args)
             self.put(name, result)
         return result
 

@@ -1,4 +1,4 @@
-"""Models that several trainers build from a config: the BERT classifier and the Llama decoder.
+"""What several trainers build from a config: models, PEFT methods, the train step's axis.
 
 Trainers import these from here, never from one another (``multitask`` trains the classifier
 with a LoRA per task, ``decoder_tuning`` tunes the decoder that ``icl`` prompts).
@@ -10,26 +10,52 @@ with a LoRA per task, ``decoder_tuning`` tunes the decoder that ``icl`` prompts)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from ftlab import icl
-from ftlab.core import loading
+from ftlab.core import loading, parallel
 from ftlab.models import attention, bert, llama
 
 __all__ = [
     "DECODER_TASKS",
+    "axis_name",
     "Decoder",
     "HFEncoder",
+    "MLP",
     "classifier_apply",
     "decoder",
     "encoder_classifier",
     "hf_encoder",
 ]
+
+
+def axis_name(plan: parallel.Plan) -> str | None:
+    """The train step's ``axis_name`` for ``plan``: under pmap the step runs per device, and
+    the gradient mean needs the axis' name."""
+    return parallel.DATA_AXIS if plan.mode == "pmap" else None
+
+
+class MLP(nn.Module):
+    """``[batch, in] -> [batch, out]``: ReLU layers ``<layer>_i`` of widths ``hidden``, a linear
+    ``head``. Finn et al.'s sinusoid regressor (``meta``), the multi-task net (``multitask``,
+    with ``layer="trunk"``); the layer names seed their initialisation, so they are kept."""
+
+    hidden: Sequence[int] = (40, 40)
+    out: int = 1
+    layer: str = "hidden"
+
+    @nn.compact
+    def __call__(self, x):
+        for i, width in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(width, name=f"{self.layer}_{i}")(x))
+        return nn.Dense(self.out, name="head")(x)
 
 
 # -- the BERT classifier -------------------------------------------------------------------------
