@@ -68,7 +68,9 @@ def add_method(
 
     ``model_config``: the decoder's config, to trace its hook sites (`hooks.discover`).
     """
-    p = config.peft
+    p, sites = config.peft, None
+    if method not in METHODS:
+        raise ValueError(f"config.methods: {method!r} is not one of {METHODS}.")
     if method in ("prompt", "prefix"):
         if method == "prefix" and llama.LAYERS in params["decoder"]:
             # A prefix per layer needs the layers one by one: unstack the scanned layers (the
@@ -77,36 +79,23 @@ def add_method(
         module = llama.LlamaForCausalLM(model_config)
         ids = jnp.ones((1, 2), jnp.int32)
         sites = hooks.discover(lambda q: module.apply({"params": q}, ids), params)
+    # QLoRA trains the LoRA leaves of a quantised base
+    params, wrap = models.add_method(p, method.removeprefix("q"), params, rng, sites=sites)
     if method == "prompt":
-        params = prompt.init(params, rng, sites=sites, length=p.length, what="config.peft")
-        return params, prompt.rules(), prompt.wrap_apply, (lambda t: t)
+        return params, prompt.rules(), wrap, (lambda t: t)
     if method == "prefix":
-        params = prefix.init(
-            params,
-            rng,
-            sites=sites,
-            length=p.length,
-            hidden_mlp=p.prefix_hidden_mlp,
-            what="config.peft",
-        )
-        wrap = functools.partial(prefix.wrap_apply, sites=sites)
         return params, prefix.rules(), wrap, functools.partial(prefix.finalize, sites=sites)
-    if method in ("lora", "qlora"):
-        params = lora.init(
-            params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha, what="config.peft"
-        )
 
-        def wrap(f):
-            # Stack before the wrapper, so that it checks the tree the model sees (the LoRA
-            # leaves are consumed at `decoder/layers/...`); stacking again inside is a no-op.
-            g = lora.wrap_apply(f, alpha=p.alpha, rank=p.rank)
-            return lambda q, *args: g(llama.stack_if_uniform(q), *args)
+    def stacked(f):
+        # Stack before the wrapper, so that it checks the tree the model sees (the LoRA
+        # leaves are consumed at `decoder/layers/...`); stacking again inside is a no-op.
+        g = wrap(f)
+        return lambda q, *args: g(llama.stack_if_uniform(q), *args)
 
-        if method == "lora":
-            return params, lora.rules(), wrap, lambda t: lora.merge(t, alpha=p.alpha, rank=p.rank)
-        params = qlora.quantize(params, targets=list(p.qlora_targets), what="config.peft.qlora")
-        return params, lora.rules(), wrap, lambda t: qlora.merge(t, alpha=p.alpha, rank=p.rank)
-    raise ValueError(f"config.methods: {method!r} is not one of {METHODS}.")
+    if method == "lora":
+        return params, lora.rules(), stacked, lambda t: lora.merge(t, alpha=p.alpha, rank=p.rank)
+    params = qlora.quantize(params, targets=list(p.qlora_targets), what="config.peft.qlora")
+    return params, lora.rules(), stacked, lambda t: qlora.merge(t, alpha=p.alpha, rank=p.rank)
 
 
 def encode(model, task: icl.Task, texts, query_len: int):

@@ -445,7 +445,6 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
     leading task axis; `multitask.per_task` runs every task's forward pass as one `jax.vmap` with
     the frozen kernels broadcast. Dropout is off (the per-task function gets no rng).
     """
-    from ftlab.peft import lora  # noqa: PLC0415
     from ftlab.tasks import classification  # noqa: PLC0415
 
     # -- data -------------------------------------------------------------------------------
@@ -460,17 +459,8 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
     # -- model: pretrained encoder + LoRA leaves + head -------------------------------------
     model, base = models.encoder_classifier(config)
-    p = config.peft
-    base = lora.init(
-        base,
-        jax.random.PRNGKey(config.seed + 1),
-        targets=list(p.targets),
-        rank=p.rank,
-        alpha=p.alpha,
-        what="config.peft",
-    )
-    base = jax.tree.map(np.asarray, base)
-    apply = lora.wrap_apply(models.classifier_apply(model), alpha=p.alpha, rank=p.rank)
+    base, wrap = models.add_method(config.peft, "lora", base, jax.random.PRNGKey(config.seed + 1))
+    apply = wrap(models.classifier_apply(model))
     task_loss_fn = classification.make_loss_fn(apply)
 
     def task_loss(params, batch):
