@@ -279,40 +279,35 @@ def _icl_points(path: str, task: str) -> dict[int, tuple[float, float]]:
 
 def table(rows: list[dict], icl_points: dict) -> str:
     """One row per method: trainable parameters, base memory, accuracy (± std over seeds) per n."""
-    ns = sorted({r["n"] for r in rows})
-    cells = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        rs = {r["n"]: r for r in rows if r["method"] == method}
-        first = next(iter(rs.values()))
-        accuracies = []
-        for n in ns:
-            r = rs.get(n)
-            spread = f" ± {r['accuracy_std']:.3f}" if r and r["seeds"] > 1 else ""
-            accuracies.append(f"{r['accuracy_mean']:.3f}{spread}" if r else "")
-        base_mib = f"{first['base_mib_during_training']:.0f}"
-        cells.append([method, f"{first['trainable_params']:,}", base_mib, *accuracies])
+
+    def accuracy(r):
+        spread = f" ± {r['accuracy_std']:.3f}" if r["seeds"] > 1 else ""
+        return f"{r['accuracy_mean']:.3f}{spread}"
+
+    first = lambda key: lambda w: next(v for k, v in w.items() if k != "method")[key]  # noqa: E731
+    columns = [
+        report_lib.Column("method"),
+        report_lib.Column("trainable", first("trainable_params"), "{:,}"),
+        report_lib.Column("base held (MiB)", first("base_mib_during_training"), "{:.0f}"),
+        *(
+            report_lib.Column(f"n={n}", lambda w, n=n: w.get(n), accuracy)
+            for n in sorted({r["n"] for r in rows})
+        ),
+    ]
     notes = []
     if icl_points:
         shots = ", ".join(f"k={k}: {m:.3f} ± {s:.3f}" for k, (m, s) in sorted(icl_points.items()))
         notes.append(f"ICL on the same test examples (k demonstrations, no training): {shots}")
-    header = ["method", "trainable", "base held (MiB)", *(f"n={n}" for n in ns)]
-    return report_lib.markdown_table(header, cells, notes=notes)
+    wide = report_lib.pivot(rows, index=("method",), column="n")
+    return report_lib.table(wide, columns, notes=notes)
 
 
 def plot(rows: list[dict], icl_points: dict, majority: float):
     """Accuracy against n (log2 x) per method, the ICL points at n = k, and the baselines."""
-    lines = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == method]
-        lines.append(
-            report_lib.Line(
-                [r["n"] for r in rs],
-                [r["accuracy_mean"] for r in rs],
-                yerr=[r["accuracy_std"] for r in rs],
-                label=method,
-                style={"marker": "o", "capsize": 3},
-            )
-        )
+    lines = report_lib.grouped_lines(
+        rows, by=("method",), x="n", y="accuracy_mean", yerr="accuracy_std",
+        style={"marker": "o", "capsize": 3},
+    )  # fmt: skip
     hlines = []
     if icl_points:
         ks = sorted(k for k in icl_points if k > 0)
