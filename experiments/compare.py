@@ -26,16 +26,16 @@ _FINISHED_ONLY = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 COLUMNS = (
-    ("method", "method", "{}"),
-    ("lr", "lr", "{:g}"),
-    ("eval/validation/accuracy", "val acc", "{:.2%}"),
-    ("eval/test/accuracy", "test acc", "{:.2%}"),
-    ("trainable_params", "trainable", "{:,}"),
-    ("trainable_percent", "% of base", "{:.3f}%"),
-    ("train_step_s", "step (s)", "{:.3f}"),
-    ("peak_rss_mib", "peak RSS (MiB)", "{:.0f}"),
-    ("adapter_bytes", "saved (bytes)", "{:,}"),
-    ("sweep", "val acc per lr tried", "{}"),
+    report.Column("method"),
+    report.Column("lr", fmt="{:g}"),
+    report.Column("val acc", "eval/validation/accuracy", "{:.2%}"),
+    report.Column("test acc", "eval/test/accuracy", "{:.2%}"),
+    report.Column("trainable", "trainable_params", "{:,}"),
+    report.Column("% of base", "trainable_percent", "{:.3f}%"),
+    report.Column("step (s)", "train_step_s", "{:.3f}"),
+    report.Column("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
+    report.Column("saved (bytes)", "adapter_bytes", "{:,}"),
+    report.Column("val acc per lr tried", "sweep"),
 )
 
 
@@ -83,10 +83,7 @@ def best_per_method(runs: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     """One row per method (its best run), the columns of `COLUMNS`; a missing value is blank."""
-    cells = [
-        [fmt.format(r[k]) if r.get(k) is not None else "" for k, _, fmt in COLUMNS] for r in rows
-    ]
-    return report.markdown_table([title for _, title, _ in COLUMNS], cells)
+    return report.table(rows, COLUMNS)
 
 
 def plot(rows: list[dict]):

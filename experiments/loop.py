@@ -42,7 +42,7 @@ import ml_collections
 import tqdm
 from absl import logging
 
-from experiments.trainers import resume
+from experiments import resume
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition
 

@@ -107,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
         tmp = workdir / f"{schema.CONFIG_FILE}.tmp"
         tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
         tmp.replace(workdir / schema.CONFIG_FILE)
-    from experiments.trainers import resume  # noqa: PLC0415 - imports jax
+    from experiments import resume  # noqa: PLC0415 - imports jax
     from ftlab.core import checkpoint  # noqa: PLC0415
 
     try:

@@ -1,4 +1,4 @@
-"""Models that several trainers build from a config: the BERT classifier and the Llama decoder.
+"""What several trainers build from a config: models, PEFT methods, the train step's axis.
 
 Trainers import these from here, never from one another (``multitask`` trains the classifier
 with a LoRA per task, ``decoder_tuning`` tunes the decoder that ``icl`` prompts).
@@ -10,26 +10,179 @@ with a LoRA per task, ``decoder_tuning`` tunes the decoder that ``icl`` prompts)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from ftlab import icl
-from ftlab.core import loading
+from ftlab.core import loading, parallel
 from ftlab.models import attention, bert, llama
+from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
 
 __all__ = [
     "DECODER_TASKS",
+    "axis_name",
     "Decoder",
     "HFEncoder",
+    "ConvNet",
+    "MLP",
+    "Norm",
+    "PEFT_METHODS",
+    "add_method",
     "classifier_apply",
     "decoder",
     "encoder_classifier",
     "hf_encoder",
 ]
+
+
+def axis_name(plan: parallel.Plan) -> str | None:
+    """The train step's ``axis_name`` for ``plan``: under pmap the step runs per device, and
+    the gradient mean needs the axis' name."""
+    return parallel.DATA_AXIS if plan.mode == "pmap" else None
+
+
+class MLP(nn.Module):
+    """``[batch, in] -> [batch, out]``: ReLU layers ``<layer>_i`` of widths ``hidden``, a linear
+    ``head``. Finn et al.'s sinusoid regressor (``meta``), the multi-task net (``multitask``,
+    with ``layer="trunk"``); the layer names seed their initialisation, so they are kept."""
+
+    hidden: Sequence[int] = (40, 40)
+    out: int = 1
+    layer: str = "hidden"
+
+    @nn.compact
+    def __call__(self, x):
+        for i, width in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(width, name=f"{self.layer}_{i}")(x))
+        return nn.Dense(self.out, name="head")(x)
+
+
+class Norm(nn.Module):
+    """Normalisation without running statistics; learned ``scale`` and ``bias`` per channel.
+
+    ``batch``: over (examples, H, W) of the batch given, i.e. transductive within an episode.
+    ``instance``: over (H, W, C) of each example alone.
+    """
+
+    kind: str = "batch"
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):  # [n, H, W, C]
+        axes = {"batch": (0, 1, 2), "instance": (1, 2, 3)}[self.kind]
+        mean = jnp.mean(x, axes, keepdims=True)
+        var = jnp.var(x, axes, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        return x * scale.reshape(1, 1, 1, c) + bias.reshape(1, 1, 1, c)
+
+
+class ConvNet(nn.Module):
+    """``blocks`` x [conv 3x3 stride 2, Norm, ReLU] -> flatten -> Dense ``head``."""
+
+    ways: int
+    filters: int = 32
+    blocks: int = 3
+    norm: str = "batch"
+
+    @nn.compact
+    def __call__(self, x):  # [n, H, W] -> [n, ways]
+        x = x[..., None]
+        for i in range(self.blocks):
+            x = nn.Conv(self.filters, (3, 3), strides=2, padding="SAME", name=f"conv_{i}")(x)
+            x = nn.relu(Norm(self.norm, name=f"norm_{i}")(x))
+        return nn.Dense(self.ways, name="head")(x.reshape(x.shape[0], -1))
+
+
+# -- PEFT methods: a tree transformation and an apply wrapper --------------------------------
+
+PEFT_METHODS = ("none", "lora", "dora", "ia3", "adapters", "prompt", "prefix", "reft")
+
+
+def add_method(peft: ml_collections.ConfigDict, method: str, params, rng, *, sites=None):
+    """Adds ``method``'s leaves to ``params`` as ``peft`` (``config.peft``) says.
+
+    Args:
+        peft: The method's options (``rank``, ``alpha``, ``targets``, ``length``, ...).
+        method: One of `PEFT_METHODS`.
+        params: The model's tree.
+        rng: Initialises the method's random leaves.
+        sites: The model's hook sites (`ftlab.models.hooks.discover`), for the structural
+            methods (adapters, prompt, prefix, reft).
+
+    Returns:
+        ``(params, wrap)``: the tree (numpy leaves) and ``wrap(apply) -> apply`` that applies
+        the method in the model's forward pass.
+    """
+    p = peft
+    if method == "none":
+        return params, lambda apply: apply
+    if method in ("lora", "dora"):
+        module = lora if method == "lora" else dora
+        params = module.init(
+            params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha, what="config.peft"
+        )
+        dropout = p.get("dropout", 0.0)
+
+        def wrap(apply):
+            return module.wrap_apply(apply, alpha=p.alpha, rank=p.rank, dropout=dropout)
+
+    elif method == "ia3":
+        params = ia3.init(
+            params,
+            targets_out=list(p.ia3_targets_out),
+            targets_in=list(p.ia3_targets_in),
+            what="config.peft",
+        )
+        wrap = ia3.wrap_apply
+    elif method == "adapters":
+        params = adapters.init(
+            params, rng, sites=sites, bottleneck=p.bottleneck, what="config.peft"
+        )
+        wrap = adapters.wrap_apply
+    elif method == "prompt":
+        params = prompt.init(params, rng, sites=sites, length=p.length, what="config.peft")
+        wrap = prompt.wrap_apply
+    elif method == "prefix":
+        params = prefix.init(
+            params,
+            rng,
+            sites=sites,
+            length=p.length,
+            hidden_mlp=p.prefix_hidden_mlp,
+            what="config.peft",
+        )
+
+        def wrap(apply):
+            return prefix.wrap_apply(apply, sites)
+
+    elif method == "reft":
+        try:
+            params = reft.init(
+                params, rng, sites=sites, layers=list(p.reft_layers), rank=p.rank,
+                what="config.peft",
+            )  # fmt: skip
+        except ValueError as e:  # reft.init's `layers` is this config's `peft.reft_layers`
+            raise ValueError(
+                str(e).replace("config.peft.layers", "config.peft.reft_layers")
+            ) from None
+
+        def wrap(apply):
+            return reft.wrap_apply(
+                apply, first_n=p.reft_first_n, last_n=p.reft_last_n, what="config.peft"
+            )
+
+    else:
+        raise ValueError(f"config.peft.method={method!r}; expected one of {PEFT_METHODS}")
+    return jax.tree.map(np.asarray, params), wrap
 
 
 # -- the BERT classifier -------------------------------------------------------------------------

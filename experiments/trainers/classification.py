@@ -28,7 +28,7 @@ from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, report, tensorfile, train
 from ftlab.data import batching, features, files, rotten_tomatoes, text
 from ftlab.models import attention, bert, hooks
-from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
+from ftlab.peft import lora, prefix
 from ftlab.tasks import classification
 from third_party import hf, minilm, peft_format
 
@@ -131,7 +131,7 @@ build_model = models.encoder_classifier
 make_apply = models.classifier_apply
 
 
-PEFT_METHODS = ("none", "lora", "dora", "ia3", "adapters", "prompt", "prefix", "reft")
+PEFT_METHODS = models.PEFT_METHODS
 # Methods that attach through the model's hook sites (`ftlab.models.hooks`).
 STRUCTURAL = ("adapters", "prompt", "prefix", "reft")
 
@@ -145,68 +145,13 @@ def method_sites(config: ml_collections.ConfigDict, params, apply) -> tuple[hook
 
 
 def build_method(config: ml_collections.ConfigDict, params, apply, *, sites=None):
-    """Applies ``config.peft``'s tree transformation; returns ``(params, apply)``.
-
-    ``sites``: the model's hook sites (`method_sites`), traced here when None and needed.
-    """
-    p = config.peft
-    rng = jax.random.PRNGKey(config.seed + 1)
-    if p.method in STRUCTURAL and sites is None:
+    """Applies ``config.peft``'s tree transformation (`models.add_method`); returns ``(params,
+    apply)``. ``sites``: the model's hook sites (`method_sites`), traced here when needed."""
+    if config.peft.method in STRUCTURAL and sites is None:
         sites = method_sites(config, params, apply)
-    if p.method == "none":
-        return params, apply
-    if p.method in ("lora", "dora"):
-        module = lora if p.method == "lora" else dora
-        params = module.init(
-            params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha, what="config.peft"
-        )
-        apply = module.wrap_apply(apply, alpha=p.alpha, rank=p.rank, dropout=p.dropout)
-    elif p.method == "ia3":
-        params = ia3.init(
-            params,
-            targets_out=list(p.ia3_targets_out),
-            targets_in=list(p.ia3_targets_in),
-            what="config.peft",
-        )
-        apply = ia3.wrap_apply(apply)
-    elif p.method == "adapters":
-        params = adapters.init(
-            params, rng, sites=sites, bottleneck=p.bottleneck, what="config.peft"
-        )
-        apply = adapters.wrap_apply(apply)
-    elif p.method == "prompt":
-        params = prompt.init(params, rng, sites=sites, length=p.length, what="config.peft")
-        apply = prompt.wrap_apply(apply)
-    elif p.method == "prefix":
-        params = prefix.init(
-            params,
-            rng,
-            sites=sites,
-            length=p.length,
-            hidden_mlp=p.prefix_hidden_mlp,
-            what="config.peft",
-        )
-        apply = prefix.wrap_apply(apply, sites)
-    elif p.method == "reft":
-        try:
-            params = reft.init(
-                params,
-                rng,
-                sites=sites,
-                layers=list(p.reft_layers),
-                rank=p.rank,
-                what="config.peft",
-            )
-        except ValueError as e:  # reft.init's `layers` is this config's `peft.reft_layers`
-            raise ValueError(
-                str(e).replace("config.peft.layers", "config.peft.reft_layers")
-            ) from None
-        apply = reft.wrap_apply(
-            apply, first_n=p.reft_first_n, last_n=p.reft_last_n, what="config.peft"
-        )
-    else:
-        raise ValueError(f"config.peft.method={p.method!r}; expected one of {PEFT_METHODS}")
-    return jax.tree.map(np.asarray, params), apply
+    rng = jax.random.PRNGKey(config.seed + 1)
+    params, wrap = models.add_method(config.peft, config.peft.method, params, rng, sites=sites)
+    return params, wrap(apply)
 
 
 def save_method(

@@ -11,7 +11,7 @@ the Q4 base dequantised). So every point of the table differs from ICL only in t
 Writes into the workdir:
 
     finished/<method>_n<n>_s<seed>.json  one finished run (the sweep resumes run by run;
-                                      `experiments/trainers/finished.py`)
+                                      `experiments/finished.py`)
     runs/<method>_n<n>_s<seed>/       that run's loop folder (`experiments/loop.py`): its
                                       checkpoint, from which an interrupted run resumes, and
                                       metrics.jsonl
@@ -42,8 +42,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import loop, models
-from experiments.trainers import finished
+from experiments import finished, loop, models
 from ftlab import icl
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train
@@ -69,7 +68,9 @@ def add_method(
 
     ``model_config``: the decoder's config, to trace its hook sites (`hooks.discover`).
     """
-    p = config.peft
+    p, sites = config.peft, None
+    if method not in METHODS:
+        raise ValueError(f"config.methods: {method!r} is not one of {METHODS}.")
     if method in ("prompt", "prefix"):
         if method == "prefix" and llama.LAYERS in params["decoder"]:
             # A prefix per layer needs the layers one by one: unstack the scanned layers (the
@@ -78,36 +79,23 @@ def add_method(
         module = llama.LlamaForCausalLM(model_config)
         ids = jnp.ones((1, 2), jnp.int32)
         sites = hooks.discover(lambda q: module.apply({"params": q}, ids), params)
+    # QLoRA trains the LoRA leaves of a quantised base
+    params, wrap = models.add_method(p, method.removeprefix("q"), params, rng, sites=sites)
     if method == "prompt":
-        params = prompt.init(params, rng, sites=sites, length=p.length, what="config.peft")
-        return params, prompt.rules(), prompt.wrap_apply, (lambda t: t)
+        return params, prompt.rules(), wrap, (lambda t: t)
     if method == "prefix":
-        params = prefix.init(
-            params,
-            rng,
-            sites=sites,
-            length=p.length,
-            hidden_mlp=p.prefix_hidden_mlp,
-            what="config.peft",
-        )
-        wrap = functools.partial(prefix.wrap_apply, sites=sites)
         return params, prefix.rules(), wrap, functools.partial(prefix.finalize, sites=sites)
-    if method in ("lora", "qlora"):
-        params = lora.init(
-            params, rng, targets=list(p.targets), rank=p.rank, alpha=p.alpha, what="config.peft"
-        )
 
-        def wrap(f):
-            # Stack before the wrapper, so that it checks the tree the model sees (the LoRA
-            # leaves are consumed at `decoder/layers/...`); stacking again inside is a no-op.
-            g = lora.wrap_apply(f, alpha=p.alpha, rank=p.rank)
-            return lambda q, *args: g(llama.stack_if_uniform(q), *args)
+    def stacked(f):
+        # Stack before the wrapper, so that it checks the tree the model sees (the LoRA
+        # leaves are consumed at `decoder/layers/...`); stacking again inside is a no-op.
+        g = wrap(f)
+        return lambda q, *args: g(llama.stack_if_uniform(q), *args)
 
-        if method == "lora":
-            return params, lora.rules(), wrap, lambda t: lora.merge(t, alpha=p.alpha, rank=p.rank)
-        params = qlora.quantize(params, targets=list(p.qlora_targets), what="config.peft.qlora")
-        return params, lora.rules(), wrap, lambda t: qlora.merge(t, alpha=p.alpha, rank=p.rank)
-    raise ValueError(f"config.methods: {method!r} is not one of {METHODS}.")
+    if method == "lora":
+        return params, lora.rules(), stacked, lambda t: lora.merge(t, alpha=p.alpha, rank=p.rank)
+    params = qlora.quantize(params, targets=list(p.qlora_targets), what="config.peft.qlora")
+    return params, lora.rules(), stacked, lambda t: qlora.merge(t, alpha=p.alpha, rank=p.rank)
 
 
 def encode(model, task: icl.Task, texts, query_len: int):
@@ -291,40 +279,35 @@ def _icl_points(path: str, task: str) -> dict[int, tuple[float, float]]:
 
 def table(rows: list[dict], icl_points: dict) -> str:
     """One row per method: trainable parameters, base memory, accuracy (± std over seeds) per n."""
-    ns = sorted({r["n"] for r in rows})
-    cells = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        rs = {r["n"]: r for r in rows if r["method"] == method}
-        first = next(iter(rs.values()))
-        accuracies = []
-        for n in ns:
-            r = rs.get(n)
-            spread = f" ± {r['accuracy_std']:.3f}" if r and r["seeds"] > 1 else ""
-            accuracies.append(f"{r['accuracy_mean']:.3f}{spread}" if r else "")
-        base_mib = f"{first['base_mib_during_training']:.0f}"
-        cells.append([method, f"{first['trainable_params']:,}", base_mib, *accuracies])
+
+    def accuracy(r):
+        spread = f" ± {r['accuracy_std']:.3f}" if r["seeds"] > 1 else ""
+        return f"{r['accuracy_mean']:.3f}{spread}"
+
+    first = lambda key: lambda w: next(v for k, v in w.items() if k != "method")[key]  # noqa: E731
+    columns = [
+        report_lib.Column("method"),
+        report_lib.Column("trainable", first("trainable_params"), "{:,}"),
+        report_lib.Column("base held (MiB)", first("base_mib_during_training"), "{:.0f}"),
+        *(
+            report_lib.Column(f"n={n}", lambda w, n=n: w.get(n), accuracy)
+            for n in sorted({r["n"] for r in rows})
+        ),
+    ]
     notes = []
     if icl_points:
         shots = ", ".join(f"k={k}: {m:.3f} ± {s:.3f}" for k, (m, s) in sorted(icl_points.items()))
         notes.append(f"ICL on the same test examples (k demonstrations, no training): {shots}")
-    header = ["method", "trainable", "base held (MiB)", *(f"n={n}" for n in ns)]
-    return report_lib.markdown_table(header, cells, notes=notes)
+    wide = report_lib.pivot(rows, index=("method",), column="n")
+    return report_lib.table(wide, columns, notes=notes)
 
 
 def plot(rows: list[dict], icl_points: dict, majority: float):
     """Accuracy against n (log2 x) per method, the ICL points at n = k, and the baselines."""
-    lines = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == method]
-        lines.append(
-            report_lib.Line(
-                [r["n"] for r in rs],
-                [r["accuracy_mean"] for r in rs],
-                yerr=[r["accuracy_std"] for r in rs],
-                label=method,
-                style={"marker": "o", "capsize": 3},
-            )
-        )
+    lines = report_lib.grouped_lines(
+        rows, by=("method",), x="n", y="accuracy_mean", yerr="accuracy_std",
+        style={"marker": "o", "capsize": 3},
+    )  # fmt: skip
     hlines = []
     if icl_points:
         ks = sorted(k for k in icl_points if k > 0)

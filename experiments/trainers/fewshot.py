@@ -33,51 +33,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import loop
+from experiments import evaluation, loop, models
 from ftlab import meta
 from ftlab.core import parallel, partition, report, train
 from ftlab.data import fewshot
 
 METHODS = ("maml", "fomaml", "anil", "reptile", "finetune")
-
-
-class Norm(nn.Module):
-    """Normalisation without running statistics; learned ``scale`` and ``bias`` per channel.
-
-    ``batch``: over (examples, H, W) of the batch given, i.e. transductive within an episode.
-    ``instance``: over (H, W, C) of each example alone.
-    """
-
-    kind: str = "batch"
-    eps: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x):  # [n, H, W, C]
-        axes = {"batch": (0, 1, 2), "instance": (1, 2, 3)}[self.kind]
-        mean = jnp.mean(x, axes, keepdims=True)
-        var = jnp.var(x, axes, keepdims=True)
-        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,))
-        bias = self.param("bias", nn.initializers.zeros, (c,))
-        return x * scale.reshape(1, 1, 1, c) + bias.reshape(1, 1, 1, c)
-
-
-class ConvNet(nn.Module):
-    """``blocks`` x [conv 3x3 stride 2, Norm, ReLU] -> flatten -> Dense ``head``."""
-
-    ways: int
-    filters: int = 32
-    blocks: int = 3
-    norm: str = "batch"
-
-    @nn.compact
-    def __call__(self, x):  # [n, H, W] -> [n, ways]
-        x = x[..., None]
-        for i in range(self.blocks):
-            x = nn.Conv(self.filters, (3, 3), strides=2, padding="SAME", name=f"conv_{i}")(x)
-            x = nn.relu(Norm(self.norm, name=f"norm_{i}")(x))
-        return nn.Dense(self.ways, name="head")(x.reshape(x.shape[0], -1))
 
 
 def make_fns(model: nn.Module):
@@ -112,7 +73,7 @@ def inner_rules(config):
 
 def build_model(config, ways, image_shape):
     m = config.model
-    model = ConvNet(ways=ways, filters=m.filters, blocks=m.blocks, norm=m.norm)
+    model = models.ConvNet(ways=ways, filters=m.filters, blocks=m.blocks, norm=m.norm)
     init = jax.jit(model.init)  # one compile, not one per op
     params = init(jax.random.PRNGKey(config.seed), jnp.zeros((2, *image_shape)))["params"]
     return model, params
@@ -127,28 +88,13 @@ def fresh_head(params, ways):
 
 def make_evaluator(config, loss_fn, accuracy, rules, inner_lr):
     """``evaluate(params, episodes) -> query accuracy [tasks, max_steps + 1]`` after 0.. steps."""
-    max_steps = max(config.evals.num_steps)
-
-    def trajectory(params, task):
-        def step(p, _):
-            acc = accuracy(p, task["query"])
-            p = meta.adapt(
-                p, task["support"], loss_fn=loss_fn, inner_lr=inner_lr, num_steps=1, rules=rules
-            )
-            return p, acc
-
-        last, accs = jax.lax.scan(step, params, None, length=max_steps)
-        return jnp.concatenate([accs, accuracy(last, task["query"])[None]])
-
-    return jax.jit(jax.vmap(trajectory, in_axes=(None, 0)))
-
-
-def summarize(accs: np.ndarray, steps) -> dict[str, float]:
-    """Mean accuracy and the 95% half-width ``1.96 std / sqrt(n)`` per number of steps."""
-    out = {}
-    for k in sorted({0, *steps}):
-        out[f"eval/acc_step_{k}"], out[f"eval/acc_step_{k}_ci95"] = report.interval95(accs[:, k])
-    return out
+    trajectory = evaluation.adapt_trajectory(
+        lambda p, task: accuracy(p, task["query"]),
+        loss_fn,
+        rules=rules,
+        num_steps=max(config.evals.num_steps),
+    )
+    return jax.jit(jax.vmap(lambda params, task: trajectory(params, inner_lr, task), (None, 0)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -182,15 +128,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "device's share of the pretraining batch on its own; use mode 'mesh' or norm "
             "'instance'"
         )
-    # pmap runs the step per device: the gradient mean then needs the axis' name
-    axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
-
+    axis = models.axis_name(plan)
+    model, params = build_model(
+        config, len(train_ids) if method == "finetune" else ways, image_shape
+    )
+    loss_fn, _ = make_fns(model)
+    state = train.init_state(
+        params, partition.labels(params, [(".*", "train")]), tx, seed=config.seed
+    )
     if method == "finetune":
-        model, params = build_model(config, len(train_ids), image_shape)
-        loss_fn, _ = make_fns(model)
-        state = train.init_state(
-            params, partition.labels(params, [(".*", "train")]), tx, seed=config.seed
-        )
         step_fn = train.make_train_step(loss_fn, tx, axis_name=axis)
 
         def batch_at(step):
@@ -198,33 +144,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 data.images, train_ids, d.seed, step, batch_size=config.optim.pretrain_batch_size
             )
     else:
-        model, params = build_model(config, ways, image_shape)
-        loss_fn, _ = make_fns(model)
-        state = train.init_state(
-            params, partition.labels(params, [(".*", "train")]), tx, seed=config.seed
-        )
-        kw = dict(
-            inner_lr=config.meta.inner_lr,
-            num_steps=config.meta.inner_steps,
-            rules=rules,
-            axis_name=axis,
-        )
+        kw = dict(inner_lr=config.meta.inner_lr, num_steps=config.meta.inner_steps, rules=rules)
         if method == "reptile":
-            step_fn = meta.make_reptile_step(loss_fn, tx, **kw)
+            step_fn = meta.make_reptile_step(loss_fn, tx, **kw, axis_name=axis)
         else:
-            step_fn = meta.make_meta_step(loss_fn, tx, first_order=method == "fomaml", **kw)
+            first_order = method == "fomaml"
+            step_fn = meta.make_meta_step(
+                loss_fn, tx, first_order=first_order, **kw, axis_name=axis
+            )
 
         def batch_at(step):
             ep = fewshot.sample_episodes(
-                data.images,
-                train_ids,
-                d.seed,
-                step,
-                num_tasks=config.optim.meta_batch_size,
-                ways=ways,
-                shots=d.shots,
-                query=d.query,
-            )
+                data.images, train_ids, d.seed, step, num_tasks=config.optim.meta_batch_size,
+                ways=ways, shots=d.shots, query=d.query,
+            )  # fmt: skip
             return {"support": ep["support"], "query": ep["query"]}
 
     logging.info("%s on %s: %d parameters", method, d.dataset, partition.count(params))
@@ -238,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # -- evaluation on held-out classes ------------------------------------------------------
     m = config.model
-    eval_model = ConvNet(ways=ways, filters=m.filters, blocks=m.blocks, norm=m.norm)
+    eval_model = models.ConvNet(ways=ways, filters=m.filters, blocks=m.blocks, norm=m.norm)
     eval_loss, eval_acc = make_fns(eval_model)
     params = plan.get_state(run.state).params
     if method == "finetune":
@@ -276,64 +209,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "test_classes": len(test_ids),
         "eval/num_tasks": int(len(accs)),
         "eval/query_per_class": e.query,
-        **summarize(accs, e.num_steps),
+        **evaluation.steps_summary(accs, e.num_steps, "acc"),
         "train_seconds_this_run": run.train_seconds,
     }
     if run.is_chief:
         run.write({k: v for k, v in results.items() if k.startswith("eval/acc")})
         report.save_json(workdir / "results.json", results)
         write_table([results], workdir / "results.md")
-        plot([results], workdir / "accuracy.png")
+        report.save_figure(plot([results]), workdir / "accuracy.png", dpi=90)
         logging.info("results: %s", json.dumps(results))
     run.close()
     return results
 
 
+def _steps(rows: list[dict]) -> list[int]:
+    """The step counts of the runs' ``eval/acc_step_<k>`` results, sorted."""
+    keys = (k for r in rows for k in r if k.startswith("eval/acc_step_") and "_ci" not in k)
+    return sorted({int(k[len("eval/acc_step_") :]) for k in keys})
+
+
 def write_table(rows: list[dict], path) -> str:
     """A markdown table: one row per run, accuracy (%) +- 95% interval after each step count."""
-    steps = sorted({int(k[len("eval/acc_step_") :]) for r in rows for k in r if _is_acc(k)})
-    head = ["dataset", "shots", "method", "iters", *[f"{k} steps" for k in steps]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["shots"], METHODS.index(r["method"]))):
-        name = r["dataset"] + (" (synthetic)" if r["synthetic"] else "")
-        cells = [name, f"5-way {r['shots']}-shot", r["method"], str(r["meta_iterations"])]
-        for k in steps:
+
+    def accuracy(k):
+        def cell(r):
             a, ci = r.get(f"eval/acc_step_{k}"), r.get(f"eval/acc_step_{k}_ci95")
-            cells.append("-" if a is None else f"{100 * a:.1f} +- {100 * ci:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    pathlib.Path(path).write_text(text)
+            return "-" if a is None else f"{100 * a:.1f} +- {100 * ci:.1f}"
+
+        return report.Column(f"{k} steps", cell)
+
+    columns = [
+        report.Column(
+            "dataset", lambda r: r["dataset"] + (" (synthetic)" if r["synthetic"] else "")
+        ),
+        report.Column("shots", "shots", "5-way {}-shot"),
+        report.Column("method"),
+        report.Column("iters", "meta_iterations"),
+        *(accuracy(k) for k in _steps(rows)),
+    ]
+    order = lambda r: (r["dataset"], r["shots"], METHODS.index(r["method"]))  # noqa: E731
+    text = report.table(sorted(rows, key=order), columns)
+    report.save_text(path, text)
     return text
 
 
-def _is_acc(key: str) -> bool:
-    return key.startswith("eval/acc_step_") and not key.endswith("_ci95")
-
-
-def plot(rows: list[dict], path) -> None:
+def plot(rows: list[dict]):
     """Accuracy against fine-tuning steps, one panel per (dataset, shots), 95% error bars."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    panels = sorted({(r["dataset"], r["shots"]) for r in rows})
-    fig = Figure(figsize=(4.0 * len(panels), 3.4))
-    FigureCanvasAgg(fig)
-    for i, (ds, shots) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
+    panels = []
+    for ds, shots in sorted({(r["dataset"], r["shots"]) for r in rows}):
+        lines = []
         for r in rows:
-            if (r["dataset"], r["shots"]) != (ds, shots):
-                continue
-            ks = sorted(int(k[len("eval/acc_step_") :]) for k in r if _is_acc(k))
-            acc = [100 * r[f"eval/acc_step_{k}"] for k in ks]
-            ci = [100 * r[f"eval/acc_step_{k}_ci95"] for k in ks]
-            ax.errorbar(ks, acc, yerr=ci, marker="o", capsize=3, label=r["method"])
+            if (r["dataset"], r["shots"]) == (ds, shots):
+                ks = _steps([r])
+                acc = [100 * r[f"eval/acc_step_{k}"] for k in ks]
+                ci = [100 * r[f"eval/acc_step_{k}_ci95"] for k in ks]
+                style = {"marker": "o", "capsize": 3}
+                lines.append(report.Line(ks, acc, yerr=ci, label=r["method"], style=style))
         synth = " (synthetic)" if ds == "glyphs" else ""
-        ax.set_title(f"{ds}{synth}, 5-way {shots}-shot")
-        ax.set_xlabel("fine-tuning steps")
-        ax.set_ylabel("query accuracy (%)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+        panels.append(
+            report.Panel(
+                lines,
+                title=f"{ds}{synth}, 5-way {shots}-shot",
+                xlabel="fine-tuning steps",
+                ylabel="query accuracy (%)",
+                legend={"fontsize": 7},
+                grid=None,
+            )
+        )
+    return report.panels_plot(panels, figsize=(4.0 * len(panels), 3.4))
 
 
 def main(argv: list[str]) -> None:
@@ -347,7 +290,7 @@ def main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(write_table(rows, out / "table.md"))
-    plot(rows, out / "accuracy.png")
+    report.save_figure(plot(rows), out / "accuracy.png", dpi=90)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import models
-from experiments.trainers import finished
+from experiments import finished, models
 from ftlab import icl
 from ftlab.core import report
 from ftlab.data import rotten_tomatoes

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import loop
+from experiments import evaluation, loop, models
 from ftlab import meta
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, report, train
@@ -30,20 +28,7 @@ from ftlab.data import sinusoid
 METHODS = ("maml", "fomaml", "anil", "metasgd", "reptile", "pretrained")
 
 
-class MLP(nn.Module):
-    """Finn et al.'s regressor: ReLU hidden layers ``hidden_i``, then a linear ``head``."""
-
-    hidden: Sequence[int] = (40, 40)
-    out: int = 1
-
-    @nn.compact
-    def __call__(self, x):  # [batch, in] -> [batch, out]
-        for i, width in enumerate(self.hidden):
-            x = nn.relu(nn.Dense(width, name=f"hidden_{i}")(x))
-        return nn.Dense(self.out, name="head")(x)
-
-
-def make_loss_fn(model: nn.Module):
+def make_loss_fn(model: models.MLP):
     """``loss_fn(params, batch, rng) -> (MSE, {})`` over ``batch["x"]``, ``batch["y"]`` [n, 1]."""
 
     def loss_fn(params, batch, rng):
@@ -54,8 +39,9 @@ def make_loss_fn(model: nn.Module):
     return loss_fn
 
 
-def build_model(config: ml_collections.ConfigDict) -> tuple[MLP, dict]:
-    model = MLP(hidden=tuple(config.model.hidden))
+def build_model(config: ml_collections.ConfigDict) -> tuple[models.MLP, dict]:
+    """Finn et al.'s regressor: ReLU hidden layers ``hidden_i``, then a linear ``head``."""
+    model = models.MLP(hidden=tuple(config.model.hidden))
     params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, 1), jnp.float32))
     return model, jax.tree.map(np.asarray, params["params"])
 
@@ -134,26 +120,19 @@ PLOT_TASKS = 3
 def make_evaluator(config, loss_fn, model):
     """``evaluate(params, inner_lr, tasks) -> ({steps: query MSE [num_tasks]}, plot curves)``.
 
-    Fine-tuning is one `jax.lax.scan` of single :func:`ftlab.meta.adapt` steps that records the
-    query MSE before every step, so all step counts come from one compiled loop. The plot's curves
-    (``[PLOT_TASKS, len(PLOT_STEPS), grid]``) come from the same call, with no second compile.
+    The query MSE after every number of steps, and the plot's curves (``[PLOT_TASKS,
+    len(PLOT_STEPS), grid]``), come from one compiled `evaluation.adapt_trajectory`.
     """
-    max_steps = max(max(config.evals.num_steps), max(PLOT_STEPS))
-    rules = inner_rules(config)
 
-    def trajectory(params, inner_lr, task):
-        def step(p, _):
-            query = loss_fn(p, task["query"], None)[0]
-            curve = model.apply({"params": p}, PLOT_GRID)[:, 0]
-            p = meta.adapt(
-                p, task["support"], loss_fn=loss_fn, inner_lr=inner_lr, num_steps=1, rules=rules
-            )
-            return p, (query, curve)
+    def measure(p, task):
+        return loss_fn(p, task["query"], None)[0], model.apply({"params": p}, PLOT_GRID)[:, 0]
 
-        last, (queries, curves) = jax.lax.scan(step, params, None, length=max_steps)
-        queries = jnp.concatenate([queries, loss_fn(last, task["query"], None)[0][None]])
-        curves = jnp.concatenate([curves, model.apply({"params": last}, PLOT_GRID)[None, :, 0]])
-        return queries, curves
+    trajectory = evaluation.adapt_trajectory(
+        measure,
+        loss_fn,
+        rules=inner_rules(config),
+        num_steps=max(max(config.evals.num_steps), max(PLOT_STEPS)),
+    )
 
     @jax.jit
     def evaluate(params, inner_lr, tasks):
@@ -162,26 +141,16 @@ def make_evaluator(config, loss_fn, model):
 
     def run(params, inner_lr, tasks):
         queries, curves = jax.device_get(evaluate(params, inner_lr, tasks))
-        steps = sorted({0, *config.evals.num_steps})
-        return {k: queries[:, k] for k in steps}, curves
+        return evaluation.steps_summary(queries, config.evals.num_steps, "mse"), curves
 
     return run
 
 
 def eval_tasks(config) -> dict:
     e = config.evals
-    tasks = sinusoid.sample(
+    return sinusoid.sample(
         e.seed, 0, num_tasks=e.num_tasks, shots=e.shots, query_shots=e.query_shots
     )
-    return tasks
-
-
-def summarize(per_step: dict) -> dict[str, float]:
-    """Mean and the 95% half-width ``1.96 std / sqrt(n)`` per number of fine-tuning steps."""
-    out = {}
-    for k, mse in per_step.items():
-        out[f"eval/mse_step_{k}"], out[f"eval/mse_step_{k}_ci95"] = report.interval95(mse)
-    return out
 
 
 def eval_inner_lr(config, state):
@@ -193,31 +162,37 @@ def eval_inner_lr(config, state):
     return config.meta.inner_lr
 
 
-def plot_adapted(path, config, tasks, curves):
+def plot_adapted(config, tasks, curves):
     """True sine, the K support points, and the curves before and after 1 and 10 steps."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.2 * PLOT_TASKS, 3.4))
-    FigureCanvasAgg(fig)
-    x = PLOT_GRID[:, 0]
+    x, panels = PLOT_GRID[:, 0], []
     for i in range(PLOT_TASKS):
-        ax = fig.add_subplot(1, PLOT_TASKS, i + 1)
         amp, phase = tasks["task"]["amplitude"][i], tasks["task"]["phase"][i]
-        ax.plot(x, sinusoid.curve(amp, phase, x), "k-", label="true")
         sx, sy = tasks["support"]["x"][i, :, 0], tasks["support"]["y"][i, :, 0]
-        ax.plot(sx, sy, "k^", label=f"K={len(sx)}")
-        for j, (k, style) in enumerate(zip(PLOT_STEPS, (":", "--", "-"), strict=True)):
-            ax.plot(x, curves[i, j], style, label="pre-update" if k == 0 else f"{k} steps")
-        # Amplitudes are at most 5; a diverged fine-tune (Meta-SGD's rates are tuned for one
-        # step) would otherwise squash every other curve.
-        ax.set_ylim(-6.0, 6.0)
-        ax.set_title(f"A={amp:.2f}, phase={phase:.2f}")
-        if i == 0:
-            ax.legend(fontsize=7)
-    fig.suptitle(f"{config.meta.method}: adapted curves on held-out tasks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+        lines = [
+            report.Line(x, sinusoid.curve(amp, phase, x), label="true", style={"color": "k"}),
+            report.Line(
+                sx, sy, label=f"K={len(sx)}", style={"color": "k", "marker": "^", "ls": ""}
+            ),
+        ]
+        for j, (k, ls) in enumerate(zip(PLOT_STEPS, (":", "--", "-"), strict=True)):
+            label = "pre-update" if k == 0 else f"{k} steps"
+            lines.append(report.Line(x, curves[i, j], label=label, style={"ls": ls}))
+        panels.append(
+            report.Panel(
+                lines,
+                title=f"A={amp:.2f}, phase={phase:.2f}",
+                # Amplitudes are at most 5; a diverged fine-tune (Meta-SGD's rates are tuned
+                # for one step) would otherwise squash every other curve.
+                ylim=(-6.0, 6.0),
+                legend={"fontsize": 7} if i == 0 else None,
+                grid=None,
+            )
+        )
+    return report.panels_plot(
+        panels,
+        figsize=(4.2 * PLOT_TASKS, 3.4),
+        suptitle=f"{config.meta.method}: adapted curves on held-out tasks",
+    )
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -244,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("method %s, %d parameters", method, partition.count(params))
 
     # -- evaluator --------------------------------------------------------------------------
-    axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
+    axis = models.axis_name(plan)
     evaluator = make_evaluator(config, loss_fn, model)
     held_out = eval_tasks(config)
     eval_batch = {"support": held_out["support"], "query": held_out["query"]}
@@ -252,8 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def run_eval(state):
         s = plan.get_state(state)
         params = meta.split_inner_lr(s.params)[0]
-        per_step, curves = evaluator(params, eval_inner_lr(config, s), eval_batch)
-        return summarize(per_step), curves
+        return evaluator(params, eval_inner_lr(config, s), eval_batch)
 
     evaluators = [
         loop.Evaluator(
@@ -296,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if run.is_chief:
         run.write({k: v for k, v in results.items() if k.startswith("eval/mse")})
         report.save_json(workdir / "results.json", results)
-        plot_adapted(workdir / "adapted_curves.png", config, held_out, curves)
+        plot = plot_adapted(config, held_out, curves)
+        report.save_figure(plot, workdir / "adapted_curves.png", dpi=90)
         if config.plot_metrics:
             metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
         logging.info("results: %s", json.dumps(results))

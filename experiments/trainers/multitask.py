@@ -17,7 +17,7 @@ pretrained encoder instead, with one LoRA per task (`train_lora_per_task`).
 Writes ``results.json`` (per-task and mean test metrics per method), ``results.md`` (the same as a
 markdown table), ``per_task.png`` (the test metric per task and method), ``metrics.jsonl`` and
 TensorBoard events (training losses) and ``train.png`` into the workdir. Each method's result is
-kept in ``finished/<method>.json`` when it completes (`experiments/trainers/finished.py`): rerunning
+kept in ``finished/<method>.json`` when it completes (`experiments/finished.py`): rerunning
 the same command after an interruption skips the finished methods and trains the rest from the
 seed (one method takes seconds to minutes, the LoRA-per-task one about 20 on a CPU).
 
@@ -30,10 +30,8 @@ the text path's LoRA methods (`train_lora_per_task`).
 from __future__ import annotations
 
 import pathlib
-import shutil
 from collections.abc import Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,11 +39,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import loop, models
-from experiments.trainers import finished
+from experiments import finished, loop, models
 from ftlab import multitask
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, partition, report, train
+from ftlab.core import partition, report, train
 from ftlab.data import multitask as multitask_data
 
 # method: (rules over the multi-task tree, task weighting, uses the pairwise penalty)
@@ -62,18 +59,6 @@ METHODS = {
 }
 # Each tabular method's loop folder (checkpoint, metrics.jsonl): runs/<method>
 RUNS = "runs"
-
-
-class MLP(nn.Module):
-    """``[B, D] -> [B]``: ReLU trunk layers ``trunk_i`` and a scalar ``head``."""
-
-    hidden: Sequence[int]
-
-    @nn.compact
-    def __call__(self, x):
-        for i, width in enumerate(self.hidden):
-            x = nn.relu(nn.Dense(width, name=f"trunk_{i}")(x))
-        return nn.Dense(1, name="head")(x)[..., 0]
 
 
 def method_runs(config: ml_collections.ConfigDict) -> list[tuple[str, str, object]]:
@@ -103,7 +88,7 @@ def build_run(config, data: multitask_data.TaskData, method: str, lam_spec):
     """Initial parameters, labels, optimizer and loss for one method."""
     num_tasks = len(data.task_names)
     rules, weighting, penalised = METHODS[method]
-    model = MLP(tuple(config.model.hidden))
+    model = models.MLP(tuple(config.model.hidden), layer="trunk")
     dim = data.train.x.shape[-1]
 
     def init_fn(rng):
@@ -124,8 +109,11 @@ def build_run(config, data: multitask_data.TaskData, method: str, lam_spec):
         )
     net_labels = label_tree["net"]
 
+    def apply(net, batch):  # [B] scalar outputs
+        return model.apply({"params": net}, batch["x"])[..., 0]
+
     def task_loss(net, batch):
-        pred = model.apply({"params": net}, batch["x"])
+        pred = apply(net, batch)
         return multitask.masked_mean(_per_example_loss(data.kind, pred, batch["y"]), batch["mask"])
 
     def loss_fn(params, batch, rng):
@@ -142,9 +130,8 @@ def build_run(config, data: multitask_data.TaskData, method: str, lam_spec):
             aux["penalty"] = penalty
         return total, aux
 
-    def predict(params, x):
-        fn = lambda net, b: model.apply({"params": net}, b["x"])  # noqa: E731
-        return multitask.per_task(fn, params["net"], net_labels, {"x": x})
+    def predict(params, batch):
+        return multitask.per_task(apply, params["net"], net_labels, batch)
 
     # Weight decay on kernels only: not on biases, nor on the log-variances.
     decay_mask = lambda t: jax.tree_util.tree_map_with_path(  # noqa: E731
@@ -179,22 +166,17 @@ def _sampler(split: Mapping[str, np.ndarray], batch_size: int):
     return sample
 
 
-def _axis(plan: parallel.Plan) -> str | None:
-    # pmap runs the step per device: the gradient mean then needs the axis' name
-    return parallel.DATA_AXIS if plan.mode == "pmap" else None
-
-
-def _train(config, workdir, plan, state, train_step, sample, *, name, writer):
-    """``config.optim.num_steps`` steps of ``train_step`` as one run of `experiments.loop`.
+def _fit(config, workdir, plan, params, label_tree, tx, loss_fn, sample, writer, name):
+    """``config.optim.num_steps`` steps as a `finished.short_run` (an unfinished one starts
+    over); returns the state on the host and the train seconds.
 
     Step ``s`` trains on ``sample(fold_in(state.rng, s))``, as the scan of the tabular path
     drew it on the device; the plan splits its rows (axis 1 of the ``[T, rows, ...]`` arrays;
     the host hands them over rows first) over the data mesh. Each ``config.log_every_steps``
-    steps' mean goes to the sweep's ``writer`` as ``train/<name>/...`` (None: not process 0).
-
-    Returns:
-        ``(state on the host, train seconds)``, or ``(None, seconds)`` when a signal stopped it.
+    steps' mean goes to the sweep's ``writer`` as ``train/<name>/...``.
     """
+    state = train.init_state(params, label_tree, tx, seed=config.seed)
+    train_step = train.make_train_step(loss_fn, tx, axis_name=models.axis_name(plan))
     total, every = config.optim.num_steps, config.log_every_steps
     rng = state.rng
     draw = jax.jit(lambda step: sample(jax.random.fold_in(rng, step)))
@@ -207,32 +189,55 @@ def _train(config, workdir, plan, state, train_step, sample, *, name, writer):
             "config.parallel.mode='pmap' with config.optim.batch_size=0 (the padded full split) "
             "weights each device's real rows on their own; use mode 'mesh' or a batch size"
         )
-
-    def batch_at(step):
-        return {k: np.swapaxes(np.asarray(v), 0, 1) for k, v in draw(np.int32(step)).items()}
-
-    def step_fn(state, batch):
-        return train_step(state, {k: jnp.swapaxes(v, 0, 1) for k, v in batch.items()})
-
-    shutil.rmtree(workdir, ignore_errors=True)  # an unfinished method starts over
-    run = loop.train(
-        loop.short_run_config(total, log_every=every),
+    run = finished.short_run(
         workdir,
         plan=plan,
         state=state,
-        step_fn=step_fn,
-        batch_at=batch_at,
-        keep_history=True,
+        step_fn=lambda s, b: train_step(s, {k: jnp.swapaxes(v, 0, 1) for k, v in b.items()}),
+        batch_at=lambda step: {
+            k: np.swapaxes(np.asarray(v), 0, 1) for k, v in draw(np.int32(step)).items()
+        },
+        num_steps=total,
+        log_every=every,
+        fresh=True,
     )
-    if not run.finished:
-        return None, run.train_seconds
-    run.close()
-    if writer is not None:
-        for done in range(every, total + 1, every):
-            window = run.history[done - every : done]
-            mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-            writer.write(done, {f"train/{name}/{k[6:]}": v for k, v in mean.items()})
+    for done in range(every, total + 1, every):
+        window = run.history[done - every : done]
+        mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        writer.write(done, {f"train/{name}/{k[6:]}": v for k, v in mean.items()})
     return jax.device_get(plan.get_state(run.state)), run.train_seconds
+
+
+def _sweep(config, workdir, names, train_one) -> tuple[dict, str | None]:
+    """``({name: result}, None)``, each recorded or ``train_one(name, writer)``, or
+    ``(results so far, name)`` when a signal stopped ``name``."""
+    past = finished.Runs(workdir, metric_prefix=lambda n: f"train/{n}/", config=config)
+    writer, results = past.open_writer(), {}
+    progress = metrics_lib.Progress(len(names))
+    try:
+        for i, name in enumerate(names):
+            results[name] = past.get_or_run(name, train_one, name, writer)
+            logging.info("%s: %s (%.1f s)", name, results[name]["mean"], results[name]["train_s"])
+            progress.update(i + 1, method=name)
+    except finished.Stopped:  # a signal: the method starts over on the rerun
+        logging.info("stopped during run %s; rerun to resume", name)
+        return results, name
+    finally:
+        progress.close()
+        writer.close()
+    return results, None
+
+
+def _save(workdir: pathlib.Path, results: dict, out: dict) -> dict:
+    """Writes results.md/.json, per_task.png and the training curves (process 0); returns out."""
+    if jax.process_index() == 0:  # one writer in a multi-process job
+        table = markdown_table(results, out["task_names"])
+        report.save_table(workdir / "results", markdown=table, data=out)
+        plot = plot_per_task(results, out["task_names"])
+        report.save_figure(plot, workdir / "per_task.png", dpi=120)
+        metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
+        print(table, flush=True)
+    return out
 
 
 def evaluate(kind: str, pred: np.ndarray, split: multitask_data.TaskSplit, y_std: float) -> dict:
@@ -303,15 +308,6 @@ def plot_per_task(results: dict, task_names: Sequence[str]):
     )
 
 
-def _save(workdir: pathlib.Path, results: dict, task_names: Sequence[str], out: dict) -> str:
-    """Writes results.md/.json, per_task.png and the training curves; returns the table."""
-    table = markdown_table(results, task_names)
-    report.save_table(workdir / "results", markdown=table, data=out)
-    report.save_figure(plot_per_task(results, task_names), workdir / "per_task.png", dpi=120)
-    metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
-    return table
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains every configured method from scratch and writes the comparison into ``workdir``.
 
@@ -321,6 +317,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    total, chunk = config.optim.num_steps, config.log_every_steps
+    if total % chunk:
+        raise ValueError(
+            f"config.optim.num_steps={total} must be a multiple of config.log_every_steps={chunk}"
+        )
     if config.data.dataset == "rotten_tomatoes":
         return train_lora_per_task(config, workdir)
 
@@ -343,52 +344,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         data.test.counts.tolist(),
     )
     sample = _sampler(data.train._asdict(), config.optim.batch_size)
-    test_x = jnp.asarray(data.test.x)
+    plan = loop.plan_from(config)
 
     # -- one run per method -----------------------------------------------------------------
-    runs = method_runs(config)
-    total = config.optim.num_steps
-    chunk = config.log_every_steps
-    if total % chunk:
-        raise ValueError(
-            f"config.optim.num_steps={total} must be a multiple of config.log_every_steps={chunk}"
-        )
-    plan = loop.plan_from(config)
-    is_chief = jax.process_index() == 0  # one writer in a multi-process job
-    past = finished.Runs(workdir, metric_prefix=lambda n: f"train/{n}/", config=config)
-    writer = past.open_writer() if is_chief else None
-    progress = metrics_lib.Progress(total * len(runs))
-    results = {}
-    for r, (name, method, lam_spec) in enumerate(runs):
-        if (cached := past.get(name)) is not None:
-            results[name] = cached
-            logging.info("%s: finished in an earlier run, read from %s", name, past.folder)
-            continue
+    runs = {name: (method, lam) for name, method, lam in method_runs(config)}
+
+    def train_one(name, writer):
+        method, lam_spec = runs[name]
         params, label_tree, tx, loss_fn, predict = build_run(config, data, method, lam_spec)
-        state = train.init_state(params, label_tree, tx, seed=config.seed)
-        train_step = train.make_train_step(loss_fn, tx, axis_name=_axis(plan))
-        state, train_s = _train(
-            config, workdir / RUNS / name, plan, state, train_step, sample, name=name,
-            writer=writer,
+        state, train_s = _fit(
+            config, workdir / RUNS / name, plan, params, label_tree, tx, loss_fn, sample, writer,
+            name,
         )  # fmt: skip
-        if state is None:  # stopped by a signal: the method starts over on the rerun
-            progress.close()
-            if writer is not None:
-                writer.close()
-            return {"stopped": name}
-        progress.update((r + 1) * total, method=name)
-        pred = np.asarray(jax.jit(predict)(state.params, test_x))
-        results[name] = evaluate(data.kind, pred, data.test, data.y_std)
-        results[name]["trainable_params"] = partition.count(state.trainable)
-        results[name]["train_s"] = train_s
+        pred = np.asarray(jax.jit(predict)(state.params, {"x": jnp.asarray(data.test.x)}))
+        result = evaluate(data.kind, pred, data.test, data.y_std)
+        result.update(trainable_params=partition.count(state.trainable), train_s=train_s)
         if method == "hard_uncertainty":
-            results[name]["log_var"] = [float(v) for v in state.params["log_var"]]
-        if is_chief:
-            past.put(name, results[name])
-        logging.info("%s: %s (%.1f s)", name, results[name]["mean"], train_s)
-    progress.close()
-    if writer is not None:
-        writer.close()
+            result["log_var"] = [float(v) for v in state.params["log_var"]]
+        return result
+
+    results, stopped = _sweep(config, workdir, list(runs), train_one)
+    if stopped:
+        return {"stopped": stopped}
     # Reference row: the train majority class per task, or the train mean (0 after standardising).
     if data.kind == "classification":
         majority = np.where(data.train.y.mean(axis=1, keepdims=True) > 0.5, 1.0, -1.0)
@@ -396,8 +373,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         constant = np.zeros_like(data.test.y)
     results["constant"] = evaluate(data.kind, constant, data.test, data.y_std)
-
-    # -- outputs ----------------------------------------------------------------------------
     out = {
         "dataset": config.data.dataset,
         "task_names": list(data.task_names),
@@ -405,9 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "test_counts": data.test.counts.tolist(),
         "methods": results,
     }
-    if is_chief:
-        print(_save(workdir, results, data.task_names, out), flush=True)
-    return out
+    return _save(workdir, results, out)
 
 
 # -- one LoRA per task on a frozen pretrained encoder -------------------------------------------
@@ -472,7 +445,6 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
     leading task axis; `multitask.per_task` runs every task's forward pass as one `jax.vmap` with
     the frozen kernels broadcast. Dropout is off (the per-task function gets no rng).
     """
-    from ftlab.peft import lora  # noqa: PLC0415
     from ftlab.tasks import classification  # noqa: PLC0415
 
     # -- data -------------------------------------------------------------------------------
@@ -487,17 +459,8 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
     # -- model: pretrained encoder + LoRA leaves + head -------------------------------------
     model, base = models.encoder_classifier(config)
-    p = config.peft
-    base = lora.init(
-        base,
-        jax.random.PRNGKey(config.seed + 1),
-        targets=list(p.targets),
-        rank=p.rank,
-        alpha=p.alpha,
-        what="config.peft",
-    )
-    base = jax.tree.map(np.asarray, base)
-    apply = lora.wrap_apply(models.classifier_apply(model), alpha=p.alpha, rank=p.rank)
+    base, wrap = models.add_method(config.peft, "lora", base, jax.random.PRNGKey(config.seed + 1))
+    apply = wrap(models.classifier_apply(model))
     task_loss_fn = classification.make_loss_fn(apply)
 
     def task_loss(params, batch):
@@ -508,52 +471,31 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         return logits[..., 1] - logits[..., 0]
 
     plan = loop.plan_from(config)
-    is_chief = jax.process_index() == 0  # one writer in a multi-process job
-    past = finished.Runs(workdir, metric_prefix=lambda n: f"train/{n}/", config=config)
-    results, writer = {}, past.open_writer() if is_chief else None
-    total, chunk = config.optim.num_steps, config.log_every_steps
-    if total % chunk:
-        raise ValueError(
-            f"config.optim.num_steps={total} must be a multiple of config.log_every_steps={chunk}"
-        )
     for method in config.methods:
         if method not in LORA_METHODS:
             raise ValueError(
                 f"config.methods: unknown {method!r}; expected some of {list(LORA_METHODS)}"
             )
-        if (cached := past.get(method)) is not None:
-            results[method] = cached
-            logging.info("%s: finished in an earlier run, read from %s", method, past.folder)
-            continue
+
+    def train_one(method, writer):
         rules = LORA_METHODS[method]
         label_tree = partition.labels(base, rules, what=f"{method} rules")
         for pattern, label, n in partition.claims(base, rules):
             logging.info("%s: rule %-22r -> %-7s claims %d leaves", method, pattern, label, n)
         params = multitask.stack(base, label_tree, num_tasks=num_tasks)
 
-        def loss_fn(params, batch, rng, label_tree=label_tree):
+        def loss_fn(params, batch, rng):
             del rng
             losses = multitask.per_task(task_loss, params, label_tree, batch)
             return multitask.weighted_sum(losses), {"task_loss_mean": jnp.mean(losses)}
 
         tx = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay)
         tx = partition.optimizer({multitask.TASK: tx, multitask.SHARED: tx}, label_tree)
-        state = train.init_state(params, label_tree, tx, seed=config.seed)
-        train_step = train.make_train_step(loss_fn, tx, axis_name=_axis(plan))
-        state, train_s = _train(
-            config, workdir / RUNS / method, plan, state, train_step, sample, name=method,
-            writer=writer,
+        state, train_s = _fit(
+            config, workdir / RUNS / method, plan, params, label_tree, tx, loss_fn, sample,
+            writer, method,
         )  # fmt: skip
-        if state is None:  # stopped by a signal: the method starts over on the rerun
-            if writer is not None:
-                writer.close()
-            return {"stopped": method}
-
-        predict = jax.jit(
-            lambda params, batch, label_tree=label_tree: multitask.per_task(
-                task_logits, params, label_tree, batch
-            )
-        )
+        predict = jax.jit(lambda p, b: multitask.per_task(task_logits, p, label_tree, b))
         width, step = test_arrays["mask"].shape[1], config.evals.batch_size
         pred = np.concatenate(
             [
@@ -567,12 +509,11 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         split = multitask_data.TaskSplit(
             x=None, y=test_arrays["label"].astype(np.float32), mask=test_arrays["mask"]
         )
-        results[method] = evaluate("classification", pred, split, 1.0)
-        results[method]["trainable_params"] = partition.count(state.trainable)
-        results[method]["train_s"] = train_s
+        result = evaluate("classification", pred, split, 1.0)
+        result.update(trainable_params=partition.count(state.trainable), train_s=train_s)
         # The frozen encoder must come out bit for bit as it went in.
         frozen_before = partition.split(params, label_tree)[1]
-        results[method]["frozen_bit_identical"] = all(
+        result["frozen_bit_identical"] = all(
             np.array_equal(a, b)
             for a, b in zip(
                 jax.tree.leaves(frozen_before),
@@ -580,12 +521,11 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 strict=True,
             )
         )
-        if is_chief:
-            past.put(method, results[method])
-        logging.info("%s: %s (%.1f s)", method, results[method]["mean"], train_s)
-    if writer is not None:
-        writer.close()
+        return result
 
+    results, stopped = _sweep(config, workdir, list(config.methods), train_one)
+    if stopped:
+        return {"stopped": stopped}
     labels, mask = test_arrays["label"], test_arrays["mask"] > 0
     majority = [
         float(max(np.mean(labels[t][mask[t]]), 1 - np.mean(labels[t][mask[t]])))
@@ -599,6 +539,4 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         "majority_baseline_accuracy": majority,
         "methods": results,
     }
-    if is_chief:
-        print(_save(workdir, results, task_names, out), flush=True)
-    return out
+    return _save(workdir, results, out)

@@ -12,7 +12,7 @@ once fully fine-tuned, and is scored on the test split.
 Writes to the workdir: ``results.json`` (every accuracy, per seed and mean/std), ``results.md``
 (the table), ``transfer.png`` (test accuracy against label fraction), ``metrics.jsonl`` with the
 pretext losses of the first seed and their plots under ``plots/``. Each (seed, method) run is
-kept in ``finished/`` when it completes (`experiments/trainers/finished.py`), so rerunning the
+kept in ``finished/`` when it completes (`experiments/finished.py`), so rerunning the
 command after an interruption skips what finished.
 
 Every training (a pretext task, a layer-wise stage, a probe or fine-tuning) is a short run of
@@ -34,8 +34,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import loop
-from experiments.trainers import finished
+from experiments import finished, loop, models
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, report, train
 from ftlab.data import images
@@ -46,29 +45,6 @@ MODES = ("probe", "finetune")
 # The loop's folders of each (seed, method) run: runs/seed<s>_<method>/{pretext,stage<k>,
 # <mode>_<fraction>} (checkpoint, metrics.jsonl); emptied when that run starts over.
 RUNS = "runs"
-
-
-class _NoWriter:
-    """Stands in for the metric writer on processes other than 0."""
-
-    def write(self, step, metrics):
-        del step, metrics
-
-    def close(self):
-        pass
-
-
-class Stopped(Exception):
-    """A signal stopped a run's loop (it saved a checkpoint): the sweep ends, a rerun resumes."""
-
-
-# The rows of step `step`, exactly as `ftlab.pretrain.loop.make_fit` drew them inside its scan.
-_draw = jax.jit(
-    lambda rng, step, n, size: jax.random.choice(
-        jax.random.fold_in(rng, step), n, (size,), replace=False
-    ),
-    static_argnums=(2, 3),
-)
 
 
 def make_plan(config: ml_collections.ConfigDict) -> parallel.Plan:
@@ -83,174 +59,132 @@ def make_plan(config: ml_collections.ConfigDict) -> parallel.Plan:
     return plan
 
 
-class Fitter:
-    """Runs ``num_steps`` steps on rows drawn from in-memory arrays through `experiments.loop`.
+# Step `step`'s rows: `batch_size` distinct ones drawn with fold_in(rng, step), so that a run
+# is a pure function of its inputs.
+_draw = jax.jit(
+    lambda rng, step, n, size: jax.random.choice(
+        jax.random.fold_in(rng, step), n, (size,), replace=False
+    ),
+    static_argnums=(2, 3),
+)
 
-    Step ``s`` trains on ``batch_size`` distinct rows drawn with ``fold_in(rng, s)`` (as
-    `ftlab.pretrain.loop.make_fit` did inside a scan), so a run is a pure function of its
-    inputs; the loop adds the placement over ``plan``, the stop on a non-finite loss naming the
-    step, process-0 writers and a checkpoint in the run's folder.
+
+def make_fit(plan: parallel.Plan, log_every: int):
+    """``fit(workdir, state, key, loss_fn, tx, arrays, rng, *, num_steps, batch_size, what)``.
+
+    Runs the steps on rows of in-memory ``arrays`` as a `finished.short_run` in ``workdir``;
+    returns the trained state (on the host) and its metrics, each ``[num_steps]``. One train
+    step per ``key`` (equal keys: the same loss and ``tx``), so the loop's jit compiles it once
+    for all runs.
     """
+    steps: dict = {}
 
-    def __init__(self, plan: parallel.Plan, log_every: int):
-        self.plan, self.log_every = plan, log_every
-        self._steps: dict = {}
-
-    def step(self, key, loss_fn, tx):
-        """One train step per ``key``: the loop's jit then compiles it once for all its runs."""
-        if key not in self._steps:
-            axis = parallel.DATA_AXIS if self.plan.mode == "pmap" else None
-            self._steps[key] = train.make_train_step(loss_fn, tx, axis_name=axis)
-        return self._steps[key]
-
-    def __call__(self, workdir, state, step_fn, arrays, rng, *, num_steps, batch_size, what):
-        """Returns the trained state (on the host) and its metrics, each ``[num_steps]``."""
+    def fit(workdir, state, key, loss_fn, tx, arrays, rng, *, num_steps, batch_size, what):
         n = len(next(iter(arrays.values())))
         if batch_size > n:
             raise ValueError(
                 f"{what}={batch_size} is larger than the {n} rows available; "
                 "lower the batch size or use more data."
             )
-        self.plan.check_batch_size(batch_size, what=what)
+        plan.check_batch_size(batch_size, what=what)
+        if key not in steps:
+            steps[key] = train.make_train_step(loss_fn, tx, axis_name=models.axis_name(plan))
 
         def batch_at(step):
             idx = np.asarray(_draw(rng, np.int32(step), n, batch_size))
             return {k: v[idx] for k, v in arrays.items()}
 
-        run = loop.train(
-            loop.short_run_config(num_steps, log_every=self.log_every),
-            workdir,
-            plan=self.plan,
-            state=state,
-            step_fn=step_fn,
-            batch_at=batch_at,
-            keep_history=True,
-        )
-        if not run.finished:
-            raise Stopped(str(workdir))
-        run.close()
+        run = finished.short_run(
+            workdir, plan=plan, state=state, step_fn=steps[key], batch_at=batch_at,
+            num_steps=num_steps, log_every=log_every,
+        )  # fmt: skip
         history = {k: np.stack([np.asarray(m[k]) for m in run.history]) for k in run.history[0]}
-        return jax.device_get(self.plan.get_state(run.state)), history
+        return jax.device_get(plan.get_state(run.state)), history
+
+    return fit
 
 
-class Pretrainer:
-    """Pretrains encoders by ``config.pretrain``; compiled steps are reused across seeds."""
+def pretrain_encoder(config, fit, method: str, train_images: np.ndarray, *, seed: int, workdir):
+    """Pretrains an encoder on unlabelled images; returns it and its pretext metric curves.
 
-    def __init__(self, config: ml_collections.ConfigDict, fit: Fitter):
-        self.config = config
-        self.tx = optax.adam(config.pretrain.lr)
-        self.fit = fit
-
-    def __call__(
-        self, method: str, train_images: np.ndarray, *, seed: int, workdir: pathlib.Path
-    ) -> tuple[dict, list[dict[str, np.ndarray]]]:
-        """Pretrains an encoder on unlabelled images; returns it and its pretext metric curves.
-
-        Each training (a pretext task, or one layer-wise stage) is a run of the loop in its own
-        folder under ``workdir``.
-        """
-        p, features, tx = self.config.pretrain, tuple(self.config.model.features), self.tx
-        input_dim = int(np.prod(train_images.shape[1:]))
-        rng = jax.random.PRNGKey(seed)
-        arrays = {"image": train_images}
-        what = "config.pretrain.batch_size"
-        if method == "none":
-            return network.init_mlp(rng, input_dim=input_dim, features=features), []
-        if method == "layerwise":
-            # As `layerwise.pretrain`: stage k trains layer k from a fresh optimizer state.
-            params = layerwise.init(rng, input_dim=input_dim, features=features)
-            history = []
-            for k in range(len(params["encoder"])):
-                rules = layerwise.stage_rules(k)
-                label_tree = partition.labels(params, rules, what=f"layerwise.stage_rules({k})")
-                state = train.init_state(params, label_tree, tx, seed=seed + k)
-                loss_fn = layerwise.make_stage_loss(k, noise_std=p.layerwise_noise_std)
-                state, curves = self.fit(
-                    workdir / f"stage{k}",
-                    state,
-                    self.fit.step(("layerwise", k), loss_fn, tx),
-                    arrays,
-                    jax.random.fold_in(rng, k),
-                    num_steps=p.layerwise_steps_per_stage,
-                    batch_size=p.batch_size,
-                    what=what,
-                )
-                params = state.params
-                history.append(curves)
-            return params["encoder"], history
-        if method == "rotation":
-            params = ssl.init_rotation(rng, input_dim=input_dim, features=features)
-            loss_fn, steps = ssl.rotation_loss, p.rotation_steps
-        elif method == "contrastive":
-            params = ssl.init_contrastive(
-                rng, input_dim=input_dim, features=features, projector=tuple(p.projector)
+    Each training (a pretext task, or one layer-wise stage) is a run of the loop in its own
+    folder under ``workdir``.
+    """
+    p, features = config.pretrain, tuple(config.model.features)
+    tx = optax.adam(p.lr)
+    input_dim = int(np.prod(train_images.shape[1:]))
+    rng = jax.random.PRNGKey(seed)
+    kw = dict(
+        arrays={"image": train_images}, batch_size=p.batch_size, what="config.pretrain.batch_size"
+    )
+    if method == "none":
+        return network.init_mlp(rng, input_dim=input_dim, features=features), []
+    if method == "layerwise":
+        # Stage k trains layer k (and its decoder) from a fresh optimizer state.
+        params = layerwise.init(rng, input_dim=input_dim, features=features)
+        history = []
+        for k in range(len(params["encoder"])):
+            label_tree = partition.labels(
+                params, layerwise.stage_rules(k), what=f"layerwise.stage_rules({k})"
             )
-            loss_fn = ssl.make_contrastive_loss(
-                temperature=p.temperature, max_shift=p.max_shift, noise_std=p.augment_noise_std
+            state, curves = fit(
+                workdir / f"stage{k}",
+                train.init_state(params, label_tree, tx, seed=seed + k),
+                ("layerwise", k),
+                layerwise.make_stage_loss(k, noise_std=p.layerwise_noise_std),
+                tx,
+                rng=jax.random.fold_in(rng, k),
+                num_steps=p.layerwise_steps_per_stage,
+                **kw,
             )
-            steps = p.contrastive_steps
-        else:
-            raise ValueError(
-                f"config.methods: unknown method {method!r}; expected one of {METHODS}"
-            )
-        state = train.init_state(params, partition.labels(params, [(".*", "train")]), tx, seed=seed)
-        state, curves = self.fit(
-            workdir / "pretext",
-            state,
-            self.fit.step(method, loss_fn, tx),
-            arrays,
-            rng,
-            num_steps=steps,
-            batch_size=p.batch_size,
-            what=what,
+            params = state.params
+            history.append(curves)
+        return params["encoder"], history
+    if method == "rotation":
+        params = ssl.init_rotation(rng, input_dim=input_dim, features=features)
+        loss_fn, steps = ssl.rotation_loss, p.rotation_steps
+    elif method == "contrastive":
+        params = ssl.init_contrastive(
+            rng, input_dim=input_dim, features=features, projector=tuple(p.projector)
         )
-        return state.params["encoder"], [curves]
+        loss_fn = ssl.make_contrastive_loss(
+            temperature=p.temperature, max_shift=p.max_shift, noise_std=p.augment_noise_std
+        )
+        steps = p.contrastive_steps
+    else:
+        raise ValueError(f"config.methods: unknown method {method!r}; expected one of {METHODS}")
+    state = train.init_state(params, partition.labels(params, [(".*", "train")]), tx, seed=seed)
+    state, curves = fit(
+        workdir / "pretext", state, method, loss_fn, tx, rng=rng, num_steps=steps, **kw
+    )
+    return state.params["encoder"], [curves]
 
 
 def markdown(rows: list[dict], fractions) -> str:
     """One row per (method, mode), one column per label fraction: mean ± std test accuracy."""
-    cells: dict[tuple, dict] = {}
-    for r in rows:
-        cells.setdefault((r["method"], r["mode"]), {})[r["fraction"]] = r
-    table = []
-    for (method, mode), by_fraction in cells.items():
-        values = []
-        for f in fractions:
-            r = by_fraction[f]
-            values.append(f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}")
-        table.append([method, mode, *values])
-    header = ["method", "mode", *(f"{100 * f:g}% labels" for f in fractions)]
-    return report.markdown_table(header, table)
+    cell = lambda r: f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}"  # noqa: E731
+    columns = [report.Column("method"), report.Column("mode")]
+    columns += [report.Column(f"{100 * f:g}% labels", lambda w, f=f: w[f], cell) for f in fractions]
+    return report.table(report.pivot(rows, index=("method", "mode"), column="fraction"), columns)
 
 
 def plot(rows: list[dict], *, title: str):
     """Test accuracy against label fraction (log x): colour = method, line style = mode."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    styles = {"probe": "-", "finetune": "--"}
-    lines = []
-    for method in methods:
-        for mode in MODES:
-            sel = sorted(
-                (r for r in rows if r["method"] == method and r["mode"] == mode),
-                key=lambda r: r["fraction"],
-            )
-            if not sel:
-                continue
-            lines.append(
-                report.Line(
-                    [r["fraction"] for r in sel],
-                    [r["accuracy_mean"] for r in sel],
-                    yerr=[r["accuracy_std"] for r in sel],
-                    label=f"{method} ({mode})",
-                    style={
-                        "color": colors[method],
-                        "linestyle": styles[mode],
-                        "marker": "o",
-                        "capsize": 3,
-                    },
-                )
-            )
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    lines = report.grouped_lines(
+        sorted(rows, key=lambda r: (list(colors).index(r["method"]), MODES.index(r["mode"]))),
+        by=("method", "mode"),
+        x="fraction",
+        y="accuracy_mean",
+        yerr="accuracy_std",
+        label=lambda method, mode: f"{method} ({mode})",
+        style=lambda method, mode: {
+            "color": colors[method],
+            "linestyle": {"probe": "-", "finetune": "--"}[mode],
+            "marker": "o",
+            "capsize": 3,
+        },
+    )
     return report.line_plot(
         lines,
         xscale="log",
@@ -261,54 +195,6 @@ def plot(rows: list[dict], *, title: str):
         figsize=(7, 4.5),
         layout="constrained",
     )
-
-
-def pretrain_and_transfer(
-    method,
-    seed,
-    pretrain_encoder,
-    downstream,
-    train_split,
-    fractions,
-    writer,
-    *,
-    log_curves,
-    log_every,
-    workdir,
-) -> dict:
-    """One (seed, method) run: pretrain, then probe and fine-tune at every label fraction.
-
-    Every training in it is a run of the loop in a folder under ``workdir``, which starts
-    empty: a (seed, method) run that did not finish starts over.
-
-    Returns ``{"accuracy": [[mode, fraction, labels, test accuracy], ...], "final_loss",
-    "seconds"}`` (JSON, kept by `finished.Runs`).
-    """
-    shutil.rmtree(workdir, ignore_errors=True)
-    tick = time.perf_counter()
-    encoder, history = pretrain_encoder(method, train_split.images, seed=seed, workdir=workdir)
-    seconds = time.perf_counter() - tick
-    if log_curves:
-        offset = 0
-        for stage, curves in enumerate(history):
-            n_steps = len(curves["train/loss"])
-            for s in range(log_every - 1, n_steps, log_every):
-                record = {f"pretrain/{method}/{k[6:]}": v[s] for k, v in curves.items()}
-                if method == "layerwise":
-                    record["pretrain/layerwise/stage"] = stage
-                writer.write(offset + s + 1, record)
-            offset += n_steps
-    accuracy = []
-    for fraction in fractions:
-        idx = images.label_subset(train_split.label, fraction=fraction, seed=seed)
-        arrays = {"image": train_split.images[idx], "label": train_split.label[idx]}
-        for mode in MODES:
-            folder = workdir / f"{mode}_{fraction:g}"
-            accuracy.append(
-                [mode, fraction, len(idx), downstream(encoder, mode, arrays, seed, folder)]
-            )
-    final_loss = float(np.mean(history[-1]["train/loss"][-10:])) if history else None
-    return {"accuracy": accuracy, "final_loss": final_loss, "seconds": seconds}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -339,30 +225,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mode: optax.adamw(lr, weight_decay=t.weight_decay)
         for mode, lr in (("probe", t.probe_lr), ("finetune", t.finetune_lr))
     }
-    plan = make_plan(config)
-    is_chief = jax.process_index() == 0  # one writer in a multi-process job
-    fit = Fitter(plan, config.log_every_steps)
+    fit = make_fit(make_plan(config), config.log_every_steps)
 
     def downstream(encoder, mode, arrays, seed, folder):
-        n = len(arrays["label"])
         params = transfer.new_classifier(
             encoder, jax.random.PRNGKey(10_000 + seed), num_classes=num_classes
         )
-        label_tree = partition.labels(params, transfer.RULES[mode])
-        state = train.init_state(params, label_tree, txs[mode], seed=seed)
-        state, _ = fit(
-            folder,
-            state,
-            fit.step(mode, transfer.classifier_loss, txs[mode]),
-            arrays,
-            jax.random.PRNGKey(seed),
-            num_steps=t.num_steps,
-            batch_size=min(t.batch_size, n),
-            what="config.transfer.batch_size",
+        state = train.init_state(
+            params, partition.labels(params, transfer.RULES[mode]), txs[mode], seed=seed
         )
+        state, _ = fit(
+            folder, state, mode, transfer.classifier_loss, txs[mode], arrays,
+            jax.random.PRNGKey(seed), num_steps=t.num_steps,
+            batch_size=min(t.batch_size, len(arrays["label"])), what="config.transfer.batch_size",
+        )  # fmt: skip
         return float(transfer.accuracy(state.params, te.images, te.label))
 
-    # -- loop: one (seed, method) run at a time, each kept when it finishes -----------------
+    # -- one (seed, method) run at a time, each kept when it finishes -----------------------
     first_seed = config.seeds[0]
 
     def metric_prefix(name: str) -> str | None:  # only the first seed writes pretext curves
@@ -370,29 +249,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return f"pretrain/{method}/" if seed == f"seed{first_seed}" else None
 
     past = finished.Runs(workdir, metric_prefix=metric_prefix, config=config)
-    pretrain_encoder = Pretrainer(config, fit)
-    writer = past.open_writer() if is_chief else _NoWriter()
+    writer = past.open_writer()
+
+    def pretrain_and_transfer(seed, method, folder) -> dict:
+        """Pretrain, then probe and fine-tune at every label fraction, in an emptied ``folder``.
+
+        Returns ``{"accuracy": [[mode, fraction, labels, test accuracy], ...], "final_loss",
+        "seconds"}`` (JSON, kept by `finished.Runs`).
+        """
+        shutil.rmtree(folder, ignore_errors=True)  # a run that did not finish starts over
+        tick = time.perf_counter()
+        encoder, history = pretrain_encoder(
+            config, fit, method, tr.images, seed=seed, workdir=folder
+        )
+        seconds = time.perf_counter() - tick
+        offset, every = 0, config.log_every_steps
+        for stage, curves in enumerate(history if seed == first_seed else []):
+            n_steps = len(curves["train/loss"])
+            for s in range(every - 1, n_steps, every):
+                record = {f"pretrain/{method}/{k[6:]}": v[s] for k, v in curves.items()}
+                if method == "layerwise":
+                    record["pretrain/layerwise/stage"] = stage
+                writer.write(offset + s + 1, record)
+            offset += n_steps
+        accuracy = []
+        for fraction in fractions:
+            idx = images.label_subset(tr.label, fraction=fraction, seed=seed)
+            arrays = {"image": tr.images[idx], "label": tr.label[idx]}
+            for mode in MODES:
+                acc = downstream(encoder, mode, arrays, seed, folder / f"{mode}_{fraction:g}")
+                accuracy.append([mode, fraction, len(idx), acc])
+        final_loss = float(np.mean(history[-1]["train/loss"][-10:])) if history else None
+        return {"accuracy": accuracy, "final_loss": final_loss, "seconds": seconds}
+
     accuracy: dict[tuple, list[float]] = {}
     pretext: dict[str, dict[str, list[float]]] = {}
     runs = [(s, m) for s in config.seeds for m in config.methods]
     progress = metrics_lib.Progress(len(runs))
     for i, (seed, method) in enumerate(runs):
         name = f"seed{seed}_{method}"
-        cell = past.get(name)
-        if cell is None:
-            try:
-                cell = pretrain_and_transfer(
-                    method, seed, pretrain_encoder, downstream, tr, fractions, writer,
-                    log_curves=seed == first_seed, log_every=config.log_every_steps,
-                    workdir=workdir / RUNS / name,
-                )  # fmt: skip
-            except Stopped:
-                progress.close()
-                writer.close()
-                logging.info("stopped during run %s; rerun to resume", name)
-                return {"stopped": name}
-            if is_chief:
-                past.put(name, cell)
+        try:
+            cell = past.get_or_run(name, pretrain_and_transfer, seed, method, workdir / RUNS / name)
+        except finished.Stopped:
+            progress.close()
+            writer.close()
+            logging.info("stopped during run %s; rerun to resume", name)
+            return {"stopped": name}
         info = pretext.setdefault(method, {"final_loss": [], "seconds": []})
         info["seconds"].append(cell["seconds"])
         if cell["final_loss"] is not None:
@@ -431,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "hardware": f"{platform.machine()} {jax.devices()[0].platform}",
     }
     table = markdown(rows, fractions)
-    if not is_chief:
+    if jax.process_index() != 0:  # one writer in a multi-process job
         return results
     report.save_table(workdir / "results", markdown=table, data=results)
     title = f"{config.data.dataset}: transfer after pretraining ({len(config.seeds)} seeds)"

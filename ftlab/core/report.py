@@ -4,6 +4,7 @@ Every trainer reports through these few functions: cells are formatted by the ca
 experiment knows its units), rendering and file writing happen here once.
 
     text = report.markdown_table(["method", "accuracy"], [["lora", "0.812"]])
+    text = report.table(rows, [report.Column("method"), report.Column("accuracy", fmt="{:.3f}")])
     report.save_table(workdir / "results", markdown=text, data=results)  # .md and .json
     figure = report.line_plot([report.Line(x, y, yerr=err, label="lora")], xlabel="n", ...)
     report.save_figure(figure, workdir / "accuracy.png", dpi=110)
@@ -22,20 +23,23 @@ import math
 import os
 import pathlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "Column",
     "HLine",
     "Line",
     "Panel",
     "curves",
     "figure",
+    "grouped_lines",
     "interval95",
     "line_plot",
     "markdown_table",
+    "pivot",
     "panels_plot",
     "save_curves",
     "save_figure",
@@ -43,6 +47,7 @@ __all__ = [
     "save_table",
     "save_text",
     "scatter_plot",
+    "table",
 ]
 
 # z of the two-sided 95% normal interval.
@@ -75,6 +80,65 @@ def markdown_table(
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One column of `table`: its title, where its value comes from and how it is written.
+
+    Attributes:
+        title: The column title.
+        value: A key of the row, or ``row -> value``; None: ``title`` is the key.
+        fmt: ``fmt.format(value)``, or ``fmt(value) -> str``; a value that is None (or a key
+            the row lacks) gives an empty cell.
+    """
+
+    title: str
+    value: str | Callable[[Mapping[str, Any]], Any] | None = None
+    fmt: str | Callable[[Any], str] = "{}"
+
+    def cell(self, row: Mapping[str, Any]) -> str:
+        """The formatted cell of ``row``."""
+        key = self.title if self.value is None else self.value
+        value = key(row) if callable(key) else row.get(key)
+        if value is None:
+            return ""
+        return self.fmt(value) if callable(self.fmt) else self.fmt.format(value)
+
+
+def table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], *, notes: Sequence[str] = ()
+) -> str:
+    """`markdown_table` of one row per ``rows`` entry, its cells as ``columns`` say.
+
+    >>> print(table([{"m": "lora", "acc": 0.8125}], [Column("m"), Column("acc", fmt="{:.2f}")]))
+    | m | acc |
+    |---|---|
+    | lora | 0.81 |
+    <BLANKLINE>
+    """
+    return markdown_table(
+        [c.title for c in columns], [[c.cell(r) for c in columns] for r in rows], notes=notes
+    )
+
+
+def pivot(
+    rows: Sequence[Mapping[str, Any]], *, index: Sequence[str], column: str
+) -> list[dict[Any, Any]]:
+    """Long rows to wide ones: one per distinct ``index`` values, keyed by ``column``'s values.
+
+    Each wide row holds the ``index`` keys and, under each value ``v`` of ``column``, the long
+    row that has it (the last one, if several); order is that of first appearance.
+
+    >>> pivot([{"m": "a", "n": 1, "acc": 0.5}, {"m": "a", "n": 2, "acc": 0.7}], index=["m"],
+    ...       column="n")[0][2]["acc"]
+    0.7
+    """
+    wide: dict[tuple, dict] = {}
+    for r in rows:
+        key = tuple(r[k] for k in index)
+        wide.setdefault(key, dict(zip(index, key, strict=True)))[r[column]] = r
+    return list(wide.values())
 
 
 def interval95(values: Sequence[float]) -> tuple[float, float]:
@@ -228,6 +292,45 @@ def panels_plot(
     if layout is None:
         fig.tight_layout()
     return fig
+
+
+def grouped_lines(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    by: Sequence[str],
+    x: str,
+    y: str,
+    yerr: str | None = None,
+    label: Callable[..., str] | None = None,
+    style: Callable[..., Mapping[str, Any]] | Mapping[str, Any] | None = None,
+) -> list[Line]:
+    """One `Line` per distinct values of the ``by`` keys of ``rows``, its points sorted by ``x``.
+
+    Args:
+        rows: Long rows (one per point).
+        by: The keys that tell lines apart; lines come in order of first appearance.
+        x: The key of the x value.
+        y: The key of the y value.
+        yerr: The key of the error bar's half-height, if any.
+        label: ``label(*values of by) -> str``; default: the values joined by spaces.
+        style: ``style(*values of by) -> matplotlib kwargs``, or one mapping for every line.
+    """
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    out = []
+    for key, members in groups.items():
+        members = sorted(members, key=lambda r: r[x])
+        out.append(
+            Line(
+                [r[x] for r in members],
+                [r[y] for r in members],
+                yerr=None if yerr is None else [r[yerr] for r in members],
+                label=label(*key) if label else " ".join(map(str, key)),
+                style=(style(*key) if callable(style) else style) or {},
+            )
+        )
+    return out
 
 
 def line_plot(

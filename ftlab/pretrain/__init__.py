@@ -5,7 +5,6 @@ Submodules load on first use::
     from ftlab.pretrain import layerwise, transfer
 
 - ``network``: the MLP encoder plus small named heads that is pretrained and transferred.
-- ``loop``: many train steps as one compiled ``lax.scan``.
 - ``layerwise``: greedy layer-wise pretraining.
 - ``ssl``: self-supervised pretext tasks (rotation prediction, InfoNCE).
 - ``transfer``: a new head, then linear probing or full fine-tuning.
@@ -13,6 +12,6 @@ Submodules load on first use::
 
 from ftlab import _lazy
 
-_SUBMODULES = ("layerwise", "loop", "network", "ssl", "transfer")
+_SUBMODULES = ("layerwise", "network", "ssl", "transfer")
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, _SUBMODULES)

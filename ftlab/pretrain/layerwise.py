@@ -10,8 +10,12 @@ layers stay bit-identical and carry no optimizer state. Afterwards the whole sta
 with a new head (`ftlab.pretrain.transfer`).
 
     params = layerwise.init(rng, input_dim=64, features=(256, 256, 128))
-    params, history = layerwise.pretrain(params, {"image": x}, tx=optax.adam(1e-3),
-                                         steps_per_stage=2000, batch_size=128, seed=0)
+    for k in range(3):  # stage k: a fresh optimizer state on stage_rules(k)'s leaves
+        labels = partition.labels(params, layerwise.stage_rules(k))
+        state = train.init_state(params, labels, tx, seed=k)
+        ...  # steps of train.make_train_step(layerwise.make_stage_loss(k), tx)
+
+`experiments/trainers/pretrain.py` runs the stages as runs of the experiment loop.
 
 References:
   Bengio, Lamblin, Popovici, Larochelle. Greedy layer-wise training of deep networks. NeurIPS
@@ -22,19 +26,17 @@ References:
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from ftlab.core import partition, train
-from ftlab.pretrain import loop, network
+from ftlab.core import partition
+from ftlab.pretrain import network
 from ftlab.types import Params, PRNGKey
 
-__all__ = ["init", "make_stage_loss", "pretrain", "stage_rules"]
+__all__ = ["init", "make_stage_loss", "stage_rules"]
 
 
 def init(
@@ -112,69 +114,3 @@ def make_stage_loss(k: int, *, supervised: bool = False, noise_std: float = 0.0)
         return jnp.mean(jnp.square(reconstruction - inputs)), {}
 
     return loss_fn
-
-
-def pretrain(
-    params: Params,
-    arrays: Mapping[str, np.ndarray],
-    *,
-    tx: optax.GradientTransformation,
-    steps_per_stage: int,
-    batch_size: int,
-    seed: int,
-    supervised: bool = False,
-    noise_std: float = 0.0,
-    stages: Sequence[int] | None = None,
-) -> tuple[Params, list[dict[str, np.ndarray]]]:
-    """Runs the stages ``0 .. L-1`` in order, each from a fresh optimizer state.
-
-    Stage k's randomness depends on ``seed`` and k alone, so running the stages one call at a
-    time (``stages=[0]``, then ``stages=[1]``, ...) gives the same tree as one call.
-
-    Args:
-      params: from `init` (with ``stage_head`` for ``supervised=True``).
-      arrays: ``{"image": [n, h, w]}``, plus ``"label": [n]`` when supervised.
-      tx: the optimizer of every stage (its state is re-initialised on each stage's leaves).
-      steps_per_stage: train steps per layer.
-      batch_size: examples per step.
-      seed: randomness of batches and noise.
-      supervised: train each layer through a temporary classifier instead of a decoder.
-      noise_std: input corruption of the denoising autoencoder (unsupervised only).
-      stages: the stages to run (default: all, in order).
-
-    Returns:
-      ``(params, history)``: the pretrained tree (same structure as ``params``) and, per stage
-      run, its metrics as numpy arrays ``[steps_per_stage]`` (``train/loss``, ...).
-    """
-    part = "stage_head" if supervised else "decoder"
-    if part not in params:
-        raise ValueError(
-            f"layerwise.pretrain(supervised={supervised}) needs params[{part!r}]; "
-            f"got top-level names {sorted(params)}. Build them with layerwise.init("
-            + ("num_classes=...)" if supervised else "num_classes=None)")
-        )
-    num_layers = len(params["encoder"])
-    stages = range(num_layers) if stages is None else stages
-    if any(not 0 <= k < num_layers for k in stages):
-        raise ValueError(
-            f"layerwise.pretrain: stages={stages}; the encoder has {num_layers} layers"
-        )
-    history = []
-    for k in stages:
-        rules = stage_rules(k, supervised=supervised)
-        label_tree = partition.labels(params, rules, what=f"layerwise.stage_rules({k})")
-        state = train.init_state(params, label_tree, tx, seed=seed + k)
-        fit = _stage_fit(k, supervised, noise_std, tx, steps_per_stage, batch_size)
-        state, metrics = fit(state, arrays, jax.random.fold_in(jax.random.PRNGKey(seed), k))
-        params = jax.device_get(state.params)
-        history.append(jax.device_get(metrics))
-    return params, history
-
-
-@functools.lru_cache(maxsize=32)
-def _stage_fit(k, supervised, noise_std, tx, steps_per_stage, batch_size):
-    # Cached so that pretraining again (another seed) with the same `tx` object compiles nothing.
-    loss_fn = make_stage_loss(k, supervised=supervised, noise_std=noise_std)
-    return loop.make_fit(
-        train.make_train_step(loss_fn, tx), num_steps=steps_per_stage, batch_size=batch_size
-    )

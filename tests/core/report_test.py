@@ -105,3 +105,35 @@ def test_save_curves_writes_one_png_per_group(tmp_path):
     written = report.save_curves(records, tmp_path)
     assert [p.name for p in written] == ["eval.png", "train.png"]
     assert _png_size(written[1]) == (900, 320)  # two panels of 4.5 x 3.2 inches at 100 dpi
+
+
+def test_table_formats_each_column_and_leaves_a_missing_value_blank():
+    rows = [{"m": "lora", "acc": 0.8125, "n": 1200}, {"m": "probe", "acc": None}]
+    columns = [
+        report.Column("m"),
+        report.Column("test acc", "acc", "{:.1%}"),
+        report.Column("n", fmt="{:,}"),
+        report.Column("tag", lambda r: r["m"].upper(), lambda v: f"<{v}>"),
+    ]
+    assert report.table(rows, columns, notes=["(n)"]) == (
+        "| m | test acc | n | tag |\n|---|---|---|---|\n"
+        "| lora | 81.2% | 1,200 | <LORA> |\n| probe |  |  | <PROBE> |\n\n(n)\n"
+    )
+
+
+def test_pivot_and_grouped_lines_follow_first_appearance():
+    rows = [
+        {"m": "b", "n": 4, "acc": 0.7, "std": 0.1},
+        {"m": "a", "n": 1, "acc": 0.5, "std": 0.0},
+        {"m": "b", "n": 1, "acc": 0.6, "std": 0.2},
+    ]
+    wide = report.pivot(rows, index=["m"], column="n")
+    assert [sorted(w, key=str) for w in wide] == [[1, 4, "m"], [1, "m"]]
+    assert wide[0]["m"] == "b" and wide[0][4] is rows[0] and wide[0][1] is rows[2]
+    lines = report.grouped_lines(
+        rows, by=["m"], x="n", y="acc", yerr="std", label=lambda m: f"method {m}", style={"c": "k"}
+    )
+    assert [(ln.label, ln.x, ln.y, ln.yerr, ln.style) for ln in lines] == [
+        ("method b", [1, 4], [0.6, 0.7], [0.2, 0.1], {"c": "k"}),
+        ("method a", [1], [0.5], [0.0], {"c": "k"}),
+    ]

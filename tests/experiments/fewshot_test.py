@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import maml_fewshot
+from experiments import models
 from experiments.trainers import fewshot as trainer
 from ftlab.core import metrics as metrics_lib
 
@@ -72,7 +73,7 @@ def test_summary_table_and_plot_over_runs(finetune_run, tmp_path):
 
 @pytest.mark.parametrize("kind,transductive", [("batch", True), ("instance", False)])
 def test_batch_statistics_are_transductive_only_for_batch_norm(kind, transductive):
-    model = trainer.ConvNet(ways=3, filters=4, blocks=1, norm=kind)
+    model = models.ConvNet(ways=3, filters=4, blocks=1, norm=kind)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 6, 6))
     params = jax.jit(model.init)(jax.random.PRNGKey(1), x)["params"]
     apply = jax.jit(model.apply)
@@ -88,7 +89,7 @@ def test_batch_statistics_are_transductive_only_for_batch_norm(kind, transductiv
 
 
 def test_fresh_head_replaces_only_the_head():
-    model = trainer.ConvNet(ways=7, filters=4, blocks=1)
+    model = models.ConvNet(ways=7, filters=4, blocks=1)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((2, 6, 6)))["params"]
     new = trainer.fresh_head(params, 5)
     assert new["head"]["kernel"].shape == (params["head"]["kernel"].shape[0], 5)

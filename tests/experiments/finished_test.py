@@ -1,11 +1,11 @@
-"""experiments/trainers/finished.py: records of finished runs, and the metric lines kept."""
+"""experiments/finished.py: records of finished runs, and the metric lines kept."""
 
 import json
 
 import ml_collections
 import pytest
 
-from experiments.trainers import finished
+from experiments import finished
 from ftlab.core import metrics as metrics_lib
 
 

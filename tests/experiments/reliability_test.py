@@ -13,8 +13,8 @@ import time
 
 import pytest
 
+from experiments import resume
 from experiments import workdir as workdir_lib
-from experiments.trainers import resume
 from ftlab.core import metrics as metrics_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -7,10 +7,12 @@ that was interrupted) are dropped, so that its rerun writes them once:
     past = finished.Runs(workdir, metric_prefix=lambda name: f"train/{name}/", config=config)
     writer = past.open_writer()
     for name in names:
-        result = past.get(name)
-        if result is None:
-            result = train(name, writer)   # writes "train/<name>/..." lines
-            past.put(name, result)
+        # train(name, writer) writes "train/<name>/..." lines; it may raise finished.Stopped
+        result = past.get_or_run(name, train, name, writer)
+
+Each training inside a run is a `short_run` of `experiments.loop` (placement, the stop on a
+non-finite loss naming the step, process-0 writers, a checkpoint at its end and on a signal).
+Only process 0 of a multi-process job writes the records and the metric lines.
 """
 
 from __future__ import annotations
@@ -18,14 +20,61 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import jax
 import ml_collections
 
+from experiments import loop
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import report
+from ftlab.core import parallel, report
+
+__all__ = ["FOLDER", "Runs", "Stopped", "short_run"]
 
 FOLDER = "finished"
+
+
+class Stopped(Exception):
+    """A signal stopped a run's loop (it saved a checkpoint): the sweep ends, a rerun resumes."""
+
+
+def short_run(
+    workdir: str | os.PathLike,
+    *,
+    plan: parallel.Plan,
+    state: Any,
+    step_fn: Callable,
+    batch_at: Callable[[int], Mapping],
+    num_steps: int,
+    log_every: int,
+    fresh: bool = False,
+) -> loop.Run:
+    """``num_steps`` steps of ``step_fn`` as one finished, closed run of `experiments.loop`.
+
+    Checkpointed at its end (and on a signal) in ``workdir``; every step's train metrics are in
+    ``run.history`` (a resumed run's start at its checkpoint). ``fresh``: empty ``workdir``
+    first, so that an interrupted run starts over instead of resuming.
+
+    Raises:
+        Stopped: A signal stopped the loop before the last step.
+    """
+    if fresh:
+        shutil.rmtree(workdir, ignore_errors=True)
+    run = loop.train(
+        loop.short_run_config(num_steps, log_every=log_every),
+        workdir,
+        plan=plan,
+        state=state,
+        step_fn=step_fn,
+        batch_at=batch_at,
+        keep_history=True,
+    )
+    if not run.finished:
+        raise Stopped(str(workdir))
+    run.close()
+    return run
 
 
 class Runs:
@@ -77,14 +126,27 @@ class Runs:
         return record["result"]
 
     def put(self, name: str, result: dict) -> None:
-        """Records a finished run (written to a temporary file, then renamed)."""
-        report.save_json(self._path(name), {"config": self.config, "result": result})
+        """Records a finished run (written to a temporary file, then renamed; process 0 only)."""
+        path = self._path(name)
+        if jax.process_index() == 0:
+            report.save_json(path, {"config": self.config, "result": result})
+
+    def get_or_run(self, name: str, run: Callable[..., dict], *args: Any) -> dict:
+        """The recorded result of ``name``, or ``run(*args)``'s, recorded (`Stopped` passes
+        through)."""
+        result = self.get(name)
+        if result is None:
+            result = run(*args)
+            self.put(name, result)
+        return result
 
     def open_writer(self) -> metrics_lib.MetricWriter:
-        """A metric writer that keeps the lines of finished runs only, and appends."""
+        """A metric writer that keeps the lines of finished runs only, and appends (process 0)."""
         prefixes = tuple(p for n in self.names() if (p := self.metric_prefix(n)) is not None)
 
         def keep(record: dict) -> bool:
             return bool(prefixes) and all(k == "step" or k.startswith(prefixes) for k in record)
 
-        return metrics_lib.MetricWriter(self.workdir, resume_step=None, keep=keep)
+        return metrics_lib.MetricWriter(
+            self.workdir, enabled=jax.process_index() == 0, resume_step=None, keep=keep
+        )
