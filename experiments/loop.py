@@ -262,8 +262,8 @@ def train(
             ``checkpoint.every_steps``/``keep`` and, if present, ``profile.steps``.
         workdir: The run's folder: checkpoints, metrics.jsonl, tensorboard, profile.
         plan: Where state and batches go (`parallel.make_plan`).
-        state: The fresh state on the host (`ftlab.core.train.init_state`); a checkpoint
-            replaces its trainable part.
+        state: The fresh state on the host (`ftlab.core.train.init_state`, or any pytree); a
+            checkpoint replaces all of it but a `TrainState`'s frozen leaves.
         step_fn: ``step(state, batch) -> (state, metrics)``, not yet compiled; the plan
             compiles it once, donating the state.
         batch_at: ``step -> global batch`` on the host (numpy; nested dicts allowed), a pure
@@ -355,13 +355,13 @@ def train(
                         metrics_lib.check_finite(results, step=done, last_good_step=last_good)
                     logged.update(results)
                 writer.write(done, logged)
-                bar.set_postfix(loss=f"{logged['train/loss']:.4g}", refresh=False)
+                if "train/loss" in logged:
+                    bar.set_postfix(loss=f"{logged['train/loss']:.4g}", refresh=False)
             last_good = done
             bar.update(done - bar.n)
             if save_now:
-                ckpt.save(
-                    done, plan.get_state(state).replace(frozen={}), force=done == stop or preempted
-                )
+                saved = resume.saved_part(plan.get_state(state))
+                ckpt.save(done, saved, force=done == stop or preempted)
             tick = time.perf_counter()  # evaluating and saving is not training time
             if preempted and done < total:
                 stop = done

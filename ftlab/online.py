@@ -76,6 +76,7 @@ __all__ = [
     "Carry",
     "start",
     "advance",
+    "progressive_metrics",
     "sweep",
     "BatchSolution",
     "best_fixed",
@@ -839,6 +840,19 @@ def advance(
     if comp is not None:
         per["comparator_loss"] = comp
     return Carry(held, opt_state, cumulative[-1], ring, blocks), per
+
+
+def progressive_metrics(model: Model, carry: Carry, *, comparator: bool) -> dict[str, jax.Array]:
+    """The cumulative metrics after the examples `carry` has seen: `Result.metrics`' last values.
+
+    Args:
+        model: The model.
+        carry: From `advance`.
+        comparator: Whether `advance` was given a comparator (adds "regret" and
+            "average_regret").
+    """
+    n, loss, score, square, comp = carry.sums
+    return _progressive(model, n, loss, score, square, comp if comparator else None)
 
 
 def sweep(
