@@ -587,7 +587,9 @@ ICL = {
     "icl.draws": integer(1),
     "icl.prefix_len": integer(1),
     "icl.query_len": integer(1),
+    # queries scored at once, split over the devices (a multiple of them)
     "icl.batch_size": integer(1),
+    **PARALLEL,
 }
 
 ONLINE_COMMON = {
