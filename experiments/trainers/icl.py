@@ -87,6 +87,7 @@ def evaluate_task(config, model: models.Decoder, name: str, *, plan, params, hit
         "real": np.arange(n + pad) < n,
     }
     label_ids = icl.label_token_ids(model.tokenizer, task)
+    one = plan.get_state(params)  # one copy of the weights (pmap holds one per device)
     for k in config.icl.shots:
         draws = 1 if k == 0 else config.icl.draws
         accs, logps = [], []
@@ -101,7 +102,7 @@ def evaluate_task(config, model: models.Decoder, name: str, *, plan, params, hit
             except ValueError as e:
                 raise ValueError(f"config.icl.prefix_len={config.icl.prefix_len}: {e}") from None
             start = time.perf_counter()
-            cache = icl.prefill(model.config, plan.get_state(params), *prefix,
+            cache = icl.prefill(model.config, one, *prefix,
                                 query_len=config.icl.query_len)  # fmt: skip
             state = (params, *plan.put_state(jax.device_get((cache, label_ids))))
             batches = [

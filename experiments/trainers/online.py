@@ -2,8 +2,12 @@
 
 Writes to the workdir: `results.json` (final progressive metrics, regret, slope, solver tolerance,
 river's scores, timings), `table.md` (one row per step size of the vmapped sweep, plus river),
-`metrics.jsonl` + TensorBoard (progressive metrics and regret at log-spaced steps),
-`plots/regret.png` (log-log R(t) with the fitted slope) and `plots/*.png` (every metric).
+`metrics.jsonl` + TensorBoard (the main learner's progressive metrics and regret after each
+chunk of the stream), `plots/regret.png` (log-log R(t) with the fitted slope), `plots/*.png`
+(every metric) and `checkpoints/` (every learner's state, for resume), all by process 0 only.
+
+The stream runs on `experiments.loop` in chunks of ``config.data.chunk_size`` examples, one
+loop step each; the sweep's learners are split over the devices of the data mesh.
 """
 
 from __future__ import annotations
@@ -284,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Data: the stream in arrival order, causally standardised.
     x, y, columns = load_stream(config)
     if not len(y):
-        raise ValueError(f"config.data: the stream {name!r} has no examples")
+        raise ValueError(f"config.data.stream={name!r}: the stream has no examples")
     river_stream = config.data.get("source", "river") == "river"
     task = streams.task(name) if river_stream else "binary"
     model = (
