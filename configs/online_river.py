@@ -5,10 +5,11 @@ learns online by OGD with eta_t = eta_0 / sqrt(t) over the causally standardised
 (`ftlab.data.streams.running_standardize`), in compiled scans over chunks of the stream (the
 steps of `experiments/loop.py`: checkpointed and resumable; the same numbers as one scan) that
 also compute river-style progressive metrics and the regret against the best fixed model in
-hindsight (L-BFGS on the whole stream, tolerance reported); the exact prefix regret R(t) is solved on a log-spaced grid and its
-log-log slope fitted. In the same run, river's `linear_model` with the same SGD step and schedule
-is scored by progressive validation on the same standardised features, and river's idiomatic
-`StandardScaler | LogisticRegression` / `LinearRegression` pipeline on the raw dicts.
+hindsight (L-BFGS on the whole stream, tolerance reported); the exact prefix regret R(t) is
+solved on a log-spaced grid and its log-log slope fitted. In the same run, river's
+`linear_model` with the same SGD step and schedule is scored by progressive validation on the
+same standardised features, and river's idiomatic `StandardScaler | LogisticRegression` /
+`LinearRegression` pipeline on the raw dicts.
 
 Run:
   python -m experiments.main --config=configs/online_river.py:stream=phishing \
