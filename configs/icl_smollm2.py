@@ -71,5 +71,11 @@ def get_config(arg=None):
     # tokens of instruction + demonstrations (left-padded) and of one query (right-padded)
     config.icl.prefix_len = 192 if opts.quick else 512
     config.icl.query_len = 48
+    # queries scored at once, split over the devices of the data mesh (a multiple of them)
     config.icl.batch_size = 4 if opts.quick else 16
+
+    # data parallel: the weights replicated, each batch of queries split over the devices
+    config.parallel = ml_collections.ConfigDict()
+    config.parallel.mode = "mesh"
+    config.parallel.num_devices = 0
     return config

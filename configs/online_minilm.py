@@ -3,7 +3,8 @@
 The stream is the Rotten Tomatoes training split (fresh vs rotten, in its seeded order). The
 frozen all-MiniLM-L6-v2 trunk embeds each snippet once (mean-pooled, L2-normalised, 384-d; the
 trunk never changes, so embedding once is exactly the online run with a frozen trunk); the head
-then learns online by OGD with eta_t = eta_0 / sqrt(t) in one compiled scan, with progressive
+then learns online by OGD with eta_t = eta_0 / sqrt(t) in compiled scans over chunks of the stream
+(the steps of `experiments/loop.py`), with progressive
 accuracy and regret against the best fixed head in hindsight (L-BFGS on the 385 head
 parameters with a small L2 term, see below; gradient-norm tolerance reported), as
 `configs/online_river.py` does. river's

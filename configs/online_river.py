@@ -2,12 +2,14 @@
 
 A linear model (logistic regression for the binary streams, linear regression for TrumpApproval)
 learns online by OGD with eta_t = eta_0 / sqrt(t) over the causally standardised stream
-(`ftlab.data.streams.running_standardize`), in one compiled scan that also computes river-style
-progressive metrics and the regret against the best fixed model in hindsight (L-BFGS on the whole
-stream, tolerance reported); the exact prefix regret R(t) is solved on a log-spaced grid and its
-log-log slope fitted. In the same run, river's `linear_model` with the same SGD step and schedule
-is scored by progressive validation on the same standardised features, and river's idiomatic
-`StandardScaler | LogisticRegression` / `LinearRegression` pipeline on the raw dicts.
+(`ftlab.data.streams.running_standardize`), in compiled scans over chunks of the stream (the
+steps of `experiments/loop.py`: checkpointed and resumable; the same numbers as one scan) that
+also compute river-style progressive metrics and the regret against the best fixed model in
+hindsight (L-BFGS on the whole stream, tolerance reported); the exact prefix regret R(t) is
+solved on a log-spaced grid and its log-log slope fitted. In the same run, river's
+`linear_model` with the same SGD step and schedule is scored by progressive validation on the
+same standardised features, and river's idiomatic `StandardScaler | LogisticRegression` /
+`LinearRegression` pipeline on the raw dicts.
 
 Run:
   python -m experiments.main --config=configs/online_river.py:stream=phishing \
@@ -76,6 +78,9 @@ def get_config(arg=None):
     config.data.standardize = True
     # "raise" or "skip" for examples with NaN/inf
     config.data.on_error = "raise"
+    # examples per step of the experiment loop (one compiled scan over each chunk; the same
+    # numbers as one scan over the stream); a multiple of learner.batch_size and of the devices
+    config.data.chunk_size = 256
 
     config.learner = ml_collections.ConfigDict()
     config.learner.name = opts.learner
@@ -101,19 +106,30 @@ def get_config(arg=None):
     config.regret.points = 24
 
     config.sweep = ml_collections.ConfigDict()
-    # eta_0 values run together in one vmapped scan (same learner otherwise)
+    # eta_0 values run together, vmapped (same learner otherwise)
     config.sweep.learning_rates = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
     config.evals = ml_collections.ConfigDict()
     # score river's equivalent models in the same run (progressive validation)
     config.evals.river = True
-    # metric lines written to metrics.jsonl (log-spaced steps)
-    config.evals.log_points = 200
+
+    # The experiment loop (experiments/loop.py); its steps are chunks of config.data.chunk_size
+    # examples. A line of metrics.jsonl every that many chunks (the mean over them).
+    config.log_every_steps = 1
+    # 0: run to the end; else stop after that many chunks (the same command resumes)
+    config.max_steps_per_run = 0
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 20
+    config.checkpoint.keep = 2
+    # the sweep's step sizes are split over the devices (padded to a multiple of them)
+    config.parallel = ml_collections.ConfigDict()
+    config.parallel.mode = "mesh"
+    config.parallel.num_devices = 0
 
     if opts.quick:
         config.data.limit = 300
         config.regret.points = 6
         config.regret.max_iterations = 200
         config.sweep.learning_rates = (0.1, 1.0)
-        config.evals.log_points = 20
+        config.data.chunk_size = 64
     return config

@@ -20,7 +20,7 @@ non-finite loss or evaluation metric naming the step (before that step is saved)
 progress bar on process 0 only, and the clean stop with a checkpoint on SIGTERM/SIGINT.
 
 It lives in ``experiments/`` rather than ``ftlab/`` because it reads the config (and opens the
-workdir's files and signal handlers through `experiments.trainers.resume`): the library below
+workdir's files and signal handlers through `experiments.resume`): the library below
 stays free of flags and I/O, and a notebook that wants a loop of its own composes
 `ftlab.core.train` and `ftlab.core.parallel` directly.
 
@@ -180,7 +180,7 @@ def plan_from(config: ml_collections.ConfigDict) -> parallel.Plan:
 def short_run_config(num_steps: int, *, log_every: int) -> ml_collections.ConfigDict:
     """What `train` reads, for one short run of a sweep: checkpointed at its end only.
 
-    A sweep (`experiments.trainers.finished`) keeps its finished runs' results itself; the
+    A sweep (`experiments.finished`) keeps its finished runs' results itself; the
     run's own checkpoint serves a stop by a signal, and its end.
     """
     return ml_collections.ConfigDict(
@@ -262,8 +262,8 @@ def train(
             ``checkpoint.every_steps``/``keep`` and, if present, ``profile.steps``.
         workdir: The run's folder: checkpoints, metrics.jsonl, tensorboard, profile.
         plan: Where state and batches go (`parallel.make_plan`).
-        state: The fresh state on the host (`ftlab.core.train.init_state`); a checkpoint
-            replaces its trainable part.
+        state: The fresh state on the host (`ftlab.core.train.init_state`, or any pytree); a
+            checkpoint replaces all of it but a `TrainState`'s frozen leaves.
         step_fn: ``step(state, batch) -> (state, metrics)``, not yet compiled; the plan
             compiles it once, donating the state.
         batch_at: ``step -> global batch`` on the host (numpy; nested dicts allowed), a pure
@@ -355,13 +355,13 @@ def train(
                         metrics_lib.check_finite(results, step=done, last_good_step=last_good)
                     logged.update(results)
                 writer.write(done, logged)
-                bar.set_postfix(loss=f"{logged['train/loss']:.4g}", refresh=False)
+                if "train/loss" in logged:
+                    bar.set_postfix(loss=f"{logged['train/loss']:.4g}", refresh=False)
             last_good = done
             bar.update(done - bar.n)
             if save_now:
-                ckpt.save(
-                    done, plan.get_state(state).replace(frozen={}), force=done == stop or preempted
-                )
+                saved = resume.saved_part(plan.get_state(state))
+                ckpt.save(done, saved, force=done == stop or preempted)
             tick = time.perf_counter()  # evaluating and saving is not training time
             if preempted and done < total:
                 stop = done

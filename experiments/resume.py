@@ -47,7 +47,7 @@ from absl import logging
 
 from ftlab.core import checkpoint
 
-__all__ = ["Checkpointer", "close_all", "restore"]
+__all__ = ["Checkpointer", "close_all", "restore", "saved_part"]
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Checkpointers not yet closed, for `close_all` on the way out of a failed run.
@@ -166,6 +166,12 @@ def close_all() -> None:
             )
 
 
+def saved_part(state: Any) -> Any:
+    """What a checkpoint holds of ``state``: a `ftlab.core.train.TrainState` without its frozen
+    leaves (they come from the pretrained source on resume); any other state whole."""
+    return state.replace(frozen={}) if hasattr(state, "frozen") else state
+
+
 def restore(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
@@ -178,8 +184,8 @@ def restore(
     Args:
         config: The trainer's config (keys above).
         workdir: The run's folder.
-        state: The freshly initialised state (a flax struct with a ``frozen`` field); the
-            restore target. Checkpoints hold no frozen leaves: they come from ``state``.
+        state: The freshly initialised state; the restore target. Checkpoints hold no frozen
+            leaves of a state with a ``frozen`` field: they come from ``state`` (`saved_part`).
         abstract: Maps the target to what `Checkpointer.restore_latest` gets, e.g.
             `parallel.Plan.abstract_state` for a sharded restore; default: the target itself.
 
@@ -208,7 +214,7 @@ def restore(
         max_to_keep=config.checkpoint.keep,
         save_every_steps=config.checkpoint.every_steps,
     )
-    target = state.replace(frozen={})
+    target = saved_part(state)
     try:
         restored = ckpt.restore_latest(target if abstract is None else abstract(target))
     except BaseException:
@@ -217,7 +223,8 @@ def restore(
     start_step = 0
     if restored is not None:
         saved, start_step = restored
-        state = jax.device_get(saved).replace(frozen=state.frozen)
+        saved = jax.device_get(saved)
+        state = saved.replace(frozen=state.frozen) if hasattr(state, "frozen") else saved
         logging.info("resumed from step %d of %s", start_step, ckpt.directory)
     total = config.optim.num_steps
     stop = (

@@ -588,42 +588,49 @@ ICL = {
     "icl.draws": integer(1),
     "icl.prefix_len": integer(1),
     "icl.query_len": integer(1),
+    # queries scored at once, split over the devices (a multiple of them)
     "icl.batch_size": integer(1),
+    **PARALLEL,
 }
 
 ONLINE_COMMON = {
     "seed": SEED,
     # a negative limit would leave no example at all (0 means the whole stream)
-    "data.limit": integer(0, note="0: the whole stream"),
-    "data.standardize": boolean(),
-    "data.on_error": choice("raise", "skip"),
-    "learner.name": choice("ogd", "adagrad", "adam"),
-    "learner.lr": POSITIVE_LR,
-    "learner.decay": choice("sqrt", "constant"),
-    "learner.delay": integer(0),
-    "learner.batch_size": integer(1),
-    "learner.param_dtype": choice("", "float32", "bfloat16", "float16"),
-    "regret.tol": real(gt=0),
-    "regret.method": choice("newton", "lbfgs"),
-    "regret.max_iterations": integer(1),
-    "regret.l2": real(ge=0),
+    "data.limit": integer(0, note="0: the whole stream").fixed(),
+    "data.standardize": boolean().fixed(),
+    "data.on_error": choice("raise", "skip").fixed(),
+    # examples per loop step: the steps of the saved checkpoints
+    "data.chunk_size": integer(1).fixed(),
+    # the learners, their step sizes and the comparator make the saved state (the carry of each
+    # learner, its running sums against the comparator)
+    "learner.name": choice("ogd", "adagrad", "adam").fixed(),
+    "learner.lr": POSITIVE_LR.fixed(),
+    "learner.decay": choice("sqrt", "constant").fixed(),
+    "learner.delay": integer(0).fixed(),
+    "learner.batch_size": integer(1).fixed(),
+    "learner.param_dtype": choice("", "float32", "bfloat16", "float16").fixed(),
+    "regret.tol": real(gt=0).fixed(),
+    "regret.method": choice("newton", "lbfgs").fixed(),
+    "regret.max_iterations": integer(1).fixed(),
+    "regret.l2": real(ge=0).fixed(),
     "regret.points": integer(1),
-    "sweep.learning_rates": reals(gt=0),
+    "sweep.learning_rates": reals(gt=0).fixed(),
     "evals.river": boolean(),
-    "evals.log_points": integer(1),
+    **LOOP,
+    **PARALLEL,
 }
 ONLINE_RIVER = {
     **ONLINE_COMMON,
-    "data.source": choice("river").opt(),
-    "data.stream": choice("phishing", "trump", "shuttle"),
+    "data.source": choice("river").opt().fixed(),
+    "data.stream": choice("phishing", "trump", "shuttle").fixed(),
 }
 ONLINE_MINILM = {
     **ONLINE_COMMON,
-    "data.source": choice("minilm_rotten_tomatoes"),
+    "data.source": choice("minilm_rotten_tomatoes").fixed(),
     # only a name for the results here
     "data.stream": string(nonempty=True),
-    "data.seed": SEED,
-    "data.max_length": integer(2, le=512),
+    "data.seed": SEED.fixed(),
+    "data.max_length": integer(2, le=512).fixed(),
     "data.embed_batch_size": integer(1),
 }
 
@@ -650,7 +657,7 @@ SAVED_STATE: dict[str, str | None] = {
     "pretrain": "finished",
     "decoder_tuning": "finished",
     "icl": "finished",
-    "online": None,
+    "online": "checkpoints",
 }
 
 
@@ -749,6 +756,13 @@ def _cross_checks(kind: str, variant: str, c: ml_collections.ConfigDict) -> None
                     f"of a {d.dataset} class",
                     query,
                 )
+    if kind == "online" and c.data.chunk_size % c.learner.batch_size:
+        raise ConfigError(
+            "data.chunk_size",
+            f"must be a multiple of config.learner.batch_size={c.learner.batch_size} (a "
+            "minibatch may not straddle two loop steps)",
+            c.data.chunk_size,
+        )
     if kind == "icl" and max(c.icl.shots) > c.data.demo_pool:
         raise ConfigError(
             "icl.shots", f"must be <= config.data.demo_pool={c.data.demo_pool}", tuple(c.icl.shots)

@@ -9,6 +9,8 @@ The protocol, for t = 1..T over a stream of examples (x_t, y_t):
 
 All three happen inside one `jax.lax.scan`, so a whole stream is one XLA program; `run` is a pure
 function of arrays and composes with `jax.jit` and `jax.vmap` (`sweep` runs many learners at once).
+A long stream can also go chunk by chunk (`start`, then `advance` per chunk, the carry saved
+in between): the same numbers as one `run`, bit for bit, for a run that checkpoints and resumes.
 
     model = online.logistic_regression(num_features=9)
     stream = online.prepare(x, y, on_error="skip")          # names bad examples by index
@@ -71,6 +73,10 @@ __all__ = [
     "compiler_options",
     "running_sum",
     "run",
+    "Carry",
+    "start",
+    "advance",
+    "progressive_metrics",
     "sweep",
     "BatchSolution",
     "best_fixed",
@@ -418,18 +424,144 @@ def compiler_options(backend: str | None = None) -> dict[str, Any]:
     return xla.cpu_options(_CPU_OPTIONS, backend)
 
 
-def running_sum(a: jax.Array) -> jax.Array:
+def running_sum(a: jax.Array, initial: jax.Array | None = None) -> jax.Array:
     """Cumulative sums over axis 0, added in order: one sequential `lax.scan`.
 
     On CPU this is several times faster than `jnp.cumsum` (a `reduce_window`) for long streams,
     and it rounds exactly as a running total in a loop does.
+
+    Args:
+        a: `[T, ...]` rows to add up.
+        initial: The totals before `a[0]` (zeros if None): a stream summed chunk by chunk, each
+            chunk starting from the last total of the one before, rounds as one pass does.
     """
 
     def add(total, row):
         total = total + row
         return total, total
 
-    return jax.lax.scan(add, jnp.zeros(a.shape[1:], a.dtype), a)[1]
+    total = jnp.zeros(a.shape[1:], a.dtype) if initial is None else initial
+    return jax.lax.scan(add, total, a)[1]
+
+
+def _check_arguments(fn: str, model: Model, stream: Stream, delay: int, batch_size: int) -> None:
+    if tuple(stream.x.shape[1:]) != tuple(model.feature_shape):
+        raise ValueError(
+            f"{fn}: stream.x has shape {tuple(stream.x.shape)}, i.e. examples of shape "
+            f"{tuple(stream.x.shape[1:])}; the model expects {tuple(model.feature_shape)} "
+            "(example 0 onward). Check the feature columns or the model's num_features."
+        )
+    if delay < 0 or batch_size < 1:
+        raise ValueError(f"{fn}: delay={delay} must be >= 0 and batch_size={batch_size} >= 1")
+
+
+def _protocol(
+    model: Model,
+    learner: optax.GradientTransformation,
+    *,
+    b: int,
+    delay: int,
+    param_dtype: Any,
+    update_dtype: Any,
+    comparator: Params | None,
+    per_step: bool,
+    length: int | None = None,
+):
+    """What `run` and `advance` share: the batched forward pass and loss, the per-example
+    metric terms, and the scan's step over one block of `b` examples.
+
+    The step's carry is `(held, opt_state, sums, ring, t)` with `t` the blocks done; blocks
+    that start at or after `length` (padding at the end of a chunked stream) make no update.
+    """
+    forward = jax.vmap(model.apply, in_axes=(None, 0))
+    per_example_loss = jax.vmap(model.loss)
+
+    def batch_loss(p, x, y, v):
+        losses = jnp.where(v, per_example_loss(forward(p, x), y), 0.0)
+        if b == 1:  # an invalid example makes no update at all (`do` below)
+            return jnp.sum(losses)
+        return jnp.sum(losses) / jnp.maximum(jnp.sum(v), 1)
+
+    grad_fn = jax.grad(batch_loss)
+
+    def metric_terms(out, y, v):
+        """The kept prediction and per-example [valid, loss, correct (or |err|), err^2] rows."""
+        losses = jnp.where(v, per_example_loss(out, y), 0.0)
+        if model.task == "binary":
+            prediction = out  # the logit; the probability is taken after the scan
+            score = ((out > 0) == (y > 0.5)).astype(jnp.float32)  # hit
+            square = jnp.zeros_like(losses)
+        elif model.task == "multiclass":
+            prediction = jnp.argmax(out, axis=-1).astype(jnp.float32)
+            score = (prediction == y).astype(jnp.float32)
+            square = jnp.zeros_like(losses)
+        else:
+            prediction = out
+            score = jnp.abs(out - y)
+            square = jnp.square(out - y)
+        terms = [v.astype(jnp.float32), losses, jnp.where(v, score, 0.0), jnp.where(v, square, 0)]
+        return prediction, jnp.stack(terms, axis=-1)
+
+    # Only what depends on the parameters being learned runs in the scan: the prediction and the
+    # update. Each step emits its raw output (per_step) or adds its metric terms to running sums
+    # in the carry (not per_step); losses, hits, running means and the comparator's losses are
+    # then computed for all examples at once, outside the sequential loop.
+    def step(carry, inputs):
+        held, opt_state, sums, ring, t = carry
+        x, y, v = inputs if b > 1 else (a[None] for a in inputs)
+        params = _cast(held, jnp.float32)
+        out = forward(params, x)
+        if per_step:
+            # The comparator's output is formed here too, in the same shapes as the learner's,
+            # so that a learner holding the comparator's parameters has regret exactly 0.
+            emit = (out, None if comparator is None else forward(comparator, x))
+        else:
+            sums, emit = sums + jnp.sum(metric_terms(out, y, v)[1], axis=0), None
+        if delay:
+            slot = t % delay
+            rx, ry, rv = ring
+            ux, uy, uv = rx[slot], ry[slot], rv[slot]
+            ring = (rx.at[slot].set(x), ry.at[slot].set(y), rv.at[slot].set(v))
+        else:
+            ux, uy, uv = x, y, v
+        grads = grad_fn(params, ux, uy, uv)
+        updates, new_opt_state = learner.update(grads, opt_state, params)
+        if update_dtype is not None:
+            updates = _cast(_cast(updates, update_dtype), jnp.float32)
+        new_params = optax.apply_updates(params, updates)
+        if param_dtype is not None:
+            new_params = _cast(new_params, param_dtype)
+        do = jnp.any(uv)
+        if length is not None:
+            do = do & (t * b < length)
+        held = jax.tree.map(lambda a, o: jnp.where(do, a, o), new_params, held)
+        opt_state = jax.tree.map(lambda a, o: jnp.where(do, a, o), new_opt_state, opt_state)
+        return (held, opt_state, sums, ring, t + 1), emit
+
+    return forward, per_example_loss, metric_terms, step
+
+
+def _progressive(model: Model, n, cum_loss, cum_score, cum_square, cum_comp) -> dict:
+    """The progressive metrics from the running sums (`cum_comp` None: no comparator)."""
+    denominator = jnp.maximum(n, 1.0)
+    per = {"cumulative_loss": cum_loss}
+    if model.task == "regression":
+        per["mae"] = cum_score / denominator
+        per["rmse"] = jnp.sqrt(cum_square / denominator)
+    else:
+        per["accuracy"] = cum_score / denominator
+        per["log_loss"] = cum_loss / denominator
+    if cum_comp is not None:
+        per["regret"] = cum_loss - cum_comp
+        per["average_regret"] = per["regret"] / denominator
+    return per
+
+
+_PREDICTION = {
+    "binary": jax.nn.sigmoid,
+    "multiclass": lambda p: p.astype(jnp.int32),
+    "regression": lambda p: p,
+}
 
 
 def run(
@@ -484,14 +616,7 @@ def run(
     >>> r.metrics["loss"].shape
     (4,)
     """
-    if tuple(stream.x.shape[1:]) != tuple(model.feature_shape):
-        raise ValueError(
-            f"run: stream.x has shape {tuple(stream.x.shape)}, i.e. examples of shape "
-            f"{tuple(stream.x.shape[1:])}; the model expects {tuple(model.feature_shape)} "
-            "(example 0 onward). Check the feature columns or the model's num_features."
-        )
-    if delay < 0 or batch_size < 1:
-        raise ValueError(f"run: delay={delay} must be >= 0 and batch_size={batch_size} >= 1")
+    _check_arguments("run", model, stream, delay, batch_size)
     num = stream.x.shape[0]
     b = batch_size
     blocks = -(-num // b)
@@ -511,34 +636,16 @@ def run(
     p32 = _cast(params, jnp.float32)
     opt_state = learner.init(p32)
     held = p32 if param_dtype is None else _cast(p32, param_dtype)
-    forward = jax.vmap(model.apply, in_axes=(None, 0))
-    per_example_loss = jax.vmap(model.loss)
-
-    def batch_loss(p, x, y, v):
-        losses = jnp.where(v, per_example_loss(forward(p, x), y), 0.0)
-        if batch_size == 1:  # an invalid example makes no update at all (`do` below)
-            return jnp.sum(losses)
-        return jnp.sum(losses) / jnp.maximum(jnp.sum(v), 1)
-
-    grad_fn = jax.grad(batch_loss)
-
-    def metric_terms(out, y, v):
-        """The kept prediction and per-example [valid, loss, correct (or |err|), err^2] rows."""
-        losses = jnp.where(v, per_example_loss(out, y), 0.0)
-        if model.task == "binary":
-            prediction = out  # the logit; the probability is taken after the scan
-            score = ((out > 0) == (y > 0.5)).astype(jnp.float32)  # hit
-            square = jnp.zeros_like(losses)
-        elif model.task == "multiclass":
-            prediction = jnp.argmax(out, axis=-1).astype(jnp.float32)
-            score = (prediction == y).astype(jnp.float32)
-            square = jnp.zeros_like(losses)
-        else:
-            prediction = out
-            score = jnp.abs(out - y)
-            square = jnp.square(out - y)
-        terms = [v.astype(jnp.float32), losses, jnp.where(v, score, 0.0), jnp.where(v, square, 0)]
-        return prediction, jnp.stack(terms, axis=-1)
+    forward, per_example_loss, metric_terms, step = _protocol(
+        model,
+        learner,
+        b=b,
+        delay=delay,
+        param_dtype=param_dtype,
+        update_dtype=update_dtype,
+        comparator=comparator,
+        per_step=per_step,
+    )
 
     ring = None
     if delay:
@@ -547,40 +654,6 @@ def run(
             jnp.zeros((delay, b, *stream.y.shape[1:]), ys.dtype),
             jnp.zeros((delay, b), bool),
         )
-
-    # Only what depends on the parameters being learned runs in the scan: the prediction and the
-    # update. Each step emits its raw output (per_step) or adds its metric terms to running sums
-    # in the carry (not per_step); losses, hits, running means and the comparator's losses are
-    # then computed for all T examples at once, outside the sequential loop.
-    def step(carry, inputs):
-        held, opt_state, sums, ring, t = carry
-        x, y, v = inputs if b > 1 else (a[None] for a in inputs)
-        params = _cast(held, jnp.float32)
-        out = forward(params, x)
-        if per_step:
-            # The comparator's output is formed here too, in the same shapes as the learner's,
-            # so that a learner holding the comparator's parameters has regret exactly 0.
-            emit = (out, None if comparator is None else forward(comparator, x))
-        else:
-            sums, emit = sums + jnp.sum(metric_terms(out, y, v)[1], axis=0), None
-        if delay:
-            slot = t % delay
-            rx, ry, rv = ring
-            ux, uy, uv = rx[slot], ry[slot], rv[slot]
-            ring = (rx.at[slot].set(x), ry.at[slot].set(y), rv.at[slot].set(v))
-        else:
-            ux, uy, uv = x, y, v
-        grads = grad_fn(params, ux, uy, uv)
-        updates, new_opt_state = learner.update(grads, opt_state, params)
-        if update_dtype is not None:
-            updates = _cast(_cast(updates, update_dtype), jnp.float32)
-        new_params = optax.apply_updates(params, updates)
-        if param_dtype is not None:
-            new_params = _cast(new_params, param_dtype)
-        do = jnp.any(uv)
-        held = jax.tree.map(lambda a, o: jnp.where(do, a, o), new_params, held)
-        opt_state = jax.tree.map(lambda a, o: jnp.where(do, a, o), new_opt_state, opt_state)
-        return (held, opt_state, sums, ring, t + 1), emit
 
     carry = (held, opt_state, jnp.zeros([4], jnp.float32), ring, jnp.zeros([], jnp.int32))
     (held, opt_state, final, _, _), emitted = jax.lax.scan(step, carry, (xs, ys, vs), unroll=unroll)
@@ -601,27 +674,13 @@ def run(
         if comparator is not None:
             comp = per_example_loss(forward(comparator, stream.x), stream.y)
             cum_comp = jnp.sum(jnp.where(stream.valid, comp, 0.0))
-    denominator = jnp.maximum(n, 1.0)
-    per = {"cumulative_loss": cum_loss}
+    per = _progressive(model, n, cum_loss, cum_score, cum_square, cum_comp)
     if per_step:
         per["loss"] = loss
-        per["prediction"] = {
-            "binary": jax.nn.sigmoid,
-            "multiclass": lambda p: p.astype(jnp.int32),
-            "regression": lambda p: p,
-        }[model.task](prediction)
+        per["prediction"] = _PREDICTION[model.task](prediction)
         per["valid"] = stream.valid
-    if model.task == "regression":
-        per["mae"] = cum_score / denominator
-        per["rmse"] = jnp.sqrt(cum_square / denominator)
-    else:
-        per["accuracy"] = cum_score / denominator
-        per["log_loss"] = cum_loss / denominator
-    if comparator is not None:
-        if per_step:
+        if comparator is not None:
             per["comparator_loss"] = comp
-        per["regret"] = cum_loss - cum_comp
-        per["average_regret"] = per["regret"] / denominator
     # Which example each update used: block k learns from block k - delay (its first valid one).
     vs, index = vs.reshape(blocks, b), index.reshape(blocks, b)
     has = jnp.any(vs, axis=1)
@@ -641,6 +700,159 @@ def run(
         num_updates=num_updates,
         num_skipped=num - jnp.sum(stream.valid),
     )
+
+
+class Carry(NamedTuple):
+    """A run's state between chunks of its stream (`start`, then `advance` chunk by chunk).
+
+    Attributes:
+        params: The parameters (in the run's `param_dtype`).
+        opt_state: The learner's state.
+        sums: `[5]` float32 running totals since the stream's start: valid examples, online
+            loss, hits (or absolute errors), squared errors, the comparator's loss.
+        ring: The examples whose labels have not arrived yet (`delay` > 0), else None.
+        blocks: int32 updates steps taken (blocks of `batch_size` examples, padding included).
+    """
+
+    params: Params
+    opt_state: PyTree
+    sums: jax.Array
+    ring: Any
+    blocks: jax.Array
+
+
+def start(
+    model: Model,
+    params: Params,
+    *,
+    learner: optax.GradientTransformation,
+    delay: int = 0,
+    batch_size: int = 1,
+    param_dtype: Any = None,
+) -> Carry:
+    """The carry before the first example; `advance` runs the protocol on from it.
+
+    Args are as for `run` (pass `advance` the same `learner`, `delay`, `batch_size` and
+    `param_dtype`).
+    """
+    if delay < 0 or batch_size < 1:
+        raise ValueError(f"start: delay={delay} must be >= 0 and batch_size={batch_size} >= 1")
+    p32 = _cast(params, jnp.float32)
+    held = p32 if param_dtype is None else _cast(p32, param_dtype)
+    ring = None
+    if delay:
+        y_dtype = jnp.int32 if model.task == "multiclass" else jnp.float32
+        ring = (
+            jnp.zeros((delay, batch_size, *model.feature_shape), jnp.float32),
+            jnp.zeros((delay, batch_size), y_dtype),
+            jnp.zeros((delay, batch_size), bool),
+        )
+    return Carry(
+        held, learner.init(p32), jnp.zeros([5], jnp.float32), ring, jnp.zeros([], jnp.int32)
+    )
+
+
+def advance(
+    model: Model,
+    carry: Carry,
+    chunk: Stream,
+    *,
+    learner: optax.GradientTransformation,
+    delay: int = 0,
+    batch_size: int = 1,
+    param_dtype: Any = None,
+    update_dtype: Any = None,
+    comparator: Params | None = None,
+    length: int | None = None,
+    unroll: int = 1,
+) -> tuple[Carry, dict[str, jax.Array]]:
+    """Runs the protocol over the next chunk of a stream, from the carry the last chunk left.
+
+    `start`, then `advance` over consecutive chunks, is `run(..., per_step=True)` over their
+    concatenation: the same updates and the same running sums, added in the same order (so a
+    run can stop between chunks, be saved, and go on). Pure: jit and vmap apply.
+
+    Args:
+        model: The model.
+        carry: From `start` or the previous `advance`.
+        chunk: The next examples, `[C, ...]` with C a multiple of `batch_size`; the stream's
+            end may be padded with invalid examples (see `length`).
+        learner, delay, batch_size, param_dtype, update_dtype, comparator, unroll: As for
+            `run`; the same for every chunk of one stream.
+        length: The stream's length. Blocks of examples that start at or beyond it are padding
+            and make no update (with `delay`, they would apply the last blocks' labels). None:
+            no padding.
+
+    Returns:
+        `(carry, metrics)`: the per-example `[C]` arrays of `Result.metrics` for this chunk
+        (cumulative ones counted from the stream's start).
+
+    Raises:
+        ValueError: As `run`; C is not a multiple of `batch_size`, or the carry was started
+            with another `delay` or `batch_size`.
+    """
+    _check_arguments("advance", model, chunk, delay, batch_size)
+    num, b = chunk.x.shape[0], batch_size
+    if num % b:
+        raise ValueError(f"advance: the chunk has {num} examples, not a multiple of batch_size={b}")
+    ring_shape = None if carry.ring is None else tuple(carry.ring[2].shape)
+    if ring_shape != ((delay, b) if delay else None):
+        raise ValueError(
+            f"advance: delay={delay}, batch_size={b}, but the carry was started with a ring of "
+            f"shape {ring_shape} (delay, batch_size); pass `start` and `advance` the same ones"
+        )
+    _, per_example_loss, metric_terms, step = _protocol(
+        model,
+        learner,
+        b=b,
+        delay=delay,
+        param_dtype=param_dtype,
+        update_dtype=update_dtype,
+        comparator=comparator,
+        per_step=True,
+        length=length,
+    )
+
+    def blocked(a):
+        return a if b == 1 else a.reshape(num // b, b, *a.shape[1:])
+
+    inputs = (blocked(chunk.x), blocked(chunk.y), blocked(chunk.valid))
+    (held, opt_state, _, ring, blocks), (outs, comp_outs) = jax.lax.scan(
+        step, (*carry[:2], jnp.zeros([4], jnp.float32), *carry[3:]), inputs, unroll=unroll
+    )
+    outs = outs.reshape(num, *outs.shape[2:])
+    prediction, terms = metric_terms(outs, chunk.y, chunk.valid)
+    comp = None
+    if comparator is not None:
+        comp_outs = comp_outs.reshape(num, *comp_outs.shape[2:])
+        comp = jnp.where(chunk.valid, per_example_loss(comp_outs, chunk.y), 0.0)
+    zero = jnp.zeros_like(terms[:, 1])
+    cumulative = running_sum(
+        jnp.concatenate([terms, (zero if comp is None else comp)[:, None]], axis=1), carry.sums
+    )
+    n, cum_loss, cum_score, cum_square, cum_comp = cumulative.T
+    per = _progressive(
+        model, n, cum_loss, cum_score, cum_square, None if comp is None else cum_comp
+    )
+    per["loss"] = terms[:, 1]
+    per["prediction"] = _PREDICTION[model.task](prediction)
+    per["valid"] = chunk.valid
+    if comp is not None:
+        per["comparator_loss"] = comp
+    return Carry(held, opt_state, cumulative[-1], ring, blocks), per
+
+
+def progressive_metrics(model: Model, carry: Carry, *, comparator: bool) -> dict[str, jax.Array]:
+    """The cumulative metrics after the examples `carry` has seen: `Result.metrics`' last values.
+
+    Args:
+        model: The model.
+        carry: From `advance`.
+        comparator: Whether `advance` was given a comparator (adds "regret" and
+            "average_regret").
+    """
+    n, loss, score, square, comp = carry.sums
+    return _progressive(model, n, loss, score, square, comp if comparator else None)
 
 
 def sweep(

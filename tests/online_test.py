@@ -335,3 +335,48 @@ def test_compiler_options_change_speed_not_numbers(model):
 def test_compiler_options_fall_back_to_none_where_xla_lacks_them(monkeypatch):
     monkeypatch.setattr(online, "_CPU_OPTIONS", {"xla_cpu_no_such_option": True})
     assert online.compiler_options("cpu") == {}
+
+
+@pytest.mark.parametrize("delay,batch", [(2, 1), (1, 2)])
+def test_chunk_by_chunk_equals_one_scan_bit_for_bit(model, delay, batch):
+    # A stream of 37 (one example skipped) in chunks of 6, the last padded with invalid rows:
+    # `start` + `advance` per chunk gives the sweep's per-example metrics and final parameters.
+    x, y = _logistic_stream(37, D, seed=4)
+    x[5, 1] = np.nan
+    stream = online.prepare(x, y, model=model, on_error="skip")
+    u = {"w": jnp.full((D,), 0.3), "b": jnp.float32(-0.1)}  # any fixed comparator
+    lrs = jnp.asarray([0.1, 0.5, 2.0])
+    kw = dict(delay=delay, batch_size=batch)
+
+    def learner(lr):
+        return optax.adagrad(lr) if batch > 1 else online.ogd(lr, decay="sqrt")
+
+    want = jax.jit(
+        lambda s: online.sweep(
+            model, model.init(), s, make_learner=learner, learning_rates=lrs, comparator=u, **kw
+        )
+    )(stream)
+    padded = online.Stream(
+        *(np.concatenate([a, np.zeros((5, *a.shape[1:]), a.dtype)]) for a in stream)
+    )
+    carry = jax.vmap(lambda lr: online.start(model, model.init(), learner=learner(lr), **kw))(lrs)
+    advance = jax.jit(
+        jax.vmap(
+            lambda lr, c, chunk: online.advance(
+                model, c, chunk, learner=learner(lr), comparator=u, length=37, **kw
+            ),
+            in_axes=(0, 0, None),
+        )
+    )
+    chunks = []
+    for i in range(0, 42, 6):
+        carry, metrics = advance(lrs, carry, online.Stream(*(a[i : i + 6] for a in padded)))
+        chunks.append(metrics)
+    assert chunks[0].keys() == want.metrics.keys()
+    for key in want.metrics:
+        got = np.concatenate([c[key] for c in chunks], axis=1)[:, :37]
+        np.testing.assert_array_equal(got, want.metrics[key], err_msg=key)
+    chex.assert_trees_all_equal(carry.params, want.params)
+    with pytest.raises(ValueError, match=r"advance: delay=0, batch_size=2, but the carry"):
+        online.advance(model, jax.tree.map(lambda a: a[0], carry), padded, learner=learner(1.0),
+                       batch_size=2)  # fmt: skip

@@ -6,10 +6,16 @@ the largest `k` fits `config.icl.prefix_len`) are put in front of every test que
 label word with the highest next-token log-probability is the prediction (`ftlab.icl`). `k = 0`
 is the instruction alone (one draw: there is nothing to draw). Writes into the workdir:
 
-    results.json    per task and k: accuracy of every draw, mean and standard deviation
+    results.json    per task and k: accuracy of every draw, mean and standard deviation; the
+                    mean log-probability of the true label word per draw
     results.md      the same as a markdown table
     icl.png         accuracy against k (mean, with the spread over draws as error bars)
     metrics.jsonl   `icl/<task>/accuracy_mean` etc. with step = k (MetricWriter)
+
+Data parallel through `ftlab.core.parallel.Plan` (``config.parallel``): the weights are placed
+once, each batch of ``config.icl.batch_size`` queries is split over the devices, and the counts
+are summed over the mesh. Files are written by process 0 only; a finished task is kept in
+``finished/`` and a rerun skips it (`experiments.finished`).
 """
 
 from __future__ import annotations
@@ -17,21 +23,49 @@ from __future__ import annotations
 import pathlib
 import time
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import finished, models
+from experiments import finished, loop, models
 from ftlab import icl
-from ftlab.core import report
+from ftlab.core import parallel, report
 from ftlab.data import rotten_tomatoes
 
 # The prompted tasks and the model live in `experiments/models.py`, shared with decoder tuning.
 TASKS = models.DECODER_TASKS
 
 
-def evaluate_task(config, model: models.Decoder, name: str) -> dict:
-    """Accuracy of every draw for every k on one task."""
+def make_hits(plan: parallel.Plan, model: models.Decoder):
+    """``hits((params, cache, label_ids), batch) -> {"hits", "count", "label_logprob"}`` (sums of
+    correct predictions, of queries and of the true label's log-probability), compiled by the
+    plan.
+
+    The batch of queries is split over the data mesh; every device scores its share against the
+    shared prefix's cache (replicated) and the counts are summed over the global batch (padding
+    rows, ``real`` False, count for nothing). Counts are integers: any device count gives the
+    same accuracy; the log-probabilities agree to float tolerance.
+    """
+
+    def hits(state, batch):
+        params, cache, label_ids = state
+        logp = icl.score(model.config, params, cache, batch["ids"], batch["mask"], label_ids)
+        hit = (jnp.argmax(logp, axis=1) == batch["label"]) & batch["real"]
+        true = jnp.take_along_axis(logp, batch["label"][:, None], axis=1)[:, 0]
+        sums = {
+            "hits": jnp.sum(hit),
+            "count": jnp.sum(batch["real"]),
+            "label_logprob": jnp.sum(jnp.where(batch["real"], true, 0.0)),
+        }
+        return jax.lax.psum(sums, parallel.DATA_AXIS) if plan.mode == "pmap" else sums
+
+    return plan.compile_eval_step(hits)
+
+
+def evaluate_task(config, model: models.Decoder, name: str, *, plan, params, hits) -> dict:
+    """Accuracy of every draw for every k on one task (``params``: placed by ``plan``)."""
     task = TASKS[name]
     data = rotten_tomatoes.load(task=name, seed=config.data.split_seed)
     train, test = data["train"], data["test"]
@@ -40,27 +74,44 @@ def evaluate_task(config, model: models.Decoder, name: str) -> dict:
     n = min(config.data.num_test, len(test.text))
     out = {"num_test": n, "majority_baseline": rotten_tomatoes.majority_baseline(
         rotten_tomatoes.Split(test.text[:n], test.label[:n])), "shots": {}}  # fmt: skip
+    # The queries, padded to whole batches with copies of the first (counted for nothing).
+    ids, mask = icl.encode_queries(model.tokenizer, task, test.text[:n], config.icl.query_len,
+                                   pad_id=model.pad_id)  # fmt: skip
+    size = config.icl.batch_size
+    pad = -n % size
+    queries = {
+        "ids": np.concatenate([ids, np.repeat(ids[:1], pad, 0)]),
+        "mask": np.concatenate([mask, np.repeat(mask[:1], pad, 0)]),
+        "label": np.concatenate([test.label[:n], np.zeros(pad, test.label.dtype)]),
+        "real": np.arange(n + pad) < n,
+    }
+    label_ids = icl.label_token_ids(model.tokenizer, task)
+    one = plan.get_state(params)  # one copy of the weights (pmap holds one per device)
     for k in config.icl.shots:
         draws = 1 if k == 0 else config.icl.draws
-        accs = []
+        accs, logps = [], []
         for d in range(draws):
             rng = np.random.default_rng([config.seed, k, d])
             idx = icl.sample_demos(rng, labels, k)
             cut = config.data.max_demo_tokens
             demos = [(icl.truncate(model.tokenizer, texts[i], cut), int(labels[i])) for i in idx]
             try:  # the library names its argument; the user set the config key
-                icl.encode_prefix(model.tokenizer, icl.prefix_text(task, demos),
-                                  config.icl.prefix_len, pad_id=model.pad_id)  # fmt: skip
+                prefix = icl.encode_prefix(model.tokenizer, icl.prefix_text(task, demos),
+                                           config.icl.prefix_len, pad_id=model.pad_id)  # fmt: skip
             except ValueError as e:
                 raise ValueError(f"config.icl.prefix_len={config.icl.prefix_len}: {e}") from None
             start = time.perf_counter()
-            acc, _ = icl.accuracy(
-                model.config, model.params, model.tokenizer, task, demos,
-                test.text[:n], test.label[:n],
-                prefix_len=config.icl.prefix_len, query_len=config.icl.query_len,
-                batch_size=config.icl.batch_size, pad_id=model.pad_id,
-            )  # fmt: skip
+            cache = icl.prefill(model.config, one, *prefix,
+                                query_len=config.icl.query_len)  # fmt: skip
+            state = (params, *plan.put_state(jax.device_get((cache, label_ids))))
+            batches = [
+                {key: a[i : i + size] for key, a in queries.items()}
+                for i in range(0, n + pad, size)
+            ]
+            counts = jax.device_get([hits(state, plan.put_batch(b)) for b in batches])
+            acc = sum(int(c["hits"]) for c in counts) / sum(int(c["count"]) for c in counts)
             accs.append(acc)
+            logps.append(sum(float(c["label_logprob"]) for c in counts) / n)
             logging.info(
                 "%s k=%d draw %d: accuracy %.4f (%d examples, %.1f s)",
                 name, k, d, acc, n, time.perf_counter() - start,
@@ -69,6 +120,8 @@ def evaluate_task(config, model: models.Decoder, name: str) -> dict:
             "accuracy_per_draw": accs,
             "mean": float(np.mean(accs)),
             "std": float(np.std(accs)),
+            # mean log-probability of the true label word (how sure, not only whether right)
+            "label_logprob_per_draw": logps,
         }
     return out
 
@@ -122,7 +175,6 @@ def _plot(results: dict):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the evaluation and writes results.json, results.md, icl.png and metrics.jsonl."""
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     for name in config.data.tasks:
         if name not in TASKS:
             raise ValueError(f"config.data.tasks: {name!r} is not one of {sorted(TASKS)}.")
@@ -131,23 +183,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     first = rotten_tomatoes.load(task=config.data.tasks[0], seed=config.data.split_seed)["train"]
     model = models.decoder(config, first.text[: config.data.demo_pool])
 
+    # Data parallel: the weights are placed once, each batch of queries split over the mesh.
+    plan = loop.plan_from(config)
+    plan.check_batch_size(config.icl.batch_size, what="config.icl.batch_size")
+    params, hits = plan.put_state(model.params), make_hits(plan, model)
+    is_chief = loop._process_index() == 0  # one writer in a multi-process job
+    if is_chief:
+        workdir.mkdir(parents=True, exist_ok=True)
     results = {"model": config.model.name, "tasks": {}}
     start = time.perf_counter()
     # Each task's evaluation is kept when it finishes; a rerun skips it.
     past = finished.Runs(workdir, metric_prefix=lambda n: f"icl/{n}/", config=config)
-    with past.open_writer() as writer:
-        for name in config.data.tasks:
-            if (r := past.get(name)) is not None:
-                results["tasks"][name] = r
-                continue
-            results["tasks"][name] = r = evaluate_task(config, model, name)
+    writer = past.open_writer() if is_chief else None
+    for name in config.data.tasks:
+        if (r := past.get(name)) is not None:
+            results["tasks"][name] = r
+            continue
+        r = evaluate_task(config, model, name, plan=plan, params=params, hits=hits)
+        results["tasks"][name] = r
+        if is_chief:
             for k, s in r["shots"].items():
                 writer.write(int(k), {f"icl/{name}/accuracy_mean": s["mean"],
                                       f"icl/{name}/accuracy_std": s["std"]})  # fmt: skip
             past.put(name, r)
+    if writer is not None:
+        writer.close()
     results["wall_seconds"] = time.perf_counter() - start
     table = _table(results)
-    report.save_table(workdir / "results", markdown=table, data=results)
-    report.save_figure(_plot(results), workdir / "icl.png")
+    if is_chief:
+        report.save_table(workdir / "results", markdown=table, data=results)
+        report.save_figure(_plot(results), workdir / "icl.png")
     logging.info("ICL results:\n%s", table)
     return results

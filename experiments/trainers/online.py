@@ -2,8 +2,12 @@
 
 Writes to the workdir: `results.json` (final progressive metrics, regret, slope, solver tolerance,
 river's scores, timings), `table.md` (one row per step size of the vmapped sweep, plus river),
-`metrics.jsonl` + TensorBoard (progressive metrics and regret at log-spaced steps),
-`plots/regret.png` (log-log R(t) with the fitted slope) and `plots/*.png` (every metric).
+`metrics.jsonl` + TensorBoard (the main learner's progressive metrics and regret after each
+chunk of the stream), `plots/regret.png` (log-log R(t) with the fitted slope), `plots/*.png`
+(every metric) and `checkpoints/` (every learner's state, for resume), all by process 0 only.
+
+The stream runs on `experiments.loop` in chunks of ``config.data.chunk_size`` examples, one
+loop step each; the sweep's learners are split over the devices of the data mesh.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments import loop
 from ftlab import online
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import report
+from ftlab.core import parallel, report
 from ftlab.data import streams
+
+DATA = parallel.DATA_AXIS
 
 
 def make_learner(config: ml_collections.ConfigDict, lr: Any = None) -> optax.GradientTransformation:
@@ -193,18 +200,95 @@ def plot_regret(steps, regret, slope: float, intercept: float, title: str):
     )
 
 
+def learner_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`online.start`'s and `online.advance`'s options from ``config.learner``."""
+    c = config.learner
+    dtype = jnp.dtype(c.param_dtype) if c.param_dtype else None
+    return dict(delay=c.delay, batch_size=c.batch_size, param_dtype=dtype)
+
+
+def chunks(stream: online.Stream, size: int) -> dict[str, np.ndarray]:
+    """The stream on the host, padded with invalid examples to a multiple of ``size``."""
+    pad = -len(stream.y) % size
+    return {
+        k: np.concatenate([np.asarray(a), np.zeros((pad, *a.shape[1:]), a.dtype)])
+        for k, a in zip(("x", "y", "valid"), stream, strict=True)
+    }
+
+
+def make_step(config, model, *, plan, length: int, main: int, comparator):
+    """The loop's step: every learner of the sweep runs on over one chunk of the stream.
+
+    The state is ``{"lr", "carry", "losses", "seen"}``: per learner its step size and
+    `online.Carry`; the main learner's per-example losses so far (for the exact prefix regret
+    after the run) and the examples seen. Online learning is sequential in time, so the sweep's
+    learners are what is parallel: they are split over the data mesh (under ``pmap``, each
+    device runs its share and they are gathered after the chunk). The metrics are the main
+    learner's: a non-finite one stops the run; another step size diverging is a result.
+    """
+    kw = learner_options(config)
+    learners = jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS))
+
+    def advance(lr, carry, chunk):
+        return online.advance(
+            model,
+            carry,
+            chunk,
+            learner=make_learner(config, lr),
+            comparator=comparator,
+            length=length,
+            **kw,
+        )
+
+    def step(state, batch):
+        chunk = online.Stream(batch["x"], batch["y"], batch["valid"])
+        lr, carry = state["lr"], state["carry"]
+        if plan.mode == "pmap":  # this device's learners; every device sees the whole chunk
+            chunk = jax.tree.map(lambda a: jax.lax.all_gather(a, DATA, tiled=True), chunk)
+            share = lr.shape[0] // plan.num_devices
+            first = jax.lax.axis_index(DATA) * share
+            lr, carry = jax.tree.map(
+                lambda a: jax.lax.dynamic_slice_in_dim(a, first, share), (lr, carry)
+            )
+        else:
+            lr, carry = jax.lax.with_sharding_constraint((lr, carry), learners)
+        carry, m = jax.vmap(advance, in_axes=(0, 0, None))(lr, carry, chunk)
+        if plan.mode == "pmap":
+            carry, m = jax.tree.map(lambda a: jax.lax.all_gather(a, DATA, tiled=True), (carry, m))
+        m = jax.tree.map(lambda a: a[main], m)
+        losses = jax.lax.dynamic_update_slice(state["losses"], m["loss"], (state["seen"],))
+        size = chunk.valid.shape[0]
+        metrics = {"train/loss": jnp.sum(m["loss"]) / jnp.maximum(jnp.sum(chunk.valid), 1)}
+        for k in ("accuracy", "log_loss", "mae", "rmse", "cumulative_loss"):
+            if k in m:
+                metrics[f"online/{k}"] = m[k][-1]
+        metrics["regret/final_comparator"] = m["regret"][-1]
+        metrics["regret/average"] = m["average_regret"][-1]
+        state = {"lr": state["lr"], "carry": carry, "losses": losses, "seen": state["seen"] + size}
+        return state, metrics
+
+    return step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the online experiment described by `configs/online_river.py`.
 
+    The stream goes through `experiments.loop` in chunks of ``config.data.chunk_size``
+    examples, one loop step each: checkpoints every ``config.checkpoint.every_steps`` chunks,
+    resume, the stop on a non-finite loss naming the chunk, writers on process 0 only. The
+    numbers are those of one scan over the whole stream, bit for bit (`online.advance`).
+
     Returns:
-        The results, also written to `workdir/results.json`.
+        The results, also written to `workdir/results.json` (``{"step": ...}`` if stopped
+        early by ``config.max_steps_per_run`` or a signal: rerun to resume).
     """
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     name = config.data.stream
 
     # Data: the stream in arrival order, causally standardised.
     x, y, columns = load_stream(config)
+    if not len(y):
+        raise ValueError(f"config.data.stream={name!r}: the stream has no examples")
     river_stream = config.data.get("source", "river") == "river"
     task = streams.task(name) if river_stream else "binary"
     model = (
@@ -231,56 +315,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     solve_s = time.perf_counter() - start
     best = jax.tree.map(lambda a: a[-1], prefix)
 
-    # The online runs, one per step size in one vmapped scan (the configured step size among
-    # them): prediction, loss, progressive metrics, regret and update, all inside the scan.
-    param_dtype = jnp.dtype(config.learner.param_dtype) if config.learner.param_dtype else None
+    # The online runs, one per step size (the configured one among them), on the loop: the
+    # sweep padded with copies of its last step size to a multiple of the devices.
+    plan = loop.plan_from(config)
+    size = config.data.chunk_size
+    plan.check_batch_size(size, what="config.data.chunk_size")
     lrs = tuple(sorted({*config.sweep.learning_rates, config.learner.lr}))
-    sweep = jax.jit(
-        lambda s: online.sweep(
-            model,
-            model.init(),
-            s,
-            make_learner=lambda lr: make_learner(config, lr),
-            learning_rates=jnp.asarray(lrs),
-            delay=config.learner.delay,
-            batch_size=config.learner.batch_size,
-            param_dtype=param_dtype,
-            comparator=best.params,
+    padded = np.asarray(lrs + lrs[-1:] * (-len(lrs) % plan.num_devices), np.float32)
+    carry = jax.vmap(
+        lambda lr: online.start(
+            model, model.init(), learner=make_learner(config, lr), **learner_options(config)
         )
+    )(padded)
+    host = chunks(stream, size)
+    state = {
+        "lr": padded,
+        "carry": carry,
+        "losses": np.zeros(len(host["y"]), np.float32),
+        "seen": np.zeros((), np.int32),
+    }
+    step_fn = make_step(
+        config,
+        model,
+        plan=plan,
+        length=num,
+        main=lrs.index(config.learner.lr),
+        comparator=best.params,
+    )
+    loop_config = ml_collections.ConfigDict(
+        {
+            "optim": {"num_steps": len(host["y"]) // size},
+            "log_every_steps": config.log_every_steps,
+            "max_steps_per_run": config.max_steps_per_run,
+            "checkpoint": config.checkpoint.to_dict(),
+        }
     )
     start = time.perf_counter()
-    swept = jax.block_until_ready(sweep(stream))
+    run = loop.train(
+        loop_config,
+        workdir,
+        plan=plan,
+        state=jax.device_get(state),
+        step_fn=step_fn,
+        batch_at=lambda i: {k: a[i * size : (i + 1) * size] for k, a in host.items()},
+    )
+    if not run.finished:
+        return {"step": run.step}
     sweep_s = time.perf_counter() - start
-    result = jax.tree.map(lambda a: a[lrs.index(config.learner.lr)], swept)
+    final = jax.device_get(run.plan.get_state(run.state))
+    run.close()
+    swept = jax.vmap(lambda c: online.progressive_metrics(model, c, comparator=True))(
+        final["carry"]
+    )
+    swept = {k: np.asarray(v)[: len(lrs)] for k, v in swept.items()}
+    main = {k: v[lrs.index(config.learner.lr)] for k, v in swept.items()}
 
     # Exact prefix regret R(t) on the grid, and its log-log slope.
-    prefix_regret = online.regret_curve(result.metrics["loss"], steps, prefix)
+    prefix_regret = online.regret_curve(final["losses"][:num], steps, prefix)
     slope, intercept = online.fit_slope(steps, prefix_regret)
-
-    # Metrics at log-spaced steps.
-    m = {k: np.asarray(v) for k, v in result.metrics.items()}
+    b, delay = config.learner.batch_size, config.learner.delay
+    blocks = np.asarray(stream.valid).tolist() + [False] * (-num % b)
+    has = np.asarray(blocks).reshape(-1, b).any(axis=1)
     metric_names = ("accuracy", "log_loss") if task == "binary" else ("mae", "rmse")
-    log_steps = online.checkpoints(num, points=config.evals.log_points, start=1)
-    with metrics_lib.MetricWriter(workdir, resume_step=0) as writer:
-        for t in log_steps:
-            row = {f"online/{k}": m[k][t - 1] for k in metric_names}
-            row["regret/final_comparator"] = m["regret"][t - 1]
-            row["regret/average"] = m["average_regret"][t - 1]
-            row["online/cumulative_loss"] = m["cumulative_loss"][t - 1]
-            metrics_lib.check_finite(row, step=int(t), last_good_step=None)
-            writer.write(int(t), row)
-    metrics_lib.plot_curves(workdir / metrics_lib.JSONL_NAME, workdir / "plots")
-    title = f"{name}: {config.learner.name} lr={config.learner.lr}"
-    figure = plot_regret(steps, prefix_regret, slope, intercept, title)
-    report.save_figure(figure, workdir / "plots" / "regret.png")
 
     results: dict[str, Any] = {
         "stream": name,
         "examples": num,
         "features": list(columns),
         "learner": config.learner.to_dict(),
-        **{f"progressive/{k}": float(m[k][-1]) for k in metric_names},
-        "cumulative_loss": float(m["cumulative_loss"][-1]),
+        **{f"progressive/{k}": float(main[k]) for k in metric_names},
+        "cumulative_loss": float(main["cumulative_loss"]),
         "best_fixed/total_loss": float(best.total_loss),
         "best_fixed/grad_norm": float(best.grad_norm),
         "best_fixed/iterations": int(best.iterations),
@@ -292,15 +396,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "regret/steps": [int(t) for t in steps],
         "regret/values": [float(r) for r in prefix_regret],
         "regret/prefix_max_grad_norm": float(np.max(np.asarray(prefix.grad_norm))),
-        "num_updates": int(result.num_updates),
-        "num_skipped": int(result.num_skipped),
-        # wall time of the vmapped sweep, compilation included (experiments/bench for speed)
+        "num_updates": int(np.sum(has[: max(len(has) - delay, 0)])),
+        "num_skipped": int(num - np.sum(stream.valid)),
+        # wall time of the sweep in this invocation, compilation included (experiments/bench)
         "sweep_s": sweep_s,
         "best_fixed_s": solve_s,
         "sweep": {
             str(lr): {
-                **{k: float(np.asarray(swept.metrics[k])[i, -1]) for k in metric_names},
-                "regret_vs_final_comparator": float(np.asarray(swept.metrics["regret"])[i, -1]),
+                **{k: float(swept[k][i]) for k in metric_names},
+                "regret_vs_final_comparator": float(swept["regret"][i]),
             }
             for i, lr in enumerate(lrs)
         },
@@ -313,9 +417,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 results["river/pipeline"] = river_progressive(
                     name, x, y, columns, pipeline=True, limit=num, **kw
                 )
-
-    report.save_json(workdir / "results.json", results)
-    report.save_text(workdir / "table.md", _table(results, metric_names))
+    if run.is_chief:
+        metrics_lib.plot_curves(workdir / metrics_lib.JSONL_NAME, workdir / "plots")
+        title = f"{name}: {config.learner.name} lr={config.learner.lr}"
+        figure = plot_regret(steps, prefix_regret, slope, intercept, title)
+        report.save_figure(figure, workdir / "plots" / "regret.png")
+        report.save_json(workdir / "results.json", results)
+        report.save_text(workdir / "table.md", _table(results, metric_names))
     logging.info("results: %s", {k: v for k, v in results.items() if not isinstance(v, list)})
     return results
 

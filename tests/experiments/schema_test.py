@@ -109,6 +109,12 @@ CASES = [
     (PROBE, dict(log_every_steps=0), r"^config\.log_every_steps=0: must be an integer >= 1"),
     (PROBE, dict(evals__every_steps=0), r"^config\.evals\.every_steps=0: must be an integer >= 1"),
     (ONLINE, dict(data__limit=-1), r"^config\.data\.limit=-1: .* >= 0 \(0: the whole stream\)"),
+    (
+        ONLINE,
+        dict(learner__batch_size=3),
+        r"^config\.data\.chunk_size=64: must be a multiple of config\.learner\.batch_size=3",
+    ),
+    (ONLINE, dict(data__chunk_size=0), r"^config\.data\.chunk_size=0: must be an integer >= 1"),
     # types, unknown and missing keys
     (PROBE, dict(optim__num_steps=2.5), r"^config\.optim\.num_steps=2\.5: must be an integer"),
     (PROBE, dict(optim__num_steps=True), r"^config\.optim\.num_steps=True: must be an integer"),
@@ -248,6 +254,16 @@ def test_changes_of_a_sweep_are_all_structural():
     old = _config("multitask_yeast", "quick")
     structural, other = schema.changes(_saved(old), _with(old, optim__lr=0.5))
     assert structural == [("optim.lr", 1e-3, 0.5)] and other == []
+
+
+def test_an_online_run_resumes_from_checkpoints_of_its_learners():
+    # the step sizes and the chunking make the saved state; logging and river's scores do not
+    old = _config(*ONLINE)
+    new = _with(old, sweep__learning_rates=(0.1,), data__chunk_size=32, evals__river=False)
+    structural, other = schema.changes(_saved(old), new)
+    assert [k for k, _, _ in structural] == ["data.chunk_size", "sweep.learning_rates"]
+    assert other == [("evals.river", True, False)]
+    assert schema.SAVED_STATE["online"] == "checkpoints"
 
 
 def test_check_resume(tmp_path):
