@@ -9,6 +9,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from jax.sharding import AbstractMesh
@@ -218,6 +219,14 @@ for method in methods:
         }
         if name == "fsdp8" and method == "lora":
             lora_state = state
+        if name == "fsdp4_tensor2" and method == "full":
+            # The eval step of the sharded plan sums what one device sums.
+            eval_step = train.make_eval_step(lambda p, b: {"logit": plain(p, b["x"])[:, 0]})
+            b = dict(batches[0], mask=np.ones(32, np.float32))
+            sums = plan.compile_eval_step(eval_step)(state, plan.put_batch(b))
+            ref_sums = one[method].compile_eval_step(eval_step)(
+                one[method].put_state(jax.device_get(state)), one[method].put_batch(b))
+            out["eval"] = close(sums, ref_sums)
     if method == "full":
         full_ref = ref_state
     print(method, time.perf_counter() - t0, file=sys.stderr)
@@ -301,8 +310,20 @@ def test_a_state_saved_on_one_mesh_restores_onto_another(results, mesh):
     assert r["tensor_split"] == "P()" and r["up_mu"] == "P()"
 
 
-def test_sharded_plan_checks_batch_sizes_against_data_and_fsdp():
+def test_the_sharded_eval_step_sums_what_one_device_sums(results):
+    assert results["eval"]
+
+
+def test_sharded_plan_needs_a_placed_state_and_valid_rules():
     plan = parallel.make_sharded_plan({"fsdp": -1}, [(".*", "fsdp")])
     plan.check_batch_size(3, what="batch_size")  # one device: anything goes
+    tx = optax.sgd(0.1)
+    state = train.init_state({"w": jnp.ones((2, 2))}, {"w": "train"}, tx, seed=0)
+    loss_fn = lambda p, b, r: (jnp.sum(p["w"] * b["x"]), {})  # noqa: E731
+    step = plan.compile_train_step(train.make_train_step(loss_fn, tx))
+    with pytest.raises(ValueError, match=r"state leaves \['step', 'trainable/w'.*plan.put_state first"):
+        step(state, plan.put_batch({"x": np.ones((2, 2), np.float32)}))
+    placed, _ = step(plan.put_state(state), plan.put_batch({"x": np.ones((2, 2), np.float32)}))
+    assert placed.trainable["w"].sharding.mesh == plan.mesh
     with pytest.raises(ValueError, match=r"rules\[0\]: tactic 'zero3'"):
         parallel.make_sharded_plan({"fsdp": -1}, [(".*", "zero3")])
