@@ -231,6 +231,18 @@ for method in methods:
         full_ref = ref_state
     print(method, time.perf_counter() - t0, file=sys.stderr)
 
+# Remat per block and a bf16 policy compose with the tensor-parallel mesh.
+params, labels, apply = methods["lora"]
+policy = train.Precision(compute="bfloat16", frozen="bfloat16")
+plan = plans["lora", "fsdp4_tensor2"]
+state = plan.put_state(train.init_state(params, labels, tx, seed=0, precision=policy))
+loss_fn = train.remat(loss_of(apply), policy="nothing_saveable", modules=r"block_\d")
+step = plan.compile_train_step(train.make_train_step(loss_fn, tx, precision=policy))
+state, m = step(state, plan.put_batch(batches[0]))
+out["policies"] = {"loss": float(m["train/loss"]), "ref": out["lora/fsdp8"]["ref_losses"][0],
+                   "frozen_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.frozen)}),
+                   "up_spec": str(state.frozen["block_0"]["up"]["kernel"].sharding.spec)}
+
 # Accumulation on the fsdp mesh: 4 micro-batches of 8 rows, one per device each.
 s_acc, acc = run(plans["full", "fsdp8"], "full", accumulate=4)
 out["accumulate"] = {"losses": acc, "ref_losses": out["full/fsdp8"]["ref_losses"],
@@ -310,6 +322,12 @@ def test_a_state_saved_on_one_mesh_restores_onto_another(results, mesh):
     assert r["tensor_split"] == "P()" and r["up_mu"] == "P()"
 
 
+def test_remat_and_a_bf16_policy_run_on_the_tensor_parallel_mesh(results):
+    r = results["policies"]
+    assert r["loss"] == pytest.approx(r["ref"], rel=2e-2)
+    assert r["frozen_dtypes"] == ["bfloat16"] and r["up_spec"] == "P('fsdp', 'tensor')"
+
+
 def test_the_sharded_eval_step_sums_what_one_device_sums(results):
     assert results["eval"]
 
@@ -321,7 +339,9 @@ def test_sharded_plan_needs_a_placed_state_and_valid_rules():
     state = train.init_state({"w": jnp.ones((2, 2))}, {"w": "train"}, tx, seed=0)
     loss_fn = lambda p, b, r: (jnp.sum(p["w"] * b["x"]), {})  # noqa: E731
     step = plan.compile_train_step(train.make_train_step(loss_fn, tx))
-    with pytest.raises(ValueError, match=r"state leaves \['step', 'trainable/w'.*plan.put_state first"):
+    with pytest.raises(
+        ValueError, match=r"state leaves \['step', 'trainable/w'.*plan.put_state first"
+    ):
         step(state, plan.put_batch({"x": np.ones((2, 2), np.float32)}))
     placed, _ = step(plan.put_state(state), plan.put_batch({"x": np.ones((2, 2), np.float32)}))
     assert placed.trainable["w"].sharding.mesh == plan.mesh
