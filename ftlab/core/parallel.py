@@ -206,11 +206,13 @@ class ShardedPlan(Plan):
       rules: ``(regex, tactic)`` pairs over parameter and collection paths.
       default: the tactic of leaves no rule matches (None: such a leaf is an error).
       min_bytes: leaves under this size are not split over ``fsdp``.
+      what: how errors name ``rules`` (e.g. ``"config.parallel.rules"``).
     """
 
     rules: tuple = ()
     default: sharding.Tactic | None = None
     min_bytes: int = sharding.DEFAULT_MIN_BYTES
+    what: str = "rules"
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -234,6 +236,7 @@ class ShardedPlan(Plan):
             default=self.default,
             min_bytes=self.min_bytes,
             check_unused=check_unused,
+            what=self.what,
         )
 
     def put_state(self, state: PyTree) -> PyTree:
@@ -316,30 +319,37 @@ class _ShardedStep:
 
 
 def make_sharded_plan(
-    axes: Mapping[str, int],
+    shape: Mapping[str, int],
     rules: sharding.Rules,
     *,
     default: sharding.Tactic | None = None,
     min_bytes: int = sharding.DEFAULT_MIN_BYTES,
     devices: Sequence[jax.Device] | None = None,
+    what: str = "rules",
 ) -> ShardedPlan:
     """A :class:`ShardedPlan` over all global devices (or ``devices``).
 
     Args:
-      axes: the mesh shape, ``{"data": 2, "fsdp": -1}`` (see `sharding.make_mesh`).
+      shape: the mesh shape, ``{"data": 2, "fsdp": -1}`` (see `sharding.make_mesh`).
       rules: ``(regex, tactic)`` sharding rules (see `ftlab.core.sharding`).
       default: the tactic for leaves no rule matches; None: such a leaf is an error.
       min_bytes: leaves under this size are not split over ``fsdp``.
       devices: the devices of the mesh (default: every process's devices).
+      what: how errors name ``rules``; a caller that read them from a config passes its key.
 
     Raises:
       ValueError: as `sharding.make_mesh`, or a rule or ``default`` is not a valid tactic.
     """
-    mesh = sharding.make_mesh(axes, devices=devices)
+    mesh = sharding.make_mesh(shape, devices=devices)
     # Tactics and regexes are checked now rather than at the first put_state.
-    sharding.specs({}, rules, mesh, default=default, check_unused=False)
+    sharding.specs({}, rules, mesh, default=default, check_unused=False, what=what)
     return ShardedPlan(
-        mode="mesh", mesh=mesh, rules=tuple(rules), default=default, min_bytes=min_bytes
+        mode="mesh",
+        mesh=mesh,
+        rules=tuple(tuple(r) if isinstance(r, list) else r for r in rules),
+        default=default,
+        min_bytes=min_bytes,
+        what=what,
     )
 
 

@@ -113,8 +113,7 @@ def test_optimizer_state_mirrors_its_parameters_and_counts_are_replicated():
 
 # One subprocess for every multi-device check; it prints one JSON line of results.
 _CHILD = r"""
-import json, sys, tempfile, time
-t0 = time.perf_counter()
+import json, sys, tempfile
 import chex, flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
 jax.config.update("jax_compilation_cache_dir", sys.argv[1])  # the test session's cache
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
@@ -224,12 +223,11 @@ for method in methods:
             eval_step = train.make_eval_step(lambda p, b: {"logit": plain(p, b["x"])[:, 0]})
             b = dict(batches[0], mask=np.ones(32, np.float32))
             sums = plan.compile_eval_step(eval_step)(state, plan.put_batch(b))
-            ref_sums = one[method].compile_eval_step(eval_step)(
-                one[method].put_state(jax.device_get(state)), one[method].put_batch(b))
+            host = jax.device_get(state.trainable)
+            ref_sums = {"logit": plain(host, b["x"])[:, 0].sum(), "count": 32.0}
             out["eval"] = close(sums, ref_sums)
     if method == "full":
         full_ref = ref_state
-    print(method, time.perf_counter() - t0, file=sys.stderr)
 
 # Remat per block and a bf16 policy compose with the tensor-parallel mesh.
 params, labels, apply = methods["lora"]
@@ -247,7 +245,6 @@ out["policies"] = {"loss": float(m["train/loss"]), "ref": out["lora/fsdp8"]["ref
 s_acc, acc = run(plans["full", "fsdp8"], "full", accumulate=4)
 out["accumulate"] = {"losses": acc, "ref_losses": out["full/fsdp8"]["ref_losses"],
                      "params_close": close(s_acc.trainable, full_ref.trainable)}
-print("acc", time.perf_counter() - t0, file=sys.stderr)
 
 # Saved on fsdp=8, restored onto fsdp=4 x tensor=2 (and the other way round, on data x fsdp).
 with tempfile.TemporaryDirectory() as d:
@@ -266,7 +263,6 @@ with tempfile.TemporaryDirectory() as d:
             "tensor_split": str(restored.trainable["block_0"]["up"]["lora_a"].sharding.spec),
             "up_mu": str(restored.opt_state[0].mu["block_0"]["up"]["lora_a"].sharding.spec),
         }
-print("ckpt", time.perf_counter() - t0, file=sys.stderr)
 print("RESULT " + json.dumps(out))
 """
 
