@@ -7,8 +7,9 @@
 - ``checkpoint``: orbax checkpoints of a train state, written atomically and resumed.
 - ``loading``: merging pretrained weights into a freshly initialised tree, path by path.
 - ``metrics``: metric writers (JSON Lines, TensorBoard), non-finite checks, progress.
-- ``parallel``: the data-parallel plan (device mesh or pmap) and multi-host start-up.
+- ``parallel``: the data-parallel plan (device mesh or pmap), the sharded plan, multi-host start-up.
 - ``report``: tables (Markdown and JSON), 95% intervals and PNG plots of results.
+- ``sharding``: sharding rules over a ``data`` x ``fsdp`` x ``tensor`` mesh (FSDP, tensor parallel).
 - ``sites``: the check that every method leaf of an applied tree was consumed.
 - ``tensorfile``: safetensors with a sha256 per tensor; JSON that names its file on errors.
 - ``xla``: XLA compiler options that apply on the CPU only.
@@ -23,6 +24,7 @@ _SUBMODULES = (
     "parallel",
     "partition",
     "report",
+    "sharding",
     "sites",
     "tensorfile",
     "train",

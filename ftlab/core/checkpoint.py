@@ -33,6 +33,13 @@ restored leaf against it: a mismatch is one more kind of broken step (quarantine
 step tried, the leaf named in the warning). Leaves sharded across processes (neither fully
 addressable nor fully replicated), and leaves restored as another dtype than saved, are not
 compared. Checkpoints written before digests existed restore unverified.
+
+Sharded states: orbax writes each array from the shards its devices hold, and restores each
+leaf straight into the sharding of the restore target, so a state saved on one mesh restores
+onto any other mesh shape (fsdp=8 to fsdp=4 x tensor=2, or one device) without a replicated
+copy on device: pass `ftlab.core.parallel.ShardedPlan.abstract_state` of the state (or any tree
+of `jax.ShapeDtypeStruct` with ``sharding`` set) to `Checkpointer.restore_latest`. The digests
+are of the logical arrays, so they verify across mesh shapes too.
 """
 
 import contextlib

@@ -44,6 +44,24 @@ of a large model, and drop your own reference). Checkpoints (`ftlab.core.checkpo
 state, collections included; :meth:`TrainState.checkpointable` leaves out the frozen parameters,
 which come from the pretrained source on resume.
 
+At scale (see `ftlab.core.sharding` for placing the state over a mesh):
+
+- Gradient accumulation: ``make_train_step(..., accumulate=k)`` splits each batch into ``k``
+  micro-batches of equal size, runs them one after another in a `jax.lax.scan` (one micro-batch's
+  activations alive at a time) and applies one update with the mean gradient. For a loss that is
+  a mean over examples this is the update of the whole batch, exactly up to float reassociation.
+  A loss that is a mean over a varying number of units (tokens under a padding mask) is exact
+  only when the loss reports that number in its aux (``weight="tokens"``): the micro-batch
+  gradients and metrics are then averaged with those weights, which is the global token mean.
+  Without ``weight`` such a loss gives the mean of micro-batch means.
+- Rematerialisation: :func:`remat` wraps a loss so that the chosen Flax modules (by a regex over
+  their paths, e.g. ``encoder/layer_\\d+``) recompute their activations in the backward pass under
+  a `jax.checkpoint` policy by name; no model edit.
+- Precision: a :class:`Precision` keeps trainable leaves in a master dtype (float32), stores the
+  frozen base in a narrower one (bfloat16), and runs the forward pass in a compute dtype. A 4-bit
+  base (`ftlab.peft.qlora.quantize`) keeps its own integer and float16 leaves: only float leaves
+  wider than the target dtype are cast.
+
 Why this shape: the parameter tree keeps the paths every rule, log and checkpoint already speak
 of (``encoder/layer_3/attention/query/kernel``); collections sit beside it under their Flax names,
 so a BatchNorm model's rules read ``batch_stats/.*``; and a meta-learned inner learning rate is
@@ -52,12 +70,16 @@ not a second kind of state but a subtree that partition rules freeze or train li
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ftlab.core import partition
@@ -65,15 +87,19 @@ from ftlab.types import Params, PRNGKey
 
 __all__ = [
     "COLLECTIONS",
+    "REMAT_POLICIES",
     "EvalFn",
     "LossFn",
+    "Precision",
     "StepFn",
     "TrainState",
     "apply_gradients",
+    "cast_floats",
     "copy_tree",
     "init_state",
     "make_eval_step",
     "make_train_step",
+    "remat",
     "scan_steps",
 ]
 
@@ -84,6 +110,72 @@ LossFn = Callable[[Params, Mapping[str, jax.Array], PRNGKey], tuple[jax.Array, d
 EvalFn = Callable[[Params, Mapping[str, jax.Array]], dict]
 # The key of aux under which a loss returns its updated collections.
 COLLECTIONS = "collections"
+
+
+# `jax.checkpoint_policies` that take no argument, by name.
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Which dtypes a train state stores and a step computes in.
+
+    Only floating leaves wider than the target are cast: integer leaves and the float16 scales
+    of a 4-bit QLoRA base (`ftlab.peft.qlora`) stay as they are, so a Q4 base composes with any
+    policy.
+
+    Attributes:
+      compute: the forward pass's dtype (e.g. ``"bfloat16"``): the step casts the parameters to
+        it inside the loss, so gradients flow back to the master leaves in their own dtype.
+        None: no cast.
+      master: the dtype of trainable leaves in the state (and so of their optimizer state).
+      frozen: the storage dtype of frozen leaves (e.g. ``"bfloat16"``, half the bytes of
+        float32); None keeps them as given.
+    """
+
+    compute: str | None = None
+    master: str | None = "float32"
+    frozen: str | None = None
+
+    def __post_init__(self):
+        for field in ("compute", "master", "frozen"):
+            value = getattr(self, field)
+            if value is not None and not jnp.issubdtype(_dtype(value, field), jnp.floating):
+                raise ValueError(f"Precision: {field}={value!r} is not a floating dtype")
+
+
+def _dtype(name, what: str):
+    try:
+        return jnp.dtype(name)
+    except TypeError:
+        raise ValueError(f"{what}={name!r} is not a dtype name such as 'bfloat16'") from None
+
+
+def cast_floats(tree, dtype):
+    """Casts the floating leaves of ``tree`` wider than ``dtype`` to it (None: unchanged).
+
+    >>> cast_floats({"w": jnp.ones(2), "i": jnp.arange(2)}, "bfloat16")["w"].dtype
+    dtype(bfloat16)
+    """
+    if dtype is None:
+        return tree
+    dtype = jnp.dtype(dtype)
+
+    def cast(x):
+        if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if jnp.dtype(x.dtype).itemsize <= dtype.itemsize:
+            return x
+        return x.astype(dtype)
+
+    return jax.tree.map(cast, tree)
 
 
 @flax.struct.dataclass
@@ -141,6 +233,7 @@ def init_state(
     collections: Mapping | None = None,
     collection_labels: Mapping | None = None,
     copy: bool = True,
+    precision: Precision | None = None,
 ) -> TrainState:
     """Splits ``params`` by ``label_tree`` and initialises the optimizer on the trainable part.
 
@@ -156,6 +249,8 @@ def init_state(
         other label lets the step update it. None: every collection leaf is updated.
       copy: copy the caller's arrays into the state (default), so a step compiled with the state
         donated never deletes ``params`` or ``collections``; False shares their buffers.
+      precision: stores trainable float leaves in ``precision.master`` (cast up or down) and
+        frozen ones narrowed to ``precision.frozen``; None keeps the given dtypes.
 
     Returns:
       The state at step 0.
@@ -189,6 +284,15 @@ def init_state(
     if copy:
         params, collections = copy_tree((params, collections))
     trainable, frozen = partition.split(params, label_tree)
+    if precision is not None:
+        if precision.master is not None:
+            trainable = jax.tree.map(
+                lambda x: (
+                    x.astype(precision.master) if jnp.issubdtype(x.dtype, jnp.floating) else x
+                ),
+                trainable,
+            )
+        frozen = cast_floats(frozen, precision.frozen)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         trainable=trainable,
@@ -244,7 +348,13 @@ def apply_gradients(
 
 
 def make_train_step(
-    loss_fn: LossFn, tx: optax.GradientTransformation, *, axis_name: str | None = None
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    axis_name: str | None = None,
+    accumulate: int = 1,
+    weight: str | None = None,
+    precision: Precision | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
     """Builds ``step(state, batch) -> (state, metrics)``; jit or pmap it with the state donated.
 
@@ -255,25 +365,189 @@ def make_train_step(
       tx: an optax transformation over the trainable subtree.
       axis_name: the mapped axis to average gradients, metrics and collections over under
         `jax.pmap`; None under `jax.jit`, where sharding propagation makes the batch mean global.
+      accumulate: micro-batches per update. The batch's leading axis is split into
+        ``accumulate`` equal micro-batches (rows ``i, i + accumulate, ...``, so every device
+        keeps its own rows), their gradients averaged in a `jax.lax.scan`, and one update
+        applied: the update of the whole batch (see the module docstring for which losses this
+        is exact for). Micro-batch ``i`` draws its randomness from ``fold_in(rng, i)``.
+      weight: the name of a scalar in the loss's aux that weights its micro-batch (e.g. the
+        number of target tokens); None: equal weights. Reported summed over micro-batches.
+      precision: with ``precision.compute``, the loss sees the parameters cast to that dtype
+        (float leaves wider than it), and the loss and metrics are cast back to float32.
 
     Returns:
       The pure step function. Metrics: ``train/loss``, ``train/grad_norm`` and ``train/<name>``
       for each metric ``loss_fn`` returns.
+
+    Raises:
+      ValueError: ``accumulate`` is not a positive integer; at trace time, a batch size not
+        divisible by ``accumulate``, ``weight`` missing from the aux, or ``accumulate > 1`` on a
+        state with collections the step updates (BatchNorm statistics of micro-batches are not
+        those of the batch).
     """
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"make_train_step: accumulate={accumulate!r}; expected an integer >= 1")
+    if weight is not None and accumulate == 1:
+        raise ValueError(
+            f"make_train_step: weight={weight!r} only weights micro-batches; it has no effect "
+            "with accumulate=1"
+        )
+    compute = None if precision is None else precision.compute
+
+    def grad_of(state: TrainState, batch, rng):
+        def loss_of_trainable(trainable):
+            variables = cast_floats(state.replace(trainable=trainable).variables, compute)
+            loss, aux = loss_fn(variables, batch, rng)
+            if compute is not None:
+                aux = {
+                    k: v if k == COLLECTIONS else jnp.asarray(v, jnp.float32)
+                    for k, v in aux.items()
+                }
+                loss = jnp.asarray(loss, jnp.float32)
+            return loss, aux
+
+        return jax.value_and_grad(loss_of_trainable, has_aux=True)(state.trainable)
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         if axis_name is not None:
             # Different dropout masks per device, as one big batch would have.
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-
-        def loss_of_trainable(trainable):
-            return loss_fn(state.replace(trainable=trainable).variables, batch, rng)
-
-        (loss, aux), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(state.trainable)
+        if accumulate == 1:
+            (loss, aux), grads = grad_of(state, batch, rng)
+        else:
+            loss, aux, grads = _accumulated(grad_of, state, batch, rng, accumulate, weight)
         return apply_gradients(state, tx, grads, loss, aux, axis_name=axis_name)
 
     return step
+
+
+def _accumulated(grad_of, state: TrainState, batch, rng, k: int, weight: str | None):
+    """The (weighted) mean loss, aux and gradient over ``k`` micro-batches, in one scan."""
+    moving = [n for n in partition.flatten(state.collections) if n not in state.fixed]
+    if moving:
+        raise ValueError(
+            f"make_train_step: accumulate={k} on a state whose collections the step updates "
+            f"(e.g. {moving[:3]}): statistics of micro-batches differ from those of the batch; "
+            "use accumulate=1 or label those leaves 'frozen'"
+        )
+    rows = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
+    bad = [r for r in rows if r is None or r % k]
+    if bad:
+        raise ValueError(
+            f"make_train_step: accumulate={k} must divide the batch's leading axis; the batch "
+            f"has leading sizes {sorted(r for r in rows if r is not None)}"
+            + (" and scalars" if None in rows else "")
+        )
+
+    # [n, ...] -> [k, n / k, ...] with micro-batch i = rows i, i + k, ...: a device's rows stay
+    # on it, so splitting a sharded batch moves no data.
+    def split(x):
+        x = jnp.reshape(x, (x.shape[0] // k, k) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    micro = jax.tree.map(split, batch)
+
+    def one(i, mb):
+        (loss, aux), grads = grad_of(state, mb, jax.random.fold_in(rng, i))
+        aux = {n: v for n, v in aux.items() if n != COLLECTIONS}
+        if weight is not None and weight not in aux:
+            raise ValueError(
+                f"make_train_step: weight={weight!r} is not in the loss's aux, which has "
+                f"{sorted(aux)}"
+            )
+        w = jnp.asarray(aux[weight], jnp.float32) if weight is not None else jnp.float32(1.0)
+        return loss, aux, grads, w
+
+    def body(carry, x):
+        i, mb = x
+        loss, aux, grads, w = one(i, mb)
+        sums = jax.tree.map(lambda s, v: s + w * v, carry[:3], (loss, aux, grads))
+        return (*sums, carry[3] + w), None
+
+    shapes = jax.eval_shape(one, 0, jax.tree.map(lambda x: x[0], micro))
+    # Sums in float32 whatever the master dtype, cast back once at the end.
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes[:3])
+    (loss, aux, grads, total), _ = jax.lax.scan(
+        body, (*zeros, jnp.float32(0.0)), (jnp.arange(k), micro)
+    )
+    loss, aux = jax.tree.map(lambda v: v / total, (loss, aux))
+    grads = jax.tree.map(lambda g, s: (g / total).astype(s.dtype), grads, shapes[2])
+    if weight is not None:
+        aux[weight] = total
+    return loss, aux, grads
+
+
+def remat(loss_fn: LossFn, *, policy: str, modules: str | None = None) -> LossFn:
+    """``loss_fn`` with activations recomputed in the backward pass, by a named policy.
+
+    Args:
+      loss_fn: any loss of this module's signature that applies a `flax.linen` model.
+      policy: a name in :data:`REMAT_POLICIES` (`jax.checkpoint_policies`): what each wrapped
+        call may keep for the backward pass (``"nothing_saveable"``: only its inputs;
+        ``"dots_saveable"``: matmul outputs too).
+      modules: a regex ``re.fullmatch``-ed against Flax module paths (``encoder/layer_3``); the
+        ``__call__`` of each matching module runs under `jax.checkpoint`, so only one layer's
+        activations are alive at a time in the backward pass. Found with
+        `flax.linen.intercept_methods`, so no model is edited. None: the whole loss is one
+        checkpointed call (saves the policy's residuals only; per-layer is the usual choice).
+
+    Returns:
+      A loss with the same signature and values (gradients equal up to float reassociation).
+
+    Raises:
+      ValueError: an unknown ``policy``; at trace time, ``modules`` matching no module the loss
+        called (the paths it called are listed).
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat: policy={policy!r}; expected one of {REMAT_POLICIES}")
+    checkpoint_policy = getattr(jax.checkpoint_policies, policy)
+    if modules is None:
+        return jax.checkpoint(loss_fn, policy=checkpoint_policy)
+    try:
+        pattern = re.compile(modules)
+    except re.error as e:
+        raise ValueError(f"remat: modules={modules!r} is not a valid regex: {e}") from None
+
+    def wrapped(params, batch, rng):
+        seen, hits = set(), []
+
+        def interceptor(next_fun, args, kwargs, context):
+            if context.method_name != "__call__":
+                return next_fun(*args, **kwargs)
+            path = "/".join(context.module.path)
+            seen.add(path)
+            if not pattern.fullmatch(path):
+                return next_fun(*args, **kwargs)
+            hits.append(path)
+            return _checkpointed_call(next_fun, args, kwargs, checkpoint_policy)
+
+        with nn.intercept_methods(interceptor):
+            out = loss_fn(params, batch, rng)
+        if not hits:
+            raise ValueError(
+                f"remat: modules={modules!r} matched no module the loss called; module paths: "
+                f"{sorted(p for p in seen if p)[:8]}"
+            )
+        return out
+
+    return wrapped
+
+
+def _checkpointed_call(next_fun, args, kwargs, policy):
+    # Only array arguments are traced; the rest (a `train` flag, a config) stay Python values,
+    # as jax.checkpoint's static_argnums would keep them.
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    traced = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray))]
+
+    def call(*values):
+        filled = list(leaves)
+        for i, v in zip(traced, values, strict=True):
+            filled[i] = v
+        a, kw = jax.tree.unflatten(treedef, filled)
+        return next_fun(*a, **kw)
+
+    return jax.checkpoint(call, policy=policy)(*(leaves[i] for i in traced))
 
 
 StepFn = Callable[[TrainState, Any], tuple[TrainState, dict]]
@@ -306,18 +580,22 @@ def scan_steps(
 
 
 def make_eval_step(
-    eval_fn: EvalFn, *, axis_name: str | None = None
+    eval_fn: EvalFn, *, axis_name: str | None = None, precision: Precision | None = None
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], dict]:
     """Builds ``eval_step(state, batch) -> {name: masked sum}`` plus ``count``.
 
     ``eval_fn`` receives ``state.variables`` (the parameters, or with collections the variables
     dict). ``batch["mask"]`` marks real rows (1) against padding (0); dividing the summed values by
     the summed ``count`` over all batches gives exact means regardless of padding or device count.
+    With ``precision.compute``, ``eval_fn`` sees the parameters in that dtype, as the train step.
     """
+    compute = None if precision is None else precision.compute
 
     def eval_step(state: TrainState, batch):
-        values = eval_fn(state.variables, batch)
+        values = eval_fn(cast_floats(state.variables, compute), batch)
         mask = batch["mask"]
+        if compute is not None:  # sums in float32, not the compute dtype
+            values = {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
         sums = {k: jnp.sum(v * mask) for k, v in values.items()}
         sums["count"] = jnp.sum(mask)
         if axis_name is not None:

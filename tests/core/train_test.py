@@ -279,3 +279,120 @@ def test_pmapped_step_averages_collections_like_the_jitted_one(bn_variables):
         jax.tree.map(lambda x: x[0], pmapped.collections), jitted.collections, rtol=1e-6
     )
     assert not np.allclose(jitted.collections["batch_stats"]["bn"]["mean"], 0.0)
+
+
+# -- gradient accumulation, remat, precision --------------------------------------------------
+
+
+def _no_dropout_loss():
+    return classification.make_loss_fn(lambda p, b, r: _apply(p, b, None))
+
+
+def _run(params, loss_fn, tx, batches, **kwargs):
+    labels = partition.labels(params, [(".*", "train")])
+    state = train.init_state(params, labels, tx, seed=0)
+    step = jax.jit(train.make_train_step(loss_fn, tx, **kwargs), donate_argnums=0)
+    losses = []
+    for b in batches:
+        state, metrics = step(state, b)
+        losses.append(float(metrics["train/loss"]))
+    return state, losses
+
+
+def test_accumulating_four_micro_batches_equals_one_batch_of_four_times_the_size(params):
+    tx = optax.adam(1e-2, eps=1e-3)
+    batches = [_batch(seed=s, n=16) for s in range(2)]
+    one, one_losses = _run(params, _no_dropout_loss(), tx, batches)
+    acc, acc_losses = _run(params, _no_dropout_loss(), tx, batches, accumulate=4)
+    np.testing.assert_allclose(acc_losses, one_losses, rtol=1e-6)
+    chex.assert_trees_all_close(acc.trainable, one.trainable, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(acc.opt_state, one.opt_state, rtol=1e-5, atol=1e-6)
+
+
+def _token_loss(params, batch, rng):
+    # A mean over unmasked "tokens": micro-batches hold different numbers of them.
+    logits = _apply(params, batch, None)
+    per_row = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    tokens = jnp.sum(batch["mask"])
+    return jnp.sum(per_row * batch["mask"]) / tokens, {"tokens": tokens}
+
+
+def test_token_weighted_accumulation_is_exact_only_with_the_weight(params):
+    batch = dict(_batch(n=16), mask=np.array([1] * 4 + [0, 1, 0, 0] * 3, np.float32))
+    tx = optax.sgd(0.5)
+    one, (loss,) = _run(params, _token_loss, tx, [batch])
+    weighted, (w_loss,) = _run(params, _token_loss, tx, [batch], accumulate=4, weight="tokens")
+    plain, (p_loss,) = _run(params, _token_loss, tx, [batch], accumulate=4)
+    np.testing.assert_allclose(w_loss, loss, rtol=1e-6)
+    chex.assert_trees_all_close(weighted.trainable, one.trainable, rtol=1e-5, atol=1e-6)
+    assert abs(p_loss - loss) > 1e-3  # the mean of micro-batch means is another number
+
+
+def test_accumulation_errors_name_the_argument(params, bn_variables):
+    tx = optax.sgd(0.1)
+    with pytest.raises(ValueError, match="accumulate=0; expected an integer >= 1"):
+        train.make_train_step(_no_dropout_loss(), tx, accumulate=0)
+    with pytest.raises(ValueError, match="weight='tokens' only weights micro-batches"):
+        train.make_train_step(_no_dropout_loss(), tx, weight="tokens")
+    with pytest.raises(ValueError, match=r"accumulate=3 must divide .* leading sizes \[16\]"):
+        _run(params, _no_dropout_loss(), tx, [_batch()], accumulate=3)
+    with pytest.raises(ValueError, match=r"weight='tokens' is not in the loss's aux.*accuracy"):
+        _run(params, _no_dropout_loss(), tx, [_batch()], accumulate=2, weight="tokens")
+    labels = partition.labels(bn_variables["params"], [(".*", "train")])
+    stats = {"batch_stats": bn_variables["batch_stats"]}
+    state = train.init_state(bn_variables["params"], labels, tx, seed=0, collections=stats)
+    step = train.make_train_step(_bn_loss(train_mode=True), tx, accumulate=2)
+    with pytest.raises(ValueError, match="accumulate=2 on a state whose collections the step"):
+        jax.eval_shape(step, state, _bn_batch())
+
+
+def test_remat_per_module_keeps_the_gradient_and_recomputes(params):
+    loss_fn = _no_dropout_loss()
+    batch = _batch()
+
+    def grad(f):
+        return jax.grad(lambda p: f(p, batch, None)[0])
+
+    wrapped = train.remat(loss_fn, policy="nothing_saveable", modules="body")
+    chex.assert_trees_all_close(grad(wrapped)(params), grad(loss_fn)(params), rtol=1e-6)
+    # One checkpointed call: the body layer's (the head's 3 outputs are not wrapped).
+    text = str(jax.make_jaxpr(grad(wrapped))(params))
+    assert text.count("policy=<function nothing_saveable") == 1, text
+    assert "policy=" not in str(jax.make_jaxpr(grad(loss_fn))(params))
+    whole = train.remat(loss_fn, policy="dots_saveable")
+    chex.assert_trees_all_close(grad(whole)(params), grad(loss_fn)(params), rtol=1e-6)
+    with pytest.raises(ValueError, match="remat: policy='everything'; expected one of"):
+        train.remat(loss_fn, policy="everything")
+    nowhere = train.remat(loss_fn, policy="nothing_saveable", modules="encoder/layer_\\d+")
+    with pytest.raises(ValueError, match=r"matched no module the loss called; .*'body', 'head'"):
+        grad(nowhere)(params)
+
+
+def test_precision_policy_keeps_master_leaves_and_narrows_the_frozen_base(params):
+    from ftlab.peft import qlora  # noqa: PLC0415 - a Q4 base is one more frozen tree here
+
+    policy = train.Precision(compute="bfloat16", frozen="bfloat16")
+    labels = partition.labels(params, [("head/.*", "train"), (".*", "frozen")])
+    tx = optax.adam(1e-2)
+    state = train.init_state(params, labels, tx, seed=0, precision=policy)
+    assert {x.dtype for x in jax.tree.leaves(state.frozen)} == {jnp.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves((state.trainable, state.opt_state[0].mu))} == {
+        jnp.dtype("float32")
+    }
+    ref = train.init_state(params, labels, tx, seed=0)
+    step = jax.jit(train.make_train_step(_no_dropout_loss(), tx, precision=policy))
+    ref_step = jax.jit(train.make_train_step(_no_dropout_loss(), tx))
+    new, metrics = step(state, _batch())
+    _, ref_metrics = ref_step(ref, _batch())
+    assert metrics["train/loss"].dtype == jnp.float32
+    np.testing.assert_allclose(metrics["train/loss"], ref_metrics["train/loss"], rtol=2e-2)
+    assert new.trainable["head"]["kernel"].dtype == jnp.float32
+    chex.assert_trees_all_equal(new.frozen, state.frozen)
+    # A 4-bit base keeps its codes and float16 scales; only wider floats are narrowed.
+    q4 = qlora.quantize({"q": {"kernel": np.ones((32, 4), np.float32)}}, targets=["q"])
+    kept = train.cast_floats(q4, "bfloat16")
+    assert {k: v.dtype for k, v in partition.flatten(kept).items()} == {
+        k: v.dtype for k, v in partition.flatten(q4).items()
+    }
+    with pytest.raises(ValueError, match="Precision: compute='int8' is not a floating dtype"):
+        train.Precision(compute="int8")
