@@ -236,7 +236,7 @@ def split(
     Returns:
         ``{"train": int64 indices, "test": int64 indices}`` into ``ids``, each ascending.
 
-    >>> split(["a_0", "a_1", "b_0", "c_0"], test_fraction=0.34)["test"].tolist()
+    >>> split(["a_0", "a_1", "b_0", "c_0"], seed=1, test_fraction=0.34)["test"].tolist()
     [0, 1]
     """
     if not 0.0 < test_fraction < 1.0:
