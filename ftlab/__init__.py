@@ -10,7 +10,8 @@ The method modules are reachable from the top, as a researcher would type them::
 
 Each name is the module where the code lives (``ftlab.lora`` is ``ftlab.peft.lora``), imported on
 first use, so ``import ftlab`` stays cheap. The packages (``ftlab.core``, ``ftlab.peft``,
-``ftlab.models``, ``ftlab.data``, ``ftlab.tasks``, ``ftlab.meta``, ``ftlab.pretrain``) likewise
+``ftlab.models``, ``ftlab.data``, ``ftlab.tasks``, ``ftlab.meta``, ``ftlab.pretrain``,
+``ftlab.posttrain``) likewise
 load their submodules on first use, and every module lists its public names in ``__all__``.
 """
 
@@ -50,6 +51,7 @@ _MODULES = {
     "data": "ftlab.data",
     "models": "ftlab.models",
     "peft": "ftlab.peft",
+    "posttrain": "ftlab.posttrain",
     "tasks": "ftlab.tasks",
 }
 

@@ -14,6 +14,8 @@ Submodules load on first use::
 - ``sinusoid``: sinusoid regression tasks as in Finn et al. (2017).
 - ``streams``: river's bundled real streams, for online learning.
 - ``files``: a user's CSV / JSON Lines / Parquet files: classification, chat, preference pairs.
+- ``sharegpt``: ShareGPT conversations (instruction tuning), decoded up to the file's cut.
+- ``ratings``: human sentiment ratings of movie snippets, tweets and more (Hutto & Gilbert 2014).
 """
 
 from ftlab import _lazy
@@ -25,7 +27,9 @@ _SUBMODULES = (
     "files",
     "images",
     "multitask",
+    "ratings",
     "rotten_tomatoes",
+    "sharegpt",
     "sinusoid",
     "streams",
     "text",

@@ -65,7 +65,9 @@ The model takes an explicit KV cache (`Cache`, from `init_cache`): a call writes
 values at slots `cache.index ...` and returns the new cache, so prefill and decoding are two calls
 of the same function with static shapes (see `ftlab.generation`). Positions are counted from the
 attention mask (padding does not advance them), so left- and right-padded batches give each row
-the same outputs as running it alone.
+the same outputs as running it alone. Several sequences packed into one row (`segment_ids`)
+likewise each get the outputs they would get alone: attention never crosses them and positions
+restart at each.
 
 References:
     Touvron et al., "LLaMA: Open and Efficient Foundation Language Models",
@@ -556,6 +558,31 @@ def _positions_and_bias(
     return positions, bias, new_mask
 
 
+def _segment_positions_and_bias(
+    mask: jax.Array, segment_ids: jax.Array, n_prompt: int
+) -> tuple[jax.Array, jax.Array]:
+    """Positions and attention bias of a packed row: no attention across segments.
+
+    `mask` `[batch, n_prompt + seq]` marks real entries, the first `n_prompt` being soft-prompt
+    rows; `segment_ids` `[batch, seq]` label the tokens. A token attends causally to the real
+    tokens of its own segment and to the soft prompt; a prompt row to the prompt rows before it.
+    An entry's position counts the real entries it may attend (itself included) minus one, so
+    every segment's tokens take positions `n_prompt, n_prompt + 1, ...`: each packed
+    conversation is computed as if it were alone in its row.
+    """
+    batch, total = mask.shape
+    prompt = jnp.arange(total) < n_prompt  # [total]
+    seg = jnp.concatenate([jnp.zeros((batch, n_prompt), segment_ids.dtype), segment_ids], axis=1)
+    same = seg[:, :, None] == seg[:, None, :]
+    # a prompt row sees the prompt only; a token its own segment and the prompt
+    visible = jnp.where(prompt[None, :, None], prompt[None, None, :], same | prompt[None, None, :])
+    slot = jnp.arange(total)
+    allowed = visible & (mask[:, None, :] > 0) & (slot[None, None, :] <= slot[None, :, None])
+    positions = jnp.maximum(jnp.sum(allowed, axis=2) - 1, 0)
+    bias = jnp.where(allowed, 0.0, _MASK_VALUE).astype(jnp.float32)
+    return positions, bias
+
+
 class LlamaDecoder(nn.Module):
     """Embeddings, `num_layers` decoder layers, the final RMSNorm and the tied LM head.
 
@@ -575,6 +602,7 @@ class LlamaDecoder(nn.Module):
         cache: Cache | None = None,
         start: bool = True,
         return_hidden: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         """Logits (or final hidden states) of the real tokens, and the updated cache.
 
@@ -609,7 +637,23 @@ class LlamaDecoder(nn.Module):
                 f"this call writes {mask.shape[1]} cache slots ({n_prompt} soft-prompt rows + "
                 f"{seq} tokens), but the cache has only {cache.size}; make a larger cache."
             )
-        positions, bias, new_mask = _positions_and_bias(mask, cache)
+        if segment_ids is None:
+            positions, bias, new_mask = _positions_and_bias(mask, cache)
+        else:
+            if cache is not None:
+                raise ValueError(
+                    "segment_ids (packed rows) cannot be used with a cache: decoding extends one "
+                    "sequence per row; pass cache=None for a packed forward pass."
+                )
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"segment_ids has shape {segment_ids.shape}, input_ids {input_ids.shape}; "
+                    "both must be [batch, seq]."
+                )
+            positions, bias = _segment_positions_and_bias(
+                mask, jnp.asarray(segment_ids, jnp.int32), n_prompt
+            )
+            new_mask = None
         index = None if cache is None else cache.index
         layer_caches = None if cache is None else cache.layers
         if self.has_variable("params", LAYERS):
@@ -666,6 +710,7 @@ class LlamaForCausalLM(nn.Module):
         cache: Cache | None = None,
         start: bool = True,
         return_hidden: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         """Next-token logits for every position.
 
@@ -680,13 +725,24 @@ class LlamaForCausalLM(nn.Module):
             return_hidden: Return the final hidden states `[batch, seq, hidden]` (in
                 `config.dtype`) instead of logits, e.g. for a chunked cross-entropy with
                 `lm_logits`, so the `[batch, seq, vocab]` float32 logits never exist at once.
+            segment_ids: `[batch, seq]` int ids of the sequences packed into each row (e.g.
+                `ftlab.posttrain.sft.pack`), or None for one sequence per row. A token then
+                attends only to earlier real tokens of its own segment (and to a soft prompt,
+                which every segment sees as its own start), and positions restart at each
+                segment, so every packed sequence gets the outputs it would get alone. Padding
+                is still marked by `attention_mask`. Not with a cache.
 
         Returns:
             float32 logits `[batch, seq, vocab]` (position `t` predicts token `t + 1`), or the
             hidden states with `return_hidden`; with a cache, `(that, updated cache)`.
         """
         out, new_cache = LlamaDecoder(self.config, name="decoder")(
-            input_ids, attention_mask, cache=cache, start=start, return_hidden=return_hidden
+            input_ids,
+            attention_mask,
+            cache=cache,
+            start=start,
+            return_hidden=return_hidden,
+            segment_ids=segment_ids,
         )
         return out if cache is None else (out, new_cache)
 
@@ -824,6 +880,7 @@ def forward(
     params: types.Params,
     input_ids: jax.Array,
     attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Compiled `LlamaForCausalLM(config).apply` without a cache: float32 logits.
 
@@ -834,12 +891,13 @@ def forward(
         params: A `LlamaForCausalLM` tree (unrolled or stacked).
         input_ids: `[batch, seq]` ids.
         attention_mask: `[batch, seq]` 0/1, all ones when None.
+        segment_ids: `[batch, seq]` ids of packed sequences (see `LlamaForCausalLM`), or None.
 
     Returns:
         `[batch, seq, vocab]` float32 logits.
     """
     return LlamaForCausalLM(config).apply(
-        {"params": stack_if_uniform(params)}, input_ids, attention_mask
+        {"params": stack_if_uniform(params)}, input_ids, attention_mask, segment_ids=segment_ids
     )
 
 

@@ -205,6 +205,43 @@ def test_prefix_hook_with_and_without_cache(params, sites, apply):
         jax.eval_shape(lambda p: MODEL.apply({"params": p}, ids), bad)
 
 
+def test_packed_segments_equal_each_sequence_alone(params, sites):
+    """Packed rows (segment ids): each sequence gets the logits it gets alone, with a soft
+    prompt too, unrolled or stacked (`forward`); attention never crosses segments."""
+    seqs = [[5, 6, 7], [9, 10, 11, 12], [3, 4], [20, 21, 22, 23, 24]]
+    # row 0: segments 1, 2 and two padding slots; row 1: segments 1, 2 (full)
+    ids = np.array([[5, 6, 7, 9, 10, 11, 12, 0, 0], [3, 4, 20, 21, 22, 23, 24, 0, 0]])
+    seg = np.array([[1, 1, 1, 2, 2, 2, 2, 0, 0], [1, 1, 2, 2, 2, 2, 2, 0, 0]])
+    mask = (seg > 0).astype(np.int32)
+    where = [(0, 0, 3), (0, 3, 7), (1, 0, 2), (1, 2, 7)]
+    # alone: one sequence per row, right-padded (padding is exact, see the test above)
+    alone_ids = np.zeros((4, 5), np.int32)
+    for i, s in enumerate(seqs):
+        alone_ids[i, : len(s)] = s
+    alone_mask = (np.arange(5)[None] < np.array([len(s) for s in seqs])[:, None]).astype(np.int32)
+    with_prompt = prompt.init(params, jax.random.key(4), sites=sites, length=2)
+    packed_fn = jax.jit(lambda p, i, m, s: MODEL.apply({"params": p}, i, m, segment_ids=s))
+    alone_fn = jax.jit(lambda p, i, m: MODEL.apply({"params": p}, i, m))
+    for tree in (params, with_prompt):
+        packed = packed_fn(tree, ids, mask, seg)
+        alone = alone_fn(tree, alone_ids, alone_mask)
+        for i, (s, (row, a, b)) in enumerate(zip(seqs, where, strict=True)):
+            np.testing.assert_allclose(packed[row, a:b], alone[i, : len(s)], atol=2e-5)
+    # without segment ids the second sequence of a row sees the first: different logits
+    plain = packed_fn(params, ids, mask, np.ones_like(seg))
+    alone = alone_fn(params, alone_ids, alone_mask)
+    assert float(jnp.max(jnp.abs(plain[0, 3:7] - alone[1, :4]))) > 1e-3
+    # `forward` stacks the layers: the nn.scan path takes the same bias
+    np.testing.assert_allclose(
+        llama.forward(CFG, params, ids, mask, seg), packed_fn(params, ids, mask, seg), atol=1e-5
+    )
+    cache = llama.init_cache(CFG, 2, 16)
+    with pytest.raises(ValueError, match="segment_ids .* cannot be used with a cache"):
+        MODEL.apply({"params": params}, ids, mask, cache=cache, segment_ids=seg)
+    with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 8\)"):
+        MODEL.apply({"params": params}, ids, mask, segment_ids=seg[:, :8])
+
+
 def test_hidden_state_hook(params):
     ids = jnp.array([[1, 2, 3]])
 
