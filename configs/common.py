@@ -21,4 +21,11 @@ def parallel() -> ml_collections.ConfigDict:
     group.coordinator_address = ""
     group.num_processes = 0
     group.process_id = -1
+    # Parameters larger than a device: ((regex over leaf paths, tactic), ...) with tactics
+    # replicate / fsdp / column / row (ftlab.core.sharding), over the mesh below ("data=2,fsdp=4";
+    # "": every device on fsdp). Empty: data parallel, every parameter on every device.
+    group.sharding_rules = ()
+    group.mesh = ""
+    # leaves smaller than this are replicated rather than split over fsdp
+    group.fsdp_min_bytes = 1 << 16
     return group

@@ -44,7 +44,7 @@ from absl import logging
 
 from experiments import resume
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, partition
+from ftlab.core import parallel, partition, sharding
 
 __all__ = [
     "PROFILE_DIR",
@@ -52,6 +52,7 @@ __all__ = [
     "Run",
     "from_config",
     "itstime",
+    "parse_mesh",
     "plan_from",
     "register",
     "registered",
@@ -169,12 +170,61 @@ def from_config(
 
 
 def plan_from(config: ml_collections.ConfigDict) -> parallel.Plan:
-    """The data-parallel plan of ``config.parallel`` (absent: a mesh over all devices).
+    """The plan of ``config.parallel``: data parallel, or parameters sharded by rules.
 
-    For the sweeps of short runs whose configs may leave the group out (it is optional there).
+    With ``parallel.sharding_rules`` (``((regex, tactic), ...)``, tactics ``replicate``,
+    ``fsdp``, ``column``, ``row``: `ftlab.core.sharding`), a `parallel.ShardedPlan` over the
+    mesh ``parallel.mesh`` (``"data=2,fsdp=4"``; ``""``: all devices on ``fsdp``); without, a
+    data-parallel `parallel.Plan` over ``parallel.num_devices`` (0: all) in ``parallel.mode``.
+    An absent group (sweep configs may leave it out) is a mesh over all devices.
+
+    Raises:
+        ValueError: A mesh without sharding rules (it would not take effect), or sharding rules
+            with ``mode="pmap"`` or ``num_devices``; names the config key.
     """
     p = config.get("parallel") or {}
-    return parallel.make_plan(p.get("mode", "mesh"), num_devices=p.get("num_devices", 0))
+    rules, mesh = tuple(p.get("sharding_rules", ())), p.get("mesh", "")
+    if not rules:
+        if mesh:
+            raise ValueError(
+                f"config.parallel.mesh={mesh!r} takes effect only with "
+                "config.parallel.sharding_rules, which is empty"
+            )
+        return parallel.make_plan(p.get("mode", "mesh"), num_devices=p.get("num_devices", 0))
+    for key, value, plain in (
+        ("mode", p.get("mode", "mesh"), "mesh"),
+        ("num_devices", p.get("num_devices", 0), 0),
+    ):
+        if value != plain:
+            raise ValueError(
+                f"config.parallel.{key}={value!r}: sharded parameters (config.parallel."
+                f"sharding_rules) run on the mesh of config.parallel.mesh; set {key}={plain!r}"
+            )
+    return parallel.make_sharded_plan(
+        parse_mesh(mesh or "fsdp=-1", what="config.parallel.mesh"),
+        [tuple(r) for r in rules],
+        min_bytes=p.get("fsdp_min_bytes", sharding.DEFAULT_MIN_BYTES),
+        what="config.parallel.sharding_rules",
+    )
+
+
+def parse_mesh(text: str, *, what: str = "mesh") -> dict[str, int]:
+    """``"data=2,fsdp=-1"`` -> ``{"data": 2, "fsdp": -1}`` (axes of `ftlab.core.sharding`).
+
+    >>> parse_mesh("data=2, fsdp=-1")
+    {'data': 2, 'fsdp': -1}
+    """
+    shape = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        axis, _, size = item.partition("=")
+        axis = axis.strip()
+        if axis not in sharding.AXES or axis in shape or not size.strip().lstrip("-").isdigit():
+            raise ValueError(
+                f"{what}={text!r}: {item!r} is not 'axis=size' with a new axis among "
+                f"{', '.join(sharding.AXES)} and an integer size (-1: the remaining devices)"
+            )
+        shape[axis] = int(size)
+    return shape
 
 
 def short_run_config(num_steps: int, *, log_every: int) -> ml_collections.ConfigDict:

@@ -236,6 +236,26 @@ def rules() -> Field:
     return Field(check)
 
 
+def sharding_rules() -> Field:
+    """Sharding rules: ``((regex, tactic), ...)``, possibly empty (no sharding)."""
+
+    def check(v):
+        from ftlab.core import sharding  # noqa: PLC0415 - brings JAX
+
+        if isinstance(v, str) or not isinstance(v, Sequence):
+            return "must be a tuple of (regex, tactic) pairs, e.g. (('.*', 'fsdp'),)"
+        for i, rule in enumerate(v):
+            if isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) != 2:
+                return f"item {i} ({rule!r}) must be a (regex, tactic) pair"
+            if (bad := _regex(rule[0])) is not None:
+                return f"item {i}: regex {rule[0]!r} {bad}"
+            if rule[1] not in sharding.TACTICS:
+                return f"item {i}: tactic {rule[1]!r} is not one of {', '.join(sharding.TACTICS)}"
+        return None
+
+    return Field(check)
+
+
 def nullable(field: Field) -> Field:
     """``field`` or None."""
 
@@ -313,6 +333,9 @@ PARALLEL = {
     "parallel.coordinator_address": string().opt(),
     "parallel.num_processes": integer(0, note="0: auto-detect").opt(),
     "parallel.process_id": integer(-1, note="-1: auto-detect").opt(),
+    "parallel.mesh": string().opt(),
+    "parallel.sharding_rules": sharding_rules().opt(),
+    "parallel.fsdp_min_bytes": integer(0).opt(),
 }
 # For the sweeps of short runs whose configs predate the group: mesh over all devices by default.
 PARALLEL_OPTIONAL = {key: field.opt() for key, field in PARALLEL.items()}

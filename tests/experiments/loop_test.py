@@ -204,3 +204,44 @@ def test_classification_evaluator_chosen_by_name_in_the_config(tmp_path):
     config.evals.plugins = {"x": {"every_steps": 2}}
     with pytest.raises(schema.ConfigError, match=r"config.evals.plugins=.*must map names"):
         schema.validate(config)
+
+
+def test_plan_from_shards_parameters_by_rules_and_refuses_a_mesh_without_rules(tmp_path):
+    config = _config(**{"parallel.mode": "mesh", "parallel.num_devices": 0, "parallel.mesh": ""})
+    config.parallel.sharding_rules = ()
+    assert type(loop.plan_from(config)) is parallel.Plan
+    config.parallel.sharding_rules = ((".*", "fsdp"),)
+    plan = loop.plan_from(config)
+    assert isinstance(plan, parallel.ShardedPlan) and plan.mesh.axis_names == (
+        "data",
+        "fsdp",
+        "tensor",
+    )
+    # the loop runs on it as on the data-parallel plan: same numbers, saved and resumed
+    params = {"w": np.zeros((), np.float32)}
+    tx = optax.sgd(1e-3)
+    state = train.init_state(params, partition.labels(params, [(".*", "train")]), tx, seed=0)
+    run = loop.train(
+        _config(),
+        tmp_path,
+        plan=plan,
+        state=state,
+        step_fn=train.make_train_step(_loss_fn, tx),
+        batch_at=_batch_at,
+    )
+    run.close()
+    _run(tmp_path / "plain")
+
+    def computed(workdir):
+        return [{k: v for k, v in r.items() if k != "train/steps_per_sec"} for r in _lines(workdir)]
+
+    assert computed(tmp_path) == computed(tmp_path / "plain")
+    config.parallel.mode = "pmap"
+    with pytest.raises(ValueError, match=r"config.parallel.mode='pmap': sharded parameters"):
+        loop.plan_from(config)
+    config.parallel.mode, config.parallel.sharding_rules = "mesh", ()
+    config.parallel.mesh = "fsdp=2"
+    with pytest.raises(ValueError, match=r"config.parallel.mesh='fsdp=2' takes effect only with"):
+        loop.plan_from(config)
+    with pytest.raises(ValueError, match=r"mesh='dat=2': 'dat=2' is not 'axis=size'"):
+        loop.parse_mesh("dat=2")
