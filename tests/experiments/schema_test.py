@@ -44,7 +44,10 @@ OPTIONS = {
     "icl_smollm2": [None, "quick", "tasks=sentiment,draws=1"],
     "multitask_rotten_tomatoes": [None, "quick", "tiny", "steps=40,rank=4"],
 }
-CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+# every config file but the package and its shared groups (configs/common.py)
+CONFIGS = sorted(
+    p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common")
+)
 
 
 def _config(name, arg=None):
