@@ -3,7 +3,7 @@
 import ml_collections
 
 
-def parallel() -> ml_collections.ConfigDict:
+def parallel(*, sharding: bool = True) -> ml_collections.ConfigDict:
     """``config.parallel``: data parallel over all devices; multi-host settings as on Cloud TPU.
 
     Run 2 processes x 4 devices on one machine (what the tests do) with
@@ -21,6 +21,8 @@ def parallel() -> ml_collections.ConfigDict:
     group.coordinator_address = ""
     group.num_processes = 0
     group.process_id = -1
+    if not sharding:
+        return group
     # Parameters larger than a device: ((regex over leaf paths, tactic), ...) with tactics
     # replicate / fsdp / column / row (ftlab.core.sharding), over the mesh below ("data=2,fsdp=4";
     # "": every device on fsdp). Empty: data parallel, every parameter on every device.

@@ -37,6 +37,7 @@ always-"opinion"): the order and choice of demonstrations matter as much as thei
 
 import ml_collections
 
+from configs import common
 from ftlab import config_options
 
 
@@ -75,7 +76,5 @@ def get_config(arg=None):
     config.icl.batch_size = 4 if opts.quick else 16
 
     # data parallel: the weights replicated, each batch of queries split over the devices
-    config.parallel = ml_collections.ConfigDict()
-    config.parallel.mode = "mesh"
-    config.parallel.num_devices = 0
+    config.parallel = common.parallel(sharding=False)
     return config

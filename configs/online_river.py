@@ -52,6 +52,7 @@ Commands: python -m experiments.main --config=configs/online_river.py:stream=<s>
 
 import ml_collections
 
+from configs import common
 from ftlab import config_options
 
 # stream -> default eta_0 (OGD, eta_t = eta_0 / sqrt(t)); picked once, on the grid in `sweep`
@@ -122,9 +123,7 @@ def get_config(arg=None):
     config.checkpoint.every_steps = 20
     config.checkpoint.keep = 2
     # the sweep's step sizes are split over the devices (padded to a multiple of them)
-    config.parallel = ml_collections.ConfigDict()
-    config.parallel.mode = "mesh"
-    config.parallel.num_devices = 0
+    config.parallel = common.parallel(sharding=False)
 
     if opts.quick:
         config.data.limit = 300

@@ -1,5 +1,6 @@
-"""Data parallelism gives the numbers of one device: 8 simulated devices with pmap, and a mesh of
-2 processes x 4 devices on localhost (the multi-host path of a Cloud TPU slice).
+"""Data parallelism with pmap gives the numbers of one device on 8 simulated devices. (The mesh
+path, 2 processes x 4 devices on localhost, is tested for every trainer in
+tests/experiments/trainers_test.py.)
 
 Each run is the real launcher on the tiny config in a subprocess, so that XLA_FLAGS and
 `jax.distributed` take effect; the runs share the session's persistent compile cache.
@@ -8,7 +9,6 @@ Each run is the real launcher on the tiny config in a subprocess, so that XLA_FL
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -28,18 +28,11 @@ BASE = [
 ]
 
 
-def _launch(workdir, *extra, devices=1, process_id=None, port=None):
+def _launch(workdir, *extra, devices=1):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     args = [sys.executable, "-m", "experiments.main", *BASE, f"--workdir={workdir}", *extra]
-    if process_id is not None:
-        args += [
-            "--config.parallel.multihost=True",
-            f"--config.parallel.coordinator_address=127.0.0.1:{port}",
-            "--config.parallel.num_processes=2",
-            f"--config.parallel.process_id={process_id}",
-        ]
     return subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -74,29 +67,11 @@ def single_device(tmp_path_factory):
     return _result(workdir)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# The mesh (jit + NamedSharding) path over 8 devices is the multi-process test below: 2 processes
-# x 4 devices, one global mesh. pmap has no multi-process form here, so it runs on 8 devices alone.
+# pmap has no multi-process form here, so it runs on 8 devices of one process.
 def test_eight_devices_with_pmap_equal_one(single_device, tmp_path):
     _finish(_launch(tmp_path, "--config.parallel.mode=pmap", devices=8))
     losses, params = _result(tmp_path)
     ref_losses, ref_params = single_device
     assert len(losses) == STEPS
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(params, ref_params, rtol=1e-4, atol=1e-5)
-
-
-def test_two_processes_of_four_devices_equal_one(single_device, tmp_path):
-    port = _free_port()
-    procs = [_launch(tmp_path, devices=4, process_id=i, port=port) for i in range(2)]
-    outs = [_finish(p) for p in procs]
-    assert "devices: 8" in outs[0], outs[0][-2000:]
-    losses, params = _result(tmp_path)
-    ref_losses, ref_params = single_device
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(params, ref_params, rtol=1e-4, atol=1e-5)

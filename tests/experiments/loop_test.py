@@ -1,10 +1,6 @@
 """The experiment loop on a toy regression: its schedule, writers on process 0 only, the stop on a
-non-finite loss naming the step, a profiler trace of a chosen step, evaluators chosen by name; and
-the few-shot trainer (which runs on it) giving the same numbers on 8 simulated devices as on 1."""
-
-import json
-import os
-import pathlib
+non-finite loss naming the step, a profiler trace of a chosen step, evaluators chosen by name, the
+plan chosen by the config. (Every trainer on 8 devices: tests/experiments/trainers_test.py.)"""
 
 import jax.numpy as jnp
 import ml_collections
@@ -13,13 +9,8 @@ import optax
 import pytest
 
 from experiments import loop
-from ftlab import testing
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-# conftest.py's persistent compilation cache, shared with the subprocess
-CACHE = os.environ.get("FTLAB_TEST_CACHE", ROOT / ".jax_cache")
 
 
 def _config(**overrides):
@@ -146,37 +137,6 @@ def test_evaluator_chosen_by_name(tmp_path):
         loop.from_config({"x": {"type": "nope"}})
     with pytest.raises(ValueError, match=r"config.evals.plugins.w3: .*unexpected keyword"):
         loop.from_config({"w3": {"type": "test_weight", "scale": 1.0, "typo": 1}})
-
-
-_EIGHT_VS_ONE = """
-import json, sys
-import jax
-jax.config.update("jax_compilation_cache_dir", sys.argv[2])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-from configs import maml_fewshot
-from experiments.trainers import fewshot
-assert jax.device_count() == 8
-out = {}
-for devices in (1, 8):
-    c = maml_fewshot.get_config("quick,dataset=digits,method=maml,steps=2")
-    c.optim.meta_batch_size = 8
-    c.evals.num_tasks = c.evals.chunk = 8
-    c.evals.num_steps = (1,)
-    c.parallel.num_devices = devices
-    r = fewshot.train_and_evaluate(c, f"{sys.argv[1]}/{devices}")
-    out[devices] = {k: v for k, v in r.items() if k.startswith("eval/acc")}
-print("RESULT" + json.dumps(out))
-"""
-
-
-@pytest.mark.slow
-def test_fewshot_on_8_simulated_devices_equals_1(tmp_path):
-    proc = testing.run_on_simulated_devices(_EIGHT_VS_ONE, str(tmp_path), str(CACHE), root=ROOT)
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    one, eight = json.loads(line[len("RESULT") :]).values()
-    assert one.keys() == eight.keys() and one
-    for key in one:
-        assert eight[key] == pytest.approx(one[key], abs=1e-6), key
 
 
 def test_classification_evaluator_chosen_by_name_in_the_config(tmp_path):

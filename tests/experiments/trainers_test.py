@@ -1,0 +1,250 @@
+"""Every trainer through the real launcher: killed at a random step and rerun, it ends as an
+uninterrupted run does, bit for bit; run as 2 processes x 4 simulated devices (the multi-host path
+of a Cloud TPU slice, 8 devices in all), it gives the numbers of 1 device and only process 0
+writes the run's files.
+
+Each run is a subprocess of `experiments.main`, so that ``XLA_FLAGS``, ``jax.distributed`` and
+SIGKILL act as they do for a user; the runs share the session's persistent compile cache. The
+kill comes from inside: a wrapper around the plan's compiled steps sends the process SIGKILL at
+its K-th call (counted over every run of a sweep), K drawn at random between
+the first and the last call of a compiled train or evaluation step, with orbax's asynchronous
+saves possibly still in flight.
+"""
+
+import json
+import os
+import pathlib
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CACHE = os.environ.get("FTLAB_TEST_CACHE", str(ROOT / ".jax_cache"))
+
+# Each trainer's tiny config, with global batches that 8 devices divide and checkpoints often
+# enough that a kill usually lands between two of them.
+TRAINERS = {
+    "classification": [
+        "--config=configs/full_ft_minilm.py:tiny",
+        "--config.model.dropout_rate=0.0",  # dropout masks depend on the device layout
+        "--config.optim.num_steps=6",
+        "--config.checkpoint.every_steps=2",
+    ],
+    "meta": [
+        "--config=configs/maml_sinusoid.py:quick",
+        "--config.optim.meta_batch_size=8",
+        "--config.checkpoint.every_steps=2",
+    ],
+    "fewshot": [
+        "--config=configs/maml_fewshot.py:quick",
+        "--config.optim.meta_batch_size=8",
+        "--config.checkpoint.every_steps=2",
+    ],
+    "multitask": ["--config=configs/multitask_yeast.py:quick"],
+    "pretrain": [
+        "--config=configs/pretrain_digits.py:quick,seeds=1",
+        "--config.data.label_fractions=(0.05, 1.0)",  # >= 16 labelled images: batches of 16
+    ],
+    "online": ["--config=configs/online_river.py:quick", "--config.checkpoint.every_steps=2"],
+    "icl": ["--config=configs/icl_smollm2.py:quick", "--config.icl.batch_size=8"],
+    "decoder_tuning": [
+        "--config=configs/tune_smollm2.py:quick,methods=lora",
+        "--config.optim.batch_size=8",
+    ],
+}
+
+# Results that measure time or memory, not the computation.
+_MEASURED = re.compile(r"(_s$|_s_|seconds|per_s|per_sec|rss|_mib)")
+
+# Runs the launcher. "kill:K" SIGKILLs the process at its K-th call of a compiled step (train or
+# evaluation) of the plan; "nan:K" makes the K-th call of a train step return NaN parameters and
+# metrics, as a diverged update does; "run:0" changes nothing. Prints the number of calls (the
+# reference run's count bounds K).
+_LAUNCH = r"""
+import atexit, os, signal, sys
+import jax, jax.numpy as jnp
+from absl import app
+from experiments import main
+from ftlab.core import parallel
+
+fault, at = sys.argv.pop(1).split(":")
+at, calls = int(at), [0]
+
+def diverged(tree):
+    return jax.tree.map(lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+def counted(compile_step, train):
+    def compile(*args, **kwargs):
+        step = compile_step(*args, **kwargs)
+        def run(*args, **kwargs):
+            calls[0] += 1
+            out = step(*args, **kwargs)
+            if calls[0] == at and fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if calls[0] == at and fault == "nan" and train:
+                return diverged(out)
+            return out
+        return run
+    return compile
+
+for plan in (parallel.Plan, getattr(parallel, "ShardedPlan", parallel.Plan)):
+    for name in ("compile_train_step", "compile_eval_step"):
+        if name in vars(plan):
+            setattr(plan, name, counted(vars(plan)[name], name == "compile_train_step"))
+atexit.register(lambda: print(f"CALLS {calls[0]}", flush=True))
+
+# Every file the process opens for writing in the workdir, outside orbax's checkpoint folder
+# (every process of a multi-host job writes its part of a checkpoint there).
+workdir = os.path.realpath(next(a for a in sys.argv if a.startswith("--workdir=")).split("=", 1)[1])
+
+def audit(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path, mode, flags = os.path.realpath(os.fsdecode(args[0])), args[1] or "", args[2] or 0
+        writes = any(c in mode for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        inside = path.startswith(workdir + os.sep)
+        if writes and inside and "checkpoints" not in path[len(workdir):].split(os.sep):
+            print(f"WROTE {path[len(workdir) + 1:]}", flush=True)
+
+sys.addaudithook(audit)
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def _launch(args, workdir, *, fault="run:0", devices=1, process=None):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = CACHE
+    env["PYTHONPATH"] = str(ROOT)
+    argv = [sys.executable, "-c", _LAUNCH, fault, *args, f"--workdir={workdir}"]
+    if process is not None:
+        port, index = process
+        argv += [
+            "--config.parallel.multihost=True",
+            f"--config.parallel.coordinator_address=127.0.0.1:{port}",
+            "--config.parallel.num_processes=2",
+            f"--config.parallel.process_id={index}",
+        ]
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(proc, *, status=0, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == status, out[-4000:]
+    return out
+
+
+def _computed(tree):
+    """``tree`` without the entries that measure time or memory."""
+    if isinstance(tree, dict):
+        return {k: _computed(v) for k, v in tree.items() if not _MEASURED.search(k)}
+    if isinstance(tree, list):
+        return [_computed(v) for v in tree]
+    return tree
+
+
+def _outcome(workdir):
+    """The run's results and metric lines (of every run of a sweep), without timings."""
+    workdir = pathlib.Path(workdir)
+    results = json.loads((workdir / "results.json").read_text())
+    lines = {
+        str(path.relative_to(workdir)): [
+            _computed(json.loads(x)) for x in path.read_text().splitlines()
+        ]
+        for path in sorted(workdir.rglob("metrics.jsonl"))
+    }
+    assert lines, f"no metrics.jsonl in {workdir}"
+    return _computed(results), lines
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Each trainer run once, uninterrupted, on 1 device: (outcome, batches asked for)."""
+    return {}
+
+
+def _reference(name, reference, tmp_path_factory):
+    if name not in reference:
+        workdir = tmp_path_factory.mktemp(f"{name}_reference")
+        out = _finish(_launch(TRAINERS[name], workdir))
+        calls = int(re.findall(r"^CALLS (\d+)$", out, re.M)[-1])
+        reference[name] = (_outcome(workdir), calls)
+    return reference[name]
+
+
+@pytest.mark.parametrize("name", sorted(TRAINERS))
+def test_killed_at_a_random_step_and_rerun_equals_uninterrupted(
+    name, reference, tmp_path, tmp_path_factory
+):
+    expected, calls = _reference(name, reference, tmp_path_factory)
+    assert calls >= 2
+    kill_at = random.randint(2, calls)
+    _finish(_launch(TRAINERS[name], tmp_path, fault=f"kill:{kill_at}"), status=-signal.SIGKILL)
+    _finish(_launch(TRAINERS[name], tmp_path))
+    results, lines = _outcome(tmp_path)
+    where = f"killed at compiled-step call {kill_at} of {calls}"
+    assert results == expected[0], where
+    assert lines == expected[1], where
+
+
+# ICL trains nothing: no update can diverge.
+@pytest.mark.parametrize("name", sorted(set(TRAINERS) - {"icl"}))
+def test_a_diverged_update_stops_naming_the_step_and_a_rerun_ends_as_uninterrupted(
+    name, reference, tmp_path, tmp_path_factory
+):
+    expected, _ = _reference(name, reference, tmp_path_factory)
+    out = _finish(_launch(TRAINERS[name], tmp_path, fault="nan:2"), status=1)
+    assert re.search(r"=nan at step \d+", out), out[-3000:]
+    # the last good checkpoint is restorable: the same command ends as if nothing had happened
+    _finish(_launch(TRAINERS[name], tmp_path))
+    assert _outcome(tmp_path) == expected
+
+
+@pytest.mark.parametrize("name", sorted(TRAINERS))
+def test_two_processes_of_four_devices_equal_one_device_and_only_process_0_writes(
+    name, reference, tmp_path, tmp_path_factory
+):
+    expected, _ = _reference(name, reference, tmp_path_factory)
+    port = _free_port()
+    # One workdir, as a multi-host job on a shared file system has.
+    procs = [
+        _launch(TRAINERS[name], tmp_path, devices=4, process=(port, index)) for index in (0, 1)
+    ]
+    chief, other = (_finish(proc) for proc in procs)
+    results, lines = _outcome(tmp_path)
+    _close(lines, expected[1])
+    _close(results, expected[0])
+    wrote = {
+        index: re.findall(r"^WROTE (.+)$", out, re.M) for index, out in enumerate((chief, other))
+    }
+    assert "results.json.tmp" in wrote[0] or "results.json" in wrote[0], wrote[0]
+    assert wrote[1] == [], wrote[1]
+
+
+def _close(got, want, *, rel=1e-4, abs_=1e-5):
+    """Asserts equal structure, strings and integers, and floats within reassociation error."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (got, want)
+        for k in want:
+            _close(got[k], want[k], rel=rel, abs_=abs_)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (got, want)
+        for g, w in zip(got, want, strict=True):
+            _close(g, w, rel=rel, abs_=abs_)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=rel, abs=abs_), (got, want)
+    else:
+        assert got == want
