@@ -10,6 +10,8 @@ with a LoRA per task, ``decoder_tuning`` tunes the decoder that ``icl`` prompts)
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -18,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from safetensors import numpy as safetensors_numpy
 
 from ftlab import icl
-from ftlab.core import loading, parallel
-from ftlab.models import attention, bert, llama
+from ftlab.core import loading, parallel, partition
+from ftlab.models import attention, bert, hooks, llama
 from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
 
 __all__ = [
@@ -33,11 +36,15 @@ __all__ = [
     "MLP",
     "Norm",
     "PEFT_METHODS",
+    "STRUCTURAL",
     "add_method",
     "classifier_apply",
     "decoder",
     "encoder_classifier",
+    "encoder_method",
+    "encoder_sites",
     "hf_encoder",
+    "save_method",
 ]
 
 
@@ -287,6 +294,65 @@ def classifier_apply(model: bert.BertClassifier):
         )
 
     return apply
+
+
+# Methods that attach through the model's hook sites (`ftlab.models.hooks`).
+STRUCTURAL = ("adapters", "prompt", "prefix", "reft")
+
+
+def encoder_sites(config: ml_collections.ConfigDict, params, apply) -> tuple[hooks.Site, ...]:
+    """The model's hook sites (`hooks.discover`), traced on a one-row batch of the data's length."""
+    ids = np.zeros((1, config.data.max_length), np.int32)
+    return hooks.discover(
+        apply, params, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, None
+    )
+
+
+def encoder_method(config: ml_collections.ConfigDict, params, apply, *, sites=None):
+    """Applies ``config.peft``'s tree transformation (`add_method`) to the classifier.
+
+    Returns ``(params, apply)``. ``sites``: the model's hook sites (`encoder_sites`), traced here
+    when needed.
+    """
+    if config.peft.method in STRUCTURAL and sites is None:
+        sites = encoder_sites(config, params, apply)
+    rng = jax.random.PRNGKey(config.seed + 1)
+    params, wrap = add_method(config.peft, config.peft.method, params, rng, sites=sites)
+    return params, wrap(apply)
+
+
+def save_method(
+    config: ml_collections.ConfigDict, trainable, frozen, workdir: pathlib.Path, *, sites=None
+) -> dict:
+    """Writes the trained leaves alone (method leaves + head), not the frozen base.
+
+    LoRA adapters are also exported in Hugging Face PEFT's format (``adapter_peft/``). Prefix
+    tuning needs the model's hook ``sites`` (`encoder_sites`) to lay out its prefixes.
+    """
+    from third_party import peft_format  # noqa: PLC0415 - only LoRA exports
+
+    if config.peft.method == "none":
+        return {}
+    trainable = jax.device_get(trainable)
+    if config.peft.method == "prefix":
+        # Inference needs only the prefixes: evaluate the reparametrising MLP once, drop it.
+        full = prefix.finalize(partition.merge(trainable, jax.device_get(frozen)), sites)
+        trainable = partition.merge(prefix.adapter(full), {"head": trainable["head"]})
+    path = workdir / "adapter.safetensors"
+    safetensors_numpy.save_file(
+        {k: np.asarray(v) for k, v in partition.flatten(trainable).items()},
+        str(path),
+        metadata={"peft": json.dumps(config.peft.to_dict())},
+    )
+    if config.peft.method == "lora":
+        peft_format.export(
+            workdir / "adapter_peft",
+            lora.adapter(trainable),
+            rank=config.peft.rank,
+            alpha=config.peft.alpha,
+            lora_dropout=config.peft.dropout,
+        )
+    return {"adapter_bytes": path.stat().st_size}
 
 
 # -- the Llama decoder (SmolLM2 or a tiny stand-in) and its prompted tasks -----------------------

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ftlab.core import partition
 from ftlab.types import Params, PRNGKey, PyTree
@@ -55,10 +56,13 @@ __all__ = [
     "lambda_matrix",
     "masked_mean",
     "pairwise_penalty",
+    "per_example_loss",
     "per_task",
+    "sampler",
     "select",
     "stack",
     "task_axes",
+    "task_metrics",
     "uncertainty_factors",
     "uncertainty_weighted",
     "weighted_sum",
@@ -384,3 +388,79 @@ def pairwise_penalty(stacked: PyTree, lam: jax.Array) -> jax.Array:
         gram = jnp.matmul(theta, theta.T, precision=jax.lax.Precision.HIGHEST)
         total = total + jnp.sum(row_sums * jnp.diagonal(gram)) - jnp.sum(lam * gram)
     return total
+
+
+# -- per-task losses, batches and metrics ----------------------------------------------------
+
+
+def per_example_loss(kind: str, pred: jax.Array, y: jax.Array) -> jax.Array:
+    """Sigmoid cross-entropy of logits against 0/1 targets (``"classification"``), else the
+    squared error."""
+    if kind == "classification":
+        return optax.sigmoid_binary_cross_entropy(pred, y)
+    return jnp.square(pred - y)
+
+
+def sampler(split: Mapping[str, np.ndarray], batch_size: int):
+    """``sample(rng) -> batch``: the full padded split (batch_size 0) or per-task rows.
+
+    ``split`` holds ``[T, N, ...]`` arrays whose real rows come first, as ``split["mask"]``
+    ``[T, N]`` marks them. Minibatches draw ``batch_size`` rows per task uniformly with
+    replacement from that task's real rows.
+    """
+    arrays = {k: jnp.asarray(v) for k, v in split.items()}
+    if batch_size == 0:
+        return lambda rng: arrays
+    counts = jnp.sum(arrays["mask"] > 0, axis=1).astype(jnp.float32)
+
+    def sample(rng):
+        u = jax.random.uniform(rng, (counts.shape[0], batch_size))
+        # Rows [0, count_t) are task t's real rows: index them uniformly, never the padding.
+        idx = jnp.minimum(jnp.floor(u * counts[:, None]), counts[:, None] - 1).astype(jnp.int32)
+        return {
+            k: jnp.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1)
+            for k, v in arrays.items()
+        }
+
+    return sample
+
+
+def task_metrics(
+    kind: str, pred: np.ndarray, y: np.ndarray, mask: np.ndarray, *, y_std: float = 1.0
+) -> dict:
+    """Per-task metrics of predictions: accuracy and F1 (classification) or MSE (regression).
+
+    Args:
+      kind: ``"classification"`` (``pred`` are logits, ``y`` 0/1) or ``"regression"``.
+      pred, y, mask: ``[T, N]`` predictions, targets and real-row mask (padding 0).
+      y_std: the targets' standard deviation: MSE is reported in raw units (``y`` standardised).
+
+    Returns:
+      ``{"per_task": {metric: [T floats]}, "mean": {metric: float}}``; regression adds
+      ``pooled_mse`` (over all real rows) to the means.
+
+    >>> r = task_metrics("classification", np.array([[1.0, -1.0]]), np.array([[1.0, 1.0]]),
+    ...                  np.ones((1, 2)))
+    >>> r["per_task"]["accuracy"], r["mean"]["f1"]
+    ([0.5], 0.6666666666666666)
+    """
+    mask = mask > 0
+    if kind == "classification":
+        hit = (pred > 0) == (y > 0.5)
+        tp = np.sum((pred > 0) & (y > 0.5) & mask, axis=1)
+        fp = np.sum((pred > 0) & (y < 0.5) & mask, axis=1)
+        fn = np.sum((pred <= 0) & (y > 0.5) & mask, axis=1)
+        accuracy = np.sum(hit & mask, axis=1) / np.sum(mask, axis=1)
+        # F1 of a task with no predicted and no true positives is 0 (sklearn's zero_division=0).
+        f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+        per_task = {"accuracy": accuracy, "f1": f1}
+        mean = {"accuracy": float(accuracy.mean()), "f1": float(f1.mean())}
+    else:
+        sq = np.square(pred - y) * mask * y_std**2
+        mse = sq.sum(axis=1) / mask.sum(axis=1)
+        per_task = {"mse": mse}
+        mean = {"mse": float(mse.mean()), "pooled_mse": float(sq.sum() / mask.sum())}
+    return {
+        "per_task": {k: [float(v) for v in vals] for k, vals in per_task.items()},
+        "mean": mean,
+    }

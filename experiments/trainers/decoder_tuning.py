@@ -32,7 +32,6 @@ References:
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 
 import jax
@@ -42,7 +41,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import finished, loop, models
+from experiments import finished, loop, models, reports
 from ftlab import icl
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train
@@ -247,99 +246,10 @@ def run_one(
     }
 
 
-def summarize(runs: list[dict]) -> list[dict]:
-    """Mean and std of accuracy over seeds, per (method, n)."""
-    rows = {}
-    for r in runs:
-        rows.setdefault((r["method"], r["n"]), []).append(r)
-    out = []
-    for (method, n), rs in sorted(rows.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
-        accs = [r["accuracy"] for r in rs]
-        out.append(
-            {
-                "method": method,
-                "n": n,
-                "seeds": len(rs),
-                "accuracy_mean": float(np.mean(accs)),
-                "accuracy_std": float(np.std(accs)),
-                "trainable_params": rs[0]["trainable_params"],
-                "base_mib_during_training": rs[0]["base_mib_during_training"],
-                "train_seconds": float(np.mean([r["train_seconds"] for r in rs])),
-            }
-        )
-    return out
-
-
-def _icl_points(path: str, task: str) -> dict[int, tuple[float, float]]:
-    if not path or not pathlib.Path(path).exists():
-        return {}
-    r = json.loads(pathlib.Path(path).read_text())["tasks"].get(task)
-    return {} if r is None else {int(k): (s["mean"], s["std"]) for k, s in r["shots"].items()}
-
-
-def table(rows: list[dict], icl_points: dict) -> str:
-    """One row per method: trainable parameters, base memory, accuracy (± std over seeds) per n."""
-
-    def accuracy(r):
-        spread = f" ± {r['accuracy_std']:.3f}" if r["seeds"] > 1 else ""
-        return f"{r['accuracy_mean']:.3f}{spread}"
-
-    first = lambda key: lambda w: next(v for k, v in w.items() if k != "method")[key]  # noqa: E731
-    columns = [
-        report_lib.Column("method"),
-        report_lib.Column("trainable", first("trainable_params"), "{:,}"),
-        report_lib.Column("base held (MiB)", first("base_mib_during_training"), "{:.0f}"),
-        *(
-            report_lib.Column(f"n={n}", lambda w, n=n: w.get(n), accuracy)
-            for n in sorted({r["n"] for r in rows})
-        ),
-    ]
-    notes = []
-    if icl_points:
-        shots = ", ".join(f"k={k}: {m:.3f} ± {s:.3f}" for k, (m, s) in sorted(icl_points.items()))
-        notes.append(f"ICL on the same test examples (k demonstrations, no training): {shots}")
-    wide = report_lib.pivot(rows, index=("method",), column="n")
-    return report_lib.table(wide, columns, notes=notes)
-
-
-def plot(rows: list[dict], icl_points: dict, majority: float):
-    """Accuracy against n (log2 x) per method, the ICL points at n = k, and the baselines."""
-    lines = report_lib.grouped_lines(
-        rows, by=("method",), x="n", y="accuracy_mean", yerr="accuracy_std",
-        style={"marker": "o", "capsize": 3},
-    )  # fmt: skip
-    hlines = []
-    if icl_points:
-        ks = sorted(k for k in icl_points if k > 0)
-        lines.append(
-            report_lib.Line(
-                ks,
-                [icl_points[k][0] for k in ks],
-                yerr=[icl_points[k][1] for k in ks],
-                label="ICL (k demonstrations)",
-                style={"marker": "s", "ls": "--", "color": "k", "capsize": 3},
-            )
-        )
-        if 0 in icl_points:
-            style = {"color": "k", "ls": ":", "lw": 1}
-            hlines.append(report_lib.HLine(icl_points[0][0], label="zero-shot", style=style))
-    style = {"color": "grey", "ls": "-.", "lw": 1}
-    hlines.append(report_lib.HLine(majority, label="majority class", style=style))
-    return report_lib.line_plot(
-        lines,
-        hlines=hlines,
-        xscale=("log", {"base": 2}),
-        xlabel="labelled examples (tuning) / demonstrations (ICL)",
-        ylabel="test accuracy",
-        legend={"fontsize": 8},
-        figsize=(6, 4),
-    )
-
-
 def report(config, workdir: pathlib.Path, runs: list[dict], *, n_test: int, majority: float):
     """Writes results.json, results.md and the plot for the runs finished so far."""
-    rows = summarize(runs)
-    points = _icl_points(config.icl_results, config.data.task)
+    rows = reports.decoder_summary(runs, METHODS)
+    points = reports.icl_points(config.icl_results, config.data.task)
     results = {
         "task": config.data.task,
         "model": config.model.name,
@@ -350,8 +260,12 @@ def report(config, workdir: pathlib.Path, runs: list[dict], *, n_test: int, majo
         "runs": runs,
     }
     if jax.process_index() == 0:  # one writer in a multi-process job
-        report_lib.save_table(workdir / "results", markdown=table(rows, points), data=results)
-        report_lib.save_figure(plot(rows, points, majority), workdir / "tuning_vs_icl.png")
+        report_lib.save_table(
+            workdir / "results", markdown=reports.decoder_table(rows, points), data=results
+        )
+        report_lib.save_figure(
+            reports.decoder_plot(rows, points, majority), workdir / "tuning_vs_icl.png"
+        )
     return rows
 
 

@@ -33,9 +33,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import evaluation, loop, models
+from experiments import evaluation, loop, models, reports
 from ftlab import meta
-from ftlab.core import parallel, partition, report, train
+from ftlab.core import partition, report, train
 from ftlab.data import fewshot
 
 METHODS = ("maml", "fomaml", "anil", "reptile", "finetune")
@@ -115,7 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ways = d.ways
     rules = inner_rules(config)
     tx = optax.adam(config.optim.lr)
-    plan = parallel.make_plan(config.parallel.mode, num_devices=config.parallel.num_devices)
+    plan = loop.plan_from(config)
     what = "pretrain_batch_size" if method == "finetune" else "meta_batch_size"
     plan.check_batch_size(config.optim[what], what=f"config.optim.{what}")
     if (method, config.model.norm, plan.mode) == ("finetune", "batch", "pmap") and (
@@ -215,68 +215,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if run.is_chief:
         run.write({k: v for k, v in results.items() if k.startswith("eval/acc")})
         report.save_json(workdir / "results.json", results)
-        write_table([results], workdir / "results.md")
-        report.save_figure(plot([results]), workdir / "accuracy.png", dpi=90)
+        reports.fewshot_table([results], workdir / "results.md", methods=METHODS)
+        report.save_figure(reports.fewshot_plot([results]), workdir / "accuracy.png", dpi=90)
         logging.info("results: %s", json.dumps(results))
     run.close()
     return results
-
-
-def _steps(rows: list[dict]) -> list[int]:
-    """The step counts of the runs' ``eval/acc_step_<k>`` results, sorted."""
-    keys = (k for r in rows for k in r if k.startswith("eval/acc_step_") and "_ci" not in k)
-    return sorted({int(k[len("eval/acc_step_") :]) for k in keys})
-
-
-def write_table(rows: list[dict], path) -> str:
-    """A markdown table: one row per run, accuracy (%) +- 95% interval after each step count."""
-
-    def accuracy(k):
-        def cell(r):
-            a, ci = r.get(f"eval/acc_step_{k}"), r.get(f"eval/acc_step_{k}_ci95")
-            return "-" if a is None else f"{100 * a:.1f} +- {100 * ci:.1f}"
-
-        return report.Column(f"{k} steps", cell)
-
-    columns = [
-        report.Column(
-            "dataset", lambda r: r["dataset"] + (" (synthetic)" if r["synthetic"] else "")
-        ),
-        report.Column("shots", "shots", "5-way {}-shot"),
-        report.Column("method"),
-        report.Column("iters", "meta_iterations"),
-        *(accuracy(k) for k in _steps(rows)),
-    ]
-    order = lambda r: (r["dataset"], r["shots"], METHODS.index(r["method"]))  # noqa: E731
-    text = report.table(sorted(rows, key=order), columns)
-    report.save_text(path, text)
-    return text
-
-
-def plot(rows: list[dict]):
-    """Accuracy against fine-tuning steps, one panel per (dataset, shots), 95% error bars."""
-    panels = []
-    for ds, shots in sorted({(r["dataset"], r["shots"]) for r in rows}):
-        lines = []
-        for r in rows:
-            if (r["dataset"], r["shots"]) == (ds, shots):
-                ks = _steps([r])
-                acc = [100 * r[f"eval/acc_step_{k}"] for k in ks]
-                ci = [100 * r[f"eval/acc_step_{k}_ci95"] for k in ks]
-                style = {"marker": "o", "capsize": 3}
-                lines.append(report.Line(ks, acc, yerr=ci, label=r["method"], style=style))
-        synth = " (synthetic)" if ds == "glyphs" else ""
-        panels.append(
-            report.Panel(
-                lines,
-                title=f"{ds}{synth}, 5-way {shots}-shot",
-                xlabel="fine-tuning steps",
-                ylabel="query accuracy (%)",
-                legend={"fontsize": 7},
-                grid=None,
-            )
-        )
-    return report.panels_plot(panels, figsize=(4.0 * len(panels), 3.4))
 
 
 def main(argv: list[str]) -> None:
@@ -289,8 +232,8 @@ def main(argv: list[str]) -> None:
     ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(write_table(rows, out / "table.md"))
-    report.save_figure(plot(rows), out / "accuracy.png", dpi=90)
+    print(reports.fewshot_table(rows, out / "table.md", methods=METHODS))
+    report.save_figure(reports.fewshot_plot(rows), out / "accuracy.png", dpi=90)
 
 
 if __name__ == "__main__":

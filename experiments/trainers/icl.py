@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import finished, loop, models
+from experiments import finished, loop, models, reports
 from ftlab import icl
 from ftlab.core import parallel, report
 from ftlab.data import rotten_tomatoes
@@ -126,52 +126,6 @@ def evaluate_task(config, model: models.Decoder, name: str, *, plan, params, hit
     return out
 
 
-def _table(results: dict) -> str:
-    """One row per task: the majority baseline, then mean (± std over draws) accuracy per k."""
-    shots = sorted({int(k) for r in results["tasks"].values() for k in r["shots"]})
-    rows = []
-    for name, r in results["tasks"].items():
-        cells = [name, f"{r['majority_baseline']:.3f}"]
-        for k in shots:
-            s = r["shots"].get(str(k))
-            if s is None:
-                cells.append("")
-            elif len(s["accuracy_per_draw"]) == 1:
-                cells.append(f"{s['mean']:.3f}")
-            else:
-                cells.append(f"{s['mean']:.3f} ± {s['std']:.3f}")
-        rows.append(cells)
-    return report.markdown_table(["task", "majority", *(f"k={k}" for k in shots)], rows)
-
-
-def _plot(results: dict):
-    """Accuracy against k per task (error bars: std over draws), dotted: its majority class."""
-    lines, baselines = [], []
-    for i, (name, r) in enumerate(results["tasks"].items()):
-        ks = sorted(int(k) for k in r["shots"])
-        lines.append(
-            report.Line(
-                ks,
-                [r["shots"][str(k)]["mean"] for k in ks],
-                yerr=[r["shots"][str(k)]["std"] for k in ks],
-                label=name,
-                style={"marker": "o", "capsize": 3, "color": f"C{i}"},
-            )
-        )
-        style = {"ls": ":", "lw": 1, "color": f"C{i}"}
-        baselines.append(report.HLine(r["majority_baseline"], style=style))
-    return report.line_plot(
-        lines,
-        hlines=baselines,
-        xlabel="demonstrations k",
-        ylabel="accuracy",
-        title=f"ICL, {results['model']} (dotted: majority class)",
-        legend={},
-        grid=None,
-        figsize=(5, 3.5),
-    )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the evaluation and writes results.json, results.md, icl.png and metrics.jsonl."""
     workdir = pathlib.Path(workdir)
@@ -209,9 +163,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if writer is not None:
         writer.close()
     results["wall_seconds"] = time.perf_counter() - start
-    table = _table(results)
+    table = reports.icl_table(results)
     if is_chief:
         report.save_table(workdir / "results", markdown=table, data=results)
-        report.save_figure(_plot(results), workdir / "icl.png")
+        report.save_figure(reports.icl_plot(results), workdir / "icl.png")
     logging.info("ICL results:\n%s", table)
     return results

@@ -19,10 +19,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import evaluation, loop, models
+from experiments import evaluation, loop, models, reports
 from ftlab import meta
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, partition, report, train
+from ftlab.core import partition, report, train
 from ftlab.data import sinusoid
 
 METHODS = ("maml", "fomaml", "anil", "metasgd", "reptile", "pretrained")
@@ -162,39 +162,6 @@ def eval_inner_lr(config, state):
     return config.meta.inner_lr
 
 
-def plot_adapted(config, tasks, curves):
-    """True sine, the K support points, and the curves before and after 1 and 10 steps."""
-    x, panels = PLOT_GRID[:, 0], []
-    for i in range(PLOT_TASKS):
-        amp, phase = tasks["task"]["amplitude"][i], tasks["task"]["phase"][i]
-        sx, sy = tasks["support"]["x"][i, :, 0], tasks["support"]["y"][i, :, 0]
-        lines = [
-            report.Line(x, sinusoid.curve(amp, phase, x), label="true", style={"color": "k"}),
-            report.Line(
-                sx, sy, label=f"K={len(sx)}", style={"color": "k", "marker": "^", "ls": ""}
-            ),
-        ]
-        for j, (k, ls) in enumerate(zip(PLOT_STEPS, (":", "--", "-"), strict=True)):
-            label = "pre-update" if k == 0 else f"{k} steps"
-            lines.append(report.Line(x, curves[i, j], label=label, style={"ls": ls}))
-        panels.append(
-            report.Panel(
-                lines,
-                title=f"A={amp:.2f}, phase={phase:.2f}",
-                # Amplitudes are at most 5; a diverged fine-tune (Meta-SGD's rates are tuned
-                # for one step) would otherwise squash every other curve.
-                ylim=(-6.0, 6.0),
-                legend={"fontsize": 7} if i == 0 else None,
-                grid=None,
-            )
-        )
-    return report.panels_plot(
-        panels,
-        figsize=(4.2 * PLOT_TASKS, 3.4),
-        suptitle=f"{config.meta.method}: adapted curves on held-out tasks",
-    )
-
-
 # -- main ----------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Meta-trains ``config.meta.method``, evaluates on held-out tasks, writes into ``workdir``.
@@ -208,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise ValueError(f"config.meta.method={method!r}; expected one of {METHODS}")
     if config.data.task != "sinusoid":
         raise ValueError(f"config.data.task={config.data.task!r}; expected 'sinusoid'")
-    plan = parallel.make_plan(config.parallel.mode, num_devices=config.parallel.num_devices)
+    plan = loop.plan_from(config)
     plan.check_batch_size(config.optim.meta_batch_size, what="config.optim.meta_batch_size")
 
     # -- model, optimizer, state -------------------------------------------------------------
@@ -270,7 +237,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if run.is_chief:
         run.write({k: v for k, v in results.items() if k.startswith("eval/mse")})
         report.save_json(workdir / "results.json", results)
-        plot = plot_adapted(config, held_out, curves)
+        plot = reports.meta_adapted_plot(
+            method, held_out, curves, grid=PLOT_GRID, steps=PLOT_STEPS, num_tasks=PLOT_TASKS
+        )
         report.save_figure(plot, workdir / "adapted_curves.png", dpi=90)
         if config.plot_metrics:
             metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)

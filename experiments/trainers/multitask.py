@@ -30,7 +30,6 @@ the text path's LoRA methods (`train_lora_per_task`).
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import finished, loop, models
+from experiments import data as data_lib
+from experiments import finished, loop, models, reports
 from ftlab import multitask
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import partition, report, train
@@ -78,12 +78,6 @@ def method_runs(config: ml_collections.ConfigDict) -> list[tuple[str, str, objec
     return runs
 
 
-def _per_example_loss(kind: str, pred: jax.Array, y: jax.Array) -> jax.Array:
-    if kind == "classification":
-        return optax.sigmoid_binary_cross_entropy(pred, y)
-    return jnp.square(pred - y)
-
-
 def build_run(config, data: multitask_data.TaskData, method: str, lam_spec):
     """Initial parameters, labels, optimizer and loss for one method."""
     num_tasks = len(data.task_names)
@@ -114,7 +108,9 @@ def build_run(config, data: multitask_data.TaskData, method: str, lam_spec):
 
     def task_loss(net, batch):
         pred = apply(net, batch)
-        return multitask.masked_mean(_per_example_loss(data.kind, pred, batch["y"]), batch["mask"])
+        return multitask.masked_mean(
+            multitask.per_example_loss(data.kind, pred, batch["y"]), batch["mask"]
+        )
 
     def loss_fn(params, batch, rng):
         del rng
@@ -140,30 +136,6 @@ def build_run(config, data: multitask_data.TaskData, method: str, lam_spec):
     tx = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay, mask=decay_mask)
     tx = partition.optimizer({multitask.TASK: tx, multitask.SHARED: tx}, label_tree)
     return params, label_tree, tx, loss_fn, predict
-
-
-def _sampler(split: Mapping[str, np.ndarray], batch_size: int):
-    """``sample(rng) -> batch``: the full padded split (batch_size 0) or per-task rows.
-
-    ``split`` holds ``[T, N, ...]`` arrays whose real rows come first, as ``split["mask"]``
-    ``[T, N]`` marks them. Minibatches draw ``batch_size`` rows per task uniformly with
-    replacement from that task's real rows.
-    """
-    arrays = {k: jnp.asarray(v) for k, v in split.items()}
-    if batch_size == 0:
-        return lambda rng: arrays
-    counts = jnp.sum(arrays["mask"] > 0, axis=1).astype(jnp.float32)
-
-    def sample(rng):
-        u = jax.random.uniform(rng, (counts.shape[0], batch_size))
-        # Rows [0, count_t) are task t's real rows: index them uniformly, never the padding.
-        idx = jnp.minimum(jnp.floor(u * counts[:, None]), counts[:, None] - 1).astype(jnp.int32)
-        return {
-            k: jnp.take_along_axis(v, idx.reshape(idx.shape + (1,) * (v.ndim - 2)), axis=1)
-            for k, v in arrays.items()
-        }
-
-    return sample
 
 
 def _fit(config, workdir, plan, params, label_tree, tx, loss_fn, sample, writer, name):
@@ -231,81 +203,13 @@ def _sweep(config, workdir, names, train_one) -> tuple[dict, str | None]:
 def _save(workdir: pathlib.Path, results: dict, out: dict) -> dict:
     """Writes results.md/.json, per_task.png and the training curves (process 0); returns out."""
     if jax.process_index() == 0:  # one writer in a multi-process job
-        table = markdown_table(results, out["task_names"])
+        table = reports.multitask_table(results, out["task_names"])
         report.save_table(workdir / "results", markdown=table, data=out)
-        plot = plot_per_task(results, out["task_names"])
+        plot = reports.multitask_plot(results, out["task_names"])
         report.save_figure(plot, workdir / "per_task.png", dpi=120)
         metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
         print(table, flush=True)
     return out
-
-
-def evaluate(kind: str, pred: np.ndarray, split: multitask_data.TaskSplit, y_std: float) -> dict:
-    """Per-task test metrics: accuracy and F1 (classification) or MSE in raw units (regression)."""
-    mask, y = split.mask > 0, split.y
-    if kind == "classification":
-        hit = (pred > 0) == (y > 0.5)
-        tp = np.sum((pred > 0) & (y > 0.5) & mask, axis=1)
-        fp = np.sum((pred > 0) & (y < 0.5) & mask, axis=1)
-        fn = np.sum((pred <= 0) & (y > 0.5) & mask, axis=1)
-        accuracy = np.sum(hit & mask, axis=1) / np.sum(mask, axis=1)
-        # F1 of a task with no predicted and no true positives is 0 (sklearn's zero_division=0).
-        f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
-        per_task = {"accuracy": accuracy, "f1": f1}
-        mean = {"accuracy": float(accuracy.mean()), "f1": float(f1.mean())}
-    else:
-        sq = np.square(pred - y) * mask * y_std**2
-        mse = sq.sum(axis=1) / mask.sum(axis=1)
-        per_task = {"mse": mse}
-        mean = {"mse": float(mse.mean()), "pooled_mse": float(sq.sum() / mask.sum())}
-    return {
-        "per_task": {k: [float(v) for v in vals] for k, vals in per_task.items()},
-        "mean": mean,
-    }
-
-
-def markdown_table(results: dict, task_names: Sequence[str], *, max_task_columns: int = 16) -> str:
-    """Methods as rows; per-task columns (if at most ``max_task_columns`` tasks) then means."""
-    first = next(iter(results.values()))
-    metric = next(iter(first["per_task"]))
-    show_tasks = len(task_names) <= max_task_columns
-    header = ["method", *(task_names if show_tasks else []), *(f"mean {k}" for k in first["mean"])]
-    rows = []
-    for name, r in results.items():
-        cells = [name] + ([f"{v:.3f}" for v in r["per_task"][metric]] if show_tasks else [])
-        rows.append(cells + [f"{v:.4f}" for v in r["mean"].values()])
-    note = f"per-task cells: test {metric}" if show_tasks else "per-task values: results.json"
-    return report.markdown_table(header, rows, notes=[f"({note})"])
-
-
-def plot_per_task(results: dict, task_names: Sequence[str]):
-    """The first metric per task and method (tasks sorted by the first method's value)."""
-    first = next(iter(results.values()))
-    metric = next(iter(first["per_task"]))
-    order = np.argsort(first["per_task"][metric])
-    lines = [
-        report.Line(
-            np.arange(len(order)),
-            np.asarray(r["per_task"][metric])[order],
-            label=f"{name} ({r['mean'][metric]:.3f})",
-            style={"marker": "o", "ms": 3, "lw": 1},
-        )
-        for name, r in results.items()
-    ]
-    xticks = None
-    if len(task_names) <= 20:
-        xticks = (np.arange(len(task_names)), [task_names[i] for i in order], 60)
-    return report.line_plot(
-        lines,
-        xticks=xticks,
-        xlabel=f"task (sorted by {next(iter(results))})",
-        ylabel=f"test {metric}",
-        # a few small classes have errors 100x the typical one
-        yscale="log" if metric == "mse" else "linear",
-        legend={"fontsize": 7, "title": "method (mean)"},
-        grid=None,
-        figsize=(max(6.0, 0.1 * len(task_names) + 4), 4),
-    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -343,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         data.train.counts.tolist(),
         data.test.counts.tolist(),
     )
-    sample = _sampler(data.train._asdict(), config.optim.batch_size)
+    sample = multitask.sampler(data.train._asdict(), config.optim.batch_size)
     plan = loop.plan_from(config)
 
     # -- one run per method -----------------------------------------------------------------
@@ -357,7 +261,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             name,
         )  # fmt: skip
         pred = np.asarray(jax.jit(predict)(state.params, {"x": jnp.asarray(data.test.x)}))
-        result = evaluate(data.kind, pred, data.test, data.y_std)
+        result = multitask.task_metrics(
+            data.kind, pred, data.test.y, data.test.mask, y_std=data.y_std
+        )
         result.update(trainable_params=partition.count(state.trainable), train_s=train_s)
         if method == "hard_uncertainty":
             result["log_var"] = [float(v) for v in state.params["log_var"]]
@@ -372,7 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         constant = np.broadcast_to(majority, data.test.y.shape)
     else:
         constant = np.zeros_like(data.test.y)
-    results["constant"] = evaluate(data.kind, constant, data.test, data.y_std)
+    results["constant"] = multitask.task_metrics(
+        data.kind, constant, data.test.y, data.test.mask, y_std=data.y_std
+    )
     out = {
         "dataset": config.data.dataset,
         "task_names": list(data.task_names),
@@ -401,43 +309,6 @@ LORA_METHODS = {
 }
 
 
-def _text_tasks(config) -> tuple[dict, dict, list[str]]:
-    """Tokenized train/test splits of each Rotten Tomatoes task, padded to ``[T, N, L]``."""
-    from ftlab.data import rotten_tomatoes, text  # noqa: PLC0415 - text tasks only
-    from third_party import minilm  # noqa: PLC0415
-
-    tokenizer = minilm.load_tokenizer(
-        minilm.model_dir() / "tokenizer.json", max_length=config.data.max_length
-    )
-    per_task = {"train": [], "test": []}
-    for task in config.data.tasks:
-        splits = rotten_tomatoes.load(
-            task=task, seed=config.data.seed, limit=config.data.limit or None
-        )
-        for name in per_task:
-            enc = text.encode(tokenizer, splits[name].text, max_length=config.data.max_length)
-            per_task[name].append({**enc, "label": splits[name].label})
-
-    def pad(tasks, multiple):
-        width = -(-max(len(t["label"]) for t in tasks) // multiple) * multiple
-        out = {}
-        for key in ("input_ids", "attention_mask", "label"):
-            shape = (len(tasks), width, *tasks[0][key].shape[1:])
-            out[key] = np.zeros(shape, np.int32)
-            for i, t in enumerate(tasks):
-                out[key][i, : len(t[key])] = t[key]
-        out["mask"] = np.zeros((len(tasks), width), np.float32)
-        for i, t in enumerate(tasks):
-            out["mask"][i, : len(t["label"])] = 1.0
-        return out
-
-    return (
-        pad(per_task["train"], 1),
-        pad(per_task["test"], config.evals.batch_size),
-        list(config.data.tasks),
-    )
-
-
 def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """One LoRA adapter (and head) per task on one frozen encoder, all tasks in one vmapped step.
 
@@ -448,14 +319,14 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
     from ftlab.tasks import classification  # noqa: PLC0415
 
     # -- data -------------------------------------------------------------------------------
-    train_arrays, test_arrays, task_names = _text_tasks(config)
+    train_arrays, test_arrays, task_names = data_lib.rotten_tomatoes_tasks(config)
     num_tasks = len(task_names)
     counts = {
         k: a["mask"].sum(axis=1).astype(int).tolist()
         for k, a in (("train", train_arrays), ("test", test_arrays))
     }
     logging.info("tasks %s: train %s, test %s", task_names, counts["train"], counts["test"])
-    sample = _sampler(train_arrays, config.optim.batch_size)
+    sample = multitask.sampler(train_arrays, config.optim.batch_size)
 
     # -- model: pretrained encoder + LoRA leaves + head -------------------------------------
     model, base = models.encoder_classifier(config)
@@ -506,10 +377,8 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
             ],
             axis=1,
         )
-        split = multitask_data.TaskSplit(
-            x=None, y=test_arrays["label"].astype(np.float32), mask=test_arrays["mask"]
-        )
-        result = evaluate("classification", pred, split, 1.0)
+        labels = test_arrays["label"].astype(np.float32)
+        result = multitask.task_metrics("classification", pred, labels, test_arrays["mask"])
         result.update(trainable_params=partition.count(state.trainable), train_s=train_s)
         # The frozen encoder must come out bit for bit as it went in.
         frozen_before = partition.split(params, label_tree)[1]

@@ -13,7 +13,6 @@ loop step each; the sweep's learners are split over the devices of the data mesh
 from __future__ import annotations
 
 import functools
-import math
 import pathlib
 import time
 from typing import Any
@@ -25,11 +24,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import loop
+from experiments import features, loop, reports
 from ftlab import online
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, report
 from ftlab.data import streams
+from third_party import river
 
 DATA = parallel.DATA_AXIS
 
@@ -47,7 +47,7 @@ def make_learner(config: ml_collections.ConfigDict, lr: Any = None) -> optax.Gra
     raise ValueError(f"config.learner.name={name!r}; expected ogd, adagrad or adam")
 
 
-def load_stream(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, tuple]:
+def load_stream(config: ml_collections.ConfigDict, workdir) -> tuple[np.ndarray, np.ndarray, tuple]:
     """`(x, y, columns)` of the configured stream, limited and standardised as configured.
 
     `config.data.source`: "river" (`config.data.stream` from `ftlab.data.streams`) or
@@ -56,7 +56,7 @@ def load_stream(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarr
     """
     source = config.data.get("source", "river")
     if source == "minilm_rotten_tomatoes":
-        x, y = embed_rotten_tomatoes(config)
+        x, y = embed_rotten_tomatoes(config, workdir)
         columns = tuple(f"e{i}" for i in range(x.shape[1]))
     elif source == "river":
         x, y, columns = streams.load(config.data.stream, limit=config.data.limit or None)
@@ -69,15 +69,18 @@ def load_stream(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarr
     return x, y, columns
 
 
-def embed_rotten_tomatoes(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+def embed_rotten_tomatoes(
+    config: ml_collections.ConfigDict, workdir
+) -> tuple[np.ndarray, np.ndarray]:
     """Sentence embeddings of the Rotten Tomatoes training split by the frozen MiniLM trunk.
 
     The trunk runs once, in batches of `config.data.embed_batch_size` (jit-compiled once, the
-    last batch padded); the online head then learns over the embeddings.
+    last batch padded), cached in the workdir (`experiments.features`); the online head then
+    learns over the embeddings.
     """
-    from ftlab.data import rotten_tomatoes, text
-    from ftlab.models import bert
-    from third_party import minilm
+    from ftlab.data import rotten_tomatoes, text  # noqa: PLC0415 - this source only
+    from ftlab.models import bert  # noqa: PLC0415
+    from third_party import minilm  # noqa: PLC0415
 
     split = rotten_tomatoes.load(
         task="sentiment", seed=config.data.seed, limit=config.data.limit or None
@@ -88,116 +91,18 @@ def embed_rotten_tomatoes(config: ml_collections.ConfigDict) -> tuple[np.ndarray
     )
     # The weights are an argument, not a closed-over constant (XLA would constant-fold them).
     encode = jax.jit(functools.partial(bert.encode_sentences, pretrained.config))
-    weights = jax.device_put(pretrained.params)
-    size, num = config.data.embed_batch_size, len(split.label)
-    out = []
-    for start in range(0, num, size):
-        ids = tokens["input_ids"][start : start + size]
-        mask = tokens["attention_mask"][start : start + size]
-        pad = size - len(ids)
-        ids, mask = (np.pad(a, ((0, pad), (0, 0))) for a in (ids, mask))
-        mask[len(mask) - pad :, 0] = 1  # padded rows: one [PAD] "token", dropped below
-        out.append(np.asarray(encode(weights, ids, mask))[: size - pad])
-    return np.concatenate(out).astype(np.float32), split.label.astype(np.float32)
-
-
-def river_progressive(
-    name: str,
-    x: np.ndarray,
-    y: np.ndarray,
-    columns: tuple,
-    *,
-    lr: float,
-    decay: str,
-    pipeline: bool = False,
-    limit: int | None = None,
-) -> dict[str, float]:
-    """river's progressive validation of the linear model equivalent to ftlab's OGD learner.
-
-    `linear_model.LogisticRegression` (binary) or `LinearRegression` (regression) with
-    `optim.SGD(lr)` (or `InverseScaling(lr, power=0.5)`, which is lr / sqrt(t)) for the weights
-    and the same schedule for the intercept. `pipeline=False` feeds the rows of `x` (the same
-    features ftlab saw); `pipeline=True` feeds river's raw dicts through
-    `preprocessing.StandardScaler()` first (river's own idiom). Predict, score, then learn.
-
-    Returns:
-        `{"accuracy", "log_loss"}` or `{"mae", "rmse"}`, plus `examples_per_s`.
-    """
-    from river import linear_model, metrics, optim, preprocessing
-
-    schedule = lr if decay == "constant" else optim.schedulers.InverseScaling(lr, power=0.5)
-    binary = name not in streams.STREAMS or streams.task(name) == "binary"
-    cls = linear_model.LogisticRegression if binary else linear_model.LinearRegression
-    model = cls(optimizer=optim.SGD(schedule), intercept_lr=schedule)
-    if pipeline:
-        model = preprocessing.StandardScaler() | model
-        source = ((x_, y_) for x_, y_ in streams.dataset(name))
-    else:
-        source = (
-            (dict(zip(columns, map(float, row), strict=True)), float(t))
-            for row, t in zip(x, y, strict=True)
-        )
-    scores = (metrics.Accuracy(), metrics.LogLoss()) if binary else (metrics.MAE(), metrics.RMSE())
-    count = 0
-    start = time.perf_counter()
-    for features, target in source:
-        if limit is not None and count >= limit:
-            break
-        if binary:
-            target = bool(target)
-            proba = model.predict_proba_one(features)
-            scores[0].update(target, max(proba, key=proba.get))
-            scores[1].update(target, proba[True])
-        else:
-            prediction = model.predict_one(features)
-            for s in scores:
-                s.update(target, prediction)
-        model.learn_one(features, target)
-        count += 1
-    elapsed = time.perf_counter() - start
-    names = ("accuracy", "log_loss") if binary else ("mae", "rmse")
-    out = {n: float(s.get()) for n, s in zip(names, scores, strict=True)}
-    out["examples_per_s"] = count / elapsed
-    return out
-
-
-def plot_regret(steps, regret, slope: float, intercept: float, title: str):
-    """Log-log R(t) against t with the fitted line (and a slope-0.5 line through its end)."""
-    steps, regret = np.asarray(steps, float), np.asarray(regret, float)
-    keep = regret > 0
-    lines = [
-        report.Line(
-            steps[keep], regret[keep], label="R(t) (prefix comparators)", style={"marker": "o"}
-        )
-    ]
-    if math.isfinite(slope):
-        lines.append(
-            report.Line(
-                steps,
-                np.exp(intercept) * steps**slope,
-                label=f"fit: slope {slope:.3f}",
-                style={"ls": "--"},
-            )
-        )
-        lines.append(
-            report.Line(
-                steps,
-                np.exp(intercept) * steps[-1] ** (slope - 0.5) * steps**0.5,
-                label="slope 0.5",
-                style={"ls": ":"},
-            )
-        )
-    return report.line_plot(
-        lines,
-        xscale="log",
-        yscale="log",
-        xlabel="t (examples)",
-        ylabel="regret R(t)",
-        title=title,
-        legend={},
-        grid=None,
-        figsize=(5, 4),
-    )
+    weights, size = jax.device_put(pretrained.params), config.data.embed_batch_size
+    x = features.cached(
+        pathlib.Path(workdir),
+        lambda b: encode(weights, b["input_ids"], b["attention_mask"]),
+        {"train": tokens},
+        trunk=pretrained.params,
+        settings=features.settings_of(pretrained.config, batch_size=size, cut="sentences"),
+        batch_size=size,
+        is_chief=jax.process_index() == 0,
+        cut_padding=False,  # every batch of one shape, as the stream's numbers were measured
+    )["train"]
+    return x.astype(np.float32), split.label.astype(np.float32)
 
 
 def learner_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -286,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     name = config.data.stream
 
     # Data: the stream in arrival order, causally standardised.
-    x, y, columns = load_stream(config)
+    x, y, columns = load_stream(config, workdir)
     if not len(y):
         raise ValueError(f"config.data.stream={name!r}: the stream has no examples")
     river_stream = config.data.get("source", "river") == "river"
@@ -412,41 +317,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.evals.river and config.learner.name == "ogd" and config.learner.batch_size == 1:
         if config.learner.delay == 0:
             kw = dict(lr=config.learner.lr, decay=config.learner.decay)
-            results["river/same_features"] = river_progressive(name, x, y, columns, **kw)
+            results["river/same_features"] = river.progressive(name, x, y, columns, **kw)
             if river_stream:
-                results["river/pipeline"] = river_progressive(
+                results["river/pipeline"] = river.progressive(
                     name, x, y, columns, pipeline=True, limit=num, **kw
                 )
     if run.is_chief:
         metrics_lib.plot_curves(workdir / metrics_lib.JSONL_NAME, workdir / "plots")
         title = f"{name}: {config.learner.name} lr={config.learner.lr}"
-        figure = plot_regret(steps, prefix_regret, slope, intercept, title)
+        figure = reports.online_regret_plot(steps, prefix_regret, slope, intercept, title)
         report.save_figure(figure, workdir / "plots" / "regret.png")
         report.save_json(workdir / "results.json", results)
-        report.save_text(workdir / "table.md", _table(results, metric_names))
+        report.save_text(workdir / "table.md", reports.online_table(results, metric_names))
     logging.info("results: %s", {k: v for k, v in results.items() if not isinstance(v, list)})
     return results
-
-
-def _table(results: dict, metric_names: tuple[str, ...]) -> str:
-    """The learner, each step size of the sweep and river's learners: metrics and regret."""
-    learner = results["learner"]
-    rows = [
-        [
-            f"ftlab {learner['name']} lr={learner['lr']} ({learner['decay']})",
-            *(f"{results[f'progressive/{k}']:.4f}" for k in metric_names),
-            f"{results['regret']:.2f} (slope {results['regret/slope']:.3f})",
-        ]
-    ]
-    for lr, row in results["sweep"].items():
-        rows.append(
-            [
-                f"ftlab sweep lr={lr}",
-                *(f"{row[k]:.4f}" for k in metric_names),
-                f"{row['regret_vs_final_comparator']:.2f} (vs u*_T)",
-            ]
-        )
-    for key in ("river/same_features", "river/pipeline"):
-        if key in results:
-            rows.append([key, *(f"{results[key][k]:.4f}" for k in metric_names), ""])
-    return report.markdown_table(["learner", *metric_names, "regret R(T)"], rows)

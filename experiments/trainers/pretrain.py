@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import finished, loop, models
+from experiments import finished, loop, models, reports
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, report, train
 from ftlab.data import images
@@ -158,43 +158,6 @@ def pretrain_encoder(config, fit, method: str, train_images: np.ndarray, *, seed
         workdir / "pretext", state, method, loss_fn, tx, rng=rng, num_steps=steps, **kw
     )
     return state.params["encoder"], [curves]
-
-
-def markdown(rows: list[dict], fractions) -> str:
-    """One row per (method, mode), one column per label fraction: mean ± std test accuracy."""
-    cell = lambda r: f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}"  # noqa: E731
-    columns = [report.Column("method"), report.Column("mode")]
-    columns += [report.Column(f"{100 * f:g}% labels", lambda w, f=f: w[f], cell) for f in fractions]
-    return report.table(report.pivot(rows, index=("method", "mode"), column="fraction"), columns)
-
-
-def plot(rows: list[dict], *, title: str):
-    """Test accuracy against label fraction (log x): colour = method, line style = mode."""
-    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
-    lines = report.grouped_lines(
-        sorted(rows, key=lambda r: (list(colors).index(r["method"]), MODES.index(r["mode"]))),
-        by=("method", "mode"),
-        x="fraction",
-        y="accuracy_mean",
-        yerr="accuracy_std",
-        label=lambda method, mode: f"{method} ({mode})",
-        style=lambda method, mode: {
-            "color": colors[method],
-            "linestyle": {"probe": "-", "finetune": "--"}[mode],
-            "marker": "o",
-            "capsize": 3,
-        },
-    )
-    return report.line_plot(
-        lines,
-        xscale="log",
-        xlabel="fraction of train labels",
-        ylabel="test accuracy",
-        title=title,
-        legend={"fontsize": 8, "ncol": 2},
-        figsize=(7, 4.5),
-        layout="constrained",
-    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -332,12 +295,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_s": time.perf_counter() - start,
         "hardware": f"{platform.machine()} {jax.devices()[0].platform}",
     }
-    table = markdown(rows, fractions)
+    table = reports.pretrain_table(rows, fractions)
     if jax.process_index() != 0:  # one writer in a multi-process job
         return results
     report.save_table(workdir / "results", markdown=table, data=results)
     title = f"{config.data.dataset}: transfer after pretraining ({len(config.seeds)} seeds)"
-    report.save_figure(plot(rows, title=title), workdir / "transfer.png", dpi=110)
+    report.save_figure(
+        reports.pretrain_plot(rows, title=title, modes=MODES), workdir / "transfer.png", dpi=110
+    )
     if (workdir / metrics_lib.JSONL_NAME).stat().st_size:
         metrics_lib.plot_curves(workdir / metrics_lib.JSONL_NAME, workdir / "plots")
     print(table, flush=True)

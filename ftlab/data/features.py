@@ -27,11 +27,21 @@ import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 
 from ftlab.core import partition, tensorfile
 
-__all__ = ["CODE_VERSION", "StaleCacheError", "cache_key", "compute", "load", "save"]
+__all__ = [
+    "CODE_VERSION",
+    "StaleCacheError",
+    "cache_key",
+    "compute",
+    "input_of",
+    "load",
+    "save",
+    "trained_below",
+]
 
 # Bump when the way features are computed changes (what is cut where, how batches are formed),
 # so caches written by the old code are recomputed rather than reused.
@@ -47,6 +57,64 @@ class StaleCacheError(ValueError):
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def trained_below(label_tree: Any, *, head: str) -> list[str]:
+    """The leaves that train outside the subtree ``head``: empty when everything below it is frozen.
+
+    Args:
+      label_tree: a `ftlab.core.partition.labels` tree (``"frozen"`` or a trainable group).
+      head: the top-level name of the part that may train (its inputs can then be cached).
+
+    Returns:
+      The slash paths of the trainable leaves not under ``head/``, in tree order.
+
+    >>> trained_below({"head": {"w": "train"}, "encoder": {"w": "frozen"}}, head="head")
+    []
+    >>> trained_below({"head": {"w": "train"}, "encoder": {"b": "train"}}, head="head")
+    ['encoder/b']
+    """
+    return [
+        name
+        for name, label in partition.flatten(label_tree).items()
+        if label != partition.FROZEN and not name.startswith(f"{head}/")
+    ]
+
+
+def input_of(apply: Callable[..., Any], module: str) -> Callable[..., Any]:
+    """``fn(*args) -> x``: what the submodule named ``module`` receives when ``apply(*args)`` runs.
+
+    It runs the whole model and records the first positional argument of that submodule's
+    ``__call__`` (Flax's method interception), so the cut is exactly the module's input whatever
+    the layers before it do (pooling, say).
+
+    Args:
+      apply: a function that applies a Flax model, e.g. ``lambda p, x: model.apply({"params": p},
+        x)``.
+      module: the submodule's name (``"head"``); it must be called exactly once.
+
+    Returns:
+      A function of ``apply``'s arguments, traceable by `jax.jit`.
+
+    Raises:
+      ValueError: (when called) ``module`` was called not once but some other number of times.
+    """
+
+    def fn(*args, **kwargs):
+        seen = []
+
+        def record(next_fun, call_args, call_kwargs, context):
+            if context.module.name == module and context.method_name == "__call__":
+                seen.append(call_args[0])
+            return next_fun(*call_args, **call_kwargs)
+
+        with nn.intercept_methods(record):
+            apply(*args, **kwargs)
+        if len(seen) != 1:
+            raise ValueError(f"module={module!r} was called {len(seen)} times; expected once.")
+        return seen[0]
+
+    return fn
 
 
 def cache_key(

@@ -57,3 +57,28 @@ def test_load_refuses_another_key_naming_what_changed(tmp_path):
     (tmp_path / "f.safetensors").write_bytes(bytes(raw))
     with pytest.raises(tensorfile.CorruptFileError):
         features.load(tmp_path / "f.safetensors", key=key)
+
+
+def test_input_of_returns_the_named_modules_input_and_trained_below_names_leaves():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(3, name="trunk")(x)).mean(axis=1)  # pooled, as a classifier
+            return nn.Dense(2, name="head")(h)
+
+    net, x = Net(), jnp.arange(12.0).reshape(2, 2, 3)
+    params = net.init(jax.random.PRNGKey(0), x)["params"]
+    fn = jax.jit(features.input_of(lambda p, x: net.apply({"params": p}, x), "head"))
+    hidden = fn(params, x)
+    head = nn.Dense(2).apply({"params": params["head"]}, hidden)
+    np.testing.assert_allclose(head, net.apply({"params": params}, x), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"module='nothing' was called 0 times"):
+        features.input_of(lambda p, x: net.apply({"params": p}, x), "nothing")(params, x)
+    labels = {"head": {"bias": "train", "kernel": "train"}, "trunk": {"bias": "frozen"}}
+    assert features.trained_below(labels, head="head") == []
+    labels["trunk"]["kernel"] = "train"
+    assert features.trained_below(labels, head="head") == ["trunk/kernel"]

@@ -16,6 +16,7 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 
 from configs import finetune_minilm, linear_probe_minilm
+from experiments import features as feature_cache
 from experiments.trainers import classification as trainer
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train
@@ -278,7 +279,7 @@ def test_cached_feature_probe_equals_uncached_reuses_and_recomputes(tmp_path, mo
     monkeypatch.setattr(features, "compute", lambda *a, **k: calls.append(1) or compute(*a, **k))
     caplog.set_level(logging.INFO)
     uncached = trainer.train_and_evaluate(_probe(**{"data.cache_features": False}), tmp_path / "a")
-    assert calls == [] and not (tmp_path / "a" / trainer.FEATURES_FILE).exists()
+    assert calls == [] and not (tmp_path / "a" / feature_cache.FILE).exists()
 
     cached = trainer.train_and_evaluate(_probe(), tmp_path / "b")
     assert len(calls) == 3  # train, validation, test: one pass each
@@ -287,7 +288,7 @@ def test_cached_feature_probe_equals_uncached_reuses_and_recomputes(tmp_path, mo
 
     # A new run with the cache in its workdir runs no encoder forward pass.
     (tmp_path / "c").mkdir()
-    shutil.copy(tmp_path / "b" / trainer.FEATURES_FILE, tmp_path / "c")
+    shutil.copy(tmp_path / "b" / feature_cache.FILE, tmp_path / "c")
     calls.clear()
     assert _measured(trainer.train_and_evaluate(_probe(), tmp_path / "c")) == _measured(cached)
     assert calls == []
@@ -320,7 +321,7 @@ def test_cache_features_refuses_a_trunk_that_trains_or_is_random(
     model, params = trainer.build_model(config)
     params, _ = trainer.build_method(config, params, trainer.make_apply(model))
     labels = partition.labels(params, [tuple(r) for r in config.partition.rules])
-    assert re.search(reason, trainer.features_blocker(config, model, labels))
+    assert re.search(reason, feature_cache.blocker(config, model, labels))
     # The run refuses before training, naming the key and the cause.
     with pytest.raises(ValueError, match=r"config.data.cache_features=True, but " + reason):
         trainer.train_and_evaluate(config, str(tmp_path))

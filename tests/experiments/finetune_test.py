@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import finetune
-from experiments import schema
+from experiments import data, schema
 from experiments.trainers import classification as trainer
 
 BERT = pathlib.Path(__file__).parents[1] / "third_party" / "testdata" / "hf" / "bert"
@@ -63,12 +63,12 @@ def test_the_encoder_is_the_folders_weights(tmp_path):
 
 def test_splits_carved_from_train_or_read_from_files(tmp_path):
     config = config_for(tmp_path)
-    splits = trainer.read_file_splits(config)
+    splits = data.read_file_splits(config)
     assert {k: len(s.text) for k, s in splits.items()} == {"train": 12, "validation": 6, "test": 6}
     assert splits["train"].label_names == ("neg", "pos")
     config.data.validation = str(csv_file(tmp_path / "val.csv", 3))
     config.data.test = str(csv_file(tmp_path / "test.csv", 5))
-    splits = trainer.read_file_splits(config)
+    splits = data.read_file_splits(config)
     assert {k: len(s.text) for k, s in splits.items()} == {"train": 24, "validation": 3, "test": 5}
 
 
@@ -88,14 +88,14 @@ def test_splits_carved_from_train_or_read_from_files(tmp_path):
 )
 def test_bad_data_settings_name_the_key_and_the_row(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        trainer.read_file_splits(config_for(tmp_path, **overrides))
+        data.read_file_splits(config_for(tmp_path, **overrides))
 
 
 def test_a_label_outside_the_training_set_names_the_validation_file(tmp_path):
     config = config_for(tmp_path)
     config.data.validation = str(csv_file(tmp_path / "val.csv", 3, labels=("pos", "meh")))
     with pytest.raises(ValueError, match=r"config.data.validation=.*val\.csv line 3: label 'meh'"):
-        trainer.read_file_splits(config)
+        data.read_file_splits(config)
 
 
 def test_schema_refuses_a_rotten_tomatoes_key_and_the_trainer_an_empty_path(tmp_path):
@@ -106,7 +106,7 @@ def test_schema_refuses_a_rotten_tomatoes_key_and_the_trainer_an_empty_path(tmp_
     config = config_for(tmp_path)
     config.model.path = ""
     with pytest.raises(ValueError, match=r"config.model.path is empty; pass --config.model.path"):
-        trainer.build_file_data(config)
+        data.build_files(config)
     with pytest.raises(ValueError, match=r"config.model.path is empty"):
         trainer.build_model(config)
     config = config_for(tmp_path, **{"data.max_length": 33})
@@ -117,7 +117,7 @@ def test_schema_refuses_a_rotten_tomatoes_key_and_the_trainer_an_empty_path(tmp_
     config = config_for(tmp_path)
     config.data.train = ""
     with pytest.raises(ValueError, match=r"config.data.train is empty; pass --config.data.train"):
-        trainer.read_file_splits(config)
+        data.read_file_splits(config)
 
 
 def test_a_decoder_folder_is_refused(tmp_path):

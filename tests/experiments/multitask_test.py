@@ -10,6 +10,7 @@ import pytest
 
 from configs import multitask_nlschools, multitask_yeast
 from experiments.trainers import multitask as trainer
+from ftlab import multitask
 from ftlab.core import metrics as metrics_lib
 from ftlab.data import multitask as multitask_data
 
@@ -103,8 +104,7 @@ def test_classification_metrics_against_hand_counts():
     y = np.array([[1, 1, 0, 0, 1], [0, 0, 0, 0, 0]], np.float32)
     mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], np.float32)
     pred = np.array([[2.0, -1.0, 3.0, -2.0, 5.0], [-1.0, -1.0, -1.0, 9.0, 9.0]])
-    split = multitask_data.TaskSplit(x=np.zeros((2, 5, 1)), y=y, mask=mask)
-    r = trainer.evaluate("classification", pred, split, 1.0)
+    r = multitask.task_metrics("classification", pred, y, mask)
     # task 0: TP 1, FN 1, FP 1, TN 1 (row 4 is padding); task 1: 3 true negatives, no positives.
     assert r["per_task"] == {"accuracy": [0.5, 1.0], "f1": [0.5, 0.0]}
 
@@ -123,7 +123,7 @@ def test_minibatches_draw_only_real_rows_of_each_task():
     for t, n in enumerate(counts):
         x[t, :n, 0] = 10 * t + np.arange(n)
         mask[t, :n] = 1
-    sample = jax.jit(trainer._sampler({"x": x, "y": x[..., 0], "mask": mask}, 64))
+    sample = jax.jit(multitask.sampler({"x": x, "y": x[..., 0], "mask": mask}, 64))
     batch = jax.device_get(sample(jax.random.PRNGKey(0)))
     assert batch["x"].shape == (3, 64, 1) and np.all(batch["mask"] == 1)
     np.testing.assert_array_equal(batch["x"][..., 0], batch["y"])  # rows stay whole
@@ -156,12 +156,12 @@ def test_one_lora_per_task_on_text_keeps_the_encoder_and_counts_its_leaves(tmp_p
 def test_nan_loss_stops_naming_the_step(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
-    per_example = trainer._per_example_loss
+    per_example = multitask.per_example_loss
 
     def poisoned(kind, pred, y):
         return per_example(kind, pred, y) * jnp.nan
 
-    monkeypatch.setattr(trainer, "_per_example_loss", poisoned)
+    monkeypatch.setattr(multitask, "per_example_loss", poisoned)
     config = _yeast_config()
     config.methods = ("independent",)
     with pytest.raises(metrics_lib.NonFiniteMetricError, match=r"loss=nan.* at step 1\b"):

@@ -119,7 +119,8 @@ from experiments.trainers import online
 assert jax.device_count() == 8
 # a stream of its own: river (and the sklearn it imports) would take seconds to load
 x = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
-online.load_stream = lambda config: (x, (x[:, 0] + x[:, 1] > 0).astype(np.float32), tuple("abcd"))
+y = (x[:, 0] + x[:, 1] > 0).astype(np.float32)
+online.load_stream = lambda config, workdir: (x, y, tuple("abcd"))
 out = {}
 for mode, devices in (("mesh", 1), ("mesh", 8), ("pmap", 8)):
     c = online_river.get_config("stream=phishing,quick")
@@ -139,7 +140,7 @@ def test_8_simulated_devices_equal_1(tmp_path):
     assert one == eight == pmap
 
 
-def test_minilm_stream_embeds_each_snippet_as_an_unpadded_batch_would(minilm):
+def test_minilm_stream_embeds_each_snippet_as_an_unpadded_batch_would(minilm, tmp_path):
     # 5 snippets in batches of 2: the last batch is padded with a dummy row that must not leak.
     from configs import online_minilm
     from ftlab.data import rotten_tomatoes, text
@@ -147,7 +148,7 @@ def test_minilm_stream_embeds_each_snippet_as_an_unpadded_batch_would(minilm):
 
     config = online_minilm.get_config("quick")
     config.data.limit, config.data.embed_batch_size, config.data.max_length = 5, 2, 16
-    x, y = trainer.embed_rotten_tomatoes(config)
+    x, y = trainer.embed_rotten_tomatoes(config, tmp_path)
     split = rotten_tomatoes.load(task="sentiment", seed=0, limit=5)["train"]
     np.testing.assert_array_equal(y, split.label)
     tokens = text.encode(minilm.tokenizer(16), split.text, max_length=16)

@@ -1,0 +1,428 @@
+"""The tables (Markdown) and plots (PNG) of the experiments' results, one function per figure.
+
+Each takes the results a trainer computed (the dicts it also writes to results.json) and draws
+them with `ftlab.core.report` (Column/table/pivot for tables, Line/Panel/line_plot for plots);
+trainers only call these and save what they return.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from ftlab.core import report
+from ftlab.data import sinusoid
+
+__all__ = [
+    "decoder_plot",
+    "decoder_summary",
+    "decoder_table",
+    "fewshot_plot",
+    "fewshot_table",
+    "icl_plot",
+    "icl_points",
+    "icl_table",
+    "meta_adapted_plot",
+    "multitask_plot",
+    "multitask_table",
+    "online_regret_plot",
+    "online_table",
+    "pretrain_plot",
+    "pretrain_table",
+]
+
+
+# -- online learning (experiments/trainers/online.py) ------------------------------------------
+
+
+def online_regret_plot(steps, regret, slope: float, intercept: float, title: str):
+    """Log-log R(t) against t with the fitted line (and a slope-0.5 line through its end)."""
+    steps, regret = np.asarray(steps, float), np.asarray(regret, float)
+    keep = regret > 0
+    lines = [
+        report.Line(
+            steps[keep], regret[keep], label="R(t) (prefix comparators)", style={"marker": "o"}
+        )
+    ]
+    if math.isfinite(slope):
+        lines.append(
+            report.Line(
+                steps,
+                np.exp(intercept) * steps**slope,
+                label=f"fit: slope {slope:.3f}",
+                style={"ls": "--"},
+            )
+        )
+        lines.append(
+            report.Line(
+                steps,
+                np.exp(intercept) * steps[-1] ** (slope - 0.5) * steps**0.5,
+                label="slope 0.5",
+                style={"ls": ":"},
+            )
+        )
+    return report.line_plot(
+        lines,
+        xscale="log",
+        yscale="log",
+        xlabel="t (examples)",
+        ylabel="regret R(t)",
+        title=title,
+        legend={},
+        grid=None,
+        figsize=(5, 4),
+    )
+
+
+def online_table(results: dict, metric_names: tuple[str, ...]) -> str:
+    """The learner, each step size of the sweep and river's learners: metrics and regret."""
+    learner = results["learner"]
+    rows = [
+        [
+            f"ftlab {learner['name']} lr={learner['lr']} ({learner['decay']})",
+            *(f"{results[f'progressive/{k}']:.4f}" for k in metric_names),
+            f"{results['regret']:.2f} (slope {results['regret/slope']:.3f})",
+        ]
+    ]
+    for lr, row in results["sweep"].items():
+        rows.append(
+            [
+                f"ftlab sweep lr={lr}",
+                *(f"{row[k]:.4f}" for k in metric_names),
+                f"{row['regret_vs_final_comparator']:.2f} (vs u*_T)",
+            ]
+        )
+    for key in ("river/same_features", "river/pipeline"):
+        if key in results:
+            rows.append([key, *(f"{results[key][k]:.4f}" for k in metric_names), ""])
+    return report.markdown_table(["learner", *metric_names, "regret R(T)"], rows)
+
+
+# -- multi-task learning (experiments/trainers/multitask.py) -----------------------------------
+
+
+def multitask_table(results: dict, task_names: Sequence[str], *, max_task_columns: int = 16) -> str:
+    """Methods as rows; per-task columns (if at most ``max_task_columns`` tasks) then means."""
+    first = next(iter(results.values()))
+    metric = next(iter(first["per_task"]))
+    show_tasks = len(task_names) <= max_task_columns
+    header = ["method", *(task_names if show_tasks else []), *(f"mean {k}" for k in first["mean"])]
+    rows = []
+    for name, r in results.items():
+        cells = [name] + ([f"{v:.3f}" for v in r["per_task"][metric]] if show_tasks else [])
+        rows.append(cells + [f"{v:.4f}" for v in r["mean"].values()])
+    note = f"per-task cells: test {metric}" if show_tasks else "per-task values: results.json"
+    return report.markdown_table(header, rows, notes=[f"({note})"])
+
+
+def multitask_plot(results: dict, task_names: Sequence[str]):
+    """The first metric per task and method (tasks sorted by the first method's value)."""
+    first = next(iter(results.values()))
+    metric = next(iter(first["per_task"]))
+    order = np.argsort(first["per_task"][metric])
+    lines = [
+        report.Line(
+            np.arange(len(order)),
+            np.asarray(r["per_task"][metric])[order],
+            label=f"{name} ({r['mean'][metric]:.3f})",
+            style={"marker": "o", "ms": 3, "lw": 1},
+        )
+        for name, r in results.items()
+    ]
+    xticks = None
+    if len(task_names) <= 20:
+        xticks = (np.arange(len(task_names)), [task_names[i] for i in order], 60)
+    return report.line_plot(
+        lines,
+        xticks=xticks,
+        xlabel=f"task (sorted by {next(iter(results))})",
+        ylabel=f"test {metric}",
+        # a few small classes have errors 100x the typical one
+        yscale="log" if metric == "mse" else "linear",
+        legend={"fontsize": 7, "title": "method (mean)"},
+        grid=None,
+        figsize=(max(6.0, 0.1 * len(task_names) + 4), 4),
+    )
+
+
+# -- decoder tuning against ICL (experiments/trainers/decoder_tuning.py) ----------------------
+
+
+def decoder_summary(runs: list[dict], methods: Sequence[str]) -> list[dict]:
+    """Mean and std of accuracy over seeds, per (method, n), methods in the order ``methods``."""
+    rows = {}
+    for r in runs:
+        rows.setdefault((r["method"], r["n"]), []).append(r)
+    out = []
+    for (method, n), rs in sorted(rows.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
+        accs = [r["accuracy"] for r in rs]
+        out.append(
+            {
+                "method": method,
+                "n": n,
+                "seeds": len(rs),
+                "accuracy_mean": float(np.mean(accs)),
+                "accuracy_std": float(np.std(accs)),
+                "trainable_params": rs[0]["trainable_params"],
+                "base_mib_during_training": rs[0]["base_mib_during_training"],
+                "train_seconds": float(np.mean([r["train_seconds"] for r in rs])),
+            }
+        )
+    return out
+
+
+def icl_points(path: str, task: str) -> dict[int, tuple[float, float]]:
+    """``{k: (mean, std)}`` accuracy of ``task`` in an ICL results.json (none: ``{}``)."""
+    if not path or not pathlib.Path(path).exists():
+        return {}
+    r = json.loads(pathlib.Path(path).read_text())["tasks"].get(task)
+    return {} if r is None else {int(k): (s["mean"], s["std"]) for k, s in r["shots"].items()}
+
+
+def decoder_table(rows: list[dict], icl_points: dict) -> str:
+    """One row per method: trainable parameters, base memory, accuracy (± std over seeds) per n."""
+
+    def accuracy(r):
+        spread = f" ± {r['accuracy_std']:.3f}" if r["seeds"] > 1 else ""
+        return f"{r['accuracy_mean']:.3f}{spread}"
+
+    first = lambda key: lambda w: next(v for k, v in w.items() if k != "method")[key]  # noqa: E731
+    columns = [
+        report.Column("method"),
+        report.Column("trainable", first("trainable_params"), "{:,}"),
+        report.Column("base held (MiB)", first("base_mib_during_training"), "{:.0f}"),
+        *(
+            report.Column(f"n={n}", lambda w, n=n: w.get(n), accuracy)
+            for n in sorted({r["n"] for r in rows})
+        ),
+    ]
+    notes = []
+    if icl_points:
+        shots = ", ".join(f"k={k}: {m:.3f} ± {s:.3f}" for k, (m, s) in sorted(icl_points.items()))
+        notes.append(f"ICL on the same test examples (k demonstrations, no training): {shots}")
+    wide = report.pivot(rows, index=("method",), column="n")
+    return report.table(wide, columns, notes=notes)
+
+
+def decoder_plot(rows: list[dict], icl_points: dict, majority: float):
+    """Accuracy against n (log2 x) per method, the ICL points at n = k, and the baselines."""
+    lines = report.grouped_lines(
+        rows, by=("method",), x="n", y="accuracy_mean", yerr="accuracy_std",
+        style={"marker": "o", "capsize": 3},
+    )  # fmt: skip
+    hlines = []
+    if icl_points:
+        ks = sorted(k for k in icl_points if k > 0)
+        lines.append(
+            report.Line(
+                ks,
+                [icl_points[k][0] for k in ks],
+                yerr=[icl_points[k][1] for k in ks],
+                label="ICL (k demonstrations)",
+                style={"marker": "s", "ls": "--", "color": "k", "capsize": 3},
+            )
+        )
+        if 0 in icl_points:
+            style = {"color": "k", "ls": ":", "lw": 1}
+            hlines.append(report.HLine(icl_points[0][0], label="zero-shot", style=style))
+    style = {"color": "grey", "ls": "-.", "lw": 1}
+    hlines.append(report.HLine(majority, label="majority class", style=style))
+    return report.line_plot(
+        lines,
+        hlines=hlines,
+        xscale=("log", {"base": 2}),
+        xlabel="labelled examples (tuning) / demonstrations (ICL)",
+        ylabel="test accuracy",
+        legend={"fontsize": 8},
+        figsize=(6, 4),
+    )
+
+
+# -- in-context learning (experiments/trainers/icl.py) -----------------------------------------
+
+
+def icl_table(results: dict) -> str:
+    """One row per task: the majority baseline, then mean (± std over draws) accuracy per k."""
+    shots = sorted({int(k) for r in results["tasks"].values() for k in r["shots"]})
+    rows = []
+    for name, r in results["tasks"].items():
+        cells = [name, f"{r['majority_baseline']:.3f}"]
+        for k in shots:
+            s = r["shots"].get(str(k))
+            if s is None:
+                cells.append("")
+            elif len(s["accuracy_per_draw"]) == 1:
+                cells.append(f"{s['mean']:.3f}")
+            else:
+                cells.append(f"{s['mean']:.3f} ± {s['std']:.3f}")
+        rows.append(cells)
+    return report.markdown_table(["task", "majority", *(f"k={k}" for k in shots)], rows)
+
+
+def icl_plot(results: dict):
+    """Accuracy against k per task (error bars: std over draws), dotted: its majority class."""
+    lines, baselines = [], []
+    for i, (name, r) in enumerate(results["tasks"].items()):
+        ks = sorted(int(k) for k in r["shots"])
+        lines.append(
+            report.Line(
+                ks,
+                [r["shots"][str(k)]["mean"] for k in ks],
+                yerr=[r["shots"][str(k)]["std"] for k in ks],
+                label=name,
+                style={"marker": "o", "capsize": 3, "color": f"C{i}"},
+            )
+        )
+        style = {"ls": ":", "lw": 1, "color": f"C{i}"}
+        baselines.append(report.HLine(r["majority_baseline"], style=style))
+    return report.line_plot(
+        lines,
+        hlines=baselines,
+        xlabel="demonstrations k",
+        ylabel="accuracy",
+        title=f"ICL, {results['model']} (dotted: majority class)",
+        legend={},
+        grid=None,
+        figsize=(5, 3.5),
+    )
+
+
+# -- pretraining for transfer (experiments/trainers/pretrain.py) -------------------------------
+
+
+def pretrain_table(rows: list[dict], fractions) -> str:
+    """One row per (method, mode), one column per label fraction: mean ± std test accuracy."""
+    cell = lambda r: f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}"  # noqa: E731
+    columns = [report.Column("method"), report.Column("mode")]
+    columns += [report.Column(f"{100 * f:g}% labels", lambda w, f=f: w[f], cell) for f in fractions]
+    return report.table(report.pivot(rows, index=("method", "mode"), column="fraction"), columns)
+
+
+def pretrain_plot(rows: list[dict], *, title: str, modes: Sequence[str]):
+    """Test accuracy against label fraction (log x): colour = method, line style = mode."""
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    lines = report.grouped_lines(
+        sorted(rows, key=lambda r: (list(colors).index(r["method"]), modes.index(r["mode"]))),
+        by=("method", "mode"),
+        x="fraction",
+        y="accuracy_mean",
+        yerr="accuracy_std",
+        label=lambda method, mode: f"{method} ({mode})",
+        style=lambda method, mode: {
+            "color": colors[method],
+            "linestyle": {"probe": "-", "finetune": "--"}[mode],
+            "marker": "o",
+            "capsize": 3,
+        },
+    )
+    return report.line_plot(
+        lines,
+        xscale="log",
+        xlabel="fraction of train labels",
+        ylabel="test accuracy",
+        title=title,
+        legend={"fontsize": 8, "ncol": 2},
+        figsize=(7, 4.5),
+        layout="constrained",
+    )
+
+
+# -- few-shot image classification (experiments/trainers/fewshot.py) ---------------------------
+
+
+def _fewshot_steps(rows: list[dict]) -> list[int]:
+    """The step counts of the runs' ``eval/acc_step_<k>`` results, sorted."""
+    keys = (k for r in rows for k in r if k.startswith("eval/acc_step_") and "_ci" not in k)
+    return sorted({int(k[len("eval/acc_step_") :]) for k in keys})
+
+
+def fewshot_table(rows: list[dict], path, *, methods: Sequence[str]) -> str:
+    """A markdown table: one row per run, accuracy (%) +- 95% interval after each step count."""
+
+    def accuracy(k):
+        def cell(r):
+            a, ci = r.get(f"eval/acc_step_{k}"), r.get(f"eval/acc_step_{k}_ci95")
+            return "-" if a is None else f"{100 * a:.1f} +- {100 * ci:.1f}"
+
+        return report.Column(f"{k} steps", cell)
+
+    columns = [
+        report.Column(
+            "dataset", lambda r: r["dataset"] + (" (synthetic)" if r["synthetic"] else "")
+        ),
+        report.Column("shots", "shots", "5-way {}-shot"),
+        report.Column("method"),
+        report.Column("iters", "meta_iterations"),
+        *(accuracy(k) for k in _fewshot_steps(rows)),
+    ]
+    order = lambda r: (r["dataset"], r["shots"], methods.index(r["method"]))  # noqa: E731
+    text = report.table(sorted(rows, key=order), columns)
+    report.save_text(path, text)
+    return text
+
+
+def fewshot_plot(rows: list[dict]):
+    """Accuracy against fine-tuning steps, one panel per (dataset, shots), 95% error bars."""
+    panels = []
+    for ds, shots in sorted({(r["dataset"], r["shots"]) for r in rows}):
+        lines = []
+        for r in rows:
+            if (r["dataset"], r["shots"]) == (ds, shots):
+                ks = _fewshot_steps([r])
+                acc = [100 * r[f"eval/acc_step_{k}"] for k in ks]
+                ci = [100 * r[f"eval/acc_step_{k}_ci95"] for k in ks]
+                style = {"marker": "o", "capsize": 3}
+                lines.append(report.Line(ks, acc, yerr=ci, label=r["method"], style=style))
+        synth = " (synthetic)" if ds == "glyphs" else ""
+        panels.append(
+            report.Panel(
+                lines,
+                title=f"{ds}{synth}, 5-way {shots}-shot",
+                xlabel="fine-tuning steps",
+                ylabel="query accuracy (%)",
+                legend={"fontsize": 7},
+                grid=None,
+            )
+        )
+    return report.panels_plot(panels, figsize=(4.0 * len(panels), 3.4))
+
+
+# -- meta-learning on sinusoids (experiments/trainers/meta.py) ---------------------------------
+
+
+def meta_adapted_plot(method: str, tasks, curves, *, grid, steps, num_tasks: int):
+    """True sine, the K support points, and the curves after each of ``steps`` (0, 1, 10)
+    on ``grid`` (``curves``: ``[num_tasks, len(steps), grid]``)."""
+    x, panels = grid[:, 0], []
+    for i in range(num_tasks):
+        amp, phase = tasks["task"]["amplitude"][i], tasks["task"]["phase"][i]
+        sx, sy = tasks["support"]["x"][i, :, 0], tasks["support"]["y"][i, :, 0]
+        lines = [
+            report.Line(x, sinusoid.curve(amp, phase, x), label="true", style={"color": "k"}),
+            report.Line(
+                sx, sy, label=f"K={len(sx)}", style={"color": "k", "marker": "^", "ls": ""}
+            ),
+        ]
+        for j, (k, ls) in enumerate(zip(steps, (":", "--", "-"), strict=True)):
+            label = "pre-update" if k == 0 else f"{k} steps"
+            lines.append(report.Line(x, curves[i, j], label=label, style={"ls": ls}))
+        panels.append(
+            report.Panel(
+                lines,
+                title=f"A={amp:.2f}, phase={phase:.2f}",
+                # Amplitudes are at most 5; a diverged fine-tune (Meta-SGD's rates are tuned
+                # for one step) would otherwise squash every other curve.
+                ylim=(-6.0, 6.0),
+                legend={"fontsize": 7} if i == 0 else None,
+                grid=None,
+            )
+        )
+    return report.panels_plot(
+        panels,
+        figsize=(4.2 * num_tasks, 3.4),
+        suptitle=f"{method}: adapted curves on held-out tasks",
+    )
