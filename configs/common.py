@@ -31,3 +31,20 @@ def parallel(*, sharding: bool = True) -> ml_collections.ConfigDict:
     # leaves smaller than this are replicated rather than split over fsdp
     group.fsdp_min_bytes = 1 << 16
     return group
+
+
+def step() -> ml_collections.ConfigDict:
+    """``config.step``: how the train step is built at scale (`experiments.loop.step_policy`)."""
+    group = ml_collections.ConfigDict()
+    # micro-batches per update: the update of the whole batch, in smaller passes
+    group.accumulate = 1
+    # "" (off) or a name in ftlab.core.train.REMAT_POLICIES, e.g. "nothing_saveable"
+    group.remat_policy = ""
+    # regex over Flax module paths rematerialised one call at a time, e.g. "encoder/layer_\\d+";
+    # "" with a policy: the whole loss
+    group.remat_modules = ""
+    # "" (as the model is) or e.g. "bfloat16": the forward pass's dtype (float32 master weights)
+    group.compute_dtype = ""
+    # "" (as loaded) or e.g. "bfloat16": how frozen leaves are stored
+    group.frozen_dtype = ""
+    return group

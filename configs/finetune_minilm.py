@@ -150,6 +150,8 @@ def get_config(arg=None):
     config.checkpoint.keep = 2
 
     config.parallel = common.parallel()
+    # accumulation, rematerialisation, precision (configs/common.py)
+    config.step = common.step()
 
     if opts.quick or opts.tiny:
         config.data.limit = 64

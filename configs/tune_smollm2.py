@@ -83,5 +83,7 @@ def get_config(arg=None):
     config.icl_results = "" if opts.quick else "runs/icl_smollm2/results.json"
     # data parallel over all devices (configs/common.py has the multi-host settings)
     config.parallel = common.parallel()
+    # accumulation, rematerialisation, precision (configs/common.py)
+    config.step = common.step()
 
     return config

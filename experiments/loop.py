@@ -39,17 +39,21 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import tqdm
 from absl import logging
 
 from experiments import resume
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, sharding
+from ftlab.core import train as train_lib
 
 __all__ = [
     "PROFILE_DIR",
     "Evaluator",
     "Run",
+    "StepPolicy",
+    "fetch",
     "from_config",
     "itstime",
     "parse_mesh",
@@ -57,6 +61,7 @@ __all__ = [
     "register",
     "registered",
     "short_run_config",
+    "step_policy",
     "train",
 ]
 
@@ -206,6 +211,82 @@ def plan_from(config: ml_collections.ConfigDict) -> parallel.Plan:
         min_bytes=p.get("fsdp_min_bytes", sharding.DEFAULT_MIN_BYTES),
         what="config.parallel.sharding_rules",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPolicy:
+    """How a trainer's train step is built at scale: ``config.step`` (configs/common.py).
+
+    Attributes:
+        accumulate: Micro-batches per update (`ftlab.core.train.make_train_step`): the update of
+            the whole batch from ``accumulate`` smaller forward/backward passes.
+        remat_policy: A name in `ftlab.core.train.REMAT_POLICIES`, or None (no remat).
+        remat_modules: Regex over Flax module paths whose calls are rematerialised (per layer,
+            e.g. ``encoder/layer_\\d+``); None with a policy: the whole loss.
+        precision: Compute dtype and storage of frozen leaves (`ftlab.core.train.Precision`),
+            or None (as the model is).
+    """
+
+    accumulate: int = 1
+    remat_policy: str | None = None
+    remat_modules: str | None = None
+    precision: train_lib.Precision | None = None
+
+    def train_step(self, loss_fn: Callable, tx, **kwargs) -> Callable:
+        """`ftlab.core.train.make_train_step` of ``loss_fn`` under this policy."""
+        if self.remat_policy:
+            loss_fn = train_lib.remat(loss_fn, policy=self.remat_policy, modules=self.remat_modules)
+        return train_lib.make_train_step(
+            loss_fn, tx, accumulate=self.accumulate, precision=self.precision, **kwargs
+        )
+
+    def eval_step(self, eval_fn: Callable, **kwargs) -> Callable:
+        """`ftlab.core.train.make_eval_step` of ``eval_fn`` in the policy's compute dtype."""
+        return train_lib.make_eval_step(eval_fn, precision=self.precision, **kwargs)
+
+
+def step_policy(config: ml_collections.ConfigDict) -> StepPolicy:
+    """The `StepPolicy` of ``config.step`` (absent: the plain step).
+
+    Raises:
+        ValueError: ``remat_modules`` without ``remat_policy`` (it could not take effect);
+            names the key.
+    """
+    s = config.get("step") or {}
+    policy, modules = s.get("remat_policy", ""), s.get("remat_modules", "")
+    if modules and not policy:
+        raise ValueError(
+            f"config.step.remat_modules={modules!r} takes effect only with "
+            f"config.step.remat_policy (one of {', '.join(train_lib.REMAT_POLICIES)})"
+        )
+    compute, frozen = s.get("compute_dtype", ""), s.get("frozen_dtype", "")
+    return StepPolicy(
+        accumulate=s.get("accumulate", 1),
+        remat_policy=policy or None,
+        remat_modules=modules or None,
+        precision=train_lib.Precision(compute=compute or None, frozen=frozen or None)
+        if compute or frozen
+        else None,
+    )
+
+
+def fetch(plan: parallel.Plan, tree: Any) -> Any:
+    """A host (numpy) copy of a tree placed by ``plan``, on every process.
+
+    ``jax.device_get`` cannot read an array sharded over devices of several processes (a
+    `parallel.ShardedPlan` across hosts); those are gathered first. Meant for the small trees a
+    trainer evaluates on the host; a model larger than a host should be evaluated in place.
+    """
+    from jax.experimental import multihost_utils  # noqa: PLC0415 - only multi-host needs it
+
+    def get(x):
+        if not isinstance(x, jax.Array) or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return x  # keys stay typed, as jax.device_get leaves them
+        if not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, plan.get_state(tree))
 
 
 def parse_mesh(text: str, *, what: str = "mesh") -> dict[str, int]:

@@ -337,6 +337,21 @@ PARALLEL = {
     "parallel.sharding_rules": sharding_rules().opt(),
     "parallel.fsdp_min_bytes": integer(0).opt(),
 }
+STEP = {
+    "step.accumulate": integer(1),
+    "step.remat_policy": choice(
+        "",
+        "nothing_saveable",
+        "everything_saveable",
+        "dots_saveable",
+        "dots_with_no_batch_dims_saveable",
+        "checkpoint_dots",
+        "checkpoint_dots_with_no_batch_dims",
+    ),
+    "step.remat_modules": string(),
+    "step.compute_dtype": choice("", "float32", "bfloat16", "float16"),
+    "step.frozen_dtype": choice("", "float32", "bfloat16", "float16"),
+}
 # For the sweeps of short runs whose configs predate the group: mesh over all devices by default.
 PARALLEL_OPTIONAL = {key: field.opt() for key, field in PARALLEL.items()}
 
@@ -416,6 +431,7 @@ CLASSIFICATION = {
     **LOOP,
     **STEP_LOOP,
     **PARALLEL,
+    **STEP,
 }
 
 # classification on a user's files (config.data.dataset == "files") with a Hugging Face encoder
@@ -597,6 +613,7 @@ DECODER_TUNING = {
     "optim.lr": mapping(DECODER_METHODS, POSITIVE_LR),
     "icl_results": string(),
     **PARALLEL_OPTIONAL,
+    **STEP,
 }
 
 ICL = {
@@ -726,6 +743,19 @@ def _cross_checks(kind: str, variant: str, c: ml_collections.ConfigDict) -> None
             f"must be a multiple of config.log_every_steps={c.log_every_steps} "
             "(the steps run in compiled chunks of that length)",
             c.optim.num_steps,
+        )
+    step = c.get("step") or {}
+    if step.get("accumulate", 1) > 1 and c.optim.batch_size % step.accumulate:
+        raise ConfigError(
+            "optim.batch_size",
+            f"must be a multiple of config.step.accumulate={step.accumulate} (equal micro-batches)",
+            c.optim.batch_size,
+        )
+    if step.get("remat_modules") and not step.get("remat_policy"):
+        raise ConfigError(
+            "step.remat_modules",
+            "takes effect only with config.step.remat_policy",
+            step.remat_modules,
         )
     profile = c.get("profile") or {}
     if late := [s for s in profile.get("steps", ()) if s > c.optim.num_steps]:

@@ -121,7 +121,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         print(partition.summary(params, label_tree), flush=True)
     n_trainable = partition.count(partition.split(params, label_tree)[0])
     tx = build_optimizer(config, label_tree)
-    state = train.init_state(params, label_tree, tx, seed=config.seed)
+    policy = loop.step_policy(config)
+    state = train.init_state(params, label_tree, tx, seed=config.seed, precision=policy.precision)
 
     # -- cached features: the head's inputs, when the trunk below it is frozen and fixed ------
     data, apply = features.for_head(
@@ -131,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # -- evaluators -------------------------------------------------------------------------
     axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
     eval_step = plan.compile_eval_step(
-        train.make_eval_step(classification.make_eval_fn(apply), axis_name=axis)
+        policy.eval_step(classification.make_eval_fn(apply), axis_name=axis)
     )
 
     on = dict(eval_step=eval_step, plan=plan, data=data, batch_size=config.evals.batch_size)
@@ -150,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir,
         plan=plan,
         state=state,
-        step_fn=train.make_train_step(classification.make_loss_fn(apply), tx, axis_name=axis),
+        step_fn=policy.train_step(classification.make_loss_fn(apply), tx, axis_name=axis),
         batch_at=lambda step: batching.train_batch(
             data["train"], step, batch_size=config.optim.batch_size, seed=config.data.seed
         ),

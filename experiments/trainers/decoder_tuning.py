@@ -166,7 +166,8 @@ def run_one(
     label_tree = partition.labels(params, rules, what=f"config.methods[{method!r}] rules")
     lr = config.optim.lr[method]
     tx = partition.optimizer({"train": optax.adamw(lr, weight_decay=0.0)}, label_tree)
-    state = train.init_state(params, label_tree, tx, seed=seed)
+    policy = loop.step_policy(config)
+    state = train.init_state(params, label_tree, tx, seed=seed, precision=policy.precision)
     base_bytes = qlora.nbytes(state.frozen)
     if method not in steps_cache:
         loss_fn = make_loss_fn(model.config, wrap)
@@ -177,7 +178,7 @@ def run_one(
 
         # pmap runs the step per device: the gradient mean then needs the axis' name
         axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
-        steps_cache[method] = train.make_train_step(with_label_ids, tx, axis_name=axis)
+        steps_cache[method] = policy.train_step(with_label_ids, tx, axis_name=axis)
 
     # Batches: passes over a fresh permutation of the n examples; with n smaller than the batch
     # size, examples repeat within a batch so that the shape (and the compiled step) is fixed.
@@ -215,7 +216,7 @@ def run_one(
     # a resumed run kept only the steps after its checkpoint: the loss record starts there
     losses = [float(m["train/loss"]) for m in run.history]
 
-    plain = to_plain(jax.device_get(run.plan.get_state(run.state).params))
+    plain = to_plain(loop.fetch(run.plan, run.state).params)
     n_test = min(config.data.num_test, len(test.text))
     acc, _ = icl.accuracy(
         model.config,

@@ -177,7 +177,7 @@ def _fit(config, workdir, plan, params, label_tree, tx, loss_fn, sample, writer,
         window = run.history[done - every : done]
         mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
         writer.write(done, {f"train/{name}/{k[6:]}": v for k, v in mean.items()})
-    return jax.device_get(plan.get_state(run.state)), run.train_seconds
+    return loop.fetch(plan, run.state), run.train_seconds
 
 
 def _sweep(config, workdir, names, train_one) -> tuple[dict, str | None]:

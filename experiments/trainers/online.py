@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if not run.finished:
         return {"step": run.step}
     sweep_s = time.perf_counter() - start
-    final = jax.device_get(run.plan.get_state(run.state))
+    final = loop.fetch(run.plan, run.state)
     run.close()
     swept = jax.vmap(lambda c: online.progressive_metrics(model, c, comparator=True))(
         final["carry"]

@@ -99,7 +99,7 @@ def make_fit(plan: parallel.Plan, log_every: int):
             num_steps=num_steps, log_every=log_every,
         )  # fmt: skip
         history = {k: np.stack([np.asarray(m[k]) for m in run.history]) for k in run.history[0]}
-        return jax.device_get(plan.get_state(run.state)), history
+        return loop.fetch(plan, run.state), history
 
     return fit
 

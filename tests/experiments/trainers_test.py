@@ -1,7 +1,8 @@
 """Every trainer through the real launcher: a diverged update stops it naming the step, killed
 at a random step and rerun it ends as an uninterrupted run does, bit for bit; run as 2 processes
-x 4 simulated devices (the multi-host path of a Cloud TPU slice, 8 devices in all), it gives the
-numbers of 1 device and only process 0 writes the run's files.
+x 4 simulated devices (the multi-host path of a Cloud TPU slice, 8 devices in all; the
+transformer trainers with their parameters sharded fsdp over all 8), it gives the numbers of 1
+device and only process 0 writes the run's files.
 
 Each run is a subprocess of `experiments.main`, so that ``XLA_FLAGS``, ``jax.distributed`` and
 SIGKILL act as they do for a user; the runs share the session's persistent compile cache. The
@@ -56,6 +57,17 @@ TRAINERS = {
         "--config.optim.batch_size=8",
     ],
 }
+
+# In the 2-process run these trainers also shard their parameters and optimizer state over all
+# 8 devices (fsdp across the processes; leaves of 128 bytes and more), as a model larger than a
+# device would be; the rest stay data parallel (their conv kernels or state do not divide by 8).
+SHARDED = {
+    "classification": [
+        "--config.parallel.sharding_rules=(('.*bias', 'replicate'), ('.*', 'fsdp'))"
+    ],
+    "decoder_tuning": ["--config.parallel.sharding_rules=(('.*', 'fsdp'),)"],
+}
+SHARDED = {k: v + ["--config.parallel.fsdp_min_bytes=128"] for k, v in SHARDED.items()}
 
 # Results that measure time or memory, not the computation.
 _MEASURED = re.compile(r"(_s$|_s_|seconds|per_s|per_sec|rss|_mib)")
@@ -224,7 +236,8 @@ def test_two_processes_of_four_devices_equal_one_device_and_only_process_0_write
     port = _free_port()
     # One workdir, as a multi-host job on a shared file system has.
     procs = [
-        _launch(TRAINERS[name], tmp_path, devices=4, process=(port, index)) for index in (0, 1)
+        _launch(TRAINERS[name] + SHARDED.get(name, []), tmp_path, devices=4, process=(port, index))
+        for index in (0, 1)
     ]
     chief, other = (_finish(proc) for proc in procs)
     results, lines = _outcome(tmp_path)
