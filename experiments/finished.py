@@ -4,11 +4,10 @@ A finished run's result is kept as ``<workdir>/finished/<name>.json`` and the re
 command reads it instead of training again. Metric lines of runs that did not finish (the one
 that was interrupted) are dropped, so that its rerun writes them once:
 
-    past = finished.Runs(workdir, metric_prefix=lambda name: f"train/{name}/", config=config)
-    writer = past.open_writer()
-    for name in names:
-        # train(name, writer) writes "train/<name>/..." lines; it may raise finished.Stopped
-        result = past.get_or_run(name, train, name, writer)
+    # train(name, writer) writes "train/<name>/..." lines; it may raise finished.Stopped
+    results, stopped = finished.sweep(
+        workdir, config, names, train, metric_prefix=lambda name: f"train/{name}/"
+    )
 
 Each training inside a run is a `short_run` of `experiments.loop` (placement, the stop on a
 non-finite loss naming the step, process-0 writers, a checkpoint at its end and on a signal).
@@ -26,12 +25,13 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from experiments import loop
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, report
 
-__all__ = ["FOLDER", "Runs", "Stopped", "short_run"]
+__all__ = ["FOLDER", "Runs", "Stopped", "short_run", "sweep"]
 
 FOLDER = "finished"
 
@@ -53,9 +53,10 @@ def short_run(
 ) -> loop.Run:
     """``num_steps`` steps of ``step_fn`` as one finished, closed run of `experiments.loop`.
 
-    Checkpointed at its end (and on a signal) in ``workdir``; every step's train metrics are in
-    ``run.history`` (a resumed run's start at its checkpoint). ``fresh``: empty ``workdir``
-    first, so that an interrupted run starts over instead of resuming.
+    Checkpointed at its end (and on a signal) in ``workdir``; ``run.state`` is the trained
+    state on the host (one copy), every step's train metrics are in ``run.history`` (a resumed
+    run's start at its checkpoint). ``fresh``: empty ``workdir`` first, so that an interrupted
+    run starts over instead of resuming.
 
     Raises:
         Stopped: A signal stopped the loop before the last step.
@@ -74,7 +75,56 @@ def short_run(
     if not run.finished:
         raise Stopped(str(workdir))
     run.close()
+    run.state = loop.fetch(plan, run.state)
     return run
+
+
+def sweep(
+    workdir: str | os.PathLike,
+    config: ml_collections.ConfigDict,
+    names: list[str],
+    run_one: Callable[[str, metrics_lib.MetricWriter | None], dict],
+    *,
+    metric_prefix: Callable[[str], str | None] | None = None,
+    on_result: Callable[[str, dict], None] | None = None,
+) -> tuple[dict[str, dict], str | None]:
+    """Every run of a sweep, each recorded when it finishes and read back on a rerun.
+
+    Args:
+        workdir: The trainer's folder (records in ``finished/``, lines in metrics.jsonl).
+        config: The trainer's config (`Runs`).
+        names: The runs, in order.
+        run_one: ``run_one(name, writer) -> result`` (JSON) of a run not finished yet; it may
+            raise `Stopped`. ``writer`` is the sweep's metric writer (None without
+            ``metric_prefix``: then the sweep writes no metrics.jsonl).
+        metric_prefix: ``name -> prefix`` of the lines ``name`` writes (`Runs`).
+        on_result: Called with each new result once it is recorded.
+
+    Returns:
+        ``({name: result}`` in the order of ``names``, ``None)``; or, when a signal stopped the
+        run ``name``, the results before it and ``name`` (a rerun resumes there).
+    """
+    past = Runs(workdir, metric_prefix=metric_prefix or (lambda name: None), config=config)
+    writer = past.open_writer() if metric_prefix else None
+    results: dict[str, dict] = {}
+    progress = metrics_lib.Progress(len(names), enabled=jax.process_index() == 0)
+    try:
+        for i, name in enumerate(names):
+            if (result := past.get(name)) is None:
+                result = run_one(name, writer)
+                past.put(name, result)
+                if on_result is not None:
+                    on_result(name, result)
+            results[name] = result
+            progress.update(i + 1, run=name)
+    except Stopped:
+        logging.info("stopped during run %s; rerun to resume", name)
+        return results, name
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+    return results, None
 
 
 class Runs:
@@ -130,15 +180,6 @@ class Runs:
         path = self._path(name)
         if jax.process_index() == 0:
             report.save_json(path, {"config": self.config, "result": result})
-
-    def get_or_run(self, name: str, run: Callable[..., dict], *args: Any) -> dict:
-        """The recorded result of ``name``, or ``run(*args)``'s, recorded (`Stopped` passes
-        through)."""
-        result = self.get(name)
-        if result is None:
-            result = run(*args)
-            self.put(name, result)
-        return result
 
     def open_writer(self) -> metrics_lib.MetricWriter:
         """A metric writer that keeps the lines of finished runs only, and appends (process 0)."""

@@ -177,31 +177,19 @@ def _fit(config, workdir, plan, params, label_tree, tx, loss_fn, sample, writer,
         window = run.history[done - every : done]
         mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
         writer.write(done, {f"train/{name}/{k[6:]}": v for k, v in mean.items()})
-    return loop.fetch(plan, run.state), run.train_seconds
+    return run.state, run.train_seconds
 
 
-def _sweep(config, workdir, names, train_one) -> tuple[dict, str | None]:
-    """``({name: result}, None)``, each recorded or ``train_one(name, writer)``, or
-    ``(results so far, name)`` when a signal stopped ``name``."""
-    past = finished.Runs(workdir, metric_prefix=lambda n: f"train/{n}/", config=config)
-    writer, results = past.open_writer(), {}
-    progress = metrics_lib.Progress(len(names))
-    try:
-        for i, name in enumerate(names):
-            results[name] = past.get_or_run(name, train_one, name, writer)
-            logging.info("%s: %s (%.1f s)", name, results[name]["mean"], results[name]["train_s"])
-            progress.update(i + 1, method=name)
-    except finished.Stopped:  # a signal: the method starts over on the rerun
-        logging.info("stopped during run %s; rerun to resume", name)
-        return results, name
-    finally:
-        progress.close()
-        writer.close()
-    return results, None
-
-
-def _save(workdir: pathlib.Path, results: dict, out: dict) -> dict:
-    """Writes results.md/.json, per_task.png and the training curves (process 0); returns out."""
+def _sweep_and_save(config, workdir, names, train_one, out: dict, *, reference=None) -> dict:
+    """Every method as a `finished.sweep` (``train/<name>/...`` lines), then results.md/.json,
+    per_task.png and the training curves (process 0); returns ``out`` with ``"methods"``, the
+    trained ones and the untrained ``reference`` rows."""
+    results, stopped = finished.sweep(
+        workdir, config, names, train_one, metric_prefix=lambda n: f"train/{n}/"
+    )
+    if stopped:
+        return {"stopped": stopped}
+    out["methods"] = results = {**results, **(reference or {})}
     if jax.process_index() == 0:  # one writer in a multi-process job
         table = reports.multitask_table(results, out["task_names"])
         report.save_table(workdir / "results", markdown=table, data=out)
@@ -269,26 +257,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             result["log_var"] = [float(v) for v in state.params["log_var"]]
         return result
 
-    results, stopped = _sweep(config, workdir, list(runs), train_one)
-    if stopped:
-        return {"stopped": stopped}
     # Reference row: the train majority class per task, or the train mean (0 after standardising).
     if data.kind == "classification":
         majority = np.where(data.train.y.mean(axis=1, keepdims=True) > 0.5, 1.0, -1.0)
         constant = np.broadcast_to(majority, data.test.y.shape)
     else:
         constant = np.zeros_like(data.test.y)
-    results["constant"] = multitask.task_metrics(
-        data.kind, constant, data.test.y, data.test.mask, y_std=data.y_std
-    )
     out = {
         "dataset": config.data.dataset,
         "task_names": list(data.task_names),
         "train_counts": data.train.counts.tolist(),
         "test_counts": data.test.counts.tolist(),
-        "methods": results,
     }
-    return _save(workdir, results, out)
+    reference = {
+        "constant": multitask.task_metrics(
+            data.kind, constant, data.test.y, data.test.mask, y_std=data.y_std
+        )
+    }
+    return _sweep_and_save(config, workdir, list(runs), train_one, out, reference=reference)
 
 
 # -- one LoRA per task on a frozen pretrained encoder -------------------------------------------
@@ -392,9 +378,6 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         )
         return result
 
-    results, stopped = _sweep(config, workdir, list(config.methods), train_one)
-    if stopped:
-        return {"stopped": stopped}
     labels, mask = test_arrays["label"], test_arrays["mask"] > 0
     majority = [
         float(max(np.mean(labels[t][mask[t]]), 1 - np.mean(labels[t][mask[t]])))
@@ -406,6 +389,5 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         "train_counts": counts["train"],
         "test_counts": counts["test"],
         "majority_baseline_accuracy": majority,
-        "methods": results,
     }
-    return _save(workdir, results, out)
+    return _sweep_and_save(config, workdir, list(config.methods), train_one, out)

@@ -99,7 +99,7 @@ def make_fit(plan: parallel.Plan, log_every: int):
             num_steps=num_steps, log_every=log_every,
         )  # fmt: skip
         history = {k: np.stack([np.asarray(m[k]) for m in run.history]) for k in run.history[0]}
-        return loop.fetch(plan, run.state), history
+        return run.state, history
 
     return fit
 
@@ -211,15 +211,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         seed, method = name.split("_", 1)
         return f"pretrain/{method}/" if seed == f"seed{first_seed}" else None
 
-    past = finished.Runs(workdir, metric_prefix=metric_prefix, config=config)
-    writer = past.open_writer()
+    runs = {f"seed{s}_{m}": (s, m) for s in config.seeds for m in config.methods}
 
-    def pretrain_and_transfer(seed, method, folder) -> dict:
-        """Pretrain, then probe and fine-tune at every label fraction, in an emptied ``folder``.
+    def pretrain_and_transfer(name, writer) -> dict:
+        """Pretrain, then probe and fine-tune at every label fraction, in an emptied folder.
 
         Returns ``{"accuracy": [[mode, fraction, labels, test accuracy], ...], "final_loss",
-        "seconds"}`` (JSON, kept by `finished.Runs`).
+        "seconds"}`` (JSON, kept by `finished.sweep`).
         """
+        (seed, method), folder = runs[name], workdir / RUNS / name
         shutil.rmtree(folder, ignore_errors=True)  # a run that did not finish starts over
         tick = time.perf_counter()
         encoder, history = pretrain_encoder(
@@ -245,28 +245,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         final_loss = float(np.mean(history[-1]["train/loss"][-10:])) if history else None
         return {"accuracy": accuracy, "final_loss": final_loss, "seconds": seconds}
 
+    cells, stopped = finished.sweep(
+        workdir, config, list(runs), pretrain_and_transfer, metric_prefix=metric_prefix
+    )
+    if stopped:
+        return {"stopped": stopped}
     accuracy: dict[tuple, list[float]] = {}
     pretext: dict[str, dict[str, list[float]]] = {}
-    runs = [(s, m) for s in config.seeds for m in config.methods]
-    progress = metrics_lib.Progress(len(runs))
-    for i, (seed, method) in enumerate(runs):
-        name = f"seed{seed}_{method}"
-        try:
-            cell = past.get_or_run(name, pretrain_and_transfer, seed, method, workdir / RUNS / name)
-        except finished.Stopped:
-            progress.close()
-            writer.close()
-            logging.info("stopped during run %s; rerun to resume", name)
-            return {"stopped": name}
-        info = pretext.setdefault(method, {"final_loss": [], "seconds": []})
+    for name, cell in cells.items():
+        info = pretext.setdefault(runs[name][1], {"final_loss": [], "seconds": []})
         info["seconds"].append(cell["seconds"])
         if cell["final_loss"] is not None:
             info["final_loss"].append(cell["final_loss"])
         for mode, fraction, n_labels, acc in cell["accuracy"]:
-            accuracy.setdefault((method, mode, fraction, n_labels), []).append(acc)
-        progress.update(i + 1, method=method, seed=seed)
-    progress.close()
-    writer.close()
+            accuracy.setdefault((runs[name][1], mode, fraction, n_labels), []).append(acc)
 
     # -- report -----------------------------------------------------------------------------
     rows = [
