@@ -10,6 +10,7 @@ with a LoRA per task, ``decoder_tuning`` tunes the decoder that ``icl`` prompts)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from collections.abc import Sequence
@@ -25,9 +26,10 @@ from safetensors import numpy as safetensors_numpy
 from ftlab import icl
 from ftlab.core import loading, parallel, partition
 from ftlab.models import attention, bert, hooks, llama
-from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, reft
+from ftlab.peft import adapters, dora, ia3, lora, prefix, prompt, qlora, reft
 
 __all__ = [
+    "DECODER_METHODS",
     "DECODER_TASKS",
     "axis_name",
     "Decoder",
@@ -40,6 +42,7 @@ __all__ = [
     "add_method",
     "classifier_apply",
     "decoder",
+    "decoder_method",
     "encoder_classifier",
     "encoder_method",
     "encoder_sites",
@@ -403,3 +406,44 @@ def decoder(config: ml_collections.ConfigDict, texts: list[str]) -> Decoder:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     cfg = llama.LlamaConfig.tiny(vocab_size=config.model.vocab_size, max_position_embeddings=1024)
     return Decoder(cfg, llama.init(cfg, jax.random.key(config.seed)), tok, 1)
+
+
+DECODER_METHODS = ("prompt", "prefix", "lora", "qlora")
+
+
+def decoder_method(peft: ml_collections.ConfigDict, method: str, params, rng, *, model_config):
+    """`add_method` for the decoder: ``(params, rules, wrap, to_plain)``, ``to_plain(trained)``
+    the plain tree the prompts score (LoRA merged, the prefix MLP evaluated and dropped, the
+    Q4 base dequantised).
+
+    ``model_config``: the decoder's `llama.LlamaConfig`, to trace its hook sites.
+    """
+    sites = None
+    if method not in DECODER_METHODS:
+        raise ValueError(f"config.methods: {method!r} is not one of {DECODER_METHODS}.")
+    if method in ("prompt", "prefix"):
+        if method == "prefix" and llama.LAYERS in params["decoder"]:
+            # A prefix per layer needs the layers one by one: unstack the scanned layers (the
+            # loss stacks them again, prefixes included, so the step still compiles one layer).
+            params = llama.unstack_layers(params)
+        module = llama.LlamaForCausalLM(model_config)
+        ids = jnp.ones((1, 2), jnp.int32)
+        sites = hooks.discover(lambda q: module.apply({"params": q}, ids), params)
+    # QLoRA trains the LoRA leaves of a quantised base
+    params, wrap = add_method(peft, method.removeprefix("q"), params, rng, sites=sites)
+    if method == "prompt":
+        return params, prompt.rules(), wrap, (lambda t: t)
+    if method == "prefix":
+        return params, prefix.rules(), wrap, functools.partial(prefix.finalize, sites=sites)
+
+    def stacked(f):
+        # Stack before the wrapper, so that it checks the tree the model sees (the LoRA
+        # leaves are consumed at `decoder/layers/...`); stacking again inside is a no-op.
+        g = wrap(f)
+        return lambda q, *args: g(llama.stack_if_uniform(q), *args)
+
+    p = peft
+    if method == "lora":
+        return params, lora.rules(), stacked, lambda t: lora.merge(t, alpha=p.alpha, rank=p.rank)
+    params = qlora.quantize(params, targets=list(p.qlora_targets), what="config.peft.qlora")
+    return params, lora.rules(), stacked, lambda t: qlora.merge(t, alpha=p.alpha, rank=p.rank)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -48,6 +48,8 @@ __all__ = [
     "sample_demos",
     "encode_prefix",
     "encode_queries",
+    "encode_prompts",
+    "label_word_loss",
     "prefill",
     "score",
     "accuracy",
@@ -224,6 +226,55 @@ def encode_queries(
             ids = head_ids + body + tail_ids
         out[i, : len(ids)], mask[i, : len(ids)] = ids, 1
     return out, mask
+
+
+def encode_prompts(
+    tokenizer: Any, task: Task, texts: Sequence[str], query_len: int, *, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and mask `[n, instruction + query_len]` of the zero-shot prompts (instruction, then
+    each query's template), the instruction as long as it is: the text a tuned model answers.
+    """
+    head = prefix_text(task, [])
+    n_head = len(tokenizer.encode(head).ids) if head else 0
+    p_ids, p_mask = encode_prefix(tokenizer, head, n_head, pad_id=pad_id)
+    q_ids, q_mask = encode_queries(tokenizer, task, texts, query_len, pad_id=pad_id)
+    n = len(texts)
+    ids = np.concatenate([np.repeat(p_ids, n, 0), q_ids], axis=1)
+    mask = np.concatenate([np.repeat(p_mask, n, 0), q_mask], axis=1)
+    return ids, mask
+
+
+def label_word_loss(config: llama.LlamaConfig, wrap: Callable | None = None) -> Callable:
+    """``loss_fn(params, batch, rng) -> (loss, {"accuracy"})``: the next-token cross-entropy
+    of the label word at each prompt's last real position, what `score` ranks the labels by.
+
+    Args:
+        config: The decoder's config.
+        wrap: ``wrap(apply) -> apply`` of a PEFT method applied in the forward pass.
+
+    ``batch``: ``input_ids``, ``attention_mask`` `[batch, seq]` (`encode_prompts`), ``target``
+    `[batch]` (the label word's token id), ``label`` `[batch]` (its index) and ``label_ids``
+    `[n_labels]` (`label_token_ids`); the accuracy is that of the argmax over the label words.
+    """
+    module = llama.LlamaForCausalLM(config)
+
+    def hidden_fn(params, ids, mask):
+        params = llama.stack_if_uniform(params)  # differentiable: gradients reach every layer
+        return module.apply({"params": params}, ids, mask, return_hidden=True)
+
+    hidden_fn = hidden_fn if wrap is None else wrap(hidden_fn)
+
+    def loss_fn(params, batch, rng):
+        del rng
+        hidden = hidden_fn(params, batch["input_ids"], batch["attention_mask"])
+        last = jnp.sum(batch["attention_mask"], axis=1) - 1
+        h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        logp = jax.nn.log_softmax(llama.lm_logits(params, h), axis=-1)
+        loss = -jnp.mean(jnp.take_along_axis(logp, batch["target"][:, None], axis=1))
+        correct = jnp.argmax(jnp.take(logp, batch["label_ids"], axis=1), axis=1) == batch["label"]
+        return loss, {"accuracy": jnp.mean(correct)}
+
+    return loss_fn
 
 
 @functools.partial(jax.jit, static_argnames=("config", "query_len"))

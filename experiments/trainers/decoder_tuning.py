@@ -31,11 +31,9 @@ References:
 
 from __future__ import annotations
 
-import functools
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -44,92 +42,14 @@ from absl import logging
 from experiments import finished, loop, models, reports
 from ftlab import icl
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, partition, train
+from ftlab.core import partition, train
 from ftlab.core import report as report_lib
 from ftlab.data import rotten_tomatoes
-from ftlab.models import hooks, llama
-from ftlab.peft import lora, prefix, prompt, qlora
+from ftlab.peft import qlora
 
-METHODS = ("prompt", "prefix", "lora", "qlora")
+METHODS = models.DECODER_METHODS
 # Each run's loop folder (checkpoints, metrics.jsonl) under the workdir: runs/<method>_n<n>_s<seed>
 RUNS = "runs"
-
-
-def add_method(
-    config: ml_collections.ConfigDict,
-    method: str,
-    params,
-    rng,
-    *,
-    model_config: llama.LlamaConfig,
-):
-    """The method's tree, rules, training apply wrapper and ``to_plain(trained) -> tree``.
-
-    ``model_config``: the decoder's config, to trace its hook sites (`hooks.discover`).
-    """
-    p, sites = config.peft, None
-    if method not in METHODS:
-        raise ValueError(f"config.methods: {method!r} is not one of {METHODS}.")
-    if method in ("prompt", "prefix"):
-        if method == "prefix" and llama.LAYERS in params["decoder"]:
-            # A prefix per layer needs the layers one by one: unstack the scanned layers (the
-            # loss stacks them again, prefixes included, so the step still compiles one layer).
-            params = llama.unstack_layers(params)
-        module = llama.LlamaForCausalLM(model_config)
-        ids = jnp.ones((1, 2), jnp.int32)
-        sites = hooks.discover(lambda q: module.apply({"params": q}, ids), params)
-    # QLoRA trains the LoRA leaves of a quantised base
-    params, wrap = models.add_method(p, method.removeprefix("q"), params, rng, sites=sites)
-    if method == "prompt":
-        return params, prompt.rules(), wrap, (lambda t: t)
-    if method == "prefix":
-        return params, prefix.rules(), wrap, functools.partial(prefix.finalize, sites=sites)
-
-    def stacked(f):
-        # Stack before the wrapper, so that it checks the tree the model sees (the LoRA
-        # leaves are consumed at `decoder/layers/...`); stacking again inside is a no-op.
-        g = wrap(f)
-        return lambda q, *args: g(llama.stack_if_uniform(q), *args)
-
-    if method == "lora":
-        return params, lora.rules(), stacked, lambda t: lora.merge(t, alpha=p.alpha, rank=p.rank)
-    params = qlora.quantize(params, targets=list(p.qlora_targets), what="config.peft.qlora")
-    return params, lora.rules(), stacked, lambda t: qlora.merge(t, alpha=p.alpha, rank=p.rank)
-
-
-def encode(model, task: icl.Task, texts, query_len: int):
-    """``[n, prefix + query_len]`` ids and mask of the zero-shot prompts (instruction + query)."""
-    head = icl.prefix_text(task, [])
-    n_head = len(model.tokenizer.encode(head).ids) if head else 0
-    p_ids, p_mask = icl.encode_prefix(model.tokenizer, head, n_head, pad_id=model.pad_id)
-    q_ids, q_mask = icl.encode_queries(model.tokenizer, task, texts, query_len, pad_id=model.pad_id)
-    n = len(texts)
-    ids = np.concatenate([np.repeat(p_ids, n, 0), q_ids], axis=1)
-    mask = np.concatenate([np.repeat(p_mask, n, 0), q_mask], axis=1)
-    return ids, mask
-
-
-def make_loss_fn(model_config: llama.LlamaConfig, wrap):
-    """Next-token cross-entropy of the label word at each prompt's last real position."""
-    module = llama.LlamaForCausalLM(model_config)
-
-    def hidden_fn(params, ids, mask):
-        params = llama.stack_if_uniform(params)  # differentiable: gradients reach every layer
-        return module.apply({"params": params}, ids, mask, return_hidden=True)
-
-    hidden_fn = wrap(hidden_fn)
-
-    def loss_fn(params, batch, rng):
-        del rng
-        hidden = hidden_fn(params, batch["input_ids"], batch["attention_mask"])
-        last = jnp.sum(batch["attention_mask"], axis=1) - 1
-        h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-        logp = jax.nn.log_softmax(llama.lm_logits(params, h), axis=-1)
-        loss = -jnp.mean(jnp.take_along_axis(logp, batch["target"][:, None], axis=1))
-        correct = jnp.argmax(jnp.take(logp, batch["label_ids"], axis=1), axis=1) == batch["label"]
-        return loss, {"accuracy": jnp.mean(correct)}
-
-    return loss_fn
 
 
 def num_steps(config: ml_collections.ConfigDict, n: int) -> int:
@@ -141,27 +61,36 @@ def num_steps(config: ml_collections.ConfigDict, n: int) -> int:
 
 def run_one(
     config, model, task, data, method: str, n: int, seed: int, steps_cache: dict, *, plan, workdir
-) -> dict | None:
+) -> dict:
     """Trains ``method`` on ``n`` balanced examples and scores the test subset zero-shot.
 
-    The steps run in `experiments.loop.train` (placement by ``plan``, the stop on a non-finite
+    The steps run as a `finished.short_run` (placement by ``plan``, the stop on a non-finite
     loss naming the step, an orbax checkpoint in ``workdir`` to resume an interrupted run).
     ``steps_cache`` keeps one train step per method: the learning rate is constant and the batch
     shape does not depend on ``n``, so every ``n`` and seed reuses its compilation.
 
     Returns:
-        The run's record, or None when it stopped early (a signal): rerun to resume it.
+        The run's record.
+
+    Raises:
+        finished.Stopped: A signal stopped it (with a checkpoint): rerun to resume it.
     """
     train_split, test = data["train"], data["test"]
     idx = icl.sample_demos(np.random.default_rng([config.seed, n, seed]), train_split.label, n)
     texts = [train_split.text[i] for i in idx]
     labels = np.asarray(train_split.label)[idx].astype(np.int32)
-    ids, mask = encode(model, task, texts, config.data.query_len)
+    ids, mask = icl.encode_prompts(
+        model.tokenizer, task, texts, config.data.query_len, pad_id=model.pad_id
+    )
     label_ids = np.asarray(icl.label_token_ids(model.tokenizer, task))
 
     # train.init_state copies what it holds, so the donated steps leave `model.params` intact.
-    params, rules, wrap, to_plain = add_method(
-        config, method, model.params, jax.random.key(1000 * seed + n), model_config=model.config
+    params, rules, wrap, to_plain = models.decoder_method(
+        config.peft,
+        method,
+        model.params,
+        jax.random.key(1000 * seed + n),
+        model_config=model.config,
     )
     label_tree = partition.labels(params, rules, what=f"config.methods[{method!r}] rules")
     lr = config.optim.lr[method]
@@ -170,14 +99,13 @@ def run_one(
     state = train.init_state(params, label_tree, tx, seed=seed, precision=policy.precision)
     base_bytes = qlora.nbytes(state.frozen)
     if method not in steps_cache:
-        loss_fn = make_loss_fn(model.config, wrap)
+        loss_fn = icl.label_word_loss(model.config, wrap)
 
         def with_label_ids(params, batch, rng):
             # the label words' ids are one constant, not rows of the batch the plan shards
             return loss_fn(params, {**batch, "label_ids": label_ids}, rng)
 
-        # pmap runs the step per device: the gradient mean then needs the axis' name
-        axis = parallel.DATA_AXIS if plan.mode == "pmap" else None
+        axis = models.axis_name(plan)
         steps_cache[method] = policy.train_step(with_label_ids, tx, axis_name=axis)
 
     # Batches: passes over a fresh permutation of the n examples; with n smaller than the batch
@@ -198,25 +126,17 @@ def run_one(
         }
 
     try:
-        run = loop.train(
-            loop.short_run_config(steps, log_every=steps),
-            workdir,
-            plan=plan,
-            state=state,
-            step_fn=steps_cache[method],
-            batch_at=batch_at,
-            keep_history=True,
-        )
+        run = finished.short_run(
+            workdir, plan=plan, state=state, step_fn=steps_cache[method], batch_at=batch_at,
+            num_steps=steps, log_every=steps,
+        )  # fmt: skip
     except metrics_lib.NonFiniteMetricError as e:
         e.add_note(f"decoder tuning run {method}, n={n}, seed={seed}")
         raise
-    if not run.finished:
-        return None
-    run.close()
     # a resumed run kept only the steps after its checkpoint: the loss record starts there
     losses = [float(m["train/loss"]) for m in run.history]
 
-    plain = to_plain(loop.fetch(run.plan, run.state).params)
+    plain = to_plain(run.state.params)
     n_test = min(config.data.num_test, len(test.text))
     acc, _ = icl.accuracy(
         model.config,
@@ -294,39 +214,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     )
     plan = loop.plan_from(config)
     plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
-    past = finished.Runs(workdir, metric_prefix=lambda name: None, config=config)
-    runs, steps_cache = [], {}
-    for method in config.methods:
-        for n in config.data.num_examples:
-            for seed in range(config.seeds):
-                name = f"{method}_n{n}_s{seed}"
-                r = past.get(name)  # finished in an earlier invocation
-                if r is not None:
-                    runs.append(r)
-                    continue
-                r = run_one(
-                    config, model, task, data, method, n, seed, steps_cache,
-                    plan=plan, workdir=workdir / RUNS / name,
-                )  # fmt: skip
-                if r is None:  # stopped by a signal, with a checkpoint: rerun to resume
-                    logging.info("stopped during run %s; rerun to resume", name)
-                    return report(config, workdir, runs, n_test=n_test, majority=majority)
-                if jax.process_index() == 0:
-                    past.put(name, r)
-                runs.append(r)
-                # the report so far, so a long run can be read (and plotted) while it goes on
-                report(config, workdir, runs, n_test=n_test, majority=majority)
-                logging.info(
-                    "%s n=%d seed=%d: accuracy %.4f (%d steps, %.0f s, loss %s -> %.3f)",
-                    method,
-                    n,
-                    seed,
-                    r["accuracy"],
-                    r["steps"],
-                    r["train_seconds"],
-                    r["first_loss"],
-                    r["last_loss"],
-                )
-    rows = report(config, workdir, runs, n_test=n_test, majority=majority)
-    logging.info("tuning vs ICL:\n%s", (workdir / "results.md").read_text())
+    runs = {
+        f"{method}_n{n}_s{seed}": (method, n, seed)
+        for method in config.methods
+        for n in config.data.num_examples
+        for seed in range(config.seeds)
+    }
+    steps_cache, done = {}, []
+
+    def run(name, writer):
+        return run_one(
+            config, model, task, data, *runs[name], steps_cache, plan=plan,
+            workdir=workdir / RUNS / name,
+        )  # fmt: skip
+
+    def reported(name, r):
+        # the report so far, so a long run can be read (and plotted) while it goes on
+        done.append(r)
+        report(config, workdir, done, n_test=n_test, majority=majority)
+        logging.info(
+            "%s n=%d seed=%d: accuracy %.4f (%d steps, %.0f s, loss %s -> %.3f)",
+            *runs[name], r["accuracy"], r["steps"], r["train_seconds"], r["first_loss"],
+            r["last_loss"],
+        )  # fmt: skip
+
+    results, stopped = finished.sweep(workdir, config, list(runs), run, on_result=reported)
+    rows = report(config, workdir, list(results.values()), n_test=n_test, majority=majority)
+    if not stopped:
+        logging.info("tuning vs ICL:\n%s", (workdir / "results.md").read_text())
     return rows

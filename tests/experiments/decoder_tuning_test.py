@@ -5,7 +5,9 @@ import json
 from absl.testing import flagsaver  # noqa: F401  (absl is a dependency; keeps flags untouched)
 
 from configs import tune_smollm2
+from experiments import models
 from experiments.trainers import decoder_tuning
+from ftlab import icl
 
 
 def test_quick_run_trains_every_method_and_resumes(tmp_path):
@@ -40,11 +42,11 @@ def test_prefix_tuning_trains_on_the_stacked_decoder_tree():
     cfg = llama.LlamaConfig.tiny()
     plain = llama.init(cfg, jax.random.key(0))
     config = ml_collections.ConfigDict({"peft": {"length": 3, "prefix_hidden_mlp": 8}})
-    params, _, wrap, to_plain = decoder_tuning.add_method(
-        config, "prefix", llama.stack_layers(plain), jax.random.key(1), model_config=cfg
+    params, _, wrap, to_plain = models.decoder_method(
+        config.peft, "prefix", llama.stack_layers(plain), jax.random.key(1), model_config=cfg
     )
-    same, _, _, _ = decoder_tuning.add_method(
-        config, "prefix", plain, jax.random.key(1), model_config=cfg
+    same, _, _, _ = models.decoder_method(
+        config.peft, "prefix", plain, jax.random.key(1), model_config=cfg
     )
     batch = {
         "input_ids": jnp.array([[1, 2, 3, 4], [5, 6, 7, 0]]),
@@ -53,7 +55,7 @@ def test_prefix_tuning_trains_on_the_stacked_decoder_tree():
         "label_ids": jnp.array([3, 4]),
         "label": jnp.array([0, 1]),
     }
-    loss_fn = decoder_tuning.make_loss_fn(cfg, wrap)
+    loss_fn = icl.label_word_loss(cfg, wrap)
     # jitted: op by op, the tiny decoder's forward and backward take seconds of dispatch
     value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     (loss, _), grads = value_and_grad(params, batch, None)
@@ -70,7 +72,7 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
 
     from ftlab.core import metrics as metrics_lib
 
-    make = decoder_tuning.make_loss_fn
+    make = icl.label_word_loss
 
     def nan_loss_fn(model_config, wrap):
         loss_fn = make(model_config, wrap)
@@ -81,7 +83,7 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
 
         return poisoned
 
-    monkeypatch.setattr(decoder_tuning, "make_loss_fn", nan_loss_fn)
+    monkeypatch.setattr(icl, "label_word_loss", nan_loss_fn)
     config = tune_smollm2.get_config("quick,num_examples=4,methods=prompt")
     with pytest.raises(metrics_lib.NonFiniteMetricError, match=r"train/loss=nan at step 1\b"):
         decoder_tuning.train_and_evaluate(config, str(tmp_path))
