@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ftlab.core import xla
+from ftlab.core import parallel, xla
 from ftlab.types import Params, PyTree
 
 __all__ = [
@@ -78,6 +78,8 @@ __all__ = [
     "advance",
     "progressive_metrics",
     "sweep",
+    "sweep_start",
+    "sweep_step",
     "BatchSolution",
     "best_fixed",
     "checkpoints",
@@ -877,6 +879,107 @@ def sweep(
     return jax.vmap(lambda lr: run(model, params, stream, learner=make_learner(lr), **run_kwargs))(
         jnp.asarray(learning_rates, jnp.float32)
     )
+
+
+def sweep_start(
+    model: Model,
+    learning_rates: Sequence[float],
+    *,
+    make_learner: Callable[[jax.Array], optax.GradientTransformation],
+    padded_length: int,
+    num_devices: int = 1,
+    **options,
+) -> dict[str, Any]:
+    """The state `sweep_step` runs on from (on the host): a learner per step size, nothing
+    seen, room for the losses of a stream of ``padded_length`` (its chunks, padding included).
+
+    The step sizes are padded with copies of the last to a multiple of ``num_devices`` (each
+    device then runs as many learners); ``options`` are `start`'s.
+    """
+    lrs = tuple(learning_rates)
+    padded = np.asarray(lrs + lrs[-1:] * (-len(lrs) % num_devices), np.float32)
+    start_one = lambda lr: start(model, model.init(), learner=make_learner(lr), **options)  # noqa: E731
+    return {
+        "lr": padded,
+        "carry": jax.device_get(jax.vmap(start_one)(padded)),
+        "losses": np.zeros(padded_length, np.float32),
+        "seen": np.zeros((), np.int32),
+    }
+
+
+def sweep_step(
+    model: Model,
+    *,
+    make_learner: Callable[[jax.Array], optax.GradientTransformation],
+    plan: parallel.Plan,
+    length: int,
+    main: int,
+    comparator: Params,
+    **options,
+) -> Callable:
+    """``step(state, chunk) -> (state, metrics)``: every learner of a sweep runs on over one
+    chunk of the stream (`advance`).
+
+    The state (`sweep_start`) is ``{"lr", "carry", "losses", "seen"}``: per learner its step
+    size and `Carry`; learner ``main``'s per-example losses so far (for the exact prefix regret
+    afterwards) and the examples seen. The chunk is ``{"x", "y", "valid"}`` (a `Stream`).
+    Online learning is sequential in time, so the learners are what is parallel: they are split
+    over ``plan``'s data axis (under ``pmap``, each device runs its share of the learners on the
+    whole chunk, gathered after it). The metrics are learner ``main``'s: ``train/loss`` (the
+    chunk's mean), ``online/<progressive metric>``, ``regret/final_comparator`` and
+    ``regret/average`` after the chunk.
+
+    Args:
+        model: The model.
+        make_learner: ``learning_rate -> learner``.
+        plan: Places the learners (`ftlab.core.parallel.Plan`).
+        length: The stream's length (padding after it makes no update).
+        main: The index of the learner whose metrics are reported.
+        comparator: The fixed parameters regret is measured against.
+        **options: `advance`'s ``delay``, ``batch_size``, ``param_dtype``.
+    """
+    axis = parallel.DATA_AXIS
+    learners = jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec(axis))
+
+    def advance_one(lr, carry, chunk):
+        return advance(
+            model,
+            carry,
+            chunk,
+            learner=make_learner(lr),
+            comparator=comparator,
+            length=length,
+            **options,
+        )
+
+    def step(state, batch):
+        chunk = Stream(batch["x"], batch["y"], batch["valid"])
+        lr, carry = state["lr"], state["carry"]
+        if plan.mode == "pmap":  # this device's learners; every device sees the whole chunk
+            chunk = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, tiled=True), chunk)
+            share = lr.shape[0] // plan.num_devices
+            first = jax.lax.axis_index(axis) * share
+            lr, carry = jax.tree.map(
+                lambda a: jax.lax.dynamic_slice_in_dim(a, first, share), (lr, carry)
+            )
+        else:
+            lr, carry = jax.lax.with_sharding_constraint((lr, carry), learners)
+        carry, m = jax.vmap(advance_one, in_axes=(0, 0, None))(lr, carry, chunk)
+        if plan.mode == "pmap":
+            carry, m = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, tiled=True), (carry, m))
+        m = jax.tree.map(lambda a: a[main], m)
+        losses = jax.lax.dynamic_update_slice(state["losses"], m["loss"], (state["seen"],))
+        size = chunk.valid.shape[0]
+        metrics = {"train/loss": jnp.sum(m["loss"]) / jnp.maximum(jnp.sum(chunk.valid), 1)}
+        for k in ("accuracy", "log_loss", "mae", "rmse", "cumulative_loss"):
+            if k in m:
+                metrics[f"online/{k}"] = m[k][-1]
+        metrics["regret/final_comparator"] = m["regret"][-1]
+        metrics["regret/average"] = m["average_regret"][-1]
+        state = {"lr": state["lr"], "carry": carry, "losses": losses, "seen": state["seen"] + size}
+        return state, metrics
+
+    return step
 
 
 # ----------------------------------------------------------------------------------------------

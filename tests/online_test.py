@@ -380,3 +380,42 @@ def test_chunk_by_chunk_equals_one_scan_bit_for_bit(model, delay, batch):
     with pytest.raises(ValueError, match=r"advance: delay=0, batch_size=2, but the carry"):
         online.advance(model, jax.tree.map(lambda a: a[0], carry), padded, learner=learner(1.0),
                        batch_size=2)  # fmt: skip
+
+
+def test_sweep_step_chunk_by_chunk_equals_one_sweep(model):
+    # Two learners, a stream of 3 chunks (the last padded): the chunked sweep's carries and the
+    # main learner's losses equal one `sweep` over the whole stream.
+    from ftlab.core import parallel
+
+    x, y = _logistic_stream(10, D, seed=3)
+    stream = online.prepare(x, y, model=model)
+    lrs, size, main = (0.1, 0.5), 4, 1
+    learner = lambda lr: online.ogd(lr, decay="sqrt")  # noqa: E731
+    pad = -10 % size
+    host = {
+        k: np.concatenate([np.asarray(a), np.zeros((pad, *a.shape[1:]), a.dtype)])
+        for k, a in zip(("x", "y", "valid"), stream, strict=True)
+    }
+    state = online.sweep_start(model, lrs, make_learner=learner, padded_length=12)
+    step = jax.jit(
+        online.sweep_step(
+            model,
+            make_learner=learner,
+            plan=parallel.make_plan("mesh", num_devices=1),
+            length=10,
+            main=main,
+            comparator=model.init(),
+        )
+    )
+    for i in range(3):
+        state, metrics = step(state, {k: a[i * size : (i + 1) * size] for k, a in host.items()})
+    whole = online.sweep(
+        model, model.init(), stream, make_learner=learner, learning_rates=jnp.array(lrs),
+        comparator=model.init(),
+    )  # fmt: skip
+    chex.assert_trees_all_close(state["carry"].params, whole.params, rtol=1e-6)
+    np.testing.assert_allclose(state["losses"][:10], whole.metrics["loss"][main], rtol=1e-6)
+    assert int(state["seen"]) == 12
+    np.testing.assert_allclose(
+        metrics["regret/final_comparator"], whole.metrics["regret"][main][-1], rtol=1e-5
+    )

@@ -27,11 +27,9 @@ from absl import logging
 from experiments import features, loop, reports
 from ftlab import online
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, report
+from ftlab.core import report
 from ftlab.data import streams
 from third_party import river
-
-DATA = parallel.DATA_AXIS
 
 
 def make_learner(config: ml_collections.ConfigDict, lr: Any = None) -> optax.GradientTransformation:
@@ -121,60 +119,6 @@ def chunks(stream: online.Stream, size: int) -> dict[str, np.ndarray]:
     }
 
 
-def make_step(config, model, *, plan, length: int, main: int, comparator):
-    """The loop's step: every learner of the sweep runs on over one chunk of the stream.
-
-    The state is ``{"lr", "carry", "losses", "seen"}``: per learner its step size and
-    `online.Carry`; the main learner's per-example losses so far (for the exact prefix regret
-    after the run) and the examples seen. Online learning is sequential in time, so the sweep's
-    learners are what is parallel: they are split over the data mesh (under ``pmap``, each
-    device runs its share and they are gathered after the chunk). The metrics are the main
-    learner's: a non-finite one stops the run; another step size diverging is a result.
-    """
-    kw = learner_options(config)
-    learners = jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS))
-
-    def advance(lr, carry, chunk):
-        return online.advance(
-            model,
-            carry,
-            chunk,
-            learner=make_learner(config, lr),
-            comparator=comparator,
-            length=length,
-            **kw,
-        )
-
-    def step(state, batch):
-        chunk = online.Stream(batch["x"], batch["y"], batch["valid"])
-        lr, carry = state["lr"], state["carry"]
-        if plan.mode == "pmap":  # this device's learners; every device sees the whole chunk
-            chunk = jax.tree.map(lambda a: jax.lax.all_gather(a, DATA, tiled=True), chunk)
-            share = lr.shape[0] // plan.num_devices
-            first = jax.lax.axis_index(DATA) * share
-            lr, carry = jax.tree.map(
-                lambda a: jax.lax.dynamic_slice_in_dim(a, first, share), (lr, carry)
-            )
-        else:
-            lr, carry = jax.lax.with_sharding_constraint((lr, carry), learners)
-        carry, m = jax.vmap(advance, in_axes=(0, 0, None))(lr, carry, chunk)
-        if plan.mode == "pmap":
-            carry, m = jax.tree.map(lambda a: jax.lax.all_gather(a, DATA, tiled=True), (carry, m))
-        m = jax.tree.map(lambda a: a[main], m)
-        losses = jax.lax.dynamic_update_slice(state["losses"], m["loss"], (state["seen"],))
-        size = chunk.valid.shape[0]
-        metrics = {"train/loss": jnp.sum(m["loss"]) / jnp.maximum(jnp.sum(chunk.valid), 1)}
-        for k in ("accuracy", "log_loss", "mae", "rmse", "cumulative_loss"):
-            if k in m:
-                metrics[f"online/{k}"] = m[k][-1]
-        metrics["regret/final_comparator"] = m["regret"][-1]
-        metrics["regret/average"] = m["average_regret"][-1]
-        state = {"lr": state["lr"], "carry": carry, "losses": losses, "seen": state["seen"] + size}
-        return state, metrics
-
-    return step
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the online experiment described by `configs/online_river.py`.
 
@@ -226,27 +170,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     size = config.data.chunk_size
     plan.check_batch_size(size, what="config.data.chunk_size")
     lrs = tuple(sorted({*config.sweep.learning_rates, config.learner.lr}))
-    padded = np.asarray(lrs + lrs[-1:] * (-len(lrs) % plan.num_devices), np.float32)
-    carry = jax.vmap(
-        lambda lr: online.start(
-            model, model.init(), learner=make_learner(config, lr), **learner_options(config)
-        )
-    )(padded)
     host = chunks(stream, size)
-    state = {
-        "lr": padded,
-        "carry": carry,
-        "losses": np.zeros(len(host["y"]), np.float32),
-        "seen": np.zeros((), np.int32),
-    }
-    step_fn = make_step(
-        config,
-        model,
-        plan=plan,
-        length=num,
-        main=lrs.index(config.learner.lr),
-        comparator=best.params,
-    )
+    learner_of = functools.partial(make_learner, config)
+    state = online.sweep_start(
+        model, lrs, make_learner=learner_of, padded_length=len(host["y"]),
+        num_devices=plan.num_devices, **learner_options(config),
+    )  # fmt: skip
+    step_fn = online.sweep_step(
+        model, make_learner=learner_of, plan=plan, length=num,
+        main=lrs.index(config.learner.lr), comparator=best.params, **learner_options(config),
+    )  # fmt: skip
     loop_config = ml_collections.ConfigDict(
         {
             "optim": {"num_steps": len(host["y"]) // size},
@@ -260,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         loop_config,
         workdir,
         plan=plan,
-        state=jax.device_get(state),
+        state=state,
         step_fn=step_fn,
         batch_at=lambda i: {k: a[i * size : (i + 1) * size] for k, a in host.items()},
     )
