@@ -237,6 +237,12 @@ def test_schema_choices_are_the_trainers_own():
     assert allowed(enc, "model.attention", {*attention.IMPLEMENTATIONS, "x"}) == set(
         attention.IMPLEMENTATIONS
     )
+    from ftlab.core import train  # noqa: PLC0415
+
+    assert allowed(enc, "step.remat_policy", {*train.REMAT_POLICIES, "", "x"}) == {
+        "",
+        *train.REMAT_POLICIES,
+    }
 
 
 def _saved(config):
