@@ -35,7 +35,11 @@ tensors skipped are listed in `_SKIPPED_TENSORS` with their reason.
 Tensors are read one shard at a time and one tensor at a time, each with a positioned read
 (`np.fromfile`; safetensors' own numpy reader has no bfloat16, and a memory map's pages count
 toward peak RSS), and cast to the `dtype` asked for, so the host holds the converted tree plus
-one tensor. `save` writes bfloat16 trees as BF16 tensors, one tensor at a time.
+one tensor. With `load(..., shardings=...)` each tensor goes straight into its sharding as it is
+read (`jax.make_array_from_callback`: each device gets a copy of its slice alone), so the host holds
+one tensor and this process's slices of it, and no device holds more than its shard; the shapes
+to choose the shardings from come from `load_abstract`, which reads no tensor. `save` writes
+bfloat16 trees as BF16 tensors, one tensor at a time.
 
 Position ids of RoBERTa: transformers counts them over the non-padding tokens, ftlab over the
 sequence (`arange + position_offset`); they agree on every real token of a right-padded batch
@@ -54,7 +58,7 @@ import dataclasses
 import json
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -74,6 +78,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "load",
+    "load_abstract",
     "load_tokenizer",
     "save",
     "tensor_names",
@@ -149,6 +154,8 @@ _SKIPPED_TENSORS = (
     (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", "RoPE's frequencies, recomputed"),
 )
 _SKIP = re.compile("|".join(p for p, _ in _SKIPPED_TENSORS))
+# A decoder's embedding table (the tied head's weights).
+_TABLE = "model.embed_tokens.weight"
 # Fields checked for the one value ftlab implements (`_Fields.require`). Present ones go to
 # `ModelConfig.passthrough` too, so `save` writes back the keys it read.
 _CHECKED = (
@@ -777,12 +784,35 @@ def _write_safetensors(
 
 
 def _read_tensors(
-    folder: pathlib.Path, want: Mapping[str, tuple[str, bool]], dtype: Any
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Reads the wanted tensors shard by shard; returns them and the unexpected names."""
-    out, unexpected = {}, []
+    folder: pathlib.Path,
+    want: Mapping[str, tuple[str, bool]],
+    dtype: Any,
+    *,
+    shapes: Mapping[str, tuple[int, ...]],
+    place: Callable[[str, np.ndarray], Any] | None = None,
+    tied_head: str | None = None,
+) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """Reads the wanted tensors shard by shard, one at a time.
+
+    Args:
+        folder: The model folder.
+        want: HF tensor name -> (ftlab leaf path, whether torch's `(out, in)` is transposed).
+        dtype: The dtype of the leaves.
+        shapes: Leaf path -> the shape `config.json` implies; a tensor of another shape is not
+            converted, only described in the third return value.
+        place: None: each leaf is a numpy array. Else `place(leaf path, value)` makes the leaf
+            from a read-only view in the file's dtype (transposed already), so that the host
+            copy of that tensor is dropped as soon as it returns.
+        tied_head: An HF name in `want` that must equal the embedding table (a tied
+            checkpoint's stored head); it is compared, then dropped.
+
+    Returns:
+        `(leaves by HF name, unexpected tensor names, HF name -> its shape mismatch)`.
+    """
+    out, unexpected, bad = {}, [], {}
     # A task model's base tensors sit under a prefix ("bert.", "distilbert.", ...).
     prefixes = ("", "bert.", "roberta.", "distilbert.")
+    files = []
     for path, listed in _shards(folder).items():
         f = _SafetensorsFile(path)
         keys = f.keys()
@@ -791,7 +821,11 @@ def _read_tensors(
                 f"{path}: holds {sorted(set(keys) - set(listed))[:5]} not listed for it in "
                 f"{INDEX_FILE}, and lacks {sorted(set(listed) - set(keys))[:5]}."
             )
-        for key in keys:
+        files.append(f)
+    where = {key: f for f in files for key in f.keys()}
+    seen = set()
+    for f in files:
+        for key in f.keys():
             name = next(
                 (key[len(p) :] for p in prefixes if key.startswith(p) and key[len(p) :] in want),
                 None,
@@ -801,14 +835,48 @@ def _read_tensors(
                 if not _SKIP.fullmatch(bare):
                     unexpected.append(key)
                 continue
-            if name in out:
+            if name in seen:
                 raise ValueError(f"{folder}: tensor {name!r} is stored twice.")
+            seen.add(name)
+            leaf, transpose = want[name]
             value = f.get(key)
-            if want[name][1]:  # torch (out, in) -> flax (in, out): one copy of one tensor
-                out[name] = np.array(value.T, dtype=dtype, order="C")
+            view = value.T if transpose else value  # torch (out, in) -> flax (in, out)
+            if view.shape != shapes[leaf]:
+                bad[name] = f"  {name} -> {leaf}: expected {shapes[leaf]}, got {view.shape}" + (
+                    " (transposed from torch (out, in))" if transpose else ""
+                )
+                continue
+            if name == tied_head:
+                table = where.get(_TABLE)
+                if table is not None and not np.array_equal(
+                    view.astype(dtype), table.get(_TABLE).astype(dtype)
+                ):
+                    raise ValueError(
+                        f"{folder}: config.json says tie_word_embeddings=true, but the files "
+                        f"hold an {name} that differs from {_TABLE}; set tie_word_embeddings "
+                        "to false to load the separate head."
+                    )
+                continue
+            if place is not None:
+                out[name] = place(leaf, view)
+            elif transpose:  # one copy of one tensor
+                out[name] = np.array(view, dtype=dtype, order="C")
             else:
                 out[name] = value.astype(dtype, copy=False)
-    return out, unexpected
+            del value, view  # the host copy goes before the next tensor is read
+    return out, unexpected, bad
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Slash paths -> nested dicts."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, last = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
 
 
 def _expected_shapes(config: bert.BertConfig | llama.LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -837,8 +905,42 @@ def load_tokenizer(folder: str | pathlib.Path) -> TokenizerFiles | None:
     )
 
 
-def load(
+def _read_config(folder: pathlib.Path) -> ModelConfig:
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing; is {folder} a model folder?")
+    return config_from_hf(json.loads(config_path.read_text()), where=str(config_path))
+
+
+def load_abstract(
     path: str | pathlib.Path, *, dtype: Any = np.float32
+) -> tuple[ModelConfig, types.Params]:
+    """The folder's config and the shapes of the tree `load` returns, reading no tensor.
+
+    What a caller needs to choose a sharding per leaf before loading (`load`'s `shardings`).
+
+    Args:
+        path: The model folder.
+        dtype: The dtype `load` would be given.
+
+    Returns:
+        `(model_config, tree)`: the tree of `load` with `jax.ShapeDtypeStruct` leaves.
+
+    Raises:
+        ValueError, FileNotFoundError: as `load` for `config.json`.
+    """
+    import jax  # noqa: PLC0415
+
+    model_config = _read_config(pathlib.Path(path))
+    shapes = _expected_shapes(model_config.config)
+    return model_config, _nest({k: jax.ShapeDtypeStruct(v, dtype) for k, v in shapes.items()})
+
+
+def load(
+    path: str | pathlib.Path,
+    *,
+    dtype: Any = np.float32,
+    shardings: Any = None,
 ) -> tuple[ModelConfig, types.Params, TokenizerFiles | None]:
     """Loads a Hugging Face model folder into an ftlab `BertEncoder` or `LlamaForCausalLM` tree.
 
@@ -846,39 +948,44 @@ def load(
         path: The folder: `config.json`, `model.safetensors` or the sharded files with
             `model.safetensors.index.json`, and optionally `tokenizer.json` and friends.
         dtype: Dtype of the returned arrays (float32 by default; `jnp.bfloat16` works too).
+        shardings: None: the leaves are numpy arrays on the host. Else each leaf becomes a
+            `jax.Array` in its own sharding as it is read (`jax.make_array_from_callback`): every
+            device gets only its slice of the tensor, the host holds one tensor (and this
+            process's slices of it) at a time, and every process of a multi-host job fills its
+            own devices. Either a tree of
+            `jax.sharding.Sharding`s with exactly the leaves of the loaded tree, or a function
+            from the tree of `load_abstract` to one, e.g.
+            `lambda tree: sharding.shardings(tree, rules, mesh)` (`ftlab.core.sharding`).
 
     Returns:
         `(model_config, params, tokenizer)`: the `ModelConfig` (its `config` builds the
-        `BertEncoder`), the parameter tree (nested dict of numpy arrays), and the
-        `TokenizerFiles` (None if the folder has no `tokenizer.json`).
+        `BertEncoder`), the parameter tree (nested dict of numpy arrays, or of `jax.Array`s with
+        `shardings`), and the `TokenizerFiles` (None if the folder has no `tokenizer.json`).
 
     Raises:
         ValueError: naming a `config.json` field the converter does not understand or whose value
             it does not implement; naming every tensor in the files that maps to no leaf and
-            every leaf missing from the files; naming each tensor whose shape is wrong.
+            every leaf missing from the files; naming each tensor whose shape is wrong; naming
+            the leaves `shardings` lacks or has beyond the tree, and a value that is no sharding.
         FileNotFoundError: if `config.json` or the weights (or a listed shard) are missing.
     """
     folder = pathlib.Path(path)
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing; is {folder} a model folder?")
-    model_config = config_from_hf(json.loads(config_path.read_text()), where=str(config_path))
+    model_config = _read_config(folder)
     names = tensor_names(model_config)
-    tied_copy = None
+    shapes = _expected_shapes(model_config.config)
+    assert {leaf for leaf, _ in names.values()} == set(shapes), "tensor_names is out of date"
+    place = None
+    if shardings is not None:
+        place = _placer(shardings, shapes, dtype)
+    want, tied_head = dict(names), None
     if model_config.model_type in DECODERS and model_config.config.tie_word_embeddings:
         # Some tied checkpoints store the head too; it must be the table, and is then dropped.
-        tied_copy = {"lm_head.weight": ("decoder/embeddings/word_embeddings/embedding", False)}
-    tensors, unexpected = _read_tensors(folder, {**names, **(tied_copy or {})}, dtype)
-    if tied_copy and "lm_head.weight" in tensors:
-        head = tensors.pop("lm_head.weight")
-        table = tensors.get("model.embed_tokens.weight")
-        if table is None or not np.array_equal(head, table):
-            raise ValueError(
-                f"{folder}: config.json says tie_word_embeddings=true, but the files hold an "
-                "lm_head.weight that differs from model.embed_tokens.weight; set "
-                "tie_word_embeddings to false to load the separate head."
-            )
-    missing = sorted(k for k in names if k not in tensors)
+        tied_head = "lm_head.weight"
+        want[tied_head] = names[_TABLE]
+    tensors, unexpected, bad = _read_tensors(
+        folder, want, dtype, shapes=shapes, place=place, tied_head=tied_head
+    )
+    missing = sorted(k for k in names if k not in tensors and k not in bad)
     if unexpected or missing:
         lines = [f"{folder}: the tensors do not match {ARCHITECTURES[model_config.model_type]}:"]
         if unexpected:
@@ -889,24 +996,48 @@ def load(
                 + ", ".join(f"{k} (-> {names[k][0]})" for k in missing)
             )
         raise ValueError("\n".join(lines))
-    shapes = _expected_shapes(model_config.config)
-    assert {leaf for leaf, _ in names.values()} == set(shapes), "tensor_names is out of date"
-    bad = [
-        f"  {k} -> {names[k][0]}: expected {shapes[names[k][0]]}, got {v.shape}"
-        + (" (transposed from torch (out, in))" if names[k][1] else "")
-        for k, v in tensors.items()
-        if v.shape != shapes[names[k][0]]
-    ]
     if bad:
-        raise ValueError(f"{folder}: tensor shapes do not fit config.json:\n" + "\n".join(bad))
-    params: dict[str, Any] = {}
-    for name, value in tensors.items():
-        *parents, last = names[name][0].split("/")
-        node = params
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+        raise ValueError(
+            f"{folder}: tensor shapes do not fit config.json:\n" + "\n".join(bad.values())
+        )
+    params = _nest({names[name][0]: value for name, value in tensors.items()})
     return model_config, params, load_tokenizer(folder)
+
+
+def _placer(
+    shardings: Any, shapes: Mapping[str, tuple[int, ...]], dtype: Any
+) -> Callable[[str, np.ndarray], Any]:
+    """`place` for `_read_tensors`: puts each leaf into its sharding from a host view."""
+    import jax  # noqa: PLC0415
+
+    from ftlab.core import partition  # noqa: PLC0415
+
+    if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+        abstract = _nest({k: jax.ShapeDtypeStruct(v, dtype) for k, v in shapes.items()})
+        shardings = shardings(abstract)
+    flat = partition.flatten(shardings)
+    extra, lacking = sorted(set(flat) - set(shapes)), sorted(set(shapes) - set(flat))
+    if extra or lacking:
+        raise ValueError(
+            f"load: shardings does not fit the loaded tree: leaves it lacks {lacking[:5]}"
+            f"{f' (and {len(lacking) - 5} more)' if len(lacking) > 5 else ''}, leaves not in "
+            f"the tree {extra[:5]}; build it from load_abstract(path)."
+        )
+    wrong = [k for k, v in flat.items() if not isinstance(v, jax.sharding.Sharding)]
+    if wrong:
+        raise ValueError(
+            f"load: shardings[{wrong[0]!r}] is {flat[wrong[0]]!r}, not a jax.sharding.Sharding."
+        )
+
+    def place(leaf: str, view: np.ndarray) -> jax.Array:
+        # Each addressable device's slice is copied out of the view and converted. Not the view
+        # itself: on the CPU a device buffer may alias an aligned host array, which would keep
+        # the whole tensor alive behind a 1/n shard.
+        return jax.make_array_from_callback(
+            view.shape, flat[leaf], lambda index: np.array(view[index], dtype=dtype, order="C")
+        )
+
+    return place
 
 
 def save(

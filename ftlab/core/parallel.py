@@ -5,8 +5,9 @@ A :class:`Plan` hides the difference between the two from a trainer. A :class:`S
 ``data`` x ``fsdp`` x ``tensor`` mesh (`ftlab.core.sharding`) instead of replicating it. All
 compile the step once, donate the state, and average over the global batch, so 1, 8 or 2x2
 (multi-host) devices give the same numbers up to float reassociation. Multi-host follows Cloud
-TPU's path: every process runs the same program and feeds its own contiguous share of each
-global batch.
+TPU's path: every process runs the same program on the same global batch and transfers only the
+rows its own devices hold (with ``fsdp`` across processes as well: the parameters' shards and
+the batch's rows of a device are both read from the mesh).
 """
 
 from __future__ import annotations
@@ -120,23 +121,27 @@ class Plan:
 
     # -- batches ----------------------------------------------------------------------------
     def put_batch(self, global_batch: Mapping[str, np.ndarray]) -> dict:
-        """Places the global batch; each process contributes only its own share of rows."""
-        n_proc, index = jax.process_count(), jax.process_index()
+        """Places the global batch; each process transfers only the rows of its own devices.
+
+        Every process passes the same global batch. Which rows a process's devices hold is read
+        from the batch sharding, not assumed: with ``fsdp`` or ``data`` across processes, a
+        mesh over a subset of the devices (one process's alone included) or devices in any
+        order, each device gets the rows the mesh gives it.
+        """
         if self.mode == "pmap":
             return {
                 k: np.asarray(v).reshape((self.num_devices, -1) + np.shape(v)[1:])
                 for k, v in global_batch.items()
             }
-        if n_proc == 1:
+        sharding = self.batch_sharding
+        if sharding.is_fully_addressable:
             # One transfer for the whole batch: half the host time of one call per array, which
             # is most of a step for small models (a sinusoid meta-step is under a millisecond).
-            return jax.device_put(dict(global_batch), self.batch_sharding)
+            return jax.device_put(dict(global_batch), sharding)
         out = {}
         for k, v in global_batch.items():
             v = np.asarray(v)
-            share = v.shape[0] // n_proc
-            local = v[index * share : (index + 1) * share]
-            out[k] = jax.make_array_from_process_local_data(self.batch_sharding, local, v.shape)
+            out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
         return out
 
     # -- compilation ------------------------------------------------------------------------
