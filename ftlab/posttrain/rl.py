@@ -40,6 +40,11 @@ value losses, several epochs of minibatches over each rollout batch, and Ziegler
 adaptive ``beta``, kept in the train state's collections (`kl_collections`) so a checkpoint
 holds it and a resumed run continues it.
 
+**Layers**: every forward pass runs the layers stacked (`llama.stack_layers`, one compiled layer
+body under `nn.scan`). Hold the train state's tree stacked (stack after the method's ``init``:
+the method leaves stack with their layers) so that a step does not copy the weights into the
+stacked layout on each of its forward passes; an unrolled tree works too.
+
 Prompts may be padded on either side; the rollout moves each row's padding to the left, so the
 completion follows the prompt's last real token directly. Every row needs a real token (not
 checked under `jit`).

@@ -175,6 +175,9 @@ def test_settings_that_cannot_take_effect_are_errors(rollout, tree):
         update = rl.make_grpo_update(MODEL, tx, wrap=wrap, minibatches=3)
         jax.eval_shape(update, train.init_state(tree, partition.labels(tree, lora.rules()),
                                                 tx, seed=0), out, jnp.zeros(32))  # fmt: skip
+    full = train.init_state(tree, jax.tree.map(lambda _: "train", tree), tx, seed=0)
+    with pytest.raises(ValueError, match="state.frozen holds no decoder"):
+        jax.eval_shape(rl.make_grpo_update(MODEL, tx, wrap=wrap), full, out, jnp.zeros(32))
     with pytest.raises(ValueError, match="context overflow"):
         long = np.ones((1, 30), np.int32)
         jax.eval_shape(rollout, tree, long, long, jax.random.key(0))
