@@ -15,6 +15,12 @@ Example::
     out = generation.generate(model, params, ids, mask, max_new_tokens=32, eos_id=2)
     texts = [tokenizer.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
 
+`decode` is the same loop as a plain traceable function, for callers that compile it inside
+their own function: an RL step that samples, scores and updates in one `jit`, or a method's
+`wrap_apply` (LoRA's interceptor must be active while the model is traced, so the sampler is
+wrapped, not called from outside). It can also return the log-probability of each sampled
+token, as PPO and GRPO need.
+
 References:
     Holtzman et al., "The Curious Case of Neural Text Degeneration" (nucleus sampling),
     https://arxiv.org/abs/1904.09751
@@ -32,7 +38,7 @@ import numpy as np
 from ftlab import types
 from ftlab.models import llama
 
-__all__ = ["Generated", "sample_logits", "generate"]
+__all__ = ["Generated", "decode", "generate", "sample_logits"]
 
 
 class Generated(NamedTuple):
@@ -42,10 +48,15 @@ class Generated(NamedTuple):
         tokens: `[batch, max_new_tokens]` int32 new tokens; after a row's `eos_id` (which is
             included) the rest is `pad_id`.
         lengths: `[batch]` int32 number of new tokens per row, `eos_id` included.
+        logprobs: `[batch, max_new_tokens]` float32 log-probability of each new token under
+            the distribution it was drawn from, `log_softmax(logits / temperature)` (before the
+            top-p cut; `temperature` 1 when greedy), 0 after the row ended; None unless asked
+            for (`decode(..., logprobs=True)`).
     """
 
     tokens: jax.Array
     lengths: jax.Array
+    logprobs: jax.Array | None = None
 
 
 def sample_logits(
@@ -186,8 +197,61 @@ def generate(
 def _generate(
     model, params, input_ids, attention_mask, rng, settings, special, *, max_new_tokens, greedy
 ):
-    temperature, top_p = settings[0], settings[1]
-    eos_id, pad_id = special[0], special[1]
+    return decode(
+        model,
+        params,
+        input_ids,
+        attention_mask,
+        rng,
+        temperature=settings[0],
+        top_p=settings[1],
+        eos_id=special[0],
+        pad_id=special[1],
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+    )
+
+
+def decode(
+    model: llama.LlamaForCausalLM,
+    params: types.Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    rng: types.PRNGKey,
+    *,
+    max_new_tokens: int,
+    eos_id: int | jax.Array,
+    pad_id: int | jax.Array,
+    temperature: float | jax.Array,
+    top_p: float | jax.Array,
+    greedy: bool,
+    logprobs: bool = False,
+) -> Generated:
+    """The decoding loop of `generate` as a traceable function: no checks, no `jit` of its own.
+
+    Compile it inside your own function (see the module docstring). `generate` validates its
+    arguments and calls this; a caller of `decode` is responsible for the same: `input_ids`
+    int32 `[batch, prompt_len]`, every row of `attention_mask` with a real token, and the
+    context (soft-prompt rows + `prompt_len` + `max_new_tokens`) within
+    `model.config.max_position_embeddings`.
+
+    Args:
+        model: The `LlamaForCausalLM`.
+        params: Its parameter tree (unrolled or stacked).
+        input_ids: `[batch, prompt_len]` int32 ids, padded on either side.
+        attention_mask: `[batch, prompt_len]` int32, 1 at real tokens.
+        rng: PRNG key (unused when `greedy`).
+        max_new_tokens: Static number of decoding steps at most.
+        eos_id: Token that ends a row.
+        pad_id: Fills `tokens` after a row has ended.
+        temperature: Sampling temperature, > 0 (ignored when `greedy`).
+        top_p: Nucleus mass in (0, 1] (ignored when `greedy`).
+        greedy: Static: take the argmax instead of sampling.
+        logprobs: Static: also return each new token's log-probability (`Generated.logprobs`).
+
+    Returns:
+        `Generated`, with `logprobs` when asked for.
+    """
     batch, prompt_len = input_ids.shape
     size = llama.num_prompt(params) + prompt_len + max_new_tokens
     # Scan one compiled layer body instead of unrolling them all (much faster to compile);
@@ -198,31 +262,44 @@ def _generate(
 
     def pick(logits, step):
         if greedy:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        key = jax.random.fold_in(rng, step)
-        return sample_logits(logits, key, temperature=temperature, top_p=top_p)
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            key = jax.random.fold_in(rng, step)
+            token = sample_logits(logits, key, temperature=temperature, top_p=top_p)
+        if not logprobs:
+            return token, None
+        scaled = logits.astype(jnp.float32) if greedy else logits.astype(jnp.float32) / temperature
+        picked = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
+        return token, picked - jax.nn.logsumexp(scaled, axis=-1)
 
     logits, cache = model.apply(variables, input_ids, attention_mask, cache=cache)
     # The row's last real token predicts the first new one (right padding puts it earlier).
     last = prompt_len - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1)
-    first = pick(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], 0)
+    first, first_lp = pick(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], 0)
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    lps = None
+    if logprobs:
+        lps = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
     done = first == eos_id
     lengths = jnp.ones((batch,), jnp.int32)
 
     def cond(state):
-        step, _, _, done, _ = state
+        step, _, _, _, done, _ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, cache, tokens, done, lengths = state
+        step, cache, tokens, lps, done, lengths = state
         prev = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
         logits, cache = model.apply(variables, prev, jnp.ones_like(prev), cache=cache, start=False)
-        token = jnp.where(done, pad_id, pick(logits[:, 0], step))
+        token, lp = pick(logits[:, 0], step)
+        token = jnp.where(done, pad_id, token)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+        if logprobs:
+            lp = jnp.where(done, 0.0, lp)
+            lps = jax.lax.dynamic_update_slice_in_dim(lps, lp[:, None], step, axis=1)
         lengths = lengths + (~done).astype(jnp.int32)
-        return step + 1, cache, tokens, done | (token == eos_id), lengths
+        return step + 1, cache, tokens, lps, done | (token == eos_id), lengths
 
-    state = (jnp.ones((), jnp.int32), cache, tokens, done, lengths)
-    _, _, tokens, _, lengths = jax.lax.while_loop(cond, body, state)
-    return Generated(tokens, lengths)
+    state = (jnp.ones((), jnp.int32), cache, tokens, lps, done, lengths)
+    _, _, tokens, lps, _, lengths = jax.lax.while_loop(cond, body, state)
+    return Generated(tokens, lengths, lps)

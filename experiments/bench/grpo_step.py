@@ -1,0 +1,283 @@
+"""One GRPO step (sample G continuations of B prompts, score them, update): ftlab vs TRL, on CPU.
+
+    .venv/bin/python -m experiments.bench.grpo_step --peer_python=/tmp/hfvenv/bin/python
+    .venv/bin/python -m experiments.bench.grpo_step --quick     # smoke test: 2 layers, 8 tokens
+
+Both sides run SmolLM2-135M's architecture (30 layers, d_model 576, 9 query / 3 KV heads, vocab
+49152, tied embeddings) with random weights, LoRA rank 8 / alpha 16 on the query and value
+projections (no dropout), float32, and the same step:
+
+- generate ``--g`` completions of exactly ``--new_tokens`` tokens (no EOS stop) for each of
+  ``--b`` prompts of ``--prompt_len`` tokens, temperature 1, top-p 1, with a KV cache;
+- score each completion (the share of its tokens equal to token id 7: a synthetic reward, so the
+  step's cost is the policy's, not a reward model's);
+- group-relative advantages (standard deviation with ddof 1, TRL's), the reference's per-token
+  log-probs with the LoRA switched off, the clipped ratio loss with a k3 KL penalty
+  (``--beta``) averaged over all completion tokens (TRL's default ``loss_type="dapo"``), one
+  Adam update (lr 1e-5, global norm clipped at 1.0, TRL's default).
+
+Variants, each in its own process:
+
+- ``ftlab``: `ftlab.posttrain.rl.make_grpo_step` under `jax.jit` with the state donated,
+  compiled ahead of time; the LoRA tree is held stacked (`llama.stack_layers`), so one layer
+  body compiles and the step never restacks the weights. The sampler is ftlab's compiled
+  KV-cache loop (`generation.decode`) inside `lora.wrap_apply`.
+- ``trl``: `trl.GRPOTrainer` with a `peft.LoraConfig`, `transformers.LlamaForCausalLM`
+  (``sdpa`` attention), run by ``--peer_python`` (torch, transformers, peft and trl are no
+  dependency of ftlab); prompts are text of a word-level tokenizer with one word per token id,
+  so each prompt is exactly ``--prompt_len`` tokens; ``min_new_tokens`` makes every completion
+  ``--new_tokens`` long; no gradient checkpointing (ftlab's step keeps its activations too). A
+  step is timed from the trainer's ``on_step_begin`` to its
+  ``on_step_end`` callback (generation, rewards, reference, loss, backward, optimizer).
+
+Each child reports the median of ``--steps`` timed steps after ``--warmup`` untimed ones (and
+compilation); the parent adds ``speedup_vs_trl`` (TRL's median over ftlab's) to the ftlab line
+and writes ``experiments/bench/grpo_step.jsonl`` (``grpo_step_quick.jsonl`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+if __name__ != "__main__" or sys.argv[1:2] != ["child"]:
+    # The parent (and tests). The peer child needs only its own libraries, so the peer's
+    # interpreter needs neither absl nor JAX.
+    from absl import app, flags, logging
+
+    from experiments.bench import common
+
+    _PEER_PYTHON = flags.DEFINE_string(
+        "peer_python", sys.executable, "Python with torch, transformers, peft and trl for TRL."
+    )
+    _VARIANTS = flags.DEFINE_string("variants", "ftlab,trl", "Any of ftlab, trl.")
+    _B = flags.DEFINE_integer("b", 2, "Prompts per step.")
+    _G = flags.DEFINE_integer("g", 4, "Completions per prompt.")
+    _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens per prompt.")
+    _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens per completion.")
+    _LAYERS = flags.DEFINE_integer("layers", 30, "Decoder layers (SmolLM2-135M: 30).")
+    _BETA = flags.DEFINE_float("beta", 0.04, "KL penalty coefficient (k3), both sides.")
+    _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps.")
+    _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
+    _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 2 layers, 8 new tokens, 2 steps.")
+    _OUT = flags.DEFINE_string("out", None, "Where to write the lines (default by --quick).")
+
+VARIANTS = ("ftlab", "trl")
+SMOLLM2 = dict(
+    vocab_size=49152, hidden_size=576, num_heads=9, num_kv_heads=3, intermediate_size=1536,
+    max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+)  # fmt: skip
+RANK, ALPHA, LR, MAX_GRAD_NORM, TARGET = 8, 16.0, 1e-5, 1.0, 7
+
+
+def _prompts(s):
+    import numpy as np  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    return rng.integers(8, SMOLLM2["vocab_size"], (s["b"], s["prompt_len"])).astype(np.int32)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_ftlab(s: dict) -> dict:
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+
+    from experiments.bench import common  # noqa: PLC0415
+    from ftlab.core import partition, train  # noqa: PLC0415
+    from ftlab.models import llama  # noqa: PLC0415
+    from ftlab.peft import lora  # noqa: PLC0415
+    from ftlab.posttrain import rl  # noqa: PLC0415
+
+    config = llama.LlamaConfig(**SMOLLM2, num_layers=s["layers"])
+    model = llama.LlamaForCausalLM(config)
+    params = llama.init(config, jax.random.key(0))
+    params = lora.init(
+        params, jax.random.key(1), targets=[r"decoder/layer_\d+/attention/(query|value)"],
+        rank=RANK, alpha=ALPHA,
+    )  # fmt: skip
+    params = llama.stack_layers(params)
+    labels = partition.labels(params, lora.rules())
+    tx = optax.chain(optax.clip_by_global_norm(MAX_GRAD_NORM), optax.adam(LR))
+    state = train.init_state(params, labels, tx, seed=0, copy=False)
+    del params
+
+    def reward_fn(rollout):
+        hits = (rollout.tokens == TARGET) * rollout.mask
+        return jnp.sum(hits, axis=1) / jnp.maximum(jnp.sum(rollout.mask, axis=1), 1)
+
+    sampling = rl.Sampling(
+        num_samples=s["g"], max_new_tokens=s["new_tokens"], eos_id=-1, temperature=1.0
+    )
+    step = rl.make_grpo_step(
+        model, tx, reward_fn, sampling, kl_coef=s["beta"],
+        wrap=lambda f: lora.wrap_apply(f, alpha=ALPHA, rank=RANK),
+    )  # fmt: skip
+    ids = _prompts(s)
+    batch = {"prompt_ids": jnp.asarray(ids), "prompt_mask": jnp.ones(ids.shape, jnp.int32)}
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state, "metrics": None}
+
+    def one_step():
+        holder["state"], holder["metrics"] = compiled(holder["state"], batch)
+        jax.block_until_ready(holder["metrics"])
+
+    times = common.time_calls(one_step, warmup=s["warmup"], reps=s["steps"])
+    loss = float(holder["metrics"]["train/loss"])
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"ftlab: loss {loss}")
+    return {
+        **common.timing_fields(times),
+        "compile_s": compile_s,
+        "final_loss": loss,
+        "kl": float(holder["metrics"]["train/kl"]),
+        "completion_length": float(holder["metrics"]["train/completion_length"]),
+        "trainable_params": partition.count(holder["state"].trainable),
+        "platform": jax.devices()[0].platform,
+        "version": f"jax {jax.__version__}",
+    }
+
+
+def _run_trl(s: dict) -> dict:
+    import datasets  # noqa: PLC0415
+    import peft  # noqa: PLC0415
+    import tokenizers  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+    import trl  # noqa: PLC0415
+
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=SMOLLM2["vocab_size"], hidden_size=SMOLLM2["hidden_size"],
+        intermediate_size=SMOLLM2["intermediate_size"], num_hidden_layers=s["layers"],
+        num_attention_heads=SMOLLM2["num_heads"], num_key_value_heads=SMOLLM2["num_kv_heads"],
+        max_position_embeddings=SMOLLM2["max_position_embeddings"],
+        rope_theta=SMOLLM2["rope_theta"], rms_norm_eps=SMOLLM2["rms_norm_eps"],
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(hf_config).float()
+    # One word per token id: a prompt of n words is exactly n tokens, decoding is lossless.
+    vocab = {f"t{i}": i for i in range(SMOLLM2["vocab_size"])}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t3"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="t0", eos_token="t1", bos_token="t2", unk_token="t3"
+    )
+    tokenizer.padding_side = "left"
+    ids = _prompts(s)
+    total = s["warmup"] + s["steps"]
+    rows = [" ".join(f"t{int(t)}" for t in ids[i % len(ids)]) for i in range(len(ids) * total)]
+    dataset = datasets.Dataset.from_dict({"prompt": rows})
+
+    def reward(completions, completion_ids, **kwargs):
+        return [sum(int(t) == TARGET for t in c) / max(len(c), 1) for c in completion_ids]
+
+    with tempfile.TemporaryDirectory() as out:
+        args = trl.GRPOConfig(
+            output_dir=out, per_device_train_batch_size=s["b"] * s["g"],
+            num_generations=s["g"], gradient_accumulation_steps=1,
+            max_completion_length=s["new_tokens"], temperature=1.0, top_p=1.0,
+            generation_kwargs={"min_new_tokens": s["new_tokens"]}, beta=s["beta"],
+            learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=MAX_GRAD_NORM,
+            weight_decay=0.0, max_steps=total, logging_steps=1, save_strategy="no",
+            report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
+            dataloader_num_workers=0, seed=0, shuffle_dataset=False,
+            gradient_checkpointing=False,  # ftlab keeps activations too
+        )  # fmt: skip
+        lora_config = peft.LoraConfig(
+            r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )  # fmt: skip
+        times = []
+
+        class Timer(transformers.TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                self.start = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                times.append(time.perf_counter() - self.start)
+
+        trainer = trl.GRPOTrainer(
+            model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+            processing_class=tokenizer, peft_config=lora_config, callbacks=[Timer()],
+        )  # fmt: skip
+        trainer.train()
+        history = [x for x in trainer.state.log_history if "loss" in x]
+    timed = times[s["warmup"] :]
+    return {
+        "median_step_s": statistics.median(timed),
+        "steps_per_s": 1.0 / statistics.median(timed),
+        "min_step_s": min(timed),
+        "max_step_s": max(timed),
+        "timed_steps": len(timed),
+        "first_step_s": times[0],
+        "final_loss": history[-1]["loss"] if history else None,
+        "kl": history[-1].get("kl") if history else None,
+        "completion_length": (history[-1].get("completions/mean_length") if history else None),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "platform": "cpu",
+        "threads": threads,
+        "version": f"trl {trl.__version__}, peft {peft.__version__}, "
+        f"transformers {transformers.__version__}, torch {torch.__version__}",
+    }
+
+
+def _child(variant: str, settings: dict) -> None:
+    run = {"ftlab": _run_ftlab, "trl": _run_trl}[variant]
+    fields = run(settings)
+    line = {"bench": "grpo_step", "variant": variant, **settings, **fields,
+            "peak_rss_mib": _peak_rss_mib(), "cores": len(os.sched_getaffinity(0))}  # fmt: skip
+    print(json.dumps(line), flush=True)
+
+
+def main(argv):
+    del argv
+    quick = _QUICK.value
+    settings = dict(
+        b=_B.value, g=_G.value, prompt_len=_PROMPT_LEN.value,
+        new_tokens=8 if quick else _NEW_TOKENS.value, layers=2 if quick else _LAYERS.value,
+        beta=_BETA.value, steps=2 if quick else _STEPS.value, warmup=_WARMUP.value,
+    )  # fmt: skip
+    variants = common.choose_variants(_VARIANTS.value, VARIANTS)
+    lines, failed = [], []
+    for variant in variants:
+        python = sys.executable if variant == "ftlab" else _PEER_PYTHON.value
+        cmd = [python, "-m", "experiments.bench.grpo_step", "child", variant, json.dumps(settings)]
+        env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT)}
+        logging.info("running %s", " ".join(cmd))
+        proc = subprocess.run(cmd, cwd=common.REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        got = [json.loads(t) for t in proc.stdout.splitlines() if t.startswith('{"bench"')]
+        if proc.returncode or not got:
+            logging.error("variant %s failed (exit %d): rerun\n  %s", variant, proc.returncode,
+                          " ".join(cmd))  # fmt: skip
+            failed.append(variant)
+        lines.extend(got)
+    by = {x["variant"]: x for x in lines}
+    if "trl" in by:
+        for x in lines:
+            x["speedup_vs_trl"] = by["trl"]["median_step_s"] / x["median_step_s"]
+    default = "grpo_step_quick.jsonl" if quick else "grpo_step.jsonl"
+    common.write_lines(lines, _OUT.value or f"experiments/bench/{default}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["child"]:
+        _child(sys.argv[2], json.loads(sys.argv[3]))
+    else:
+        app.run(main)
