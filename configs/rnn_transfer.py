@@ -21,7 +21,7 @@ from ftlab import config_options
 
 
 def get_config(arg=None):
-    opts = config_options.parse(arg, quick=False, cell="gru", steps=400)
+    opts = config_options.parse(arg, quick=False, cell="gru", steps=250)
 
     config = ml_collections.ConfigDict()
     config.experiment = "rnn_transfer"
@@ -56,7 +56,7 @@ def get_config(arg=None):
     config.optim = ml_collections.ConfigDict()
     # windows per step
     config.optim.batch_size = 32
-    config.optim.pretrain_steps = 1500
+    config.optim.pretrain_steps = 1000
     config.optim.pretrain_lr = 3e-3
     # adaptation steps on the target, for every method
     config.optim.num_steps = opts.steps
