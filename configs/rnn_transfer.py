@@ -11,7 +11,28 @@ Run:
 Options: cell=gru|lstm, steps=N (adaptation steps), quick (a tiny model on Rotten Tomatoes plot
 summaries -> reviews, a few steps: seconds, for tests).
 
-Results: RESULTS_PLACEHOLDER
+Results (measured 2026-12-05 on a 2-core AMD EPYC VM shared with other jobs, load average 7 to
+22; the command above with the defaults: a 1-layer GRU, 256 units, pretrained 1,000 steps of 32
+x 128 bytes on 4 MB of ShareGPT text, then 250 steps on 50 kB of review snippets per method;
+14 min 33 s wall in all). Held-out bits per byte on 39,936 bytes of each corpus:
+
+  | method | trainable | rt_reviews test bits/byte | sharegpt test bits/byte | train s |
+  |---|---|---|---|---|
+  | pretrained | 0 | 2.832 | 2.443 |  |
+  | scratch | 328,960 | 3.058 | 4.903 | 135 |
+  | full | 328,960 | 2.493 | 2.923 | 124 |
+  | lora | 16,384 | 2.588 | 2.909 | 135 |
+  | head | 65,792 | 2.609 | 2.876 | 43 |
+
+  Reading: with 50 kB of target text every adapted model beats the same GRU trained from
+  scratch on it (3.06) and the unadapted one (2.83); full fine-tuning is best (2.49), LoRA of
+  rank 8 on the recurrent kernels and the head (5% of the parameters) gets 2.59, the head alone
+  2.61. All three forget ShareGPT alike (2.44 -> 2.88-2.92): the LoRA here includes the head,
+  which moves the output distribution as much as the others do. Samples from the prompt
+  "Performances are potent, and the women's" (temperature 0.7): the pretrained model drifts to
+  code ("... the `man` object values of your output ..."), full fine-tuning writes review-like
+  text ("... most film that with of the movie is from the strange that summer funny ..."),
+  LoRA too ("... director govel last comedy and with the donest mode of subject ...").
 """
 
 import ml_collections

@@ -117,6 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     p = config.peft
     classify_lora = lora.wrap_apply(classify, alpha=p.alpha, rank=p.rank)
+    predict = {a: jax.jit(a) for a in (classify, classify_lora)}
     plan = loop.plan_from(config)
     steps: dict = {}
 
@@ -167,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     folder / f"{method}_{k}", (method, k), params, rules, node_loss(apply), tx,
                     batch, num_steps=config.optim.num_steps, seed=seed,
                 )  # fmt: skip
-                predicted = np.argmax(np.asarray(apply(params)), -1)
+                predicted = np.argmax(np.asarray(predict[apply](params)), -1)
                 acc = float(np.mean(predicted[test] == g.labels[test]))
                 accuracy.append([method, k, len(nodes), acc])
         return {"accuracy": accuracy, "pretext_curve": curve}

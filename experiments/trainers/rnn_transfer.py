@@ -24,6 +24,7 @@ rerun of an interrupted command skips what finished.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import platform
 import time
@@ -116,9 +117,11 @@ def make_model(config: ml_collections.ConfigDict) -> rnn.RNNLM:
     )
 
 
-def evaluate(apply, params, data: dict[str, np.ndarray], batch_size: int) -> float:
-    """Mean bits per byte of ``apply`` over every window of ``data``, each from a zero state."""
-    loss = jax.jit(lambda p, b: rnn.make_loss_fn(apply)(p, b, None)[0])
+def evaluate(loss, params, data: dict[str, np.ndarray], batch_size: int) -> float:
+    """Mean bits per byte over every window of ``data``, each from a zero state.
+
+    ``loss(params, batch)`` is the jitted mean loss (nats) of a batch of windows.
+    """
     n = len(data["inputs"])
     total = 0.0
     for i in range(0, n, batch_size):
@@ -201,9 +204,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = jax.device_get(plan.get_state(run.state))
         return state.params, curve, partition.count(state.trainable)
 
+    # One compiled evaluation and sampler per apply function (base, LoRA), shared by every run.
+    losses = {
+        a: jax.jit(lambda q, b, a=a: rnn.make_loss_fn(logits_of(a))(q, b, None)[0])
+        for a in (base_apply, lora_apply)
+    }
+    samplers = {
+        a: jax.jit(
+            functools.partial(
+                rnn.sample, a, steps=config.sample.length, temperature=config.sample.temperature
+            )
+        )
+        for a in (base_apply, lora_apply)
+    }
+
     def score(apply, params) -> dict:
         return {
-            f"{k}_bpc": evaluate(logits_of(apply), params, v, config.eval_batch_size)
+            f"{k}_bpc": evaluate(losses[apply], params, v, config.eval_batch_size)
             for k, v in tests.items()
         }
 
@@ -211,15 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     prompt_text = decode(prompt[0])
 
     def sample_text(apply, params) -> str:
-        ids = rnn.sample(
-            jax.jit(apply, static_argnums=3),
-            params,
-            jnp.asarray(prompt),
-            jax.random.PRNGKey(config.sample.seed),
-            steps=config.sample.length,
-            temperature=config.sample.temperature,
-        )
-        return decode(ids[0])
+        key = jax.random.PRNGKey(config.sample.seed)
+        return decode(samplers[apply](params, jnp.asarray(prompt), key)[0])
 
     past = finished.Runs(workdir, metric_prefix=lambda name: f"train/{name}/", config=config)
     writer = past.open_writer()

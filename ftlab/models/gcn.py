@@ -143,7 +143,7 @@ class GCNLayer(nn.Module):
     @nn.compact
     def __call__(self, graph: Graph, h: jax.Array) -> jax.Array:
         h = propagate(graph, nn.Dense(self.features, use_bias=False, name="dense")(h))
-        h = h + self.param("bias", nn.initializers.zeros, (self.features,))
+        h = h + self.param("bias", nn.initializers.zeros, (self.features,))[None]
         return hooks.hidden(self, h[None], jnp.ones((1, h.shape[0]), jnp.int32))[0]
 
 
