@@ -13,7 +13,27 @@ Run:
 Options: seeds=N (default 5), sparse (segment_sum propagation instead of the dense Â), quick
 (a tiny model and a few steps: seconds, for tests).
 
-Results: RESULTS_PLACEHOLDER
+Results (measured 2026-12-05 on a 2-core AMD EPYC VM shared with other jobs, load average about
+20; the command above with the defaults, 5 seeds, dense propagation; 2 min 35 s wall in all).
+Test accuracy (%) on the unlabelled neurons, mean ± std over seeds 0-4 (each seed draws its own
+labelled neurons, pretraining and heads); always answering the largest class (Kenyon cells) is
+48%:
+
+  | method | 1/class | 3/class | 10/class |
+  |---|---|---|---|
+  | scratch | 49.3 ± 15.0 | 73.6 ± 4.2 | 77.6 ± 4.2 |
+  | probe | 47.5 ± 11.3 | 55.3 ± 7.5 | 59.1 ± 7.6 |
+  | finetune | 56.1 ± 15.5 | 76.5 ± 3.5 | 81.2 ± 3.6 |
+  | lora | 45.8 ± 10.4 | 68.4 ± 5.8 | 75.0 ± 5.4 |
+
+  The auto-encoder's loss falls from 1.386 (chance, ln 2 twice) to 1.18 (mean over seeds): on a
+  graph this dense (5,559 undirected edges among 209 neurons, a quarter of the pairs), a good
+  share of the random "non-edges" are edges. Reading: fine-tuning the pretrained encoder is
+  best at every label count (+3.6 points over scratch at 10 labels per class, +6.8 at 1), while
+  its frozen embeddings alone (probe) are weak, 59% at 10 per class: link prediction learns
+  which neurons connect, which predicts cell type only in part; LoRA (rank 4 on both GCN
+  kernels, plus the head) sits between. A variant with wider layers (64, 32) and 1,000
+  pretraining steps (3 seeds) was no better (finetune 76.7, probe 63.1 at 10 per class).
 """
 
 import ml_collections
