@@ -116,4 +116,6 @@ def get_config(arg=None):
         config.sample.prompt_len = 8
         config.sample.length = 8
         config.log_every_steps = 1
+        # one learning rate: the runs that train every leaf share one compiled step
+        config.optim.lr = ml_collections.ConfigDict(dict.fromkeys(config.methods, 3e-3))
     return config

@@ -118,13 +118,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     p = config.peft
     classify_lora = lora.wrap_apply(classify, alpha=p.alpha, rank=p.rank)
     predict = {a: jax.jit(a) for a in (classify, classify_lora)}
+    losses = {a: node_loss(a) for a in (classify, classify_lora)}
     plan = loop.plan_from(config)
     steps: dict = {}
+    wd = config.optim.weight_decay
+    txs = {lr: optax.adamw(lr, weight_decay=wd) for lr in set(config.optim.lr.values())}
+    pretext_tx = optax.adam(config.pretrain.lr)
+    pretext_loss = link_loss(
+        lambda q: encoder.apply({"params": q}, graph, features), config.pretrain.negatives
+    )
 
     def fit(folder, key, params, rules, loss_fn, tx, batch, *, num_steps, seed):
+        # One step function per (loss, optimizer, partition): runs that share them (every
+        # seed; scratch and finetune at one learning rate) share one compilation.
+        label_tree = partition.labels(params, rules, what=f"rules of {folder.name}")
+        key = (key, jax.tree.structure(label_tree))
         if key not in steps:
             steps[key] = train.make_train_step(loss_fn, tx, axis_name=models.axis_name(plan))
-        label_tree = partition.labels(params, rules, what=f"rules of {folder.name}")
         run = finished.short_run(
             folder, plan=plan, state=train.init_state(params, label_tree, tx, seed=seed),
             step_fn=steps[key], batch_at=lambda step: batch, num_steps=num_steps,
@@ -139,11 +149,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rng = jax.random.PRNGKey(seed)
         params = encoder.init(rng, graph, features)["params"]
         pretrained, curve = fit(
-            folder / "pretrain", "pretrain", params, [(".*", "train")],
-            link_loss(lambda q: encoder.apply({"params": q}, graph, features),
-                      config.pretrain.negatives),
-            optax.adam(config.pretrain.lr), {"edges": edges},
-            num_steps=config.pretrain.steps, seed=seed,
+            folder / "pretrain", "pretrain", params, [(".*", "train")], pretext_loss, pretext_tx,
+            {"edges": edges}, num_steps=config.pretrain.steps, seed=seed,
         )  # fmt: skip
         accuracy = []
         for k in config.data.labels_per_class:
@@ -163,10 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         rank=p.rank, alpha=p.alpha, what="config.peft",
                     )  # fmt: skip
                     apply, rules = classify_lora, lora.rules(extra=[("head/.*", "train")])
-                tx = optax.adamw(config.optim.lr[method], weight_decay=config.optim.weight_decay)
+                lr = config.optim.lr[method]
                 params, _ = fit(
-                    folder / f"{method}_{k}", (method, k), params, rules, node_loss(apply), tx,
-                    batch, num_steps=config.optim.num_steps, seed=seed,
+                    folder / f"{method}_{k}", (id(apply), lr), params, rules, losses[apply],
+                    txs[lr], batch, num_steps=config.optim.num_steps, seed=seed,
                 )  # fmt: skip
                 predicted = np.argmax(np.asarray(predict[apply](params)), -1)
                 acc = float(np.mean(predicted[test] == g.labels[test]))
