@@ -358,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lines = [
         report.Line(
             np.arange(1, len(r["curve"]) + 1),
-            _smooth(r["curve"], config.log_every_steps),
+            _smooth(r["curve"], 10),
             label=f"{m} (test {r['target_bpc']:.2f})",
         )
         for m, r in results_by.items()
@@ -386,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _smooth(curve: list[float], width: int) -> np.ndarray:
-    """Running mean over ``width`` steps (the curve as logged)."""
+    """Trailing mean over the last ``width`` steps (fewer at the start)."""
     c = np.cumsum(np.insert(np.asarray(curve, np.float64), 0, 0.0))
     lo = np.maximum(np.arange(1, len(curve) + 1) - width, 0)
     return (c[1:] - c[lo]) / (np.arange(1, len(curve) + 1) - lo)
