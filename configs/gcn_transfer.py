@@ -14,7 +14,7 @@ Options: seeds=N (default 5), sparse (segment_sum propagation instead of the den
 (a tiny model and a few steps: seconds, for tests).
 
 Results (measured 2026-12-05 on a 2-core AMD EPYC VM shared with other jobs, load average about
-20; the command above with the defaults, 5 seeds, dense propagation; 2 min 35 s wall in all).
+9; the command above with the defaults, 5 seeds, dense propagation; 61 s wall in all).
 Test accuracy (%) on the unlabelled neurons, mean ± std over seeds 0-4 (each seed draws its own
 labelled neurons, pretraining and heads); always answering the largest class (Kenyon cells) is
 48%:

@@ -12,17 +12,18 @@ Options: cell=gru|lstm, steps=N (adaptation steps), quick (a tiny model on Rotte
 summaries -> reviews, a few steps: seconds, for tests).
 
 Results (measured 2026-12-05 on a 2-core AMD EPYC VM shared with other jobs, load average 7 to
-22; the command above with the defaults: a 1-layer GRU, 256 units, pretrained 1,000 steps of 32
+12; the command above with the defaults: a 1-layer GRU, 256 units, pretrained 1,000 steps of 32
 x 128 bytes on 4 MB of ShareGPT text, then 250 steps on 50 kB of review snippets per method;
-14 min 33 s wall in all). Held-out bits per byte on 39,936 bytes of each corpus:
+9 min 51 s wall in all; an earlier run under a load of 7 to 22 took 14 min 33 s and gave the
+same numbers and samples, bit for bit). Held-out bits per byte on 39,936 bytes of each corpus:
 
   | method | trainable | rt_reviews test bits/byte | sharegpt test bits/byte | train s |
   |---|---|---|---|---|
   | pretrained | 0 | 2.832 | 2.443 |  |
-  | scratch | 328,960 | 3.058 | 4.903 | 135 |
-  | full | 328,960 | 2.493 | 2.923 | 124 |
-  | lora | 16,384 | 2.588 | 2.909 | 135 |
-  | head | 65,792 | 2.609 | 2.876 | 43 |
+  | scratch | 328,960 | 3.058 | 4.903 | 95 |
+  | full | 328,960 | 2.493 | 2.923 | 79 |
+  | lora | 16,384 | 2.588 | 2.909 | 54 |
+  | head | 65,792 | 2.609 | 2.876 | 19 |
 
   Reading: with 50 kB of target text every adapted model beats the same GRU trained from
   scratch on it (3.06) and the unadapted one (2.83); full fine-tuning is best (2.49), LoRA of
