@@ -27,7 +27,7 @@ def run(tmp_path_factory):
 def test_quick_run_writes_table_and_plot(run):
     workdir, results = run
     assert json.loads((workdir / "results.json").read_text()) == results
-    assert (results["nodes"], results["edges"]) == (209, 3795) or results["edges"] > 0
+    assert (results["nodes"], results["edges"]) == (209, 5559)
     cells = {(r["method"], r["labels_per_class"], r["labels"]) for r in results["rows"]}
     # 3 labels of each of the 4 cell types
     assert cells == {(m, 3, 12) for m in trainer.METHODS}
