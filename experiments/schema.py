@@ -674,6 +674,60 @@ ONLINE_MINILM = {
     "data.embed_batch_size": integer(1),
 }
 
+RNN_TRANSFER_METHODS = ("scratch", "full", "lora", "head")
+RNN_TRANSFER = {
+    "seed": SEED,
+    "methods": choices(*RNN_TRANSFER_METHODS),
+    "data.source": choice("sharegpt", "rt_reviews", "rt_plot"),
+    "data.target": choice("sharegpt", "rt_reviews", "rt_plot"),
+    "data.seed": SEED,
+    "data.source_train_chars": integer(1),
+    "data.target_train_chars": integer(1),
+    "data.test_chars": integer(2),
+    "data.seq_len": integer(1),
+    "model.cell": choice("gru", "lstm"),
+    "model.embed_dim": integer(1),
+    "model.hidden": integer(1),
+    "model.num_layers": integer(1),
+    "peft.targets": regexes(),
+    "peft.rank": integer(1),
+    "peft.alpha": real(gt=0),
+    "optim.batch_size": integer(1),
+    "optim.pretrain_steps": STEPS,
+    "optim.pretrain_lr": POSITIVE_LR,
+    "optim.num_steps": STEPS,
+    "optim.lr": mapping(RNN_TRANSFER_METHODS, POSITIVE_LR),
+    "eval_batch_size": integer(1),
+    "sample.prompt_len": integer(1),
+    "sample.length": integer(1),
+    "sample.temperature": real(gt=0),
+    "sample.seed": SEED,
+    "log_every_steps": STEPS,
+    **PARALLEL_OPTIONAL,
+}
+
+GCN_TRANSFER_METHODS = ("scratch", "probe", "finetune", "lora")
+GCN_TRANSFER = {
+    "seeds": integers(0),
+    "methods": choices(*GCN_TRANSFER_METHODS),
+    "data.dataset": choice("drosophila_left", "drosophila_right"),
+    "data.labels_per_class": integers(1),
+    "data.propagation": choice("dense", "sparse"),
+    "model.features": integers(1),
+    "model.dropout_rate": real(ge=0, lt=1),
+    "pretrain.steps": STEPS,
+    "pretrain.lr": POSITIVE_LR,
+    "pretrain.negatives": integer(1),
+    "peft.targets": regexes(),
+    "peft.rank": integer(1),
+    "peft.alpha": real(gt=0),
+    "optim.num_steps": STEPS,
+    "optim.lr": mapping(GCN_TRANSFER_METHODS, POSITIVE_LR),
+    "optim.weight_decay": real(ge=0),
+    "log_every_steps": STEPS,
+    **PARALLEL_OPTIONAL,
+}
+
 # experiment kind (config.experiment) -> its variants' tables
 KINDS: dict[str, dict[str, dict[str, Field]]] = {
     "classification": {"": CLASSIFICATION, "files": CLASSIFICATION_FILES},
@@ -684,6 +738,8 @@ KINDS: dict[str, dict[str, dict[str, Field]]] = {
     "decoder_tuning": {"": DECODER_TUNING},
     "icl": {"": ICL},
     "online": {"river": ONLINE_RIVER, "minilm": ONLINE_MINILM},
+    "rnn_transfer": {"": RNN_TRANSFER},
+    "gcn_transfer": {"": GCN_TRANSFER},
 }
 
 # Where a kind keeps what a rerun resumes from (a folder of the workdir); None: a rerun starts
@@ -698,6 +754,8 @@ SAVED_STATE: dict[str, str | None] = {
     "decoder_tuning": "finished",
     "icl": "finished",
     "online": "checkpoints",
+    "rnn_transfer": "finished",
+    "gcn_transfer": "finished",
 }
 
 

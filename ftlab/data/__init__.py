@@ -15,6 +15,7 @@ Submodules load on first use::
 - ``streams``: river's bundled real streams, for online learning.
 - ``files``: a user's CSV / JSON Lines / Parquet files: classification, chat, preference pairs.
 - ``sharegpt``: ShareGPT conversations (instruction tuning), decoded up to the file's cut.
+- ``graphs``: real graphs with labelled nodes (the larval Drosophila connectome, graspologic).
 - ``ratings``: human sentiment ratings of movie snippets, tweets and more (Hutto & Gilbert 2014).
 """
 
@@ -25,6 +26,7 @@ _SUBMODULES = (
     "features",
     "fewshot",
     "files",
+    "graphs",
     "images",
     "multitask",
     "ratings",

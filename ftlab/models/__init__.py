@@ -6,6 +6,8 @@
 - ``llama``: a Llama-style decoder (SmolLM2) with a KV cache.
 - ``attention``: scaled dot-product attention with a choice of kernel.
 - ``hooks``: the structural hook points the models share.
+- ``rnn``: a GRU/LSTM language model whose cell kernels are plain Dense leaves.
+- ``gcn``: graph convolutional networks (Kipf & Welling), dense or sparse propagation.
 """
 
 from ftlab import _lazy
@@ -13,8 +15,10 @@ from ftlab import _lazy
 _SUBMODULES = (
     "attention",
     "bert",
+    "gcn",
     "hooks",
     "llama",
+    "rnn",
 )
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, _SUBMODULES)
