@@ -38,7 +38,6 @@ labelled neurons, pretraining and heads); always answering the largest class (Ke
 
 import ml_collections
 
-from configs import common
 from ftlab import config_options
 
 
@@ -82,8 +81,6 @@ def get_config(arg=None):
     config.optim.weight_decay = 5e-4
 
     config.log_every_steps = 50
-
-    config.parallel = common.parallel()
 
     if opts.quick:
         config.data.labels_per_class = (1, 3)

@@ -181,6 +181,15 @@ class Runs:
         if jax.process_index() == 0:
             report.save_json(path, {"config": self.config, "result": result})
 
+    def get_or_run(self, name: str, run: Callable[..., dict], *args: Any) -> dict:
+        """The recorded result of ``name``, or ``run(*args)``'s, recorded (`Stopped` passes
+        through, recording nothing)."""
+        result = self.get(name)
+        if result is None:
+            result = run(*args)
+            self.put(name, result)
+        return result
+
     def open_writer(self) -> metrics_lib.MetricWriter:
         """A metric writer that keeps the lines of finished runs only, and appends (process 0)."""
         prefixes = tuple(p for n in self.names() if (p := self.metric_prefix(n)) is not None)

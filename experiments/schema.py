@@ -725,7 +725,6 @@ GCN_TRANSFER = {
     "optim.lr": mapping(GCN_TRANSFER_METHODS, POSITIVE_LR),
     "optim.weight_decay": real(ge=0),
     "log_every_steps": STEPS,
-    **PARALLEL_OPTIONAL,
 }
 
 # experiment kind (config.experiment) -> its variants' tables

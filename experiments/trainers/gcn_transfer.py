@@ -36,7 +36,7 @@ from absl import logging
 
 from experiments import finished, loop, models
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import partition, report, train
+from ftlab.core import parallel, partition, report, train
 from ftlab.data import graphs
 from ftlab.models import gcn
 from ftlab.peft import lora
@@ -119,7 +119,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     classify_lora = lora.wrap_apply(classify, alpha=p.alpha, rank=p.rank)
     predict = {a: jax.jit(a) for a in (classify, classify_lora)}
     losses = {a: node_loss(a) for a in (classify, classify_lora)}
-    plan = loop.plan_from(config)
+    # Full-graph training: every step's batch is the whole graph (edges, all nodes), which
+    # has no batch axis to split over devices; one device holds it (a graph too large for
+    # one device needs neighbour sampling, not built). The config has no parallel group.
+    plan = parallel.make_plan("mesh", num_devices=1)
     steps: dict = {}
     wd = config.optim.weight_decay
     txs = {lr: optax.adamw(lr, weight_decay=wd) for lr in set(config.optim.lr.values())}
@@ -141,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             log_every=config.log_every_steps,
         )  # fmt: skip
         curve = [float(x["train/loss"]) for x in run.history]
-        return jax.device_get(plan.get_state(run.state)).params, curve
+        return loop.fetch(plan, run.state).params, curve
 
     # -- one seed: pretrain, then every method at every number of labels -------------------
     def one_seed(seed: int, folder: pathlib.Path) -> dict:
