@@ -727,6 +727,7 @@ SFT = {
     "optim.grad_clip_norm": real(gt=0, example="1.0"),
     "evals.every_steps": STEPS,
     "evals.batch_size": integer(1),
+    "plot_metrics": boolean(),
     **LOOP,
     **STEP_LOOP,
     **PARALLEL,
