@@ -209,7 +209,9 @@ def build_decoder_scorer(config: ml_collections.ConfigDict, texts) -> Scorer:
     module = llama.LlamaForCausalLM(decoder.config)
     # Method targets name layers one by one (decoder/layer_3/...): unstack; the forward pass
     # stacks them again (stack_if_uniform), so the compiled step still holds one layer body.
-    base = llama.unstack_layers(decoder.params)
+    base = decoder.params
+    if llama.LAYERS in base["decoder"]:
+        base = llama.unstack_layers(base)
 
     def hidden(params, batch, rng):
         del rng  # no dropout in the decoder

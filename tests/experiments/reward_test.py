@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import reward_minilm
+from configs import reward_minilm, reward_smollm2
 from experiments import schema
 from experiments.trainers import reward as trainer
 from ftlab.core import metrics as metrics_lib
 from ftlab.data import ratings
+from ftlab.models import llama
+from ftlab.peft import lora
 from ftlab.posttrain import losses, metrics
 from ftlab.posttrain import reward as reward_lib
 
@@ -141,3 +143,25 @@ def test_schema_refuses_a_key_the_trainer_does_not_read():
     config.data.pairing = "all"
     with pytest.raises(schema.ConfigError, match=r"config\.data\.pairing='all': must be one of"):
         schema.validate(config)
+
+
+def test_decoder_backbone_scores_the_last_real_token_of_each_snippet():
+    config = reward_smollm2.get_config("quick")
+    schema.validate(config)
+    texts = ["a fine film", "dull , dull , dull and long"]
+    scorer = trainer.build_scorer(config, texts)
+    batch = scorer.encode(texts)
+    assert batch["attention_mask"].sum(1).tolist() == [3, 7]  # right padded, no special tokens
+    got = jax.jit(scorer.apply)(scorer.params, batch, None)
+    # LoRA starts at B = 0, so the hidden states are the base decoder's
+    body = {k: v for k, v in scorer.params.items() if k != "head"}
+    body = lora.merge(body, alpha=config.peft.alpha, rank=config.peft.rank)
+    cfg = llama.LlamaConfig.tiny(vocab_size=config.model.vocab_size, max_position_embeddings=1024)
+    hidden = jax.jit(
+        lambda p, ids, mask: llama.LlamaForCausalLM(cfg).apply(
+            {"params": llama.stack_if_uniform(p)}, ids, mask, return_hidden=True
+        )
+    )(body, batch["input_ids"], batch["attention_mask"])
+    last = np.stack([hidden[0, 2], hidden[1, 6]])
+    head = scorer.params["head"]
+    np.testing.assert_allclose(got, last @ head["kernel"][:, 0] + head["bias"][0], rtol=1e-5)
