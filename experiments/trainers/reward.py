@@ -433,17 +433,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # -- data -------------------------------------------------------------------------------
     snippets, splits = load_data(config)
     logging.info("movie snippets: %s", {k: len(v) for k, v in splits.items()})
-    used = np.concatenate(list(splits.values()))
     scorer = build_scorer(config, [snippets.text[i] for i in splits["train"]])
-    encoded = scorer.encode([snippets.text[i] for i in used])
-    position = {int(j): k for k, j in enumerate(used)}
-    arrays = {
-        name: {key: v[[position[int(j)] for j in idx]] for key, v in encoded.items()}
-        for name, idx in splits.items()
-    }
+    arrays = {name: scorer.encode([snippets.text[i] for i in idx]) for name, idx in splits.items()}
     train_mean = snippets.mean[splits["train"]]
-    truncated = int(np.sum(encoded["attention_mask"][:, -1]))
-    logging.info("snippets cut at config.data.max_length=%d: %d", config.data.max_length, truncated)
+    # snippets that fill every position (cut there, or exactly that long)
+    truncated = sum(int(np.sum(a["attention_mask"][:, -1])) for a in arrays.values())
+    logging.info("snippets at config.data.max_length=%d: %d", config.data.max_length, truncated)
 
     # -- model, partition, optimizer --------------------------------------------------------
     rules = [tuple(r) for r in config.partition.rules]
@@ -526,7 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     vader = ratings.vader_scores([snippets.text[i] for i in test])
     one, others = ratings.held_out_rater(snippets, seed=e.rater_seed)
     kw = {"min_difference": e.min_difference}
-    method = config.peft.method if config.peft.method != "none" else config.method
+    method = config.method
     rows = [
         {"scorer": f"reward model ({config.model.backbone}, {method})", **model_row},
         {"scorer": "VADER (compound score)", **agreement(vader, mean, **kw)},
@@ -548,7 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "rows": rows,
         "trainable_params": n_trainable,
         "total_params": partition.count(scorer.params),
-        "snippets_truncated": truncated,
+        "snippets_at_max_length": truncated,
         "train_seconds_this_run": run.train_seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
