@@ -80,8 +80,8 @@ def get_config(arg=None):
     config.optim.grad_clip_norm = 1.0
 
     config.evals = ml_collections.ConfigDict()
-    # the held-out loss is measured before training and at the end; also every this many steps
-    config.evals.every_steps = 40
+    # the held-out loss is measured before training, every this many steps, and at the end
+    config.evals.every_steps = 20
     config.evals.batch_size = 8
 
     config.log_every_steps = 5
