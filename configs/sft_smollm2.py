@@ -12,7 +12,12 @@ Run:
 Options: method=full|lora|qlora|prompt, quick (a tiny random Llama with a stand-in tokenizer on
 a few conversations, 4 steps: seconds, for tests), steps=N, seq_len=N, num_train=N.
 
-Results: see README.md (measured with the command above on this repository's 2-core CPU).
+Measured 2026-12-05 with the first command above (LoRA rank 8 on q/k/v/o, 40 steps of 4 rows of
+256 tokens), on the 2-core AMD EPYC CPU VM shared with other jobs (1,781 s of training): the
+held-out loss per assistant token of 44 test conversations (7,311 tokens) went 1.9074 (perplexity
+6.74) -> 1.8408 at step 20 -> 1.8320 (6.25). Training data: 314 of the first 400 training
+conversations (86 had no assistant token within 256 tokens), 275 of them cut at 256 tokens,
+packed in 305 rows.
 """
 
 import ml_collections
