@@ -727,6 +727,82 @@ GCN_TRANSFER = {
     "log_every_steps": STEPS,
 }
 
+# the reward model of experiments/trainers/reward.py (configs/reward_*.py)
+REWARD = {
+    # the method's name in the report (its leaves come from peft.method, its partition from rules)
+    "method": string(nonempty=True),
+    # initialises the head and the method's leaves (frozen leaves are rebuilt on resume)
+    "seed": SEED.fixed(),
+    "data.split_seed": SEED.fixed(),
+    "data.limit": integer(0, note="0: every snippet").fixed(),
+    "data.max_length": integer(2, le=512).fixed(),
+    "data.pairing": choice("in_batch", "sampled"),
+    "data.min_difference": real(gt=0),
+    "data.seed": SEED,
+    "model.backbone": choice("minilm", "tiny", "smollm2", "tiny_llama").fixed(),
+    "model.pooling": choice("mean", "cls", "last").fixed(),
+    "model.dropout_rate": real(ge=0, lt=1),
+    "model.vocab_size": integer(16).fixed(),
+    "partition.rules": rules().fixed(),
+    "peft.method": choice("none", "lora", "dora", "prompt").fixed(),
+    "peft.targets": regexes().fixed(),
+    "peft.rank": integer(1).fixed(),
+    "peft.alpha": real(gt=0),
+    "peft.dropout": real(ge=0, lt=1),
+    "peft.length": integer(1).fixed(),
+    "loss.margin_scale": real(ge=0),
+    "optim.batch_size": integer(1),
+    "optim.num_steps": STEPS,
+    "optim.lr": POSITIVE_LR,
+    "optim.warmup_steps": integer(0),
+    "optim.weight_decay": real(ge=0),
+    "optim.grad_clip_norm": real(gt=0, example="1.0"),
+    "evals.every_steps": STEPS,
+    "evals.batch_size": integer(1),
+    "evals.min_difference": real(gt=0),
+    "evals.rater_seed": SEED,
+    "plot_metrics": boolean(),
+    **LOOP,
+    **STEP_LOOP,
+    **PARALLEL,
+}
+
+# instruction tuning of experiments/trainers/sft.py (configs/sft_*.py)
+SFT = {
+    # the method's leaves and partition (full, lora, qlora, prompt)
+    "method": choice("full", "lora", "qlora", "prompt").fixed(),
+    # initialises the method's leaves (frozen leaves are rebuilt on resume)
+    "seed": SEED.fixed(),
+    **{k: v.fixed() for k, v in DECODER_MODEL.items()},
+    "model.logits_chunk": integer(1),
+    "data.split_seed": SEED.fixed(),
+    "data.test_fraction": real(gt=0, lt=1).fixed(),
+    "data.num_train": integer(0, note="0: every training conversation").fixed(),
+    "data.num_test": integer(0, note="0: every test conversation").fixed(),
+    "data.max_messages": integer(0, note="0: every message").fixed(),
+    # the packed rows the batches index
+    "data.seq_len": integer(2).fixed(),
+    "data.seed": SEED,
+    "peft.targets": regexes().fixed(),
+    "peft.rank": integer(1).fixed(),
+    "peft.alpha": real(gt=0),
+    "peft.dropout": real(ge=0, lt=1),
+    "peft.qlora_targets": regexes().fixed(),
+    "peft.length": integer(1).fixed(),
+    "optim.batch_size": integer(1),
+    "optim.num_steps": STEPS,
+    "optim.lr": POSITIVE_LR,
+    "optim.warmup_steps": integer(0),
+    "optim.weight_decay": real(ge=0),
+    "optim.grad_clip_norm": real(gt=0, example="1.0"),
+    "evals.every_steps": STEPS,
+    "evals.batch_size": integer(1),
+    "plot_metrics": boolean(),
+    **LOOP,
+    **STEP_LOOP,
+    **PARALLEL,
+}
+
 # experiment kind (config.experiment) -> its variants' tables
 KINDS: dict[str, dict[str, dict[str, Field]]] = {
     "classification": {"": CLASSIFICATION, "files": CLASSIFICATION_FILES},
@@ -739,6 +815,8 @@ KINDS: dict[str, dict[str, dict[str, Field]]] = {
     "online": {"river": ONLINE_RIVER, "minilm": ONLINE_MINILM},
     "rnn_transfer": {"": RNN_TRANSFER},
     "gcn_transfer": {"": GCN_TRANSFER},
+    "reward": {"": REWARD},
+    "sft": {"": SFT},
 }
 
 # Where a kind keeps what a rerun resumes from (a folder of the workdir); None: a rerun starts
@@ -755,6 +833,8 @@ SAVED_STATE: dict[str, str | None] = {
     "online": "checkpoints",
     "rnn_transfer": "finished",
     "gcn_transfer": "finished",
+    "reward": "checkpoints",
+    "sft": "checkpoints",
 }
 
 

@@ -1,0 +1,568 @@
+"""A reward model from human ratings: Bradley-Terry on pairs of rated movie snippets.
+
+Hutto & Gilbert's 10,605 Rotten Tomatoes snippets carry the mean sentiment of about 19 raters
+each (`ftlab.data.ratings`). The reward model is a pretrained network with a scalar head on its
+pooled final hidden states: MiniLM through `experiments.models.encoder_classifier` with one
+output (``config.model.backbone`` ``minilm``/``tiny``, pooling ``mean``/``cls``), or SmolLM2's
+last real token through `ftlab.posttrain.reward` (``smollm2``/``tiny_llama``, pooling ``last``/
+``mean``). Any method of `models.add_method` (``config.peft.method``) composes with it, and
+``config.partition.rules`` decides what trains (the head is ``head/...`` for every backbone).
+
+The loss is Bradley-Terry, ``-log sigmoid(r_chosen - r_rejected - margin)`` with ``margin =
+config.loss.margin_scale * (mean_chosen - mean_rejected)`` (Llama 2's margin; 0: none), over
+pairs of training-split snippets whose means differ by at least ``config.data.min_difference``.
+``config.data.pairing`` says which pairs a step sees, always a pure function of the step (a
+resumed run sees the pairs it would have seen):
+
+    sampled   ``config.optim.batch_size`` pairs drawn uniformly among all such pairs
+              (`ratings.pairs`, seeded by the step): 2 x batch_size rows per step.
+    in_batch  ``config.optim.batch_size`` snippets (passes over a fresh permutation per epoch,
+              `batching.train_batch`) and every such pair among them, the loss averaged over
+              the pairs: InstructGPT's "all K choose 2 comparisons" of one batch element, so
+              each forward pass serves many comparisons.
+
+Evaluation on held-out snippets (the test split, each snippet on the side of ftlab's Rotten
+Tomatoes split where its text lies): Pearson and Spearman correlation of the rewards with the
+mean human rating and the pairwise accuracy over every pair whose means differ by at least
+``config.evals.min_difference``, beside VADER's compound score and one human rater (a random
+rater per snippet, against the mean of the others: `ratings.held_out_rater`) on the same
+snippets, all computed in the run. The validation split is scored during training.
+
+Writes into the workdir: ``results.json``, ``results.md`` (the table), ``reward_vs_rating.png``
+(test rewards and VADER scores against the mean rating), ``training.png`` (the loss and the
+validation correlation against the step), with ``config.plot_metrics`` ``train.png``/``eval.png``
+(every metric of metrics.jsonl), ``scores.npz`` (the test scores), checkpoints and metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import resource
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from experiments import loop, models
+from ftlab.core import metrics as metrics_lib
+from ftlab.core import parallel, partition, report, train
+from ftlab.data import batching, ratings, text
+from ftlab.models import hooks, llama
+from ftlab.posttrain import losses
+from ftlab.posttrain import metrics as agreement_lib
+from ftlab.posttrain import reward as reward_lib
+
+ENCODERS = ("minilm", "tiny")
+DECODERS = ("smollm2", "tiny_llama")
+BACKBONES = ENCODERS + DECODERS
+METHODS = ("none", "lora", "dora", "prompt")
+# the scalar head's subtree, for every backbone (rules train it as "head/.*")
+HEAD = "head"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """A reward model: its initial tree, ``apply(params, batch, rng) -> [batch]``, the tokenizer.
+
+    Attributes:
+        params: The tree with the method's leaves and the head (numpy).
+        apply: Rewards of ``{"input_ids", "attention_mask"}`` rows; dropout with an rng.
+        encode: ``texts -> {"input_ids", "attention_mask"}`` int32 ``[n, max_length]``.
+        base_params: Parameters of the backbone alone, before the method (for counts).
+    """
+
+    params: dict
+    apply: Callable
+    encode: Callable
+    base_params: dict
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _movies(split_seed: int):
+    # read once per process: a sweep or a test runs the trainer several times
+    snippets = ratings.load("movies")
+    return snippets, ratings.split_movies(snippets, seed=split_seed)
+
+
+def load_data(config: ml_collections.ConfigDict):
+    """The movie snippets and ``{split: indices}`` (each cut to ``config.data.limit`` if set)."""
+    snippets, splits = _movies(config.data.split_seed)
+    if config.data.limit:
+        splits = {k: v[: config.data.limit] for k, v in splits.items()}
+    return snippets, splits
+
+
+def pair_seed(seed: int, step: int) -> int:
+    """The seed of ``step``'s pairs: a pure function of (seed, step)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def pairs_at(config: ml_collections.ConfigDict, mean: np.ndarray, step: int):
+    """``(chosen, rejected, margin)`` of ``step``: indices into ``mean`` and float32 margins."""
+    chosen, rejected = ratings.pairs(
+        mean,
+        min_difference=config.data.min_difference,
+        num_pairs=config.optim.batch_size,
+        seed=pair_seed(config.data.seed, step),
+    )
+    margin = config.loss.margin_scale * (mean[chosen] - mean[rejected])
+    return chosen, rejected, margin.astype(np.float32)
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+def _add_method(config, params, hidden_like_apply, example_batch):
+    """``models.add_method`` with the hook sites the structural methods need."""
+    method = config.peft.method
+    if method not in METHODS:
+        raise ValueError(f"config.peft.method={method!r}; expected one of {METHODS}")
+    sites = None
+    if method == "prompt":
+        sites = hooks.discover(hidden_like_apply, params, example_batch, None)
+    rng = jax.random.PRNGKey(config.seed + 1)
+    return models.add_method(config.peft, method, params, rng, sites=sites)
+
+
+def build_encoder_scorer(config: ml_collections.ConfigDict) -> Scorer:
+    """MiniLM (or a tiny random BERT) with a one-output head on the pooled hidden states."""
+    from third_party import minilm  # noqa: PLC0415 - reads the tokenizer only for this model
+
+    m = config.model
+    if m.pooling not in ("mean", "cls"):
+        raise ValueError(f"config.model.pooling={m.pooling!r}; an encoder pools 'mean' or 'cls'")
+    sub = ml_collections.ConfigDict(
+        {
+            "seed": config.seed,
+            "model": {
+                "encoder": m.backbone,
+                "num_classes": 1,
+                "pooling": m.pooling,
+                "dropout_rate": m.dropout_rate,
+                "dont_load": (f"{HEAD}/.*",),
+            },
+            "data": {"max_length": config.data.max_length},
+        }
+    )
+    model, params = models.encoder_classifier(sub)
+    classifier = models.classifier_apply(model)
+    ids = np.zeros((1, config.data.max_length), np.int32)
+    example = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    base = params
+    params, wrap = _add_method(config, params, classifier, example)
+    logits = wrap(classifier)
+
+    def apply(params, batch, rng):
+        return logits(params, batch, rng)[:, 0]
+
+    tokenizer = minilm.load_tokenizer(
+        minilm.model_dir() / "tokenizer.json", max_length=config.data.max_length
+    )
+    return Scorer(
+        params,
+        apply,
+        lambda texts: text.encode(tokenizer, texts, max_length=config.data.max_length),
+        base,
+    )
+
+
+def _encode_right_padded(tokenizer, texts, *, max_length: int, pad_id: int) -> dict:
+    ids = np.full((len(texts), max_length), pad_id, np.int32)
+    mask = np.zeros((len(texts), max_length), np.int32)
+    for i, enc in enumerate(tokenizer.encode_batch(list(texts), add_special_tokens=False)):
+        row = enc.ids[:max_length]
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def build_decoder_scorer(config: ml_collections.ConfigDict, texts) -> Scorer:
+    """SmolLM2 (or a tiny random Llama with a stand-in tokenizer built from ``texts``) with a
+    scalar head on the last real token's (or the mean) final hidden state."""
+    m = config.model
+    if m.pooling not in ("last", "mean"):
+        raise ValueError(f"config.model.pooling={m.pooling!r}; a decoder pools 'last' or 'mean'")
+    if m.dropout_rate:
+        raise ValueError(
+            f"config.model.dropout_rate={m.dropout_rate}: the Llama decoder has no dropout; set 0"
+        )
+    sub = ml_collections.ConfigDict(
+        {
+            "seed": config.seed,
+            "model": {
+                "name": "smollm2" if m.backbone == "smollm2" else "tiny",
+                "vocab_size": m.vocab_size,
+            },
+        }
+    )
+    decoder = models.decoder(sub, list(texts))
+    module = llama.LlamaForCausalLM(decoder.config)
+    # Method targets name layers one by one (decoder/layer_3/...): unstack; the forward pass
+    # stacks them again (stack_if_uniform), so the compiled step still holds one layer body.
+    base = decoder.params
+    if llama.LAYERS in base["decoder"]:
+        base = llama.unstack_layers(base)
+
+    def hidden(params, batch, rng):
+        del rng  # no dropout in the decoder
+        return module.apply(
+            {"params": llama.stack_if_uniform(params)},
+            batch["input_ids"],
+            batch["attention_mask"],
+            return_hidden=True,
+        )
+
+    ids = np.zeros((1, config.data.max_length), np.int32)
+    example = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    params, wrap = _add_method(config, base, hidden, example)
+    if config.peft.method in ("lora", "dora"):
+        # The wrapper checks the leaves the model consumes (at decoder/layers/... once
+        # stacked), so it must see the stacked tree; stacking again inside is a no-op.
+        method_wrap = wrap
+
+        def wrap(f):
+            g = method_wrap(f)
+            return lambda p, *args: g(llama.stack_if_uniform(p), *args)
+
+    params = reward_lib.init(
+        params, jax.random.PRNGKey(config.seed), dim=decoder.config.hidden_size, name=HEAD
+    )
+    apply = reward_lib.wrap_apply(wrap(hidden), pooling=m.pooling, name=HEAD)
+    return Scorer(
+        params,
+        apply,
+        lambda t: _encode_right_padded(
+            decoder.tokenizer, t, max_length=config.data.max_length, pad_id=decoder.pad_id
+        ),
+        base,
+    )
+
+
+def build_scorer(config: ml_collections.ConfigDict, texts) -> Scorer:
+    """The reward model of ``config.model.backbone``."""
+    if config.model.backbone in ENCODERS:
+        return build_encoder_scorer(config)
+    if config.model.backbone in DECODERS:
+        return build_decoder_scorer(config, texts)
+    raise ValueError(
+        f"config.model.backbone={config.model.backbone!r}; expected one of {BACKBONES}"
+    )
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def make_in_batch_loss_fn(apply, *, min_difference: float, margin_scale: float):
+    """Bradley-Terry over every pair of the batch's snippets whose means differ enough."""
+
+    def loss_fn(params, batch, rng):
+        r = apply(
+            params,
+            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+            rng,
+        )
+        mean = batch["mean"]
+        # pair (i, j): i chosen over j
+        diff = mean[:, None] - mean[None, :]
+        weight = (diff >= min_difference).astype(jnp.float32)
+        per_pair = losses.bradley_terry_loss(
+            jnp.broadcast_to(r[:, None], diff.shape),
+            jnp.broadcast_to(r[None, :], diff.shape),
+            margin=margin_scale * diff,
+        )
+        count = jnp.maximum(jnp.sum(weight), 1.0)
+        right = (r[:, None] > r[None, :]).astype(jnp.float32)
+        return jnp.sum(per_pair * weight) / count, {
+            "accuracy": jnp.sum(right * weight) / count,
+            "pairs": jnp.sum(weight),
+        }
+
+    return loss_fn
+
+
+def make_loss_fn(apply):
+    """Bradley-Terry over a batch of pairs; chosen and rejected go through one forward pass."""
+
+    def loss_fn(params, batch, rng):
+        ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+        r = apply(params, {"input_ids": ids, "attention_mask": mask}, rng)
+        n = batch["margin"].shape[0]
+        chosen, rejected = r[:n], r[n:]
+        loss = jnp.mean(losses.bradley_terry_loss(chosen, rejected, margin=batch["margin"]))
+        return loss, {
+            "accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)),
+            "reward_gap": jnp.mean(chosen - rejected),
+        }
+
+    return loss_fn
+
+
+def build_optimizer(config: ml_collections.ConfigDict, label_tree) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay, gradient clipping; no decay on 1-D leaves."""
+    o = config.optim
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, warmup_steps=o.warmup_steps, decay_steps=max(o.num_steps, o.warmup_steps + 1)
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip_norm),
+        optax.adamw(
+            schedule,
+            weight_decay=o.weight_decay,
+            mask=lambda t: jax.tree.map(lambda x: np.ndim(x) > 1, t),
+        ),
+    )
+    groups = set(partition.flatten(partition.trainable_labels(label_tree)).values())
+    return partition.optimizer({g: tx for g in groups}, label_tree)
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+
+def make_scorer_step(plan: parallel.Plan, apply):
+    """``scores(state, host batch) -> [rows]`` numpy rewards, data parallel over ``plan``."""
+
+    def fn(state, batch):
+        return {"scores": apply(state.params, batch, None)}
+
+    if plan.mode == "pmap":
+        pfn = jax.pmap(fn, axis_name=parallel.DATA_AXIS)
+        return lambda state, batch: np.asarray(pfn(state, plan.put_batch(batch))["scores"]).reshape(
+            -1
+        )
+    step = plan.compile_eval_step(fn)
+    return lambda state, batch: np.asarray(
+        jax.device_get(step(state, plan.put_batch(batch)))["scores"]
+    )
+
+
+def score_rows(scores_step, state, arrays, *, batch_size: int) -> np.ndarray:
+    """Rewards of every row of ``arrays`` in order (the padded tail of the last batch dropped)."""
+    out = []
+    for batch in batching.eval_batches(arrays, batch_size=batch_size):
+        real = int(batch.pop("mask").sum())
+        out.append(scores_step(state, batch)[:real])
+    return np.concatenate(out)
+
+
+def agreement(scores, mean, *, min_difference: float) -> dict[str, float]:
+    """Pearson, Spearman, pairwise accuracy of ``scores`` against ``mean`` (`metrics.agreement`)."""
+    return agreement_lib.agreement(scores, mean, min_difference=min_difference)
+
+
+TABLE_COLUMNS = (
+    report.Column("scorer"),
+    report.Column("Pearson r", "pearson", "{:.3f}"),
+    report.Column("Spearman ρ", "spearman", "{:.3f}"),
+    report.Column("pairwise accuracy", "pairwise_accuracy", "{:.3f}"),
+    report.Column("pairs", "pairs", "{:,.0f}"),
+)
+
+
+def table(rows: list[dict], *, n_test: int, min_difference: float) -> str:
+    """The Markdown table: one row per scorer on the test snippets."""
+    return report.table(
+        rows,
+        TABLE_COLUMNS,
+        notes=[
+            f"{n_test} held-out movie snippets (test split). Pearson and Spearman against the "
+            "mean human rating; pairwise accuracy over every pair whose means differ by at least "
+            f"{min_difference:g} (ties count 1/2). The human rater is one random rater per "
+            "snippet against the mean of the other raters.",
+        ],
+    )
+
+
+def plot_training(records) -> object:
+    """The training loss and the validation Pearson r against the step, side by side."""
+    panels = []
+    for key, label in (
+        ("train/loss", "Bradley-Terry loss (train)"),
+        ("eval/validation/pearson", "Pearson r (validation)"),
+    ):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            x, y = zip(*points, strict=True)
+            panels.append(
+                report.Panel(
+                    [report.Line(x, y, style={"marker": "."})], xlabel="step", ylabel=label
+                )
+            )
+    return report.panels_plot(panels, figsize=(4.5 * len(panels), 3.2))
+
+
+def plot(model_scores, vader, mean, *, title: str):
+    """Test rewards and VADER's scores against the mean human rating, side by side."""
+    fig = report.figure((9, 3.8), layout="constrained")
+    for i, (name, s) in enumerate((("reward model", model_scores), ("VADER compound", vader))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.scatter(mean, s, s=4, alpha=0.35)
+        r = agreement_lib.pearson(s, mean)
+        ax.set_title(f"{name} (r = {r:.3f})", fontsize=10)
+        ax.set_xlabel("mean human rating (-4..4)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains the reward model, evaluates it against VADER and a human rater, writes ``workdir``.
+
+    Resumes from the workdir's newest checkpoint. Returns the results (also results.json).
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan = loop.plan_from(config)
+    plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
+    plan.check_batch_size(config.evals.batch_size, what="config.evals.batch_size")
+
+    # -- data -------------------------------------------------------------------------------
+    snippets, splits = load_data(config)
+    logging.info("movie snippets: %s", {k: len(v) for k, v in splits.items()})
+    scorer = build_scorer(config, [snippets.text[i] for i in splits["train"]])
+    arrays = {name: scorer.encode([snippets.text[i] for i in idx]) for name, idx in splits.items()}
+    train_mean = snippets.mean[splits["train"]]
+    # snippets that fill every position (cut there, or exactly that long)
+    truncated = sum(int(np.sum(a["attention_mask"][:, -1])) for a in arrays.values())
+    logging.info("snippets at config.data.max_length=%d: %d", config.data.max_length, truncated)
+
+    # -- model, partition, optimizer --------------------------------------------------------
+    rules = [tuple(r) for r in config.partition.rules]
+    label_tree = partition.labels(scorer.params, rules, what="config.partition.rules")
+    if jax.process_index() == 0:
+        print(partition.summary(scorer.params, label_tree), flush=True)
+    n_trainable = partition.count(partition.split(scorer.params, label_tree)[0])
+    tx = build_optimizer(config, label_tree)
+    state = train.init_state(scorer.params, label_tree, tx, seed=config.seed)
+    axis = models.axis_name(plan)
+    scores_step = make_scorer_step(plan, scorer.apply)
+    e = config.evals
+
+    def evaluate(state, split):
+        s = score_rows(scores_step, state, arrays[split], batch_size=e.batch_size)
+        return s, agreement(s, snippets.mean[splits[split]], min_difference=e.min_difference)
+
+    evaluators = [
+        loop.Evaluator(
+            "validation",
+            lambda s: {f"eval/validation/{k}": v for k, v in evaluate(s, "validation")[1].items()},
+            every_steps=e.every_steps,
+        )
+    ]
+
+    # -- loop -------------------------------------------------------------------------------
+    train_arrays = arrays["train"]
+
+    def sampled_batch_at(step):
+        chosen, rejected, margin = pairs_at(config, train_mean, step)
+        return {
+            "chosen_ids": train_arrays["input_ids"][chosen],
+            "chosen_mask": train_arrays["attention_mask"][chosen],
+            "rejected_ids": train_arrays["input_ids"][rejected],
+            "rejected_mask": train_arrays["attention_mask"][rejected],
+            "margin": margin,
+        }
+
+    if config.data.pairing == "sampled":
+        batch_at, loss_fn = sampled_batch_at, make_loss_fn(scorer.apply)
+    elif config.data.pairing == "in_batch":
+        if plan.mode == "pmap":  # each device would pair its own rows only
+            raise ValueError(
+                "config.data.pairing='in_batch' pairs rows across the whole batch, which "
+                "config.parallel.mode='pmap' splits per device; use mode='mesh'"
+            )
+        with_mean = {**train_arrays, "mean": train_mean.astype(np.float32)}
+
+        def batch_at(step):
+            return batching.train_batch(
+                with_mean, step, batch_size=config.optim.batch_size, seed=config.data.seed
+            )
+
+        loss_fn = make_in_batch_loss_fn(
+            scorer.apply,
+            min_difference=config.data.min_difference,
+            margin_scale=config.loss.margin_scale,
+        )
+    else:
+        raise ValueError(
+            f"config.data.pairing={config.data.pairing!r}; expected 'sampled' or 'in_batch'"
+        )
+    run = loop.train(
+        config,
+        workdir,
+        plan=plan,
+        state=state,
+        step_fn=train.make_train_step(loss_fn, tx, axis_name=axis),
+        batch_at=batch_at,
+        evaluators=evaluators,
+    )
+    if not run.finished:
+        return {"step": run.step}
+
+    # -- final evaluation: the reward model, VADER and one rater on the same test snippets ---
+    test = splits["test"]
+    mean = snippets.mean[test]
+    test_scores, model_row = evaluate(run.state, "test")
+    _, validation_row = evaluate(run.state, "validation")
+    vader = ratings.vader_scores([snippets.text[i] for i in test])
+    one, others = ratings.held_out_rater(snippets, seed=e.rater_seed)
+    kw = {"min_difference": e.min_difference}
+    method = config.method
+    rows = [
+        {"scorer": f"reward model ({config.model.backbone}, {method})", **model_row},
+        {"scorer": "VADER (compound score)", **agreement(vader, mean, **kw)},
+        {
+            "scorer": "one human rater vs the others' mean",
+            **agreement(one[test], others[test], **kw),
+        },
+    ]
+    results = {
+        "step": run.step,
+        "backbone": config.model.backbone,
+        "method": method,
+        "num_test": int(len(test)),
+        "num_train": int(len(splits["train"])),
+        **{f"eval/test/{k}": v for k, v in model_row.items()},
+        **{f"eval/validation/{k}": v for k, v in validation_row.items()},
+        "vader": rows[1],
+        "human_rater": rows[2],
+        "rows": rows,
+        "trainable_params": n_trainable,
+        "total_params": partition.count(scorer.params),
+        "snippets_at_max_length": truncated,
+        "train_seconds_this_run": run.train_seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    run.checkpointer.wait_until_finished()
+    if run.is_chief:
+        run.write({k: v for k, v in results.items() if k.startswith("eval/")})
+        markdown = table(rows, n_test=len(test), min_difference=e.min_difference)
+        report.save_text(workdir / "results.md", markdown)
+        report.save_json(workdir / "results.json", results)
+        np.savez(workdir / "scores.npz", reward=test_scores, vader=vader, mean=mean, index=test)
+        title = f"{config.model.backbone} reward model, {method}, {run.step} steps"
+        report.save_figure(
+            plot(test_scores, vader, mean, title=title), workdir / "reward_vs_rating.png"
+        )
+        records = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
+        report.save_figure(plot_training(records), workdir / "training.png")
+        if config.plot_metrics:  # every metric's curve (seconds of drawing)
+            metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
+        logging.info("reward model vs VADER vs a human rater:\n%s", markdown)
+        logging.info("results: %s", json.dumps(results))
+    run.close()
+    return results
