@@ -16,6 +16,6 @@ Submodules load on first use::
 
 from ftlab import _lazy
 
-_SUBMODULES = ("dpo", "logprobs", "losses", "metrics", "rl", "sft")
+_SUBMODULES = ("dpo", "logprobs", "losses", "metrics", "reward", "rl", "sft")
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, _SUBMODULES)
