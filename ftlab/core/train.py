@@ -137,7 +137,9 @@ class Precision:
         None: no cast.
       master: the dtype of trainable leaves in the state (and so of their optimizer state).
       frozen: the storage dtype of frozen leaves (e.g. ``"bfloat16"``, half the bytes of
-        float32); None keeps them as given.
+        float32); None keeps them as given. A frozen base in int8 (or Q4) is no dtype here: call
+        ``ftlab.peft.qlora.quantize(params, targets=..., bits=8)`` on the frozen kernels first
+        (the core cannot import ftlab.peft); their int8 leaves then stay as they are.
     """
 
     compute: str | None = None

@@ -21,6 +21,10 @@ leaf                shape        effect on ``y = x @ kernel + bias``
 ``q4_data``,        [out, in/2]  QLoRA: the frozen kernel itself, in Q4_1 blocks instead of
 ``q4_scale``,       [out, in/32] ``kernel``; dequantised inside the matmul and recomputed in the
 ``q4_min``          [out, in/32] backward pass (:func:`dequantize_q4_1`, `ftlab.peft.qlora`)
+``q8_data``,        kernel's     the frozen kernel as int8 codes instead of ``kernel``; the
+``q8_scale``        shape;       layer runs on ``q8_data * q8_scale`` (:func:`dequantize_q8`) in
+                    (1,)*n_in +  the compute dtype, recomputed in the backward pass; one scale
+                    out axes     per output unit, ones over the input axes (`ftlab.peft.qlora`)
 ==================  ===========  ==============================================================
 
 Any combination on one module composes in that order: IA3 wraps the (LoRA- or DoRA-) adapted
@@ -37,6 +41,7 @@ DoRA           yes       yes               yes (1)                 yes (2), norm
 IA3 output     [out]     [prod(features)]  [prod(out axes)] (1)    [out] (2)
 IA3 input      [in]      [prod(in axes)]   [prod(contracted)] (1)  [1, ..., 1, in_channels] (2)
 QLoRA (Q4)     yes       refused           refused                 refused
+int8 base      yes       yes               yes (1)                 yes (2)
 =============  ========  ================  ======================  ===========================
 
 (1) The equation must put the contracted axes first in the kernel and end the output with the
@@ -107,6 +112,7 @@ __all__ = [
     "Layer",
     "Options",
     "dequantize_q4_1",
+    "dequantize_q8",
     "dora_column_norm",
     "dora_gain",
     "intercept",
@@ -121,12 +127,18 @@ IA3_SCALE, IA3_SCALE_IN = "ia3_scale", "ia3_scale_in"
 # A frozen kernel kept in GGUF's Q4_1 blocks instead of `kernel` (see `ftlab.peft.qlora`).
 Q4_DATA, Q4_SCALE, Q4_MIN = "q4_data", "q4_scale", "q4_min"
 Q4_LEAVES = (Q4_DATA, Q4_SCALE, Q4_MIN)
+# A frozen kernel kept as int8 with a float scale per output unit (`ftlab.peft.qlora`, bits=8).
+Q8_DATA, Q8_SCALE = "q8_data", "q8_scale"
+Q8_LEAVES = (Q8_DATA, Q8_SCALE)
+# The core's registry knows only names it was given; the int8 leaves are method leaves too, so a
+# model that never reads them is an error (`ftlab.core.sites.tracking`).
+sites.register(Q8_LEAVES, "int8 base")
 # The low-rank leaves: `lora.init` refuses a module that already holds one of these. (Kept to the
 # LoRA pair so that LoRA composes with IA3 on one module; DoRA trees always hold the pair too.)
 METHOD_LEAVES = (LORA_A, LORA_B)
 # Every leaf name a dense-layer method may add next to a kernel, to tell method leaves from base
 # leaves.
-ALL_LEAVES = (LORA_A, LORA_B, DORA_M, IA3_SCALE, IA3_SCALE_IN, *Q4_LEAVES)
+ALL_LEAVES = (LORA_A, LORA_B, DORA_M, IA3_SCALE, IA3_SCALE_IN, *Q4_LEAVES, *Q8_LEAVES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +272,25 @@ def _q4_matmul(x, data, scale, minimum):
 # Recompute the dequantised weight in the backward pass instead of saving it: the step then never
 # holds a full-precision copy of a Q4 base kernel beyond the one matmul using it.
 _q4_matmul_remat = jax.checkpoint(_q4_matmul, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def dequantize_q8(data: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """The kernel of int8 leaves, ``data * scale`` computed in float32 and cast to ``dtype``.
+
+    Args:
+        data: int8, the kernel's own shape ``(*in axes, *out axes)``.
+        scale: float, ``(1,) * n_in + out axes``: one scale per output unit, broadcast over the
+            input axes (so no layer type is needed to apply it).
+        dtype: The result's dtype.
+
+    Returns:
+        The kernel, shape ``data.shape``.
+
+    >>> dequantize_q8(jnp.array([[127, -1], [0, 2]], jnp.int8), jnp.array([[0.5, 2.0]]),
+    ...               jnp.float32).tolist()
+    [[63.5, -2.0], [0.0, 4.0]]
+    """
+    return (data.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
 
 
 # -- layer kinds ------------------------------------------------------------------------------
@@ -479,6 +510,8 @@ def layers(apply_fn: Callable, *args, **kwargs) -> dict[str, Layer]:
             and (module.has_variable("params", Q4_DATA))
         ):
             shape = _kernel_shape(module, {Q4_DATA})
+        elif context.method_name == "__call__" and module.has_variable("params", Q8_DATA):
+            shape = _kernel_shape(module, {Q8_DATA})
         else:
             return next_fun(*a, **kw)
         geo = _geometry(module, _input(a, kw), shape, a, kw)
@@ -669,6 +702,8 @@ def _kernel_shape(module: nn.Module, present: set[str]) -> tuple[int, ...]:
     if Q4_DATA in present:
         d_out, half = module.get_variable("params", Q4_DATA).shape
         return 2 * half, d_out
+    if Q8_DATA in present:
+        return module.get_variable("params", Q8_DATA).shape
     return module.get_variable("params", "kernel").shape
 
 
@@ -686,6 +721,55 @@ def _q4_dense(module: nn.Dense, x: jax.Array) -> jax.Array:
     if module.use_bias and module.has_variable("params", "bias"):
         y = y + _broadcast_last(module.get_variable("params", "bias").astype(dtype), y)
     return y
+
+
+def _q8_call(module: nn.Module, args, kwargs) -> jax.Array:
+    """The layer's own ``__call__`` on the kernel ``q8_data * q8_scale`` (its int8 leaves).
+
+    The layer runs unchanged (a clone, applied to the dequantised kernel and its bias), so every
+    layer kind computes exactly what it computes on a float kernel; `jax.checkpoint` recomputes
+    the dequantised kernel in the backward pass instead of keeping it as a residual.
+    """
+    path = _module_path(module)
+    if not module.has_variable("params", Q8_SCALE):
+        raise ValueError(f"{path}: has {Q8_DATA} but no {Q8_SCALE}; qlora.quantize adds both.")
+    if module.has_variable("params", "kernel"):
+        raise ValueError(f"{path}: holds both kernel and {Q8_DATA}; keep one of the two.")
+    if any(module.has_variable("params", n) for n in Q4_LEAVES):
+        raise ValueError(f"{path}: holds both {Q8_DATA} and Q4 leaves; keep one kernel format.")
+    data = module.get_variable("params", Q8_DATA)
+    scale = module.get_variable("params", Q8_SCALE)
+    fits = scale.ndim == data.ndim and all(
+        s in (1, d) for s, d in zip(scale.shape, data.shape, strict=True)
+    )
+    if data.dtype != jnp.int8 or not fits or not jnp.issubdtype(scale.dtype, jnp.floating):
+        raise ValueError(
+            f"{path}: {Q8_DATA} {data.dtype} {list(data.shape)} and {Q8_SCALE} {scale.dtype} "
+            f"{list(scale.shape)}: expected int8 data and a float scale of the same rank that "
+            "broadcasts over it (qlora.quantize(..., bits=8) makes them)."
+        )
+    x = _input(args, kwargs)
+    # The compute dtype: the layer's own, else its input's (as a float kernel cast to it would be).
+    floating = jnp.issubdtype(x.dtype, jnp.floating)
+    dtype = module.dtype or (x.dtype if floating else jnp.float32)
+    extra = {
+        n: module.get_variable("params", n) for n in ("bias",) if module.has_variable("params", n)
+    }
+    layer = module.clone(parent=None)
+    # Arrays become arguments of the checkpointed function; the rest (an einsum string) is static.
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))]
+
+    def run(data, scale, extra, *values):
+        filled = list(leaves)
+        for i, value in zip(arrays, values, strict=True):
+            filled[i] = value
+        a, kw = jax.tree.unflatten(treedef, filled)
+        kernel = dequantize_q8(data, scale, dtype)
+        return layer.apply({"params": {"kernel": kernel, **extra}}, *a, **kw)
+
+    run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
+    return run(data, scale, extra, *(leaves[i] for i in arrays))
 
 
 def _check_leaves(module: nn.Module, present: set[str], geo: _Geometry, opts: Options) -> None:
@@ -714,6 +798,12 @@ def _check_leaves(module: nn.Module, present: set[str], geo: _Geometry, opts: Op
         raise ValueError(
             f"{path}: Q4 kernel leaves ({path}/{Q4_DATA}) run on nn.Dense only, this is an "
             f"nn.{geo.layer.kind}; dequantise it (qlora.dequantize_tree)."
+        )
+    if DORA_M in present and Q8_DATA in present:
+        raise ValueError(
+            f"{path}: DoRA needs the full-precision kernel for its column norm; it cannot sit on "
+            f"an int8 kernel ({path}/{Q8_DATA}). Use LoRA, or dequantise first "
+            "(qlora.dequantize_tree)."
         )
     if DORA_M in present and Q4_DATA in present:
         raise ValueError(
@@ -864,7 +954,8 @@ def _interceptor(opts: Options) -> Callable:
             return next_fun(*args, **kwargs)
         sites.consume(module, *sorted(present))
         x = _input(args, kwargs)
-        if Q4_DATA not in present and not module.has_variable("params", "kernel"):
+        quantized = Q4_DATA in present or Q8_DATA in present
+        if not quantized and not module.has_variable("params", "kernel"):
             return next_fun(*args, **kwargs)  # let the layer report its missing kernel
         geo = _geometry(module, x, _kernel_shape(module, present), args, kwargs)
         expected = (geo.layer.in_features,) if geo.layer.kind == "Conv" else geo.in_sizes
@@ -873,6 +964,11 @@ def _interceptor(opts: Options) -> Callable:
                 raise ValueError(
                     f"{geo.layer.path}: input has {x.shape[-1]} features, Q4 kernel expects "
                     f"{geo.layer.fan_in}."
+                )
+            if Q8_DATA in present:
+                raise ValueError(
+                    f"{geo.layer.path}: input axes {list(geo.x_sizes)} do not fit the int8 "
+                    f"kernel {list(geo.layer.kernel_shape)} (expects {list(expected)})."
                 )
             return next_fun(*args, **kwargs)  # let the layer report its own shape error
         _check_leaves(module, present, geo, opts)
@@ -883,7 +979,12 @@ def _interceptor(opts: Options) -> Callable:
                 args = (x, *args[1:])
             else:
                 kwargs = {**kwargs, "inputs": x}
-        y = _q4_dense(module, x) if Q4_DATA in present else next_fun(*args, **kwargs)
+        if Q4_DATA in present:
+            y = _q4_dense(module, x)
+        elif Q8_DATA in present:
+            y = _q8_call(module, args, kwargs)
+        else:
+            y = next_fun(*args, **kwargs)
         if DORA_M in present:
             y = _dora_term(module, geo, x, y, opts)
         elif LORA_A in present:
