@@ -147,6 +147,13 @@ class Precision:
     frozen: str | None = None
 
     def __post_init__(self):
+        if self.frozen in ("int8", "int4", "q4_1"):
+            # A cast cannot store a kernel in integers: the layer must dequantize it on the fly.
+            raise ValueError(
+                f"Precision: frozen={self.frozen!r} is not a cast; quantize the frozen kernels "
+                "first with ftlab.peft.qlora.quantize(params, targets=..., bits=8) (int8) or "
+                "bits=4 (QLoRA's 4-bit blocks), which the dense layers dequantize when they read"
+            )
         for field in ("compute", "master", "frozen"):
             value = getattr(self, field)
             if value is not None and not jnp.issubdtype(_dtype(value, field), jnp.floating):

@@ -396,3 +396,8 @@ def test_precision_policy_keeps_master_leaves_and_narrows_the_frozen_base(params
     }
     with pytest.raises(ValueError, match="Precision: compute='int8' is not a floating dtype"):
         train.Precision(compute="int8")
+
+
+def test_an_integer_frozen_precision_points_to_quantize():
+    with pytest.raises(ValueError, match=r"frozen='int8' is not a cast; quantize .* bits=8"):
+        train.Precision(frozen="int8")
