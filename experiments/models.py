@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from safetensors import numpy as safetensors_numpy
 
 from ftlab import icl
@@ -39,6 +40,7 @@ __all__ = [
     "Norm",
     "PEFT_METHODS",
     "STRUCTURAL",
+    "adamw",
     "add_method",
     "classifier_apply",
     "decoder",
@@ -447,3 +449,28 @@ def decoder_method(peft: ml_collections.ConfigDict, method: str, params, rng, *,
         return params, lora.rules(), stacked, lambda t: lora.merge(t, alpha=p.alpha, rank=p.rank)
     params = qlora.quantize(params, targets=list(p.qlora_targets), what="config.peft.qlora")
     return params, lora.rules(), stacked, lambda t: qlora.merge(t, alpha=p.alpha, rank=p.rank)
+
+
+def adamw(config: ml_collections.ConfigDict, label_tree) -> optax.GradientTransformation:
+    """``config.optim``'s AdamW: linear warmup then cosine decay, gradient clipping, no weight
+    decay on biases and norms (1-D leaves); one instance per trainable group of ``label_tree``.
+
+    Reads ``optim.lr``, ``warmup_steps``, ``num_steps``, ``grad_clip_norm``, ``weight_decay``.
+    """
+    o = config.optim
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, warmup_steps=o.warmup_steps, decay_steps=max(o.num_steps, o.warmup_steps + 1)
+    )
+
+    def tx():
+        return optax.chain(
+            optax.clip_by_global_norm(o.grad_clip_norm),
+            optax.adamw(
+                schedule,
+                weight_decay=o.weight_decay,
+                mask=lambda t: jax.tree.map(lambda x: np.ndim(x) > 1, t),
+            ),
+        )
+
+    groups = set(partition.flatten(partition.trainable_labels(label_tree)).values())
+    return partition.optimizer({g: tx() for g in groups}, label_tree)

@@ -47,7 +47,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from experiments import loop, models
@@ -308,24 +307,6 @@ def make_loss_fn(apply):
     return loss_fn
 
 
-def build_optimizer(config: ml_collections.ConfigDict, label_tree) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay, gradient clipping; no decay on 1-D leaves."""
-    o = config.optim
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, o.lr, warmup_steps=o.warmup_steps, decay_steps=max(o.num_steps, o.warmup_steps + 1)
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(o.grad_clip_norm),
-        optax.adamw(
-            schedule,
-            weight_decay=o.weight_decay,
-            mask=lambda t: jax.tree.map(lambda x: np.ndim(x) > 1, t),
-        ),
-    )
-    groups = set(partition.flatten(partition.trainable_labels(label_tree)).values())
-    return partition.optimizer({g: tx for g in groups}, label_tree)
-
-
 # -- evaluation -----------------------------------------------------------------------------------
 
 
@@ -446,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         print(partition.summary(scorer.params, label_tree), flush=True)
     n_trainable = partition.count(partition.split(scorer.params, label_tree)[0])
-    tx = build_optimizer(config, label_tree)
+    tx = models.adamw(config, label_tree)
     state = train.init_state(scorer.params, label_tree, tx, seed=config.seed)
     axis = models.axis_name(plan)
     scores_step = make_scorer_step(plan, scorer.apply)

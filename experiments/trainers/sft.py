@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from experiments import loop, models
@@ -180,23 +179,6 @@ def make_loss_fn(nll_fn):
     return loss_fn
 
 
-def build_optimizer(config: ml_collections.ConfigDict, label_tree) -> optax.GradientTransformation:
-    """AdamW, linear warmup then cosine decay, gradient clipping; no decay on 1-D leaves."""
-    o = config.optim
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, o.lr, warmup_steps=o.warmup_steps, decay_steps=max(o.num_steps, o.warmup_steps + 1)
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(o.grad_clip_norm),
-        optax.adamw(
-            schedule,
-            weight_decay=o.weight_decay,
-            mask=lambda t: jax.tree.map(lambda x: np.ndim(x) > 1, t),
-        ),
-    )
-    return partition.optimizer({"train": tx}, label_tree)
-
-
 def held_out_loss(plan, eval_step, state, arrays, *, batch_size: int) -> dict[str, float]:
     """Mean NLL over every scored token of ``arrays`` (exact: padding rows count nothing)."""
     total, count = 0.0, 0.0
@@ -295,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         print(partition.summary(params, label_tree), flush=True)
     n_trainable = partition.count(partition.split(params, label_tree)[0])
-    tx = build_optimizer(config, label_tree)
+    tx = models.adamw(config, label_tree)
     state = train.init_state(params, label_tree, tx, seed=config.seed)
     base_mib = qlora.nbytes(state.frozen) / 2**20
     nll_fn = make_nll_fn(model.config, wrap, chunk=config.model.logits_chunk)

@@ -45,12 +45,20 @@ TRAINERS = {
         "--config.optim.meta_batch_size=8",
         "--config.checkpoint.every_steps=2",
     ],
-    "multitask": ["--config=configs/multitask_yeast.py:quick"],
+    "multitask": [
+        "--config=configs/multitask_yeast.py:quick",
+        "--config.methods=('independent', 'hard_uniform')",  # a sweep of two: seconds fewer
+    ],
     "pretrain": [
         "--config=configs/pretrain_digits.py:quick,seeds=1",
-        "--config.data.label_fractions=(0.05, 1.0)",  # >= 16 labelled images: batches of 16
+        "--config.data.label_fractions=(0.05,)",  # >= 16 labelled images: batches of 16
+        "--config.methods=('none', 'contrastive')",
     ],
-    "online": ["--config=configs/online_river.py:quick", "--config.checkpoint.every_steps=2"],
+    "online": [
+        "--config=configs/online_river.py:quick",
+        "--config.checkpoint.every_steps=2",
+        "--config.evals.river=False",  # river's own learner is no part of the loop
+    ],
     "icl": ["--config=configs/icl_smollm2.py:quick", "--config.icl.batch_size=8"],
     "decoder_tuning": [
         "--config=configs/tune_smollm2.py:quick,methods=lora",
