@@ -114,6 +114,8 @@ def run_on_simulated_devices(
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(pathlib.Path(root))
+    # small compiles are cached too, as in the test process (jax's default is 1 s)
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     proc = subprocess.run(
         [sys.executable, "-c", code, *args],
         cwd=root,

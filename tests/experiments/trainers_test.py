@@ -144,6 +144,8 @@ def _launch(args, workdir, *, fault="run:0", devices=1, process=None):
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = CACHE
+    # as tests/conftest.py: cache the small compiles too (the five runs of a trainer share them)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
     env["PYTHONPATH"] = str(ROOT)
     argv = [sys.executable, "-c", _LAUNCH, fault, *args, f"--workdir={workdir}"]
     if process is not None:
