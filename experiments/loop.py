@@ -184,17 +184,23 @@ def plan_from(config: ml_collections.ConfigDict) -> parallel.Plan:
     An absent group (sweep configs may leave it out) is a mesh over all devices.
 
     Raises:
-        ValueError: A mesh without sharding rules (it would not take effect), or sharding rules
+        ValueError: A mesh or fsdp_min_bytes without sharding rules (neither would take
+            effect), or sharding rules
             with ``mode="pmap"`` or ``num_devices``; names the config key.
     """
     p = config.get("parallel") or {}
     rules, mesh = tuple(p.get("sharding_rules", ())), p.get("mesh", "")
+    min_bytes = p.get("fsdp_min_bytes", sharding.DEFAULT_MIN_BYTES)
     if not rules:
-        if mesh:
-            raise ValueError(
-                f"config.parallel.mesh={mesh!r} takes effect only with "
-                "config.parallel.sharding_rules, which is empty"
-            )
+        for key, value, unset in (
+            ("mesh", mesh, ""),
+            ("fsdp_min_bytes", min_bytes, sharding.DEFAULT_MIN_BYTES),
+        ):
+            if value != unset:
+                raise ValueError(
+                    f"config.parallel.{key}={value!r} takes effect only with "
+                    "config.parallel.sharding_rules, which is empty"
+                )
         return parallel.make_plan(p.get("mode", "mesh"), num_devices=p.get("num_devices", 0))
     for key, value, plain in (
         ("mode", p.get("mode", "mesh"), "mesh"),
@@ -208,7 +214,7 @@ def plan_from(config: ml_collections.ConfigDict) -> parallel.Plan:
     return parallel.make_sharded_plan(
         parse_mesh(mesh or "fsdp=-1", what="config.parallel.mesh"),
         [tuple(r) for r in rules],
-        min_bytes=p.get("fsdp_min_bytes", sharding.DEFAULT_MIN_BYTES),
+        min_bytes=min_bytes,
         what="config.parallel.sharding_rules",
     )
 

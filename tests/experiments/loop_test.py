@@ -203,5 +203,8 @@ def test_plan_from_shards_parameters_by_rules_and_refuses_a_mesh_without_rules(t
     config.parallel.mesh = "fsdp=2"
     with pytest.raises(ValueError, match=r"config.parallel.mesh='fsdp=2' takes effect only with"):
         loop.plan_from(config)
+    config.parallel.mesh, config.parallel.fsdp_min_bytes = "", 128
+    with pytest.raises(ValueError, match=r"config.parallel.fsdp_min_bytes=128 takes effect only"):
+        loop.plan_from(config)
     with pytest.raises(ValueError, match=r"mesh='dat=2': 'dat=2' is not 'axis=size'"):
         loop.parse_mesh("dat=2")
