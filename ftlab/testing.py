@@ -111,7 +111,9 @@ def run_on_simulated_devices(
     AssertionError with the end of the child's stderr when it fails.
     """
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # appended: the caller's own XLA flags still apply
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(pathlib.Path(root))
     # small compiles are cached too, as in the test process (jax's default is 1 s)

@@ -140,7 +140,7 @@ def _free_port():
 @pytest.fixture(scope="module")
 def results():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT)
     cache = jax.config.jax_compilation_cache_dir or str(ROOT / ".jax_cache")

@@ -141,7 +141,8 @@ app.run(main.main, flags_parser=main.parse_flags)
 
 def _launch(args, workdir, *, fault="run:0", devices=1, process=None):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = CACHE
     # as tests/conftest.py: cache the small compiles too (the five runs of a trainer share them)

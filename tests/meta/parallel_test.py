@@ -44,7 +44,8 @@ for method, make in (("maml", meta.make_meta_step), ("reptile", meta.make_reptil
 
 def test_four_simulated_devices_match_one():
     root = pathlib.Path(__file__).resolve().parents[2]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
     env["JAX_COMPILATION_CACHE_DIR"] = str(root / ".jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
     proc = subprocess.run(
