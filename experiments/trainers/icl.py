@@ -144,24 +144,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_chief = loop._process_index() == 0  # one writer in a multi-process job
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
-    results = {"model": config.model.name, "tasks": {}}
     start = time.perf_counter()
-    # Each task's evaluation is kept when it finishes; a rerun skips it.
-    past = finished.Runs(workdir, metric_prefix=lambda n: f"icl/{n}/", config=config)
-    writer = past.open_writer() if is_chief else None
-    for name in config.data.tasks:
-        if (r := past.get(name)) is not None:
-            results["tasks"][name] = r
-            continue
+
+    def run_one(name, writer):
         r = evaluate_task(config, model, name, plan=plan, params=params, hits=hits)
-        results["tasks"][name] = r
-        if is_chief:
-            for k, s in r["shots"].items():
-                writer.write(int(k), {f"icl/{name}/accuracy_mean": s["mean"],
-                                      f"icl/{name}/accuracy_std": s["std"]})  # fmt: skip
-            past.put(name, r)
-    if writer is not None:
-        writer.close()
+        for k, s in r["shots"].items():
+            writer.write(int(k), {f"icl/{name}/accuracy_mean": s["mean"],
+                                  f"icl/{name}/accuracy_std": s["std"]})  # fmt: skip
+        return r
+
+    # Each task's evaluation is kept when it finishes; a rerun skips it.
+    tasks, _ = finished.sweep(
+        workdir, config, list(config.data.tasks), run_one, metric_prefix=lambda n: f"icl/{n}/"
+    )
+    results = {"model": config.model.name, "tasks": tasks}
     results["wall_seconds"] = time.perf_counter() - start
     table = reports.icl_table(results)
     if is_chief:

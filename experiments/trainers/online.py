@@ -180,14 +180,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         model, make_learner=learner_of, plan=plan, length=num,
         main=lrs.index(config.learner.lr), comparator=best.params, **learner_options(config),
     )  # fmt: skip
-    loop_config = ml_collections.ConfigDict(
-        {
-            "optim": {"num_steps": len(host["y"]) // size},
-            "log_every_steps": config.log_every_steps,
-            "max_steps_per_run": config.max_steps_per_run,
-            "checkpoint": config.checkpoint.to_dict(),
-        }
-    )
+    loop_config = config.copy_and_resolve_references()
+    with loop_config.unlocked():  # one loop step per chunk
+        loop_config.optim = {"num_steps": len(host["y"]) // size}
     start = time.perf_counter()
     run = loop.train(
         loop_config,
@@ -223,11 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "learner": config.learner.to_dict(),
         **{f"progressive/{k}": float(main[k]) for k in metric_names},
         "cumulative_loss": float(main["cumulative_loss"]),
-        "best_fixed/total_loss": float(best.total_loss),
-        "best_fixed/grad_norm": float(best.grad_norm),
+        **{f"best_fixed/{k}": float(getattr(best, k)) for k in ("total_loss", "grad_norm")},
         "best_fixed/iterations": int(best.iterations),
-        "best_fixed/tol": config.regret.tol,
-        "best_fixed/method": config.regret.method,
+        **{f"best_fixed/{k}": config.regret[k] for k in ("tol", "method")},
         "regret": float(prefix_regret[-1]),
         "average_regret": float(prefix_regret[-1] / num),
         "regret/slope": slope,
@@ -247,14 +240,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for i, lr in enumerate(lrs)
         },
     }
-    if config.evals.river and config.learner.name == "ogd" and config.learner.batch_size == 1:
-        if config.learner.delay == 0:
-            kw = dict(lr=config.learner.lr, decay=config.learner.decay)
-            results["river/same_features"] = river.progressive(name, x, y, columns, **kw)
-            if river_stream:
-                results["river/pipeline"] = river.progressive(
-                    name, x, y, columns, pipeline=True, limit=num, **kw
-                )
+    c = config.learner
+    if config.evals.river and (c.name, c.batch_size, c.delay) == ("ogd", 1, 0):
+        kw = dict(lr=c.lr, decay=c.decay)
+        results["river/same_features"] = river.progressive(name, x, y, columns, **kw)
+        if river_stream:
+            kw.update(pipeline=True, limit=num)
+            results["river/pipeline"] = river.progressive(name, x, y, columns, **kw)
     if run.is_chief:
         metrics_lib.plot_curves(workdir / metrics_lib.JSONL_NAME, workdir / "plots")
         title = f"{name}: {config.learner.name} lr={config.learner.lr}"

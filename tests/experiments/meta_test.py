@@ -39,3 +39,27 @@ def test_rerun_resumes_from_the_final_checkpoint(run):
     assert {k: v for k, v in again.items() if k not in timing} == {
         k: v for k, v in results.items() if k not in timing
     }
+
+
+def test_held_out_evaluator_chosen_by_name_in_the_config(run, tmp_path):
+    import pytest
+
+    workdir, config, results = run
+    config = config.copy_and_resolve_references()
+    config.optim.num_steps = 2  # one evaluation, at step 1
+    config.evals.plugins = {
+        "mid": dict(type="finetune_mse", num_steps=(1,), metric="mid", every_steps=1)
+    }
+    trainer.train_and_evaluate(config, str(tmp_path))
+    (line,) = [
+        r for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl") if "eval/mid_step_1" in r
+    ]
+    assert line["step"] == 1 and line["eval/mid_step_1"] < line["eval/mid_step_0"]
+    config.evals.plugins = {"x": {"type": "finetune_mse", "shots": 3}}
+    with pytest.raises(
+        ValueError, match=r"^config.evals.plugins.x: .*unexpected keyword argument 'shots'$"
+    ):
+        trainer.train_and_evaluate(config, str(tmp_path / "bad"))
+    config.evals.plugins = {"x": {"type": "finetune_mse", "num_steps": ()}}
+    with pytest.raises(ValueError, match=r"^config.evals.plugins.x: num_steps=\(\): expected"):
+        trainer.train_and_evaluate(config, str(tmp_path / "bad"))
