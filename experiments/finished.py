@@ -61,8 +61,8 @@ def short_run(
     state on the host (one copy), every step's train metrics are in ``run.history`` (a resumed
     run's start at its checkpoint). ``fresh``: empty ``workdir`` first, so that an interrupted
     run starts over instead of resuming. ``writer`` (a sweep's): also gets each line the loop
-    logged, its ``train/<metric>`` means renamed ``<prefix><metric>``, at ``step_offset +
-    step``, with ``extra``. ``evaluators`` run during the steps (`loop.train`).
+    logged, its ``train/<metric>`` means (not the evaluations) renamed ``<prefix><metric>``, at
+    ``step_offset + step``, with ``extra``. ``evaluators`` run during the steps (`loop.train`).
 
     Raises:
         Stopped: A signal stopped the loop before the last step.
@@ -84,7 +84,11 @@ def short_run(
     run.close()
     run.state = loop.fetch(plan, run.state)
     for step, line in run.logged if writer is not None else ():
-        means = {prefix + k[6:]: v for k, v in line.items() if k != "train/steps_per_sec"}
+        means = {
+            prefix + k[6:]: v
+            for k, v in line.items()
+            if k.startswith("train/") and k != "train/steps_per_sec"
+        }
         writer.write(step_offset + step, {**means, **(extra or {})})
     return run
 

@@ -26,7 +26,10 @@ stays free of flags and I/O, and a notebook that wants a loop of its own compose
 
 Evaluators are plugins: ``config.evals.plugins = {"val": dict(type="accuracy", every_steps=100,
 ...)}`` picks factories registered under their type with `register` (a trainer registers the
-types its task supports); `from_config` builds them and refuses an unknown type or option.
+types its task supports: classification ``accuracy``, ``loss``, ``classification``; meta
+``finetune_mse``; fewshot ``finetune_accuracy``; decoder tuning ``label_accuracy``,
+``label_loss``, ``generation``); `from_config` builds those a trainer offers and refuses any
+other type, or an option its factory does not take, in one error naming the key.
 """
 
 from __future__ import annotations
@@ -124,9 +127,16 @@ def register(type_name: str):
     plugin's config entries other than ``type`` and ``every_steps``/``steps``, and ``context``
     what the trainer passes to `from_config` (its predict function, data, ...); it returns
     ``run(state) -> metrics``.
+
+    Raises:
+        ValueError: Another factory holds ``type_name`` (type names are global).
     """
 
     def decorate(factory):
+        old = _REGISTRY.get(type_name)
+        where = lambda f: f"{f.__module__}.{f.__qualname__}"  # noqa: E731
+        if old is not None and where(old) != where(factory):  # a module reloaded may register again
+            raise ValueError(f"evaluator type {type_name!r} is registered already, by {where(old)}")
         _REGISTRY[type_name] = factory
         return factory
 

@@ -12,10 +12,9 @@ is the instruction alone (one draw: there is nothing to draw). Writes into the w
     icl.png         accuracy against k (mean, with the spread over draws as error bars)
     metrics.jsonl   `icl/<task>/accuracy_mean` etc. with step = k (MetricWriter)
 
-Data parallel through `ftlab.core.parallel.Plan` (``config.parallel``): the weights are placed
-once, each batch of ``config.icl.batch_size`` queries is split over the devices, and the counts
-are summed over the mesh. Files are written by process 0 only; a finished task is kept in
-``finished/`` and a rerun skips it (`experiments.finished`).
+Data parallel (``config.parallel``): the weights are placed once, each batch of
+``config.icl.batch_size`` queries is split over the devices and the counts summed over the mesh.
+A finished task is kept in ``finished/`` and a rerun skips it (`experiments.finished.sweep`).
 """
 
 from __future__ import annotations

@@ -21,10 +21,8 @@ kept in ``finished/<method>.json`` when it completes (`experiments/finished.py`)
 the same command after an interruption skips the finished methods and trains the rest from the
 seed (one method takes seconds to minutes, the LoRA-per-task one about 20 on a CPU).
 
-The tabular methods each train as one run of `experiments.loop` in ``runs/<method>/``: data-
-parallel over ``config.parallel`` (default: a mesh over all devices; the rows of each task's
-batch are split), stopped by a non-finite loss naming the step, writers on process 0 only. So do
-the text path's LoRA methods (`train_lora_per_task`).
+Each method trains as one run of `experiments.loop` in ``runs/<method>/`` (the rows of each
+task's batch split over the data mesh).
 """
 
 from __future__ import annotations

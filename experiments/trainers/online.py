@@ -122,10 +122,8 @@ def chunks(stream: online.Stream, size: int) -> dict[str, np.ndarray]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the online experiment described by `configs/online_river.py`.
 
-    The stream goes through `experiments.loop` in chunks of ``config.data.chunk_size``
-    examples, one loop step each: checkpoints every ``config.checkpoint.every_steps`` chunks,
-    resume, the stop on a non-finite loss naming the chunk, writers on process 0 only. The
-    numbers are those of one scan over the whole stream, bit for bit (`online.advance`).
+    One loop step per chunk of the stream (checkpoints every ``config.checkpoint.every_steps``
+    chunks); the numbers are those of one scan over the whole stream, bit for bit.
 
     Returns:
         The results, also written to `workdir/results.json` (``{"step": ...}`` if stopped
@@ -140,23 +138,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise ValueError(f"config.data.stream={name!r}: the stream has no examples")
     river_stream = config.data.get("source", "river") == "river"
     task = streams.task(name) if river_stream else "binary"
-    model = (
-        online.logistic_regression(x.shape[1])
-        if task == "binary"
-        else online.linear_regression(x.shape[1])
-    )
+    model = {"binary": online.logistic_regression}.get(task, online.linear_regression)(x.shape[1])
     stream = online.prepare(x, y, model=model, on_error=config.data.on_error)
     num = x.shape[0]
     logging.info("stream %s: %d examples x %d features (%s)", name, num, x.shape[1], task)
 
     # The best fixed model in hindsight on each prefix of a log-spaced grid; the last prefix
     # is the whole stream, whose solution is the comparator tracked at every step.
-    solver = dict(
-        tol=config.regret.tol,
-        max_iterations=config.regret.max_iterations,
-        l2=config.regret.l2,
-        method=config.regret.method,
-    )
+    solver = {k: config.regret[k] for k in ("tol", "max_iterations", "l2", "method")}
     steps = online.checkpoints(num, points=config.regret.points)
     start = time.perf_counter()
     prefix = jax.jit(lambda s: online.best_fixed_prefixes(model, s, steps, **solver))(stream)

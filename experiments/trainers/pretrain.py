@@ -16,9 +16,8 @@ kept in ``finished/`` when it completes (`experiments/finished.py`), so rerunnin
 command after an interruption skips what finished.
 
 Every training (a pretext task, a layer-wise stage, a probe or fine-tuning) is a short run of
-`experiments.loop` in ``runs/seed<s>_<method>/<part>/``: data-parallel over ``config.parallel``
-(default: a mesh over all devices), stopped by a non-finite loss naming the step, with writers on
-process 0 only. A (seed, method) run that did not finish starts over.
+`experiments.loop` in ``runs/seed<s>_<method>/<part>/``; a (seed, method) run that did not finish
+starts over.
 """
 
 from __future__ import annotations
