@@ -63,6 +63,10 @@ def num_steps(config: ml_collections.ConfigDict, n: int) -> int:
 
 
 # -- evaluators: factories of `loop.register`, all with the same context --------------------
+def _plugins(config):
+    return (config.get("evals") or {}).get("plugins")
+
+
 def _test_prompts(config, model, task, test, num_test):
     """The first ``num_test`` (default ``config.data.num_test``) test examples as zero-shot
     prompts: ids, mask, labels."""
@@ -211,9 +215,8 @@ def run_one(
 
     # -- evaluators during the run (config.evals.plugins) and of its final parameters --------
     on = dict(config=config, model=model, task=task, test=test, wrap=wrap, to_plain=to_plain)
-    plugins = (config.get("evals") or {}).get("plugins")
     placed = lambda state: plan.get_state(state).params  # noqa: E731
-    evaluators = loop.from_config(plugins, types=PLUGINS, params_of=placed, **on)
+    evaluators = loop.from_config(_plugins(config), types=PLUGINS, params_of=placed, **on)
     try:
         run = finished.short_run(
             workdir, plan=plan, state=state, step_fn=steps_cache[method], batch_at=batch_at,
@@ -289,6 +292,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     )
     plan = loop.plan_from(config)
     plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
+    # the evaluators' types and options are checked before any run trains (each run builds its own)
+    on = dict(config=config, model=model, task=task, test=data["test"], params_of=None)
+    loop.from_config(_plugins(config), types=PLUGINS, wrap=None, to_plain=None, **on)
     runs = {
         f"{method}_n{n}_s{seed}": (method, n, seed)
         for method in config.methods

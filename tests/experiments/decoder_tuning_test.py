@@ -45,11 +45,12 @@ def test_quick_run_trains_every_method_and_resumes(tmp_path):
     before = (tmp_path / "finished" / "qlora_n4_s0.json").read_text()
     decoder_tuning.train_and_evaluate(config, str(tmp_path))
     assert (tmp_path / "finished" / "qlora_n4_s0.json").read_text() == before
+    # refused before any run, though every run here is finished
     config.evals.plugins = {"g": {"type": "generation", "beams": 2}}
     with pytest.raises(
         ValueError, match=r"^config.evals.plugins.g: .*unexpected keyword argument 'beams'$"
     ):
-        decoder_tuning.train_and_evaluate(config, str(tmp_path / "bad"))
+        decoder_tuning.train_and_evaluate(config, str(tmp_path))
 
 
 def test_prefix_tuning_trains_on_the_stacked_decoder_tree():
