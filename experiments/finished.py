@@ -20,10 +20,9 @@ import json
 import os
 import pathlib
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 from absl import logging
 
@@ -50,13 +49,20 @@ def short_run(
     num_steps: int,
     log_every: int,
     fresh: bool = False,
+    writer: metrics_lib.MetricWriter | None = None,
+    prefix: str = "train/",
+    step_offset: int = 0,
+    extra: Mapping[str, Any] | None = None,
+    evaluators: Sequence[loop.Evaluator] = (),
 ) -> loop.Run:
     """``num_steps`` steps of ``step_fn`` as one finished, closed run of `experiments.loop`.
 
     Checkpointed at its end (and on a signal) in ``workdir``; ``run.state`` is the trained
     state on the host (one copy), every step's train metrics are in ``run.history`` (a resumed
     run's start at its checkpoint). ``fresh``: empty ``workdir`` first, so that an interrupted
-    run starts over instead of resuming.
+    run starts over instead of resuming. ``writer`` (a sweep's): also gets each line the loop
+    logged, its ``train/<metric>`` means (not the evaluations) renamed ``<prefix><metric>``, at
+    ``step_offset + step``, with ``extra``. ``evaluators`` run during the steps (`loop.train`).
 
     Raises:
         Stopped: A signal stopped the loop before the last step.
@@ -70,12 +76,20 @@ def short_run(
         state=state,
         step_fn=step_fn,
         batch_at=batch_at,
+        evaluators=evaluators,
         keep_history=True,
     )
     if not run.finished:
         raise Stopped(str(workdir))
     run.close()
     run.state = loop.fetch(plan, run.state)
+    for step, line in run.logged if writer is not None else ():
+        means = {
+            prefix + k[6:]: v
+            for k, v in line.items()
+            if k.startswith("train/") and k != "train/steps_per_sec"
+        }
+        writer.write(step_offset + step, {**means, **(extra or {})})
     return run
 
 
@@ -107,7 +121,7 @@ def sweep(
     past = Runs(workdir, metric_prefix=metric_prefix or (lambda name: None), config=config)
     writer = past.open_writer() if metric_prefix else None
     results: dict[str, dict] = {}
-    progress = metrics_lib.Progress(len(names), enabled=jax.process_index() == 0)
+    progress = metrics_lib.Progress(len(names), enabled=loop._process_index() == 0)
     try:
         for i, name in enumerate(names):
             if (result := past.get(name)) is None:
@@ -178,7 +192,7 @@ class Runs:
     def put(self, name: str, result: dict) -> None:
         """Records a finished run (written to a temporary file, then renamed; process 0 only)."""
         path = self._path(name)
-        if jax.process_index() == 0:
+        if loop._process_index() == 0:
             report.save_json(path, {"config": self.config, "result": result})
 
     def get_or_run(self, name: str, run: Callable[..., dict], *args: Any) -> dict:
@@ -198,5 +212,5 @@ class Runs:
             return bool(prefixes) and all(k == "step" or k.startswith(prefixes) for k in record)
 
         return metrics_lib.MetricWriter(
-            self.workdir, enabled=jax.process_index() == 0, resume_step=None, keep=keep
+            self.workdir, enabled=loop._process_index() == 0, resume_step=None, keep=keep
         )

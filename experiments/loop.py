@@ -26,7 +26,10 @@ stays free of flags and I/O, and a notebook that wants a loop of its own compose
 
 Evaluators are plugins: ``config.evals.plugins = {"val": dict(type="accuracy", every_steps=100,
 ...)}`` picks factories registered under their type with `register` (a trainer registers the
-types its task supports); `from_config` builds them and refuses an unknown type or option.
+types its task supports: classification ``accuracy``, ``loss``, ``classification``; meta
+``finetune_mse``; fewshot ``finetune_accuracy``; decoder tuning ``label_accuracy``,
+``label_loss``, ``generation``); `from_config` builds those a trainer offers and refuses any
+other type, or an option its factory does not take, in one error naming the key.
 """
 
 from __future__ import annotations
@@ -124,9 +127,16 @@ def register(type_name: str):
     plugin's config entries other than ``type`` and ``every_steps``/``steps``, and ``context``
     what the trainer passes to `from_config` (its predict function, data, ...); it returns
     ``run(state) -> metrics``.
+
+    Raises:
+        ValueError: Another factory holds ``type_name`` (type names are global).
     """
 
     def decorate(factory):
+        old = _REGISTRY.get(type_name)
+        where = lambda f: f"{f.__module__}.{f.__qualname__}"  # noqa: E731
+        if old is not None and where(old) != where(factory):  # a module reloaded may register again
+            raise ValueError(f"evaluator type {type_name!r} is registered already, by {where(old)}")
         _REGISTRY[type_name] = factory
         return factory
 
@@ -141,7 +151,9 @@ def registered() -> tuple[str, ...]:
 def from_config(
     plugins: Mapping[str, Mapping[str, Any]] | None,
     *,
+    types: Iterable[str] | None = None,
     what: str = "config.evals.plugins",
+    check_finite: bool = True,
     **context: Any,
 ) -> list[Evaluator]:
     """Builds the evaluators that ``plugins`` (``{name: {"type": ..., ...}}``) choose by name.
@@ -149,20 +161,23 @@ def from_config(
     Args:
         plugins: Name -> options; ``type`` picks the factory, ``every_steps`` and ``steps`` the
             schedule, the rest goes to the factory.
+        types: The types the trainer offers (their factories take its ``context``); None: all
+            registered.
         what: How errors name ``plugins``.
+        check_finite: `Evaluator.check_finite` of every evaluator built.
         **context: What every factory receives besides its options.
 
     Raises:
         ValueError: A type that is not registered, or options its factory does not take or
             refuses (a factory raises TypeError or ValueError for those).
     """
-    out = []
+    out, offered = [], sorted(registered() if types is None else types)
     for name, spec in (plugins or {}).items():
         spec = dict(spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec)
         type_name = spec.pop("type", None)
-        if type_name not in _REGISTRY:
+        if type_name not in offered:
             raise ValueError(
-                f"{what}.{name}.type={type_name!r}; expected one of {', '.join(registered())}"
+                f"{what}.{name}.type={type_name!r}; expected one of {', '.join(offered)}"
             )
         every = spec.pop("every_steps", 0)
         steps = tuple(spec.pop("steps", ()))
@@ -170,7 +185,7 @@ def from_config(
             run = _REGISTRY[type_name](**spec, **context)
         except (TypeError, ValueError) as e:  # an option it does not take, or a bad value
             raise ValueError(f"{what}.{name}: {e}") from None
-        out.append(Evaluator(name, run, every_steps=every, steps=steps))
+        out.append(Evaluator(name, run, every_steps=every, steps=steps, check_finite=check_finite))
     return out
 
 
@@ -350,6 +365,8 @@ class Run:
         is_chief: Whether this is process 0, the one that writes files.
         history: With ``keep_history``, every train step's metrics of this invocation, in
             order, on the host (a sweep of short runs reports its first and last losses).
+        logged: ``(step, metrics)`` of every line this invocation logged (the train metrics'
+            means since the previous line, and the evaluations due).
     """
 
     state: Any
@@ -363,6 +380,7 @@ class Run:
     writer: metrics_lib.MetricWriter
     checkpointer: resume.Checkpointer
     history: list = dataclasses.field(default_factory=list)
+    logged: list = dataclasses.field(default_factory=list)
 
     def write(self, metrics: Mapping[str, Any]) -> None:
         """Writes ``metrics`` to metrics.jsonl at the last step (process 0 only)."""
@@ -442,7 +460,7 @@ def train(
     bar = tqdm.tqdm(
         total=total, initial=start_step, disable=not is_chief, unit="step", mininterval=1.0
     )
-    pending, window, kept = [], [], []
+    pending, window, kept, lines = [], [], [], []
     last_good, train_seconds, window_seconds, window_steps = start_step, 0.0, 0.0, 0
     step = start_step
     try:
@@ -492,6 +510,7 @@ def train(
                         metrics_lib.check_finite(results, step=done, last_good_step=last_good)
                     logged.update(results)
                 writer.write(done, logged)
+                lines.append((done, logged))
                 if "train/loss" in logged:
                     bar.set_postfix(loss=f"{logged['train/loss']:.4g}", refresh=False)
             last_good = done
@@ -525,6 +544,7 @@ def train(
         writer=writer,
         checkpointer=ckpt,
         history=kept,
+        logged=lines,
     )
     if not run.finished:
         run.close()

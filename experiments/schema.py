@@ -478,6 +478,8 @@ META = {
     "evals.num_steps": integers(0),
     "evals.finetune_lr": POSITIVE_LR,
     "evals.every_steps": STEPS,
+    # the evaluator types meta registers: finetune_mse
+    "evals.plugins": plugins().opt(),
     "plot_metrics": boolean(),
     **LOOP,
     **STEP_LOOP,
@@ -514,6 +516,8 @@ FEWSHOT = {
     "evals.num_steps": integers(0),
     "evals.finetune_lr": POSITIVE_LR,
     "evals.finetune_rules": rules(),
+    # the evaluator types fewshot registers: finetune_accuracy
+    "evals.plugins": plugins().opt(),
     **LOOP,
     **STEP_LOOP,
     **PARALLEL,
@@ -612,6 +616,8 @@ DECODER_TUNING = {
     "optim.max_steps": STEPS,
     "optim.lr": mapping(DECODER_METHODS, POSITIVE_LR),
     "icl_results": string(),
+    # the evaluator types decoder tuning registers: label_accuracy, label_loss, generation
+    "evals.plugins": plugins().opt(),
     **PARALLEL_OPTIONAL,
     **STEP,
 }

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from experiments import data as data_lib
-from experiments import features, loop, models
+from experiments import evaluation, features, loop, models
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, report, train
 from ftlab.data import batching
@@ -34,11 +34,7 @@ build_optimizer = models.adamw
 
 def evaluate(plan, eval_step, state, arrays, *, batch_size: int) -> dict[str, float]:
     """Exact means over a split (padding masked out)."""
-    totals: dict[str, float] = {}
-    for batch in batching.eval_batches(arrays, batch_size=batch_size):
-        sums = jax.device_get(eval_step(state, plan.put_batch(batch)))
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+    totals = evaluation.batch_sums(plan, eval_step, state, arrays, batch_size=batch_size)
     count = totals.pop("count")
     return {k: v / count for k, v in totals.items()}
 
@@ -60,7 +56,8 @@ def _split_evaluator(metric: str | None):
 
 
 # config.evals.plugins.<name> = dict(type="accuracy", split="test", every_steps=100), ...
-for _type, _metric in (("classification", None), ("accuracy", "accuracy"), ("loss", "loss")):
+PLUGINS = ("classification", "accuracy", "loss")
+for _type, _metric in zip(PLUGINS, (None, "accuracy", "loss"), strict=True):
     loop.register(_type)(_split_evaluator(_metric))
 
 
@@ -121,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run_eval = {s: _split_evaluator(None)(split=s, **on) for s in ("validation", "test")}
     evaluators = [
         loop.Evaluator("validation", run_eval["validation"], every_steps=config.evals.every_steps),
-        *loop.from_config(config.evals.get("plugins"), **on),
+        *loop.from_config(config.evals.get("plugins"), types=PLUGINS, **on),
     ]
 
     # -- loop -------------------------------------------------------------------------------
@@ -146,16 +143,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # -- final evaluation -------------------------------------------------------------------
     results = {"step": total, **run_eval["validation"](state), **run_eval["test"](state)}
     results["trainable_params"] = n_trainable
-    rates = (
-        [
-            m["train/steps_per_sec"]
-            for m in metrics_lib.read_jsonl(workdir / "metrics.jsonl")
-            if "train/steps_per_sec" in m
-        ]
-        if run.is_chief
-        else []
-    )
-    # The first window includes compilation: leave it out of the typical step time.
+    rates = [m["train/steps_per_sec"] for _, m in run.logged]
+    # The first window includes compilation: leave it out of the typical step time (of this
+    # invocation: a resumed run's first window compiles too).
     if len(rates) > 1:
         results["train_step_s"] = float(1.0 / np.median(rates[1:]))
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

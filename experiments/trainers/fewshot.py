@@ -39,6 +39,8 @@ from ftlab.core import partition, report, train
 from ftlab.data import fewshot
 
 METHODS = ("maml", "fomaml", "anil", "reptile", "finetune")
+# the evaluator types of config.evals.plugins (experiments.loop)
+PLUGINS = ("finetune_accuracy",)
 
 
 def make_fns(model: nn.Module):
@@ -67,10 +69,6 @@ def load_data(config) -> fewshot.Dataset:
     raise ValueError(f"config.data.dataset={d.dataset!r}; expected 'digits' or 'glyphs'")
 
 
-def inner_rules(config):
-    return meta.head_rules() if config.meta.method == "anil" else meta.ALL
-
-
 def build_model(config, ways, image_shape):
     m = config.model
     model = models.ConvNet(ways=ways, filters=m.filters, blocks=m.blocks, norm=m.norm)
@@ -86,15 +84,52 @@ def fresh_head(params, ways):
     return {**params, "head": head}
 
 
-def make_evaluator(config, loss_fn, accuracy, rules, inner_lr):
-    """``evaluate(params, episodes) -> query accuracy [tasks, max_steps + 1]`` after 0.. steps."""
-    trajectory = evaluation.adapt_trajectory(
-        lambda p, task: accuracy(p, task["query"]),
-        loss_fn,
-        rules=rules,
-        num_steps=max(config.evals.num_steps),
+@loop.register("finetune_accuracy")
+def make_evaluator(*, num_tasks=None, num_steps=None, metric="acc", config, data, test_ids, plan):
+    """``evaluate(state) -> {eval/<metric>_step_<k>: query accuracy}`` on held-out episodes.
+
+    ``num_tasks`` episodes (default ``config.evals.num_tasks``) of the held-out classes, the
+    state's network fine-tuned on each support set for ``k`` in ``num_steps`` (default
+    ``config.evals.num_steps``) steps: the inner rules and rate, or for ``finetune`` a fresh
+    zero head and ``config.evals.finetune_rules``/``finetune_lr``. ``evaluate.full(state)``:
+    the accuracies, ``[tasks, max steps + 1]``.
+    """
+    e, d, m, method = config.evals, config.data, config.model, config.meta.method
+    steps = tuple(e.num_steps if num_steps is None else num_steps)
+    num_tasks = e.num_tasks if num_tasks is None else num_tasks
+    if not steps or min(steps) < 0 or num_tasks < 1:
+        raise ValueError(f"num_steps={steps!r}, num_tasks={num_tasks!r}: expected >= 0, >= 1")
+    loss_fn, accuracy = make_fns(
+        models.ConvNet(ways=d.ways, filters=m.filters, blocks=m.blocks, norm=m.norm)
     )
-    return jax.jit(jax.vmap(lambda params, task: trajectory(params, inner_lr, task), (None, 0)))
+    if method == "finetune":
+        rules, lr = tuple(e.finetune_rules), e.finetune_lr
+    else:
+        rules, lr = meta.inner_rules(method), config.meta.inner_lr
+    trajectories = evaluation.adapt_trajectory(
+        lambda p, task: accuracy(p, task["query"]), loss_fn, rules=rules, num_steps=max(steps)
+    )
+
+    def full(state):
+        params = plan.get_state(state).params
+        if method == "finetune":
+            params = fresh_head(params, d.ways)
+        chunks = []
+        for i in range(0, num_tasks, e.chunk):
+            ep = fewshot.sample_episodes(
+                data.images, test_ids, e.seed, i // e.chunk, num_tasks=e.chunk, ways=d.ways,
+                shots=d.shots, query=e.query,
+            )  # fmt: skip
+            tasks = {"support": ep["support"], "query": ep["query"]}
+            chunks.append(np.asarray(trajectories(params, lr, tasks)))
+        return np.concatenate(chunks)[:num_tasks]
+
+    def evaluate(state):
+        summary = evaluation.steps_summary(full(state), steps, metric)
+        return {k: v for k, v in summary.items() if not k.endswith("_ci95")}
+
+    evaluate.full = full
+    return evaluate
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -111,9 +146,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_ids, test_ids = fewshot.split_classes(
         len(data.names), num_train=d.num_train_classes, seed=d.split_seed
     )
-    image_shape = data.images.shape[2:]
-    ways = d.ways
-    rules = inner_rules(config)
     tx = optax.adam(config.optim.lr)
     plan = loop.plan_from(config)
     what = "pretrain_batch_size" if method == "finetune" else "meta_batch_size"
@@ -129,9 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "'instance'"
         )
     axis = models.axis_name(plan)
-    model, params = build_model(
-        config, len(train_ids) if method == "finetune" else ways, image_shape
-    )
+    ways = len(train_ids) if method == "finetune" else d.ways
+    model, params = build_model(config, ways, data.images.shape[2:])
     loss_fn, _ = make_fns(model)
     state = train.init_state(
         params, partition.labels(params, [(".*", "train")]), tx, seed=config.seed
@@ -144,14 +175,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 data.images, train_ids, d.seed, step, batch_size=config.optim.pretrain_batch_size
             )
     else:
-        kw = dict(inner_lr=config.meta.inner_lr, num_steps=config.meta.inner_steps, rules=rules)
-        if method == "reptile":
-            step_fn = meta.make_reptile_step(loss_fn, tx, **kw, axis_name=axis)
-        else:
-            first_order = method == "fomaml"
-            step_fn = meta.make_meta_step(
-                loss_fn, tx, first_order=first_order, **kw, axis_name=axis
-            )
+        m = config.meta
+        step_fn = meta.make_step(
+            method, loss_fn, tx, inner_lr=m.inner_lr, num_steps=m.inner_steps, axis_name=axis
+        )
 
         def batch_at(step):
             ep = fewshot.sample_episodes(
@@ -162,45 +189,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     logging.info("%s on %s: %d parameters", method, d.dataset, partition.count(params))
 
+    # -- evaluators: held-out episodes, as config.evals.plugins choose ------------------------
+    on = dict(config=config, data=data, test_ids=test_ids, plan=plan)
+    evaluators = loop.from_config(config.evals.get("plugins"), types=PLUGINS, **on)
+
     # -- loop: every batch is a pure function of (seed, step), so a restored state continues
     # the same run --------------------------------------------------------------------------
-    run = loop.train(config, workdir, plan=plan, state=state, step_fn=step_fn, batch_at=batch_at)
+    run = loop.train(
+        config, workdir, plan=plan, state=state, step_fn=step_fn, batch_at=batch_at,
+        evaluators=evaluators,
+    )  # fmt: skip
     if not run.finished:
         return {"step": run.step}
     total = run.step
 
     # -- evaluation on held-out classes ------------------------------------------------------
-    m = config.model
-    eval_model = models.ConvNet(ways=ways, filters=m.filters, blocks=m.blocks, norm=m.norm)
-    eval_loss, eval_acc = make_fns(eval_model)
-    params = plan.get_state(run.state).params
-    if method == "finetune":
-        params = fresh_head(params, ways)
-        eval_rules, eval_lr = tuple(e.finetune_rules), e.finetune_lr
-    else:
-        eval_rules, eval_lr = rules, config.meta.inner_lr
-    evaluate = make_evaluator(config, eval_loss, eval_acc, eval_rules, eval_lr)
-    chunks = []
-    for i in range(0, e.num_tasks, e.chunk):
-        ep = fewshot.sample_episodes(
-            data.images,
-            test_ids,
-            e.seed,
-            i // e.chunk,
-            num_tasks=e.chunk,
-            ways=ways,
-            shots=d.shots,
-            query=e.query,
-        )
-        chunks.append(
-            np.asarray(evaluate(params, {"support": ep["support"], "query": ep["query"]}))
-        )
-    accs = np.concatenate(chunks)[: e.num_tasks]
+    accs = make_evaluator(**on).full(run.state)
     results = {
         "method": method,
         "dataset": d.dataset,
         "synthetic": data.synthetic,
-        "ways": ways,
+        "ways": d.ways,
         "shots": d.shots,
         "norm": config.model.norm,
         "transductive": config.model.norm == "batch",

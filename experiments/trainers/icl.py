@@ -12,10 +12,9 @@ is the instruction alone (one draw: there is nothing to draw). Writes into the w
     icl.png         accuracy against k (mean, with the spread over draws as error bars)
     metrics.jsonl   `icl/<task>/accuracy_mean` etc. with step = k (MetricWriter)
 
-Data parallel through `ftlab.core.parallel.Plan` (``config.parallel``): the weights are placed
-once, each batch of ``config.icl.batch_size`` queries is split over the devices, and the counts
-are summed over the mesh. Files are written by process 0 only; a finished task is kept in
-``finished/`` and a rerun skips it (`experiments.finished`).
+Data parallel (``config.parallel``): the weights are placed once, each batch of
+``config.icl.batch_size`` queries is split over the devices and the counts summed over the mesh.
+A finished task is kept in ``finished/`` and a rerun skips it (`experiments.finished.sweep`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import finished, loop, models, reports
+from experiments import evaluation, finished, loop, models, reports
 from ftlab import icl
 from ftlab.core import parallel, report
 from ftlab.data import rotten_tomatoes
@@ -45,19 +44,21 @@ def make_hits(plan: parallel.Plan, model: models.Decoder):
 
     The batch of queries is split over the data mesh; every device scores its share against the
     shared prefix's cache (replicated) and the counts are summed over the global batch (padding
-    rows, ``real`` False, count for nothing). Counts are integers: any device count gives the
-    same accuracy; the log-probabilities agree to float tolerance.
+    rows, ``mask`` 0 as `ftlab.data.batching.eval_batches` marks them, count for nothing).
+    Counts are integers: any device count gives the same accuracy; the log-probabilities agree
+    to float tolerance.
     """
 
     def hits(state, batch):
         params, cache, label_ids = state
-        logp = icl.score(model.config, params, cache, batch["ids"], batch["mask"], label_ids)
-        hit = (jnp.argmax(logp, axis=1) == batch["label"]) & batch["real"]
+        logp = icl.score(model.config, params, cache, batch["ids"], batch["attention"], label_ids)
+        real = batch["mask"] > 0
+        hit = (jnp.argmax(logp, axis=1) == batch["label"]) & real
         true = jnp.take_along_axis(logp, batch["label"][:, None], axis=1)[:, 0]
         sums = {
             "hits": jnp.sum(hit),
-            "count": jnp.sum(batch["real"]),
-            "label_logprob": jnp.sum(jnp.where(batch["real"], true, 0.0)),
+            "count": jnp.sum(real),
+            "label_logprob": jnp.sum(jnp.where(real, true, 0.0)),
         }
         return jax.lax.psum(sums, parallel.DATA_AXIS) if plan.mode == "pmap" else sums
 
@@ -74,17 +75,9 @@ def evaluate_task(config, model: models.Decoder, name: str, *, plan, params, hit
     n = min(config.data.num_test, len(test.text))
     out = {"num_test": n, "majority_baseline": rotten_tomatoes.majority_baseline(
         rotten_tomatoes.Split(test.text[:n], test.label[:n])), "shots": {}}  # fmt: skip
-    # The queries, padded to whole batches with copies of the first (counted for nothing).
     ids, mask = icl.encode_queries(model.tokenizer, task, test.text[:n], config.icl.query_len,
                                    pad_id=model.pad_id)  # fmt: skip
-    size = config.icl.batch_size
-    pad = -n % size
-    queries = {
-        "ids": np.concatenate([ids, np.repeat(ids[:1], pad, 0)]),
-        "mask": np.concatenate([mask, np.repeat(mask[:1], pad, 0)]),
-        "label": np.concatenate([test.label[:n], np.zeros(pad, test.label.dtype)]),
-        "real": np.arange(n + pad) < n,
-    }
+    queries = {"ids": ids, "attention": mask, "label": test.label[:n]}
     label_ids = icl.label_token_ids(model.tokenizer, task)
     one = plan.get_state(params)  # one copy of the weights (pmap holds one per device)
     for k in config.icl.shots:
@@ -104,14 +97,12 @@ def evaluate_task(config, model: models.Decoder, name: str, *, plan, params, hit
             cache = icl.prefill(model.config, one, *prefix,
                                 query_len=config.icl.query_len)  # fmt: skip
             state = (params, *plan.put_state(jax.device_get((cache, label_ids))))
-            batches = [
-                {key: a[i : i + size] for key, a in queries.items()}
-                for i in range(0, n + pad, size)
-            ]
-            counts = jax.device_get([hits(state, plan.put_batch(b)) for b in batches])
-            acc = sum(int(c["hits"]) for c in counts) / sum(int(c["count"]) for c in counts)
+            sums = evaluation.batch_sums(
+                plan, hits, state, queries, batch_size=config.icl.batch_size
+            )
+            acc = sums["hits"] / sums["count"]
             accs.append(acc)
-            logps.append(sum(float(c["label_logprob"]) for c in counts) / n)
+            logps.append(sums["label_logprob"] / n)
             logging.info(
                 "%s k=%d draw %d: accuracy %.4f (%d examples, %.1f s)",
                 name, k, d, acc, n, time.perf_counter() - start,
@@ -144,24 +135,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_chief = loop._process_index() == 0  # one writer in a multi-process job
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
-    results = {"model": config.model.name, "tasks": {}}
     start = time.perf_counter()
-    # Each task's evaluation is kept when it finishes; a rerun skips it.
-    past = finished.Runs(workdir, metric_prefix=lambda n: f"icl/{n}/", config=config)
-    writer = past.open_writer() if is_chief else None
-    for name in config.data.tasks:
-        if (r := past.get(name)) is not None:
-            results["tasks"][name] = r
-            continue
+
+    def run_one(name, writer):
         r = evaluate_task(config, model, name, plan=plan, params=params, hits=hits)
-        results["tasks"][name] = r
-        if is_chief:
-            for k, s in r["shots"].items():
-                writer.write(int(k), {f"icl/{name}/accuracy_mean": s["mean"],
-                                      f"icl/{name}/accuracy_std": s["std"]})  # fmt: skip
-            past.put(name, r)
-    if writer is not None:
-        writer.close()
+        for k, s in r["shots"].items():
+            writer.write(int(k), {f"icl/{name}/accuracy_mean": s["mean"],
+                                  f"icl/{name}/accuracy_std": s["std"]})  # fmt: skip
+        return r
+
+    # Each task's evaluation is kept when it finishes; a rerun skips it.
+    tasks, _ = finished.sweep(
+        workdir, config, list(config.data.tasks), run_one, metric_prefix=lambda n: f"icl/{n}/"
+    )
+    results = {"model": config.model.name, "tasks": tasks}
     results["wall_seconds"] = time.perf_counter() - start
     table = reports.icl_table(results)
     if is_chief:

@@ -25,7 +25,9 @@ from ftlab.core import metrics as metrics_lib
 from ftlab.core import partition, report, train
 from ftlab.data import sinusoid
 
-METHODS = ("maml", "fomaml", "anil", "metasgd", "reptile", "pretrained")
+METHODS = (*meta.METHODS, "pretrained")
+# the evaluator types of config.evals.plugins (experiments.loop)
+PLUGINS = ("finetune_mse",)
 
 
 def make_loss_fn(model: models.MLP):
@@ -46,11 +48,6 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[models.MLP, dict]:
     return model, jax.tree.map(np.asarray, params["params"])
 
 
-def inner_rules(config: ml_collections.ConfigDict):
-    """Which leaves the inner loop (and fine-tuning at test time) adapts."""
-    return meta.head_rules() if config.meta.method == "anil" else meta.ALL
-
-
 def sample_tasks(config: ml_collections.ConfigDict, step: int) -> dict:
     """The meta-batch of training tasks for ``step``: a pure function of (seed, step)."""
     tasks = sinusoid.sample(
@@ -64,30 +61,14 @@ def sample_tasks(config: ml_collections.ConfigDict, step: int) -> dict:
 
 
 def build_step(config, loss_fn, tx, *, axis_name=None):
-    """The training step of ``config.meta.method`` and the batch it expects."""
-    m, method = config.meta, config.meta.method
-    if method == "pretrained":
+    """The training step of ``config.meta.method`` (`ftlab.meta.make_step`, or joint training)."""
+    m = config.meta
+    if m.method == "pretrained":
         return train.make_train_step(loss_fn, tx, axis_name=axis_name)
-    if method == "reptile":
-        return meta.make_reptile_step(
-            loss_fn,
-            tx,
-            inner_lr=m.inner_lr,
-            num_steps=m.inner_steps,
-            rules=inner_rules(config),
-            axis_name=axis_name,
-        )
-    return meta.make_meta_step(
-        loss_fn,
-        tx,
-        # Meta-SGD's rates are leaves of the state (meta.with_inner_lr).
-        inner_lr=None if method == "metasgd" else m.inner_lr,
-        num_steps=m.inner_steps,
-        rules=inner_rules(config),
-        first_order=method == "fomaml",
-        remat=m.remat,
+    return meta.make_step(
+        m.method, loss_fn, tx, inner_lr=m.inner_lr, num_steps=m.inner_steps, remat=m.remat,
         axis_name=axis_name,
-    )
+    )  # fmt: skip
 
 
 def init_state(config, params, tx):
@@ -117,49 +98,44 @@ PLOT_STEPS = (0, 1, 10)
 PLOT_TASKS = 3
 
 
-def make_evaluator(config, loss_fn, model):
-    """``evaluate(params, inner_lr, tasks) -> ({steps: query MSE [num_tasks]}, plot curves)``.
+@loop.register("finetune_mse")
+def make_evaluator(*, num_steps=None, metric="mse", config, loss_fn, model, plan):
+    """``evaluate(state) -> {eval/<metric>_step_<k>: query MSE}`` of the held-out tasks.
 
-    The query MSE after every number of steps, and the plot's curves (``[PLOT_TASKS,
-    len(PLOT_STEPS), grid]``), come from one compiled `evaluation.adapt_trajectory`.
+    The state's initialisation fine-tuned on each task's support set for ``k`` in
+    ``num_steps`` (default ``config.evals.num_steps``) steps. ``evaluate.full(state)`` adds
+    the 95% intervals, the tasks and the plot's curves (``[PLOT_TASKS, len(PLOT_STEPS),
+    grid]``). All step counts come from one compiled `evaluation.adapt_trajectory`.
     """
+    steps = tuple(config.evals.num_steps if num_steps is None else num_steps)
+    if not steps or min(steps) < 0:
+        raise ValueError(f"num_steps={steps!r}: expected fine-tuning step counts >= 0")
+    method, e = config.meta.method, config.evals
 
     def measure(p, task):
         return loss_fn(p, task["query"], None)[0], model.apply({"params": p}, PLOT_GRID)[:, 0]
 
-    trajectory = evaluation.adapt_trajectory(
-        measure,
-        loss_fn,
-        rules=inner_rules(config),
-        num_steps=max(max(config.evals.num_steps), max(PLOT_STEPS)),
+    trajectories = evaluation.adapt_trajectory(
+        measure, loss_fn, rules=meta.inner_rules(method), num_steps=max(*steps, *PLOT_STEPS)
     )
-
-    @jax.jit
-    def evaluate(params, inner_lr, tasks):
-        queries, curves = jax.vmap(trajectory, in_axes=(None, None, 0))(params, inner_lr, tasks)
-        return queries, curves[:PLOT_TASKS, jnp.asarray(PLOT_STEPS)]
-
-    def run(params, inner_lr, tasks):
-        queries, curves = jax.device_get(evaluate(params, inner_lr, tasks))
-        return evaluation.steps_summary(queries, config.evals.num_steps, "mse"), curves
-
-    return run
-
-
-def eval_tasks(config) -> dict:
-    e = config.evals
-    return sinusoid.sample(
+    held_out = sinusoid.sample(
         e.seed, 0, num_tasks=e.num_tasks, shots=e.shots, query_shots=e.query_shots
     )
+    tasks = {"support": held_out["support"], "query": held_out["query"]}
 
+    def full(state):
+        params, learned = meta.split_inner_lr(plan.get_state(state).params)
+        # Fine-tuning step size: learned (Meta-SGD), the baseline's, or the inner lr.
+        lr = {"metasgd": learned, "pretrained": e.finetune_lr}.get(method, config.meta.inner_lr)
+        queries, curves = jax.device_get(trajectories(params, lr, tasks))
+        summary = evaluation.steps_summary(queries, steps, metric)
+        return summary, held_out, curves[:PLOT_TASKS, np.asarray(PLOT_STEPS)]
 
-def eval_inner_lr(config, state):
-    """Fine-tuning step size at test time: learned (Meta-SGD), the baseline's, or the inner lr."""
-    if config.meta.method == "metasgd":
-        return meta.split_inner_lr(state.params)[1]
-    if config.meta.method == "pretrained":
-        return config.evals.finetune_lr
-    return config.meta.inner_lr
+    def evaluate(state):
+        return {k: v for k, v in full(state)[0].items() if not k.endswith("_ci95")}
+
+    evaluate.full = full
+    return evaluate
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -185,27 +161,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = init_state(config, params, tx)
     logging.info("method %s, %d parameters", method, partition.count(params))
 
-    # -- evaluator --------------------------------------------------------------------------
-    axis = models.axis_name(plan)
-    evaluator = make_evaluator(config, loss_fn, model)
-    held_out = eval_tasks(config)
-    eval_batch = {"support": held_out["support"], "query": held_out["query"]}
-
-    def run_eval(state):
-        s = plan.get_state(state)
-        params = meta.split_inner_lr(s.params)[0]
-        return evaluator(params, eval_inner_lr(config, s), eval_batch)
-
+    # -- evaluators: held-out tasks every config.evals.every_steps, and the plugins --------
+    # Fine-tuning with Meta-SGD's learned rates (tuned for one step) may diverge at ten: that is
+    # a result to report, not a broken run, so evaluations are not checked for NaN.
+    on = dict(config=config, loss_fn=loss_fn, model=model, plan=plan)
+    held_out = make_evaluator(**on)
     evaluators = [
         loop.Evaluator(
-            "held_out",
-            # the means only; the final results also hold the intervals
-            lambda s: {k: v for k, v in run_eval(s)[0].items() if not k.endswith("_ci95")},
-            every_steps=config.evals.every_steps,
-            # Fine-tuning with Meta-SGD's learned rates (tuned for one step) may diverge at
-            # ten: that is a result to report, not a broken run.
-            check_finite=False,
+            "held_out", held_out, every_steps=config.evals.every_steps, check_finite=False
         ),
+        *loop.from_config(config.evals.get("plugins"), types=PLUGINS, check_finite=False, **on),
     ]
 
     # -- loop --------------------------------------------------------------------------------
@@ -218,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir,
         plan=plan,
         state=state,
-        step_fn=build_step(config, loss_fn, tx, axis_name=axis),
+        step_fn=build_step(config, loss_fn, tx, axis_name=models.axis_name(plan)),
         batch_at=batch_at,
         evaluators=evaluators,
         compiler_options=meta.compiler_options(),
@@ -229,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # -- final evaluation --------------------------------------------------------------------
     run.checkpointer.wait_until_finished()
-    summary, curves = run_eval(run.state)
+    summary, tasks, curves = held_out.full(run.state)
     results = {"step": total, "method": method, **summary}
     results["eval/num_tasks"] = config.evals.num_tasks
     results["eval/shots"] = config.evals.shots
@@ -238,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         run.write({k: v for k, v in results.items() if k.startswith("eval/mse")})
         report.save_json(workdir / "results.json", results)
         plot = reports.meta_adapted_plot(
-            method, held_out, curves, grid=PLOT_GRID, steps=PLOT_STEPS, num_tasks=PLOT_TASKS
+            method, tasks, curves, grid=PLOT_GRID, steps=PLOT_STEPS, num_tasks=PLOT_TASKS
         )
         report.save_figure(plot, workdir / "adapted_curves.png", dpi=90)
         if config.plot_metrics:

@@ -21,14 +21,13 @@ kept in ``finished/<method>.json`` when it completes (`experiments/finished.py`)
 the same command after an interruption skips the finished methods and trains the rest from the
 seed (one method takes seconds to minutes, the LoRA-per-task one about 20 on a CPU).
 
-The tabular methods each train as one run of `experiments.loop` in ``runs/<method>/``: data-
-parallel over ``config.parallel`` (default: a mesh over all devices; the rows of each task's
-batch are split), stopped by a non-finite loss naming the step, writers on process 0 only. So do
-the text path's LoRA methods (`train_lora_per_task`).
+Each method trains as one run of `experiments.loop` in ``runs/<method>/`` (the rows of each
+task's batch split over the data mesh).
 """
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
@@ -61,14 +60,16 @@ METHODS = {
 RUNS = "runs"
 
 
+def _check_methods(config, known) -> None:
+    if unknown := [m for m in config.methods if m not in known]:
+        raise ValueError(f"config.methods: unknown {unknown[0]!r}; expected some of {list(known)}")
+
+
 def method_runs(config: ml_collections.ConfigDict) -> list[tuple[str, str, object]]:
     """``(run name, method, lambda)`` for every configured method; soft expands over lambdas."""
+    _check_methods(config, METHODS)
     runs = []
     for method in config.methods:
-        if method not in METHODS:
-            raise ValueError(
-                f"config.methods: unknown {method!r}; expected some of {list(METHODS)}"
-            )
         if METHODS[method][2]:
             for i, lam in enumerate(config.multitask.lambdas):
                 label = f"{float(lam):g}" if np.ndim(lam) == 0 else f"matrix{i}"
@@ -78,8 +79,14 @@ def method_runs(config: ml_collections.ConfigDict) -> list[tuple[str, str, objec
     return runs
 
 
+def _optimizer(config, label_tree, **kw) -> optax.GradientTransformation:
+    """AdamW on the per-task and shared leaves (``kw``: more of `optax.adamw`'s options)."""
+    tx = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay, **kw)
+    return partition.optimizer({multitask.TASK: tx, multitask.SHARED: tx}, label_tree)
+
+
 def build_run(config, data: multitask_data.TaskData, method: str, lam_spec):
-    """Initial parameters, labels, optimizer and loss for one method."""
+    """Initial parameters, labels, optimizer, loss and test scoring of one method."""
     num_tasks = len(data.task_names)
     rules, weighting, penalised = METHODS[method]
     model = models.MLP(tuple(config.model.hidden), layer="trunk")
@@ -126,30 +133,31 @@ def build_run(config, data: multitask_data.TaskData, method: str, lam_spec):
             aux["penalty"] = penalty
         return total, aux
 
-    def predict(params, batch):
-        return multitask.per_task(apply, params["net"], net_labels, batch)
+    def score(state):
+        predict = jax.jit(lambda p, b: multitask.per_task(apply, p["net"], net_labels, b))
+        pred = np.asarray(predict(state.params, {"x": jnp.asarray(data.test.x)}))
+        t = data.test
+        result = multitask.task_metrics(data.kind, pred, t.y, t.mask, y_std=data.y_std)
+        if weighting == "uncertainty":
+            result["log_var"] = [float(v) for v in state.params["log_var"]]
+        return result
 
     # Weight decay on kernels only: not on biases, nor on the log-variances.
     decay_mask = lambda t: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda p, _: partition.path_name(p).endswith("kernel"), t
     )
-    tx = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay, mask=decay_mask)
-    tx = partition.optimizer({multitask.TASK: tx, multitask.SHARED: tx}, label_tree)
-    return params, label_tree, tx, loss_fn, predict
+    return params, label_tree, _optimizer(config, label_tree, mask=decay_mask), loss_fn, score
 
 
 def _fit(config, workdir, plan, params, label_tree, tx, loss_fn, sample, writer, name):
-    """``config.optim.num_steps`` steps as a `finished.short_run` (an unfinished one starts
-    over); returns the state on the host and the train seconds.
+    """``config.optim.num_steps`` steps as a fresh `finished.short_run` (its log lines also go
+    to the sweep's ``writer`` as ``train/<name>/...``); returns the host state and train seconds.
 
     Step ``s`` trains on ``sample(fold_in(state.rng, s))``, as the scan of the tabular path
     drew it on the device; the plan splits its rows (axis 1 of the ``[T, rows, ...]`` arrays;
-    the host hands them over rows first) over the data mesh. Each ``config.log_every_steps``
-    steps' mean goes to the sweep's ``writer`` as ``train/<name>/...``.
+    the host hands them over rows first) over the data mesh.
     """
     state = train.init_state(params, label_tree, tx, seed=config.seed)
-    train_step = train.make_train_step(loss_fn, tx, axis_name=models.axis_name(plan))
-    total, every = config.optim.num_steps, config.log_every_steps
     rng = state.rng
     draw = jax.jit(lambda step: sample(jax.random.fold_in(rng, step)))
     width = next(iter(jax.eval_shape(draw, np.int32(0)).values())).shape[1]
@@ -161,29 +169,37 @@ def _fit(config, workdir, plan, params, label_tree, tx, loss_fn, sample, writer,
             "config.parallel.mode='pmap' with config.optim.batch_size=0 (the padded full split) "
             "weights each device's real rows on their own; use mode 'mesh' or a batch size"
         )
+    train_step = train.make_train_step(loss_fn, tx, axis_name=models.axis_name(plan))
     run = finished.short_run(
-        workdir,
-        plan=plan,
-        state=state,
+        workdir, plan=plan, state=state,
         step_fn=lambda s, b: train_step(s, {k: jnp.swapaxes(v, 0, 1) for k, v in b.items()}),
         batch_at=lambda step: {
             k: np.swapaxes(np.asarray(v), 0, 1) for k, v in draw(np.int32(step)).items()
         },
-        num_steps=total,
-        log_every=every,
-        fresh=True,
-    )
-    for done in range(every, total + 1, every):
-        window = run.history[done - every : done]
-        mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        writer.write(done, {f"train/{name}/{k[6:]}": v for k, v in mean.items()})
+        num_steps=config.optim.num_steps, log_every=config.log_every_steps, fresh=True,
+        writer=writer, prefix=f"train/{name}/",
+    )  # fmt: skip
     return run.state, run.train_seconds
 
 
-def _sweep_and_save(config, workdir, names, train_one, out: dict, *, reference=None) -> dict:
-    """Every method as a `finished.sweep` (``train/<name>/...`` lines), then results.md/.json,
+def _sweep_and_save(config, workdir, plan, sample, builds, out: dict, *, reference=None) -> dict:
+    """Every run as a `finished.sweep` (``train/<name>/...`` lines), then results.md/.json,
     per_task.png and the training curves (process 0); returns ``out`` with ``"methods"``, the
-    trained ones and the untrained ``reference`` rows."""
+    trained ones and the untrained ``reference`` rows.
+
+    ``builds``: ``{name: build}``, ``build() -> (params, label_tree, tx, loss_fn, score)``,
+    ``score(state) -> result`` on the test split (`_fit` trains on ``sample``).
+    """
+
+    def train_one(name, writer):
+        params, label_tree, tx, loss_fn, score = builds[name]()
+        folder = workdir / RUNS / name
+        state, train_s = _fit(config, folder, plan, params, label_tree, tx, loss_fn, sample,
+                              writer, name)  # fmt: skip
+        result = score(state)
+        return {**result, "trainable_params": partition.count(state.trainable), "train_s": train_s}
+
+    names = list(builds)
     results, stopped = finished.sweep(
         workdir, config, names, train_one, metric_prefix=lambda n: f"train/{n}/"
     )
@@ -209,11 +225,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    total, chunk = config.optim.num_steps, config.log_every_steps
-    if total % chunk:
-        raise ValueError(
-            f"config.optim.num_steps={total} must be a multiple of config.log_every_steps={chunk}"
-        )
     if config.data.dataset == "rotten_tomatoes":
         return train_lora_per_task(config, workdir)
 
@@ -239,23 +250,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     plan = loop.plan_from(config)
 
     # -- one run per method -----------------------------------------------------------------
-    runs = {name: (method, lam) for name, method, lam in method_runs(config)}
-
-    def train_one(name, writer):
-        method, lam_spec = runs[name]
-        params, label_tree, tx, loss_fn, predict = build_run(config, data, method, lam_spec)
-        state, train_s = _fit(
-            config, workdir / RUNS / name, plan, params, label_tree, tx, loss_fn, sample, writer,
-            name,
-        )  # fmt: skip
-        pred = np.asarray(jax.jit(predict)(state.params, {"x": jnp.asarray(data.test.x)}))
-        result = multitask.task_metrics(
-            data.kind, pred, data.test.y, data.test.mask, y_std=data.y_std
-        )
-        result.update(trainable_params=partition.count(state.trainable), train_s=train_s)
-        if method == "hard_uncertainty":
-            result["log_var"] = [float(v) for v in state.params["log_var"]]
-        return result
+    builds = {
+        name: functools.partial(build_run, config, data, method, lam)
+        for name, method, lam in method_runs(config)
+    }
 
     # Reference row: the train majority class per task, or the train mean (0 after standardising).
     if data.kind == "classification":
@@ -274,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             data.kind, constant, data.test.y, data.test.mask, y_std=data.y_std
         )
     }
-    return _sweep_and_save(config, workdir, list(runs), train_one, out, reference=reference)
+    return _sweep_and_save(config, workdir, plan, sample, builds, out, reference=reference)
 
 
 # -- one LoRA per task on a frozen pretrained encoder -------------------------------------------
@@ -327,14 +325,9 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         logits = apply(params, batch, None).astype(jnp.float32)
         return logits[..., 1] - logits[..., 0]
 
-    plan = loop.plan_from(config)
-    for method in config.methods:
-        if method not in LORA_METHODS:
-            raise ValueError(
-                f"config.methods: unknown {method!r}; expected some of {list(LORA_METHODS)}"
-            )
+    _check_methods(config, LORA_METHODS)
 
-    def train_one(method, writer):
+    def build(method):
         rules = LORA_METHODS[method]
         label_tree = partition.labels(base, rules, what=f"{method} rules")
         for pattern, label, n in partition.claims(base, rules):
@@ -346,37 +339,22 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
             losses = multitask.per_task(task_loss, params, label_tree, batch)
             return multitask.weighted_sum(losses), {"task_loss_mean": jnp.mean(losses)}
 
-        tx = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay)
-        tx = partition.optimizer({multitask.TASK: tx, multitask.SHARED: tx}, label_tree)
-        state, train_s = _fit(
-            config, workdir / RUNS / method, plan, params, label_tree, tx, loss_fn, sample,
-            writer, method,
-        )  # fmt: skip
-        predict = jax.jit(lambda p, b: multitask.per_task(task_logits, p, label_tree, b))
-        width, step = test_arrays["mask"].shape[1], config.evals.batch_size
-        pred = np.concatenate(
-            [
-                np.asarray(
-                    predict(state.params, {k: v[:, i : i + step] for k, v in test_arrays.items()})
-                )
-                for i in range(0, width, step)
-            ],
-            axis=1,
-        )
-        labels = test_arrays["label"].astype(np.float32)
-        result = multitask.task_metrics("classification", pred, labels, test_arrays["mask"])
-        result.update(trainable_params=partition.count(state.trainable), train_s=train_s)
-        # The frozen encoder must come out bit for bit as it went in.
-        frozen_before = partition.split(params, label_tree)[1]
-        result["frozen_bit_identical"] = all(
-            np.array_equal(a, b)
-            for a, b in zip(
-                jax.tree.leaves(frozen_before),
-                jax.tree.leaves(jax.device_get(state.frozen)),
-                strict=True,
+        def score(state):
+            predict = jax.jit(lambda p, b: multitask.per_task(task_logits, p, label_tree, b))
+            n, width = config.evals.batch_size, test_arrays["mask"].shape[1]
+            parts = [
+                {k: v[:, i : i + n] for k, v in test_arrays.items()} for i in range(0, width, n)
+            ]
+            pred = np.concatenate([np.asarray(predict(state.params, b)) for b in parts], axis=1)
+            labels = test_arrays["label"].astype(np.float32)
+            result = multitask.task_metrics("classification", pred, labels, test_arrays["mask"])
+            # The frozen encoder must come out bit for bit as it went in.
+            same = jax.tree.map(
+                np.array_equal, partition.split(params, label_tree)[1], state.frozen
             )
-        )
-        return result
+            return {**result, "frozen_bit_identical": all(jax.tree.leaves(same))}
+
+        return params, label_tree, _optimizer(config, label_tree), loss_fn, score
 
     labels, mask = test_arrays["label"], test_arrays["mask"] > 0
     majority = [
@@ -390,4 +368,5 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         "test_counts": counts["test"],
         "majority_baseline_accuracy": majority,
     }
-    return _sweep_and_save(config, workdir, list(config.methods), train_one, out)
+    builds = {method: functools.partial(build, method) for method in config.methods}
+    return _sweep_and_save(config, workdir, loop.plan_from(config), sample, builds, out)

@@ -122,10 +122,8 @@ def chunks(stream: online.Stream, size: int) -> dict[str, np.ndarray]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the online experiment described by `configs/online_river.py`.
 
-    The stream goes through `experiments.loop` in chunks of ``config.data.chunk_size``
-    examples, one loop step each: checkpoints every ``config.checkpoint.every_steps`` chunks,
-    resume, the stop on a non-finite loss naming the chunk, writers on process 0 only. The
-    numbers are those of one scan over the whole stream, bit for bit (`online.advance`).
+    One loop step per chunk of the stream (checkpoints every ``config.checkpoint.every_steps``
+    chunks); the numbers are those of one scan over the whole stream, bit for bit.
 
     Returns:
         The results, also written to `workdir/results.json` (``{"step": ...}`` if stopped
@@ -140,23 +138,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise ValueError(f"config.data.stream={name!r}: the stream has no examples")
     river_stream = config.data.get("source", "river") == "river"
     task = streams.task(name) if river_stream else "binary"
-    model = (
-        online.logistic_regression(x.shape[1])
-        if task == "binary"
-        else online.linear_regression(x.shape[1])
-    )
+    model = {"binary": online.logistic_regression}.get(task, online.linear_regression)(x.shape[1])
     stream = online.prepare(x, y, model=model, on_error=config.data.on_error)
     num = x.shape[0]
     logging.info("stream %s: %d examples x %d features (%s)", name, num, x.shape[1], task)
 
     # The best fixed model in hindsight on each prefix of a log-spaced grid; the last prefix
     # is the whole stream, whose solution is the comparator tracked at every step.
-    solver = dict(
-        tol=config.regret.tol,
-        max_iterations=config.regret.max_iterations,
-        l2=config.regret.l2,
-        method=config.regret.method,
-    )
+    solver = {k: config.regret[k] for k in ("tol", "max_iterations", "l2", "method")}
     steps = online.checkpoints(num, points=config.regret.points)
     start = time.perf_counter()
     prefix = jax.jit(lambda s: online.best_fixed_prefixes(model, s, steps, **solver))(stream)
@@ -180,14 +169,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         model, make_learner=learner_of, plan=plan, length=num,
         main=lrs.index(config.learner.lr), comparator=best.params, **learner_options(config),
     )  # fmt: skip
-    loop_config = ml_collections.ConfigDict(
-        {
-            "optim": {"num_steps": len(host["y"]) // size},
-            "log_every_steps": config.log_every_steps,
-            "max_steps_per_run": config.max_steps_per_run,
-            "checkpoint": config.checkpoint.to_dict(),
-        }
-    )
+    loop_config = config.copy_and_resolve_references()
+    with loop_config.unlocked():  # one loop step per chunk
+        loop_config.optim = {"num_steps": len(host["y"]) // size}
     start = time.perf_counter()
     run = loop.train(
         loop_config,
@@ -223,11 +207,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "learner": config.learner.to_dict(),
         **{f"progressive/{k}": float(main[k]) for k in metric_names},
         "cumulative_loss": float(main["cumulative_loss"]),
-        "best_fixed/total_loss": float(best.total_loss),
-        "best_fixed/grad_norm": float(best.grad_norm),
+        **{f"best_fixed/{k}": float(getattr(best, k)) for k in ("total_loss", "grad_norm")},
         "best_fixed/iterations": int(best.iterations),
-        "best_fixed/tol": config.regret.tol,
-        "best_fixed/method": config.regret.method,
+        **{f"best_fixed/{k}": config.regret[k] for k in ("tol", "method")},
         "regret": float(prefix_regret[-1]),
         "average_regret": float(prefix_regret[-1] / num),
         "regret/slope": slope,
@@ -247,14 +229,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for i, lr in enumerate(lrs)
         },
     }
-    if config.evals.river and config.learner.name == "ogd" and config.learner.batch_size == 1:
-        if config.learner.delay == 0:
-            kw = dict(lr=config.learner.lr, decay=config.learner.decay)
-            results["river/same_features"] = river.progressive(name, x, y, columns, **kw)
-            if river_stream:
-                results["river/pipeline"] = river.progressive(
-                    name, x, y, columns, pipeline=True, limit=num, **kw
-                )
+    c = config.learner
+    if config.evals.river and (c.name, c.batch_size, c.delay) == ("ogd", 1, 0):
+        kw = dict(lr=c.lr, decay=c.decay)
+        results["river/same_features"] = river.progressive(name, x, y, columns, **kw)
+        if river_stream:
+            kw.update(pipeline=True, limit=num)
+            results["river/pipeline"] = river.progressive(name, x, y, columns, **kw)
     if run.is_chief:
         metrics_lib.plot_curves(workdir / metrics_lib.JSONL_NAME, workdir / "plots")
         title = f"{name}: {config.learner.name} lr={config.learner.lr}"

@@ -16,9 +16,8 @@ kept in ``finished/`` when it completes (`experiments/finished.py`), so rerunnin
 command after an interruption skips what finished.
 
 Every training (a pretext task, a layer-wise stage, a probe or fine-tuning) is a short run of
-`experiments.loop` in ``runs/seed<s>_<method>/<part>/``: data-parallel over ``config.parallel``
-(default: a mesh over all devices), stopped by a non-finite loss naming the step, with writers on
-process 0 only. A (seed, method) run that did not finish starts over.
+`experiments.loop` in ``runs/seed<s>_<method>/<part>/``; a (seed, method) run that did not finish
+starts over.
 """
 
 from __future__ import annotations
@@ -70,16 +69,15 @@ _draw = jax.jit(
 
 
 def make_fit(plan: parallel.Plan, log_every: int):
-    """``fit(workdir, state, key, loss_fn, tx, arrays, rng, *, num_steps, batch_size, what)``.
-
-    Runs the steps on rows of in-memory ``arrays`` as a `finished.short_run` in ``workdir``;
-    returns the trained state (on the host) and its metrics, each ``[num_steps]``. One train
-    step per ``key`` (equal keys: the same loss and ``tx``), so the loop's jit compiles it once
-    for all runs.
+    """``fit(workdir, state, key, loss_fn, tx, arrays, rng, *, num_steps, batch_size, what,
+    **log)``: the steps on rows of in-memory ``arrays`` as a `finished.short_run` in
+    ``workdir`` (``log``: its writer options); returns the trained state (on the host) and
+    every step's metrics. One train step per ``key`` (equal keys: the same loss and ``tx``),
+    so the loop's jit compiles it once for all runs.
     """
     steps: dict = {}
 
-    def fit(workdir, state, key, loss_fn, tx, arrays, rng, *, num_steps, batch_size, what):
+    def fit(workdir, state, key, loss_fn, tx, arrays, rng, *, num_steps, batch_size, what, **log):
         n = len(next(iter(arrays.values())))
         if batch_size > n:
             raise ValueError(
@@ -96,68 +94,65 @@ def make_fit(plan: parallel.Plan, log_every: int):
 
         run = finished.short_run(
             workdir, plan=plan, state=state, step_fn=steps[key], batch_at=batch_at,
-            num_steps=num_steps, log_every=log_every,
+            num_steps=num_steps, log_every=log_every, **log,
         )  # fmt: skip
-        history = {k: np.stack([np.asarray(m[k]) for m in run.history]) for k in run.history[0]}
-        return run.state, history
+        return run.state, run.history
 
     return fit
 
 
-def pretrain_encoder(config, fit, method: str, train_images: np.ndarray, *, seed: int, workdir):
-    """Pretrains an encoder on unlabelled images; returns it and its pretext metric curves.
+def pretrain_encoder(config, fit, method, train_images, *, seed: int, workdir, writer=None):
+    """Pretrains an encoder on unlabelled images; returns it and its final pretext loss.
 
     Each training (a pretext task, or one layer-wise stage) is a run of the loop in its own
-    folder under ``workdir``.
+    folder under ``workdir``; ``writer`` (if any) gets their lines as ``pretrain/<method>/...``.
+    The final loss is the mean of the last (stage's) ten steps (None for ``none``).
     """
     p, features = config.pretrain, tuple(config.model.features)
     tx = optax.adam(p.lr)
     input_dim = int(np.prod(train_images.shape[1:]))
     rng = jax.random.PRNGKey(seed)
-    kw = dict(
-        arrays={"image": train_images}, batch_size=p.batch_size, what="config.pretrain.batch_size"
-    )
+    kw = dict(arrays={"image": train_images}, batch_size=p.batch_size, writer=writer,
+              what="config.pretrain.batch_size", prefix=f"pretrain/{method}/")  # fmt: skip
     if method == "none":
-        return network.init_mlp(rng, input_dim=input_dim, features=features), []
+        return network.init_mlp(rng, input_dim=input_dim, features=features), None
     if method == "layerwise":
         # Stage k trains layer k (and its decoder) from a fresh optimizer state.
         params = layerwise.init(rng, input_dim=input_dim, features=features)
-        history = []
         for k in range(len(params["encoder"])):
-            label_tree = partition.labels(
-                params, layerwise.stage_rules(k), what=f"layerwise.stage_rules({k})"
-            )
-            state, curves = fit(
-                workdir / f"stage{k}",
-                train.init_state(params, label_tree, tx, seed=seed + k),
-                ("layerwise", k),
-                layerwise.make_stage_loss(k, noise_std=p.layerwise_noise_std),
-                tx,
-                rng=jax.random.fold_in(rng, k),
-                num_steps=p.layerwise_steps_per_stage,
+            rules = layerwise.stage_rules(k)
+            label_tree = partition.labels(params, rules, what=f"layerwise.stage_rules({k})")
+            state, history = fit(
+                workdir / f"stage{k}", train.init_state(params, label_tree, tx, seed=seed + k),
+                ("layerwise", k), layerwise.make_stage_loss(k, noise_std=p.layerwise_noise_std),
+                tx, rng=jax.random.fold_in(rng, k), num_steps=p.layerwise_steps_per_stage,
+                step_offset=k * p.layerwise_steps_per_stage, extra={"pretrain/layerwise/stage": k},
                 **kw,
-            )
+            )  # fmt: skip
             params = state.params
-            history.append(curves)
-        return params["encoder"], history
-    if method == "rotation":
-        params = ssl.init_rotation(rng, input_dim=input_dim, features=features)
-        loss_fn, steps = ssl.rotation_loss, p.rotation_steps
-    elif method == "contrastive":
-        params = ssl.init_contrastive(
-            rng, input_dim=input_dim, features=features, projector=tuple(p.projector)
-        )
-        loss_fn = ssl.make_contrastive_loss(
-            temperature=p.temperature, max_shift=p.max_shift, noise_std=p.augment_noise_std
-        )
-        steps = p.contrastive_steps
     else:
-        raise ValueError(f"config.methods: unknown method {method!r}; expected one of {METHODS}")
-    state = train.init_state(params, partition.labels(params, [(".*", "train")]), tx, seed=seed)
-    state, curves = fit(
-        workdir / "pretext", state, method, loss_fn, tx, rng=rng, num_steps=steps, **kw
-    )
-    return state.params["encoder"], [curves]
+        if method == "rotation":
+            params = ssl.init_rotation(rng, input_dim=input_dim, features=features)
+            loss_fn, steps = ssl.rotation_loss, p.rotation_steps
+        elif method == "contrastive":
+            params = ssl.init_contrastive(
+                rng, input_dim=input_dim, features=features, projector=tuple(p.projector)
+            )
+            loss_fn = ssl.make_contrastive_loss(
+                temperature=p.temperature, max_shift=p.max_shift, noise_std=p.augment_noise_std
+            )
+            steps = p.contrastive_steps
+        else:
+            raise ValueError(
+                f"config.methods: unknown method {method!r}; expected one of {METHODS}"
+            )
+        labels = partition.labels(params, [(".*", "train")])
+        state = train.init_state(params, labels, tx, seed=seed)
+        state, history = fit(
+            workdir / "pretext", state, method, loss_fn, tx, rng=rng, num_steps=steps, **kw
+        )
+    final_loss = float(np.mean([m["train/loss"] for m in history[-10:]]))
+    return state.params["encoder"], final_loss
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -222,19 +217,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         (seed, method), folder = runs[name], workdir / RUNS / name
         shutil.rmtree(folder, ignore_errors=True)  # a run that did not finish starts over
         tick = time.perf_counter()
-        encoder, history = pretrain_encoder(
-            config, fit, method, tr.images, seed=seed, workdir=folder
+        writes = writer if seed == first_seed else None
+        encoder, final_loss = pretrain_encoder(
+            config, fit, method, tr.images, seed=seed, workdir=folder, writer=writes
         )
         seconds = time.perf_counter() - tick
-        offset, every = 0, config.log_every_steps
-        for stage, curves in enumerate(history if seed == first_seed else []):
-            n_steps = len(curves["train/loss"])
-            for s in range(every - 1, n_steps, every):
-                record = {f"pretrain/{method}/{k[6:]}": v[s] for k, v in curves.items()}
-                if method == "layerwise":
-                    record["pretrain/layerwise/stage"] = stage
-                writer.write(offset + s + 1, record)
-            offset += n_steps
         accuracy = []
         for fraction in fractions:
             idx = images.label_subset(tr.label, fraction=fraction, seed=seed)
@@ -242,7 +229,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             for mode in MODES:
                 acc = downstream(encoder, mode, arrays, seed, folder / f"{mode}_{fraction:g}")
                 accuracy.append([mode, fraction, len(idx), acc])
-        final_loss = float(np.mean(history[-1]["train/loss"][-10:])) if history else None
         return {"accuracy": accuracy, "final_loss": final_loss, "seconds": seconds}
 
     cells, stopped = finished.sweep(

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import loop, models
+from experiments import evaluation, loop, models
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import partition, report, train
 from ftlab.data import batching, files, sharegpt
@@ -181,11 +181,9 @@ def make_loss_fn(nll_fn):
 
 def held_out_loss(plan, eval_step, state, arrays, *, batch_size: int) -> dict[str, float]:
     """Mean NLL over every scored token of ``arrays`` (exact: padding rows count nothing)."""
-    total, count = 0.0, 0.0
-    for batch in batching.eval_batches(arrays, batch_size=batch_size):
-        sums = jax.device_get(eval_step(state, plan.put_batch(batch)))
-        total, count = total + float(sums["nll"]), count + float(sums["tokens"])
-    loss = total / max(count, 1.0)
+    sums = evaluation.batch_sums(plan, eval_step, state, arrays, batch_size=batch_size)
+    count = sums.get("tokens", 0.0)
+    loss = sums.get("nll", 0.0) / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 

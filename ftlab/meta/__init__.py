@@ -2,7 +2,7 @@
 
 Every meta-step carries `ftlab.core.train.TrainState` and takes the loss of every ftlab step,
 ``loss_fn(params, batch, rng) -> (loss, aux)``. The verbs are re-exported here from the modules
-where they live (``maml``, ``reptile``), which load on first use::
+where they live (``maml``, ``reptile``, ``methods``: each method by name), which load on first use::
 
     from ftlab import meta
     adapted = meta.adapt(params, support, loss_fn=loss_fn, inner_lr=0.01, num_steps=5)
@@ -10,7 +10,7 @@ where they live (``maml``, ``reptile``), which load on first use::
 
 from ftlab import _lazy
 
-_SUBMODULES = ("maml", "reptile")
+_SUBMODULES = ("maml", "methods", "reptile")
 # name -> the submodule that defines it
 _NAMES = {
     "ADAPT": "maml",
@@ -27,6 +27,9 @@ _NAMES = {
     "split_inner_lr": "maml",
     "with_inner_lr": "maml",
     "make_reptile_step": "reptile",
+    "METHODS": "methods",
+    "inner_rules": "methods",
+    "make_step": "methods",
 }
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, _SUBMODULES, _NAMES)

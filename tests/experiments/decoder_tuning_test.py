@@ -2,16 +2,25 @@
 
 import json
 
+import ml_collections
+import numpy as np
+import pytest
 from absl.testing import flagsaver  # noqa: F401  (absl is a dependency; keeps flags untouched)
 
 from configs import tune_smollm2
 from experiments import models
 from experiments.trainers import decoder_tuning
 from ftlab import icl
+from ftlab.core import metrics as metrics_lib
 
 
 def test_quick_run_trains_every_method_and_resumes(tmp_path):
     config = tune_smollm2.get_config("quick,num_examples=4,methods=prompt+qlora")
+    # evaluators chosen by name, at step 1 of 2: label scoring, label loss, greedy generation
+    config.evals = ml_collections.ConfigDict()
+    config.evals.plugins = {
+        name: {"type": name, "every_steps": 1, "num_test": 4} for name in decoder_tuning.PLUGINS
+    }
     rows = decoder_tuning.train_and_evaluate(config, str(tmp_path))
     assert [r["method"] for r in rows] == ["prompt", "qlora"]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -23,10 +32,25 @@ def test_quick_run_trains_every_method_and_resumes(tmp_path):
     # tuning keeps frozen (the prompt itself is trainable, not part of the base)
     assert by["qlora"]["base_mib_during_training"] < by["prompt"]["base_mib_during_training"]
     assert (tmp_path / "tuning_vs_icl.png").stat().st_size > 0
+    for method in ("prompt", "qlora"):
+        lines = metrics_lib.read_jsonl(tmp_path / "runs" / f"{method}_n4_s0" / "metrics.jsonl")
+        (line,) = [r for r in lines if "eval/accuracy" in r]
+        assert line["step"] == 1 and np.isfinite(line["eval/label_loss"])
+        # the label scoring and the training loss's argmax read the same prompt
+        assert line["eval/label_accuracy"] == pytest.approx(line["eval/accuracy"])
+        # a greedy generation that is the true label word is also the best-scored label word
+        match = line["eval/generation/exact_match"]
+        assert match <= line["eval/accuracy"] and match <= line["eval/generation/label_word"] <= 1
     # a second invocation finds every run finished and only rewrites the report
     before = (tmp_path / "finished" / "qlora_n4_s0.json").read_text()
     decoder_tuning.train_and_evaluate(config, str(tmp_path))
     assert (tmp_path / "finished" / "qlora_n4_s0.json").read_text() == before
+    # refused before any run, though every run here is finished
+    config.evals.plugins = {"g": {"type": "generation", "beams": 2}}
+    with pytest.raises(
+        ValueError, match=r"^config.evals.plugins.g: .*unexpected keyword argument 'beams'$"
+    ):
+        decoder_tuning.train_and_evaluate(config, str(tmp_path))
 
 
 def test_prefix_tuning_trains_on_the_stacked_decoder_tree():

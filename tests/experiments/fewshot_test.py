@@ -19,6 +19,9 @@ from ftlab.core import metrics as metrics_lib
 def finetune_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fewshot_ft")
     config = maml_fewshot.get_config("quick,dataset=digits,shots=5,method=finetune")
+    # an evaluator chosen by name: 10 held-out episodes at step 2, fine-tuned for 1 step
+    early = dict(type="finetune_accuracy", num_tasks=10, num_steps=(1,), metric="early")
+    config.evals.plugins = {"early": dict(early, every_steps=2)}
     return workdir, config, trainer.train_and_evaluate(config, str(workdir))
 
 
@@ -29,6 +32,9 @@ def test_quick_finetune_writes_results_table_plot_and_metrics(finetune_run):
     assert "| digits | 5-way 5-shot | finetune | 3 |" in (workdir / "results.md").read_text()
     lines = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
     assert [r["step"] for r in lines if "train/loss" in r] == [1, 2, 3]
+    (early,) = [r for r in lines if "eval/early_step_1" in r]
+    assert early["step"] == 2 and early["eval/early_step_0"] == pytest.approx(0.2, abs=1e-6)
+    assert 0.2 < early["eval/early_step_1"] <= 1 and "eval/acc_step_1" not in early
     assert results["eval/num_tasks"] == config.evals.num_tasks
     assert results["transductive"] and results["test_classes"] == 5
     # A zero 5-way head predicts class 0 for every query: exactly chance on balanced queries.
@@ -95,3 +101,18 @@ def test_fresh_head_replaces_only_the_head():
     assert new["head"]["kernel"].shape == (params["head"]["kernel"].shape[0], 5)
     assert not np.any(new["head"]["kernel"]) and not np.any(new["head"]["bias"])
     assert new["conv_0"] is params["conv_0"] and new["norm_0"] is params["norm_0"]
+
+
+def test_unknown_evaluator_type_or_option_is_one_error_naming_the_key(tmp_path):
+    config = maml_fewshot.get_config("quick,dataset=digits,method=maml")
+    config.evals.plugins = {"x": {"type": "accuracy"}}
+    with pytest.raises(
+        ValueError,
+        match=r"^config.evals.plugins.x.type='accuracy'; expected one of finetune_accuracy$",
+    ):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    config.evals.plugins = {"x": {"type": "finetune_accuracy", "ways": 3}}
+    with pytest.raises(
+        ValueError, match=r"^config.evals.plugins.x: .*unexpected keyword argument 'ways'$"
+    ):
+        trainer.train_and_evaluate(config, str(tmp_path))

@@ -137,6 +137,11 @@ def test_evaluator_chosen_by_name(tmp_path):
         loop.from_config({"x": {"type": "nope"}})
     with pytest.raises(ValueError, match=r"config.evals.plugins.w3: .*unexpected keyword"):
         loop.from_config({"w3": {"type": "test_weight", "scale": 1.0, "typo": 1}})
+    # a trainer offers its own types only; a type name has one factory
+    with pytest.raises(ValueError, match=r"plugins.w3.type='test_weight'; expected one of loss$"):
+        loop.from_config(plugins, types=("loss",))
+    with pytest.raises(ValueError, match=r"type 'test_weight' is registered already, by .*_weight"):
+        loop.register("test_weight")(lambda: None)
 
 
 def test_classification_evaluator_chosen_by_name_in_the_config(tmp_path):
