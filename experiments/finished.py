@@ -121,7 +121,7 @@ def sweep(
     past = Runs(workdir, metric_prefix=metric_prefix or (lambda name: None), config=config)
     writer = past.open_writer() if metric_prefix else None
     results: dict[str, dict] = {}
-    progress = metrics_lib.Progress(len(names), enabled=loop._process_index() == 0)
+    progress = metrics_lib.Progress(len(names), enabled=loop.is_chief())
     try:
         for i, name in enumerate(names):
             if (result := past.get(name)) is None:
@@ -192,7 +192,7 @@ class Runs:
     def put(self, name: str, result: dict) -> None:
         """Records a finished run (written to a temporary file, then renamed; process 0 only)."""
         path = self._path(name)
-        if loop._process_index() == 0:
+        if loop.is_chief():
             report.save_json(path, {"config": self.config, "result": result})
 
     def get_or_run(self, name: str, run: Callable[..., dict], *args: Any) -> dict:
@@ -212,5 +212,5 @@ class Runs:
             return bool(prefixes) and all(k == "step" or k.startswith(prefixes) for k in record)
 
         return metrics_lib.MetricWriter(
-            self.workdir, enabled=loop._process_index() == 0, resume_step=None, keep=keep
+            self.workdir, enabled=loop.is_chief(), resume_step=None, keep=keep
         )

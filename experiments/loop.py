@@ -57,6 +57,7 @@ __all__ = [
     "Run",
     "StepPolicy",
     "fetch",
+    "is_chief",
     "from_config",
     "itstime",
     "parse_mesh",
@@ -345,9 +346,12 @@ def short_run_config(num_steps: int, *, log_every: int) -> ml_collections.Config
     )
 
 
-def _process_index() -> int:
-    # One indirection, so that a test can stand in for process 1 of a multi-process job.
-    return jax.process_index()
+def is_chief() -> bool:
+    """Whether this process writes the run's files (process 0 of a multi-process job).
+
+    One indirection, so that a test can stand in for process 1 of a multi-process job.
+    """
+    return jax.process_index() == 0
 
 
 @dataclasses.dataclass
@@ -438,7 +442,7 @@ def train(
         ValueError: ``config.profile.steps`` names a step after the last one.
     """
     workdir = pathlib.Path(workdir)
-    is_chief = _process_index() == 0
+    chief = is_chief()
     ckpt, state, start_step, stop = resume.restore(
         config, workdir, state, abstract=plan.abstract_state
     )
@@ -452,13 +456,13 @@ def train(
                 f"config.profile.steps={tuple(sorted(profile_steps))}: step(s) {beyond} are "
                 f"after the last step, config.optim.num_steps={total}; they would never be traced"
             )
-        writer = metrics_lib.MetricWriter(workdir, enabled=is_chief, resume_step=start_step)
+        writer = metrics_lib.MetricWriter(workdir, enabled=chief, resume_step=start_step)
     except BaseException:
         ckpt.close()
         raise
     # tqdm draws in place on a terminal and rate-limits itself in a log file.
     bar = tqdm.tqdm(
-        total=total, initial=start_step, disable=not is_chief, unit="step", mininterval=1.0
+        total=total, initial=start_step, disable=not chief, unit="step", mininterval=1.0
     )
     pending, window, kept, lines = [], [], [], []
     last_good, train_seconds, window_seconds, window_steps = start_step, 0.0, 0.0, 0
@@ -540,7 +544,7 @@ def train(
         total=total,
         finished=step == total,
         train_seconds=train_seconds,
-        is_chief=is_chief,
+        is_chief=chief,
         writer=writer,
         checkpointer=ckpt,
         history=kept,

@@ -69,7 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    is_chief = jax.process_index() == 0
+    is_chief = loop.is_chief()
     plan = loop.plan_from(config)
     plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
     plan.check_batch_size(config.evals.batch_size, what="config.evals.batch_size")

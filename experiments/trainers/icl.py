@@ -132,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     plan = loop.plan_from(config)
     plan.check_batch_size(config.icl.batch_size, what="config.icl.batch_size")
     params, hits = plan.put_state(model.params), make_hits(plan, model)
-    is_chief = loop._process_index() == 0  # one writer in a multi-process job
+    is_chief = loop.is_chief()  # one writer in a multi-process job
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

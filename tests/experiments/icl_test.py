@@ -35,7 +35,7 @@ def test_quick_run_writes_results(tmp_path):
 
 
 def test_process_1_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "_process_index", lambda: 1)
+    monkeypatch.setattr(loop, "is_chief", lambda: False)
     config = icl_smollm2.get_config("quick,tasks=sentiment")
     config.icl.shots, config.data.num_test = (0,), 4
     results = trainer.train_and_evaluate(config, str(tmp_path / "run"))

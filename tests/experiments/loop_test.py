@@ -90,7 +90,7 @@ def test_schedule_logs_evaluates_and_saves_on_their_steps(tmp_path):
 
 
 def test_writers_run_on_process_zero_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "_process_index", lambda: 1)
+    monkeypatch.setattr(loop, "is_chief", lambda: False)
     run = _run(tmp_path)
     assert run.finished and not run.is_chief
     assert not (tmp_path / "metrics.jsonl").exists()
