@@ -72,6 +72,17 @@ class Judge(nn.Module):
         return nn.Dense(self.num_classes, name="head")(h), h
 
 
+def init_key(seed: int) -> jax.Array:
+    """The key that initialises weights: XLA's RngBitGenerator ("rbg"), not threefry.
+
+    An init draws one array per leaf, and on CPU XLA compiles the U-Net's init about 3.5 times
+    faster with rbg (9 s against 33 s for the test model on a loaded 2-core VM). Its bits may
+    differ between backends or XLA versions; a run's numbers are reproducible on one machine,
+    and the checkpoints (not the seed) are what a rerun resumes from.
+    """
+    return jax.random.key(seed, impl="rbg")
+
+
 def few_shot(label: np.ndarray, classes, shots: int, *, seed: int) -> np.ndarray:
     """Sorted indices of the first ``shots`` examples of each class in ``classes`` under a
     per-class permutation of ``seed`` (so the images of fewer shots are among those of more).
@@ -177,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     example = (jnp.zeros((1, *shape)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
     # Compiled: an eager init dispatches (and compiles) every small op of the model one by one.
     init_fn = jax.jit(lambda key: unet.init(key, *example)["params"])
-    init = lambda seed: init_fn(jax.random.PRNGKey(seed))  # noqa: E731
+    init = lambda seed: init_fn(init_key(seed))  # noqa: E731
     judge = Judge(num_classes, features=config.judge.features)
     plan = loop.plan_from(config)
     for key, size in (("optim.batch_size", config.optim.batch_size),
@@ -282,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             params = init(config.seed + 1)
         elif method == "lora":
             params = lora.init(
-                pretrained, jax.random.PRNGKey(config.seed + 2), targets=list(p.targets),
+                pretrained, init_key(config.seed + 2), targets=list(p.targets),
                 rank=p.rank, alpha=p.alpha, layers=layers, what="config.peft",
             )  # fmt: skip
             apply = "lora"
@@ -310,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # restores its last state), so the methods of a rerun start from the same weights.
         judge_params, judge_curve, _ = fit(
             workdir / RUNS / JUDGE,
-            jax.jit(judge.init)(jax.random.PRNGKey(config.seed + 3), tr.images[:1])["params"],
+            jax.jit(judge.init)(init_key(config.seed + 3), tr.images[:1])["params"],
             everything, JUDGE, config.judge.lr,
             batch_fn({"image": tr.images, "label": tr.label},
                      batch_size=config.judge.batch_size, seed=config.seed + 3),
@@ -427,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         panels.append(("pretrained", np.asarray(pre["grid"]), _caption(pre)))
         panels += [(m, np.asarray(results_by[m, k]["grid"]), _caption(results_by[m, k]))
                    for m in config.methods]  # fmt: skip
-        fig = report.figure((1.9 * len(panels), 2.6), layout="constrained")
+        fig = report.figure((2.3 * len(panels), 2.1), layout="constrained")
         for ax, (title, x, caption) in zip(fig.subplots(1, len(panels)), panels, strict=True):
             ax.imshow(tile(x, len(targets)), cmap="gray_r", vmin=0, vmax=1)
             ax.set_title(title, fontsize=9)
@@ -435,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             ax.set_xticks([])
             ax.set_yticks([])
         fig.suptitle(f"digits {','.join(map(str, targets))} from {k} images each", fontsize=10)
-        report.save_figure(fig, workdir / f"samples_{k}.png", dpi=110)
+        report.save_figure(fig, workdir / f"samples_{k}.png", dpi=140)
     fig = report.figure((3, 3.2), layout="constrained")
     ax = fig.subplots()
     ax.imshow(tile(np.asarray(pre["source_grid"]), len(d.source_classes)), cmap="gray_r")

@@ -29,7 +29,8 @@ def setup():
         "label": jnp.asarray(rng.integers(0, 3, 6), jnp.int32),
     }
     example = (batch["image"], jnp.zeros(6), batch["label"])
-    params = jax.jit(model.init)(jax.random.key(0), *example)["params"]
+    # rbg: XLA compiles an init of many leaves much faster than with threefry (see init_key)
+    params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), *example)["params"]
     # The output convolution starts at zero (velocity 0 whatever the input); give it weights, as
     # after pretraining, so that the layers before it (and LoRA on them) change the output.
     out = params["out"]["kernel"]
@@ -43,7 +44,12 @@ def test_lora_reaches_every_conv_and_dense_and_trains_alone(setup):
     layers = dense.layers(apply, params, *example)
     assert {v.kind for v in layers.values()} == {"Conv", "Dense"}
     adapted = lora.init(
-        params, jax.random.key(1), targets=TARGETS, rank=RANK, alpha=ALPHA, layers=layers
+        params,
+        jax.random.key(1, impl="rbg"),
+        targets=TARGETS,
+        rank=RANK,
+        alpha=ALPHA,
+        layers=layers,
     )
     flat = partition.flatten(adapted)
     assert sorted(k[: -len("/lora_a")] for k in flat if k.endswith("/lora_a")) == sorted(
