@@ -229,11 +229,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     e = config.eval
 
     def judged(judge_params, x: np.ndarray, label: np.ndarray):
+        """The judge's accuracy on ``x`` (of classes ``label``) and its features of ``x``."""
         logits, feats = [], []
         for i in range(0, len(x), e.batch_size):
-            lo, fe = judge_apply(judge_params, x[i : i + e.batch_size])
-            logits.append(np.asarray(lo))
-            feats.append(np.asarray(fe))
+            chunk = x[i : i + e.batch_size]
+            # Padded to one batch shape: one compile for every set of images judged.
+            pad = np.zeros((e.batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+            lo, fe = judge_apply(judge_params, np.concatenate([chunk, pad]))
+            logits.append(np.asarray(lo)[: len(chunk)])
+            feats.append(np.asarray(fe)[: len(chunk)])
         logits, feats = np.concatenate(logits), np.concatenate(feats)
         return float(np.mean(np.argmax(logits, -1) == label)), feats
 

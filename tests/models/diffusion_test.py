@@ -22,7 +22,8 @@ TARGETS = [r"(?!out$).*"]
 
 @pytest.fixture(scope="module")
 def setup():
-    model = diffusion.UNet(features=(4, 8), num_classes=3, embed_dim=8)
+    # one resolution: compiles are what these tests cost (two resolutions are traced below)
+    model = diffusion.UNet(features=(4,), num_classes=3, embed_dim=8)
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.uniform(-1, 1, (6, *SHAPE)), jnp.float32),
@@ -55,8 +56,9 @@ def test_lora_reaches_every_conv_and_dense_and_trains_alone(setup):
     assert sorted(k[: -len("/lora_a")] for k in flat if k.endswith("/lora_a")) == sorted(
         k for k in layers if k != "out"
     )
-    # a 3x3 conv from 4 to 8 channels: LoRA of its (3 * 3 * 4, 8) matrix
-    assert flat["down_1/conv_0/lora_a"].shape == (36, RANK)
+    # a 3x3 conv on the skip concatenated (8 channels) to 4: LoRA of its (3 * 3 * 8, 4) matrix
+    assert flat["up_0/conv_0/lora_a"].shape == (72, RANK)
+    assert flat["up_0/conv_0/lora_b"].shape == (RANK, 4)
     wrapped = lora.wrap_apply(apply, alpha=ALPHA, rank=RANK)
     # the adapted model starts as the base model (lora_b = 0)
     chex.assert_trees_all_close(
@@ -95,10 +97,30 @@ def test_sampler_is_a_pure_function_of_its_key(setup):
     chex.assert_shape(a, (4, *SHAPE))
     chex.assert_trees_all_equal(a, sample(params, label, jax.random.key(0)))
     assert not np.allclose(a, sample(params, label, jax.random.key(1)))
-    # same noise (rows 2 and 3 share the label): a row depends on its own noise only
+    # rows 2 and 3 share the label, not the noise
     assert not np.allclose(a[2], a[3])
     with pytest.raises(ValueError, match="sample: steps=0 must be >= 1"):
         diffusion.sample(apply, params, label, jax.random.key(0), shape=SHAPE, steps=0)
+
+
+def test_unet_keeps_the_image_shape_through_its_resolutions():
+    model = diffusion.UNet(features=(4, 8, 8), num_classes=3, embed_dim=8)
+    args = (
+        jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32),
+        jax.ShapeDtypeStruct((2,), jnp.float32),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+    )
+    variables = jax.eval_shape(model.init, jax.random.key(0), *args)
+    assert jax.eval_shape(model.apply, variables, *args).shape == (2, 8, 8, 1)
+    shapes = {k: v.shape for k, v in partition.flatten(variables["params"]).items()}
+    # 8x8 -> 4x4 -> 2x2 and back: two stride-2 convs down, two 3x3 convs after upsampling
+    assert shapes["downsample_0/kernel"] == (3, 3, 4, 4)
+    assert shapes["downsample_1/kernel"] == (3, 3, 8, 8)
+    assert shapes["upsample_2/kernel"] == (3, 3, 8, 8)
+    assert shapes["upsample_1/kernel"] == (3, 3, 8, 4)
+    assert "downsample_2/kernel" not in shapes and "upsample_0/kernel" not in shapes
+    # the time-and-class embedding scales and shifts each channel of every block
+    assert shapes["mid/emb/kernel"] == (8, 2 * 8)
 
 
 def test_unet_names_a_shape_it_cannot_halve():
