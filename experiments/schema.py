@@ -733,6 +733,41 @@ GCN_TRANSFER = {
     "log_every_steps": STEPS,
 }
 
+DIFFUSION_TRANSFER_METHODS = ("scratch", "full", "lora", "embed")
+DIFFUSION_TRANSFER = {
+    "seed": SEED,
+    "methods": choices(*DIFFUSION_TRANSFER_METHODS),
+    "data.dataset": choice("digits"),
+    "data.seed": SEED,
+    "data.test_fraction": real(gt=0, lt=1),
+    "data.source_classes": integers(0),
+    "data.target_classes": integers(0),
+    "data.shots": integers(1),
+    "model.features": integers(1),
+    "model.embed_dim": integer(2),
+    "pretrain.steps": STEPS,
+    "pretrain.lr": POSITIVE_LR,
+    "peft.targets": regexes(),
+    "peft.train": regexes(nonempty=False),
+    "peft.rank": integer(1),
+    "peft.alpha": real(gt=0),
+    "optim.batch_size": integer(1),
+    "optim.num_steps": STEPS,
+    "optim.lr": mapping(DIFFUSION_TRANSFER_METHODS, POSITIVE_LR),
+    "judge.features": integer(1),
+    "judge.steps": STEPS,
+    "judge.lr": POSITIVE_LR,
+    "judge.batch_size": integer(1),
+    "eval.samples_per_class": integer(2),
+    "eval.sample_steps": STEPS,
+    "eval.loss_repeats": integer(1),
+    "eval.grid_per_class": integer(1),
+    "eval.batch_size": integer(1),
+    "eval.seed": SEED,
+    "log_every_steps": STEPS,
+    **PARALLEL_OPTIONAL,
+}
+
 # the reward model of experiments/trainers/reward.py (configs/reward_*.py)
 REWARD = {
     # the method's name in the report (its leaves come from peft.method, its partition from rules)
@@ -821,6 +856,7 @@ KINDS: dict[str, dict[str, dict[str, Field]]] = {
     "online": {"river": ONLINE_RIVER, "minilm": ONLINE_MINILM},
     "rnn_transfer": {"": RNN_TRANSFER},
     "gcn_transfer": {"": GCN_TRANSFER},
+    "diffusion_transfer": {"": DIFFUSION_TRANSFER},
     "reward": {"": REWARD},
     "sft": {"": SFT},
 }
@@ -839,6 +875,7 @@ SAVED_STATE: dict[str, str | None] = {
     "online": "checkpoints",
     "rnn_transfer": "finished",
     "gcn_transfer": "finished",
+    "diffusion_transfer": "finished",
     "reward": "checkpoints",
     "sft": "checkpoints",
 }

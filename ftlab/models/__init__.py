@@ -8,6 +8,7 @@
 - ``hooks``: the structural hook points the models share.
 - ``rnn``: a GRU/LSTM language model whose cell kernels are plain Dense leaves.
 - ``gcn``: graph convolutional networks (Kipf & Welling), dense or sparse propagation.
+- ``diffusion``: a class-conditional flow-matching U-Net of `nn.Conv` blocks and its sampler.
 """
 
 from ftlab import _lazy
@@ -15,6 +16,7 @@ from ftlab import _lazy
 _SUBMODULES = (
     "attention",
     "bert",
+    "diffusion",
     "gcn",
     "hooks",
     "llama",
