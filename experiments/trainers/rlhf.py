@@ -84,8 +84,10 @@ __all__ = [
     "compare",
     "load_prompts",
     "load_reward_model",
+    "optimizer",
     "reward_at_kl",
     "train_and_evaluate",
+    "updates_per_step",
 ]
 
 ALGORITHMS = ("ppo", "grpo", "dpo")
@@ -481,20 +483,23 @@ def table(rows: Sequence[dict], budgets: Sequence[float], *, notes=()) -> str:
     return report.table(rows, columns, notes=notes)
 
 
-def plot_rewards(records, before: dict, title: str):
-    """Mean reward and KL to the reference against the step: held-out evaluations (and each
-    step's own rollout for PPO and GRPO)."""
+def plot_rewards(records, points: Sequence[dict], title: str):
+    """Mean reward and KL to the reference against the step: the held-out evaluations
+    (``points``: before, during and after training) and, for PPO and GRPO, each step's own
+    rollouts (``records``: metrics.jsonl)."""
     panels = []
     for key, label in (("reward", "mean reward"), ("kl", "KL to reference (nats/completion)")):
         lines = []
         train_pts = [(r["step"], r[f"train/{key}"]) for r in records if f"train/{key}" in r]
         if train_pts:
             lines.append(report.Line(*zip(*train_pts, strict=True), label="training rollouts"))
-        held = [(0, before[key])] + [
-            (r["step"], r[f"eval/{key}"]) for r in records if f"eval/{key}" in r
-        ]
         lines.append(
-            report.Line(*zip(*held, strict=True), label="held-out prompts", style={"marker": "o"})
+            report.Line(
+                [p["step"] for p in points],
+                [p[key] for p in points],
+                label="held-out prompts",
+                style={"marker": "o"},
+            )
         )
         panels.append(report.Panel(lines, xlabel="step", ylabel=label, legend={"fontsize": 8}))
     return report.panels_plot(panels, figsize=(10, 3.6), suptitle=title)
@@ -538,6 +543,25 @@ def _as_record(metrics, texts, scores, kl) -> dict:
     }
 
 
+def updates_per_step(config: ml_collections.ConfigDict) -> int:
+    """Optimizer updates in one loop step: PPO's and GRPO's epochs of minibatches, else 1."""
+    group = config.get(config.algorithm) or {}
+    return group.get("epochs", 1) * group.get("minibatches", 1)
+
+
+def optimizer(config: ml_collections.ConfigDict, label_tree):
+    """`models.adamw` with its schedule counted in optimizer updates: a loop step of PPO makes
+    ``epochs * minibatches`` of them, so warmup and decay span that many times the steps (else
+    the learning rate would reach 0 part way through the run)."""
+    n = updates_per_step(config)
+    if n == 1:
+        return models.adamw(config, label_tree)
+    scaled = config.copy_and_resolve_references()
+    scaled.optim.num_steps = config.optim.num_steps * n
+    scaled.optim.warmup_steps = config.optim.warmup_steps * n
+    return models.adamw(scaled, label_tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Setup:
     policy: Policy
@@ -569,7 +593,7 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
     prompts = load_prompts(config, policy.tokenizer)
     logging.info("prompts: train %s, eval %s", prompts["train"].shape, prompts["eval"].shape)
     label_tree = partition.labels(policy.params, policy.rules, what="the LoRA rules")
-    tx = models.adamw(config, label_tree)
+    tx = optimizer(config, label_tree)
     base_params = jax.device_put(partition.split(policy.params, label_tree)[1])
     rewards = host_rewards(policy, reward_model)
     step_fn, pairs_of = make_step(config, policy, tx, rewards, base_params)
@@ -716,7 +740,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             samples_markdown(before, after, steps=run.step, limit=config.evals.samples_shown),
         )
         title = f"{config.algorithm.upper()}, {policy.name} + LoRA"
-        report.save_figure(plot_rewards(records, before, title), workdir / "rewards.png")
+        report.save_figure(plot_rewards(records, points, title), workdir / "rewards.png")
         if config.plot_metrics:
             metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
         logging.info("results: %s", json.dumps({k: v for k, v in results.items() if k != "points"}))

@@ -8,6 +8,8 @@ the trainer refuse another algorithm's options."""
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import reward_minilm, rlhf_smollm2
@@ -92,6 +94,19 @@ def test_rerun_after_max_steps_per_run_equals_an_uninterrupted_run(runs, tmp_pat
     config.max_steps_per_run = 0
     resumed = trainer.train_and_evaluate(config, str(tmp_path))
     assert _computed(resumed) == _computed(results)
+
+
+def test_the_schedule_counts_every_update_of_a_step(reward_workdir):
+    config = _config("ppo", reward_workdir)
+    config.ppo.epochs, config.ppo.minibatches = 2, 2
+    assert trainer.updates_per_step(config) == 4
+    state = {"w": jnp.zeros(3)}
+    tx = trainer.optimizer(config, {"w": "train"})
+    opt, update = tx.init(state), jax.jit(tx.update)
+    for _ in range(4 * config.optim.num_steps - 1):  # all but the last update of the run
+        _, opt = update({"w": jnp.ones(3)}, opt, state)
+    updates, _ = update({"w": jnp.ones(3)}, opt, state)
+    assert float(jnp.abs(updates["w"]).max()) > 0  # the learning rate is not 0 yet
 
 
 def test_compare_tables_the_runs(runs):
