@@ -335,7 +335,12 @@ def _check_groups(config: ml_collections.ConfigDict) -> None:
 
 
 def make_step(config, policy: Policy, tx, rewards, base_params):
-    """``(step_fn, batch_at)`` of ``config.algorithm`` for `experiments.loop.train`."""
+    """``(step_fn, pairs_of)`` of ``config.algorithm`` for `experiments.loop.train`.
+
+    ``pairs_of(prompt_ids, rng)`` (DPO only, else None) samples two completions per prompt from
+    the reference policy (``base_params``, LoRA off), ranks them by reward and returns the pair
+    batch of `ftlab.posttrain.dpo`.
+    """
     a = config.algorithm
     if a == "grpo":
         g = config.grpo
