@@ -844,6 +844,56 @@ SFT = {
     **PARALLEL,
 }
 
+# sentiment-controlled generation of experiments/trainers/rlhf.py (configs/rlhf_*.py); only the
+# group of config.algorithm may be present (the trainer refuses the others)
+RLHF = {
+    "algorithm": choice("ppo", "grpo", "dpo").fixed(),
+    # initialises the LoRA leaves (frozen leaves are rebuilt on resume)
+    "seed": SEED.fixed(),
+    **{k: v.fixed() for k, v in DECODER_MODEL.items()},
+    "reward.workdir": string(),
+    "data.split_seed": SEED.fixed(),
+    "data.prompt_tokens": integer(1).fixed(),
+    "data.num_train": integer(0, note="0: every training snippet").fixed(),
+    "data.seed": SEED,
+    "peft.targets": regexes().fixed(),
+    "peft.rank": integer(1).fixed(),
+    "peft.alpha": real(gt=0),
+    "peft.dropout": real(ge=0, lt=1),
+    "sampling.max_new_tokens": integer(1),
+    "sampling.temperature": real(gt=0),
+    "sampling.top_p": real(gt=0, le=1),
+    "ppo.kl_coef": real(ge=0).opt(),
+    "ppo.kl_target": real(ge=0).opt(),
+    "ppo.kl_horizon": real(gt=0).opt(),
+    "ppo.clip_eps": real(gt=0).opt(),
+    "ppo.vf_coef": real(ge=0).opt(),
+    "ppo.gamma": real(ge=0, le=1).opt(),
+    "ppo.lam": real(ge=0, le=1).opt(),
+    "ppo.epochs": integer(1).opt(),
+    "ppo.minibatches": integer(1).opt(),
+    "grpo.num_samples": integer(2).opt(),
+    "grpo.kl_coef": real(ge=0).opt(),
+    "grpo.clip_eps": real(gt=0).opt(),
+    "grpo.epochs": integer(1).opt(),
+    "dpo.beta": real(gt=0).opt(),
+    "optim.batch_size": integer(1),
+    "optim.num_steps": STEPS,
+    "optim.lr": POSITIVE_LR,
+    "optim.warmup_steps": integer(0),
+    "optim.weight_decay": real(ge=0),
+    "optim.grad_clip_norm": real(gt=0, example="1.0"),
+    "evals.num_prompts": integer(1),
+    "evals.seed": SEED,
+    "evals.every_steps": STEPS,
+    "evals.kl_budgets": reals(gt=0),
+    "evals.samples_shown": integer(0),
+    "plot_metrics": boolean(),
+    **LOOP,
+    **STEP_LOOP,
+    **PARALLEL,
+}
+
 # experiment kind (config.experiment) -> its variants' tables
 KINDS: dict[str, dict[str, dict[str, Field]]] = {
     "classification": {"": CLASSIFICATION, "files": CLASSIFICATION_FILES},
@@ -859,6 +909,7 @@ KINDS: dict[str, dict[str, dict[str, Field]]] = {
     "diffusion_transfer": {"": DIFFUSION_TRANSFER},
     "reward": {"": REWARD},
     "sft": {"": SFT},
+    "rlhf": {"": RLHF},
 }
 
 # Where a kind keeps what a rerun resumes from (a folder of the workdir); None: a rerun starts
@@ -878,6 +929,7 @@ SAVED_STATE: dict[str, str | None] = {
     "diffusion_transfer": "finished",
     "reward": "checkpoints",
     "sft": "checkpoints",
+    "rlhf": "checkpoints",
 }
 
 
