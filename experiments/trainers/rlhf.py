@@ -767,10 +767,9 @@ def compare(workdirs: Sequence[str], budgets: Sequence[float] | None = None) -> 
         if not path.is_file():
             raise ValueError(f"{w}: no results.json (not a finished rlhf run)")
         results = json.loads(path.read_text())
+        config = json.loads((pathlib.Path(w) / "config.json").read_text())
         if budgets is None:
-            budgets = tuple(
-                json.loads((pathlib.Path(w) / "config.json").read_text())["evals"]["kl_budgets"]
-            )
+            budgets = tuple(config["evals"]["kl_budgets"])
         points = results["points"]
         row = dict(results["row"])
         row["reward_at_kl"] = {f"{b:g}": reward_at_kl(points, b) for b in budgets}
@@ -779,7 +778,8 @@ def compare(workdirs: Sequence[str], budgets: Sequence[float] | None = None) -> 
             report.Line(
                 [p["kl"] for p in points],
                 [p["reward"] for p in points],
-                label=row["algorithm"],
+                # two runs of one algorithm (another lr or length) keep apart in the legend
+                label=f"{row['algorithm']}, lr {config['optim']['lr']:g}, {results['step']} steps",
                 style={"marker": "o"},
             )
         )
