@@ -348,12 +348,16 @@ def child_main(bench: str, runs: Mapping[str, Callable[[dict], dict]]) -> None:
     """The child's half: runs ``runs[VARIANT](settings)`` and prints its one result line.
 
     The line holds ``bench``, ``variant``, the settings, what the run returned, the process's
-    ``peak_rss_mib`` (so it counts this variant alone) and ``cores``.
+    ``peak_rss_mib`` (so it counts this variant alone), ``cores`` and ``loadavg_1min`` (the
+    machine's 1-minute load average when the run started and ended: other work slows a CPU
+    benchmark, and torch's spinning threads more than XLA's).
     """
     variant, settings = sys.argv[2], json.loads(sys.argv[3])
+    load_before = os.getloadavg()[0]
     fields = runs[variant](settings)
     line = {"bench": bench, "variant": variant, **settings, **fields,
-            "peak_rss_mib": peak_rss_mib(), "cores": len(os.sched_getaffinity(0))}  # fmt: skip
+            "peak_rss_mib": peak_rss_mib(), "cores": len(os.sched_getaffinity(0)),
+            "loadavg_1min": [load_before, os.getloadavg()[0]]}  # fmt: skip
     print(json.dumps(line), flush=True)
 
 
@@ -468,22 +472,30 @@ def hf_smollm2(transformers, layers: int):
     return transformers.LlamaForCausalLM(config).float()
 
 
+# The word tokenizer's special tokens, ids 0-3. They are not of the "t<id>" form: transformers
+# splits text at every occurrence of a special token, so "t3" as unk would cut "t31310" apart.
+_SPECIAL_WORDS = ("<pad>", "<eos>", "<bos>", "<unk>")
+
+
 def word_tokenizer(transformers, tokenizers):
-    """A tokenizer with one word per token id (``t0`` ... ``t49151``), so a text of n words is
-    exactly n tokens and decoding is lossless; pad ``t0``, EOS ``t1``, BOS ``t2``, unk ``t3``.
-    `words` writes token ids as its text."""
-    vocab = {f"t{i}": i for i in range(SMOLLM2["vocab_size"])}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t3"))
+    """A tokenizer with one word per token id, so a text of n words is exactly n tokens and
+    decoding is lossless: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, then ``t4`` ...
+    ``t49151``. `words` writes token ids as its text."""
+    vocab = {w: i for i, w in enumerate(_SPECIAL_WORDS)}
+    vocab.update({f"t{i}": i for i in range(len(_SPECIAL_WORDS), SMOLLM2["vocab_size"])})
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     backend.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
+    pad, eos, bos, unk = _SPECIAL_WORDS
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="t0", eos_token="t1", bos_token="t2", unk_token="t3"
+        tokenizer_object=backend, pad_token=pad, eos_token=eos, bos_token=bos, unk_token=unk
     )
 
 
 def words(ids: Iterable[int]) -> str:
     """The `word_tokenizer` text of token ids."""
-    return " ".join(f"t{int(t)}" for t in ids)
+    n = len(_SPECIAL_WORDS)
+    return " ".join(_SPECIAL_WORDS[int(t)] if int(t) < n else f"t{int(t)}" for t in ids)
 
 
 def peer_version(**modules) -> str:

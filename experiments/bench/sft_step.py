@@ -232,7 +232,7 @@ def _run_trl(s: dict) -> dict:
         "model_batch_shape": shape,
         "padding_free": bool(trainer.padding_free),
         "attn_implementation": trainer.model.config._attn_implementation,  # noqa: SLF001
-        "optim": str(args.optim),
+        "optim": str(getattr(args.optim, "value", args.optim)),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "platform": "cpu",
         "threads": threads,
