@@ -157,6 +157,31 @@ def time_calls(fn: Callable[[], object], *, warmup: int, reps: int) -> list[floa
     return times
 
 
+def time_calls_cpu(
+    fn: Callable[[], object], *, warmup: int, reps: int
+) -> tuple[list[float], list[float]]:
+    """`time_calls`, and the process's CPU seconds (every thread's) of each timed call.
+
+    On a machine shared with other work the wall time grows with the load while the CPU time
+    grows only with what the process itself burns (spinning threads included), so it is the
+    steadier of the two.
+    """
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def cpu_fields(cpu: list[float]) -> dict:
+    """``median_step_cpu_s``: the median CPU seconds of the timed steps (`time_calls_cpu`)."""
+    return {"median_step_cpu_s": statistics.median(cpu)}
+
+
 def timing_fields(times: list[float]) -> dict:
     """The step-time fields every step benchmark reports: median, rate, range, count."""
     median = statistics.median(times)
@@ -426,16 +451,18 @@ def run_peer_bench(
     return 1 if failed else 0
 
 
-def peer_timing(times: list[float], warmup: int) -> dict:
+def peer_timing(times: list[float], warmup: int, cpu: list[float] | None = None) -> dict:
     """`timing_fields` of a peer's per-step times after its ``warmup`` first steps, plus the
-    first step's time (its analogue of a compile)."""
+    first step's time (its analogue of a compile), and `cpu_fields` of ``cpu`` if given."""
     if len(times) <= warmup:
         raise RuntimeError(f"the peer ran {len(times)} steps; expected more than {warmup}")
-    return {**timing_fields(times[warmup:]), "first_step_s": times[0]}
+    out = {**timing_fields(times[warmup:]), "first_step_s": times[0]}
+    return {**out, **cpu_fields(cpu[warmup:])} if cpu else out
 
 
-def step_timer(transformers, times: list[float]):
-    """A `transformers.TrainerCallback` appending each optimizer step's wall time to ``times``.
+def step_timer(transformers, times: list[float], cpu: list[float] | None = None):
+    """A `transformers.TrainerCallback` appending each optimizer step's wall time to ``times``
+    (and its process CPU time, every thread's, to ``cpu`` if given).
 
     A step runs from ``on_step_begin`` (after the batch is loaded) to ``on_step_end`` (after
     the optimizer's update): forward, loss, backward, clipping, update.
@@ -443,10 +470,12 @@ def step_timer(transformers, times: list[float]):
 
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, *args, **kwargs):
-            self.start = time.perf_counter()
+            self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *args, **kwargs):
             times.append(time.perf_counter() - self.start)
+            if cpu is not None:
+                cpu.append(time.process_time() - self.start_cpu)
 
     return Timer()
 

@@ -161,12 +161,13 @@ def _run_ftlab(s: dict) -> dict:
         holder["state"], holder["metrics"] = compiled(holder["state"], batch)
         jax.block_until_ready(holder["metrics"])
 
-    times = common.time_calls(one_step, warmup=s["warmup"], reps=s["steps"])
+    times, cpu = common.time_calls_cpu(one_step, warmup=s["warmup"], reps=s["steps"])
     loss = float(holder["metrics"]["train/loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"ftlab: loss {loss}")
     return {
         **common.timing_fields(times),
+        **common.cpu_fields(cpu),
         "compile_s": compile_s,
         "final_loss": loss,
         "scored_tokens": int(packed.loss_mask.sum()),
@@ -215,9 +216,10 @@ def _run_trl(s: dict) -> dict:
                 target_modules=common.PEER_LORA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM",
             )  # fmt: skip
         times: list[float] = []
+        cpu: list[float] = []
         trainer = trl.SFTTrainer(
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-            peft_config=lora_config, callbacks=[common.step_timer(transformers, times)],
+            peft_config=lora_config, callbacks=[common.step_timer(transformers, times, cpu)],
         )  # fmt: skip
         # what the model gets per step, to check both sides do the same work
         sample = next(iter(trainer.get_train_dataloader()))
@@ -226,7 +228,7 @@ def _run_trl(s: dict) -> dict:
         trainer.train()
         history = [x for x in trainer.state.log_history if "loss" in x]
     return {
-        **common.peer_timing(times, s["warmup"]),
+        **common.peer_timing(times, s["warmup"], cpu),
         "final_loss": history[-1]["loss"] if history else None,
         "scored_tokens": scored,
         "model_batch_shape": shape,

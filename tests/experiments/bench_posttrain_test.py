@@ -17,9 +17,9 @@ from experiments.bench import common
 LORA_PARAMS = 2 * (8 * (576 + 576) + 8 * (576 + 192))
 KEYS = {
     "bench", "variant", "layers", "steps", "warmup", "median_step_s", "steps_per_s", "min_step_s",
-    "max_step_s", "timed_steps", "compile_s", "final_loss", "model_batch_shape",
-    "trainable_params", "platform", "version", "peak_rss_mib", "cores", "speedup_vs_trl",
-    "memory_vs_trl",
+    "max_step_s", "timed_steps", "median_step_cpu_s", "compile_s", "final_loss",
+    "model_batch_shape", "trainable_params", "platform", "version", "peak_rss_mib", "cores",
+    "loadavg_1min", "speedup_vs_trl", "memory_vs_trl",
 }  # fmt: skip
 
 
