@@ -404,7 +404,8 @@ def run_peer_bench(
     ``peer_python`` the peer's variants are skipped, with a log line saying so, and every ratio
     is None. Each line gets ``speedup_vs_<peer>`` (the peer variant's median step over its own)
     and ``memory_vs_<peer>`` (its peak RSS over the peer variant's), where ``peer_of`` maps it
-    to a peer variant that ran, else None.
+    to a peer variant that ran, else None; with both lines' ``median_step_cpu_s`` also
+    ``cpu_speedup_vs_<peer>`` (the same ratio of CPU seconds per step).
 
     Args:
       module: The benchmark's module, run as ``python -m module child VARIANT JSON``.
@@ -447,6 +448,8 @@ def run_peer_bench(
         other = by.get(peer_of.get(x["variant"], ""))
         x[f"speedup_vs_{peer}"] = other["median_step_s"] / x["median_step_s"] if other else None
         x[f"memory_vs_{peer}"] = x["peak_rss_mib"] / other["peak_rss_mib"] if other else None
+        if other and "median_step_cpu_s" in x and "median_step_cpu_s" in other:
+            x[f"cpu_speedup_vs_{peer}"] = other["median_step_cpu_s"] / x["median_step_cpu_s"]
     write_lines(lines, out)
     return 1 if failed else 0
 
