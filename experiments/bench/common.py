@@ -4,20 +4,26 @@ Each variant runs in its own process (``python -m <module> --variant=NAME --<set
 after another, so that its peak RSS is its own and nothing it compiled or allocated leaks into
 the next. A child prints its result as JSON lines starting with ``{"bench"``; anything else it
 prints is passed on to stderr.
+
+The benchmarks against a peer library in another interpreter (``--peer_python``: TRL, PEFT)
+share the rest: `run_peer_bench` in the parent, `child_main` in each child, and the
+peer-side helpers below (SmolLM2's shape, a word-level tokenizer, a step timer). The peer's
+interpreter imports this module too, so it imports nothing at the top beyond the standard
+library (absl and JAX are imported where they are used).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-
-from absl import logging
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -26,6 +32,8 @@ def run_children(
     module: str, variants: Iterable[str], settings: Mapping[str, object]
 ) -> tuple[list[dict], list[str]]:
     """Runs ``module`` once per variant; returns ``(result lines, failed variants)``."""
+    from absl import logging  # noqa: PLC0415 (the peer's interpreter has no absl)
+
     lines, failed = [], []
     for variant in variants:
         cmd = [sys.executable, "-m", module, f"--variant={variant}"]
@@ -53,6 +61,8 @@ def run_children(
 
 def write_lines(lines: list[dict], out: str | pathlib.Path) -> pathlib.Path:
     """Prints each result as one JSON line and writes them all to ``out`` (repo-relative)."""
+    from absl import logging  # noqa: PLC0415 (the peer's interpreter has no absl)
+
     out = pathlib.Path(out)
     if not out.is_absolute():
         out = REPO_ROOT / out
@@ -145,6 +155,31 @@ def time_calls(fn: Callable[[], object], *, warmup: int, reps: int) -> list[floa
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def time_calls_cpu(
+    fn: Callable[[], object], *, warmup: int, reps: int
+) -> tuple[list[float], list[float]]:
+    """`time_calls`, and the process's CPU seconds (every thread's) of each timed call.
+
+    On a machine shared with other work the wall time grows with the load while the CPU time
+    grows only with what the process itself burns (spinning threads included), so it is the
+    steadier of the two.
+    """
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def cpu_fields(cpu: list[float]) -> dict:
+    """``median_step_cpu_s``: the median CPU seconds of the timed steps (`time_calls_cpu`)."""
+    return {"median_step_cpu_s": statistics.median(cpu)}
 
 
 def timing_fields(times: list[float]) -> dict:
@@ -309,3 +344,192 @@ def torch_platform(torch, threads: int) -> dict:
         "device_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "threads": None if cuda else threads,
     }
+
+
+# -- benchmarks against a peer library in another interpreter (TRL) ------------------------------
+
+# SmolLM2-135M's architecture (30 layers at full size): the shape both sides build.
+SMOLLM2 = dict(
+    vocab_size=49152, hidden_size=576, num_heads=9, num_kv_heads=3, intermediate_size=1536,
+    max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+)  # fmt: skip
+# LoRA on the query and value projections, as every peer benchmark of issue 20 sets it.
+LORA_RANK, LORA_ALPHA = 8, 16.0
+LORA_TARGETS = r"decoder/layer_\d+/attention/(query|value)"
+PEER_LORA_TARGETS = ["q_proj", "v_proj"]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (``ru_maxrss``) in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def is_child() -> bool:
+    """Whether this process is a child of `run_peer_bench` (``python -m M child VARIANT JSON``)."""
+    return sys.argv[1:2] == ["child"]
+
+
+def child_main(bench: str, runs: Mapping[str, Callable[[dict], dict]]) -> None:
+    """The child's half: runs ``runs[VARIANT](settings)`` and prints its one result line.
+
+    The line holds ``bench``, ``variant``, the settings, what the run returned, the process's
+    ``peak_rss_mib`` (so it counts this variant alone), ``cores`` and ``loadavg_1min`` (the
+    machine's 1-minute load average when the run started and ended: other work slows a CPU
+    benchmark, and torch's spinning threads more than XLA's).
+    """
+    variant, settings = sys.argv[2], json.loads(sys.argv[3])
+    load_before = os.getloadavg()[0]
+    fields = runs[variant](settings)
+    line = {"bench": bench, "variant": variant, **settings, **fields,
+            "peak_rss_mib": peak_rss_mib(), "cores": len(os.sched_getaffinity(0)),
+            "loadavg_1min": [load_before, os.getloadavg()[0]]}  # fmt: skip
+    print(json.dumps(line), flush=True)
+
+
+def run_peer_bench(
+    module: str,
+    variants: Iterable[str],
+    settings: Mapping[str, object],
+    *,
+    peer_python: str | None,
+    peer_of: Mapping[str, str],
+    out: str | pathlib.Path,
+    peer: str = "trl",
+    settings_of: Callable[[str, dict], dict] | None = None,
+) -> int:
+    """The parent's half: one child per variant, ratios against the peer, lines to ``out``.
+
+    A variant whose name starts with ``peer`` runs under ``peer_python`` (torch and the peer
+    library are no dependency of ftlab), the others under this interpreter. Without
+    ``peer_python`` the peer's variants are skipped, with a log line saying so, and every ratio
+    is None. Each line gets ``speedup_vs_<peer>`` (the peer variant's median step over its own)
+    and ``memory_vs_<peer>`` (its peak RSS over the peer variant's), where ``peer_of`` maps it
+    to a peer variant that ran, else None; with both lines' ``median_step_cpu_s`` also
+    ``cpu_speedup_vs_<peer>`` (the same ratio of CPU seconds per step).
+
+    Args:
+      module: The benchmark's module, run as ``python -m module child VARIANT JSON``.
+      variants: The variants to run, in order.
+      settings: JSON-able settings every child gets.
+      peer_python: The peer's interpreter, or None to run ftlab's variants alone.
+      peer_of: variant -> the peer variant it is compared with.
+      out: Where the lines go (`write_lines`).
+      peer: The peer's name: the prefix of its variants and the ratio fields' suffix.
+      settings_of: ``(variant, settings) -> that variant's settings``, for settings that
+        differ by variant (e.g. the method); None: ``settings`` for all.
+
+    Returns:
+      The exit status: 1 if a variant failed, else 0.
+    """
+    from absl import logging  # noqa: PLC0415 (the peer's interpreter has no absl)
+
+    lines, failed = [], []
+    for variant in variants:
+        if variant.startswith(peer) and not peer_python:
+            logging.warning("%s skipped: no --peer_python with %s installed", variant, peer)
+            continue
+        python = peer_python if variant.startswith(peer) else sys.executable
+        mine = settings_of(variant, dict(settings)) if settings_of else dict(settings)
+        cmd = [python, "-m", module, "child", variant, json.dumps(mine)]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        logging.info("running %s", " ".join(cmd))
+        proc = subprocess.run(
+            cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False
+        )
+        got = [json.loads(t) for t in proc.stdout.splitlines() if t.startswith('{"bench"')]
+        if proc.returncode or not got:
+            logging.error(
+                "variant %s failed (exit %d): rerun\n  %s", variant, proc.returncode, " ".join(cmd)
+            )
+            failed.append(variant)
+        lines.extend(got)
+    by = {x["variant"]: x for x in lines}
+    for x in lines:
+        other = by.get(peer_of.get(x["variant"], ""))
+        x[f"speedup_vs_{peer}"] = other["median_step_s"] / x["median_step_s"] if other else None
+        x[f"memory_vs_{peer}"] = x["peak_rss_mib"] / other["peak_rss_mib"] if other else None
+        if other and "median_step_cpu_s" in x and "median_step_cpu_s" in other:
+            x[f"cpu_speedup_vs_{peer}"] = other["median_step_cpu_s"] / x["median_step_cpu_s"]
+    write_lines(lines, out)
+    return 1 if failed else 0
+
+
+def peer_timing(times: list[float], warmup: int, cpu: list[float] | None = None) -> dict:
+    """`timing_fields` of a peer's per-step times after its ``warmup`` first steps, plus the
+    first step's time (its analogue of a compile), and `cpu_fields` of ``cpu`` if given."""
+    if len(times) <= warmup:
+        raise RuntimeError(f"the peer ran {len(times)} steps; expected more than {warmup}")
+    out = {**timing_fields(times[warmup:]), "first_step_s": times[0]}
+    return {**out, **cpu_fields(cpu[warmup:])} if cpu else out
+
+
+def step_timer(transformers, times: list[float], cpu: list[float] | None = None):
+    """A `transformers.TrainerCallback` appending each optimizer step's wall time to ``times``
+    (and its process CPU time, every thread's, to ``cpu`` if given).
+
+    A step runs from ``on_step_begin`` (after the batch is loaded) to ``on_step_end`` (after
+    the optimizer's update): forward, loss, backward, clipping, update.
+    """
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.start, self.start_cpu = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.start)
+            if cpu is not None:
+                cpu.append(time.process_time() - self.start_cpu)
+
+    return Timer()
+
+
+def torch_cpu_threads(torch) -> int:
+    """Sets torch's thread count to the cores this process may use; returns it."""
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def hf_smollm2(transformers, layers: int):
+    """`transformers.LlamaForCausalLM` of `SMOLLM2`'s shape with ``layers`` layers, random
+    weights, float32, tied embeddings; pad 0, EOS 1, BOS 2 (the `word_tokenizer`'s)."""
+    config = transformers.LlamaConfig(
+        vocab_size=SMOLLM2["vocab_size"], hidden_size=SMOLLM2["hidden_size"],
+        intermediate_size=SMOLLM2["intermediate_size"], num_hidden_layers=layers,
+        num_attention_heads=SMOLLM2["num_heads"], num_key_value_heads=SMOLLM2["num_kv_heads"],
+        max_position_embeddings=SMOLLM2["max_position_embeddings"],
+        rope_theta=SMOLLM2["rope_theta"], rms_norm_eps=SMOLLM2["rms_norm_eps"],
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).float()
+
+
+# The word tokenizer's special tokens, ids 0-3. They are not of the "t<id>" form: transformers
+# splits text at every occurrence of a special token, so "t3" as unk would cut "t31310" apart.
+_SPECIAL_WORDS = ("<pad>", "<eos>", "<bos>", "<unk>")
+
+
+def word_tokenizer(transformers, tokenizers):
+    """A tokenizer with one word per token id, so a text of n words is exactly n tokens and
+    decoding is lossless: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, then ``t4`` ...
+    ``t49151``. `words` writes token ids as its text."""
+    vocab = {w: i for i, w in enumerate(_SPECIAL_WORDS)}
+    vocab.update({f"t{i}": i for i in range(len(_SPECIAL_WORDS), SMOLLM2["vocab_size"])})
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
+    pad, eos, bos, unk = _SPECIAL_WORDS
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=pad, eos_token=eos, bos_token=bos, unk_token=unk
+    )
+
+
+def words(ids: Iterable[int]) -> str:
+    """The `word_tokenizer` text of token ids."""
+    n = len(_SPECIAL_WORDS)
+    return " ".join(_SPECIAL_WORDS[int(t)] if int(t) < n else f"t{int(t)}" for t in ids)
+
+
+def peer_version(**modules) -> str:
+    """``"trl 1.16.0, peft ..."`` of the given modules (name -> module)."""
+    return ", ".join(f"{name} {m.__version__}" for name, m in modules.items())

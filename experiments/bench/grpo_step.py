@@ -37,24 +37,21 @@ and writes ``experiments/bench/grpo_step.jsonl`` (``grpo_step_quick.jsonl`` with
 
 from __future__ import annotations
 
-import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-if __name__ != "__main__" or sys.argv[1:2] != ["child"]:
+from experiments.bench import common
+
+if __name__ != "__main__" or not common.is_child():
     # The parent (and tests). The peer child needs only its own libraries, so the peer's
     # interpreter needs neither absl nor JAX.
-    from absl import app, flags, logging
-
-    from experiments.bench import common
+    from absl import app, flags
 
     _PEER_PYTHON = flags.DEFINE_string(
-        "peer_python", sys.executable, "Python with torch, transformers, peft and trl for TRL."
+        "peer_python",
+        None,
+        "Python with torch, transformers, peft and trl; without it the TRL variant is skipped.",
     )
     _VARIANTS = flags.DEFINE_string("variants", "ftlab,trl", "Any of ftlab, trl.")
     _B = flags.DEFINE_integer("b", 2, "Prompts per step.")
@@ -69,11 +66,9 @@ if __name__ != "__main__" or sys.argv[1:2] != ["child"]:
     _OUT = flags.DEFINE_string("out", None, "Where to write the lines (default by --quick).")
 
 VARIANTS = ("ftlab", "trl")
-SMOLLM2 = dict(
-    vocab_size=49152, hidden_size=576, num_heads=9, num_kv_heads=3, intermediate_size=1536,
-    max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-)  # fmt: skip
-RANK, ALPHA, LR, MAX_GRAD_NORM, TARGET = 8, 16.0, 1e-5, 1.0, 7
+SMOLLM2 = common.SMOLLM2
+RANK, ALPHA = common.LORA_RANK, common.LORA_ALPHA
+LR, MAX_GRAD_NORM, TARGET = 1e-5, 1.0, 7
 
 
 def _prompts(s):
@@ -83,17 +78,12 @@ def _prompts(s):
     return rng.integers(8, SMOLLM2["vocab_size"], (s["b"], s["prompt_len"])).astype(np.int32)
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _run_ftlab(s: dict) -> dict:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     import optax  # noqa: PLC0415
 
-    from experiments.bench import common  # noqa: PLC0415
     from ftlab.core import partition, train  # noqa: PLC0415
     from ftlab.models import llama  # noqa: PLC0415
     from ftlab.peft import lora  # noqa: PLC0415
@@ -103,7 +93,7 @@ def _run_ftlab(s: dict) -> dict:
     model = llama.LlamaForCausalLM(config)
     params = llama.init(config, jax.random.key(0))
     params = lora.init(
-        params, jax.random.key(1), targets=[r"decoder/layer_\d+/attention/(query|value)"],
+        params, jax.random.key(1), targets=[common.LORA_TARGETS],
         rank=RANK, alpha=ALPHA,
     )  # fmt: skip
     params = llama.stack_layers(params)
@@ -158,30 +148,14 @@ def _run_trl(s: dict) -> dict:
     import transformers  # noqa: PLC0415
     import trl  # noqa: PLC0415
 
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
+    threads = common.torch_cpu_threads(torch)
     torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=SMOLLM2["vocab_size"], hidden_size=SMOLLM2["hidden_size"],
-        intermediate_size=SMOLLM2["intermediate_size"], num_hidden_layers=s["layers"],
-        num_attention_heads=SMOLLM2["num_heads"], num_key_value_heads=SMOLLM2["num_kv_heads"],
-        max_position_embeddings=SMOLLM2["max_position_embeddings"],
-        rope_theta=SMOLLM2["rope_theta"], rms_norm_eps=SMOLLM2["rms_norm_eps"],
-        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(hf_config).float()
-    # One word per token id: a prompt of n words is exactly n tokens, decoding is lossless.
-    vocab = {f"t{i}": i for i in range(SMOLLM2["vocab_size"])}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t3"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    backend.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="t0", eos_token="t1", bos_token="t2", unk_token="t3"
-    )
+    model = common.hf_smollm2(transformers, s["layers"])
+    tokenizer = common.word_tokenizer(transformers, tokenizers)
     tokenizer.padding_side = "left"
     ids = _prompts(s)
     total = s["warmup"] + s["steps"]
-    rows = [" ".join(f"t{int(t)}" for t in ids[i % len(ids)]) for i in range(len(ids) * total)]
+    rows = [common.words(ids[i % len(ids)]) for i in range(len(ids) * total)]
     dataset = datasets.Dataset.from_dict({"prompt": rows})
 
     def reward(completions, completion_ids, **kwargs):
@@ -200,49 +174,27 @@ def _run_trl(s: dict) -> dict:
             gradient_checkpointing=False,  # ftlab keeps activations too
         )  # fmt: skip
         lora_config = peft.LoraConfig(
-            r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+            r=RANK, lora_alpha=ALPHA, target_modules=common.PEER_LORA_TARGETS, lora_dropout=0.0,
             task_type="CAUSAL_LM",
         )  # fmt: skip
         times = []
-
-        class Timer(transformers.TrainerCallback):
-            def on_step_begin(self, *a, **k):
-                self.start = time.perf_counter()
-
-            def on_step_end(self, *a, **k):
-                times.append(time.perf_counter() - self.start)
-
         trainer = trl.GRPOTrainer(
             model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-            processing_class=tokenizer, peft_config=lora_config, callbacks=[Timer()],
+            processing_class=tokenizer, peft_config=lora_config,
+            callbacks=[common.step_timer(transformers, times)],
         )  # fmt: skip
         trainer.train()
         history = [x for x in trainer.state.log_history if "loss" in x]
-    timed = times[s["warmup"] :]
     return {
-        "median_step_s": statistics.median(timed),
-        "steps_per_s": 1.0 / statistics.median(timed),
-        "min_step_s": min(timed),
-        "max_step_s": max(timed),
-        "timed_steps": len(timed),
-        "first_step_s": times[0],
+        **common.peer_timing(times, s["warmup"]),
         "final_loss": history[-1]["loss"] if history else None,
         "kl": history[-1].get("kl") if history else None,
         "completion_length": (history[-1].get("completions/mean_length") if history else None),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "platform": "cpu",
         "threads": threads,
-        "version": f"trl {trl.__version__}, peft {peft.__version__}, "
-        f"transformers {transformers.__version__}, torch {torch.__version__}",
+        "version": common.peer_version(trl=trl, peft=peft, transformers=transformers, torch=torch),
     }
-
-
-def _child(variant: str, settings: dict) -> None:
-    run = {"ftlab": _run_ftlab, "trl": _run_trl}[variant]
-    fields = run(settings)
-    line = {"bench": "grpo_step", "variant": variant, **settings, **fields,
-            "peak_rss_mib": _peak_rss_mib(), "cores": len(os.sched_getaffinity(0))}  # fmt: skip
-    print(json.dumps(line), flush=True)
 
 
 def main(argv):
@@ -254,30 +206,18 @@ def main(argv):
         beta=_BETA.value, steps=2 if quick else _STEPS.value, warmup=_WARMUP.value,
     )  # fmt: skip
     variants = common.choose_variants(_VARIANTS.value, VARIANTS)
-    lines, failed = [], []
-    for variant in variants:
-        python = sys.executable if variant == "ftlab" else _PEER_PYTHON.value
-        cmd = [python, "-m", "experiments.bench.grpo_step", "child", variant, json.dumps(settings)]
-        env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT)}
-        logging.info("running %s", " ".join(cmd))
-        proc = subprocess.run(cmd, cwd=common.REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
-        got = [json.loads(t) for t in proc.stdout.splitlines() if t.startswith('{"bench"')]
-        if proc.returncode or not got:
-            logging.error("variant %s failed (exit %d): rerun\n  %s", variant, proc.returncode,
-                          " ".join(cmd))  # fmt: skip
-            failed.append(variant)
-        lines.extend(got)
-    by = {x["variant"]: x for x in lines}
-    if "trl" in by:
-        for x in lines:
-            x["speedup_vs_trl"] = by["trl"]["median_step_s"] / x["median_step_s"]
     default = "grpo_step_quick.jsonl" if quick else "grpo_step.jsonl"
-    common.write_lines(lines, _OUT.value or f"experiments/bench/{default}")
-    sys.exit(1 if failed else 0)
+    sys.exit(
+        common.run_peer_bench(
+            "experiments.bench.grpo_step", variants, settings, peer_python=_PEER_PYTHON.value,
+            peer_of={"ftlab": "trl", "trl": "trl"},
+            out=_OUT.value or f"experiments/bench/{default}",
+        )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["child"]:
-        _child(sys.argv[2], json.loads(sys.argv[3]))
+    if common.is_child():
+        common.child_main("grpo_step", {"ftlab": _run_ftlab, "trl": _run_trl})
     else:
         app.run(main)
