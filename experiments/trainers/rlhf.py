@@ -767,8 +767,12 @@ def compare(workdirs: Sequence[str], budgets: Sequence[float] | None = None) -> 
         if not path.is_file():
             raise ValueError(f"{w}: no results.json (not a finished rlhf run)")
         results = json.loads(path.read_text())
-        config = json.loads((pathlib.Path(w) / "config.json").read_text())
+        # the launcher saves the run's config beside it (a run started from Python has none)
+        saved = pathlib.Path(w) / "config.json"
+        config = json.loads(saved.read_text()) if saved.is_file() else None
         if budgets is None:
+            if config is None:
+                raise ValueError(f"{w}: no config.json to read its KL budgets from; pass budgets")
             budgets = tuple(config["evals"]["kl_budgets"])
         points = results["points"]
         row = dict(results["row"])
@@ -779,7 +783,11 @@ def compare(workdirs: Sequence[str], budgets: Sequence[float] | None = None) -> 
                 [p["kl"] for p in points],
                 [p["reward"] for p in points],
                 # two runs of one algorithm (another lr or length) keep apart in the legend
-                label=f"{row['algorithm']}, lr {config['optim']['lr']:g}, {results['step']} steps",
+                label=", ".join(
+                    [row["algorithm"]]
+                    + ([f"lr {config['optim']['lr']:g}"] if config else [])
+                    + [f"{results['step']} steps"]
+                ),
                 style={"marker": "o"},
             )
         )
