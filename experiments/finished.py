@@ -30,13 +30,24 @@ from experiments import loop
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, report
 
-__all__ = ["FOLDER", "Runs", "Stopped", "short_run", "sweep"]
+__all__ = ["FOLDER", "Runs", "Stopped", "check_methods", "short_run", "sweep"]
 
 FOLDER = "finished"
 
 
 class Stopped(Exception):
     """A signal stopped a run's loop (it saved a checkpoint): the sweep ends, a rerun resumes."""
+
+
+def check_methods(config, known) -> None:
+    """Refuses, before a sweep starts, a ``config.methods`` entry that is not one of ``known``
+    or that has no learning rate in ``config.optim.lr`` (when the config has one per method)."""
+    for m in config.methods:
+        if m not in known:
+            raise ValueError(f"config.methods: unknown method {m!r}; expected some of {known}")
+        lrs = config.optim.get("lr") if "optim" in config else None
+        if hasattr(lrs, "keys") and m not in lrs:
+            raise ValueError(f"config.optim.lr has no learning rate for method {m!r}")
 
 
 def short_run(
