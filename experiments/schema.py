@@ -375,6 +375,17 @@ STEP_LOOP = {
     # trace these steps with jax.profiler into <workdir>/profile
     "profile.steps": integers(1).opt(),
 }
+# The keys of `experiments.models.adamw` (warmup-cosine AdamW with clipping), and the batch size:
+# the classifier, the reward model, SFT and RLHF train with them.
+ADAMW = {
+    "optim.batch_size": integer(1),
+    "optim.num_steps": STEPS,
+    "optim.lr": POSITIVE_LR,
+    "optim.warmup_steps": integer(0),
+    "optim.weight_decay": real(ge=0),
+    "optim.grad_clip_norm": real(gt=0, example="1.0"),
+}
+
 ROTTEN_TOMATOES_TASKS = ("sentiment", "subjectivity")
 # the BERT classifier built by experiments/trainers/classification.py `build_model`
 ENCODER = {
@@ -418,12 +429,7 @@ CLASSIFICATION = {
     "peft.reft_layers": integers(0).fixed(),
     "peft.reft_first_n": integer(0),
     "peft.reft_last_n": integer(0),
-    "optim.batch_size": integer(1),
-    "optim.num_steps": STEPS,
-    "optim.lr": POSITIVE_LR,
-    "optim.warmup_steps": integer(0),
-    "optim.weight_decay": real(ge=0),
-    "optim.grad_clip_norm": real(gt=0, example="1.0"),
+    **ADAMW,
     "evals.every_steps": STEPS,
     "evals.batch_size": integer(1),
     # the evaluator types classification registers: classification, accuracy, loss
@@ -792,12 +798,7 @@ REWARD = {
     "peft.dropout": real(ge=0, lt=1),
     "peft.length": integer(1).fixed(),
     "loss.margin_scale": real(ge=0),
-    "optim.batch_size": integer(1),
-    "optim.num_steps": STEPS,
-    "optim.lr": POSITIVE_LR,
-    "optim.warmup_steps": integer(0),
-    "optim.weight_decay": real(ge=0),
-    "optim.grad_clip_norm": real(gt=0, example="1.0"),
+    **ADAMW,
     "evals.every_steps": STEPS,
     "evals.batch_size": integer(1),
     "evals.min_difference": real(gt=0),
@@ -830,12 +831,7 @@ SFT = {
     "peft.dropout": real(ge=0, lt=1),
     "peft.qlora_targets": regexes().fixed(),
     "peft.length": integer(1).fixed(),
-    "optim.batch_size": integer(1),
-    "optim.num_steps": STEPS,
-    "optim.lr": POSITIVE_LR,
-    "optim.warmup_steps": integer(0),
-    "optim.weight_decay": real(ge=0),
-    "optim.grad_clip_norm": real(gt=0, example="1.0"),
+    **ADAMW,
     "evals.every_steps": STEPS,
     "evals.batch_size": integer(1),
     "plot_metrics": boolean(),
@@ -877,12 +873,7 @@ RLHF = {
     "grpo.clip_eps": real(gt=0).opt(),
     "grpo.epochs": integer(1).opt(),
     "dpo.beta": real(gt=0).opt(),
-    "optim.batch_size": integer(1),
-    "optim.num_steps": STEPS,
-    "optim.lr": POSITIVE_LR,
-    "optim.warmup_steps": integer(0),
-    "optim.weight_decay": real(ge=0),
-    "optim.grad_clip_norm": real(gt=0, example="1.0"),
+    **ADAMW,
     "evals.num_prompts": integer(1),
     "evals.seed": SEED,
     "evals.every_steps": STEPS,
