@@ -164,9 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for m in config.methods:
-        if m not in METHODS:
-            raise ValueError(f"config.methods: unknown method {m!r}; expected some of {METHODS}")
+    finished.check_methods(config, METHODS)
 
     # -- data -------------------------------------------------------------------------------
     splits = images.load(
