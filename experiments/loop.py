@@ -46,7 +46,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from experiments import resume
+from experiments import reports, resume
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, sharding
 from ftlab.core import train as train_lib
@@ -361,6 +361,7 @@ class Run:
     Attributes:
         state: The state as placed on the devices (`plan.get_state` gives one copy).
         plan: The data-parallel plan it was placed with.
+        workdir: The run's folder.
         start_step: The step this invocation resumed from (0: fresh).
         step: The last step done.
         total: ``config.optim.num_steps``.
@@ -375,6 +376,7 @@ class Run:
 
     state: Any
     plan: parallel.Plan
+    workdir: pathlib.Path
     start_step: int
     step: int
     total: int
@@ -395,6 +397,18 @@ class Run:
         self.checkpointer.wait_until_finished()
         self.writer.close()
         self.checkpointer.close()
+
+    def finish(self, results: Mapping[str, Any], *, logged: str = "eval/", **publish) -> dict:
+        """Ends a finished run: the final line of metrics.jsonl (the results' keys that start
+        with ``logged``), `reports.publish` of ``results`` (``publish``: its options; the curves
+        of metrics.jsonl into the workdir by default), then `close`. Returns ``results``.
+        """
+        self.checkpointer.wait_until_finished()
+        self.write({k: v for k, v in results.items() if k.startswith(logged)})
+        reports.publish(self.workdir, results, **{"curves": "", **publish})
+        logging.info("results: %s", {k: v for k, v in results.items() if np.ndim(v) == 0})
+        self.close()
+        return dict(results)
 
 
 def _place(plan: parallel.Plan, batch: Mapping) -> dict:
@@ -539,6 +553,7 @@ def train(
     run = Run(
         state=state,
         plan=plan,
+        workdir=pathlib.Path(workdir),
         start_step=start_step,
         step=step,
         total=total,

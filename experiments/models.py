@@ -2,9 +2,6 @@
 
 Trainers import these from here, never from one another (``multitask`` trains the classifier
 with a LoRA per task, ``decoder_tuning`` tunes the decoder that ``icl`` prompts).
-
-`experiments/trainers/classification.py` names `encoder_classifier` and `classifier_apply`
-`build_model` and `make_apply`.
 """
 
 from __future__ import annotations

@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from ftlab.core import metrics as metrics_lib
 from ftlab.core import report
 from ftlab.data import sinusoid
 
 __all__ = [
+    "publish",
     "decoder_plot",
     "decoder_summary",
     "decoder_table",
@@ -34,6 +37,38 @@ __all__ = [
     "pretrain_plot",
     "pretrain_table",
 ]
+
+
+def publish(
+    workdir: pathlib.Path,
+    results: Any,
+    *,
+    table: str | None = None,
+    figures: Mapping[str, Callable[[], Any]] | None = None,
+    curves: str | None = None,
+    dpi: int = 100,
+) -> bool:
+    """Writes an experiment's results into ``workdir``, on process 0 only; returns whether it did.
+
+    ``results.json`` (``results``), ``results.md`` (``table``, when given), every figure of
+    ``figures`` (``{file name: () -> matplotlib figure}``: built only by the process that writes)
+    and, with ``curves`` (a folder under ``workdir``, ``""`` for the workdir itself), every
+    metric of ``metrics.jsonl`` drawn by `ftlab.core.metrics.plot_curves`.
+    """
+    from experiments import loop  # noqa: PLC0415 - loop imports this module
+
+    if not loop.is_chief():  # one writer in a multi-process job
+        return False
+    if table is None:
+        report.save_json(workdir / "results.json", results)
+    else:
+        report.save_table(workdir / "results", markdown=table, data=results)
+    for name, draw in (figures or {}).items():
+        report.save_figure(draw(), workdir / name, dpi=dpi)
+    jsonl = workdir / metrics_lib.JSONL_NAME
+    if curves is not None and jsonl.exists() and jsonl.stat().st_size:
+        metrics_lib.plot_curves(jsonl, workdir / curves)
+    return True
 
 
 # -- online learning (experiments/trainers/online.py) ------------------------------------------
@@ -340,7 +375,7 @@ def _fewshot_steps(rows: list[dict]) -> list[int]:
     return sorted({int(k[len("eval/acc_step_") :]) for k in keys})
 
 
-def fewshot_table(rows: list[dict], path, *, methods: Sequence[str]) -> str:
+def fewshot_table(rows: list[dict], *, methods: Sequence[str]) -> str:
     """A markdown table: one row per run, accuracy (%) +- 95% interval after each step count."""
 
     def accuracy(k):
@@ -360,9 +395,7 @@ def fewshot_table(rows: list[dict], path, *, methods: Sequence[str]) -> str:
         *(accuracy(k) for k in _fewshot_steps(rows)),
     ]
     order = lambda r: (r["dataset"], r["shots"], methods.index(r["method"]))  # noqa: E731
-    text = report.table(sorted(rows, key=order), columns)
-    report.save_text(path, text)
-    return text
+    return report.table(sorted(rows, key=order), columns)
 
 
 def fewshot_plot(rows: list[dict]):

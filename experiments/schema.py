@@ -387,7 +387,7 @@ ADAMW = {
 }
 
 ROTTEN_TOMATOES_TASKS = ("sentiment", "subjectivity")
-# the BERT classifier built by experiments/trainers/classification.py `build_model`
+# the BERT classifier built by experiments/models.py `encoder_classifier`
 ENCODER = {
     "model.encoder": choice("minilm", "tiny").fixed(),
     "model.num_classes": integer(2, note="a classifier needs two classes or more").fixed(),

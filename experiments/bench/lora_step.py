@@ -7,9 +7,10 @@ after another, so each peak-RSS number belongs to that variant alone):
   python -m experiments.bench.lora_step --quick   # smoke test: batch 4, seq 16, 2 steps
 
 The ftlab steps are the ones `experiments/trainers/classification.py` runs, for
-`configs/lora_minilm.py` and `configs/full_ft_minilm.py`: `build_model` (real all-MiniLM-L6-v2
-weights), `build_method` (LoRA factors + the LoRA-wrapped apply; the identity for full FT),
-`partition.labels` + `build_optimizer`, `train.init_state`, `classification.make_loss_fn`,
+`configs/lora_minilm.py` and `configs/full_ft_minilm.py`: `models.encoder_classifier` (real
+all-MiniLM-L6-v2 weights), `models.encoder_method` (LoRA factors + the LoRA-wrapped apply; the
+identity for full FT),
+`partition.labels` + `models.adamw`, `train.init_state`, `classification.make_loss_fn`,
 `train.make_train_step`, compiled by `parallel.Plan.compile_train_step`, with dropout on. The
 reference is `transformers.BertModel` on the same weights wrapped by `peft.get_peft_model` with the
 same rank, alpha and target modules, masked mean pooling, dropout, a trainable linear head, and
@@ -176,7 +177,7 @@ def _bench_peft(
     ):
         raise AssertionError("PEFT should leave only lora_A/lora_B trainable")
     params = lora_params + list(head.parameters())
-    # As build_optimizer: weight decay on matrices only (not biases).
+    # As models.adamw: weight decay on matrices only (not biases).
     groups = [
         {"params": [x for x in params if x.ndim > 1], "weight_decay": o.weight_decay},
         {"params": [x for x in params if x.ndim <= 1], "weight_decay": 0.0},

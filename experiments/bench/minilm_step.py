@@ -7,8 +7,9 @@ after another, so each peak-RSS number belongs to that variant alone):
   python -m experiments.bench.minilm_step --quick   # smoke test: batch 4, seq 16, 2 steps
 
 The ftlab step is the one `experiments/trainers/classification.py` runs: the method's config
-(`configs/{full_ft,linear_probe,bitfit}_minilm.py`), `build_model` (real all-MiniLM-L6-v2 weights),
-`partition.labels` + `build_optimizer`, `train.init_state`, `classification.make_loss_fn`,
+(`configs/{full_ft,linear_probe,bitfit}_minilm.py`), `models.encoder_classifier` (real
+all-MiniLM-L6-v2 weights),
+`partition.labels` + `models.adamw`, `train.init_state`, `classification.make_loss_fn`,
 `train.make_train_step`, compiled by `parallel.Plan.compile_train_step` (jit, state donated), with
 dropout on. The PyTorch reference is `transformers.BertModel` on the same weights + masked mean
 pooling + dropout + a linear head, trained with AdamW under the same hyperparameters.
@@ -243,7 +244,7 @@ def _bench_ftlab(
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from experiments.trainers import classification as trainer  # noqa: PLC0415
+    from experiments import models  # noqa: PLC0415
     from ftlab.core import parallel, partition, train  # noqa: PLC0415
     from ftlab.peft import lora  # noqa: PLC0415
     from ftlab.tasks import classification  # noqa: PLC0415
@@ -261,11 +262,11 @@ def _bench_ftlab(
     # Model, partition, optimizer and state: as in trainer.train_and_evaluate.
     plan = parallel.make_plan(config.parallel.mode, num_devices=config.parallel.num_devices)
     plan.check_batch_size(batch, what="--batch")
-    model, params = trainer.build_model(config)
-    params, apply = trainer.build_method(config, params, trainer.make_apply(model))
+    model, params = models.encoder_classifier(config)
+    params, apply = models.encoder_method(config, params, models.classifier_apply(model))
     rules = [tuple(r) for r in config.partition.rules]
     label_tree = partition.labels(params, rules, what=f"{configs[method]}: partition.rules")
-    tx = trainer.build_optimizer(config, label_tree)
+    tx = models.adamw(config, label_tree)
     state = train.init_state(params, label_tree, tx, seed=config.seed)
     n_trainable = partition.count(state.trainable)
     n_lora = partition.count(lora.adapter(params)) if config.peft.method == "lora" else 0
@@ -483,7 +484,7 @@ def _bench_torch(
     head.train()
 
     params = list(encoder.parameters()) + list(head.parameters())
-    # As build_optimizer: weight decay on matrices only (not biases, norms).
+    # As models.adamw: weight decay on matrices only (not biases, norms).
     groups = [
         {"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},

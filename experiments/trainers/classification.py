@@ -5,7 +5,6 @@ Every method is the same loop; ``config.partition.rules`` decides what trains.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import resource
 
@@ -16,20 +15,9 @@ from absl import logging
 
 from experiments import data as data_lib
 from experiments import evaluation, features, loop, models
-from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, partition, report, train
+from ftlab.core import parallel, partition, train
 from ftlab.data import batching
 from ftlab.tasks import classification
-
-# The classifier, its apply function and its PEFT method live in `experiments.models` (the
-# multi-task trainer trains the same classifier); the names here serve tests and the bench.
-build_model = models.encoder_classifier
-make_apply = models.classifier_apply
-build_method = models.encoder_method
-
-
-# the bench scripts and tests build the classifier's optimizer by this name
-build_optimizer = models.adamw
 
 
 def evaluate(plan, eval_step, state, arrays, *, batch_size: int) -> dict[str, float]:
@@ -86,12 +74,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("data: %s", {k: len(v["label"]) for k, v in data.items()})
 
     # -- model, partition, optimizer --------------------------------------------------------
-    model, params = build_model(config)
+    # The classifier, its apply and its PEFT method are `experiments.models`' (multitask's too).
+    model, params = models.encoder_classifier(config)
     n_base = partition.count(params)
     sites = None
     if config.peft.method in models.STRUCTURAL:
-        sites = models.encoder_sites(config, params, make_apply(model))
-    params, apply = build_method(config, params, make_apply(model), sites=sites)
+        sites = models.encoder_sites(config, params, models.classifier_apply(model))
+    params, apply = models.encoder_method(
+        config, params, models.classifier_apply(model), sites=sites
+    )
     rules = [tuple(r) for r in config.partition.rules]
     label_tree = partition.labels(params, rules, what="config.partition.rules")
     if is_chief:
@@ -99,7 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             logging.info("partition rule %-24r -> %-8s claims %d leaves", pattern, label, n)
         print(partition.summary(params, label_tree), flush=True)
     n_trainable = partition.count(partition.split(params, label_tree)[0])
-    tx = build_optimizer(config, label_tree)
+    tx = models.adamw(config, label_tree)
     policy = loop.step_policy(config)
     state = train.init_state(params, label_tree, tx, seed=config.seed, precision=policy.precision)
 
@@ -155,16 +146,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results["majority_baseline/test"] = float(
         np.bincount(data["test"]["label"]).max() / len(data["test"]["label"])
     )
-    run.checkpointer.wait_until_finished()
     if run.is_chief:
+        run.checkpointer.wait_until_finished()
         final = plan.get_state(state)
         results.update(
             models.save_method(config, final.trainable, final.frozen, workdir, sites=sites)
         )
-        run.write({k: v for k, v in results.items() if k.startswith("eval/")})
-        report.save_json(workdir / "results.json", results)
-        for path in metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir):
-            logging.info("wrote %s", path)
-        logging.info("results: %s", json.dumps(results))
-    run.close()
-    return results
+    return run.finish(results)

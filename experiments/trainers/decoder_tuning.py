@@ -43,7 +43,6 @@ from experiments import finished, loop, models, reports
 from ftlab import generation, icl
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import partition, train
-from ftlab.core import report as report_lib
 from ftlab.data import rotten_tomatoes
 from ftlab.models import llama
 from ftlab.peft import qlora
@@ -258,13 +257,9 @@ def report(config, workdir: pathlib.Path, runs: list[dict], *, n_test: int, majo
         "icl": points,
         "runs": runs,
     }
-    if jax.process_index() == 0:  # one writer in a multi-process job
-        report_lib.save_table(
-            workdir / "results", markdown=reports.decoder_table(rows, points), data=results
-        )
-        report_lib.save_figure(
-            reports.decoder_plot(rows, points, majority), workdir / "tuning_vs_icl.png"
-        )
+    plot = lambda: reports.decoder_plot(rows, points, majority)  # noqa: E731
+    table = reports.decoder_table(rows, points)
+    reports.publish(workdir, results, table=table, figures={"tuning_vs_icl.png": plot})
     return rows
 
 
@@ -272,11 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     """Runs every (method, n, seed) not yet finished, then writes the table and the plot."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    for m in config.methods:
-        if m not in METHODS:
-            raise ValueError(f"config.methods: {m!r} is not one of {METHODS}.")
-        if m not in config.optim.lr:
-            raise ValueError(f"config.optim.lr has no learning rate for {m!r}.")
+    finished.check_methods(config, METHODS)
     task = models.DECODER_TASKS[config.data.task]
     data = rotten_tomatoes.load(task=config.data.task, seed=config.data.split_seed)
     model = models.decoder(config, data["train"].text[:3000])

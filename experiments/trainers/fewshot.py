@@ -221,14 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         **evaluation.steps_summary(accs, e.num_steps, "acc"),
         "train_seconds_this_run": run.train_seconds,
     }
-    if run.is_chief:
-        run.write({k: v for k, v in results.items() if k.startswith("eval/acc")})
-        report.save_json(workdir / "results.json", results)
-        reports.fewshot_table([results], workdir / "results.md", methods=METHODS)
-        report.save_figure(reports.fewshot_plot([results]), workdir / "accuracy.png", dpi=90)
-        logging.info("results: %s", json.dumps(results))
-    run.close()
-    return results
+    table = reports.fewshot_table([results], methods=METHODS)
+    figures = {"accuracy.png": lambda: reports.fewshot_plot([results])}
+    return run.finish(results, logged="eval/acc", table=table, figures=figures, dpi=90)
 
 
 def main(argv: list[str]) -> None:
@@ -240,8 +235,9 @@ def main(argv: list[str]) -> None:
         if not a.startswith("--") and (pathlib.Path(a) / "results.json").exists()
     ]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(reports.fewshot_table(rows, out / "table.md", methods=METHODS))
+    report.save_json(out / "results.json", rows)
+    report.save_text(out / "table.md", table := reports.fewshot_table(rows, methods=METHODS))
+    print(table)
     report.save_figure(reports.fewshot_plot(rows), out / "accuracy.png", dpi=90)
 
 

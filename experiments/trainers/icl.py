@@ -30,7 +30,7 @@ from absl import logging
 
 from experiments import evaluation, finished, loop, models, reports
 from ftlab import icl
-from ftlab.core import parallel, report
+from ftlab.core import parallel
 from ftlab.data import rotten_tomatoes
 
 # The prompted tasks and the model live in `experiments/models.py`, shared with decoder tuning.
@@ -151,8 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {"model": config.model.name, "tasks": tasks}
     results["wall_seconds"] = time.perf_counter() - start
     table = reports.icl_table(results)
-    if is_chief:
-        report.save_table(workdir / "results", markdown=table, data=results)
-        report.save_figure(reports.icl_plot(results), workdir / "icl.png")
+    reports.publish(
+        workdir, results, table=table, figures={"icl.png": lambda: reports.icl_plot(results)}
+    )
     logging.info("ICL results:\n%s", table)
     return results

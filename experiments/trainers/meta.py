@@ -9,7 +9,6 @@ and 95% interval over tasks), plus a plot of adapted curves.
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -21,8 +20,7 @@ from absl import logging
 
 from experiments import evaluation, loop, models, reports
 from ftlab import meta
-from ftlab.core import metrics as metrics_lib
-from ftlab.core import partition, report, train
+from ftlab.core import partition, train
 from ftlab.data import sinusoid
 
 METHODS = (*meta.METHODS, "pretrained")
@@ -190,24 +188,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     if not run.finished:
         return {"step": run.step}
-    total = run.step
 
     # -- final evaluation --------------------------------------------------------------------
-    run.checkpointer.wait_until_finished()
     summary, tasks, curves = held_out.full(run.state)
-    results = {"step": total, "method": method, **summary}
+    results = {"step": run.step, "method": method, **summary}
     results["eval/num_tasks"] = config.evals.num_tasks
     results["eval/shots"] = config.evals.shots
     results["train_seconds_this_run"] = run.train_seconds
-    if run.is_chief:
-        run.write({k: v for k, v in results.items() if k.startswith("eval/mse")})
-        report.save_json(workdir / "results.json", results)
-        plot = reports.meta_adapted_plot(
-            method, tasks, curves, grid=PLOT_GRID, steps=PLOT_STEPS, num_tasks=PLOT_TASKS
-        )
-        report.save_figure(plot, workdir / "adapted_curves.png", dpi=90)
-        if config.plot_metrics:
-            metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
-        logging.info("results: %s", json.dumps(results))
-    run.close()
-    return results
+    plot = lambda: reports.meta_adapted_plot(  # noqa: E731
+        method, tasks, curves, grid=PLOT_GRID, steps=PLOT_STEPS, num_tasks=PLOT_TASKS
+    )
+    return run.finish(
+        results, logged="eval/mse", figures={"adapted_curves.png": plot}, dpi=90,
+        curves="" if config.plot_metrics else None,
+    )  # fmt: skip

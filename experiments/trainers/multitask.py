@@ -40,8 +40,7 @@ from absl import logging
 from experiments import data as data_lib
 from experiments import finished, loop, models, reports
 from ftlab import multitask
-from ftlab.core import metrics as metrics_lib
-from ftlab.core import partition, report, train
+from ftlab.core import partition, train
 from ftlab.data import multitask as multitask_data
 
 # method: (rules over the multi-task tree, task weighting, uses the pairwise penalty)
@@ -60,14 +59,9 @@ METHODS = {
 RUNS = "runs"
 
 
-def _check_methods(config, known) -> None:
-    if unknown := [m for m in config.methods if m not in known]:
-        raise ValueError(f"config.methods: unknown {unknown[0]!r}; expected some of {list(known)}")
-
-
 def method_runs(config: ml_collections.ConfigDict) -> list[tuple[str, str, object]]:
     """``(run name, method, lambda)`` for every configured method; soft expands over lambdas."""
-    _check_methods(config, METHODS)
+    finished.check_methods(config, tuple(METHODS))
     runs = []
     for method in config.methods:
         if METHODS[method][2]:
@@ -206,12 +200,11 @@ def _sweep_and_save(config, workdir, plan, sample, builds, out: dict, *, referen
     if stopped:
         return {"stopped": stopped}
     out["methods"] = results = {**results, **(reference or {})}
-    if jax.process_index() == 0:  # one writer in a multi-process job
-        table = reports.multitask_table(results, out["task_names"])
-        report.save_table(workdir / "results", markdown=table, data=out)
-        plot = reports.multitask_plot(results, out["task_names"])
-        report.save_figure(plot, workdir / "per_task.png", dpi=120)
-        metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
+    table = reports.multitask_table(results, out["task_names"])
+    plot = lambda: reports.multitask_plot(results, out["task_names"])  # noqa: E731
+    if reports.publish(
+        workdir, out, table=table, figures={"per_task.png": plot}, curves="", dpi=120
+    ):
         print(table, flush=True)
     return out
 
@@ -325,7 +318,7 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         logits = apply(params, batch, None).astype(jnp.float32)
         return logits[..., 1] - logits[..., 0]
 
-    _check_methods(config, LORA_METHODS)
+    finished.check_methods(config, tuple(LORA_METHODS))
 
     def build(method):
         rules = LORA_METHODS[method]

@@ -26,7 +26,6 @@ from absl import logging
 
 from experiments import features, loop, reports
 from ftlab import online
-from ftlab.core import metrics as metrics_lib
 from ftlab.core import report
 from ftlab.data import streams
 from third_party import river
@@ -236,12 +235,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if river_stream:
             kw.update(pipeline=True, limit=num)
             results["river/pipeline"] = river.progressive(name, x, y, columns, **kw)
-    if run.is_chief:
-        metrics_lib.plot_curves(workdir / metrics_lib.JSONL_NAME, workdir / "plots")
-        title = f"{name}: {config.learner.name} lr={config.learner.lr}"
-        figure = reports.online_regret_plot(steps, prefix_regret, slope, intercept, title)
-        report.save_figure(figure, workdir / "plots" / "regret.png")
-        report.save_json(workdir / "results.json", results)
+    title = f"{name}: {config.learner.name} lr={config.learner.lr}"
+    plot = lambda: reports.online_regret_plot(steps, prefix_regret, slope, intercept, title)  # noqa: E731
+    if reports.publish(workdir, results, figures={"plots/regret.png": plot}, curves="plots"):
         report.save_text(workdir / "table.md", reports.online_table(results, metric_names))
     logging.info("results: %s", {k: v for k, v in results.items() if not isinstance(v, list)})
     return results

@@ -34,8 +34,7 @@ import optax
 from absl import logging
 
 from experiments import finished, loop, models, reports
-from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, partition, report, train
+from ftlab.core import parallel, partition, train
 from ftlab.data import images
 from ftlab.pretrain import layerwise, network, ssl, transfer
 
@@ -272,14 +271,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "hardware": f"{platform.machine()} {jax.devices()[0].platform}",
     }
     table = reports.pretrain_table(rows, fractions)
-    if jax.process_index() != 0:  # one writer in a multi-process job
-        return results
-    report.save_table(workdir / "results", markdown=table, data=results)
     title = f"{config.data.dataset}: transfer after pretraining ({len(config.seeds)} seeds)"
-    report.save_figure(
-        reports.pretrain_plot(rows, title=title, modes=MODES), workdir / "transfer.png", dpi=110
-    )
-    if (workdir / metrics_lib.JSONL_NAME).stat().st_size:
-        metrics_lib.plot_curves(workdir / metrics_lib.JSONL_NAME, workdir / "plots")
-    print(table, flush=True)
+    plot = lambda: reports.pretrain_plot(rows, title=title, modes=MODES)  # noqa: E731
+    if reports.publish(workdir, results, table=table, figures={"transfer.png": plot},
+                       curves="plots", dpi=110):  # fmt: skip
+        print(table, flush=True)
     return results

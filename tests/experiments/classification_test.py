@@ -17,6 +17,7 @@ from safetensors import numpy as safetensors_numpy
 
 from configs import finetune_minilm, linear_probe_minilm
 from experiments import features as feature_cache
+from experiments import models
 from experiments.trainers import classification as trainer
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train
@@ -120,8 +121,8 @@ def test_peft_configs_train_exactly_the_method_leaves_and_the_head(method):
     tests/peft/*_test.py; here the configs' regexes are checked against the methods' leaves.
     """
     config = finetune_minilm.get_config(f"tiny,method={method}")
-    model, params = trainer.build_model(config)
-    params, _ = trainer.build_method(config, params, trainer.make_apply(model))
+    model, params = models.encoder_classifier(config)
+    params, _ = models.encoder_method(config, params, models.classifier_apply(model))
     labels = partition.labels(params, [tuple(r) for r in config.partition.rules])
     trainable, _ = partition.split(params, labels)
     module = {"lora": lora, "dora": dora, "ia3": ia3, "adapters": adapters}.get(method)
@@ -133,10 +134,10 @@ def test_peft_configs_train_exactly_the_method_leaves_and_the_head(method):
 @pytest.mark.parametrize("method", ["full", "linear_probe", "bitfit", "lora"])
 def test_method_configs_freeze_what_they_say(method):
     config = finetune_minilm.get_config(f"tiny,method={method}")
-    model, params = trainer.build_model(config)
-    params, apply = trainer.build_method(config, params, trainer.make_apply(model))
+    model, params = models.encoder_classifier(config)
+    params, apply = models.encoder_method(config, params, models.classifier_apply(model))
     labels = partition.labels(params, [tuple(r) for r in config.partition.rules])
-    tx = trainer.build_optimizer(config, labels)
+    tx = models.adamw(config, labels)
     trainable, frozen = partition.split(params, labels)
     state = train.init_state(jax.tree.map(np.array, params), labels, tx, seed=0)
     opt_size = sum(np.size(x) for x in jax.tree.leaves(state.opt_state))
@@ -198,10 +199,10 @@ def test_bf16_compute_with_a_fused_attention_kernel_gives_float32_gradients():
             "model.dropout_rate": 0.1,  # hidden dropout stays on
         }
     )
-    model, params = trainer.build_model(config)
+    model, params = models.encoder_classifier(config)
     assert model.config.dtype == jax.numpy.bfloat16 and model.config.attention == "xla"
     assert model.config.probs_dropout_rate == 0.0 and model.config.dropout_rate == 0.1
-    apply = trainer.make_apply(model)
+    apply = models.classifier_apply(model)
     ids = np.array([[101, 7, 9, 102, 0], [101, 5, 6, 8, 102]], np.int32)
     batch = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int32)}
 
@@ -220,14 +221,14 @@ def test_bf16_compute_with_a_fused_attention_kernel_gives_float32_gradients():
 )
 def test_bad_model_settings_name_the_config_key(key, value):
     with pytest.raises(ValueError, match=f"config.{key}={value!r}"):
-        trainer.build_model(_config(**{key: value}))
+        models.encoder_classifier(_config(**{key: value}))
 
 
 def test_random_minilm_has_the_pretrained_tree(minilm):
     """model.pretrained=False: MiniLM's architecture without its package (GPU benchmarks)."""
     config = finetune_minilm.get_config("quick")
     config.model.pretrained = False
-    model, params = trainer.build_model(config)
+    model, params = models.encoder_classifier(config)
     assert model.config == minilm.config
     want = jax.tree.map(np.shape, minilm.params)
     assert jax.tree.map(np.shape, params["encoder"]) == want
@@ -318,8 +319,8 @@ def test_cache_features_refuses_a_trunk_that_trains_or_is_random(
     for key, value in overrides.items():
         section, name = key.split(".")
         config[section][name] = value
-    model, params = trainer.build_model(config)
-    params, _ = trainer.build_method(config, params, trainer.make_apply(model))
+    model, params = models.encoder_classifier(config)
+    params, _ = models.encoder_method(config, params, models.classifier_apply(model))
     labels = partition.labels(params, [tuple(r) for r in config.partition.rules])
     assert re.search(reason, feature_cache.blocker(config, model, labels))
     # The run refuses before training, naming the key and the cause.

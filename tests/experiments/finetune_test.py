@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import finetune
-from experiments import data, schema
+from experiments import data, models, schema
 from experiments.trainers import classification as trainer
 
 BERT = pathlib.Path(__file__).parents[1] / "third_party" / "testdata" / "hf" / "bert"
@@ -52,7 +52,7 @@ def test_finetune_runs_on_a_fixture_folder_and_a_csv(tmp_path):
 def test_the_encoder_is_the_folders_weights(tmp_path):
     from third_party import hf
 
-    _, params = trainer.build_model(config_for(tmp_path))
+    _, params = models.encoder_classifier(config_for(tmp_path))
     _, loaded, _ = hf.load(BERT)
     np.testing.assert_array_equal(
         params["encoder"]["embeddings"]["word_embeddings"]["embedding"],
@@ -108,12 +108,12 @@ def test_schema_refuses_a_rotten_tomatoes_key_and_the_trainer_an_empty_path(tmp_
     with pytest.raises(ValueError, match=r"config.model.path is empty; pass --config.model.path"):
         data.build_files(config)
     with pytest.raises(ValueError, match=r"config.model.path is empty"):
-        trainer.build_model(config)
+        models.encoder_classifier(config)
     config = config_for(tmp_path, **{"data.max_length": 33})
     with pytest.raises(
         ValueError, match=r"config.data.max_length=33 is more than the 32 positions"
     ):
-        trainer.build_model(config)
+        models.encoder_classifier(config)
     config = config_for(tmp_path)
     config.data.train = ""
     with pytest.raises(ValueError, match=r"config.data.train is empty; pass --config.data.train"):
@@ -121,7 +121,6 @@ def test_schema_refuses_a_rotten_tomatoes_key_and_the_trainer_an_empty_path(tmp_
 
 
 def test_a_decoder_folder_is_refused(tmp_path):
-    from experiments import models
 
     with pytest.raises(ValueError, match=r"config.model.path=.*llama decoder; the classifier"):
         models.hf_encoder(str(BERT.parent / "llama"))

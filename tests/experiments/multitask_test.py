@@ -112,7 +112,7 @@ def test_classification_metrics_against_hand_counts():
 def test_unknown_method_is_named():
     config = multitask_yeast.get_config("quick")
     config.methods = ("hard", "soft")
-    with pytest.raises(ValueError, match=r"config.methods: unknown 'hard'"):
+    with pytest.raises(ValueError, match=r"config.methods: unknown method 'hard'"):
         trainer.method_runs(config)
 
 
