@@ -18,6 +18,10 @@ projections (no dropout), float32, and the same step:
 
 Variants, each in its own process:
 
+With ``--dtype=bfloat16`` both sides compute in bfloat16 over float32 master weights: ftlab's
+model has ``LlamaConfig(dtype=bfloat16)`` (the step casts the weights once, `ftlab.posttrain.rl`),
+TRL runs with ``bf16=True`` (torch's CPU autocast).
+
 - ``ftlab``: `ftlab.posttrain.rl.make_grpo_step` under `jax.jit` with the state donated,
   compiled ahead of time; the LoRA tree is held stacked (`llama.stack_layers`), so one layer
   body compiles and the step never restacks the weights. The sampler is ftlab's compiled
@@ -60,6 +64,10 @@ if __name__ != "__main__" or not common.is_child():
     _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens per completion.")
     _LAYERS = flags.DEFINE_integer("layers", 30, "Decoder layers (SmolLM2-135M: 30).")
     _BETA = flags.DEFINE_float("beta", 0.04, "KL penalty coefficient (k3), both sides.")
+    _DTYPE = flags.DEFINE_enum(
+        "dtype", "float32", ["float32", "bfloat16"],
+        "Computation dtype, both sides (float32 master weights and optimizer state either way).",
+    )  # fmt: skip
     _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps.")
     _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
     _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 2 layers, 8 new tokens, 2 steps.")
@@ -89,7 +97,8 @@ def _run_ftlab(s: dict) -> dict:
     from ftlab.peft import lora  # noqa: PLC0415
     from ftlab.posttrain import rl  # noqa: PLC0415
 
-    config = llama.LlamaConfig(**SMOLLM2, num_layers=s["layers"])
+    dtype = jnp.dtype(s["dtype"])  # the computation dtype; the step casts the weights once
+    config = llama.LlamaConfig(**SMOLLM2, num_layers=s["layers"], dtype=dtype)
     model = llama.LlamaForCausalLM(config)
     params = llama.init(config, jax.random.key(0))
     params = lora.init(
@@ -169,7 +178,8 @@ def _run_trl(s: dict) -> dict:
             generation_kwargs={"min_new_tokens": s["new_tokens"]}, beta=s["beta"],
             learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=MAX_GRAD_NORM,
             weight_decay=0.0, max_steps=total, logging_steps=1, save_strategy="no",
-            report_to=[], use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
+            report_to=[], use_cpu=True, bf16=s["dtype"] == "bfloat16", fp16=False,
+            disable_dropout=True,
             dataloader_num_workers=0, seed=0, shuffle_dataset=False,
             gradient_checkpointing=False,  # ftlab keeps activations too
         )  # fmt: skip
@@ -204,6 +214,7 @@ def main(argv):
         b=_B.value, g=_G.value, prompt_len=_PROMPT_LEN.value,
         new_tokens=8 if quick else _NEW_TOKENS.value, layers=2 if quick else _LAYERS.value,
         beta=_BETA.value, steps=2 if quick else _STEPS.value, warmup=_WARMUP.value,
+        dtype=_DTYPE.value,
     )  # fmt: skip
     variants = common.choose_variants(_VARIANTS.value, VARIANTS)
     default = "grpo_step_quick.jsonl" if quick else "grpo_step.jsonl"

@@ -40,6 +40,14 @@ value losses, several epochs of minibatches over each rollout batch, and Ziegler
 adaptive ``beta``, kept in the train state's collections (`kl_collections`) so a checkpoint
 holds it and a resumed run continues it.
 
+**Precision**: the model's ``config.dtype`` (e.g. ``jnp.bfloat16``) is the forward passes'
+computation dtype. Each step casts the parameters to it once (rollout, reference, old and trained
+log-probs read the narrow copy, instead of each layer casting its float32 kernels at every
+decoded token), while the trainable leaves and their optimizer state keep their own dtype
+(gradients flow back through the cast); log-probs and losses are float32. The sampler's and the
+training pass's log-probs then agree only to that dtype's rounding, so the first update's ratio
+is near 1 rather than 1 (``train/clip_fraction`` shows how near).
+
 **Layers**: every forward pass runs the layers stacked (`llama.stack_layers`, one compiled layer
 body under `nn.scan`). Hold the train state's tree stacked (stack after the method's ``init``:
 the method leaves stack with their layers) so that a step does not copy the weights into the
@@ -408,6 +416,7 @@ def score_rollout(
 
 def _reference_logprobs(model, state: train.TrainState, rollout: Rollout) -> jax.Array:
     frozen = {k: v for k, v in state.frozen.items() if k != VALUE_HEAD}
+    frozen = train.cast_floats(frozen, model.config.dtype)
     if "decoder" not in frozen:
         raise ValueError(
             "the RL reference is the frozen base model with the method switched off, but "
@@ -458,9 +467,11 @@ def _minibatch_updates(
     *,
     epochs: int,
     minibatches: int,
+    dtype: Any,
 ) -> tuple[train.TrainState, dict]:
     """``epochs`` passes over ``data``'s rows in ``minibatches`` shuffled parts, one update
-    each, in a `lax.scan`; metrics averaged over the updates."""
+    each, in a `lax.scan`, the loss seeing the parameters cast to ``dtype``; metrics averaged
+    over the updates."""
     n = jax.tree.leaves(data)[0].shape[0]
     if n % minibatches:
         raise ValueError(f"minibatches={minibatches} must divide the {n} completions per step.")
@@ -477,7 +488,7 @@ def _minibatch_updates(
         part = jax.tree.map(lambda x: x[rows] if x.ndim else x, data)  # scalars: temperature
 
         def of_trainable(trainable):
-            return loss_fn(partition.merge(trainable, state.frozen), part)
+            return loss_fn(train.cast_floats(partition.merge(trainable, state.frozen), dtype), part)
 
         (loss, aux), grads = jax.value_and_grad(of_trainable, has_aux=True)(state.trainable)
         if state.collections:  # PPO's KL coefficient: unchanged by an update
@@ -582,8 +593,9 @@ def make_grpo_update(
         }
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
         state, update_metrics = _minibatch_updates(
-            state, tx, loss_fn, data, rng, epochs=epochs, minibatches=minibatches
-        )
+            state, tx, loss_fn, data, rng, epochs=epochs, minibatches=minibatches,
+            dtype=model.config.dtype,
+        )  # fmt: skip
         return state, {**update_metrics, **metrics}
 
     return update
@@ -629,8 +641,9 @@ def _step_of(model, wrap, sampling, reward_fn, update):
         if missing:
             raise ValueError(f"the batch has no {missing} (keys: {sorted(batch)}).")
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
+        params = train.cast_floats(state.params, model.config.dtype)
         rollout = _rollout(
-            model, wrap, sampling, state.params, batch["prompt_ids"], batch["prompt_mask"], rng
+            model, wrap, sampling, params, batch["prompt_ids"], batch["prompt_mask"], rng
         )
         return update(state, rollout, reward_fn(rollout))
 
@@ -727,9 +740,8 @@ def make_ppo_update(
             )
         scores = _check_scores(scores, rollout)
         kl_coef = state.collections[KL_CONTROLLER]["kl_coef"]
-        old, old_values = score_rollout(
-            model, jax.lax.stop_gradient(state.params), rollout, wrap=wrap, values=True
-        )
+        params = train.cast_floats(jax.lax.stop_gradient(state.params), model.config.dtype)
+        old, old_values = score_rollout(model, params, rollout, wrap=wrap, values=True)
         old, old_values = jax.lax.stop_gradient((old, old_values))
         reference = _reference_logprobs(model, state, rollout)
         rewards, kl = losses.kl_penalized_rewards(
@@ -749,8 +761,9 @@ def make_ppo_update(
         }
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
         state, update_metrics = _minibatch_updates(
-            state, tx, loss_fn, data, rng, epochs=epochs, minibatches=minibatches
-        )
+            state, tx, loss_fn, data, rng, epochs=epochs, minibatches=minibatches,
+            dtype=model.config.dtype,
+        )  # fmt: skip
         if kl_target is not None:
             controller = losses.kl_controller_update(
                 losses.KLControllerState(kl_coef),

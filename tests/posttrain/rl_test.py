@@ -10,6 +10,8 @@ gives logits within +-0.3, which a LoRA on the layers below the final RMSNorm ca
 nor deterministic (every sample of a prompt the same, so GRPO's advantages are all 0).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,3 +189,29 @@ def test_settings_that_cannot_take_effect_are_errors(rollout, tree):
         jax.eval_shape(rollout, tree, long, long, jax.random.key(0))
     with pytest.raises(ValueError, match="temperature=-1.0 must be >= 0"):
         rl.Sampling(2, 8, EOS, temperature=-1.0)
+
+
+def test_grpo_in_bfloat16_keeps_float32_leaves_and_follows_the_float32_update(tree):
+    tx = optax.adam(0.1)
+    labels = partition.labels(tree, lora.rules())
+    steps, deltas = {}, {}
+    for dtype in (jnp.float32, jnp.bfloat16):  # the model's computation dtype
+        model = llama.LlamaForCausalLM(dataclasses.replace(CFG, dtype=dtype))
+        state = train.init_state(tree, labels, tx, seed=0)
+        before, start = _frozen_copy(state), partition.flatten(state.trainable)
+        step = rl.make_grpo_step(model, tx, reward_fn, SAMPLING, wrap=wrap)
+        state, steps[dtype] = jax.jit(step)(state, BATCH)
+        _assert_frozen_unchanged(state, before)
+        for leaf in jax.tree.leaves((state.trainable, state.opt_state)):
+            assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype  # masters stay float32
+        after = partition.flatten(state.trainable)
+        deltas[dtype] = np.concatenate([np.ravel(after[k] - start[k]) for k in sorted(start)])
+    f32, bf16 = steps[jnp.float32], steps[jnp.bfloat16]
+    # the sampler's and the trained pass's log-probs agree to bfloat16 rounding, not to float32's
+    assert 1e-7 < float(bf16["train/approx_kl"]) < 1e-3, bf16
+    assert float(f32["train/approx_kl"]) < 1e-9, f32
+    assert float(bf16["train/clip_fraction"]) < 0.05
+    # about the same samples (the same key) and the same step
+    assert float(bf16["train/reward"]) == pytest.approx(float(f32["train/reward"]), abs=0.05)
+    a, b = deltas[jnp.float32], deltas[jnp.bfloat16]
+    assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.9
