@@ -65,6 +65,20 @@ def rollout():
     return rl.make_rollout(MODEL, SAMPLING, wrap=wrap)
 
 
+@pytest.fixture(scope="module")
+def grpo_step():
+    """``{dtype: compiled GRPO step}`` (Adam 0.1, state donated), compiled on first use."""
+    tx = optax.adam(0.1)
+
+    def make(dtype):
+        model = llama.LlamaForCausalLM(dataclasses.replace(CFG, dtype=dtype))
+        return jax.jit(
+            rl.make_grpo_step(model, tx, reward_fn, SAMPLING, wrap=wrap), donate_argnums=0
+        )
+
+    return tx, make(jnp.float32), make(jnp.bfloat16)
+
+
 def _mean_reward(rollout, params):
     keys = jax.random.split(jax.random.key(99), 2)
     return float(np.mean([reward_fn(rollout(params, PROMPTS, PROMPT_MASK, k)) for k in keys]))
@@ -117,11 +131,10 @@ def test_rollout_at_temperature_near_zero_is_greedy_generation(rollout, tree):
     assert len({tuple(row) for row in np.asarray(out.tokens)}) > 1  # not a degenerate policy
 
 
-def test_grpo_raises_the_reward_kl_starts_at_zero_base_bit_identical(rollout, tree):
-    tx = optax.adam(0.1)
+def test_grpo_raises_the_reward_kl_starts_at_zero_base_bit_identical(rollout, tree, grpo_step):
+    tx, step, _ = grpo_step
     state = train.init_state(tree, partition.labels(tree, lora.rules()), tx, seed=0)
     before, reward_before = _frozen_copy(state), _mean_reward(rollout, state.params)
-    step = jax.jit(rl.make_grpo_step(MODEL, tx, reward_fn, SAMPLING, wrap=wrap), donate_argnums=0)
     kls = []
     for _ in range(12):
         state, metrics = step(state, BATCH)
@@ -191,16 +204,16 @@ def test_settings_that_cannot_take_effect_are_errors(rollout, tree):
         rl.Sampling(2, 8, EOS, temperature=-1.0)
 
 
-def test_grpo_in_bfloat16_keeps_float32_leaves_and_follows_the_float32_update(tree):
-    tx = optax.adam(0.1)
+def test_grpo_in_bfloat16_keeps_float32_leaves_and_follows_the_float32_update(tree, grpo_step):
+    tx, *compiled = grpo_step
     labels = partition.labels(tree, lora.rules())
     steps, deltas = {}, {}
-    for dtype in (jnp.float32, jnp.bfloat16):  # the model's computation dtype
-        model = llama.LlamaForCausalLM(dataclasses.replace(CFG, dtype=dtype))
+    # the model's computation dtype: float32, bfloat16
+    for dtype, step in zip((jnp.float32, jnp.bfloat16), compiled, strict=True):
         state = train.init_state(tree, labels, tx, seed=0)
-        before, start = _frozen_copy(state), partition.flatten(state.trainable)
-        step = rl.make_grpo_step(model, tx, reward_fn, SAMPLING, wrap=wrap)
-        state, steps[dtype] = jax.jit(step)(state, BATCH)
+        before = _frozen_copy(state)
+        start = {k: np.array(v) for k, v in partition.flatten(state.trainable).items()}
+        state, steps[dtype] = step(state, BATCH)
         _assert_frozen_unchanged(state, before)
         for leaf in jax.tree.leaves((state.trainable, state.opt_state)):
             assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype  # masters stay float32
