@@ -1,6 +1,9 @@
 """Evaluations several trainers share: exact sums over a split's batches (classification,
 SFT), fine-tuning trajectories on held-out tasks, and their summary (mean and 95% interval per
-number of steps).
+number of steps); and the evaluator plugins of `experiments.loop` (``config.evals.plugins``) that
+are not one trainer's own: a classifier's metrics on a split (``classification``, ``accuracy``,
+``loss``), and a tuned decoder's zero-shot label accuracy, label-word loss and greedy generation
+(``label_accuracy``, ``label_loss``, ``generation``).
 
 The meta-learning trainers (``meta``, ``fewshot``) evaluate an initialisation the same way: fine-
 tune it on each held-out task's support set with single `ftlab.meta.adapt` steps and measure it
@@ -15,11 +18,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftlab import meta
+from experiments import loop
+from ftlab import generation, icl, meta
 from ftlab.core import report
 from ftlab.data import batching
+from ftlab.models import llama
 
-__all__ = ["adapt_trajectory", "batch_sums", "steps_summary"]
+__all__ = [
+    "CLASSIFICATION_PLUGINS",
+    "DECODER_PLUGINS",
+    "adapt_trajectory",
+    "batch_sums",
+    "generation_match",
+    "label_accuracy",
+    "label_loss",
+    "split_evaluator",
+    "steps_summary",
+]
 
 
 def batch_sums(plan, eval_step, state, arrays: Mapping, *, batch_size: int) -> dict[str, float]:
@@ -71,3 +86,120 @@ def steps_summary(values: np.ndarray, steps: Iterable[int], name: str) -> dict[s
         key = f"eval/{name}_step_{k}"
         out[key], out[f"{key}_ci95"] = report.interval95(values[:, k])
     return out
+
+
+# -- a classifier on a split -----------------------------------------------------------------
+
+
+def evaluate(plan, eval_step, state, arrays, *, batch_size: int) -> dict[str, float]:
+    """Exact means over a split (padding masked out)."""
+    totals = batch_sums(plan, eval_step, state, arrays, batch_size=batch_size)
+    count = totals.pop("count")
+    return {k: v / count for k, v in totals.items()}
+
+
+def split_evaluator(metric: str | None):
+    """A factory for `loop.register`: ``metric`` (None: all) of the classifier on a split."""
+
+    def factory(*, split: str = "validation", eval_step, plan, data, batch_size):
+        if split not in data:
+            raise ValueError(f"split={split!r} is not one of {sorted(data)}")
+
+        def run(state):
+            results = evaluate(plan, eval_step, state, data[split], batch_size=batch_size)
+            return {f"eval/{split}/{k}": v for k, v in results.items() if metric in (None, k)}
+
+        return run
+
+    return factory
+
+
+# config.evals.plugins.<name> = dict(type="accuracy", split="test", every_steps=100), ...
+CLASSIFICATION_PLUGINS = ("classification", "accuracy", "loss")
+for _type, _metric in zip(CLASSIFICATION_PLUGINS, (None, "accuracy", "loss"), strict=True):
+    loop.register(_type)(split_evaluator(_metric))
+
+
+# -- a tuned decoder, scored after the zero-shot prompt (`ftlab.icl`) -------------------------
+
+DECODER_PLUGINS = ("label_accuracy", "label_loss", "generation")
+
+
+def _test_prompts(config, model, task, test, num_test):
+    """The first ``num_test`` (default ``config.data.num_test``) test examples as zero-shot
+    prompts: ids, mask, labels."""
+    n = min(config.data.num_test if num_test is None else num_test, len(test.text))
+    if n < 1:
+        raise ValueError(f"num_test={num_test!r}: expected at least 1")
+    ids, mask = icl.encode_prompts(
+        model.tokenizer, task, test.text[:n], config.data.query_len, pad_id=model.pad_id
+    )
+    return ids, mask, np.asarray(test.label[:n])
+
+
+@loop.register("label_accuracy")
+def label_accuracy(*, num_test=None, config, model, task, test, params_of, wrap, to_plain):
+    """``{"eval/accuracy"}``: the label word scored highest after the zero-shot prompt
+    (`ftlab.icl.accuracy` with no demonstrations, as ICL scores), on the plain tree."""
+    del wrap
+    n = len(_test_prompts(config, model, task, test, num_test)[2])
+    kw = dict(prefix_len=config.data.prefix_len, query_len=config.data.query_len,
+              batch_size=config.data.eval_batch_size, pad_id=model.pad_id)  # fmt: skip
+
+    def run(state):
+        plain = to_plain(params_of(state))
+        acc, _ = icl.accuracy(
+            model.config, plain, model.tokenizer, task, [], test.text[:n], test.label[:n], **kw
+        )
+        return {"eval/accuracy": acc}
+
+    return run
+
+
+@loop.register("label_loss")
+def label_loss(*, num_test=None, config, model, task, test, params_of, wrap, to_plain):
+    """``{"eval/label_loss", "eval/label_accuracy"}``: the training loss (next-token
+    cross-entropy of the label word) and its argmax accuracy, exact means over test prompts."""
+    del to_plain
+    ids, mask, labels = _test_prompts(config, model, task, test, num_test)
+    label_ids = np.asarray(icl.label_token_ids(model.tokenizer, task))
+    loss_fn = jax.jit(icl.label_word_loss(model.config, wrap))
+    size = config.data.eval_batch_size
+
+    def run(state):
+        params, sums = params_of(state), np.zeros(2)
+        for i in range(0, len(labels), size):
+            b = labels[i : i + size]
+            batch = {"input_ids": ids[i : i + size], "attention_mask": mask[i : i + size],
+                     "target": label_ids[b], "label": b, "label_ids": label_ids}  # fmt: skip
+            loss, aux = jax.device_get(loss_fn(params, batch, None))
+            sums += len(b) * np.asarray([loss, aux["accuracy"]], np.float64)
+        loss, acc = sums / len(labels)
+        return {"eval/label_loss": float(loss), "eval/label_accuracy": float(acc)}
+
+    return run
+
+
+@loop.register("generation")
+def generation_match(*, num_test=None, config, model, task, test, params_of, wrap, to_plain):
+    """``{"eval/generation/exact_match", "eval/generation/label_word"}``: the share of greedy
+    generations (`ftlab.generation`, one new token after the zero-shot prompt: every label word
+    is one token) that are the true label word, and that are any label word."""
+    del wrap
+    ids, mask, labels = _test_prompts(config, model, task, test, num_test)
+    label_ids = np.asarray(icl.label_token_ids(model.tokenizer, task))
+    module, size = llama.LlamaForCausalLM(model.config), config.data.eval_batch_size
+
+    def run(state):
+        plain, new = to_plain(params_of(state)), []
+        for i in range(0, len(labels), size):
+            out = generation.generate(module, plain, ids[i : i + size], mask[i : i + size],
+                                      max_new_tokens=1, eos_id=model.pad_id)  # fmt: skip
+            new.append(np.asarray(out.tokens)[:, 0])
+        new = np.concatenate(new)
+        return {
+            "eval/generation/exact_match": float(np.mean(new == label_ids[labels])),
+            "eval/generation/label_word": float(np.mean(np.isin(new, label_ids))),
+        }
+
+    return run

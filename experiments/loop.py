@@ -25,11 +25,11 @@ stays free of flags and I/O, and a notebook that wants a loop of its own compose
 `ftlab.core.train` and `ftlab.core.parallel` directly.
 
 Evaluators are plugins: ``config.evals.plugins = {"val": dict(type="accuracy", every_steps=100,
-...)}`` picks factories registered under their type with `register` (a trainer registers the
-types its task supports: classification ``accuracy``, ``loss``, ``classification``; meta
-``finetune_mse``; fewshot ``finetune_accuracy``; decoder tuning ``label_accuracy``,
-``label_loss``, ``generation``); `from_config` builds those a trainer offers and refuses any
-other type, or an option its factory does not take, in one error naming the key.
+...)}`` picks factories registered under their type with `register` (the shared ones in
+`experiments.evaluation`: a classifier's ``accuracy``, ``loss``, ``classification``; a tuned
+decoder's ``label_accuracy``, ``label_loss``, ``generation``; a trainer's own: meta
+``finetune_mse``, fewshot ``finetune_accuracy``); `from_config` builds those a trainer offers
+and refuses any other type, or an option its factory does not take, in one error naming the key.
 """
 
 from __future__ import annotations

@@ -20,35 +20,6 @@ from ftlab.data import batching
 from ftlab.tasks import classification
 
 
-def evaluate(plan, eval_step, state, arrays, *, batch_size: int) -> dict[str, float]:
-    """Exact means over a split (padding masked out)."""
-    totals = evaluation.batch_sums(plan, eval_step, state, arrays, batch_size=batch_size)
-    count = totals.pop("count")
-    return {k: v / count for k, v in totals.items()}
-
-
-def _split_evaluator(metric: str | None):
-    """A factory for `loop.register`: ``metric`` (None: all) of the classifier on a split."""
-
-    def factory(*, split: str = "validation", eval_step, plan, data, batch_size):
-        if split not in data:
-            raise ValueError(f"split={split!r} is not one of {sorted(data)}")
-
-        def run(state):
-            results = evaluate(plan, eval_step, state, data[split], batch_size=batch_size)
-            return {f"eval/{split}/{k}": v for k, v in results.items() if metric in (None, k)}
-
-        return run
-
-    return factory
-
-
-# config.evals.plugins.<name> = dict(type="accuracy", split="test", every_steps=100), ...
-PLUGINS = ("classification", "accuracy", "loss")
-for _type, _metric in zip(PLUGINS, (None, "accuracy", "loss"), strict=True):
-    loop.register(_type)(_split_evaluator(_metric))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains, evaluates and checkpoints into ``workdir``; resumes from its latest checkpoint.
 
@@ -106,10 +77,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     on = dict(eval_step=eval_step, plan=plan, data=data, batch_size=config.evals.batch_size)
-    run_eval = {s: _split_evaluator(None)(split=s, **on) for s in ("validation", "test")}
+    run_eval = {s: evaluation.split_evaluator(None)(split=s, **on) for s in ("validation", "test")}
     evaluators = [
         loop.Evaluator("validation", run_eval["validation"], every_steps=config.evals.every_steps),
-        *loop.from_config(config.evals.get("plugins"), types=PLUGINS, **on),
+        *loop.from_config(
+            config.evals.get("plugins"), types=evaluation.CLASSIFICATION_PLUGINS, **on
+        ),
     ]
 
     # -- loop -------------------------------------------------------------------------------

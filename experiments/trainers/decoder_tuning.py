@@ -39,19 +39,18 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import finished, loop, models, reports
-from ftlab import generation, icl
+from experiments import evaluation, finished, loop, models, reports
+from ftlab import icl
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import partition, train
 from ftlab.data import rotten_tomatoes
-from ftlab.models import llama
 from ftlab.peft import qlora
 
 METHODS = models.DECODER_METHODS
 # Each run's loop folder (checkpoints, metrics.jsonl) under the workdir: runs/<method>_n<n>_s<seed>
 RUNS = "runs"
-# the evaluator types of config.evals.plugins (experiments.loop), run during each short run
-PLUGINS = ("label_accuracy", "label_loss", "generation")
+# the evaluator types of config.evals.plugins (`experiments.evaluation`), run in each short run
+PLUGINS = evaluation.DECODER_PLUGINS
 
 
 def num_steps(config: ml_collections.ConfigDict, n: int) -> int:
@@ -59,91 +58,6 @@ def num_steps(config: ml_collections.ConfigDict, n: int) -> int:
     o = config.optim
     steps = int(np.ceil(o.epochs * n / o.batch_size))
     return int(np.clip(steps, o.min_steps, o.max_steps))
-
-
-# -- evaluators: factories of `loop.register`, all with the same context --------------------
-def _plugins(config):
-    return (config.get("evals") or {}).get("plugins")
-
-
-def _test_prompts(config, model, task, test, num_test):
-    """The first ``num_test`` (default ``config.data.num_test``) test examples as zero-shot
-    prompts: ids, mask, labels."""
-    n = min(config.data.num_test if num_test is None else num_test, len(test.text))
-    if n < 1:
-        raise ValueError(f"num_test={num_test!r}: expected at least 1")
-    ids, mask = icl.encode_prompts(
-        model.tokenizer, task, test.text[:n], config.data.query_len, pad_id=model.pad_id
-    )
-    return ids, mask, np.asarray(test.label[:n])
-
-
-@loop.register("label_accuracy")
-def label_accuracy(*, num_test=None, config, model, task, test, params_of, wrap, to_plain):
-    """``{"eval/accuracy"}``: the label word scored highest after the zero-shot prompt
-    (`ftlab.icl.accuracy` with no demonstrations, as ICL scores), on the plain tree."""
-    del wrap
-    n = len(_test_prompts(config, model, task, test, num_test)[2])
-    kw = dict(prefix_len=config.data.prefix_len, query_len=config.data.query_len,
-              batch_size=config.data.eval_batch_size, pad_id=model.pad_id)  # fmt: skip
-
-    def run(state):
-        plain = to_plain(params_of(state))
-        acc, _ = icl.accuracy(
-            model.config, plain, model.tokenizer, task, [], test.text[:n], test.label[:n], **kw
-        )
-        return {"eval/accuracy": acc}
-
-    return run
-
-
-@loop.register("label_loss")
-def label_loss(*, num_test=None, config, model, task, test, params_of, wrap, to_plain):
-    """``{"eval/label_loss", "eval/label_accuracy"}``: the training loss (next-token
-    cross-entropy of the label word) and its argmax accuracy, exact means over test prompts."""
-    del to_plain
-    ids, mask, labels = _test_prompts(config, model, task, test, num_test)
-    label_ids = np.asarray(icl.label_token_ids(model.tokenizer, task))
-    loss_fn = jax.jit(icl.label_word_loss(model.config, wrap))
-    size = config.data.eval_batch_size
-
-    def run(state):
-        params, sums = params_of(state), np.zeros(2)
-        for i in range(0, len(labels), size):
-            b = labels[i : i + size]
-            batch = {"input_ids": ids[i : i + size], "attention_mask": mask[i : i + size],
-                     "target": label_ids[b], "label": b, "label_ids": label_ids}  # fmt: skip
-            loss, aux = jax.device_get(loss_fn(params, batch, None))
-            sums += len(b) * np.asarray([loss, aux["accuracy"]], np.float64)
-        loss, acc = sums / len(labels)
-        return {"eval/label_loss": float(loss), "eval/label_accuracy": float(acc)}
-
-    return run
-
-
-@loop.register("generation")
-def generation_match(*, num_test=None, config, model, task, test, params_of, wrap, to_plain):
-    """``{"eval/generation/exact_match", "eval/generation/label_word"}``: the share of greedy
-    generations (`ftlab.generation`, one new token after the zero-shot prompt: every label word
-    is one token) that are the true label word, and that are any label word."""
-    del wrap
-    ids, mask, labels = _test_prompts(config, model, task, test, num_test)
-    label_ids = np.asarray(icl.label_token_ids(model.tokenizer, task))
-    module, size = llama.LlamaForCausalLM(model.config), config.data.eval_batch_size
-
-    def run(state):
-        plain, new = to_plain(params_of(state)), []
-        for i in range(0, len(labels), size):
-            out = generation.generate(module, plain, ids[i : i + size], mask[i : i + size],
-                                      max_new_tokens=1, eos_id=model.pad_id)  # fmt: skip
-            new.append(np.asarray(out.tokens)[:, 0])
-        new = np.concatenate(new)
-        return {
-            "eval/generation/exact_match": float(np.mean(new == label_ids[labels])),
-            "eval/generation/label_word": float(np.mean(np.isin(new, label_ids))),
-        }
-
-    return run
 
 
 def run_one(
@@ -215,7 +129,9 @@ def run_one(
     # -- evaluators during the run (config.evals.plugins) and of its final parameters --------
     on = dict(config=config, model=model, task=task, test=test, wrap=wrap, to_plain=to_plain)
     placed = lambda state: plan.get_state(state).params  # noqa: E731
-    evaluators = loop.from_config(_plugins(config), types=PLUGINS, params_of=placed, **on)
+    evaluators = loop.from_config(
+        (config.get("evals") or {}).get("plugins"), types=PLUGINS, params_of=placed, **on
+    )
     try:
         run = finished.short_run(
             workdir, plan=plan, state=state, step_fn=steps_cache[method], batch_at=batch_at,
@@ -226,7 +142,7 @@ def run_one(
         raise
     # a resumed run kept only the steps after its checkpoint: the loss record starts there
     losses = [float(m["train/loss"]) for m in run.history]
-    acc = label_accuracy(params_of=lambda s: s.params, **on)(run.state)["eval/accuracy"]
+    acc = evaluation.label_accuracy(params_of=lambda s: s.params, **on)(run.state)["eval/accuracy"]
     n_test = min(config.data.num_test, len(test.text))
     return {
         "method": method,
@@ -285,7 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
     # the evaluators' types and options are checked before any run trains (each run builds its own)
     on = dict(config=config, model=model, task=task, test=data["test"], params_of=None)
-    loop.from_config(_plugins(config), types=PLUGINS, wrap=None, to_plain=None, **on)
+    loop.from_config(
+        (config.get("evals") or {}).get("plugins"), types=PLUGINS, wrap=None, to_plain=None, **on
+    )
     runs = {
         f"{method}_n{n}_s{seed}": (method, n, seed)
         for method in config.methods
