@@ -10,8 +10,10 @@ that was interrupted) are dropped, so that its rerun writes them once:
     )
 
 Each training inside a run is a `short_run` of `experiments.loop` (placement, the stop on a
-non-finite loss naming the step, process-0 writers, a checkpoint at its end and on a signal).
-Only process 0 of a multi-process job writes the records and the metric lines.
+non-finite loss naming the step, process-0 writers, a checkpoint at its end and on a signal)
+in its own folder, ``<workdir>/runs/<name>/`` by the sweeps' convention, from whose checkpoint
+an interrupted run resumes. Only process 0 of a multi-process job writes the records and the
+metric lines; the sweep's report (`reports.publish`: results.json, results.md, its plots) too.
 """
 
 from __future__ import annotations

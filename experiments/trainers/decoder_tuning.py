@@ -8,18 +8,10 @@ score the test examples exactly as zero-shot ICL does (`ftlab.icl.accuracy` with
 demonstrations) on the method's plain tree (LoRA merged, the prefix MLP evaluated and dropped,
 the Q4 base dequantised). So every point of the table differs from ICL only in the parameters.
 
-Writes into the workdir:
-
-    finished/<method>_n<n>_s<seed>.json  one finished run (the sweep resumes run by run;
-                                      `experiments/finished.py`)
-    runs/<method>_n<n>_s<seed>/       that run's loop folder (`experiments/loop.py`): its
-                                      checkpoint, from which an interrupted run resumes, and
-                                      metrics.jsonl
-    results.json, results.md          accuracy per method and n (mean, std over seeds), trainable
-                                      parameters, base bytes held during training, wall time
-    tuning_vs_icl.png                 accuracy against n (log x), one line per method, with the
-                                      ICL points of `config.icl_results` (a results.json of
-                                      configs/icl_smollm2.py) placed at n = k demonstrations
+A `finished.sweep` of runs ``<method>_n<n>_s<seed>``; results.json/.md hold the accuracy per
+method and n (mean, std over seeds), trainable parameters, base bytes held during training and
+wall time, and tuning_vs_icl.png the accuracy against n with the ICL points of
+`config.icl_results` (a results.json of configs/icl_smollm2.py) at n = k demonstrations.
 
 References:
     Lester et al. 2021 (prompt tuning), https://arxiv.org/abs/2104.08691; Li & Liang 2021

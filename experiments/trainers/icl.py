@@ -4,17 +4,10 @@ For each task and each `k` in `config.icl.shots`, `config.icl.draws` random bala
 demonstrations (from the train split, each cut to `config.data.max_demo_tokens` tokens so that
 the largest `k` fits `config.icl.prefix_len`) are put in front of every test query, and the
 label word with the highest next-token log-probability is the prediction (`ftlab.icl`). `k = 0`
-is the instruction alone (one draw: there is nothing to draw). Writes into the workdir:
-
-    results.json    per task and k: accuracy of every draw, mean and standard deviation; the
-                    mean log-probability of the true label word per draw
-    results.md      the same as a markdown table
-    icl.png         accuracy against k (mean, with the spread over draws as error bars)
-    metrics.jsonl   `icl/<task>/accuracy_mean` etc. with step = k (MetricWriter)
-
-Data parallel (``config.parallel``): the weights are placed once, each batch of
-``config.icl.batch_size`` queries is split over the devices and the counts summed over the mesh.
-A finished task is kept in ``finished/`` and a rerun skips it (`experiments.finished.sweep`).
+is the instruction alone (one draw: there is nothing to draw). A `finished.sweep` over tasks:
+results.json/.md hold per task and k every draw's accuracy (mean, std) and the true label word's
+mean log-probability, icl.png the accuracy against k, metrics.jsonl ``icl/<task>/...`` at step k.
+The weights are placed once and each batch of queries split over the data mesh.
 """
 
 from __future__ import annotations

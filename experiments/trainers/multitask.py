@@ -14,15 +14,9 @@ label leaves per-task / shared / frozen, the task weighting and the pairwise pen
 With ``config.data.dataset = "rotten_tomatoes"`` the tasks are text classification on one frozen
 pretrained encoder instead, with one LoRA per task (`train_lora_per_task`).
 
-Writes ``results.json`` (per-task and mean test metrics per method), ``results.md`` (the same as a
-markdown table), ``per_task.png`` (the test metric per task and method), ``metrics.jsonl`` and
-TensorBoard events (training losses) and ``train.png`` into the workdir. Each method's result is
-kept in ``finished/<method>.json`` when it completes (`experiments/finished.py`): rerunning
-the same command after an interruption skips the finished methods and trains the rest from the
-seed (one method takes seconds to minutes, the LoRA-per-task one about 20 on a CPU).
-
-Each method trains as one run of `experiments.loop` in ``runs/<method>/`` (the rows of each
-task's batch split over the data mesh).
+A `finished.sweep` of one run per method (the rows of each task's batch split over the data
+mesh); results.json/.md hold the per-task and mean test metrics per method, per_task.png the
+test metric per task and method, train.png the training losses.
 """
 
 from __future__ import annotations

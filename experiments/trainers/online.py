@@ -1,13 +1,9 @@
 """Online learning on a real stream: progressive metrics, regret and its slope, river beside it.
 
-Writes to the workdir: `results.json` (final progressive metrics, regret, slope, solver tolerance,
-river's scores, timings), `table.md` (one row per step size of the vmapped sweep, plus river),
-`metrics.jsonl` + TensorBoard (the main learner's progressive metrics and regret after each
-chunk of the stream), `plots/regret.png` (log-log R(t) with the fitted slope), `plots/*.png`
-(every metric) and `checkpoints/` (every learner's state, for resume), all by process 0 only.
-
-The stream runs on `experiments.loop` in chunks of ``config.data.chunk_size`` examples, one
-loop step each; the sweep's learners are split over the devices of the data mesh.
+The stream runs on `experiments.loop`, one step per chunk of ``config.data.chunk_size``
+examples, the sweep's learners split over the data mesh. results.json holds the final
+progressive metrics, regret and its slope, river's scores and timings; table.md one row per step
+size (and river); plots/regret.png the log-log R(t) with the fitted slope.
 """
 
 from __future__ import annotations

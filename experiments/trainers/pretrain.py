@@ -9,15 +9,10 @@ the encoder then gets a fresh head and trains on ``config.data.label_fractions``
 labels (drawn per class, nested across fractions), once as a linear probe (encoder frozen) and
 once fully fine-tuned, and is scored on the test split.
 
-Writes to the workdir: ``results.json`` (every accuracy, per seed and mean/std), ``results.md``
-(the table), ``transfer.png`` (test accuracy against label fraction), ``metrics.jsonl`` with the
-pretext losses of the first seed and their plots under ``plots/``. Each (seed, method) run is
-kept in ``finished/`` when it completes (`experiments/finished.py`), so rerunning the
-command after an interruption skips what finished.
-
-Every training (a pretext task, a layer-wise stage, a probe or fine-tuning) is a short run of
-`experiments.loop` in ``runs/seed<s>_<method>/<part>/``; a (seed, method) run that did not finish
-starts over.
+A `finished.sweep` of (seed, method) runs, each training (a pretext task, a layer-wise stage,
+a probe or fine-tuning) a short run in ``runs/seed<s>_<method>/<part>/``; an unfinished (seed,
+method) run starts over. results.json/.md hold every accuracy (per seed, mean/std),
+transfer.png the test accuracy against label fraction, plots/ the first seed's pretext losses.
 """
 
 from __future__ import annotations
