@@ -18,14 +18,21 @@ import numpy as np
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import report
 from ftlab.data import sinusoid
+from ftlab.posttrain import metrics as agreement_lib
 
 __all__ = [
     "publish",
     "decoder_plot",
     "decoder_summary",
     "decoder_table",
+    "diffusion_pretrain_plot",
+    "diffusion_samples_plot",
+    "diffusion_table",
+    "diffusion_transfer_plot",
     "fewshot_plot",
     "fewshot_table",
+    "gcn_transfer_plot",
+    "gcn_transfer_table",
     "icl_plot",
     "icl_points",
     "icl_table",
@@ -36,6 +43,17 @@ __all__ = [
     "online_table",
     "pretrain_plot",
     "pretrain_table",
+    "reward_plot",
+    "reward_table",
+    "reward_training_plot",
+    "rlhf_kl_frontier_plot",
+    "rlhf_rewards_plot",
+    "rlhf_samples_table",
+    "rlhf_table",
+    "rnn_transfer_plot",
+    "rnn_transfer_table",
+    "sft_losses_plot",
+    "sft_table",
 ]
 
 
@@ -69,6 +87,13 @@ def publish(
     if curves is not None and jsonl.exists() and jsonl.stat().st_size:
         metrics_lib.plot_curves(jsonl, workdir / curves)
     return True
+
+
+def _smooth(curve: Sequence[float], width: int) -> np.ndarray:
+    """Trailing mean over the last ``width`` steps (fewer at the start)."""
+    c = np.cumsum(np.insert(np.asarray(curve, np.float64), 0, 0.0))
+    lo = np.maximum(np.arange(1, len(curve) + 1) - width, 0)
+    return (c[1:] - c[lo]) / (np.arange(1, len(curve) + 1) - lo)
 
 
 # -- online learning (experiments/trainers/online.py) ------------------------------------------
@@ -459,3 +484,334 @@ def meta_adapted_plot(method: str, tasks, curves, *, grid, steps, num_tasks: int
         figsize=(4.2 * num_tasks, 3.4),
         suptitle=f"{method}: adapted curves on held-out tasks",
     )
+
+
+# -- reward model from human ratings (experiments/trainers/reward.py) --------------------------
+
+
+def reward_table(rows: list[dict], *, n_test: int, min_difference: float) -> str:
+    """The Markdown table: one row per scorer on the test snippets."""
+    return report.table(
+        rows,
+        (
+            report.Column("scorer"),
+            report.Column("Pearson r", "pearson", "{:.3f}"),
+            report.Column("Spearman ρ", "spearman", "{:.3f}"),
+            report.Column("pairwise accuracy", "pairwise_accuracy", "{:.3f}"),
+            report.Column("pairs", "pairs", "{:,.0f}"),
+        ),
+        notes=[
+            f"{n_test} held-out movie snippets (test split). Pearson and Spearman against the "
+            "mean human rating; pairwise accuracy over every pair whose means differ by at least "
+            f"{min_difference:g} (ties count 1/2). The human rater is one random rater per "
+            "snippet against the mean of the other raters.",
+        ],
+    )
+
+
+def reward_training_plot(records):
+    """The training loss and the validation Pearson r against the step, side by side."""
+    panels = []
+    for key, label in (
+        ("train/loss", "Bradley-Terry loss (train)"),
+        ("eval/validation/pearson", "Pearson r (validation)"),
+    ):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            x, y = zip(*points, strict=True)
+            panels.append(
+                report.Panel(
+                    [report.Line(x, y, style={"marker": "."})], xlabel="step", ylabel=label
+                )
+            )
+    return report.panels_plot(panels, figsize=(4.5 * len(panels), 3.2))
+
+
+def reward_plot(model_scores, vader, mean, *, title: str):
+    """Test rewards and VADER's scores against the mean human rating, side by side."""
+    fig = report.figure((9, 3.8), layout="constrained")
+    for i, (name, s) in enumerate((("reward model", model_scores), ("VADER compound", vader))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.scatter(mean, s, s=4, alpha=0.35)
+        r = agreement_lib.pearson(s, mean)
+        ax.set_title(f"{name} (r = {r:.3f})", fontsize=10)
+        ax.set_xlabel("mean human rating (-4..4)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# -- sentiment-controlled generation (experiments/trainers/rlhf.py) ----------------------------
+
+
+def _rlhf_reward_cell(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def rlhf_table(rows: Sequence[dict], budgets: Sequence[float], *, notes=()) -> str:
+    """One row per run: reward before and after, KL after, reward within each KL budget."""
+    columns = [
+        report.Column("algorithm"),
+        report.Column("steps", "steps"),
+        report.Column("reward before", "reward_before", "{:.3f}"),
+        report.Column("reward after", "reward_after", "{:.3f}"),
+        report.Column("KL after (nats)", "kl_after", "{:.2f}"),
+        report.Column("length after", "length_after", "{:.1f}"),
+        *[
+            report.Column(
+                f"reward at KL ≤ {b:g}",
+                (lambda r, b=b: r["reward_at_kl"][f"{b:g}"]),
+                _rlhf_reward_cell,
+            )
+            for b in budgets
+        ],
+    ]
+    return report.table(rows, columns, notes=notes)
+
+
+def rlhf_rewards_plot(records, points: Sequence[dict], title: str):
+    """Mean reward and KL to the reference against the step: the held-out evaluations
+    (``points``: before, during and after training) and, for PPO and GRPO, each step's own
+    rollouts (``records``: metrics.jsonl)."""
+    panels = []
+    for key, label in (("reward", "mean reward"), ("kl", "KL to reference (nats/completion)")):
+        lines = []
+        train_pts = [(r["step"], r[f"train/{key}"]) for r in records if f"train/{key}" in r]
+        if train_pts:
+            lines.append(report.Line(*zip(*train_pts, strict=True), label="training rollouts"))
+        lines.append(
+            report.Line(
+                [p["step"] for p in points],
+                [p[key] for p in points],
+                label="held-out prompts",
+                style={"marker": "o"},
+            )
+        )
+        panels.append(report.Panel(lines, xlabel="step", ylabel=label, legend={"fontsize": 8}))
+    return report.panels_plot(panels, figsize=(10, 3.6), suptitle=title)
+
+
+def rlhf_samples_table(before: dict, after: dict, *, steps: int, limit: int) -> str:
+    """The held-out continuations before and after training (same prompts, same rng)."""
+    lines = [
+        f"# Held-out continuations before and after {steps} steps (same prompts, same rng)",
+        "",
+        "| prompt | before | reward | after | reward |",
+        "|---|---|---|---|---|",
+    ]
+    esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    b, a = before["samples"], after["samples"]
+    for i in range(min(limit, len(b["prompt"]))):
+        lines.append(
+            f"| {esc(b['prompt'][i])} | {esc(b['completion'][i])} | {b['scores'][i]:.2f} "
+            f"| {esc(a['completion'][i])} | {a['scores'][i]:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rlhf_kl_frontier_plot(runs: Sequence[tuple[str, Sequence[dict]]]):
+    """Held-out mean reward against KL to the reference: one line per ``(label, points)`` of
+    ``runs`` (``points``: a run's evaluations, dicts with ``kl`` and ``reward``)."""
+    lines = [
+        report.Line(
+            [p["kl"] for p in points],
+            [p["reward"] for p in points],
+            label=label,
+            style={"marker": "o"},
+        )
+        for label, points in runs
+    ]
+    return report.line_plot(
+        lines,
+        xlabel="KL to reference (nats per completion)",
+        ylabel="mean reward (held-out prompts)",
+        legend={},
+        figsize=(5.5, 3.8),
+    )
+
+
+# -- instruction tuning (experiments/trainers/sft.py) ------------------------------------------
+
+
+def sft_table(rows: list[dict], *, notes) -> str:
+    """One row per run: trainable parameters, held-out loss and perplexity before and after."""
+    return report.table(
+        rows,
+        (
+            report.Column("model"),
+            report.Column("method"),
+            report.Column("trainable", "trainable_params", "{:,}"),
+            report.Column("steps", "steps"),
+            report.Column("held-out loss before", "loss_before", "{:.4f}"),
+            report.Column("after", "loss_after", "{:.4f}"),
+            report.Column("perplexity before", "ppl_before", "{:.2f}"),
+            report.Column("after", "ppl_after", "{:.2f}"),
+        ),
+        notes=notes,
+    )
+
+
+def sft_losses_plot(records, before: float):
+    """Train loss and held-out loss (the value before training at step 0) against the step."""
+    train_points = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+    held = [(0, before)] + [
+        (r["step"], r["eval/test/loss"]) for r in records if "eval/test/loss" in r
+    ]
+    lines = [
+        report.Line(*zip(*pts, strict=True), label=label, style={"marker": "."})
+        for pts, label in ((train_points, "train (batch)"), (held, "held-out"))
+        if pts
+    ]
+    return report.line_plot(
+        lines, xlabel="step", ylabel="NLL per assistant token", legend={}, figsize=(5.5, 3.6)
+    )
+
+
+# -- recurrent language model transfer (experiments/trainers/rnn_transfer.py) ------------------
+
+
+def rnn_transfer_table(rows: list[dict], *, source: str, target: str) -> str:
+    """One row per method (and the pretrained model): test bits per byte on both corpora."""
+    columns = [
+        report.Column("method"),
+        report.Column("trainable", fmt="{:,}"),
+        report.Column(f"{target} test bits/byte", "target_bpc", "{:.3f}"),
+        report.Column(f"{source} test bits/byte", "source_bpc", "{:.3f}"),
+        report.Column("train s", "seconds", "{:.0f}"),
+    ]
+    return report.table(rows, columns)
+
+
+def rnn_transfer_plot(
+    results_by: Mapping[str, dict], *, pretrained_bpc: float, source: str, target: str, cell: str
+):
+    """Train bits per byte against the step per method (smoothed over 10 steps, the test
+    number in the legend), dotted: the pretrained model's test bits per byte, not adapted."""
+    lines = [
+        report.Line(
+            np.arange(1, len(r["curve"]) + 1),
+            _smooth(r["curve"], 10),
+            label=f"{m} (test {r['target_bpc']:.2f})",
+        )
+        for m, r in results_by.items()
+    ]
+    return report.line_plot(
+        lines,
+        xlabel="step on the target",
+        ylabel="train bits per byte",
+        title=f"{source} -> {target}: byte-level {cell.upper()}",
+        hlines=[
+            report.HLine(
+                pretrained_bpc,
+                "pretrained, not adapted (test)",
+                {"color": "k", "linestyle": ":"},
+            )
+        ],
+        legend={"fontsize": 8},
+    )
+
+
+# -- GCN transfer (experiments/trainers/gcn_transfer.py) ---------------------------------------
+
+
+def gcn_transfer_table(rows: list[dict], labels_per_class: Sequence[int]) -> str:
+    """One row per method, one column per labels per class: mean ± std test accuracy (%)."""
+    cell = lambda r: f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}"  # noqa: E731
+    columns = [report.Column("method")]
+    columns += [report.Column(f"{k}/class", lambda w, k=k: w[k], cell) for k in labels_per_class]
+    return report.table(report.pivot(rows, index=("method",), column="labels_per_class"), columns)
+
+
+def gcn_transfer_plot(rows: list[dict], *, dataset: str, num_seeds: int):
+    """Test accuracy (± std over seeds) against labelled nodes per class (log x), per method."""
+    lines = report.grouped_lines(
+        rows, by=("method",), x="labels_per_class", y="accuracy_mean", yerr="accuracy_std",
+        style={"marker": "o", "capsize": 3},
+    )  # fmt: skip
+    return report.line_plot(
+        lines, xscale="log", xlabel="labelled nodes per class", ylabel="test accuracy",
+        title=f"GCN on {dataset} ({num_seeds} seeds)", legend={"fontsize": 8},
+    )  # fmt: skip
+
+
+# -- diffusion transfer (experiments/trainers/diffusion_transfer.py) ---------------------------
+
+
+def _tile(x: np.ndarray, rows: int) -> np.ndarray:
+    """``[rows * cols, h, w]`` -> one ``[rows * h, cols * w]`` image (row-major)."""
+    n, h, w = x.shape
+    cols = n // rows
+    return x.reshape(rows, cols, h, w).transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
+
+
+def _diffusion_caption(r: dict) -> str:
+    return f"acc {100 * r['judge_accuracy']:.0f}%  FD {r['frechet']:.1f}"
+
+
+def diffusion_table(rows: list[dict], test_nearest: Mapping[str, float]) -> str:
+    """One row per (method, shots) and the reference rows: the judge's accuracy on the samples,
+    the Frechet distance, the nearest shot, the test loss; the note gives ``test_nearest``
+    (``{shots: the held-out test images' nearest-shot distance}``)."""
+    columns = [
+        report.Column("method"),
+        report.Column("shots/class", "shots"),
+        report.Column("trainable", fmt="{:,}"),
+        report.Column("judge accuracy %", "judge_accuracy", lambda v: f"{100 * v:.1f}"),
+        report.Column("Frechet distance", "frechet", "{:.2f}"),
+        report.Column("nearest shot", "nearest", "{:.2f}"),
+        report.Column("test FM loss", "test_loss", "{:.4f}"),
+        report.Column("train s", "seconds", "{:.0f}"),
+    ]
+    notes = [
+        "nearest shot: mean pixel L2 distance of a sample to the closest training image of its "
+        "method (0: a copy); held-out test images score "
+        + ", ".join(f"{v:.2f} ({k} shots)" for k, v in test_nearest.items())
+    ]
+    return report.table(rows, columns, notes=notes)
+
+
+def diffusion_samples_plot(
+    real_grid: np.ndarray,
+    pretrained: dict,
+    adapted: Mapping[str, dict],
+    *,
+    targets: Sequence[int],
+    shots: int,
+):
+    """Side by side: test images, the pretrained model's samples, then each method's
+    (``adapted``: ``{method: its result}`` at ``shots``), one row per class of ``targets``."""
+    panels = [("test images", real_grid, "")]
+    panels.append(("pretrained", np.asarray(pretrained["grid"]), _diffusion_caption(pretrained)))
+    panels += [(m, np.asarray(r["grid"]), _diffusion_caption(r)) for m, r in adapted.items()]
+    fig = report.figure((2.3 * len(panels), 2.1), layout="constrained")
+    for ax, (title, x, caption) in zip(fig.subplots(1, len(panels)), panels, strict=True):
+        ax.imshow(_tile(x, len(targets)), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(caption, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"digits {','.join(map(str, targets))} from {shots} images each", fontsize=10)
+    return fig
+
+
+def diffusion_pretrain_plot(source_grid: np.ndarray, source_classes: Sequence[int]):
+    """The pretrained model's samples of its source classes, one row per class."""
+    fig = report.figure((3, 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(_tile(np.asarray(source_grid), len(source_classes)), cmap="gray_r")
+    ax.set_title(f"pretrained, classes {list(source_classes)}", fontsize=9)
+    ax.set_axis_off()
+    return fig
+
+
+def diffusion_transfer_plot(results_by: Mapping[tuple[str, int], dict]):
+    """Train flow-matching loss (smoothed over 50 steps) against the step per (method, shots)."""
+    lines = [
+        report.Line(np.arange(1, len(r["curve"]) + 1), _smooth(r["curve"], 50), label=f"{m} {k}")
+        for (m, k), r in results_by.items()
+    ]
+    return report.line_plot(
+        lines, xlabel="step on the target images", ylabel="train flow-matching loss",
+        title="flow matching on few digits", legend={"fontsize": 8},
+    )  # fmt: skip

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import finished, loop, models
+from experiments import finished, loop, models, reports
 from ftlab.core import partition, report, train
 from ftlab.data import images
 from ftlab.models import diffusion
@@ -129,13 +129,6 @@ def judge_loss(judge: Judge):
         return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
     return loss_fn
-
-
-def tile(x: np.ndarray, rows: int) -> np.ndarray:
-    """``[rows * cols, h, w]`` -> one ``[rows * h, cols * w]`` image (row-major)."""
-    n, h, w = x.shape
-    cols = n // rows
-    return x.reshape(rows, cols, h, w).transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -408,70 +401,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_s": time.perf_counter() - start,
         "hardware": f"{platform.machine()} {jax.devices()[0].platform}",
     }
-    if jax.process_index() != 0:
-        return results
-    columns = [
-        report.Column("method"),
-        report.Column("shots/class", "shots"),
-        report.Column("trainable", fmt="{:,}"),
-        report.Column("judge accuracy %", "judge_accuracy", lambda v: f"{100 * v:.1f}"),
-        report.Column("Frechet distance", "frechet", "{:.2f}"),
-        report.Column("nearest shot", "nearest", "{:.2f}"),
-        report.Column("test FM loss", "test_loss", "{:.4f}"),
-        report.Column("train s", "seconds", "{:.0f}"),
-    ]
-    notes = [
-        "nearest shot: mean pixel L2 distance of a sample to the closest training image of its "
-        "method (0: a copy); held-out test images score "
-        + ", ".join(f"{v:.2f} ({k} shots)" for k, v in results["test_nearest"].items())
-    ]
-    table = report.table(rows, columns, notes=notes)
-    report.save_table(workdir / "results", markdown=table, data=results)
-
-    # -- sample grids ------------------------------------------------------------------------
-    g = e.grid_per_class
-    real_grid = np.concatenate(
-        [te.images[te.label == c][:g] for c in targets]
-    )  # the first test images of each class
-    for k in d.shots:
-        panels = [("test images", real_grid, "")]
-        panels.append(("pretrained", np.asarray(pre["grid"]), _caption(pre)))
-        panels += [(m, np.asarray(results_by[m, k]["grid"]), _caption(results_by[m, k]))
-                   for m in config.methods]  # fmt: skip
-        fig = report.figure((2.3 * len(panels), 2.1), layout="constrained")
-        for ax, (title, x, caption) in zip(fig.subplots(1, len(panels)), panels, strict=True):
-            ax.imshow(tile(x, len(targets)), cmap="gray_r", vmin=0, vmax=1)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel(caption, fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.suptitle(f"digits {','.join(map(str, targets))} from {k} images each", fontsize=10)
-        report.save_figure(fig, workdir / f"samples_{k}.png", dpi=140)
-    fig = report.figure((3, 3.2), layout="constrained")
-    ax = fig.subplots()
-    ax.imshow(tile(np.asarray(pre["source_grid"]), len(d.source_classes)), cmap="gray_r")
-    ax.set_title(f"pretrained, classes {list(d.source_classes)}", fontsize=9)
-    ax.set_axis_off()
-    report.save_figure(fig, workdir / "pretrain.png", dpi=110)
-    lines = [
-        report.Line(np.arange(1, len(r["curve"]) + 1), _smooth(r["curve"], 50), label=f"{m} {k}")
-        for (m, k), r in results_by.items()
-    ]
-    fig = report.line_plot(
-        lines, xlabel="step on the target images", ylabel="train flow-matching loss",
-        title="flow matching on few digits", legend={"fontsize": 8},
-    )  # fmt: skip
-    report.save_figure(fig, workdir / "transfer.png", dpi=110)
-    print(table, flush=True)
+    table = reports.diffusion_table(rows, results["test_nearest"])
+    figures = {
+        "pretrain.png": lambda: reports.diffusion_pretrain_plot(
+            pre["source_grid"], d.source_classes
+        ),
+        "transfer.png": lambda: reports.diffusion_transfer_plot(results_by),
+    }
+    if reports.publish(workdir, results, table=table, figures=figures, dpi=110):
+        # the sample grids, at a finer resolution than the other figures
+        g = e.grid_per_class
+        real_grid = np.concatenate(
+            [te.images[te.label == c][:g] for c in targets]
+        )  # the first test images of each class
+        for k in d.shots:
+            adapted = {m: results_by[m, k] for m in config.methods}
+            fig = reports.diffusion_samples_plot(real_grid, pre, adapted, targets=targets, shots=k)
+            report.save_figure(fig, workdir / f"samples_{k}.png", dpi=140)
+        print(table, flush=True)
     return results
-
-
-def _caption(r: dict) -> str:
-    return f"acc {100 * r['judge_accuracy']:.0f}%  FD {r['frechet']:.1f}"
-
-
-def _smooth(curve: list[float], width: int) -> np.ndarray:
-    """Trailing mean over the last ``width`` steps (fewer at the start)."""
-    c = np.cumsum(np.insert(np.asarray(curve, np.float64), 0, 0.0))
-    lo = np.maximum(np.arange(1, len(curve) + 1) - width, 0)
-    return (c[1:] - c[lo]) / (np.arange(1, len(curve) + 1) - lo)

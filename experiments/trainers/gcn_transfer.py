@@ -34,9 +34,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import finished, loop, models
+from experiments import finished, loop, models, reports
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, partition, report, train
+from ftlab.core import parallel, partition, train
 from ftlab.data import graphs
 from ftlab.models import gcn
 from ftlab.peft import lora
@@ -215,22 +215,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_s": time.perf_counter() - start,
         "hardware": f"{platform.machine()} {jax.devices()[0].platform}",
     }
-    if jax.process_index() != 0:
-        return results
-    cell = lambda r: f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}"  # noqa: E731
-    ks = tuple(config.data.labels_per_class)
-    columns = [report.Column("method")]
-    columns += [report.Column(f"{k}/class", lambda w, k=k: w[k], cell) for k in ks]
-    table = report.table(report.pivot(rows, index=("method",), column="labels_per_class"), columns)
-    report.save_table(workdir / "results", markdown=table, data=results)
-    lines = report.grouped_lines(
-        rows, by=("method",), x="labels_per_class", y="accuracy_mean", yerr="accuracy_std",
-        style={"marker": "o", "capsize": 3},
-    )  # fmt: skip
-    fig = report.line_plot(
-        lines, xscale="log", xlabel="labelled nodes per class", ylabel="test accuracy",
-        title=f"GCN on {config.data.dataset} ({len(config.seeds)} seeds)", legend={"fontsize": 8},
-    )  # fmt: skip
-    report.save_figure(fig, workdir / "transfer.png", dpi=110)
-    print(table, flush=True)
+    table = reports.gcn_transfer_table(rows, tuple(config.data.labels_per_class))
+    plot = lambda: reports.gcn_transfer_plot(  # noqa: E731
+        rows, dataset=config.data.dataset, num_seeds=len(config.seeds)
+    )
+    if reports.publish(workdir, results, table=table, figures={"transfer.png": plot}, dpi=110):
+        print(table, flush=True)
     return results

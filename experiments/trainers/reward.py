@@ -49,9 +49,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import loop, models
+from experiments import loop, models, reports
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, partition, report, train
+from ftlab.core import parallel, partition, train
 from ftlab.data import batching, ratings, text
 from ftlab.models import hooks, llama
 from ftlab.posttrain import losses
@@ -341,62 +341,6 @@ def agreement(scores, mean, *, min_difference: float) -> dict[str, float]:
     return agreement_lib.agreement(scores, mean, min_difference=min_difference)
 
 
-TABLE_COLUMNS = (
-    report.Column("scorer"),
-    report.Column("Pearson r", "pearson", "{:.3f}"),
-    report.Column("Spearman ρ", "spearman", "{:.3f}"),
-    report.Column("pairwise accuracy", "pairwise_accuracy", "{:.3f}"),
-    report.Column("pairs", "pairs", "{:,.0f}"),
-)
-
-
-def table(rows: list[dict], *, n_test: int, min_difference: float) -> str:
-    """The Markdown table: one row per scorer on the test snippets."""
-    return report.table(
-        rows,
-        TABLE_COLUMNS,
-        notes=[
-            f"{n_test} held-out movie snippets (test split). Pearson and Spearman against the "
-            "mean human rating; pairwise accuracy over every pair whose means differ by at least "
-            f"{min_difference:g} (ties count 1/2). The human rater is one random rater per "
-            "snippet against the mean of the other raters.",
-        ],
-    )
-
-
-def plot_training(records) -> object:
-    """The training loss and the validation Pearson r against the step, side by side."""
-    panels = []
-    for key, label in (
-        ("train/loss", "Bradley-Terry loss (train)"),
-        ("eval/validation/pearson", "Pearson r (validation)"),
-    ):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            x, y = zip(*points, strict=True)
-            panels.append(
-                report.Panel(
-                    [report.Line(x, y, style={"marker": "."})], xlabel="step", ylabel=label
-                )
-            )
-    return report.panels_plot(panels, figsize=(4.5 * len(panels), 3.2))
-
-
-def plot(model_scores, vader, mean, *, title: str):
-    """Test rewards and VADER's scores against the mean human rating, side by side."""
-    fig = report.figure((9, 3.8), layout="constrained")
-    for i, (name, s) in enumerate((("reward model", model_scores), ("VADER compound", vader))):
-        ax = fig.add_subplot(1, 2, i + 1)
-        ax.scatter(mean, s, s=4, alpha=0.35)
-        r = agreement_lib.pearson(s, mean)
-        ax.set_title(f"{name} (r = {r:.3f})", fontsize=10)
-        ax.set_xlabel("mean human rating (-4..4)")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    return fig
-
-
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -529,20 +473,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     run.checkpointer.wait_until_finished()
-    if run.is_chief:
-        run.write({k: v for k, v in results.items() if k.startswith("eval/")})
-        markdown = table(rows, n_test=len(test), min_difference=e.min_difference)
-        report.save_text(workdir / "results.md", markdown)
-        report.save_json(workdir / "results.json", results)
+    run.write({k: v for k, v in results.items() if k.startswith("eval/")})  # process 0 only
+    markdown = reports.reward_table(rows, n_test=len(test), min_difference=e.min_difference)
+    title = f"{config.model.backbone} reward model, {method}, {run.step} steps"
+    figures = {
+        "reward_vs_rating.png": lambda: reports.reward_plot(test_scores, vader, mean, title=title),
+        "training.png": lambda: reports.reward_training_plot(
+            metrics_lib.read_jsonl(workdir / "metrics.jsonl")
+        ),
+    }
+    # with config.plot_metrics, every metric's curve (seconds of drawing)
+    curves = "" if config.plot_metrics else None
+    if reports.publish(workdir, results, table=markdown, figures=figures, curves=curves):
         np.savez(workdir / "scores.npz", reward=test_scores, vader=vader, mean=mean, index=test)
-        title = f"{config.model.backbone} reward model, {method}, {run.step} steps"
-        report.save_figure(
-            plot(test_scores, vader, mean, title=title), workdir / "reward_vs_rating.png"
-        )
-        records = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
-        report.save_figure(plot_training(records), workdir / "training.png")
-        if config.plot_metrics:  # every metric's curve (seconds of drawing)
-            metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
         logging.info("reward model vs VADER vs a human rater:\n%s", markdown)
         logging.info("results: %s", json.dumps(results))
     run.close()

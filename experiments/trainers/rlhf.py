@@ -69,7 +69,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import loop, models, resume
+from experiments import loop, models, reports, resume
 from experiments.trainers import reward as reward_trainer
 from ftlab.core import checkpoint, partition, report, train
 from ftlab.core import metrics as metrics_lib
@@ -465,69 +465,6 @@ def reward_at_kl(points: Sequence[dict], budget: float) -> float | None:
     return max(within) if within else None
 
 
-def _fmt(x) -> str:
-    return "–" if x is None else f"{x:.3f}"
-
-
-def table(rows: Sequence[dict], budgets: Sequence[float], *, notes=()) -> str:
-    """One row per run: reward before and after, KL after, reward within each KL budget."""
-    columns = [
-        report.Column("algorithm"),
-        report.Column("steps", "steps"),
-        report.Column("reward before", "reward_before", "{:.3f}"),
-        report.Column("reward after", "reward_after", "{:.3f}"),
-        report.Column("KL after (nats)", "kl_after", "{:.2f}"),
-        report.Column("length after", "length_after", "{:.1f}"),
-        *[
-            report.Column(
-                f"reward at KL ≤ {b:g}", (lambda r, b=b: r["reward_at_kl"][f"{b:g}"]), _fmt
-            )
-            for b in budgets
-        ],
-    ]
-    return report.table(rows, columns, notes=notes)
-
-
-def plot_rewards(records, points: Sequence[dict], title: str):
-    """Mean reward and KL to the reference against the step: the held-out evaluations
-    (``points``: before, during and after training) and, for PPO and GRPO, each step's own
-    rollouts (``records``: metrics.jsonl)."""
-    panels = []
-    for key, label in (("reward", "mean reward"), ("kl", "KL to reference (nats/completion)")):
-        lines = []
-        train_pts = [(r["step"], r[f"train/{key}"]) for r in records if f"train/{key}" in r]
-        if train_pts:
-            lines.append(report.Line(*zip(*train_pts, strict=True), label="training rollouts"))
-        lines.append(
-            report.Line(
-                [p["step"] for p in points],
-                [p[key] for p in points],
-                label="held-out prompts",
-                style={"marker": "o"},
-            )
-        )
-        panels.append(report.Panel(lines, xlabel="step", ylabel=label, legend={"fontsize": 8}))
-    return report.panels_plot(panels, figsize=(10, 3.6), suptitle=title)
-
-
-def samples_markdown(before: dict, after: dict, *, steps: int, limit: int) -> str:
-    """The held-out continuations before and after training (same prompts, same rng)."""
-    lines = [
-        f"# Held-out continuations before and after {steps} steps (same prompts, same rng)",
-        "",
-        "| prompt | before | reward | after | reward |",
-        "|---|---|---|---|---|",
-    ]
-    esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    b, a = before["samples"], after["samples"]
-    for i in range(min(limit, len(b["prompt"]))):
-        lines.append(
-            f"| {esc(b['prompt'][i])} | {esc(b['completion'][i])} | {b['scores'][i]:.2f} "
-            f"| {esc(a['completion'][i])} | {a['scores'][i]:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -725,29 +662,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     run.checkpointer.wait_until_finished()
-    if run.is_chief:
-        run.write({k: v for k, v in results.items() if k.startswith("eval/")})
-        s = config.sampling
-        notes = [
-            f"{policy.name} with LoRA (rank {config.peft.rank}), {run.step} steps of "
-            f"{config.optim.batch_size} prompts of {config.data.prompt_tokens} tokens, "
-            f"{s.max_new_tokens} new tokens at temperature {s.temperature:g}. Reward: the "
-            f"{reward_model.backbone} reward model of {config.reward.workdir} (step "
-            f"{reward_model.step}). Evaluated on {len(prompts['eval'])} held-out prompts, one "
-            "fixed rng; KL: the sum over a completion's tokens of log pi - log ref, averaged; "
-            "reward at KL ≤ b: the best evaluated reward among the evaluations within b.",
-        ]
-        report.save_text(workdir / "results.md", table([row], budgets, notes=notes))
-        report.save_json(workdir / "results.json", results)
+    run.write({k: v for k, v in results.items() if k.startswith("eval/")})  # process 0 only
+    s = config.sampling
+    notes = [
+        f"{policy.name} with LoRA (rank {config.peft.rank}), {run.step} steps of "
+        f"{config.optim.batch_size} prompts of {config.data.prompt_tokens} tokens, "
+        f"{s.max_new_tokens} new tokens at temperature {s.temperature:g}. Reward: the "
+        f"{reward_model.backbone} reward model of {config.reward.workdir} (step "
+        f"{reward_model.step}). Evaluated on {len(prompts['eval'])} held-out prompts, one "
+        "fixed rng; KL: the sum over a completion's tokens of log pi - log ref, averaged; "
+        "reward at KL ≤ b: the best evaluated reward among the evaluations within b.",
+    ]
+    table = reports.rlhf_table([row], budgets, notes=notes)
+    title = f"{config.algorithm.upper()}, {policy.name} + LoRA"
+    plot = lambda: reports.rlhf_rewards_plot(records, points, title)  # noqa: E731
+    curves = "" if config.plot_metrics else None
+    if reports.publish(workdir, results, table=table, figures={"rewards.png": plot}, curves=curves):
         report.save_json(workdir / "after.json", after)
-        report.save_text(
-            workdir / "samples.md",
-            samples_markdown(before, after, steps=run.step, limit=config.evals.samples_shown),
+        samples = reports.rlhf_samples_table(
+            before, after, steps=run.step, limit=config.evals.samples_shown
         )
-        title = f"{config.algorithm.upper()}, {policy.name} + LoRA"
-        report.save_figure(plot_rewards(records, points, title), workdir / "rewards.png")
-        if config.plot_metrics:
-            metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
+        report.save_text(workdir / "samples.md", samples)
         logging.info("results: %s", json.dumps({k: v for k, v in results.items() if k != "points"}))
     run.close()
     return results
@@ -761,7 +696,7 @@ def compare(workdirs: Sequence[str], budgets: Sequence[float] | None = None) -> 
 
     ``budgets``: the KL budgets of the table (None: those of the first run's config).
     """
-    rows, lines = [], []
+    rows, runs = [], []
     for w in workdirs:
         path = pathlib.Path(w) / "results.json"
         if not path.is_file():
@@ -778,31 +713,19 @@ def compare(workdirs: Sequence[str], budgets: Sequence[float] | None = None) -> 
         row = dict(results["row"])
         row["reward_at_kl"] = {f"{b:g}": reward_at_kl(points, b) for b in budgets}
         rows.append(row)
-        lines.append(
-            report.Line(
-                [p["kl"] for p in points],
-                [p["reward"] for p in points],
-                # two runs of one algorithm (another lr or length) keep apart in the legend
-                label=", ".join(
-                    [row["algorithm"]]
-                    + ([f"lr {config['optim']['lr']:g}"] if config else [])
-                    + [f"{results['step']} steps"]
-                ),
-                style={"marker": "o"},
-            )
+        # two runs of one algorithm (another lr or length) keep apart in the legend
+        label = ", ".join(
+            [row["algorithm"]]
+            + ([f"lr {config['optim']['lr']:g}"] if config else [])
+            + [f"{results['step']} steps"]
         )
-    markdown = table(
+        runs.append((label, points))
+    markdown = reports.rlhf_table(
         rows,
         budgets,
         notes=["Reward at KL ≤ b: the best held-out reward among a run's evaluations within b."],
     )
-    fig = report.line_plot(
-        lines,
-        xlabel="KL to reference (nats per completion)",
-        ylabel="mean reward (held-out prompts)",
-        legend={},
-        figsize=(5.5, 3.8),
-    )
+    fig = reports.rlhf_kl_frontier_plot(runs)
     return markdown, fig
 
 

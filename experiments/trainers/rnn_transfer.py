@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import finished, loop, models
+from experiments import finished, loop, models, reports
 from ftlab.core import partition, report, train
 from ftlab.data import rotten_tomatoes, sharegpt
 from ftlab.models import rnn
@@ -340,49 +340,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_s": time.perf_counter() - start,
         "hardware": f"{platform.machine()} {jax.devices()[0].platform}",
     }
-    if jax.process_index() != 0:
-        return results
-    columns = [
-        report.Column("method"),
-        report.Column("trainable", fmt="{:,}"),
-        report.Column(f"{d.target} test bits/byte", "target_bpc", "{:.3f}"),
-        report.Column(f"{d.source} test bits/byte", "source_bpc", "{:.3f}"),
-        report.Column("train s", "seconds", "{:.0f}"),
-    ]
-    table = report.table(rows, columns)
-    report.save_table(workdir / "results", markdown=table, data=results)
-    lines = [
-        report.Line(
-            np.arange(1, len(r["curve"]) + 1),
-            _smooth(r["curve"], 10),
-            label=f"{m} (test {r['target_bpc']:.2f})",
-        )
-        for m, r in results_by.items()
-    ]
-    fig = report.line_plot(
-        lines,
-        xlabel="step on the target",
-        ylabel="train bits per byte",
-        title=f"{d.source} -> {d.target}: byte-level {config.model.cell.upper()}",
-        hlines=[
-            report.HLine(
-                pre["target_bpc"],
-                "pretrained, not adapted (test)",
-                {"color": "k", "linestyle": ":"},
-            )
-        ],
-        legend={"fontsize": 8},
+    table = reports.rnn_transfer_table(rows, source=d.source, target=d.target)
+    plot = lambda: reports.rnn_transfer_plot(  # noqa: E731
+        results_by,
+        pretrained_bpc=pre["target_bpc"],
+        source=d.source,
+        target=d.target,
+        cell=config.model.cell,
     )
-    report.save_figure(fig, workdir / "transfer.png", dpi=110)
-    samples = [f"prompt: {prompt_text!r}", ""]
-    samples += [f"{name}: {text!r}" for name, text in results["samples"].items()]
-    report.save_text(workdir / "samples.md", "\n".join(samples) + "\n")
-    print(table, flush=True)
+    if reports.publish(workdir, results, table=table, figures={"transfer.png": plot}, dpi=110):
+        samples = [f"prompt: {prompt_text!r}", ""]
+        samples += [f"{name}: {text!r}" for name, text in results["samples"].items()]
+        report.save_text(workdir / "samples.md", "\n".join(samples) + "\n")
+        print(table, flush=True)
     return results
-
-
-def _smooth(curve: list[float], width: int) -> np.ndarray:
-    """Trailing mean over the last ``width`` steps (fewer at the start)."""
-    c = np.cumsum(np.insert(np.asarray(curve, np.float64), 0, 0.0))
-    lo = np.maximum(np.arange(1, len(curve) + 1) - width, 0)
-    return (c[1:] - c[lo]) / (np.arange(1, len(curve) + 1) - lo)

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import evaluation, loop, models
+from experiments import evaluation, loop, models, reports
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import partition, report, train
 from ftlab.data import batching, files, sharegpt
@@ -187,39 +187,6 @@ def held_out_loss(plan, eval_step, state, arrays, *, batch_size: int) -> dict[st
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def plot_losses(records, before: float):
-    """Train loss and held-out loss (the value before training at step 0) against the step."""
-    train_points = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
-    held = [(0, before)] + [
-        (r["step"], r["eval/test/loss"]) for r in records if "eval/test/loss" in r
-    ]
-    lines = [
-        report.Line(*zip(*pts, strict=True), label=label, style={"marker": "."})
-        for pts, label in ((train_points, "train (batch)"), (held, "held-out"))
-        if pts
-    ]
-    return report.line_plot(
-        lines, xlabel="step", ylabel="NLL per assistant token", legend={}, figsize=(5.5, 3.6)
-    )
-
-
-def table(rows: list[dict], *, notes) -> str:
-    return report.table(
-        rows,
-        (
-            report.Column("model"),
-            report.Column("method"),
-            report.Column("trainable", "trainable_params", "{:,}"),
-            report.Column("steps", "steps"),
-            report.Column("held-out loss before", "loss_before", "{:.4f}"),
-            report.Column("after", "loss_after", "{:.4f}"),
-            report.Column("perplexity before", "ppl_before", "{:.2f}"),
-            report.Column("after", "ppl_after", "{:.2f}"),
-        ),
-        notes=notes,
-    )
-
-
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -356,22 +323,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     run.checkpointer.wait_until_finished()
-    if run.is_chief:
-        run.write({k: v for k, v in results.items() if k.startswith("eval/")})
-        notes = [
-            "Mean negative log-likelihood per assistant token of "
-            f"{counts['test']['conversations']} held-out ShareGPT conversations "
-            f"({int(after['tokens']):,} tokens), packed in rows of "
-            f"{d.seq_len} tokens with segment ids; training: {counts['train']['conversations']} "
-            f"conversations in {counts['train']['rows']} rows, {run.step} steps of "
-            f"{config.optim.batch_size} rows.",
-        ]
-        report.save_text(workdir / "results.md", table([row], notes=notes))
-        report.save_json(workdir / "results.json", results)
-        records = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
-        report.save_figure(plot_losses(records, before["loss"]), workdir / "losses.png")
-        if config.plot_metrics:  # every metric's curve (seconds of drawing)
-            metrics_lib.plot_curves(workdir / "metrics.jsonl", workdir)
+    run.write({k: v for k, v in results.items() if k.startswith("eval/")})  # process 0 only
+    notes = [
+        "Mean negative log-likelihood per assistant token of "
+        f"{counts['test']['conversations']} held-out ShareGPT conversations "
+        f"({int(after['tokens']):,} tokens), packed in rows of "
+        f"{d.seq_len} tokens with segment ids; training: {counts['train']['conversations']} "
+        f"conversations in {counts['train']['rows']} rows, {run.step} steps of "
+        f"{config.optim.batch_size} rows.",
+    ]
+    table = reports.sft_table([row], notes=notes)
+    plot = lambda: reports.sft_losses_plot(  # noqa: E731
+        metrics_lib.read_jsonl(workdir / "metrics.jsonl"), before["loss"]
+    )
+    # with config.plot_metrics, every metric's curve (seconds of drawing)
+    curves = "" if config.plot_metrics else None
+    if reports.publish(workdir, results, table=table, figures={"losses.png": plot}, curves=curves):
         logging.info("results: %s", json.dumps(results))
     run.close()
     return results
