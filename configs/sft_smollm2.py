@@ -15,9 +15,10 @@ a few conversations, 4 steps: seconds, for tests), steps=N, seq_len=N, num_train
 Measured 2026-12-05 with the first command above (LoRA rank 8 on q/k/v/o, 40 steps of 4 rows of
 256 tokens), on the 2-core AMD EPYC CPU VM shared with other jobs (1,781 s of training): the
 held-out loss per assistant token of 44 test conversations (7,311 tokens) went 1.9074 (perplexity
-6.74) -> 1.8408 at step 20 -> 1.8320 (6.25). Training data: 314 of the first 400 training
-conversations (86 had no assistant token within 256 tokens), 275 of them cut at 256 tokens,
-packed in 305 rows.
+6.74) -> 1.8408 at step 20 -> 1.8320 (6.25). On 2026-12-06: method=qlora 1.9074 -> 1.8320,
+method=prompt 1.9157 -> 1.8860, method=full 1.9074 -> 1.8385 (README's table). Training data:
+314 of the first 400 training conversations (86 had no assistant token within 256 tokens), 275
+of them cut at 256 tokens, packed in 305 rows.
 """
 
 import ml_collections
