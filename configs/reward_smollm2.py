@@ -10,8 +10,10 @@ Run:
 Options: method=lora|full|linear_probe, quick (a tiny random Llama with a stand-in tokenizer on
 64 snippets per split, 4 steps: seconds), steps=N, margin=X, pairing=in_batch|sampled.
 
-Not measured yet: SmolLM2 costs about six times MiniLM's compute per snippet, beyond this
-repository's 2-core CPU budget for the issue's runs.
+Measured 2026-12-06 with the command above (LoRA, 300 steps of 16 snippets, 2,155 s of training
+on the 2-core CPU VM beside other jobs): on the 1,079 held-out movie snippets Pearson r 0.816,
+Spearman 0.819, pairwise accuracy 0.902 (means 1 apart); VADER 0.411 / 0.431 / 0.693 and one
+human rater against the others' mean 0.885 / 0.866 / 0.933 in the same run (README).
 """
 
 from configs import reward_minilm
