@@ -403,11 +403,13 @@ class Run:
         with ``logged``), `reports.publish` of ``results`` (``publish``: its options; the curves
         of metrics.jsonl into the workdir by default), then `close`. Returns ``results``.
         """
-        self.checkpointer.wait_until_finished()
-        self.write({k: v for k, v in results.items() if k.startswith(logged)})
-        reports.publish(self.workdir, results, **{"curves": "", **publish})
-        logging.info("results: %s", {k: v for k, v in results.items() if np.ndim(v) == 0})
-        self.close()
+        try:
+            self.checkpointer.wait_until_finished()
+            self.write({k: v for k, v in results.items() if k.startswith(logged)})
+            reports.publish(self.workdir, results, **{"curves": "", **publish})
+            logging.info("results: %s", {k: v for k, v in results.items() if np.ndim(v) == 0})
+        finally:  # a failed write still releases the checkpointer and the signal handlers
+            self.close()
         return dict(results)
 
 

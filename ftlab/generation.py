@@ -86,22 +86,44 @@ def sample_logits(
     [1]
     """
     logits = logits.astype(jnp.float32) / temperature
-
-    def nucleus(logits):
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        # Probability mass strictly before each sorted token; a token is in the nucleus if the
-        # mass before it is still below top_p (so the most likely token always is).
-        before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.sum(before < top_p, axis=-1, keepdims=True)
-        threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
-        return jnp.where(logits >= threshold, logits, -jnp.inf)
-
-    # top_p = 1 keeps every token: skip the sort of the vocabulary, which costs far more than
-    # the draw (90 ms against 6 ms for 8 rows of 49k logits on a 2-core CPU, most of a
-    # decoding step). A branch taken at run time, so a traced top_p still compiles once.
-    logits = jax.lax.cond(jnp.asarray(top_p) < 1.0, nucleus, lambda x: x, logits)
+    # top_p = 1 keeps every token: skip the nucleus. A branch taken at run time, so a traced
+    # top_p still compiles once.
+    logits = jax.lax.cond(
+        jnp.asarray(top_p) < 1.0, lambda x: _nucleus(x, top_p), lambda x: x, logits
+    )
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """int32 keys of float32 values in the same order (negative floats' magnitude bits flipped;
+    -0.0 made +0.0 first, as the two compare equal)."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0.0, 0.0, x), jnp.int32)
+    return bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))
+
+
+def _nucleus(logits: jax.Array, top_p) -> jax.Array:
+    """``logits`` with the tokens outside each row's top-p nucleus set to -inf.
+
+    The nucleus is ``{logit >= t}`` for the largest ``t`` whose set still holds ``top_p`` of
+    the probability: exactly the most likely tokens up to and including the one that reaches
+    ``top_p`` (with its ties), as sorting the vocabulary and summing in order gives. The
+    threshold is found by bisection over the logits' int32 order keys, 32 halvings of
+    ``[min, max]``, each one masked sum over the vocabulary: 49k logits per row need no sort
+    (86 ms against a few ms for 8 rows on a 2-core CPU).
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    keys = _order_keys(logits)
+    lo = jnp.min(keys, axis=-1, keepdims=True)  # the whole vocabulary: mass 1 >= top_p
+    hi = jnp.max(keys, axis=-1, keepdims=True) + 1  # nothing: mass 0 < top_p
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+        holds = jnp.sum(jnp.where(keys >= mid, probs, 0.0), axis=-1, keepdims=True) >= top_p
+        return jnp.where(holds, mid, lo), jnp.where(holds, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return jnp.where(keys >= lo, logits, -jnp.inf)
 
 
 def _check_args(max_new_tokens, temperature, top_p) -> None:

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import sys
 
 import jax
 import pytest
@@ -21,3 +22,15 @@ def minilm():
     from third_party import minilm as minilm_lib
 
     return minilm_lib.load()
+
+
+@pytest.fixture(autouse=True)
+def _close_leftover_checkpointers():
+    """After each test, what the launcher does on every way out of a run
+    (`experiments.resume.close_all`): a trainer called in-process that raised before its own
+    ``close`` would otherwise leave its checkpointer, and its SIGINT/SIGTERM handlers, to the
+    next test of the worker."""
+    yield
+    resume = sys.modules.get("experiments.resume")
+    if resume is not None:
+        resume.close_all()

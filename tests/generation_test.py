@@ -89,6 +89,34 @@ def test_sample_logits_follows_the_nucleus_distribution():
     np.testing.assert_allclose(freq, p / p.sum(), atol=0.03)
 
 
+def test_nucleus_by_bisection_is_the_sorted_nucleus_ties_included():
+    # the definition by sorting: the most likely tokens while the mass before them is < top_p
+    rng = np.random.default_rng(0)
+    # many ties, and -0.0 beside 0.0 (equal logits: the same side of the threshold)
+    logits = np.round(rng.normal(size=(64, 1000)) * 3.0, 1).astype(np.float32)
+    logits[0] = 0.0  # one row all tied
+    logits[1, 7] = 40.0  # one token holds almost all the mass
+    nucleus = jax.jit(generation._nucleus)
+    for top_p in (1e-6, 0.1, 0.5, 0.9, 0.999):
+        ordered = np.sort(logits.astype(np.float64), axis=-1)[:, ::-1]
+        probs = np.exp(ordered - ordered[:, :1])
+        probs /= probs.sum(axis=-1, keepdims=True)
+        kept = np.sum(np.cumsum(probs, axis=-1) - probs < top_p, axis=-1)
+        threshold = ordered[np.arange(len(ordered)), kept - 1]
+        want = logits >= threshold[:, None]
+        got = np.asarray(nucleus(jnp.asarray(logits), top_p)) > -np.inf
+        # float32 sums cannot decide a row whose nucleus mass, or the mass above its
+        # threshold, is within rounding of top_p: leave those few rows out
+        p = np.exp(logits - logits.max(-1, keepdims=True), dtype=np.float64)
+        p /= p.sum(-1, keepdims=True)
+        at = np.sum(p * want, axis=-1)
+        above = np.sum(p * (logits > threshold[:, None]), axis=-1)
+        clear = (at - top_p > 1e-5) & (top_p - above > 1e-5) | (kept == 1) & (at - top_p > 1e-5)
+        assert clear.sum() >= 48, (top_p, clear.sum())  # not a test of nothing
+        np.testing.assert_array_equal(got[clear], want[clear], err_msg=f"top_p={top_p}")
+    assert want[0].all() and want[1].sum() == 1
+
+
 def test_top_p_of_one_draws_what_a_plain_categorical_draws_and_compiles_once():
     # top_p = 1 skips the nucleus (no sort of the vocabulary) and keeps every token: the draw
     # is jax.random.categorical's from the same key; top_p is traced, so one compile serves both.

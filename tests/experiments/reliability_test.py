@@ -140,13 +140,17 @@ def test_sigterm_saves_the_step_reached_and_the_same_command_finishes(finished, 
 
 
 def test_sigint_sets_a_stop_flag_and_close_restores_the_handler(tmp_path):
-    before = signal.getsignal(signal.SIGINT)
-    ckpt = resume.Checkpointer(tmp_path, save_every_steps=10)
-    assert not ckpt.stop_requested(1)
-    os.kill(os.getpid(), signal.SIGINT)
-    assert ckpt.signal_name == "SIGINT" and ckpt.stop_requested(2)
-    with pytest.raises(KeyboardInterrupt):  # the second one interrupts at once
+    # Python's own handler before, whatever the test worker had installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ckpt = resume.Checkpointer(tmp_path, save_every_steps=10)
+        assert not ckpt.stop_requested(1)
         os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
-    ckpt.close()
-    assert signal.getsignal(signal.SIGINT) is before
+        assert ckpt.signal_name == "SIGINT" and ckpt.stop_requested(2)
+        with pytest.raises(KeyboardInterrupt):  # the second one interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ckpt.close()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
