@@ -223,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     table = reports.fewshot_table([results], methods=METHODS)
     figures = {"accuracy.png": lambda: reports.fewshot_plot([results])}
-    return run.finish(results, logged="eval/acc", table=table, figures=figures, dpi=90)
+    return run.finish(results, logged="eval/acc", table=table, figures=figures, dpi=90, curves=None)
 
 
 def main(argv: list[str]) -> None:
