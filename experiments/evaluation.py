@@ -91,8 +91,9 @@ def steps_summary(values: np.ndarray, steps: Iterable[int], name: str) -> dict[s
 # -- a classifier on a split -----------------------------------------------------------------
 
 
-def evaluate(plan, eval_step, state, arrays, *, batch_size: int) -> dict[str, float]:
-    """Exact means over a split (padding masked out)."""
+def _split_means(plan, eval_step, state, arrays, *, batch_size: int) -> dict[str, float]:
+    """Exact means over a split of the sums ``eval_step`` returns with a ``count`` (padding
+    masked out)."""
     totals = batch_sums(plan, eval_step, state, arrays, batch_size=batch_size)
     count = totals.pop("count")
     return {k: v / count for k, v in totals.items()}
@@ -106,7 +107,7 @@ def split_evaluator(metric: str | None):
             raise ValueError(f"split={split!r} is not one of {sorted(data)}")
 
         def run(state):
-            results = evaluate(plan, eval_step, state, data[split], batch_size=batch_size)
+            results = _split_means(plan, eval_step, state, data[split], batch_size=batch_size)
             return {f"eval/{split}/{k}": v for k, v in results.items() if metric in (None, k)}
 
         return run

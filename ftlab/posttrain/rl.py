@@ -41,12 +41,13 @@ adaptive ``beta``, kept in the train state's collections (`kl_collections`) so a
 holds it and a resumed run continues it.
 
 **Precision**: the model's ``config.dtype`` (e.g. ``jnp.bfloat16``) is the forward passes'
-computation dtype. Each step casts the parameters to it once (rollout, reference, old and trained
-log-probs read the narrow copy, instead of each layer casting its float32 kernels at every
-decoded token), while the trainable leaves and their optimizer state keep their own dtype
-(gradients flow back through the cast); log-probs and losses are float32. The sampler's and the
-training pass's log-probs then agree only to that dtype's rounding, so the first update's ratio
-is near 1 rather than 1 (``train/clip_fraction`` shows how near).
+computation dtype. Each forward pass of a step (rollout, reference, old and trained log-probs)
+starts by casting the parameters to it, so the decoding loop reads the narrow copy instead of
+each layer casting its float32 kernels at every decoded token, while the trainable leaves and
+their optimizer state keep their own dtype (gradients flow back through the cast); log-probs and
+losses are float32. The sampler's and the training pass's log-probs then agree only to that
+dtype's rounding, so the first update's ratio is near 1 rather than 1 (``train/clip_fraction``
+shows how near).
 
 **Layers**: every forward pass runs the layers stacked (`llama.stack_layers`, one compiled layer
 body under `nn.scan`). Hold the train state's tree stacked (stack after the method's ``init``:
