@@ -255,6 +255,7 @@ def decode(
     top_p: float | jax.Array,
     greedy: bool,
     logprobs: bool = False,
+    num_samples: int = 1,
 ) -> Generated:
     """The decoding loop of `generate` as a traceable function: no checks, no `jit` of its own.
 
@@ -277,16 +278,19 @@ def decode(
         top_p: Nucleus mass in (0, 1] (ignored when `greedy`).
         greedy: Static: take the argmax instead of sampling.
         logprobs: Static: also return each new token's log-probability (`Generated.logprobs`).
+        num_samples: Static: `G`, continuations of each prompt; rows `b * G ... b * G + G - 1`
+            of the output continue prompt `b`. The prompt is run once and its KV cache copied.
 
     Returns:
-        `Generated`, with `logprobs` when asked for.
+        `Generated` of `batch * num_samples` rows, with `logprobs` when asked for.
     """
-    batch, prompt_len = input_ids.shape
+    rows, prompt_len = input_ids.shape
+    batch = rows * num_samples
     size = llama.num_prompt(params) + prompt_len + max_new_tokens
     # Scan one compiled layer body instead of unrolling them all (much faster to compile);
     # stacked once here, outside the loop.
     params = llama.stack_if_uniform(params)
-    cache = llama.init_cache(model.config, batch, size)
+    cache = llama.init_cache(model.config, rows, size)
     variables = {"params": params}
 
     def pick(logits, step):
@@ -304,7 +308,11 @@ def decode(
     logits, cache = model.apply(variables, input_ids, attention_mask, cache=cache)
     # The row's last real token predicts the first new one (right padding puts it earlier).
     last = prompt_len - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1)
-    first, first_lp = pick(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], 0)
+    logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+    if num_samples > 1:
+        cache = llama.repeat_cache(cache, num_samples)
+        logits = jnp.repeat(logits, num_samples, axis=0)
+    first, first_lp = pick(logits, 0)
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     lps = None
     if logprobs:

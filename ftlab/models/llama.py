@@ -118,6 +118,7 @@ __all__ = [
     "lm_logits",
     "num_prompt",
     "param_shapes",
+    "repeat_cache",
     "rope",
     "stack_if_uniform",
     "stack_layers",
@@ -282,6 +283,20 @@ def init_cache(config: LlamaConfig, batch: int, size: int) -> Cache:
         layers=LayerCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)),
         mask=jnp.zeros((batch, size), jnp.int32),
         index=jnp.zeros((), jnp.int32),
+    )
+
+
+def repeat_cache(cache: Cache, repeats: int) -> Cache:
+    """Each sequence's cache `repeats` times in a row (row `b` becomes rows `b * repeats ...
+    b * repeats + repeats - 1`): one prompt's cache for several continuations.
+
+    >>> repeat_cache(init_cache(LlamaConfig.tiny(), 2, 8), 3).mask.shape
+    (6, 8)
+    """
+    return Cache(
+        LayerCache(*(jnp.repeat(x, repeats, axis=1) for x in cache.layers)),
+        jnp.repeat(cache.mask, repeats, axis=0),
+        cache.index,
     )
 
 

@@ -230,9 +230,37 @@ def _model_params(params: Params) -> Params:
     return llama.stack_if_uniform({k: v for k, v in params.items() if k != VALUE_HEAD})
 
 
-def _hidden_apply(model: llama.LlamaForCausalLM) -> Callable:
-    def apply(params, input_ids, attention_mask):
-        return model.apply({"params": params}, input_ids, attention_mask, return_hidden=True)
+def _completion_hidden(model: llama.LlamaForCausalLM, num_samples: int) -> Callable:
+    """``apply(params, rollout) -> [N, T, hidden]``: the final hidden state before each
+    completion token (``rollout``'s prompts left-aligned, as `_rollout` makes them).
+
+    With ``num_samples = G > 1`` (rows grouped by prompt) each prompt runs once, on ``N / G``
+    rows, into a KV cache that its ``G`` completions continue (the sampler's own prefill and
+    continuation path): the same outputs as one pass over the ``N`` whole rows, with the
+    prompt's share of the work (forward and backward) divided by ``G``.
+    """
+
+    def apply(params, rollout: Rollout):
+        variables = {"params": params}
+        if num_samples == 1:
+            hidden = model.apply(
+                variables, rollout.input_ids, rollout.attention_mask, return_hidden=True
+            )
+            return hidden[:, rollout.prompt_ids.shape[1] - 1 : -1]
+        prompt_ids = rollout.prompt_ids[::num_samples]
+        rows, prompt_len = prompt_ids.shape
+        size = llama.num_prompt(params) + prompt_len + rollout.tokens.shape[1] - 1
+        cache = llama.init_cache(model.config, rows, size)
+        last, cache = model.apply(
+            variables, prompt_ids, rollout.prompt_mask[::num_samples], cache=cache,
+            return_hidden=True,
+        )  # fmt: skip
+        cache = llama.repeat_cache(cache, num_samples)
+        rest, _ = model.apply(
+            variables, rollout.tokens[:, :-1], rollout.mask[:, :-1], cache=cache, start=False,
+            return_hidden=True,
+        )  # fmt: skip
+        return jnp.concatenate([jnp.repeat(last[:, -1:], num_samples, axis=0), rest], axis=1)
 
     return apply
 
@@ -280,7 +308,6 @@ def _rollout(
     _check_prompts(model, params, prompt_ids, prompt_mask, sampling)
     g = sampling.num_samples
     ids, mask = _left_align(jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32))
-    ids, mask = jnp.repeat(ids, g, axis=0), jnp.repeat(mask, g, axis=0)
     greedy = sampling.temperature == 0.0
     pad_id = sampling.eos_id if sampling.pad_id is None else sampling.pad_id
     temperature = jnp.asarray(
@@ -303,9 +330,11 @@ def _rollout(
             top_p=top_p,
             greedy=greedy,
             logprobs=True,
+            num_samples=g,
         )
 
     out = _wrapped(wrap, sample)(_model_params(jax.lax.stop_gradient(params)), ids, mask, rng)
+    ids, mask = jnp.repeat(ids, g, axis=0), jnp.repeat(mask, g, axis=0)
     completion = (jnp.arange(sampling.max_new_tokens)[None, :] < out.lengths[:, None]).astype(
         jnp.int32
     )
@@ -381,7 +410,9 @@ def score_rollout(
 ) -> tuple[jax.Array, jax.Array | None]:
     """Per-token log-probs of ``rollout.tokens`` (and values) from one forward pass.
 
-    The hidden state before each completion token gives its log-prob under
+    Each prompt runs once for its ``rollout.num_samples`` completions, which continue its KV
+    cache (so ``rows b * G ... b * G + G - 1`` must share prompt ``b``, as `Rollout` says). The
+    hidden state before each completion token gives its log-prob under
     ``softmax(logits / rollout.temperature)`` (chunked over the vocabulary,
     `logprobs.token_logprobs_from_hidden`) and, with ``values``, the value head's ``V_t``.
 
@@ -395,11 +426,9 @@ def score_rollout(
     Returns:
         ``(logprobs [N, T], values [N, T] or None)`` float32, 0 outside ``rollout.mask``.
     """
-    prompt_len = rollout.prompt_ids.shape[1]
-    hidden = _wrapped(wrap, _hidden_apply(model))(
-        _model_params(params), rollout.input_ids, rollout.attention_mask
+    h = _wrapped(wrap, _completion_hidden(model, rollout.num_samples))(
+        _model_params(params), rollout
     )
-    h = hidden[:, prompt_len - 1 : -1]  # the state before each completion token
     mask = rollout.mask.astype(jnp.float32)
     scaled = h / rollout.temperature.astype(h.dtype)
     lp = logprobs_lib.token_logprobs_from_hidden(scaled, _output_table(params), rollout.tokens)
@@ -485,19 +514,25 @@ def _minibatch_updates(
         )
     order = order.reshape(epochs * minibatches, size)
 
+    # The frozen base is a constant of the loop, not part of its carry: a carried tree is
+    # copied into and out of the loop, the whole base model each step.
+    frozen = state.frozen
+
     def one(state, rows):
         part = jax.tree.map(lambda x: x[rows] if x.ndim else x, data)  # scalars: temperature
+        if minibatches > 1 and "rollout" in part:  # shuffled rows: no longer grouped by prompt
+            part["rollout"] = part["rollout"].replace(num_samples=1)
 
         def of_trainable(trainable):
-            return loss_fn(train.cast_floats(partition.merge(trainable, state.frozen), dtype), part)
+            return loss_fn(train.cast_floats(partition.merge(trainable, frozen), dtype), part)
 
         (loss, aux), grads = jax.value_and_grad(of_trainable, has_aux=True)(state.trainable)
         if state.collections:  # PPO's KL coefficient: unchanged by an update
             aux = {**aux, train.COLLECTIONS: state.collections}
         return train.apply_gradients(state, tx, grads, loss, aux)
 
-    state, metrics = jax.lax.scan(one, state, order)
-    return state, jax.tree.map(jnp.mean, metrics)
+    state, metrics = jax.lax.scan(one, state.replace(frozen={}), order)
+    return state.replace(frozen=frozen), jax.tree.map(jnp.mean, metrics)
 
 
 def _check_counts(epochs: int, minibatches: int) -> None:
