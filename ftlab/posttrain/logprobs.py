@@ -123,7 +123,9 @@ def token_logprobs_from_hidden(
     @jax.checkpoint
     def one(xs):
         h_c, t_c = xs
-        return token_logprobs(jnp.einsum("cd,vd->cv", h_c, table), t_c)
+        # hidden's dtype products summed in float32 (`ftlab.models.llama`'s LM head does too)
+        logits = jnp.einsum("cd,vd->cv", h_c, table, preferred_element_type=jnp.float32)
+        return token_logprobs(logits, t_c)
 
     return jax.lax.map(one, (h, t)).reshape(-1)[:n].reshape(batch, seq)
 

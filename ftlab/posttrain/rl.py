@@ -516,7 +516,7 @@ def _minibatch_updates(
 
     # The frozen base is a constant of the loop, not part of its carry: a carried tree is
     # copied into and out of the loop, the whole base model each step.
-    frozen = state.frozen
+    frozen = train.cast_floats(state.frozen, dtype)
 
     def one(state, rows):
         part = jax.tree.map(lambda x: x[rows] if x.ndim else x, data)  # scalars: temperature
@@ -524,15 +524,15 @@ def _minibatch_updates(
             part["rollout"] = part["rollout"].replace(num_samples=1)
 
         def of_trainable(trainable):
-            return loss_fn(train.cast_floats(partition.merge(trainable, frozen), dtype), part)
+            return loss_fn(partition.merge(train.cast_floats(trainable, dtype), frozen), part)
 
         (loss, aux), grads = jax.value_and_grad(of_trainable, has_aux=True)(state.trainable)
         if state.collections:  # PPO's KL coefficient: unchanged by an update
             aux = {**aux, train.COLLECTIONS: state.collections}
         return train.apply_gradients(state, tx, grads, loss, aux)
 
-    state, metrics = jax.lax.scan(one, state.replace(frozen={}), order)
-    return state.replace(frozen=frozen), jax.tree.map(jnp.mean, metrics)
+    updated, metrics = jax.lax.scan(one, state.replace(frozen={}), order)
+    return updated.replace(frozen=state.frozen), jax.tree.map(jnp.mean, metrics)
 
 
 def _check_counts(epochs: int, minibatches: int) -> None:

@@ -70,7 +70,8 @@ def chunked_cross_entropy(
 
 def _token_losses(h_c: jax.Array, table: jax.Array, t_c: jax.Array):
     """One chunk's float32 logits [c, vocab], their logsumexp and the per-token losses [c]."""
-    logits = jnp.einsum("cd,vd->cv", h_c, table).astype(jnp.float32)
+    # products in the hidden states' dtype summed in float32 (the model's own LM head does too)
+    logits = jnp.einsum("cd,vd->cv", h_c, table, preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     return logits, lse, lse - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
 
@@ -99,7 +100,7 @@ def _summed_loss_fwd(h, table, t, w) -> tuple[jax.Array, Any]:
         logits, lse, losses = _token_losses(h_c, table_v, t_c)
         g = jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(t_c, logits.shape[-1])
         g = (w_c[:, None] * g).astype(dtype)
-        d_h = jnp.einsum("cv,vd->cd", g, table_v).astype(dtype)
+        d_h = jnp.einsum("cv,vd->cd", g, table_v, preferred_element_type=jnp.float32).astype(dtype)
         if grad_table:
             d_table = d_table + jnp.einsum("cv,cd->vd", g, h_c, preferred_element_type=jnp.float32)
         return (total + jnp.sum(w_c * losses), d_table), (d_h, losses if grad_w else None)

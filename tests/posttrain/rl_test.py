@@ -248,8 +248,11 @@ def test_grpo_in_bfloat16_keeps_float32_leaves_and_follows_the_float32_update(tr
         after = partition.flatten(state.trainable)
         deltas[dtype] = np.concatenate([np.ravel(after[k] - start[k]) for k in sorted(start)])
     f32, bf16 = steps[jnp.float32], steps[jnp.bfloat16]
-    # the sampler's and the trained pass's log-probs agree to bfloat16 rounding, not to float32's
-    assert 1e-7 < float(bf16["train/approx_kl"]) < 1e-3, bf16
+    # bfloat16 is in effect: the gradient differs from float32's by more than float32 rounding
+    assert abs(float(bf16["train/grad_norm"]) / float(f32["train/grad_norm"]) - 1) > 1e-4
+    # the sampler and the trained pass run the same products (one prompt pass, its cache
+    # continued, float32 sums): their log-probs agree in bfloat16 too
+    assert float(bf16["train/approx_kl"]) < 1e-6, bf16
     assert float(f32["train/approx_kl"]) < 1e-9, f32
     assert float(bf16["train/clip_fraction"]) < 0.05
     # about the same samples (the same key) and the same step
