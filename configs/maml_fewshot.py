@@ -29,7 +29,7 @@ Run:
   nice -n 19 python -m experiments.main \
       --config=configs/maml_fewshot.py:dataset=digits,shots=1,method=maml \
       --workdir=runs/fewshot/digits_1_maml
-  python -m experiments.trainers.fewshot --out=runs/fewshot runs/fewshot/*/    # table + plot
+  python -m experiments.trainers.meta --out=runs/fewshot runs/fewshot/*/    # table + plot
 
 Options: dataset=digits|glyphs, shots=1|5, method=..., norm=batch|instance, steps=N, quick.
 
@@ -50,7 +50,7 @@ nice 19). Command per row (DS, K, M, N as in the row; N = 200 for digits and the
   nice -n 19 timeout T python -m experiments.main \
       --config=configs/maml_fewshot.py:dataset=DS,shots=K,method=M,steps=N \
       --config.optim.meta_batch_size=8 --config.log_every_steps=10 --workdir=/tmp/fsr/DS_K_M
-  python -m experiments.trainers.fewshot --out=/tmp/fsr/all /tmp/fsr/digits_* /tmp/fsr/glyphs_*
+  python -m experiments.trainers.meta --out=/tmp/fsr/all /tmp/fsr/digits_* /tmp/fsr/glyphs_*
 
 5-way query accuracy (%) on 600 episodes of held-out classes, mean +- 1.96 std / sqrt(600),
 after 0 / 1 / 3 / 5 / 10 SGD steps on the support set; transductive batch statistics; train
@@ -97,7 +97,7 @@ there and still below the baseline (86.7).
 
 Longer training (2026-11-23 07:33-08:08, the same VM beside one other job, nice 10; command as
 above with ``steps=N`` and ``--workdir=runs/fewshot_long/glyphs_K_M``, table by
-``python -m experiments.trainers.fewshot --out=runs/fewshot_long/all runs/fewshot_long/glyphs_*/``):
+``python -m experiments.trainers.meta --out=runs/fewshot_long/all runs/fewshot_long/glyphs_*/``):
 
   dataset  K  method    iters  0      1            3            5            10           train
   glyphs   1  maml      1000  20.3  83.6 +- 0.7  85.1 +- 0.8  85.4 +- 0.8  86.1 +- 0.7  562 s
@@ -140,7 +140,7 @@ def get_config(arg=None):
         raise ValueError(f"norm={opts.norm!r}; expected 'batch' (transductive) or 'instance'")
 
     config = ml_collections.ConfigDict()
-    config.experiment = "fewshot"
+    config.experiment = "meta"
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
@@ -166,6 +166,8 @@ def get_config(arg=None):
     config.meta.method = opts.method
     config.meta.inner_lr = 0.1 if opts.method == "reptile" else 0.4
     config.meta.inner_steps = 5 if opts.method == "reptile" else 1
+    # jax.checkpoint each inner step (memory for many inner steps)
+    config.meta.remat = False
 
     config.optim = ml_collections.ConfigDict()
     # MAML used 32 tasks and 60,000 iterations; sized for minutes on a loaded 2-core CPU
@@ -183,6 +185,12 @@ def get_config(arg=None):
     config.evals.num_steps = (1, 3, 5, 10)
     config.evals.finetune_lr = 0.4
     config.evals.finetune_rules = (("head/.*", "adapt"), (".*", "frozen"))
+    # held-out evaluation during training every that many steps (0: only the final one; 600
+    # episodes take minutes)
+    config.evals.every_steps = 0
+
+    # train.png / eval.png curves from metrics.jsonl (matplotlib takes seconds per figure)
+    config.plot_metrics = False
 
     config.log_every_steps = 10
     # stop after this many steps (0: run to the end); the same command resumes from the

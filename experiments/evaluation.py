@@ -5,9 +5,9 @@ are not one trainer's own: a classifier's metrics on a split (``classification``
 ``loss``), and a tuned decoder's zero-shot label accuracy, label-word loss and greedy generation
 (``label_accuracy``, ``label_loss``, ``generation``).
 
-The meta-learning trainers (``meta``, ``fewshot``) evaluate an initialisation the same way: fine-
-tune it on each held-out task's support set with single `ftlab.meta.adapt` steps and measure it
-on the query set before every step and after the last.
+The meta-learning trainer (``meta``, both task families) evaluates an initialisation this way:
+fine-tune it on each held-out task's support set with single `ftlab.meta.adapt` steps and
+measure it on the query set before every step and after the last.
 """
 
 from __future__ import annotations

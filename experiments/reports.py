@@ -391,7 +391,7 @@ def pretrain_plot(rows: list[dict], *, title: str, modes: Sequence[str]):
     )
 
 
-# -- few-shot image classification (experiments/trainers/fewshot.py) ---------------------------
+# -- few-shot image classification (experiments/trainers/meta.py, images) ----------------------
 
 
 def _fewshot_steps(rows: list[dict]) -> list[int]:
@@ -449,7 +449,7 @@ def fewshot_plot(rows: list[dict]):
     return report.panels_plot(panels, figsize=(4.0 * len(panels), 3.4))
 
 
-# -- meta-learning on sinusoids (experiments/trainers/meta.py) ---------------------------------
+# -- meta-learning on sinusoids (experiments/trainers/meta.py, sinusoid) -----------------------
 
 
 def meta_adapted_plot(method: str, tasks, curves, *, grid, steps, num_tasks: int):

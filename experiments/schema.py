@@ -370,7 +370,7 @@ def plugins() -> Field:
     return Field(check)
 
 
-# keys of the trainers that run on `experiments.loop` (classification, meta, fewshot)
+# keys of the trainers that run on `experiments.loop` (classification, meta)
 STEP_LOOP = {
     # trace these steps with jax.profiler into <workdir>/profile
     "profile.steps": integers(1).opt(),
@@ -462,29 +462,26 @@ CLASSIFICATION_FILES = {
     "model.path": string().fixed(),
 }
 
+# Meta-learning (experiments/trainers/meta.py): the keys of both task families.
 META = {
     "seed": SEED,
-    "data.task": choice("sinusoid"),
     "data.seed": SEED,
     "data.shots": integer(1),
-    "data.query_shots": integer(1),
-    "model.hidden": integers(1, nonempty=False).fixed(),
-    "meta.method": choice("maml", "fomaml", "anil", "metasgd", "reptile", "pretrained").fixed(),
     "meta.inner_lr": POSITIVE_LR,
     "meta.inner_steps": integer(1),
+    # jax.checkpoint each inner step (memory for many inner steps)
     "meta.remat": boolean(),
-    "meta.metasgd_lr_init": pair_low_high(),
     "optim.meta_batch_size": integer(1),
     "optim.lr": POSITIVE_LR,
     "optim.num_steps": STEPS,
     "evals.seed": SEED,
     "evals.num_tasks": integer(1),
-    "evals.shots": integer(1),
-    "evals.query_shots": integer(1),
     "evals.num_steps": integers(0),
+    # the baseline's fine-tuning at test time
     "evals.finetune_lr": POSITIVE_LR,
-    "evals.every_steps": STEPS,
-    # the evaluator types meta registers: finetune_mse
+    "evals.finetune_rules": rules(),
+    "evals.every_steps": integer(0, note="0: only the final evaluation"),
+    # the evaluator type each family offers: finetune_mse (sinusoid), finetune_accuracy (images)
     "evals.plugins": plugins().opt(),
     "plot_metrics": boolean(),
     **LOOP,
@@ -492,15 +489,24 @@ META = {
     **PARALLEL,
 }
 
-FEWSHOT = {
-    "seed": SEED,
+META_SINUSOID = {
+    **META,
+    "data.task": choice("sinusoid"),
+    "data.query_shots": integer(1),
+    "model.hidden": integers(1, nonempty=False).fixed(),
+    "meta.method": choice("maml", "fomaml", "anil", "metasgd", "reptile", "pretrained").fixed(),
+    "meta.metasgd_lr_init": pair_low_high(),
+    "evals.shots": integer(1),
+    "evals.query_shots": integer(1),
+}
+
+META_IMAGES = {
+    **META,
     "data.dataset": choice("digits", "glyphs").fixed(),
-    "data.seed": SEED,
     # which classes are meta-train and which held out
     "data.split_seed": SEED.fixed(),
     "data.num_train_classes": integer(1).fixed(),
     "data.ways": integer(2).fixed(),
-    "data.shots": integer(1),
     "data.query": integer(1),
     "data.glyph_size": integer(4).fixed(),
     "data.glyph_classes": integer(2).fixed(),
@@ -509,24 +515,9 @@ FEWSHOT = {
     "model.blocks": integer(1).fixed(),
     "model.norm": choice("batch", "instance").fixed(),
     "meta.method": choice("maml", "fomaml", "anil", "reptile", "finetune").fixed(),
-    "meta.inner_lr": POSITIVE_LR,
-    "meta.inner_steps": integer(1),
-    "optim.meta_batch_size": integer(1),
     "optim.pretrain_batch_size": integer(1),
-    "optim.lr": POSITIVE_LR,
-    "optim.num_steps": STEPS,
-    "evals.seed": SEED,
-    "evals.num_tasks": integer(1),
     "evals.chunk": integer(1),
     "evals.query": integer(1),
-    "evals.num_steps": integers(0),
-    "evals.finetune_lr": POSITIVE_LR,
-    "evals.finetune_rules": rules(),
-    # the evaluator types fewshot registers: finetune_accuracy
-    "evals.plugins": plugins().opt(),
-    **LOOP,
-    **STEP_LOOP,
-    **PARALLEL,
 }
 
 MULTITASK_TABULAR = {
@@ -888,8 +879,7 @@ RLHF = {
 # experiment kind (config.experiment) -> its variants' tables
 KINDS: dict[str, dict[str, dict[str, Field]]] = {
     "classification": {"": CLASSIFICATION, "files": CLASSIFICATION_FILES},
-    "meta": {"": META},
-    "fewshot": {"": FEWSHOT},
+    "meta": {"sinusoid": META_SINUSOID, "images": META_IMAGES},
     "multitask": {"tabular": MULTITASK_TABULAR, "text": MULTITASK_TEXT},
     "pretrain": {"": PRETRAIN},
     "decoder_tuning": {"": DECODER_TUNING},
@@ -909,7 +899,6 @@ KINDS: dict[str, dict[str, dict[str, Field]]] = {
 SAVED_STATE: dict[str, str | None] = {
     "classification": "checkpoints",
     "meta": "checkpoints",
-    "fewshot": "checkpoints",
     "multitask": "finished",
     "pretrain": "finished",
     "decoder_tuning": "finished",
@@ -928,7 +917,10 @@ def kind_of(config: ml_collections.ConfigDict) -> tuple[str, str]:
     """``(kind, variant)`` of a config; the variant picks the table within the kind."""
     kind = config.get("experiment")
     if kind not in KINDS:
-        hint = "; run it with python -m experiments.compare" if kind == "compare" else ""
+        hint = {
+            "compare": "; run it with python -m experiments.compare",
+            "fewshot": "; few-shot image episodes are experiment 'meta' with a data.dataset",
+        }.get(kind, "")
         raise ConfigError("experiment", f"must be one of {', '.join(map(repr, KINDS))}{hint}", kind)
     data = config.get("data") or {}
     if kind == "classification":
@@ -937,6 +929,8 @@ def kind_of(config: ml_collections.ConfigDict) -> tuple[str, str]:
         return kind, "text" if data.get("dataset") == "rotten_tomatoes" else "tabular"
     if kind == "online":
         return kind, "minilm" if data.get("source") == "minilm_rotten_tomatoes" else "river"
+    if kind == "meta":
+        return kind, "images" if "dataset" in data else "sinusoid"
     return kind, ""
 
 
@@ -1006,7 +1000,7 @@ def _cross_checks(kind: str, variant: str, c: ml_collections.ConfigDict) -> None
                 f"must be <= config.optim.max_steps={c.optim.max_steps}",
                 c.optim.min_steps,
             )
-    if kind == "fewshot":
+    if (kind, variant) == ("meta", "images"):
         d, e = c.data, c.evals
         total, instances = (
             (10, 174) if d.dataset == "digits" else (d.glyph_classes, d.glyph_instances)

@@ -115,9 +115,9 @@ def _write_data(data_path: str) -> None:
     from ftlab.core import partition
 
     config = maml_sinusoid.get_config("method=maml")
-    _, params = trainer.build_model(config)
-    flat = {f"param/{k}": v for k, v in partition.flatten(jax.device_get(params)).items()}
-    tasks = trainer.sample_tasks(config, 0)
+    family = trainer.FAMILIES["sinusoid"](config, None)
+    flat = {f"param/{k}": v for k, v in partition.flatten(jax.device_get(family.params)).items()}
+    tasks = family.batch_at(0)
     flat.update({f"task/{k}": v for k, v in partition.flatten(tasks).items()})
     np.savez(data_path, **flat)
 
@@ -134,11 +134,10 @@ def _run_ftlab(
     from ftlab.core import partition
 
     config = maml_sinusoid.get_config(f"method=maml,inner_steps={inner_steps}")
-    model, _ = trainer.build_model(config)
     data = np.load(data_path)
     params = partition.unflatten({k[6:]: data[k] for k in data.files if k.startswith("param/")})
     tasks = partition.unflatten({k[5:]: data[k] for k in data.files if k.startswith("task/")})
-    loss_fn = trainer.make_loss_fn(model)
+    loss_fn = trainer.FAMILIES["sinusoid"](config, None).loss_fn
     tx = optax.adam(config.optim.lr)
     state = trainer.init_state(config, params, tx)
     options = {} if xla_defaults else meta.compiler_options()

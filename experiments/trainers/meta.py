@@ -1,16 +1,41 @@
-"""Meta-learning on sinusoid regression: MAML, FOMAML, ANIL, Meta-SGD, Reptile, and a baseline.
+"""Meta-learning: MAML, FOMAML, ANIL, Meta-SGD, Reptile and a jointly trained baseline.
 
-``config.meta.method`` picks the algorithm; ``pretrained`` trains one network on all tasks jointly
-(no inner loop) and is evaluated by fine-tuning it exactly as the meta-learned initialisations
-are. Evaluation: held-out tasks, fine-tuned on ``config.evals.shots`` points with
-:func:`ftlab.meta.adapt`, query MSE after each of ``config.evals.num_steps`` gradient steps (mean
-and 95% interval over tasks), plus a plot of adapted curves.
+``config.meta.method`` picks the algorithm; the task family (`experiments.schema.kind_of`)
+gives the data, the network, its loss and what is measured, and all else is one loop: the
+method's step (`ftlab.meta.make_step`, or joint training for the baseline), `loop.train`, the
+held-out evaluation and the results.
+
+- ``sinusoid`` (``config.data.task``): regression of ``y = A sin(x - phase)`` (Finn et al.
+  2017, 5.1) with an MLP; the baseline ``pretrained`` trains on every point of the meta-batch's
+  tasks jointly. Measured: query MSE; also a plot of adapted curves (``adapted_curves.png``).
+- ``images`` (``config.data.dataset``: digits or glyphs): N-way few-shot classification (5.2)
+  with ``config.model.blocks`` blocks of [3x3 conv, stride 2, ``filters`` channels,
+  normalisation, ReLU] and a linear ``head``; the baseline ``finetune`` trains a classifier
+  over every meta-train class, whose head is replaced by a fresh zero N-way head at test time.
+  Normalisation ``"batch"`` uses the statistics of the batch it is applied to, within one
+  episode (the support set while adapting, the whole query set at evaluation): transductive,
+  as in MAML's reported numbers. ``"instance"`` normalises each example on its own. Measured:
+  query accuracy; also results.md (a one-row table) and ``accuracy.png``.
+
+Evaluation: ``config.evals.num_tasks`` held-out tasks; the initialisation fine-tuned on each
+support set with SGD (the inner rules and rate, Meta-SGD's learned rates, or for the baseline
+``config.evals.finetune_rules`` and ``finetune_lr``), the query metric after 0 and each of
+``config.evals.num_steps`` steps: mean and 95% interval ``1.96 std / sqrt(n)``.
+
+Also a command to tabulate and plot several image runs::
+
+  python -m experiments.trainers.meta --out=runs/fewshot runs/fewshot/*/
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
+import sys
+from collections.abc import Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,50 +43,238 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import evaluation, loop, models, reports
+from experiments import evaluation, loop, models, reports, schema
 from ftlab import meta
-from ftlab.core import partition, train
-from ftlab.data import sinusoid
+from ftlab.core import partition, report, train
+from ftlab.data import fewshot, sinusoid
 
-METHODS = (*meta.METHODS, "pretrained")
-# the evaluator types of config.evals.plugins (experiments.loop)
-PLUGINS = ("finetune_mse",)
+__all__ = [
+    "FAMILIES",
+    "METHODS",
+    "Family",
+    "build_step",
+    "fresh_head",
+    "init_state",
+    "make_evaluator",
+    "train_and_evaluate",
+]
+
+METHODS = {
+    "sinusoid": (*meta.METHODS, "pretrained"),
+    "images": ("maml", "fomaml", "anil", "reptile", "finetune"),
+}
+# Each family's baseline: one network trained on all training tasks jointly, then fine-tuned.
+BASELINES = ("pretrained", "finetune")
+# the evaluator type of config.evals.plugins each family offers (experiments.loop)
+PLUGINS = {"sinusoid": "finetune_mse", "images": "finetune_accuracy"}
 
 
-def make_loss_fn(model: models.MLP):
-    """``loss_fn(params, batch, rng) -> (MSE, {})`` over ``batch["x"]``, ``batch["y"]`` [n, 1]."""
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a task family configures the meta-learning loop with.
+
+    Attributes:
+        params: The network to train (for the baseline, with its joint-training head).
+        loss_fn: ``loss_fn(params, batch, rng) -> (loss, {})`` of training.
+        batch_at: ``step -> host batch``: the meta-batch of tasks, or the baseline's batch.
+        batch_size: The ``config.optim`` key of the batch the plan splits over devices.
+        held_out: ``num_tasks -> [tasks, ...]``: the held-out tasks, in chunks.
+        adapt_loss: The fine-tuning loss on a held-out support set.
+        measure: ``measure(params, task) -> (metric, extra)`` on the query set, before every
+            fine-tuning step and after the last; ``extra`` (a pytree) goes to ``publish``.
+        for_baseline: The baseline's trained network as fine-tuned at test time.
+        metric: The name in ``eval/<metric>_step_<k>``.
+        step_key: The results' name of the number of steps trained.
+        results: The family's own entries of results.json.
+        publish: ``publish(results, tasks, extras) -> options of loop.Run.finish``.
+        plot_steps: Fine-tuning steps ``publish`` draws (evaluated even if not reported).
+        compiler_options: XLA options of the train step.
+    """
+
+    params: dict
+    loss_fn: Callable
+    batch_at: Callable[[int], Mapping]
+    batch_size: str
+    held_out: Callable[[int], list]
+    adapt_loss: Callable
+    measure: Callable
+    for_baseline: Callable[[dict], dict]
+    metric: str
+    step_key: str
+    results: dict
+    publish: Callable[..., dict]
+    plot_steps: tuple[int, ...] = ()
+    compiler_options: dict | None = None
+
+
+# -- sinusoid regression -------------------------------------------------------------------------
+# The plot shows the first tasks' predictions on this grid before and after these many steps.
+PLOT_GRID = np.linspace(*sinusoid.X_RANGE, 200, dtype=np.float32)[:, None]
+PLOT_STEPS = (0, 1, 10)
+PLOT_TASKS = 3
+
+
+def _sinusoid(config: ml_collections.ConfigDict, plan) -> Family:
+    """Finn et al.'s regressor (ReLU layers ``hidden_i``, a linear ``head``) on sine tasks."""
+    del plan
+    d, e, method = config.data, config.evals, config.meta.method
+    if d.task != "sinusoid":
+        raise ValueError(f"config.data.task={d.task!r}; expected 'sinusoid'")
+    model = models.MLP(hidden=tuple(config.model.hidden))
+    params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, 1), jnp.float32))
 
     def loss_fn(params, batch, rng):
         del rng
-        pred = model.apply({"params": params}, batch["x"])
-        return jnp.mean((pred - batch["y"]) ** 2), {}
+        return jnp.mean((model.apply({"params": params}, batch["x"]) - batch["y"]) ** 2), {}
 
-    return loss_fn
+    def tasks_at(step):  # a pure function of (seed, step)
+        t = sinusoid.sample(d.seed, step, num_tasks=config.optim.meta_batch_size, shots=d.shots,
+                            query_shots=d.query_shots)  # fmt: skip
+        return {"support": t["support"], "query": t["query"]}
 
+    def joint_batch(step):
+        """All points of the step's tasks as one regression batch (the pretrained baseline's)."""
+        t = tasks_at(step)
+        x, y = (np.concatenate([t["support"][k], t["query"][k]], axis=1) for k in "xy")
+        return {"x": x.reshape(-1, 1), "y": y.reshape(-1, 1)}
 
-def build_model(config: ml_collections.ConfigDict) -> tuple[models.MLP, dict]:
-    """Finn et al.'s regressor: ReLU hidden layers ``hidden_i``, then a linear ``head``."""
-    model = models.MLP(hidden=tuple(config.model.hidden))
-    params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, 1), jnp.float32))
-    return model, jax.tree.map(np.asarray, params["params"])
+    def measure(p, task):
+        return loss_fn(p, task["query"], None)[0], model.apply({"params": p}, PLOT_GRID)[:, 0]
 
+    def publish(results, tasks, curves):
+        curves = curves[:PLOT_TASKS, np.asarray(PLOT_STEPS)]
+        plot = lambda: reports.meta_adapted_plot(  # noqa: E731
+            method, tasks[0], curves, grid=PLOT_GRID, steps=PLOT_STEPS, num_tasks=PLOT_TASKS
+        )
+        return {"figures": {"adapted_curves.png": plot}}
 
-def sample_tasks(config: ml_collections.ConfigDict, step: int) -> dict:
-    """The meta-batch of training tasks for ``step``: a pure function of (seed, step)."""
-    tasks = sinusoid.sample(
-        config.data.seed,
-        step,
-        num_tasks=config.optim.meta_batch_size,
-        shots=config.data.shots,
-        query_shots=config.data.query_shots,
+    return Family(
+        params=jax.tree.map(np.asarray, params["params"]),
+        loss_fn=loss_fn,
+        batch_at=joint_batch if method == "pretrained" else tasks_at,
+        batch_size="meta_batch_size",
+        held_out=lambda n: [
+            sinusoid.sample(e.seed, 0, num_tasks=n, shots=e.shots, query_shots=e.query_shots)
+        ],  # fmt: skip
+        adapt_loss=loss_fn,
+        measure=measure,
+        for_baseline=lambda p: p,
+        metric="mse",
+        step_key="step",
+        results={"eval/shots": e.shots},
+        publish=publish,
+        plot_steps=PLOT_STEPS,
+        compiler_options=meta.compiler_options(),
     )
-    return {"support": tasks["support"], "query": tasks["query"]}
 
 
+# -- few-shot image classification ---------------------------------------------------------------
+def _classifier(model: nn.Module):
+    """``loss_fn(params, batch, rng) -> (cross-entropy, {})`` and ``accuracy(params, batch)``."""
+
+    def loss_fn(params, batch, rng):
+        del rng
+        logits = model.apply({"params": params}, batch["x"])
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])), {}
+
+    def accuracy(params, batch):
+        logits = model.apply({"params": params}, batch["x"])
+        return jnp.mean(jnp.argmax(logits, -1) == batch["y"])
+
+    return loss_fn, accuracy
+
+
+def fresh_head(params, ways):
+    """``params`` with a zero ``head`` of ``ways`` outputs (the fine-tune baseline at test time)."""
+    feat = params["head"]["kernel"].shape[0]
+    head = {"kernel": jnp.zeros((feat, ways)), "bias": jnp.zeros((ways,))}
+    return {**params, "head": head}
+
+
+def _images(config: ml_collections.ConfigDict, plan) -> Family:
+    """A conv net on N-way episodes of the meta-train classes; held out: the other classes."""
+    d, e, m = config.data, config.evals, config.model
+    baseline = config.meta.method == "finetune"
+    if baseline and m.norm == "batch" and plan.mode == "pmap" and plan.num_devices > 1:
+        # Under pmap each device normalises its own share of the pretraining batch: the result
+        # would depend on the device count (a mesh normalises over the global batch).
+        raise ValueError(
+            "config.parallel.mode='pmap' with config.model.norm='batch' normalises each "
+            "device's share of the pretraining batch on its own; use mode 'mesh' or norm "
+            "'instance'"
+        )
+    if d.dataset == "digits":
+        data = fewshot.load_digits()
+    elif d.dataset == "glyphs":
+        data = fewshot.load_glyphs(
+            size=d.glyph_size, num_classes=d.glyph_classes, instances=d.glyph_instances
+        )
+    else:
+        raise ValueError(f"config.data.dataset={d.dataset!r}; expected 'digits' or 'glyphs'")
+    train_ids, test_ids = fewshot.split_classes(
+        len(data.names), num_train=d.num_train_classes, seed=d.split_seed
+    )
+    convnet = lambda ways: models.ConvNet(  # noqa: E731
+        ways=ways, filters=m.filters, blocks=m.blocks, norm=m.norm
+    )
+    model = convnet(len(train_ids) if baseline else d.ways)
+    init = jax.jit(model.init)  # one compile, not one per op
+    params = init(jax.random.PRNGKey(config.seed), jnp.zeros((2, *data.images.shape[2:])))
+    loss_fn, _ = _classifier(model)
+    adapt_loss, accuracy = _classifier(convnet(d.ways))
+
+    def episodes(ids, seed, index, num_tasks, query):
+        ep = fewshot.sample_episodes(data.images, ids, seed, index, num_tasks=num_tasks,
+                                     ways=d.ways, shots=d.shots, query=query)  # fmt: skip
+        return {"support": ep["support"], "query": ep["query"]}
+
+    def batch_at(step):  # a pure function of (seed, step)
+        if baseline:
+            size = config.optim.pretrain_batch_size
+            return fewshot.sample_batch(data.images, train_ids, d.seed, step, batch_size=size)
+        return episodes(train_ids, d.seed, step, config.optim.meta_batch_size, d.query)
+
+    def publish(results, tasks, extras):
+        del tasks, extras
+        return {"table": reports.fewshot_table([results], methods=METHODS["images"]),
+                "figures": {"accuracy.png": lambda: reports.fewshot_plot([results])}}  # fmt: skip
+
+    return Family(
+        params=params["params"],
+        loss_fn=loss_fn,
+        batch_at=batch_at,
+        batch_size="pretrain_batch_size" if baseline else "meta_batch_size",
+        held_out=lambda n: [
+            episodes(test_ids, e.seed, i // e.chunk, e.chunk, e.query) for i in range(0, n, e.chunk)
+        ],  # fmt: skip
+        adapt_loss=adapt_loss,
+        measure=lambda p, task: (accuracy(p, task["query"]), None),
+        for_baseline=lambda p: fresh_head(p, d.ways),
+        metric="acc",
+        step_key="meta_iterations",
+        results={
+            "dataset": d.dataset,
+            "synthetic": data.synthetic,
+            "ways": d.ways,
+            "shots": d.shots,
+            "norm": m.norm,
+            "transductive": m.norm == "batch",
+            "train_classes": len(train_ids),
+            "test_classes": len(test_ids),
+            "eval/query_per_class": e.query,
+        },  # fmt: skip
+        publish=publish,
+    )
+
+
+FAMILIES = {"sinusoid": _sinusoid, "images": _images}
+
+
+# -- the loop, shared ----------------------------------------------------------------------------
 def build_step(config, loss_fn, tx, *, axis_name=None):
     """The training step of ``config.meta.method`` (`ftlab.meta.make_step`, or joint training)."""
     m = config.meta
-    if m.method == "pretrained":
+    if m.method in BASELINES:
         return train.make_train_step(loss_fn, tx, axis_name=axis_name)
     return meta.make_step(
         m.method, loss_fn, tx, inner_lr=m.inner_lr, num_steps=m.inner_steps, remat=m.remat,
@@ -82,52 +295,45 @@ def init_state(config, params, tx):
     return train.init_state(params, label_tree, tx, seed=config.seed)
 
 
-def _joint_batch(tasks):
-    """All points of all tasks as one regression batch (the pretrained baseline's data)."""
-    x = np.concatenate([tasks["support"]["x"], tasks["query"]["x"]], axis=1)
-    y = np.concatenate([tasks["support"]["y"], tasks["query"]["y"]], axis=1)
-    return {"x": x.reshape(-1, 1), "y": y.reshape(-1, 1)}
-
-
-# -- evaluation ----------------------------------------------------------------------------------
-# The plot shows the first tasks' predictions on this grid before and after these many steps.
-PLOT_GRID = np.linspace(*sinusoid.X_RANGE, 200, dtype=np.float32)[:, None]
-PLOT_STEPS = (0, 1, 10)
-PLOT_TASKS = 3
-
-
 @loop.register("finetune_mse")
-def make_evaluator(*, num_steps=None, metric="mse", config, loss_fn, model, plan):
-    """``evaluate(state) -> {eval/<metric>_step_<k>: query MSE}`` of the held-out tasks.
+@loop.register("finetune_accuracy")
+def make_evaluator(*, num_tasks=None, num_steps=None, metric=None, config, family, plan):
+    """``evaluate(state) -> {eval/<metric>_step_<k>: query metric}`` of the held-out tasks.
 
-    The state's initialisation fine-tuned on each task's support set for ``k`` in
-    ``num_steps`` (default ``config.evals.num_steps``) steps. ``evaluate.full(state)`` adds
-    the 95% intervals, the tasks and the plot's curves (``[PLOT_TASKS, len(PLOT_STEPS),
-    grid]``). All step counts come from one compiled `evaluation.adapt_trajectory`.
+    ``num_tasks`` tasks (default ``config.evals.num_tasks``), the state's network fine-tuned on
+    each support set for ``k`` in ``num_steps`` (default ``config.evals.num_steps``) steps, all
+    step counts from one compiled `evaluation.adapt_trajectory`; ``metric`` defaults to the
+    family's. ``evaluate.full(state)``: the summary with 95% intervals, the tasks and the
+    measure's extras (``[tasks, max steps + 1, ...]``).
     """
-    steps = tuple(config.evals.num_steps if num_steps is None else num_steps)
+    e, method = config.evals, config.meta.method
+    steps = tuple(e.num_steps if num_steps is None else num_steps)
+    num_tasks = e.num_tasks if num_tasks is None else num_tasks
+    metric = family.metric if metric is None else metric
     if not steps or min(steps) < 0:
         raise ValueError(f"num_steps={steps!r}: expected fine-tuning step counts >= 0")
-    method, e = config.meta.method, config.evals
-
-    def measure(p, task):
-        return loss_fn(p, task["query"], None)[0], model.apply({"params": p}, PLOT_GRID)[:, 0]
-
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks={num_tasks!r}: expected >= 1")
+    baseline = method in BASELINES
+    rules = tuple(e.finetune_rules) if baseline else meta.inner_rules(method)
     trajectories = evaluation.adapt_trajectory(
-        measure, loss_fn, rules=meta.inner_rules(method), num_steps=max(*steps, *PLOT_STEPS)
+        family.measure, family.adapt_loss, rules=rules, num_steps=max((*steps, *family.plot_steps))
     )
-    held_out = sinusoid.sample(
-        e.seed, 0, num_tasks=e.num_tasks, shots=e.shots, query_shots=e.query_shots
-    )
-    tasks = {"support": held_out["support"], "query": held_out["query"]}
 
     def full(state):
         params, learned = meta.split_inner_lr(plan.get_state(state).params)
-        # Fine-tuning step size: learned (Meta-SGD), the baseline's, or the inner lr.
-        lr = {"metasgd": learned, "pretrained": e.finetune_lr}.get(method, config.meta.inner_lr)
-        queries, curves = jax.device_get(trajectories(params, lr, tasks))
-        summary = evaluation.steps_summary(queries, steps, metric)
-        return summary, held_out, curves[:PLOT_TASKS, np.asarray(PLOT_STEPS)]
+        # Fine-tuning step size: the baseline's, learned (Meta-SGD), or the inner lr.
+        if baseline:
+            params, lr = family.for_baseline(params), e.finetune_lr
+        else:
+            lr = learned if method == "metasgd" else config.meta.inner_lr
+        tasks = family.held_out(num_tasks)
+        outs = [
+            jax.device_get(trajectories(params, lr, {"support": t["support"], "query": t["query"]}))
+            for t in tasks
+        ]
+        values, extras = jax.tree.map(lambda *a: np.concatenate(a)[:num_tasks], *outs)
+        return evaluation.steps_summary(values, steps, metric), tasks, extras
 
     def evaluate(state):
         return {k: v for k, v in full(state)[0].items() if not k.endswith("_ci95")}
@@ -136,69 +342,74 @@ def make_evaluator(*, num_steps=None, metric="mse", config, loss_fn, model, plan
     return evaluate
 
 
-# -- main ----------------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Meta-trains ``config.meta.method``, evaluates on held-out tasks, writes into ``workdir``.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Meta-trains (or jointly trains) ``config.meta.method``, evaluates on held-out tasks.
 
     Resumes from the workdir's latest checkpoint. Returns the results, also in results.json.
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    method = config.meta.method
-    if method not in METHODS:
-        raise ValueError(f"config.meta.method={method!r}; expected one of {METHODS}")
-    if config.data.task != "sinusoid":
-        raise ValueError(f"config.data.task={config.data.task!r}; expected 'sinusoid'")
+    name, method = schema.kind_of(config)[1], config.meta.method
+    if method not in METHODS[name]:
+        raise ValueError(f"config.meta.method={method!r}; expected one of {METHODS[name]}")
     plan = loop.plan_from(config)
-    plan.check_batch_size(config.optim.meta_batch_size, what="config.optim.meta_batch_size")
-
-    # -- model, optimizer, state -------------------------------------------------------------
-    model, params = build_model(config)
-    loss_fn = make_loss_fn(model)
+    family = FAMILIES[name](config, plan)
+    plan.check_batch_size(config.optim[family.batch_size], what=f"config.optim.{family.batch_size}")
     tx = optax.adam(config.optim.lr)
-    state = init_state(config, params, tx)
-    logging.info("method %s, %d parameters", method, partition.count(params))
+    state = init_state(config, family.params, tx)
+    logging.info("%s on %s: %d parameters", method, name, partition.count(family.params))
 
-    # -- evaluators: held-out tasks every config.evals.every_steps, and the plugins --------
+    # -- evaluators: held-out tasks every config.evals.every_steps, and the plugins ----------
     # Fine-tuning with Meta-SGD's learned rates (tuned for one step) may diverge at ten: that is
     # a result to report, not a broken run, so evaluations are not checked for NaN.
-    on = dict(config=config, loss_fn=loss_fn, model=model, plan=plan)
+    on = dict(config=config, family=family, plan=plan)
     held_out = make_evaluator(**on)
     evaluators = [
         loop.Evaluator(
             "held_out", held_out, every_steps=config.evals.every_steps, check_finite=False
         ),
-        *loop.from_config(config.evals.get("plugins"), types=PLUGINS, check_finite=False, **on),
+        *loop.from_config(
+            config.evals.get("plugins"), types=(PLUGINS[name],), check_finite=False, **on
+        ),
     ]
 
-    # -- loop --------------------------------------------------------------------------------
-    def batch_at(step):
-        tasks = sample_tasks(config, step)
-        return _joint_batch(tasks) if method == "pretrained" else tasks
-
+    # -- loop: every batch is a pure function of (seed, step), so a restored state continues
+    # the same run --------------------------------------------------------------------------
     run = loop.train(
-        config,
-        workdir,
-        plan=plan,
-        state=state,
-        step_fn=build_step(config, loss_fn, tx, axis_name=models.axis_name(plan)),
-        batch_at=batch_at,
-        evaluators=evaluators,
-        compiler_options=meta.compiler_options(),
-    )
+        config, workdir, plan=plan, state=state, evaluators=evaluators,
+        step_fn=build_step(config, family.loss_fn, tx, axis_name=models.axis_name(plan)),
+        batch_at=family.batch_at, compiler_options=family.compiler_options,
+    )  # fmt: skip
     if not run.finished:
         return {"step": run.step}
 
     # -- final evaluation --------------------------------------------------------------------
-    summary, tasks, curves = held_out.full(run.state)
-    results = {"step": run.step, "method": method, **summary}
+    summary, tasks, extras = held_out.full(run.state)
+    results = {family.step_key: run.step, "method": method, **family.results, **summary}
     results["eval/num_tasks"] = config.evals.num_tasks
-    results["eval/shots"] = config.evals.shots
     results["train_seconds_this_run"] = run.train_seconds
-    plot = lambda: reports.meta_adapted_plot(  # noqa: E731
-        method, tasks, curves, grid=PLOT_GRID, steps=PLOT_STEPS, num_tasks=PLOT_TASKS
-    )
     return run.finish(
-        results, logged="eval/mse", figures={"adapted_curves.png": plot}, dpi=90,
-        curves="" if config.plot_metrics else None,
+        results, logged=f"eval/{family.metric}", dpi=90,
+        curves="" if config.plot_metrics else None, **family.publish(results, tasks, extras),
     )  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    """``python -m experiments.trainers.meta --out=DIR RUN_DIR...``: table.md and plot of
+    image-family runs."""
+    out = pathlib.Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--out=")))
+    rows = [
+        json.loads((pathlib.Path(a) / "results.json").read_text())
+        for a in argv
+        if not a.startswith("--") and (pathlib.Path(a) / "results.json").exists()
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    report.save_json(out / "results.json", rows)
+    table = reports.fewshot_table(rows, methods=METHODS["images"])
+    report.save_text(out / "table.md", table)
+    print(table)
+    report.save_figure(reports.fewshot_plot(rows), out / "accuracy.png", dpi=90)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -165,6 +165,17 @@ CASES = [
         r"^config\.data\.num_train_classes=5: leaves fewer than config\.data\.ways=6",
     ),
     (
+        ("maml_fewshot", "quick"),
+        dict(meta__method="metasgd"),
+        r"^config\.meta\.method='metasgd': must be one of 'maml', 'fomaml', 'anil', 'reptile',",
+    ),
+    (
+        ("maml_fewshot", "quick"),
+        dict(experiment="fewshot"),
+        r"^config\.experiment='fewshot': must be one of .*; few-shot image episodes are "
+        r"experiment 'meta' with a data\.dataset$",
+    ),
+    (
         ("maml_sinusoid", "quick"),
         dict(meta__metasgd_lr_init=(0.1, 0.01)),
         r"^config\.meta\.metasgd_lr_init=\(0\.1, 0\.01\): must be a pair \(low, high\)",
@@ -192,7 +203,6 @@ def test_schema_choices_are_the_trainers_own():
     from experiments import models  # noqa: PLC0415
     from experiments.trainers import (  # noqa: PLC0415
         decoder_tuning,
-        fewshot,
         icl,
         meta,
         multitask,
@@ -213,10 +223,9 @@ def test_schema_choices_are_the_trainers_own():
     assert allowed(k["classification"][""], "peft.method", {*models.PEFT_METHODS, *words}) == set(
         models.PEFT_METHODS
     )
-    assert allowed(k["meta"][""], "meta.method", {*meta.METHODS, *words}) == set(meta.METHODS)
-    assert allowed(k["fewshot"][""], "meta.method", {*fewshot.METHODS, *words}) == set(
-        fewshot.METHODS
-    )
+    for family, methods in meta.METHODS.items():
+        assert allowed(k["meta"][family], "meta.method", {*methods, *words}) == set(methods)
+    assert set(k["meta"]) == set(meta.FAMILIES)
     tab, text = k["multitask"]["tabular"], k["multitask"]["text"]
     assert members(tab, "methods", {*multitask.METHODS, "x"}) == set(multitask.METHODS)
     assert members(text, "methods", {*multitask.LORA_METHODS, "x"}) == set(multitask.LORA_METHODS)

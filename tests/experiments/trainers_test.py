@@ -26,7 +26,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CACHE = os.environ.get("FTLAB_TEST_CACHE", str(ROOT / ".jax_cache"))
 
-# Each trainer's tiny config (all eight, so that a list below can take any of them back), with
+# Each trainer's tiny config (all seven, meta with both its task families, so that a list below
+# can take any of them back), with
 # global batches that 8 devices divide and checkpoints often
 # enough that a kill usually lands between two of them.
 TRAINERS = {
@@ -41,7 +42,7 @@ TRAINERS = {
         "--config.optim.meta_batch_size=8",
         "--config.checkpoint.every_steps=2",
     ],
-    "fewshot": [
+    "meta_images": [
         "--config=configs/maml_fewshot.py:quick",
         "--config.optim.meta_batch_size=8",
         "--config.checkpoint.every_steps=2",
@@ -80,14 +81,15 @@ SHARDED = {k: v + ["--config.parallel.fsdp_min_bytes=128"] for k, v in SHARDED.i
 
 # The fault chain runs for one trainer of each way to resume: orbax checkpoints of one run
 # (classification; meta through the meta-learning loop, with a diverged update first) and
-# finished items of a sweep (ICL's finished tasks). Fewshot trains through meta's loop and step
-# builder (`ftlab.meta.methods`); decoder tuning, multitask, pretrain and online resume through
-# the same two, and their own tests stop them part-way and check the rerun. CI's 10-minute budget
-# does not fit all eight (each chain passed for all eight trainers before the cut, 2026-12-05).
+# finished items of a sweep (ICL's finished tasks). Meta's image family trains through the same
+# loop and step builder as its sinusoids; decoder tuning, multitask, pretrain and online resume
+# through the same two, and their own tests stop them part-way and check the rerun. CI's
+# 10-minute budget does not fit them all (each chain passed for all eight trainers, fewshot then
+# a trainer of its own, before the cut, 2026-12-05).
 CHAIN = ("classification", "meta", "icl")
 # The 2-process run covers each data-parallel path: the loop's plan (classification, sharded
 # fsdp too), ICL's own split of the queries, and pretrain (a sweep of short runs, whose
-# contrastive loss takes its negatives across devices). Meta and fewshot train through the same
+# contrastive loss takes its negatives across devices). Meta's two families train through the same
 # `loop.train` on the same plan as classification (tests/meta/parallel_test.py checks their
 # steps on 4 devices); decoder tuning's and multitask's sweeps of short runs are pretrain's, on
 # the plan classification shards; online's sweep over the mesh has its own 8-devices-equal-1
@@ -95,10 +97,10 @@ CHAIN = ("classification", "meta", "icl")
 # passed here too before CI's 10-minute budget cut them, 2026-12-06.
 MULTIPROCESS = ("classification", "icl", "pretrain")
 
-# The trainers whose chain starts with a diverged update. ICL trains nothing; fewshot stops in
-# the same `loop.train` as meta; the others' own tests make their loss NaN in-process and
-# restore the last good checkpoint (classification, multitask, pretrain and decoder tuning
-# tests, online_test), which keeps CI within its budget.
+# The trainers whose chain starts with a diverged update. ICL trains nothing; meta's image family
+# stops in the same `loop.train` as its sinusoids; the others' own tests make their loss NaN
+# in-process and restore the last good checkpoint (classification, multitask, pretrain and
+# decoder tuning tests, online_test), which keeps CI within its budget.
 DIVERGE = ("meta",)
 
 # Results that measure time or memory, not the computation.
