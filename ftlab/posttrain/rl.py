@@ -20,8 +20,9 @@ model is held. Full fine-tuning has no frozen base to switch to and is refused.
 
 **Log-probabilities** are those of ``softmax(logits / temperature)`` (TRL's convention; top-p only
 restricts which tokens are drawn), 1 in place of a temperature of 0 (greedy). The sampler returns
-them per token (`Rollout.logprobs`), and the training forward pass computes the same numbers from
-the whole sequence (equal up to float rounding).
+them per token (`Rollout.logprobs`), and the training forward pass computes the same numbers the
+same way: each prompt runs once for its ``G`` completions, into a KV cache they continue
+(`score_rollout`; equal to a pass over whole rows up to float rounding).
 
 **Rewards**: ``reward_fn(rollout) -> [B * G]`` float scores, traced inside the step (a reward
 model's forward pass, or any jnp function of the token ids, `Rollout.input_ids` and
@@ -42,12 +43,12 @@ holds it and a resumed run continues it.
 
 **Precision**: the model's ``config.dtype`` (e.g. ``jnp.bfloat16``) is the forward passes'
 computation dtype. Each forward pass of a step (rollout, reference, old and trained log-probs)
-starts by casting the parameters to it, so the decoding loop reads the narrow copy instead of
-each layer casting its float32 kernels at every decoded token, while the trainable leaves and
-their optimizer state keep their own dtype (gradients flow back through the cast); log-probs and
-losses are float32. The sampler's and the training pass's log-probs then agree only to that
-dtype's rounding, so the first update's ratio is near 1 rather than 1 (``train/clip_fraction``
-shows how near).
+starts by casting the parameters to it, while the trainable leaves and their optimizer state keep
+their own dtype (gradients flow back through the cast); the model sums its products in float32,
+and log-probs and losses are float32. (XLA on CPU still moves the cast into the decoding loop,
+per layer and token: `experiments/bench/RESULTS.md`.) The sampler and the training pass run the
+same products, so their log-probs agree far below that dtype's rounding (an approximate KL of
+about 1e-14 in the bfloat16 test); ``train/clip_fraction`` shows how near 1 the first ratio is.
 
 **Layers**: every forward pass runs the layers stacked (`llama.stack_layers`, one compiled layer
 body under `nn.scan`). Hold the train state's tree stacked (stack after the method's ``init``:
