@@ -307,9 +307,15 @@ _dot_float32 = functools.partial(jax.lax.dot_general, preferred_element_type=jnp
 
 
 def _dense(
-    features: int, config: LlamaConfig, name: str, *, use_bias: bool = False
+    features: int,
+    config: LlamaConfig,
+    name: str,
+    *,
+    use_bias: bool = False,
+    out_dtype: Any = None,
 ) -> Callable[[jax.Array], jax.Array]:
-    """An `nn.Dense` (bias-free unless `use_bias`) applied to `[..., in]`, leading axes folded.
+    """An `nn.Dense` (bias-free unless `use_bias`) applied to `[..., in]`, leading axes folded;
+    its float32 sums are returned in `out_dtype` (default `config.dtype`).
 
     As in `ftlab.models.bert._dense`: XLA on CPU differentiates 2-D dots much faster, and the
     layer, its parameter paths and any `nn.Dense` interceptor are unchanged.
@@ -325,7 +331,7 @@ def _dense(
     )
 
     def apply(x: jax.Array) -> jax.Array:
-        y = layer(x.reshape(-1, x.shape[-1])).astype(config.dtype)
+        y = layer(x.reshape(-1, x.shape[-1])).astype(out_dtype or config.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     return apply
@@ -710,8 +716,8 @@ class LlamaDecoder(nn.Module):
             return h, cache
         if cfg.tie_word_embeddings:
             return embeddings.attend(h), cache
-        head = _dense(cfg.vocab_size, cfg, "lm_head")
-        return head(h).astype(jnp.float32), cache
+        # float32 logits straight from the float32 sums, as the tied head and `lm_logits` give
+        return _dense(cfg.vocab_size, cfg, "lm_head", out_dtype=jnp.float32)(h), cache
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,5 +1,6 @@
 """Tests of the Llama decoder: a plain numpy reference, KV cache, padding, hooks, real SmolLM2."""
 
+import functools
 import pathlib
 
 import chex
@@ -286,6 +287,17 @@ def test_bf16_compute_close_to_float32(params):
     np.testing.assert_allclose(bf16, f32, atol=0.05)
     hidden = jax.jit(lambda p: MODEL.apply({"params": p}, ids, return_hidden=True))(params)
     np.testing.assert_allclose(jax.jit(llama.lm_logits)(params, hidden), f32, atol=1e-6)
+    # in bfloat16, tied or untied, the model's logits are lm_logits of its hidden states: float32
+    # sums of bfloat16 products, never rounded to bfloat16
+    for tied in (True, False):
+        cfg = llama.LlamaConfig.tiny(dtype=jnp.bfloat16, tie_word_embeddings=tied)
+        model = llama.LlamaForCausalLM(cfg)
+        tree = llama.init(cfg, jax.random.key(1))
+        logits = jax.jit(model.apply)({"params": tree}, ids)
+        hidden = jax.jit(functools.partial(model.apply, return_hidden=True))({"params": tree}, ids)
+        np.testing.assert_allclose(
+            logits, jax.jit(llama.lm_logits)(tree, hidden), rtol=1e-6, atol=1e-6
+        )
 
 
 def test_config_errors():
