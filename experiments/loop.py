@@ -28,8 +28,9 @@ Evaluators are plugins: ``config.evals.plugins = {"val": dict(type="accuracy", e
 ...)}`` picks factories registered under their type with `register` (the shared ones in
 `experiments.evaluation`: a classifier's ``accuracy``, ``loss``, ``classification``; a tuned
 decoder's ``label_accuracy``, ``label_loss``, ``generation``; a trainer's own: meta's
-``finetune_mse`` (sinusoids) and ``finetune_accuracy`` (image episodes)); `from_config` builds those a trainer offers
-and refuses any other type, or an option its factory does not take, in one error naming the key.
+``finetune_mse`` (sinusoids) and ``finetune_accuracy`` (image episodes)); `from_config` builds
+those a trainer offers and refuses any other type, or an option its factory does not take, in
+one error naming the key.
 """
 
 from __future__ import annotations
