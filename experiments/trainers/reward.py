@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 import resource
 from collections.abc import Callable
@@ -472,8 +471,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "train_seconds_this_run": run.train_seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    run.checkpointer.wait_until_finished()
-    run.write({k: v for k, v in results.items() if k.startswith("eval/")})  # process 0 only
     markdown = reports.reward_table(rows, n_test=len(test), min_difference=e.min_difference)
     title = f"{config.model.backbone} reward model, {method}, {run.step} steps"
     figures = {
@@ -484,9 +481,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     # with config.plot_metrics, every metric's curve (seconds of drawing)
     curves = "" if config.plot_metrics else None
-    if reports.publish(workdir, results, table=markdown, figures=figures, curves=curves):
+    results = run.finish(results, table=markdown, figures=figures, curves=curves)
+    if run.is_chief:
         np.savez(workdir / "scores.npz", reward=test_scores, vader=vader, mean=mean, index=test)
         logging.info("reward model vs VADER vs a human rater:\n%s", markdown)
-        logging.info("results: %s", json.dumps(results))
-    run.close()
     return results

@@ -661,8 +661,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "train_seconds_this_run": run.train_seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    run.checkpointer.wait_until_finished()
-    run.write({k: v for k, v in results.items() if k.startswith("eval/")})  # process 0 only
     s = config.sampling
     notes = [
         f"{policy.name} with LoRA (rank {config.peft.rank}), {run.step} steps of "
@@ -677,14 +675,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     title = f"{config.algorithm.upper()}, {policy.name} + LoRA"
     plot = lambda: reports.rlhf_rewards_plot(records, points, title)  # noqa: E731
     curves = "" if config.plot_metrics else None
-    if reports.publish(workdir, results, table=table, figures={"rewards.png": plot}, curves=curves):
+    results = run.finish(results, table=table, figures={"rewards.png": plot}, curves=curves)
+    if run.is_chief:
         report.save_json(workdir / "after.json", after)
         samples = reports.rlhf_samples_table(
             before, after, steps=run.step, limit=config.evals.samples_shown
         )
         report.save_text(workdir / "samples.md", samples)
-        logging.info("results: %s", json.dumps({k: v for k, v in results.items() if k != "points"}))
-    run.close()
     return results
 
 

@@ -322,8 +322,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "train_seconds_this_run": run.train_seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    run.checkpointer.wait_until_finished()
-    run.write({k: v for k, v in results.items() if k.startswith("eval/")})  # process 0 only
     notes = [
         "Mean negative log-likelihood per assistant token of "
         f"{counts['test']['conversations']} held-out ShareGPT conversations "
@@ -338,7 +336,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     # with config.plot_metrics, every metric's curve (seconds of drawing)
     curves = "" if config.plot_metrics else None
-    if reports.publish(workdir, results, table=table, figures={"losses.png": plot}, curves=curves):
-        logging.info("results: %s", json.dumps(results))
-    run.close()
-    return results
+    return run.finish(results, table=table, figures={"losses.png": plot}, curves=curves)
