@@ -5,6 +5,7 @@
 - ``bert``: a BERT-style encoder (all-MiniLM-L6-v2) and classifier.
 - ``llama``: a Llama-style decoder (SmolLM2) with a KV cache.
 - ``attention``: scaled dot-product attention with a choice of kernel.
+- ``dots``: matrix products summed in float32 and differentiated in the operands' dtype.
 - ``hooks``: the structural hook points the models share.
 - ``rnn``: a GRU/LSTM language model whose cell kernels are plain Dense leaves.
 - ``gcn``: graph convolutional networks (Kipf & Welling), dense or sparse propagation.
@@ -17,6 +18,7 @@ _SUBMODULES = (
     "attention",
     "bert",
     "diffusion",
+    "dots",
     "gcn",
     "hooks",
     "llama",

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from ftlab import types
-from ftlab.models import attention, hooks
+from ftlab.models import attention, dots, hooks
 
 # Added to the attention logits of padded keys. Finite (unlike finfo.min) so a row whose keys are
 # all padding gives a uniform softmax instead of NaN; exp(-1e9) is exactly 0 in float32, so real
@@ -239,17 +239,20 @@ def _dense(features: int, config: BertConfig, name: str) -> Callable[[jax.Array]
     contracting axes in the backward pass) 2-3x slower than the same dot on ``[batch*seq, in]``
     (measured on MiniLM's shapes: 142 ms against 42 ms for a 384 -> 1536 layer), so every dense
     layer sees a 2-D input. The layer, its parameter paths and any interceptor are unchanged.
+    Products in `config.dtype` are summed in float32 and returned in `config.dtype`
+    (`ftlab.models.dots`, as `ftlab.models.llama` does).
     """
     layer = nn.Dense(
         features,
         dtype=config.dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(0.02),
+        dot_general=dots.dot_general,
         name=name,
     )
 
     def apply(x: jax.Array) -> jax.Array:
-        y = layer(x.reshape(-1, x.shape[-1]))
+        y = layer(x.reshape(-1, x.shape[-1])).astype(config.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     return apply

@@ -94,7 +94,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftlab import types
-from ftlab.models import attention, hooks
+from ftlab.models import attention, dots, hooks
 
 # Added to the float32 attention logits of keys a query may not see (padding, the future).
 # Finite so that a fully masked row (a padding query) gives a uniform softmax, not NaN.
@@ -300,12 +300,6 @@ def repeat_cache(cache: Cache, repeats: int) -> Cache:
     )
 
 
-# Products of `config.dtype` operands summed in float32 (cast back by the caller): as GPU and TPU
-# matrix units do, and on CPU XLA's bfloat16 kernels are only fast this way (about 2x float32's,
-# where a bfloat16 result is slower than float32: 47 ms against 7 ms for the LM head of 8 rows).
-_dot_float32 = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-
-
 def _dense(
     features: int,
     config: LlamaConfig,
@@ -315,7 +309,8 @@ def _dense(
     out_dtype: Any = None,
 ) -> Callable[[jax.Array], jax.Array]:
     """An `nn.Dense` (bias-free unless `use_bias`) applied to `[..., in]`, leading axes folded;
-    its float32 sums are returned in `out_dtype` (default `config.dtype`).
+    its float32 sums (`ftlab.models.dots`: products and their derivatives in `config.dtype`)
+    are returned in `out_dtype` (default `config.dtype`).
 
     As in `ftlab.models.bert._dense`: XLA on CPU differentiates 2-D dots much faster, and the
     layer, its parameter paths and any `nn.Dense` interceptor are unchanged.
@@ -326,7 +321,7 @@ def _dense(
         dtype=config.dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(0.02),
-        dot_general=_dot_float32,
+        dot_general=dots.dot_general,
         name=name,
     )
 
@@ -794,11 +789,8 @@ def lm_logits(params: types.Params, hidden: jax.Array) -> jax.Array:
 
 def _logits(hidden: jax.Array, weight: jax.Array, layout: str) -> jax.Array:
     """float32 logits of `hidden` and the `[vocab, hidden]` ("vd") or `[hidden, vocab]` ("dv")
-    `weight`, products in `hidden`'s dtype summed in float32."""
-    return jnp.einsum(
-        f"...d,{layout}->...v", hidden, weight.astype(hidden.dtype),
-        preferred_element_type=jnp.float32,
-    )  # fmt: skip
+    `weight`, products in `hidden`'s dtype summed in float32 (`ftlab.models.dots`)."""
+    return dots.matmul(hidden, weight, transpose_w=layout == "vd")
 
 
 def num_prompt(params: types.Params) -> int:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ftlab.core import partition
+from ftlab.models import dots
 from ftlab.types import Params
 
 __all__ = [
@@ -93,9 +94,12 @@ def token_logprobs_from_hidden(
 ) -> jax.Array:
     """`token_logprobs` of ``hidden @ embedding.T`` without ever holding all the logits.
 
-    Tokens go through in chunks of ``chunk``; under differentiation each chunk's logits are
-    recomputed in the backward pass (`jax.checkpoint`), so at most ``chunk x vocab`` float32
-    logits exist at a time (SmolLM2's 49k vocabulary makes ``[16, 512, vocab]`` 1.6 GB).
+    Tokens go through in chunks of ``chunk``, so at most ``chunk x vocab`` float32 logits exist
+    at a time (SmolLM2's 49k vocabulary makes ``[16, 512, vocab]`` 1.6 GB). Under
+    differentiation each chunk also forms its tokens' ``d logp / d hidden`` (one product with
+    the embedding, no recomputed logits); when the embedding is differentiated too, the
+    backward pass recomputes each chunk's logits instead. Products are in ``hidden``'s dtype,
+    summed in float32 (`ftlab.models.dots`), as the model's own LM head.
 
     Args:
         hidden: ``[batch, seq, dim]`` final hidden states (``return_hidden=True``).
@@ -119,15 +123,60 @@ def token_logprobs_from_hidden(
     h = jnp.pad(hidden.reshape(n, dim), ((0, pad), (0, 0))).reshape(-1, chunk, dim)
     t = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
     table = embedding.astype(hidden.dtype)
+    return _chunked(h, table, t).reshape(-1)[:n].reshape(batch, seq)
 
-    @jax.checkpoint
+
+def _chunk(h_c: jax.Array, table: jax.Array, t_c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One chunk's float32 logits ``[c, vocab]`` and log-probs ``[c]``."""
+    logits = dots.matmul(h_c, table, transpose_w=True)
+    return logits, token_logprobs(logits, t_c)
+
+
+def _dlogits(logits: jax.Array, t_c: jax.Array) -> jax.Array:
+    """``d logp / d logits = onehot(t) - softmax(logits)``, ``[c, vocab]`` float32."""
+    return jax.nn.one_hot(t_c, logits.shape[-1]) - jax.nn.softmax(logits, axis=-1)
+
+
+@jax.custom_vjp
+def _chunked(h: jax.Array, table: jax.Array, t: jax.Array) -> jax.Array:
+    """Log-probs ``[k, c]`` of chunks ``h [k, c, d]``, ``t [k, c]``."""
+    return jax.lax.map(lambda xs: _chunk(xs[0], table, xs[1])[1], (h, t))
+
+
+def _chunked_fwd(h, table, t) -> tuple[jax.Array, tuple]:
+    # symbolic zeros: `.perturbed` says which inputs are differentiated
+    h_v, table_v, t_v = h.value, table.value, t.value
+    if table.perturbed:  # its gradient needs the cotangent: recompute in the backward pass
+        return _chunked(h_v, table_v, t_v), (h_v, table_v, t_v, None)
+
     def one(xs):
         h_c, t_c = xs
-        # hidden's dtype products summed in float32 (`ftlab.models.llama`'s LM head does too)
-        logits = jnp.einsum("cd,vd->cv", h_c, table, preferred_element_type=jnp.float32)
-        return token_logprobs(logits, t_c)
+        logits, lp = _chunk(h_c, table_v, t_c)
+        d_h = dots.matmul(_dlogits(logits, t_c).astype(h_v.dtype), table_v)
+        return lp, d_h.astype(h_v.dtype)
 
-    return jax.lax.map(one, (h, t)).reshape(-1)[:n].reshape(batch, seq)
+    lp, d_h = jax.lax.map(one, (h_v, t_v))
+    return lp, (None, None, None, d_h)
+
+
+def _chunked_bwd(residuals, g) -> tuple:
+    h, table, t, d_h = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        g = jnp.zeros(t.shape if d_h is None else d_h.shape[:2], jnp.float32)
+    if d_h is not None:
+        return (g[..., None] * d_h).astype(d_h.dtype), None, None
+
+    def body(d_table, xs):
+        h_c, t_c, g_c = xs
+        d = (g_c[:, None] * _dlogits(_chunk(h_c, table, t_c)[0], t_c)).astype(h.dtype)
+        d_t = dots.dot_general(d, h_c, (((0,), (0,)), ((), ())))  # [vocab, dim]
+        return d_table + d_t, dots.matmul(d, table).astype(h.dtype)
+
+    d_table, d_hidden = jax.lax.scan(body, jnp.zeros(table.shape, jnp.float32), (h, t, g))
+    return d_hidden, d_table.astype(table.dtype), None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd, symbolic_zeros=True)
 
 
 def sequence_logprobs(

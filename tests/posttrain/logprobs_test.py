@@ -68,21 +68,30 @@ def test_chunked_hidden_logprobs_equal_the_full_logits(batch):
     hidden = jax.random.normal(jax.random.key(1), (3, 8, CFG.hidden_size))
     table = jax.random.normal(jax.random.key(2), (CFG.vocab_size, CFG.hidden_size))
 
-    def full(h):
-        return logprobs.token_logprobs(jnp.einsum("bsd,vd->bsv", h, table), targets)
+    def full(h, e):
+        return logprobs.token_logprobs(jnp.einsum("bsd,vd->bsv", h, e), targets)
 
-    def chunked(h):  # 24 tokens in chunks of 5: the last one padded
-        return logprobs.token_logprobs_from_hidden(h, table, targets, chunk=5)
+    def chunked(h, e):  # 24 tokens in chunks of 5: the last one padded
+        return logprobs.token_logprobs_from_hidden(h, e, targets, chunk=5)
 
     weight = jnp.arange(24.0).reshape(3, 8)
 
     @jax.jit
-    def values_and_grads(h):  # one compile for both functions and their gradients
-        return [(f(h), jax.grad(lambda h, f=f: jnp.sum(weight * f(h)))(h)) for f in (full, chunked)]
+    def values_and_grads(h, e):  # one compile for both functions and their gradients
+        def loss(h, e, f):
+            return jnp.sum(weight * f(h, e))
 
-    (v_full, g_full), (v_chunk, g_chunk) = values_and_grads(hidden)
+        # the hidden states alone (d/dh formed in the forward pass), then both (recomputed)
+        return [
+            (f(h, e), jax.grad(loss)(h, e, f), jax.grad(loss, argnums=(0, 1))(h, e, f))
+            for f in (full, chunked)
+        ]
+
+    (v_full, gh_full, g2_full), (v_chunk, gh_chunk, g2_chunk) = values_and_grads(hidden, table)
     np.testing.assert_allclose(v_chunk, v_full, atol=1e-5)
-    np.testing.assert_allclose(g_chunk, g_full, atol=1e-4)
+    np.testing.assert_allclose(gh_chunk, gh_full, atol=1e-4)
+    for a, b in zip(g2_chunk, g2_full, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_reference_with_the_method_off_equals_the_base_model(batch):
