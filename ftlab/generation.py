@@ -290,7 +290,9 @@ def decode(
     # Scan one compiled layer body instead of unrolling them all (much faster to compile);
     # stacked once here, outside the loop.
     params = llama.stack_if_uniform(params)
-    cache = llama.init_cache(model.config, rows, size)
+    # bfloat16 layers and cache as bit patterns: XLA on CPU slices those fast (`llama.pack_layers`)
+    params = llama.pack_layers(params)
+    cache = llama.pack_cache(llama.init_cache(model.config, rows, size))
     variables = {"params": params}
 
     def pick(logits, step):

@@ -23,7 +23,8 @@ Switches of `LlamaConfig` for other checkpoints of the family (all off by defaul
 The same model also accepts a *stacked* tree (`stack_layers`): `decoder/layers/...` with a leading
 `[num_layers]` axis on every layer leaf, run with `nn.scan`, so one layer body is compiled instead
 of `num_layers` (SmolLM2's 30 layers compile in seconds instead of tens of seconds on a CPU).
-`generation.generate`, `forward` and `ftlab.icl` stack uniform trees themselves.
+`generation.generate`, `forward` and `ftlab.icl` stack uniform trees themselves. The decoding
+loop also holds bfloat16 layers and KV caches as bit patterns (`pack_layers`, `pack_cache`).
 
 Query and key kernels use Hugging Face's head layout (RoPE rotates the two halves of each head,
 "rotate_half"), not llama.cpp's interleaved pairs; `third_party/smollm2.py` un-permutes GGUF files.
@@ -117,6 +118,8 @@ __all__ = [
     "init_cache",
     "lm_logits",
     "num_prompt",
+    "pack_cache",
+    "pack_layers",
     "param_shapes",
     "repeat_cache",
     "rope",
@@ -501,9 +504,10 @@ class LlamaAttention(nn.Module):
         k = rope(k, positions, theta=cfg.rope_theta, scaling=cfg.rope_scaling)
         if cache is not None:
             start = (0, index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start)
-            v = jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start)
-            cache = LayerCache(k, v)
+            cache = LayerCache(
+                _cache_write(cache.key, k, start), _cache_write(cache.value, v, start)
+            )
+            k, v = _unpack_bits(cache.key), _unpack_bits(cache.value)
         k, v, bias = hooks.key_value(self, k, v, bias)
         # A fused kernel for whole sequences; the einsum path for cached decoding.
         impl = (
@@ -682,8 +686,12 @@ class LlamaDecoder(nn.Module):
         layer_caches = None if cache is None else cache.layers
         if self.has_variable("params", LAYERS):
             # Stacked form (`stack_layers`): one layer body, compiled once, scanned.
+            layer = LlamaLayer
+            if any(a.dtype == _BITS for a in jax.tree.leaves(self.variables["params"][LAYERS])):
+                # `pack_layers`' bit patterns, sliced per layer as integers, read as bfloat16
+                layer = nn.map_variables(LlamaLayer, "params", trans_in_fn=_unpack_bits)
             scanned = nn.scan(
-                LlamaLayer,
+                layer,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
@@ -891,6 +899,60 @@ def unstack_layers(params: types.Params) -> dict:
     for i in range(n):
         decoder[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
     return {**params, "decoder": decoder}
+
+
+_BITS = jnp.uint16  # a bfloat16 leaf of `pack_layers`
+
+
+def pack_layers(params: types.Params) -> types.Params:
+    """A stacked tree whose bfloat16 layer leaves (`decoder/layers/...`) are held as their
+    uint16 bit patterns, for a model that is run many times and not differentiated (the
+    decoding loop of `ftlab.generation.decode`); the model reads them back as bfloat16.
+
+    Why: XLA on CPU slices a bfloat16 stack per layer by converting the whole stack to float32
+    outside the loop and each slice back inside it, every layer of every token (bfloat16
+    decoding was no faster than float32); integer slices are plain copies of half float32's
+    bytes. Differentiating through the bit patterns would give zero gradients, so it is an
+    error. No other leaf changes; `pack_cache` does the same for a KV cache.
+    """
+    layers = params["decoder"].get(LAYERS)
+    if layers is None:
+        return params
+    return {**params, "decoder": {**params["decoder"], LAYERS: jax.tree.map(_to_bits, layers)}}
+
+
+def pack_cache(cache: Cache) -> Cache:
+    """`cache` with bfloat16 keys and values held as uint16 bit patterns (see `pack_layers`):
+    the model writes and reads them as bfloat16, and the scan over stacked layers slices them
+    as integers. Not differentiable (an error)."""
+    return cache._replace(layers=LayerCache(*(_to_bits(x) for x in cache.layers)))
+
+
+@jax.custom_jvp
+def _to_bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, _BITS) if x.dtype == jnp.bfloat16 else x
+
+
+@_to_bits.defjvp
+def _to_bits_jvp(primals, tangents):
+    raise ValueError(
+        "llama.pack_layers / pack_cache: packed layers or KV caches cannot be differentiated "
+        "(their bit patterns carry no gradient); pack only what is not differentiated, e.g. "
+        "under jax.lax.stop_gradient."
+    )
+
+
+def _unpack_bits(tree):
+    """`tree` with `_to_bits`' bit patterns read back as bfloat16."""
+    return jax.tree.map(
+        lambda a: jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == _BITS else a, tree
+    )
+
+
+def _cache_write(cache: jax.Array, x: jax.Array, start: tuple) -> jax.Array:
+    """`x` written into `cache` at `start` in the cache's dtype (bit patterns if packed)."""
+    x = _to_bits(x.astype(jnp.bfloat16)) if cache.dtype == _BITS else x.astype(cache.dtype)
+    return jax.lax.dynamic_update_slice(cache, x, start)
 
 
 def stack_if_uniform(params: types.Params) -> types.Params:

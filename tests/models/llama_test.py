@@ -300,6 +300,46 @@ def test_bf16_compute_close_to_float32(params):
         )
 
 
+def test_packed_bfloat16_layers_and_cache_compute_the_same(params):
+    # the decoding loop holds bfloat16 layers and cache as bit patterns: same logits and cache
+    cfg = llama.LlamaConfig.tiny(dtype=jnp.bfloat16)
+    model = llama.LlamaForCausalLM(cfg)
+    tree = lora.init(
+        params,
+        jax.random.key(3),
+        targets=[r"decoder/layer_\d+/attention/(query|value)"],
+        rank=2,
+        alpha=4,
+    )
+    # bfloat16 leaves, LoRA's B not zero
+    tree = jax.tree.map(lambda a: (a + 0.01).astype(jnp.bfloat16), llama.stack_layers(tree))
+    ids = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+
+    @jax.jit
+    def two_calls(tree, cache):  # a prefill and one cached step
+        apply = lora.wrap_apply(model.apply, alpha=4, rank=2)
+        a, cache = apply({"params": tree}, ids[:, :3], cache=cache)
+        b, cache = apply({"params": tree}, ids[:, 3:], cache=cache, start=False)
+        return a, b, cache
+
+    cache = llama.init_cache(cfg, 2, 6)
+    plain = two_calls(tree, cache)
+    packed = two_calls(llama.pack_layers(tree), llama.pack_cache(cache))
+    assert packed[2].layers.key.dtype == jnp.uint16
+    unpacked = packed[2]._replace(
+        layers=jax.tree.map(
+            lambda a: jax.lax.bitcast_convert_type(a, jnp.bfloat16), packed[2].layers
+        )
+    )
+    chex.assert_trees_all_equal((*packed[:2], unpacked), plain)
+    # float32 leaves are left alone; a differentiated pack is an error, not zero gradients
+    chex.assert_trees_all_equal(
+        llama.pack_layers(llama.stack_layers(params)), llama.stack_layers(params)
+    )
+    with pytest.raises(ValueError, match="packed layers or KV caches cannot be differentiated"):
+        jax.grad(lambda t: jnp.sum(two_calls(llama.pack_layers(t), cache)[1]))(tree)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="num_heads=4 is not divisible by num_kv_heads=3"):
         llama.LlamaConfig.tiny(num_kv_heads=3)
