@@ -85,6 +85,10 @@ if __name__ != "__main__" or not common.is_child():
     _TRL_PACKING = flags.DEFINE_enum(
         "trl_packing", "bfd", ["bfd", "wrapped"], "TRL's packing_strategy (module docstring)."
     )
+    _DTYPE = flags.DEFINE_enum(
+        "dtype", "float32", ["float32", "bfloat16"],
+        "Computation dtype, both sides (float32 master weights and optimizer state either way).",
+    )  # fmt: skip
     _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 2 layers, 2 rows x 32, 2 steps.")
     _OUT = flags.DEFINE_string("out", None, "Where to write the lines (default by --quick).")
 
@@ -118,7 +122,9 @@ def _run_ftlab(s: dict) -> dict:
     from ftlab.peft import lora  # noqa: PLC0415
     from ftlab.posttrain import sft  # noqa: PLC0415
 
-    config = llama.LlamaConfig(**common.SMOLLM2, num_layers=s["layers"])
+    config = llama.LlamaConfig(
+        **common.SMOLLM2, num_layers=s["layers"], dtype=jnp.dtype(s["dtype"])
+    )
     params = llama.init(config, jax.random.key(0))
     if s["method"] == "lora":
         params = lora.init(
@@ -206,7 +212,8 @@ def _run_trl(s: dict) -> dict:
             max_length=s["seq_len"], packing=True, packing_strategy=s["trl_packing"],
             learning_rate=LR[s["method"]], lr_scheduler_type="constant", max_grad_norm=1.0,
             weight_decay=0.0, max_steps=total, logging_steps=1, save_strategy="no",
-            report_to=[], use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0,
+            report_to=[], use_cpu=True, bf16=s["dtype"] == "bfloat16", fp16=False,
+            dataloader_num_workers=0,
             seed=0, gradient_checkpointing=False,  # ftlab keeps its activations too
         )  # fmt: skip
         lora_config = None
@@ -255,7 +262,7 @@ def main(argv):
         b=2 if quick else _B.value, seq_len=32 if quick else _SEQ_LEN.value,
         segments=_SEGMENTS.value if not quick else 2, layers=2 if quick else _LAYERS.value,
         steps=2 if quick else _STEPS.value, warmup=_WARMUP.value, layout=_LAYOUT.value,
-        trl_packing=_TRL_PACKING.value,
+        trl_packing=_TRL_PACKING.value, dtype=_DTYPE.value,
     )  # fmt: skip
     variants = common.choose_variants(_VARIANTS.value, VARIANTS)
     default = "sft_step_quick.jsonl" if quick else "sft_step.jsonl"

@@ -248,6 +248,7 @@ def _dense(features: int, config: BertConfig, name: str) -> Callable[[jax.Array]
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(0.02),
         dot_general=dots.dot_general,
+        promote_dtype=dots.promote_inputs,
         name=name,
     )
 

@@ -325,6 +325,7 @@ def _dense(
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(0.02),
         dot_general=dots.dot_general,
+        promote_dtype=dots.promote_inputs,
         name=name,
     )
 

@@ -73,3 +73,22 @@ def test_matmul_keeps_leading_axes_and_casts_the_weight():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sums in float32, not"):
         dots.dot_general(x[0], w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
+
+
+def test_a_float32_kernel_is_cast_inside_and_gets_a_float32_gradient():
+    # nn.Dense(promote_dtype=dots.promote_inputs) hands the float32 kernel over uncast
+    x, w = _operands((3, 4), (4, 5), jnp.float32)
+    x = x.astype(jnp.bfloat16)
+    inputs, kernel, bias = dots.promote_inputs(x, w, jnp.ones(5), dtype=jnp.bfloat16)
+    assert (inputs.dtype, kernel.dtype, bias.dtype) == (jnp.bfloat16, jnp.float32, jnp.bfloat16)
+    g = jax.random.normal(jax.random.key(1), (3, 5))
+    out, vjp = jax.vjp(lambda a, b: dots.dot_general(a, b, LAYOUTS[0][2]), x, w)
+    d_x, d_w = jax.jit(vjp)(g)
+    assert (out.dtype, d_x.dtype, d_w.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
+    # the products of the bfloat16 values, the kernel rounded to bfloat16 first
+    a = np.asarray(x, np.float32)
+    b16 = np.asarray(w.astype(jnp.bfloat16), np.float32)
+    g16 = np.asarray(g.astype(jnp.bfloat16), np.float32)
+    np.testing.assert_allclose(out, a @ b16, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(d_x, (g16 @ b16.T).astype(ml_dtypes.bfloat16))
+    np.testing.assert_allclose(d_w, a.T @ g16, rtol=1e-6, atol=1e-6)
