@@ -4,11 +4,14 @@
     .venv/bin/python -m experiments.bench.sft_step --quick     # smoke test: 2 layers, 2 x 32
 
 Both sides run SmolLM2-135M's architecture (30 layers, vocab 49152, tied embeddings) with
-random weights in float32 and train on the same tokens: ``--b`` rows of ``--seq_len`` tokens,
+random weights (float32 unless ``--dtype``) and train on the same tokens: ``--b`` rows of ``--seq_len`` tokens,
 each row ``--segments`` conversations of ``seq_len / segments`` random tokens packed end to end
 (no padding), the first half of each conversation a user turn and the second half the
 assistant's, so the loss is the mean NLL of the assistant tokens. A step is forward, loss,
 backward, global-norm clipping at 1.0 and one AdamW update (no weight decay).
+
+With ``--dtype=bfloat16`` both sides compute in bfloat16 over float32 master weights: ftlab's
+model has ``LlamaConfig(dtype=bfloat16)``, TRL runs with ``bf16=True`` (torch's CPU autocast).
 
 Variants, each in its own process: ``ftlab_lora`` / ``trl_lora`` (LoRA rank 8, alpha 16 on the
 query and value projections, no dropout) and ``ftlab_full`` / ``trl_full`` (every weight).
