@@ -4,9 +4,9 @@
     .venv/bin/python -m experiments.bench.sft_step --quick     # smoke test: 2 layers, 2 x 32
 
 Both sides run SmolLM2-135M's architecture (30 layers, vocab 49152, tied embeddings) with
-random weights (float32 unless ``--dtype``) and train on the same tokens: ``--b`` rows of ``--seq_len`` tokens,
-each row ``--segments`` conversations of ``seq_len / segments`` random tokens packed end to end
-(no padding), the first half of each conversation a user turn and the second half the
+random weights (float32 unless ``--dtype``) and train on the same tokens: ``--b`` rows of
+``--seq_len`` tokens, each row ``--segments`` conversations of ``seq_len / segments`` random
+tokens packed end to end (no padding), the first half of each conversation a user turn and the second half the
 assistant's, so the loss is the mean NLL of the assistant tokens. A step is forward, loss,
 backward, global-norm clipping at 1.0 and one AdamW update (no weight decay).
 
