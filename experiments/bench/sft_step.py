@@ -6,9 +6,9 @@
 Both sides run SmolLM2-135M's architecture (30 layers, vocab 49152, tied embeddings) with
 random weights (float32 unless ``--dtype``) and train on the same tokens: ``--b`` rows of
 ``--seq_len`` tokens, each row ``--segments`` conversations of ``seq_len / segments`` random
-tokens packed end to end (no padding), the first half of each conversation a user turn and the second half the
-assistant's, so the loss is the mean NLL of the assistant tokens. A step is forward, loss,
-backward, global-norm clipping at 1.0 and one AdamW update (no weight decay).
+tokens packed end to end (no padding), the first half of each conversation a user turn and the
+second half the assistant's, so the loss is the mean NLL of the assistant tokens. A step is
+forward, loss, backward, global-norm clipping at 1.0 and one AdamW update (no weight decay).
 
 With ``--dtype=bfloat16`` both sides compute in bfloat16 over float32 master weights: ftlab's
 model has ``LlamaConfig(dtype=bfloat16)``, TRL runs with ``bf16=True`` (torch's CPU autocast).
