@@ -46,6 +46,9 @@ def get_config(arg=None):
     # "smollm2" (SmolLM2-135M-Instruct) or "tiny" (random 2-layer Llama, stand-in tokenizer)
     config.model.name = "smollm2"
     config.model.vocab_size = 512
+    # the computation dtype: "bfloat16" multiplies in bfloat16 with float32 sums (the weights and
+    # optimizer state stay float32; experiments/bench/RESULTS.md: the GRPO step 2.3x TRL on CPU)
+    config.model.dtype = "float32"
     # tokens whose vocabulary logits exist at a time in the loss
     config.model.logits_chunk = 256
 

@@ -380,15 +380,29 @@ class Decoder:
         self.config, self.params, self.tokenizer, self.pad_id = config, params, tokenizer, pad_id
 
 
+def decoder_model_options(config: ml_collections.ConfigDict) -> dict:
+    """The ``config.model`` keys `decoder` reads, for a trainer that builds its own sub-config."""
+    m = config.model
+    return {"name": m.name, "vocab_size": m.vocab_size, "dtype": m.get("dtype", "float32")}
+
+
 def decoder(config: ml_collections.ConfigDict, texts: list[str]) -> Decoder:
     """SmolLM2, or (`config.model.name == "tiny"`) a random tiny Llama with a word-level stand-in
-    tokenizer built from `texts` (for end-to-end tests: seconds instead of minutes)."""
+    tokenizer built from `texts` (for end-to-end tests: seconds instead of minutes).
+
+    ``config.model.dtype`` (default float32): the computation dtype (`llama.LlamaConfig.dtype`;
+    the weights stay float32).
+    """
+    dtype = config.model.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype={dtype!r}; expected 'float32' or 'bfloat16'")
     if config.model.name == "smollm2":
         from third_party import smollm2  # noqa: PLC0415 (loads 540 MB of weights)
 
         m = smollm2.load()
+        cfg = dataclasses.replace(m.config, dtype=jnp.dtype(dtype))
         # Stacked once here, so the compiled prefill/score do not restack 30 layers per call.
-        return Decoder(m.config, llama.stack_layers(m.params), m.tokenizer, m.pad_id)
+        return Decoder(cfg, llama.stack_layers(m.params), m.tokenizer, m.pad_id)
     if config.model.name != "tiny":
         raise ValueError(f"config.model.name={config.model.name!r}; expected 'smollm2' or 'tiny'.")
     from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
@@ -403,7 +417,9 @@ def decoder(config: ml_collections.ConfigDict, texts: list[str]) -> Decoder:
                 words.setdefault(w, len(words))
     tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    cfg = llama.LlamaConfig.tiny(vocab_size=config.model.vocab_size, max_position_embeddings=1024)
+    cfg = llama.LlamaConfig.tiny(
+        vocab_size=config.model.vocab_size, max_position_embeddings=1024, dtype=jnp.dtype(dtype)
+    )
     return Decoder(cfg, llama.init(cfg, jax.random.key(config.seed)), tok, 1)
 
 

@@ -589,11 +589,14 @@ DECODER_MODEL = {
     "model.name": choice("smollm2", "tiny"),
     "model.vocab_size": integer(16),
 }
+# the computation dtype (the weights and the saved state stay float32); absent: float32
+DECODER_DTYPE = {"model.dtype": choice("float32", "bfloat16").opt()}
 DECODER_TUNING = {
     "seed": SEED,
     "seeds": integer(1, note="the number of seeds"),
     "methods": choices(*DECODER_METHODS),
     **DECODER_MODEL,
+    **DECODER_DTYPE,
     "data.task": choice(*ROTTEN_TOMATOES_TASKS),
     "data.split_seed": SEED,
     "data.num_examples": integers(1),
@@ -622,6 +625,7 @@ DECODER_TUNING = {
 ICL = {
     "seed": SEED,
     **DECODER_MODEL,
+    **DECODER_DTYPE,
     "data.tasks": choices(*ROTTEN_TOMATOES_TASKS),
     "data.split_seed": SEED,
     "data.num_test": integer(1),
@@ -807,6 +811,7 @@ SFT = {
     # initialises the method's leaves (frozen leaves are rebuilt on resume)
     "seed": SEED.fixed(),
     **{k: v.fixed() for k, v in DECODER_MODEL.items()},
+    **DECODER_DTYPE,
     "model.logits_chunk": integer(1),
     "data.split_seed": SEED.fixed(),
     "data.test_fraction": real(gt=0, lt=1).fixed(),
@@ -838,6 +843,7 @@ RLHF = {
     # initialises the LoRA leaves (frozen leaves are rebuilt on resume)
     "seed": SEED.fixed(),
     **{k: v.fixed() for k, v in DECODER_MODEL.items()},
+    **DECODER_DTYPE,
     "reward.workdir": string(),
     "data.split_seed": SEED.fixed(),
     "data.prompt_tokens": integer(1).fixed(),

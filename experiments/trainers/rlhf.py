@@ -232,7 +232,7 @@ def build_policy(config: ml_collections.ConfigDict, texts: Sequence[str]) -> Pol
     sub = ml_collections.ConfigDict(
         {
             "seed": config.seed,
-            "model": {"name": config.model.name, "vocab_size": config.model.vocab_size},
+            "model": models.decoder_model_options(config),
         }
     )
     decoder = models.decoder(sub, list(texts))

@@ -211,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ml_collections.ConfigDict(
             {
                 "seed": config.seed,
-                "model": {"name": config.model.name, "vocab_size": config.model.vocab_size},
+                "model": models.decoder_model_options(config),
             }
         ),
         texts,
