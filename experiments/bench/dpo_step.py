@@ -3,15 +3,18 @@
     .venv/bin/python -m experiments.bench.dpo_step --peer_python=/tmp/hfvenv/bin/python
     .venv/bin/python -m experiments.bench.dpo_step --quick     # smoke test: 2 layers, 2 x 16
 
-Both sides run SmolLM2-135M's architecture (30 layers, vocab 49152, tied embeddings) with
-random weights in float32, LoRA rank 8 / alpha 16 on the query and value projections (no
-dropout), and the same step on ``--b`` preference pairs: a prompt of ``--prompt_len`` random
-tokens followed by a chosen and a rejected response of ``--response_len`` tokens each (the last
-one EOS), so every row is ``prompt_len + response_len`` tokens and nothing is padded. The step
-runs the reference (the same weights with the LoRA switched off, no second copy of the model)
-on the ``2b`` rows without a gradient, then the policy forward and backward, the sigmoid DPO
-loss (beta ``--beta``) on the responses' summed log-probs, global-norm clipping at 1.0 and one
-AdamW update (no weight decay).
+Both sides run SmolLM2-135M's architecture (30 layers, vocab 49152, tied embeddings) with random
+weights (float32 unless ``--dtype``), LoRA rank 8 / alpha 16 on the query and value projections (no
+dropout), and the same step on ``--b`` preference pairs: a prompt of ``--prompt_len`` random tokens
+followed by a chosen and a rejected response of ``--response_len`` tokens each (the last one EOS),
+so every row is ``prompt_len + response_len`` tokens and nothing is padded. The step runs the
+reference (the same weights with the LoRA switched off, no second copy of the model) on the ``2b``
+rows without a gradient, then the policy forward and backward, the sigmoid DPO loss (beta
+``--beta``) on the responses' summed log-probs, global-norm clipping at 1.0 and one AdamW update
+(no weight decay).
+
+With ``--dtype=bfloat16`` both sides compute in bfloat16 over float32 master weights: ftlab's
+model has ``LlamaConfig(dtype=bfloat16)``, TRL runs with ``bf16=True`` (torch's CPU autocast).
 
 Variants, each in its own process:
 
@@ -61,6 +64,10 @@ if __name__ != "__main__" or not common.is_child():
     _BETA = flags.DEFINE_float("beta", 0.1, "DPO's beta, both sides.")
     _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps.")
     _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
+    _DTYPE = flags.DEFINE_enum(
+        "dtype", "float32", ["float32", "bfloat16"],
+        "Computation dtype, both sides (float32 master weights and optimizer state either way).",
+    )  # fmt: skip
     _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 2 layers, 2 pairs of 8 + 8, 2 steps.")
     _OUT = flags.DEFINE_string("out", None, "Where to write the lines (default by --quick).")
 
@@ -92,7 +99,9 @@ def _run_ftlab(s: dict) -> dict:
     from ftlab.peft import lora  # noqa: PLC0415
     from ftlab.posttrain import dpo  # noqa: PLC0415
 
-    config = llama.LlamaConfig(**common.SMOLLM2, num_layers=s["layers"])
+    config = llama.LlamaConfig(
+        **common.SMOLLM2, num_layers=s["layers"], dtype=jnp.dtype(s["dtype"])
+    )
     module = llama.LlamaForCausalLM(config)
     params = llama.init(config, jax.random.key(0))
     params = lora.init(
@@ -177,7 +186,8 @@ def _run_trl(s: dict) -> dict:
             loss_type=["sigmoid"], beta=s["beta"], max_length=None, learning_rate=LR,
             lr_scheduler_type="constant", max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
             max_steps=total, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-            bf16=False, fp16=False, dataloader_num_workers=0, seed=0, disable_dropout=True,
+            bf16=s["dtype"] == "bfloat16", fp16=False, dataloader_num_workers=0, seed=0,
+            disable_dropout=True,
             precompute_ref_log_probs=False,
             gradient_checkpointing=False,  # ftlab keeps its activations too
         )  # fmt: skip
@@ -218,6 +228,7 @@ def main(argv):
         b=2 if quick else _B.value, prompt_len=8 if quick else _PROMPT_LEN.value,
         response_len=8 if quick else _RESPONSE_LEN.value, layers=2 if quick else _LAYERS.value,
         beta=_BETA.value, steps=2 if quick else _STEPS.value, warmup=_WARMUP.value,
+        dtype=_DTYPE.value,
     )  # fmt: skip
     variants = common.choose_variants(_VARIANTS.value, VARIANTS)
     default = "dpo_step_quick.jsonl" if quick else "dpo_step.jsonl"
