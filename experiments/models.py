@@ -227,15 +227,13 @@ def encoder_classifier(config: ml_collections.ConfigDict) -> tuple[bert.BertClas
         raise ValueError(f"config.model.encoder={m.encoder!r}; expected minilm, tiny or hf")
     kernel = m.get("attention", "auto")
     attention.check(kernel, what="config.model.attention")
-    dtype = m.get("dtype", "float32")
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"config.model.dtype={dtype!r}; expected 'float32' or 'bfloat16'")
+    dtype = compute_dtype(config)
     encoder_config = dataclasses.replace(
         encoder_config,
         dropout_rate=m.dropout_rate,
         attention_dropout_rate=m.get("attention_dropout_rate"),
         attention=kernel,
-        dtype=jnp.dtype(dtype),
+        dtype=dtype,
     )
     model = bert.BertClassifier(
         encoder_config, num_classes=config.model.num_classes, pooling=config.model.pooling
@@ -380,6 +378,15 @@ class Decoder:
         self.config, self.params, self.tokenizer, self.pad_id = config, params, tokenizer, pad_id
 
 
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    """``config.model.dtype`` (absent: float32), the model's computation dtype; the weights stay
+    float32. Anything but float32 or bfloat16 is an error naming the key."""
+    dtype = config.model.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype={dtype!r}; expected 'float32' or 'bfloat16'")
+    return jnp.dtype(dtype)
+
+
 def decoder_model_options(config: ml_collections.ConfigDict) -> dict:
     """The ``config.model`` keys `decoder` reads, for a trainer that builds its own sub-config."""
     m = config.model
@@ -390,17 +397,14 @@ def decoder(config: ml_collections.ConfigDict, texts: list[str]) -> Decoder:
     """SmolLM2, or (`config.model.name == "tiny"`) a random tiny Llama with a word-level stand-in
     tokenizer built from `texts` (for end-to-end tests: seconds instead of minutes).
 
-    ``config.model.dtype`` (default float32): the computation dtype (`llama.LlamaConfig.dtype`;
-    the weights stay float32).
+    ``config.model.dtype``: the computation dtype (`compute_dtype`, `llama.LlamaConfig.dtype`).
     """
-    dtype = config.model.get("dtype", "float32")
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"config.model.dtype={dtype!r}; expected 'float32' or 'bfloat16'")
+    dtype = compute_dtype(config)
     if config.model.name == "smollm2":
         from third_party import smollm2  # noqa: PLC0415 (loads 540 MB of weights)
 
         m = smollm2.load()
-        cfg = dataclasses.replace(m.config, dtype=jnp.dtype(dtype))
+        cfg = dataclasses.replace(m.config, dtype=dtype)
         # Stacked once here, so the compiled prefill/score do not restack 30 layers per call.
         return Decoder(cfg, llama.stack_layers(m.params), m.tokenizer, m.pad_id)
     if config.model.name != "tiny":
@@ -418,7 +422,7 @@ def decoder(config: ml_collections.ConfigDict, texts: list[str]) -> Decoder:
     tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     cfg = llama.LlamaConfig.tiny(
-        vocab_size=config.model.vocab_size, max_position_embeddings=1024, dtype=jnp.dtype(dtype)
+        vocab_size=config.model.vocab_size, max_position_embeddings=1024, dtype=dtype
     )
     return Decoder(cfg, llama.init(cfg, jax.random.key(config.seed)), tok, 1)
 

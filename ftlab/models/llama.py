@@ -456,7 +456,8 @@ class LlamaEmbeddings(nn.Module):
     def attend(self, hidden: jax.Array) -> jax.Array:
         """Tied LM head: `[..., hidden]` -> float32 logits `[..., vocab]` (`config.dtype`
         products summed in float32)."""
-        return _logits(hidden.astype(self.config.dtype), self.word_embeddings.embedding, "vd")
+        table = self.word_embeddings.embedding
+        return dots.matmul(hidden.astype(self.config.dtype), table, transpose_w=True)
 
 
 class LlamaAttention(nn.Module):
@@ -792,14 +793,9 @@ def lm_logits(params: types.Params, hidden: jax.Array) -> jax.Array:
         model does.
     """
     if "lm_head" in params["decoder"]:  # untied (`LlamaConfig.tie_word_embeddings=False`)
-        return _logits(hidden, params["decoder"]["lm_head"]["kernel"], "dv")
-    return _logits(hidden, params["decoder"]["embeddings"]["word_embeddings"]["embedding"], "vd")
-
-
-def _logits(hidden: jax.Array, weight: jax.Array, layout: str) -> jax.Array:
-    """float32 logits of `hidden` and the `[vocab, hidden]` ("vd") or `[hidden, vocab]` ("dv")
-    `weight`, products in `hidden`'s dtype summed in float32 (`ftlab.models.dots`)."""
-    return dots.matmul(hidden, weight, transpose_w=layout == "vd")
+        return dots.matmul(hidden, params["decoder"]["lm_head"]["kernel"])
+    table = params["decoder"]["embeddings"]["word_embeddings"]["embedding"]  # [vocab, hidden]
+    return dots.matmul(hidden, table, transpose_w=True)
 
 
 def num_prompt(params: types.Params) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ftlab.models import dots
 from ftlab.types import Params, PRNGKey
 
 __all__ = ["chunked_cross_entropy", "HiddenFn", "make_loss_fn"]
@@ -70,8 +71,8 @@ def chunked_cross_entropy(
 
 def _token_losses(h_c: jax.Array, table: jax.Array, t_c: jax.Array):
     """One chunk's float32 logits [c, vocab], their logsumexp and the per-token losses [c]."""
-    # products in the hidden states' dtype summed in float32 (the model's own LM head does too)
-    logits = jnp.einsum("cd,vd->cv", h_c, table, preferred_element_type=jnp.float32)
+    # products in the hidden states' dtype summed in float32, as the model's own LM head
+    logits = dots.matmul(h_c, table, transpose_w=True)
     lse = jax.nn.logsumexp(logits, axis=-1)
     return logits, lse, lse - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
 
@@ -100,9 +101,9 @@ def _summed_loss_fwd(h, table, t, w) -> tuple[jax.Array, Any]:
         logits, lse, losses = _token_losses(h_c, table_v, t_c)
         g = jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(t_c, logits.shape[-1])
         g = (w_c[:, None] * g).astype(dtype)
-        d_h = jnp.einsum("cv,vd->cd", g, table_v, preferred_element_type=jnp.float32).astype(dtype)
+        d_h = dots.matmul(g, table_v).astype(dtype)
         if grad_table:
-            d_table = d_table + jnp.einsum("cv,cd->vd", g, h_c, preferred_element_type=jnp.float32)
+            d_table = d_table + dots.dot_general(g, h_c, (((0,), (0,)), ((), ())))
         return (total + jnp.sum(w_c * losses), d_table), (d_h, losses if grad_w else None)
 
     d_table0 = jnp.zeros(table_v.shape, jnp.float32) if grad_table else None
