@@ -45,8 +45,9 @@ holds it and a resumed run continues it.
 computation dtype. Each forward pass of a step (rollout, reference, old and trained log-probs)
 starts by casting the parameters to it, while the trainable leaves and their optimizer state keep
 their own dtype (gradients flow back through the cast); the model sums its products in float32,
-and log-probs and losses are float32. (XLA on CPU still moves the cast into the decoding loop,
-per layer and token: `experiments/bench/RESULTS.md`.) The sampler and the training pass run the
+and log-probs and losses are float32. (The decoding loop holds bfloat16 layers and cache as bit
+patterns, `llama.pack_layers`: XLA on CPU would convert them per layer and token otherwise;
+`experiments/bench/RESULTS.md`.) The sampler and the training pass run the
 same products, so their log-probs agree far below that dtype's rounding (an approximate KL of
 about 1e-14 in the bfloat16 test); ``train/clip_fraction`` shows how near 1 the first ratio is.
 
