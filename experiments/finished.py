@@ -28,11 +28,11 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from experiments import loop
+from experiments import loop, models
 from ftlab.core import metrics as metrics_lib
-from ftlab.core import parallel, report
+from ftlab.core import parallel, report, train
 
-__all__ = ["FOLDER", "Runs", "Stopped", "check_methods", "short_run", "sweep"]
+__all__ = ["FOLDER", "Fits", "Runs", "Stopped", "check_methods", "short_run", "sweep"]
 
 FOLDER = "finished"
 
@@ -104,6 +104,40 @@ def short_run(
         }
         writer.write(step_offset + step, {**means, **(extra or {})})
     return run
+
+
+class Fits:
+    """The short runs of one sweep, sharing their compiled train steps.
+
+    ``fits(folder, state, loss_fn, tx, batch_at, *, num_steps, key=None, **options)`` is the
+    `short_run` of ``make_step(loss_fn, tx)`` from ``state`` in ``folder`` (``options``: more of
+    `short_run`'s, ``log_every`` among them). Runs of one ``key`` (default: the loss and
+    optimizer objects themselves)
+    share one train step, so that jit compiles it once for all of them (every seed and data
+    size of one shape).
+    """
+
+    def __init__(
+        self,
+        plan: parallel.Plan,
+        *,
+        log_every: int | None = None,
+        make_step: Callable = train.make_train_step,
+    ):
+        """``make_step(loss_fn, tx, axis_name=...)`` builds a train step (e.g. a
+        `loop.StepPolicy`'s ``train_step``)."""
+        self.plan, self.log_every, self.make_step = plan, log_every, make_step
+        self._steps: dict = {}
+
+    def __call__(self, folder, state, loss_fn, tx, batch_at, *, num_steps, key=None, **options):
+        key = (loss_fn, tx) if key is None else key
+        if key not in self._steps:
+            self._steps[key] = self.make_step(loss_fn, tx, axis_name=models.axis_name(self.plan))
+        options = {"log_every": self.log_every, **options}
+        return short_run(
+            folder, plan=self.plan, state=state, step_fn=self._steps[key], batch_at=batch_at,
+            num_steps=num_steps, **options,
+        )  # fmt: skip
 
 
 def sweep(

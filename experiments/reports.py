@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ __all__ = [
     "icl_plot",
     "icl_points",
     "icl_table",
+    "mean_rows",
     "meta_adapted_plot",
     "multitask_plot",
     "multitask_table",
@@ -87,6 +88,22 @@ def publish(
     if curves is not None and jsonl.exists() and jsonl.stat().st_size:
         metrics_lib.plot_curves(jsonl, workdir / curves)
     return True
+
+
+def mean_rows(records: Iterable[Sequence], keys: Sequence[str], name: str = "accuracy") -> list:
+    """One row per setting: ``{<keys>..., <name>_mean, <name>_std, <name>: [values]}``.
+
+    ``records``: ``(*setting, value)`` each (e.g. every seed's score of one setting), the
+    settings named by ``keys``; rows in the order each setting first appears.
+    """
+    groups: dict[tuple, list] = {}
+    for *setting, value in records:
+        groups.setdefault(tuple(setting), []).append(value)
+    return [
+        {**dict(zip(keys, setting, strict=True)), f"{name}_mean": float(np.mean(values)),
+         f"{name}_std": float(np.std(values)), name: values}
+        for setting, values in groups.items()
+    ]  # fmt: skip
 
 
 def _smooth(curve: Sequence[float], width: int) -> np.ndarray:

@@ -53,13 +53,13 @@ def num_steps(config: ml_collections.ConfigDict, n: int) -> int:
 
 
 def run_one(
-    config, model, task, data, method: str, n: int, seed: int, steps_cache: dict, *, plan, workdir
+    config, model, task, data, method: str, n: int, seed: int, *, fits: finished.Fits, workdir
 ) -> dict:
     """Trains ``method`` on ``n`` balanced examples and scores the test subset zero-shot.
 
-    The steps run as a `finished.short_run` (placement by ``plan``, the stop on a non-finite
+    The steps run as a `finished.short_run` (placement by the plan, the stop on a non-finite
     loss naming the step, an orbax checkpoint in ``workdir`` to resume an interrupted run).
-    ``steps_cache`` keeps one train step per method: the learning rate is constant and the batch
+    ``fits`` keeps one train step per method: the learning rate is constant and the batch
     shape does not depend on ``n``, so every ``n`` and seed reuses its compilation.
 
     Returns:
@@ -91,15 +91,11 @@ def run_one(
     policy = loop.step_policy(config)
     state = train.init_state(params, label_tree, tx, seed=seed, precision=policy.precision)
     base_bytes = qlora.nbytes(state.frozen)
-    if method not in steps_cache:
-        loss_fn = icl.label_word_loss(model.config, wrap)
+    loss_fn = icl.label_word_loss(model.config, wrap)
 
-        def with_label_ids(params, batch, rng):
-            # the label words' ids are one constant, not rows of the batch the plan shards
-            return loss_fn(params, {**batch, "label_ids": label_ids}, rng)
-
-        axis = models.axis_name(plan)
-        steps_cache[method] = policy.train_step(with_label_ids, tx, axis_name=axis)
+    def with_label_ids(params, batch, rng):
+        # the label words' ids are one constant, not rows of the batch the plan shards
+        return loss_fn(params, {**batch, "label_ids": label_ids}, rng)
 
     # Batches: passes over a fresh permutation of the n examples; with n smaller than the batch
     # size, examples repeat within a batch so that the shape (and the compiled step) is fixed.
@@ -120,15 +116,13 @@ def run_one(
 
     # -- evaluators during the run (config.evals.plugins) and of its final parameters --------
     on = dict(config=config, model=model, task=task, test=test, wrap=wrap, to_plain=to_plain)
-    placed = lambda state: plan.get_state(state).params  # noqa: E731
+    placed = lambda state: fits.plan.get_state(state).params  # noqa: E731
     evaluators = loop.from_config(
         (config.get("evals") or {}).get("plugins"), types=PLUGINS, params_of=placed, **on
     )
     try:
-        run = finished.short_run(
-            workdir, plan=plan, state=state, step_fn=steps_cache[method], batch_at=batch_at,
-            num_steps=steps, log_every=steps, evaluators=evaluators,
-        )  # fmt: skip
+        run = fits(workdir, state, with_label_ids, tx, batch_at, num_steps=steps, key=method,
+                   log_every=steps, evaluators=evaluators)  # fmt: skip
     except metrics_lib.NonFiniteMetricError as e:
         e.add_note(f"decoder tuning run {method}, n={n}, seed={seed}")
         raise
@@ -202,12 +196,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         for n in config.data.num_examples
         for seed in range(config.seeds)
     }
-    steps_cache, done = {}, []
+    fits = finished.Fits(plan, make_step=loop.step_policy(config).train_step)
+    done = []
 
     def run(name, writer):
         return run_one(
-            config, model, task, data, *runs[name], steps_cache, plan=plan,
-            workdir=workdir / RUNS / name,
+            config, model, task, data, *runs[name], fits=fits, workdir=workdir / RUNS / name,
         )  # fmt: skip
 
     def reported(name, r):

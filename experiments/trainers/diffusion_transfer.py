@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import finished, loop, models, reports
+from experiments import finished, loop, reports
 from ftlab.core import partition, report, train
 from ftlab.data import images
 from ftlab.models import diffusion
@@ -183,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for key, size in (("optim.batch_size", config.optim.batch_size),
                       ("judge.batch_size", config.judge.batch_size)):  # fmt: skip
         plan.check_batch_size(size, what=f"config.{key}")
-    steps_cache: dict = {}
+    fits = finished.Fits(plan, log_every=config.log_every_steps)
     # what a run trains, by name: the flow (plain or with LoRA's interceptor) or the judge
     applies = {"base": base_apply, "lora": lora_apply}
     losses = {k: diffusion.make_loss_fn(a) for k, a in applies.items()}
@@ -193,16 +193,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         label_tree = partition.labels(params, rules, what=f"rules of {folder.name}")
         tx = optax.adam(lr)
         state = train.init_state(params, label_tree, tx, seed=config.seed)
-        # One step function per (loss, learning rate, partition): shared by runs alike.
-        key = (kind, lr, jax.tree.structure(label_tree))
-        if key not in steps_cache:
-            steps_cache[key] = train.make_train_step(
-                losses[kind], tx, axis_name=models.axis_name(plan)
-            )
-        run = finished.short_run(
-            folder, plan=plan, state=state, step_fn=steps_cache[key], batch_at=batch_at,
-            num_steps=num_steps, log_every=config.log_every_steps, fresh=fresh,
-        )  # fmt: skip
+        # One step function per (loss, learning rate): shared by runs alike.
+        run = fits(folder, state, losses[kind], tx, batch_at, num_steps=num_steps,
+                   key=(kind, lr), fresh=fresh)  # fmt: skip
         curve = [float(m["train/loss"]) for m in run.history]
         state = jax.device_get(plan.get_state(run.state))
         return state.params, curve, partition.count(state.trainable)

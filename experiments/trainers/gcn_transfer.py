@@ -34,8 +34,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import finished, loop, models, reports
-from ftlab.core import metrics as metrics_lib
+from experiments import finished, reports
 from ftlab.core import parallel, partition, train
 from ftlab.data import graphs
 from ftlab.models import gcn
@@ -119,7 +118,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # has no batch axis to split over devices; one device holds it (a graph too large for
     # one device needs neighbour sampling, not built). The config has no parallel group.
     plan = parallel.make_plan("mesh", num_devices=1)
-    steps: dict = {}
     wd = config.optim.weight_decay
     txs = {lr: optax.adamw(lr, weight_decay=wd) for lr in set(config.optim.lr.values())}
     pretext_tx = optax.adam(config.pretrain.lr)
@@ -127,20 +125,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         lambda q: encoder.apply({"params": q}, graph, features), config.pretrain.negatives
     )
 
+    fits = finished.Fits(plan, log_every=config.log_every_steps)
+
     def fit(folder, key, params, rules, loss_fn, tx, batch, *, num_steps, seed):
-        # One step function per (loss, optimizer, partition): runs that share them (every
-        # seed; scratch and finetune at one learning rate) share one compilation.
+        # One step function per (loss, optimizer): runs that share them (every seed; scratch
+        # and finetune at one learning rate) share one compilation.
         label_tree = partition.labels(params, rules, what=f"rules of {folder.name}")
-        key = (key, jax.tree.structure(label_tree))
-        if key not in steps:
-            steps[key] = train.make_train_step(loss_fn, tx, axis_name=models.axis_name(plan))
-        run = finished.short_run(
-            folder, plan=plan, state=train.init_state(params, label_tree, tx, seed=seed),
-            step_fn=steps[key], batch_at=lambda step: batch, num_steps=num_steps,
-            log_every=config.log_every_steps,
-        )  # fmt: skip
-        curve = [float(x["train/loss"]) for x in run.history]
-        return loop.fetch(plan, run.state).params, curve
+        state = train.init_state(params, label_tree, tx, seed=seed)
+        run = fits(folder, state, loss_fn, tx, lambda step: batch, num_steps=num_steps, key=key)
+        return run.state.params, [float(x["train/loss"]) for x in run.history]
 
     # -- one seed: pretrain, then every method at every number of labels -------------------
     def one_seed(seed: int, folder: pathlib.Path) -> dict:
@@ -179,30 +172,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 accuracy.append([method, k, len(nodes), acc])
         return {"accuracy": accuracy, "pretext_curve": curve}
 
-    past = finished.Runs(workdir, metric_prefix=lambda name: None, config=config)
-    cells: dict[tuple, list[float]] = {}
-    pretext = []
-    progress = metrics_lib.Progress(len(config.seeds))
-    for i, seed in enumerate(config.seeds):
-        name = f"seed{seed}"
-        try:
-            cell = past.get_or_run(name, one_seed, seed, workdir / RUNS / name)
-        except finished.Stopped:
-            progress.close()
-            logging.info("stopped during %s; rerun to resume", name)
-            return {"stopped": name}
-        pretext.append(cell["pretext_curve"])
-        for method, k, n_labels, acc in cell["accuracy"]:
-            cells.setdefault((method, k, n_labels), []).append(acc)
-        progress.update(i + 1, seed=seed)
-    progress.close()
+    seeds = {f"seed{seed}": seed for seed in config.seeds}
+    done, stopped = finished.sweep(
+        workdir, config, list(seeds), lambda name, _: one_seed(seeds[name], workdir / RUNS / name)
+    )
+    if stopped:
+        return {"stopped": stopped}
+    pretext = [cell["pretext_curve"] for cell in done.values()]
 
     # -- report -----------------------------------------------------------------------------
-    rows = [
-        {"method": method, "labels_per_class": k, "labels": n_labels,
-         "accuracy_mean": float(np.mean(a)), "accuracy_std": float(np.std(a)), "accuracy": a}
-        for (method, k, n_labels), a in cells.items()
-    ]  # fmt: skip
+    records = [r for cell in done.values() for r in cell["accuracy"]]
+    rows = reports.mean_rows(records, ("method", "labels_per_class", "labels"))
     last = [c[-1] for c in pretext if c]
     results = {
         "dataset": config.data.dataset,

@@ -137,7 +137,7 @@ def build_run(config, data: multitask_data.TaskData, method: str, lam_spec):
     return params, label_tree, _optimizer(config, label_tree, mask=decay_mask), loss_fn, score
 
 
-def _fit(config, workdir, plan, params, label_tree, tx, loss_fn, sample, writer, name):
+def _fit(config, fits, folder, params, label_tree, tx, loss_fn, sample, writer, name):
     """``config.optim.num_steps`` steps as a fresh `finished.short_run` (its log lines also go
     to the sweep's ``writer`` as ``train/<name>/...``); returns the host state and train seconds.
 
@@ -149,23 +149,20 @@ def _fit(config, workdir, plan, params, label_tree, tx, loss_fn, sample, writer,
     rng = state.rng
     draw = jax.jit(lambda step: sample(jax.random.fold_in(rng, step)))
     width = next(iter(jax.eval_shape(draw, np.int32(0)).values())).shape[1]
-    plan.check_batch_size(width, what="config.optim.batch_size (rows per task per step)")
-    if plan.mode == "pmap" and plan.num_devices > 1 and config.optim.batch_size == 0:
+    fits.plan.check_batch_size(width, what="config.optim.batch_size (rows per task per step)")
+    if fits.plan.mode == "pmap" and fits.plan.num_devices > 1 and config.optim.batch_size == 0:
         # the full split is padded per task: each device would average its own share of real
         # rows, weighting them unlike the one mean a mesh computes
         raise ValueError(
             "config.parallel.mode='pmap' with config.optim.batch_size=0 (the padded full split) "
             "weights each device's real rows on their own; use mode 'mesh' or a batch size"
         )
-    train_step = train.make_train_step(loss_fn, tx, axis_name=models.axis_name(plan))
-    run = finished.short_run(
-        workdir, plan=plan, state=state,
-        step_fn=lambda s, b: train_step(s, {k: jnp.swapaxes(v, 0, 1) for k, v in b.items()}),
-        batch_at=lambda step: {
-            k: np.swapaxes(np.asarray(v), 0, 1) for k, v in draw(np.int32(step)).items()
-        },
-        num_steps=config.optim.num_steps, log_every=config.log_every_steps, fresh=True,
-        writer=writer, prefix=f"train/{name}/",
+    tasks_first = lambda b: {k: jnp.swapaxes(v, 0, 1) for k, v in b.items()}  # noqa: E731
+    run = fits(
+        folder, state, lambda p, b, r: loss_fn(p, tasks_first(b), r), tx,
+        lambda step: {k: np.swapaxes(np.asarray(v), 0, 1) for k, v in draw(np.int32(step)).items()},
+        num_steps=config.optim.num_steps, fresh=True, writer=writer,
+        prefix=f"train/{name}/",
     )  # fmt: skip
     return run.state, run.train_seconds
 
@@ -178,11 +175,12 @@ def _sweep_and_save(config, workdir, plan, sample, builds, out: dict, *, referen
     ``builds``: ``{name: build}``, ``build() -> (params, label_tree, tx, loss_fn, score)``,
     ``score(state) -> result`` on the test split (`_fit` trains on ``sample``).
     """
+    fits = finished.Fits(plan, log_every=config.log_every_steps)
 
     def train_one(name, writer):
         params, label_tree, tx, loss_fn, score = builds[name]()
         folder = workdir / RUNS / name
-        state, train_s = _fit(config, folder, plan, params, label_tree, tx, loss_fn, sample,
+        state, train_s = _fit(config, fits, folder, params, label_tree, tx, loss_fn, sample,
                               writer, name)  # fmt: skip
         result = score(state)
         return {**result, "trainable_params": partition.count(state.trainable), "train_s": train_s}

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import finished, loop, models, reports
+from experiments import finished, loop, reports
 from ftlab.core import parallel, partition, train
 from ftlab.data import images
 from ftlab.pretrain import layerwise, network, ssl, transfer
@@ -62,40 +62,24 @@ _draw = jax.jit(
 )
 
 
-def make_fit(plan: parallel.Plan, log_every: int):
-    """``fit(workdir, state, key, loss_fn, tx, arrays, rng, *, num_steps, batch_size, what,
-    **log)``: the steps on rows of in-memory ``arrays`` as a `finished.short_run` in
-    ``workdir`` (``log``: its writer options); returns the trained state (on the host) and
-    every step's metrics. One train step per ``key`` (equal keys: the same loss and ``tx``),
-    so the loop's jit compiles it once for all runs.
-    """
-    steps: dict = {}
+def rows_at(plan: parallel.Plan, arrays: dict, rng, *, batch_size: int, what: str):
+    """``step -> batch`` of ``batch_size`` rows of the in-memory ``arrays`` (`_draw`)."""
+    n = len(next(iter(arrays.values())))
+    if batch_size > n:
+        raise ValueError(
+            f"{what}={batch_size} is larger than the {n} rows available; "
+            "lower the batch size or use more data."
+        )
+    plan.check_batch_size(batch_size, what=what)
 
-    def fit(workdir, state, key, loss_fn, tx, arrays, rng, *, num_steps, batch_size, what, **log):
-        n = len(next(iter(arrays.values())))
-        if batch_size > n:
-            raise ValueError(
-                f"{what}={batch_size} is larger than the {n} rows available; "
-                "lower the batch size or use more data."
-            )
-        plan.check_batch_size(batch_size, what=what)
-        if key not in steps:
-            steps[key] = train.make_train_step(loss_fn, tx, axis_name=models.axis_name(plan))
+    def batch_at(step):
+        idx = np.asarray(_draw(rng, np.int32(step), n, batch_size))
+        return {k: v[idx] for k, v in arrays.items()}
 
-        def batch_at(step):
-            idx = np.asarray(_draw(rng, np.int32(step), n, batch_size))
-            return {k: v[idx] for k, v in arrays.items()}
-
-        run = finished.short_run(
-            workdir, plan=plan, state=state, step_fn=steps[key], batch_at=batch_at,
-            num_steps=num_steps, log_every=log_every, **log,
-        )  # fmt: skip
-        return run.state, run.history
-
-    return fit
+    return batch_at
 
 
-def pretrain_encoder(config, fit, method, train_images, *, seed: int, workdir, writer=None):
+def pretrain_encoder(config, fits, method, train_images, *, seed: int, workdir, writer=None):
     """Pretrains an encoder on unlabelled images; returns it and its final pretext loss.
 
     Each training (a pretext task, or one layer-wise stage) is a run of the loop in its own
@@ -106,8 +90,11 @@ def pretrain_encoder(config, fit, method, train_images, *, seed: int, workdir, w
     tx = optax.adam(p.lr)
     input_dim = int(np.prod(train_images.shape[1:]))
     rng = jax.random.PRNGKey(seed)
-    kw = dict(arrays={"image": train_images}, batch_size=p.batch_size, writer=writer,
-              what="config.pretrain.batch_size", prefix=f"pretrain/{method}/")  # fmt: skip
+    rows = lambda rng: rows_at(  # noqa: E731
+        fits.plan, {"image": train_images}, rng, batch_size=p.batch_size,
+        what="config.pretrain.batch_size",
+    )  # fmt: skip
+    log = dict(writer=writer, prefix=f"pretrain/{method}/")
     if method == "none":
         return network.init_mlp(rng, input_dim=input_dim, features=features), None
     if method == "layerwise":
@@ -116,14 +103,14 @@ def pretrain_encoder(config, fit, method, train_images, *, seed: int, workdir, w
         for k in range(len(params["encoder"])):
             rules = layerwise.stage_rules(k)
             label_tree = partition.labels(params, rules, what=f"layerwise.stage_rules({k})")
-            state, history = fit(
+            run = fits(
                 workdir / f"stage{k}", train.init_state(params, label_tree, tx, seed=seed + k),
-                ("layerwise", k), layerwise.make_stage_loss(k, noise_std=p.layerwise_noise_std),
-                tx, rng=jax.random.fold_in(rng, k), num_steps=p.layerwise_steps_per_stage,
-                step_offset=k * p.layerwise_steps_per_stage, extra={"pretrain/layerwise/stage": k},
-                **kw,
+                layerwise.make_stage_loss(k, noise_std=p.layerwise_noise_std), tx,
+                rows(jax.random.fold_in(rng, k)), num_steps=p.layerwise_steps_per_stage,
+                key=("layerwise", k), step_offset=k * p.layerwise_steps_per_stage,
+                extra={"pretrain/layerwise/stage": k}, **log,
             )  # fmt: skip
-            params = state.params
+            params = run.state.params
     else:
         if method == "rotation":
             params = ssl.init_rotation(rng, input_dim=input_dim, features=features)
@@ -142,11 +129,10 @@ def pretrain_encoder(config, fit, method, train_images, *, seed: int, workdir, w
             )
         labels = partition.labels(params, [(".*", "train")])
         state = train.init_state(params, labels, tx, seed=seed)
-        state, history = fit(
-            workdir / "pretext", state, method, loss_fn, tx, rng=rng, num_steps=steps, **kw
-        )
-    final_loss = float(np.mean([m["train/loss"] for m in history[-10:]]))
-    return state.params["encoder"], final_loss
+        run = fits(workdir / "pretext", state, loss_fn, tx, rows(rng), num_steps=steps,
+                   key=method, **log)  # fmt: skip
+    final_loss = float(np.mean([m["train/loss"] for m in run.history[-10:]]))
+    return run.state.params["encoder"], final_loss
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -175,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mode: optax.adamw(lr, weight_decay=t.weight_decay)
         for mode, lr in (("probe", t.probe_lr), ("finetune", t.finetune_lr))
     }
-    fit = make_fit(make_plan(config), config.log_every_steps)
+    fits = finished.Fits(make_plan(config), log_every=config.log_every_steps)
 
     def downstream(encoder, mode, arrays, seed, folder):
         params = transfer.new_classifier(
@@ -184,12 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = train.init_state(
             params, partition.labels(params, transfer.RULES[mode]), txs[mode], seed=seed
         )
-        state, _ = fit(
-            folder, state, mode, transfer.classifier_loss, txs[mode], arrays,
-            jax.random.PRNGKey(seed), num_steps=t.num_steps,
-            batch_size=min(t.batch_size, len(arrays["label"])), what="config.transfer.batch_size",
-        )  # fmt: skip
-        return float(transfer.accuracy(state.params, te.images, te.label))
+        size = min(t.batch_size, len(arrays["label"]))
+        rows = rows_at(fits.plan, arrays, jax.random.PRNGKey(seed), batch_size=size,
+                       what="config.transfer.batch_size")  # fmt: skip
+        run = fits(folder, state, transfer.classifier_loss, txs[mode], rows, num_steps=t.num_steps)
+        return float(transfer.accuracy(run.state.params, te.images, te.label))
 
     # -- one (seed, method) run at a time, each kept when it finishes -----------------------
     first_seed = config.seeds[0]
@@ -211,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tick = time.perf_counter()
         writes = writer if seed == first_seed else None
         encoder, final_loss = pretrain_encoder(
-            config, fit, method, tr.images, seed=seed, workdir=folder, writer=writes
+            config, fits, method, tr.images, seed=seed, workdir=folder, writer=writes
         )
         seconds = time.perf_counter() - tick
         accuracy = []
@@ -228,29 +213,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     if stopped:
         return {"stopped": stopped}
-    accuracy: dict[tuple, list[float]] = {}
     pretext: dict[str, dict[str, list[float]]] = {}
     for name, cell in cells.items():
         info = pretext.setdefault(runs[name][1], {"final_loss": [], "seconds": []})
         info["seconds"].append(cell["seconds"])
         if cell["final_loss"] is not None:
             info["final_loss"].append(cell["final_loss"])
-        for mode, fraction, n_labels, acc in cell["accuracy"]:
-            accuracy.setdefault((runs[name][1], mode, fraction, n_labels), []).append(acc)
 
     # -- report -----------------------------------------------------------------------------
-    rows = [
-        {
-            "method": method,
-            "mode": mode,
-            "fraction": fraction,
-            "labels": n_labels,
-            "accuracy_mean": float(np.mean(accs)),
-            "accuracy_std": float(np.std(accs)),
-            "accuracy": accs,
-        }
-        for (method, mode, fraction, n_labels), accs in accuracy.items()
-    ]
+    records = [(runs[name][1], *r) for name, cell in cells.items() for r in cell["accuracy"]]
+    rows = reports.mean_rows(records, ("method", "mode", "fraction", "labels"))
     results = {
         "dataset": config.data.dataset,
         "n_train": len(tr.label),

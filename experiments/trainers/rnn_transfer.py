@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import finished, loop, models, reports
+from experiments import finished, loop, reports
 from ftlab.core import partition, report, train
 from ftlab.data import rotten_tomatoes, sharegpt
 from ftlab.models import rnn
@@ -175,27 +175,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lora_apply = lora.wrap_apply(base_apply, alpha=p.alpha, rank=p.rank)
     logits_of = lambda apply: lambda params, ids: apply(params, ids)[0]  # noqa: E731
     plan = loop.plan_from(config)
-    steps_cache: dict = {}
+    fits = finished.Fits(plan, log_every=config.log_every_steps)
 
     def fit(folder, params, rules, apply, lr, data, *, num_steps, seed, fresh):
         label_tree = partition.labels(params, rules, what=f"rules of {folder.name}")
         tx = optax.adam(lr)
         state = train.init_state(params, label_tree, tx, seed=seed)
-        key = (id(apply), lr, jax.tree.structure(label_tree))
-        if key not in steps_cache:
-            loss_fn = rnn.make_loss_fn(logits_of(apply))
-            steps_cache[key] = train.make_train_step(loss_fn, tx, axis_name=models.axis_name(plan))
         plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
-        run = finished.short_run(
-            folder,
-            plan=plan,
-            state=state,
-            step_fn=steps_cache[key],
-            batch_at=batch_fn(data, seq=d.seq_len, batch_size=config.optim.batch_size, seed=seed),
-            num_steps=num_steps,
-            log_every=config.log_every_steps,
-            fresh=fresh,
-        )
+        run = fits(
+            folder, state, rnn.make_loss_fn(logits_of(apply)), tx,
+            batch_fn(data, seq=d.seq_len, batch_size=config.optim.batch_size, seed=seed),
+            num_steps=num_steps, key=(apply, lr), fresh=fresh,
+        )  # fmt: skip
         curve = [float(m["train/bits_per_token"]) for m in run.history]
         state = jax.device_get(plan.get_state(run.state))
         return state.params, curve, partition.count(state.trainable)

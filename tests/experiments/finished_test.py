@@ -50,3 +50,35 @@ def test_a_line_cut_off_by_a_crash_does_not_stop_the_rerun(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/a/loss": 1.0}\n{"step": 2, "tr')
     runs.open_writer().close()
     assert metrics_lib.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "train/a/loss": 1.0}]
+
+
+def test_fits_of_one_key_share_one_compiled_step(tmp_path):
+    """Runs of one key trace the loss once (one compilation for every seed); the trained state
+    is the same as a run of its own, and another key gets its own step."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+
+    from ftlab.core import parallel, partition, train  # noqa: PLC0415
+
+    traced = []
+
+    def loss_fn(params, batch, rng):
+        del rng
+        traced.append(1)
+        return jnp.mean((params["w"] * batch["x"] - 1.0) ** 2), {}
+
+    tx = optax.sgd(0.1)
+    fits = finished.Fits(parallel.make_plan("mesh", num_devices=1), log_every=2)
+    batch = {"x": jnp.arange(4.0)}
+
+    def fit(folder, w, key):
+        params = {"w": jnp.float32(w)}
+        state = train.init_state(params, partition.labels(params, [(".*", "train")]), tx, seed=0)
+        run = fits(tmp_path / folder, state, loss_fn, tx, lambda step: batch, num_steps=3, key=key)
+        return float(run.state.params["w"]), len(run.history)
+
+    first = fit("a", 0.5, "k")
+    assert fit("b", 0.5, "k") == first and first[1] == 3
+    assert len(traced) == 1
+    fit("c", 0.5, "other")
+    assert len(traced) == 2
