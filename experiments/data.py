@@ -1,7 +1,8 @@
-"""Text classification data from a config: Rotten Tomatoes or the user's files, tokenized.
+"""Data from a config: text classification (Rotten Tomatoes or the user's files, tokenized)
+and the online trainer's streams.
 
-The classification trainer (and the fine-tuning configs over a user's files) and the multi-task
-trainer's text path read their splits here.
+The classification trainer (and the fine-tuning configs over a user's files), the multi-task
+trainer's text path and the online trainer read their data here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ftlab.data import files, rotten_tomatoes, text
+from ftlab.data import files, rotten_tomatoes, streams, text
 
 __all__ = [
     "build",
@@ -18,6 +19,7 @@ __all__ = [
     "read_file_splits",
     "rotten_tomatoes_tasks",
     "rotten_tomatoes_tokens",
+    "stream",
 ]
 
 
@@ -152,3 +154,27 @@ def rotten_tomatoes_tasks(config: ml_collections.ConfigDict) -> tuple[dict, dict
         pad(per_task["test"], config.evals.batch_size),
         list(config.data.tasks),
     )
+
+
+def stream(config: ml_collections.ConfigDict, workdir) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """``(x, y, columns)`` of the configured stream, limited and standardised as configured.
+
+    ``config.data.source``: "river" (``config.data.stream`` from `ftlab.data.streams`) or
+    "minilm_rotten_tomatoes" (Rotten Tomatoes training snippets in their seeded order, embedded
+    once by the frozen MiniLM trunk, cached in ``workdir``: `features.sentence_embeddings`).
+    """
+    source = config.data.get("source", "river")
+    if source == "minilm_rotten_tomatoes":
+        from experiments import features  # noqa: PLC0415 - this source only
+
+        x, y = features.sentence_embeddings(config, workdir)
+        columns = tuple(f"e{i}" for i in range(x.shape[1]))
+    elif source == "river":
+        x, y, columns = streams.load(config.data.stream, limit=config.data.limit or None)
+    else:
+        raise ValueError(
+            f"config.data.source={source!r}; expected 'river' or 'minilm_rotten_tomatoes'"
+        )
+    if config.data.standardize:
+        x = streams.running_standardize(x)
+    return x, y, columns

@@ -5,9 +5,10 @@ are not one trainer's own: a classifier's metrics on a split (``classification``
 ``loss``), and a tuned decoder's zero-shot label accuracy, label-word loss and greedy generation
 (``label_accuracy``, ``label_loss``, ``generation``).
 
-The meta-learning trainer (``meta``, both task families) evaluates an initialisation this way:
-fine-tune it on each held-out task's support set with single `ftlab.meta.adapt` steps and
-measure it on the query set before every step and after the last.
+The meta-learning trainer (``meta``, both task families) evaluates an initialisation this way
+(``held_out_adaptation``, its plugins ``finetune_mse`` and ``finetune_accuracy``): fine-tune it
+on each held-out task's support set with single `ftlab.meta.adapt` steps and measure it on the
+query set before every step and after the last.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "adapt_trajectory",
     "batch_sums",
     "generation_match",
+    "held_out_adaptation",
     "label_accuracy",
     "label_loss",
     "split_evaluator",
@@ -86,6 +88,56 @@ def steps_summary(values: np.ndarray, steps: Iterable[int], name: str) -> dict[s
         key = f"eval/{name}_step_{k}"
         out[key], out[f"{key}_ci95"] = report.interval95(values[:, k])
     return out
+
+
+@loop.register("finetune_mse")
+@loop.register("finetune_accuracy")
+def held_out_adaptation(*, num_tasks=None, num_steps=None, metric=None, config, family, plan):
+    """``evaluate(state) -> {eval/<metric>_step_<k>: query metric}`` of held-out tasks.
+
+    ``num_tasks`` tasks (default ``config.evals.num_tasks``), the state's network fine-tuned on
+    each support set for ``k`` in ``num_steps`` (default ``config.evals.num_steps``) steps, all
+    step counts from one compiled `adapt_trajectory`. The fine-tuning rules and step size are
+    ``config.meta.method``'s (its inner rules and rate, Meta-SGD's learned rates), or for a
+    baseline (any method not in `ftlab.meta.METHODS`) ``config.evals.finetune_rules`` and
+    ``finetune_lr``. ``family`` (the meta trainer's task family) gives the held-out tasks, the
+    losses, the ``measure`` and the default ``metric``. ``evaluate.full(state)``: the summary
+    with 95% intervals, the tasks and the measure's extras (``[tasks, max steps + 1, ...]``).
+    """
+    e, method = config.evals, config.meta.method
+    steps = tuple(e.num_steps if num_steps is None else num_steps)
+    num_tasks = e.num_tasks if num_tasks is None else num_tasks
+    metric = family.metric if metric is None else metric
+    if not steps or min(steps) < 0:
+        raise ValueError(f"num_steps={steps!r}: expected fine-tuning step counts >= 0")
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks={num_tasks!r}: expected >= 1")
+    baseline = method not in meta.METHODS
+    rules = tuple(e.finetune_rules) if baseline else meta.inner_rules(method)
+    trajectories = adapt_trajectory(
+        family.measure, family.adapt_loss, rules=rules, num_steps=max((*steps, *family.plot_steps))
+    )
+
+    def full(state):
+        params, learned = meta.split_inner_lr(plan.get_state(state).params)
+        # Fine-tuning step size: the baseline's, learned (Meta-SGD), or the inner lr.
+        if baseline:
+            params, lr = family.for_baseline(params), e.finetune_lr
+        else:
+            lr = learned if method == "metasgd" else config.meta.inner_lr
+        tasks = family.held_out(num_tasks)
+        outs = [
+            jax.device_get(trajectories(params, lr, {"support": t["support"], "query": t["query"]}))
+            for t in tasks
+        ]
+        values, extras = jax.tree.map(lambda *a: np.concatenate(a)[:num_tasks], *outs)
+        return steps_summary(values, steps, metric), tasks, extras
+
+    def evaluate(state):
+        return {k: v for k, v in full(state)[0].items() if not k.endswith("_ci95")}
+
+    evaluate.full = full
+    return evaluate
 
 
 # -- a classifier on a split -----------------------------------------------------------------

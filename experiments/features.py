@@ -9,6 +9,7 @@ sentence embeddings share it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -28,7 +29,16 @@ from ftlab.core import partition, tensorfile
 from ftlab.data import features
 from ftlab.models import attention, bert, hooks
 
-__all__ = ["FILE", "blocker", "cached", "for_head", "head_apply", "head_inputs", "settings_of"]
+__all__ = [
+    "FILE",
+    "blocker",
+    "cached",
+    "for_head",
+    "head_apply",
+    "head_inputs",
+    "sentence_embeddings",
+    "settings_of",
+]
 
 # The cache's file in the workdir.
 FILE = "features.safetensors"
@@ -108,6 +118,35 @@ def cached(
         workdir.mkdir(parents=True, exist_ok=True)
         features.save(path, computed, key=key)
     return computed
+
+
+def sentence_embeddings(config: ml_collections.ConfigDict, workdir) -> tuple[np.ndarray, ...]:
+    """``(x, y)``: Rotten Tomatoes' training snippets (`experiments.data`'s tokens, by
+    ``config.data``'s seed, limit and max_length) embedded by the frozen all-MiniLM-L6-v2 trunk
+    (``[T, 384]`` unit vectors), and their labels (fresh: 1).
+
+    The trunk runs once, in batches of ``config.data.embed_batch_size`` (jit-compiled once, the
+    last batch padded), cached in ``workdir``.
+    """
+    from experiments import data as data_lib  # noqa: PLC0415 - this source only
+    from third_party import minilm  # noqa: PLC0415
+
+    train = data_lib.rotten_tomatoes_tokens(config, "sentiment")["train"]
+    pretrained = minilm.load()
+    # The weights are an argument, not a closed-over constant (XLA would constant-fold them).
+    encode = jax.jit(functools.partial(bert.encode_sentences, pretrained.config))
+    weights, size = jax.device_put(pretrained.params), config.data.embed_batch_size
+    x = cached(
+        pathlib.Path(workdir),
+        lambda b: encode(weights, b["input_ids"], b["attention_mask"]),
+        {"train": {k: train[k] for k in ("input_ids", "attention_mask")}},
+        trunk=pretrained.params,
+        settings=settings_of(pretrained.config, batch_size=size, cut="sentences"),
+        batch_size=size,
+        is_chief=jax.process_index() == 0,
+        cut_padding=False,  # every batch of one shape, as the stream's numbers were measured
+    )["train"]
+    return x.astype(np.float32), train["label"].astype(np.float32)
 
 
 # -- the classifier's head inputs ---------------------------------------------------------------

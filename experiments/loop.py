@@ -27,7 +27,7 @@ stays free of flags and I/O, and a notebook that wants a loop of its own compose
 Evaluators are plugins: ``config.evals.plugins = {"val": dict(type="accuracy", every_steps=100,
 ...)}`` picks factories registered under their type with `register` (the shared ones in
 `experiments.evaluation`: a classifier's ``accuracy``, ``loss``, ``classification``; a tuned
-decoder's ``label_accuracy``, ``label_loss``, ``generation``; a trainer's own: meta's
+decoder's ``label_accuracy``, ``label_loss``, ``generation``; a meta-learned initialisation's
 ``finetune_mse`` (sinusoids) and ``finetune_accuracy`` (image episodes)); `from_config` builds
 those a trainer offers and refuses any other type, or an option its factory does not take, in
 one error naming the key.

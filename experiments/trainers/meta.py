@@ -55,16 +55,13 @@ __all__ = [
     "build_step",
     "fresh_head",
     "init_state",
-    "make_evaluator",
     "train_and_evaluate",
 ]
 
 METHODS = {
     "sinusoid": (*meta.METHODS, "pretrained"),
     "images": ("maml", "fomaml", "anil", "reptile", "finetune"),
-}
-# Each family's baseline: one network trained on all training tasks jointly, then fine-tuned.
-BASELINES = ("pretrained", "finetune")
+}  # each family's baseline (not in meta.METHODS): one network trained on all tasks jointly
 # the evaluator type of config.evals.plugins each family offers (experiments.loop)
 PLUGINS = {"sinusoid": "finetune_mse", "images": "finetune_accuracy"}
 
@@ -274,7 +271,7 @@ FAMILIES = {"sinusoid": _sinusoid, "images": _images}
 def build_step(config, loss_fn, tx, *, axis_name=None):
     """The training step of ``config.meta.method`` (`ftlab.meta.make_step`, or joint training)."""
     m = config.meta
-    if m.method in BASELINES:
+    if m.method not in meta.METHODS:  # the baseline
         return train.make_train_step(loss_fn, tx, axis_name=axis_name)
     return meta.make_step(
         m.method, loss_fn, tx, inner_lr=m.inner_lr, num_steps=m.inner_steps, remat=m.remat,
@@ -293,53 +290,6 @@ def init_state(config, params, tx):
         )
     label_tree = partition.labels(params, [(".*", "train")])
     return train.init_state(params, label_tree, tx, seed=config.seed)
-
-
-@loop.register("finetune_mse")
-@loop.register("finetune_accuracy")
-def make_evaluator(*, num_tasks=None, num_steps=None, metric=None, config, family, plan):
-    """``evaluate(state) -> {eval/<metric>_step_<k>: query metric}`` of the held-out tasks.
-
-    ``num_tasks`` tasks (default ``config.evals.num_tasks``), the state's network fine-tuned on
-    each support set for ``k`` in ``num_steps`` (default ``config.evals.num_steps``) steps, all
-    step counts from one compiled `evaluation.adapt_trajectory`; ``metric`` defaults to the
-    family's. ``evaluate.full(state)``: the summary with 95% intervals, the tasks and the
-    measure's extras (``[tasks, max steps + 1, ...]``).
-    """
-    e, method = config.evals, config.meta.method
-    steps = tuple(e.num_steps if num_steps is None else num_steps)
-    num_tasks = e.num_tasks if num_tasks is None else num_tasks
-    metric = family.metric if metric is None else metric
-    if not steps or min(steps) < 0:
-        raise ValueError(f"num_steps={steps!r}: expected fine-tuning step counts >= 0")
-    if num_tasks < 1:
-        raise ValueError(f"num_tasks={num_tasks!r}: expected >= 1")
-    baseline = method in BASELINES
-    rules = tuple(e.finetune_rules) if baseline else meta.inner_rules(method)
-    trajectories = evaluation.adapt_trajectory(
-        family.measure, family.adapt_loss, rules=rules, num_steps=max((*steps, *family.plot_steps))
-    )
-
-    def full(state):
-        params, learned = meta.split_inner_lr(plan.get_state(state).params)
-        # Fine-tuning step size: the baseline's, learned (Meta-SGD), or the inner lr.
-        if baseline:
-            params, lr = family.for_baseline(params), e.finetune_lr
-        else:
-            lr = learned if method == "metasgd" else config.meta.inner_lr
-        tasks = family.held_out(num_tasks)
-        outs = [
-            jax.device_get(trajectories(params, lr, {"support": t["support"], "query": t["query"]}))
-            for t in tasks
-        ]
-        values, extras = jax.tree.map(lambda *a: np.concatenate(a)[:num_tasks], *outs)
-        return evaluation.steps_summary(values, steps, metric), tasks, extras
-
-    def evaluate(state):
-        return {k: v for k, v in full(state)[0].items() if not k.endswith("_ci95")}
-
-    evaluate.full = full
-    return evaluate
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -363,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Fine-tuning with Meta-SGD's learned rates (tuned for one step) may diverge at ten: that is
     # a result to report, not a broken run, so evaluations are not checked for NaN.
     on = dict(config=config, family=family, plan=plan)
-    held_out = make_evaluator(**on)
+    held_out = evaluation.held_out_adaptation(**on)
     evaluators = [
         loop.Evaluator(
             "held_out", held_out, every_steps=config.evals.every_steps, check_finite=False

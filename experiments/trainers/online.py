@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import features, loop, reports
+from experiments import data as data_lib
+from experiments import loop, reports
 from ftlab import online
 from ftlab.core import report
 from ftlab.data import streams
@@ -38,64 +39,6 @@ def make_learner(config: ml_collections.ConfigDict, lr: Any = None) -> optax.Gra
     if name == "adam":
         return optax.adam(lr)
     raise ValueError(f"config.learner.name={name!r}; expected ogd, adagrad or adam")
-
-
-def load_stream(config: ml_collections.ConfigDict, workdir) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """`(x, y, columns)` of the configured stream, limited and standardised as configured.
-
-    `config.data.source`: "river" (`config.data.stream` from `ftlab.data.streams`) or
-    "minilm_rotten_tomatoes" (Rotten Tomatoes training snippets in their seeded order, embedded
-    once by the frozen all-MiniLM-L6-v2 trunk: `[T, 384]` unit vectors, y = fresh).
-    """
-    source = config.data.get("source", "river")
-    if source == "minilm_rotten_tomatoes":
-        x, y = embed_rotten_tomatoes(config, workdir)
-        columns = tuple(f"e{i}" for i in range(x.shape[1]))
-    elif source == "river":
-        x, y, columns = streams.load(config.data.stream, limit=config.data.limit or None)
-    else:
-        raise ValueError(
-            f"config.data.source={source!r}; expected 'river' or 'minilm_rotten_tomatoes'"
-        )
-    if config.data.standardize:
-        x = streams.running_standardize(x)
-    return x, y, columns
-
-
-def embed_rotten_tomatoes(
-    config: ml_collections.ConfigDict, workdir
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sentence embeddings of the Rotten Tomatoes training split by the frozen MiniLM trunk.
-
-    The trunk runs once, in batches of `config.data.embed_batch_size` (jit-compiled once, the
-    last batch padded), cached in the workdir (`experiments.features`); the online head then
-    learns over the embeddings.
-    """
-    from ftlab.data import rotten_tomatoes, text  # noqa: PLC0415 - this source only
-    from ftlab.models import bert  # noqa: PLC0415
-    from third_party import minilm  # noqa: PLC0415
-
-    split = rotten_tomatoes.load(
-        task="sentiment", seed=config.data.seed, limit=config.data.limit or None
-    )["train"]
-    pretrained = minilm.load()
-    tokens = text.encode(
-        pretrained.tokenizer(config.data.max_length), split.text, max_length=config.data.max_length
-    )
-    # The weights are an argument, not a closed-over constant (XLA would constant-fold them).
-    encode = jax.jit(functools.partial(bert.encode_sentences, pretrained.config))
-    weights, size = jax.device_put(pretrained.params), config.data.embed_batch_size
-    x = features.cached(
-        pathlib.Path(workdir),
-        lambda b: encode(weights, b["input_ids"], b["attention_mask"]),
-        {"train": tokens},
-        trunk=pretrained.params,
-        settings=features.settings_of(pretrained.config, batch_size=size, cut="sentences"),
-        batch_size=size,
-        is_chief=jax.process_index() == 0,
-        cut_padding=False,  # every batch of one shape, as the stream's numbers were measured
-    )["train"]
-    return x.astype(np.float32), split.label.astype(np.float32)
 
 
 def learner_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -128,7 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     name = config.data.stream
 
     # Data: the stream in arrival order, causally standardised.
-    x, y, columns = load_stream(config, workdir)
+    x, y, columns = data_lib.stream(config, workdir)
     if not len(y):
         raise ValueError(f"config.data.stream={name!r}: the stream has no examples")
     river_stream = config.data.get("source", "river") == "river"

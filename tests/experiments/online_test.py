@@ -120,7 +120,7 @@ assert jax.device_count() == 8
 # a stream of its own: river (and the sklearn it imports) would take seconds to load
 x = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
 y = (x[:, 0] + x[:, 1] > 0).astype(np.float32)
-online.load_stream = lambda config, workdir: (x, y, tuple("abcd"))
+online.data_lib.stream = lambda config, workdir: (x, y, tuple("abcd"))
 out = {}
 for mode, devices in (("mesh", 1), ("mesh", 8), ("pmap", 8)):
     c = online_river.get_config("stream=phishing,quick")
@@ -143,12 +143,13 @@ def test_8_simulated_devices_equal_1(tmp_path):
 def test_minilm_stream_embeds_each_snippet_as_an_unpadded_batch_would(minilm, tmp_path):
     # 5 snippets in batches of 2: the last batch is padded with a dummy row that must not leak.
     from configs import online_minilm
+    from experiments import features
     from ftlab.data import rotten_tomatoes, text
     from ftlab.models import bert
 
     config = online_minilm.get_config("quick")
     config.data.limit, config.data.embed_batch_size, config.data.max_length = 5, 2, 16
-    x, y = trainer.embed_rotten_tomatoes(config, tmp_path)
+    x, y = features.sentence_embeddings(config, tmp_path)
     split = rotten_tomatoes.load(task="sentiment", seed=0, limit=5)["train"]
     np.testing.assert_array_equal(y, split.label)
     tokens = text.encode(minilm.tokenizer(16), split.text, max_length=16)
@@ -162,6 +163,7 @@ def test_minilm_stream_embeds_each_snippet_as_an_unpadded_batch_would(minilm, tm
 
 def test_minilm_quick_run_matches_river_on_the_same_embeddings(tmp_path):
     from configs import online_minilm
+    from experiments import features
 
     results = trainer.train_and_evaluate(online_minilm.get_config("quick"), str(tmp_path))
     assert results["examples"] == 64
