@@ -63,6 +63,7 @@ __all__ = [
     "stack",
     "task_axes",
     "task_metrics",
+    "constant_metrics",
     "uncertainty_factors",
     "uncertainty_weighted",
     "weighted_sum",
@@ -464,3 +465,23 @@ def task_metrics(
         "per_task": {k: [float(v) for v in vals] for k, vals in per_task.items()},
         "mean": mean,
     }
+
+
+def constant_metrics(data) -> dict:
+    """`task_metrics` on ``data.test`` of the constant predictor of each task: its train
+    majority class (classification), or the train mean (regression: 0, the targets being
+    standardised on the train split).
+
+    Args:
+      data: A `ftlab.data.multitask.TaskData`.
+    """
+    if data.kind == "classification":
+        train = data.train
+        share = (train.y * train.mask).sum(axis=1, keepdims=True) / train.mask.sum(
+            axis=1, keepdims=True
+        )
+        majority = np.where(share > 0.5, 1.0, -1.0)  # of the real rows, not the padding
+        constant = np.broadcast_to(majority, data.test.y.shape)
+    else:
+        constant = np.zeros_like(data.test.y)
+    return task_metrics(data.kind, constant, data.test.y, data.test.mask, y_std=data.y_std)

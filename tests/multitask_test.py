@@ -312,3 +312,20 @@ def test_one_lora_per_task_on_a_frozen_trunk_equals_each_adapter_alone_and_keeps
     chex.assert_trees_all_equal(state.frozen, partition.split(params, label_tree)[1])
     moved = np.abs(state.params["trunk_0"]["lora_b"] - params["trunk_0"]["lora_b"])
     assert np.all(moved.reshape(T, -1).max(axis=1) > 0)
+
+
+def test_constant_metrics_score_each_tasks_train_majority_or_mean():
+    from ftlab.data import multitask as data_lib  # noqa: PLC0415
+
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.float32)
+    split = lambda y: data_lib.TaskSplit(np.zeros((2, 4, 1), np.float32), np.float32(y), mask)  # noqa: E731
+    data = data_lib.TaskData(
+        train=split([[1, 1, 0, 0], [0, 0, 0, 1]]),  # majorities: 1, then 0
+        test=split([[1, 0, 1, 0], [0, 1, 1, 1]]),
+        task_names=("a", "b"), feature_names=("x",), kind="classification", y_mean=0.0, y_std=1.0,
+    )  # fmt: skip
+    got = multitask.constant_metrics(data)
+    assert got["per_task"]["accuracy"] == [2 / 3, 1 / 4]
+    regression = data._replace(kind="regression", y_std=2.0)
+    # the train mean of standardised targets is 0: squared error y^2 in raw units (x y_std^2)
+    assert multitask.constant_metrics(regression)["per_task"]["mse"] == [4 * 2 / 3, 4 * 3 / 4]

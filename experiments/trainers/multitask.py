@@ -214,16 +214,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return train_lora_per_task(config, workdir)
 
     # -- data -------------------------------------------------------------------------------
+    d = config.data
     data = multitask_data.load(
-        config.data.dataset, seed=config.data.seed, test_fraction=config.data.test_fraction
+        d.dataset, seed=d.seed, test_fraction=d.test_fraction, max_tasks=d.max_tasks
     )
-    if config.data.max_tasks:
-        keep = slice(0, config.data.max_tasks)
-        data = data._replace(
-            train=multitask_data.TaskSplit(*(a[keep] for a in data.train)),
-            test=multitask_data.TaskSplit(*(a[keep] for a in data.test)),
-            task_names=data.task_names[keep],
-        )
     logging.info(
         "data %s: %d tasks, train rows %s, test rows %s",
         config.data.dataset,
@@ -240,23 +234,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for name, method, lam in method_runs(config)
     }
 
-    # Reference row: the train majority class per task, or the train mean (0 after standardising).
-    if data.kind == "classification":
-        majority = np.where(data.train.y.mean(axis=1, keepdims=True) > 0.5, 1.0, -1.0)
-        constant = np.broadcast_to(majority, data.test.y.shape)
-    else:
-        constant = np.zeros_like(data.test.y)
     out = {
         "dataset": config.data.dataset,
         "task_names": list(data.task_names),
         "train_counts": data.train.counts.tolist(),
         "test_counts": data.test.counts.tolist(),
     }
-    reference = {
-        "constant": multitask.task_metrics(
-            data.kind, constant, data.test.y, data.test.mask, y_std=data.y_std
-        )
-    }
+    # the reference row: each task's train majority class, or its train mean
+    reference = {"constant": multitask.constant_metrics(data)}
     return _sweep_and_save(config, workdir, plan, sample, builds, out, reference=reference)
 
 

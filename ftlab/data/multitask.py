@@ -96,13 +96,21 @@ class TaskData(NamedTuple):
     y_std: float
 
 
-def load(name: str, *, seed: int = 0, test_fraction: float = 0.3) -> TaskData:
-    """Loads ``"yeast"`` or ``"nlschools"``; see `load_yeast` and `load_nlschools`."""
-    if name == "yeast":
-        return load_yeast(seed=seed, test_fraction=test_fraction)
-    if name == "nlschools":
-        return load_nlschools(seed=seed, test_fraction=test_fraction)
-    raise ValueError(f"name={name!r}: unknown data set; expected one of {DATASETS}")
+def load(name: str, *, seed: int = 0, test_fraction: float = 0.3, max_tasks: int = 0) -> TaskData:
+    """Loads ``"yeast"`` or ``"nlschools"`` (see `load_yeast` and `load_nlschools`); with
+    ``max_tasks`` > 0 only the first ``max_tasks`` tasks."""
+    if name not in DATASETS:
+        raise ValueError(f"name={name!r}: unknown data set; expected one of {DATASETS}")
+    if max_tasks < 0:
+        raise ValueError(f"max_tasks={max_tasks}; expected >= 0 (0: every task)")
+    loader = load_yeast if name == "yeast" else load_nlschools
+    data = loader(seed=seed, test_fraction=test_fraction)
+    keep = slice(0, max_tasks or None)
+    return data._replace(
+        train=TaskSplit(*(a[keep] for a in data.train)),
+        test=TaskSplit(*(a[keep] for a in data.test)),
+        task_names=data.task_names[keep],
+    )
 
 
 def _package_file(package: str, *parts: str, pin: str) -> pathlib.Path:

@@ -100,3 +100,13 @@ def test_unknown_dataset_and_bad_fraction_are_named():
         multitask.load("chick")
     with pytest.raises(ValueError, match=r"test_fraction=1.5"):
         multitask.load_nlschools(test_fraction=1.5)
+
+
+def test_max_tasks_keeps_the_first_tasks_whole(yeast):
+    first = multitask.load("yeast", max_tasks=3)
+    assert first.task_names == yeast.task_names[:3]
+    for got, full in ((first.train, yeast.train), (first.test, yeast.test)):
+        for a, b in zip(got, full, strict=True):
+            np.testing.assert_array_equal(a, b[:3])
+    with pytest.raises(ValueError, match=r"max_tasks=-1"):
+        multitask.load("yeast", max_tasks=-1)

@@ -163,7 +163,6 @@ def test_minilm_stream_embeds_each_snippet_as_an_unpadded_batch_would(minilm, tm
 
 def test_minilm_quick_run_matches_river_on_the_same_embeddings(tmp_path):
     from configs import online_minilm
-    from experiments import features
 
     results = trainer.train_and_evaluate(online_minilm.get_config("quick"), str(tmp_path))
     assert results["examples"] == 64
