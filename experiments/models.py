@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from safetensors import numpy as safetensors_numpy
 
 from ftlab import icl
@@ -46,6 +47,7 @@ __all__ = [
     "encoder_method",
     "encoder_sites",
     "hf_encoder",
+    "partition_of",
     "save_method",
 ]
 
@@ -466,6 +468,18 @@ def decoder_method(peft: ml_collections.ConfigDict, method: str, params, rng, *,
         return params, lora.rules(), stacked, lambda t: lora.merge(t, alpha=p.alpha, rank=p.rank)
     params = qlora.quantize(params, targets=list(p.qlora_targets), what="config.peft.qlora")
     return params, lora.rules(), stacked, lambda t: qlora.merge(t, alpha=p.alpha, rank=p.rank)
+
+
+def partition_of(params, rules, *, what: str) -> tuple[Any, int]:
+    """``(label_tree, trainable parameters)`` of ``rules`` over ``params`` (`partition.labels`;
+    ``what`` names the rules in its errors); process 0 logs each rule's claims and prints the
+    partition's summary, for the start-up log."""
+    label_tree = partition.labels(params, rules, what=what)
+    if jax.process_index() == 0:
+        for pattern, label, n in partition.claims(params, rules):
+            logging.info("partition rule %-24r -> %-8s claims %d leaves", pattern, label, n)
+        print(partition.summary(params, label_tree), flush=True)
+    return label_tree, partition.count(partition.split(params, label_tree)[0])
 
 
 def adamw(config: ml_collections.ConfigDict, label_tree) -> optax.GradientTransformation:

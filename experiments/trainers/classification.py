@@ -55,12 +55,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, params, models.classifier_apply(model), sites=sites
     )
     rules = [tuple(r) for r in config.partition.rules]
-    label_tree = partition.labels(params, rules, what="config.partition.rules")
-    if is_chief:
-        for pattern, label, n in partition.claims(params, rules):
-            logging.info("partition rule %-24r -> %-8s claims %d leaves", pattern, label, n)
-        print(partition.summary(params, label_tree), flush=True)
-    n_trainable = partition.count(partition.split(params, label_tree)[0])
+    label_tree, n_trainable = models.partition_of(params, rules, what="config.partition.rules")
     tx = models.adamw(config, label_tree)
     policy = loop.step_policy(config)
     state = train.init_state(params, label_tree, tx, seed=config.seed, precision=policy.precision)

@@ -48,16 +48,6 @@ from ftlab import meta
 from ftlab.core import partition, report, train
 from ftlab.data import fewshot, sinusoid
 
-__all__ = [
-    "FAMILIES",
-    "METHODS",
-    "Family",
-    "build_step",
-    "fresh_head",
-    "init_state",
-    "train_and_evaluate",
-]
-
 METHODS = {
     "sinusoid": (*meta.METHODS, "pretrained"),
     "images": ("maml", "fomaml", "anil", "reptile", "finetune"),

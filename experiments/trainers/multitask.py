@@ -299,9 +299,7 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
     def build(method):
         rules = LORA_METHODS[method]
-        label_tree = partition.labels(base, rules, what=f"{method} rules")
-        for pattern, label, n in partition.claims(base, rules):
-            logging.info("%s: rule %-22r -> %-7s claims %d leaves", method, pattern, label, n)
+        label_tree, _ = models.partition_of(base, rules, what=f"{method} rules")
         params = multitask.stack(base, label_tree, num_tasks=num_tasks)
 
         def loss_fn(params, batch, rng):

@@ -366,10 +366,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # -- model, partition, optimizer --------------------------------------------------------
     rules = [tuple(r) for r in config.partition.rules]
-    label_tree = partition.labels(scorer.params, rules, what="config.partition.rules")
-    if jax.process_index() == 0:
-        print(partition.summary(scorer.params, label_tree), flush=True)
-    n_trainable = partition.count(partition.split(scorer.params, label_tree)[0])
+    label_tree, n_trainable = models.partition_of(
+        scorer.params, rules, what="config.partition.rules"
+    )
     tx = models.adamw(config, label_tree)
     state = train.init_state(scorer.params, label_tree, tx, seed=config.seed)
     axis = models.axis_name(plan)

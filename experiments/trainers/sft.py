@@ -238,10 +238,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         else model.params
     )
     params, rules, wrap = add_method(config, base, model.config)
-    label_tree = partition.labels(params, rules, what=f"config.method={config.method!r} rules")
-    if jax.process_index() == 0:
-        print(partition.summary(params, label_tree), flush=True)
-    n_trainable = partition.count(partition.split(params, label_tree)[0])
+    label_tree, n_trainable = models.partition_of(
+        params, rules, what=f"config.method={config.method!r} rules"
+    )
     tx = models.adamw(config, label_tree)
     state = train.init_state(params, label_tree, tx, seed=config.seed)
     base_mib = qlora.nbytes(state.frozen) / 2**20
