@@ -63,6 +63,7 @@ __all__ = [
     "itstime",
     "parse_mesh",
     "plan_from",
+    "refuse_pmap",
     "register",
     "registered",
     "short_run_config",
@@ -189,6 +190,18 @@ def from_config(
             raise ValueError(f"{what}.{name}: {e}") from None
         out.append(Evaluator(name, run, every_steps=every, steps=steps, check_finite=check_finite))
     return out
+
+
+def refuse_pmap(plan: parallel.Plan, why: str, *, otherwise: str = "") -> None:
+    """Refuses a pmap plan over several devices for a loss that couples a batch's rows: each
+    device would compute it over its own share (``why`` says how), where a mesh computes it over
+    the global batch.
+
+    Raises:
+        ValueError: ``config.parallel.mode='pmap' <why>; use mode 'mesh'<otherwise>``.
+    """
+    if plan.mode == "pmap" and plan.num_devices > 1:
+        raise ValueError(f"config.parallel.mode='pmap' {why}; use mode 'mesh'{otherwise}")
 
 
 def plan_from(config: ml_collections.ConfigDict) -> parallel.Plan:

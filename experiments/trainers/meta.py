@@ -182,14 +182,9 @@ def _images(config: ml_collections.ConfigDict, plan) -> Family:
     """A conv net on N-way episodes of the meta-train classes; held out: the other classes."""
     d, e, m = config.data, config.evals, config.model
     baseline = config.meta.method == "finetune"
-    if baseline and m.norm == "batch" and plan.mode == "pmap" and plan.num_devices > 1:
-        # Under pmap each device normalises its own share of the pretraining batch: the result
-        # would depend on the device count (a mesh normalises over the global batch).
-        raise ValueError(
-            "config.parallel.mode='pmap' with config.model.norm='batch' normalises each "
-            "device's share of the pretraining batch on its own; use mode 'mesh' or norm "
-            "'instance'"
-        )
+    if baseline and m.norm == "batch":
+        why = "with config.model.norm='batch' normalises each device's share of the batch"
+        loop.refuse_pmap(plan, why, otherwise=" or norm 'instance'")
     if d.dataset == "digits":
         data = fewshot.load_digits()
     elif d.dataset == "glyphs":

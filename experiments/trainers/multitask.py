@@ -137,57 +137,41 @@ def build_run(config, data: multitask_data.TaskData, method: str, lam_spec):
     return params, label_tree, _optimizer(config, label_tree, mask=decay_mask), loss_fn, score
 
 
-def _fit(config, fits, folder, params, label_tree, tx, loss_fn, sample, writer, name):
-    """``config.optim.num_steps`` steps as a fresh `finished.short_run` (its log lines also go
-    to the sweep's ``writer`` as ``train/<name>/...``); returns the host state and train seconds.
-
-    Step ``s`` trains on ``sample(fold_in(state.rng, s))``, as the scan of the tabular path
-    drew it on the device; the plan splits its rows (axis 1 of the ``[T, rows, ...]`` arrays;
-    the host hands them over rows first) over the data mesh.
-    """
-    state = train.init_state(params, label_tree, tx, seed=config.seed)
-    rng = state.rng
-    draw = jax.jit(lambda step: sample(jax.random.fold_in(rng, step)))
-    width = next(iter(jax.eval_shape(draw, np.int32(0)).values())).shape[1]
-    fits.plan.check_batch_size(width, what="config.optim.batch_size (rows per task per step)")
-    if fits.plan.mode == "pmap" and fits.plan.num_devices > 1 and config.optim.batch_size == 0:
-        # the full split is padded per task: each device would average its own share of real
-        # rows, weighting them unlike the one mean a mesh computes
-        raise ValueError(
-            "config.parallel.mode='pmap' with config.optim.batch_size=0 (the padded full split) "
-            "weights each device's real rows on their own; use mode 'mesh' or a batch size"
-        )
-    tasks_first = lambda b: {k: jnp.swapaxes(v, 0, 1) for k, v in b.items()}  # noqa: E731
-    run = fits(
-        folder, state, lambda p, b, r: loss_fn(p, tasks_first(b), r), tx,
-        lambda step: {k: np.swapaxes(np.asarray(v), 0, 1) for k, v in draw(np.int32(step)).items()},
-        num_steps=config.optim.num_steps, fresh=True, writer=writer,
-        prefix=f"train/{name}/",
-    )  # fmt: skip
-    return run.state, run.train_seconds
-
-
-def _sweep_and_save(config, workdir, plan, sample, builds, out: dict, *, reference=None) -> dict:
-    """Every run as a `finished.sweep` (``train/<name>/...`` lines), then results.md/.json,
-    per_task.png and the training curves (process 0); returns ``out`` with ``"methods"``, the
-    trained ones and the untrained ``reference`` rows.
+def _sweep_and_save(config, workdir, sample, builds, out: dict, *, reference=None) -> dict:
+    """Every run as a `finished.sweep`, then results.md/.json, per_task.png and the training
+    curves (process 0); returns ``out`` with ``"methods"``, the trained ones and the untrained
+    ``reference`` rows.
 
     ``builds``: ``{name: build}``, ``build() -> (params, label_tree, tx, loss_fn, score)``,
-    ``score(state) -> result`` on the test split (`_fit` trains on ``sample``).
+    ``score(state) -> result`` on the test split. Each run is ``config.optim.num_steps`` steps
+    of a fresh `finished.short_run` (its lines also in the sweep's metrics as
+    ``train/<name>/...``); step ``s`` trains on ``sample(fold_in(state.rng, s))``, as the scan
+    of the tabular path drew it on the device, the plan splitting its rows (axis 1 of the
+    ``[T, rows, ...]`` arrays; the host hands them over rows first) over the data mesh.
     """
-    fits = finished.Fits(plan, log_every=config.log_every_steps)
+    fits = finished.Fits(loop.plan_from(config), log_every=config.log_every_steps)
+    width = next(iter(jax.eval_shape(sample, jax.random.PRNGKey(0)).values())).shape[1]
+    fits.plan.check_batch_size(width, what="config.optim.batch_size (rows per task per step)")
+    if config.optim.batch_size == 0:  # the full split, padded per task
+        why = "with config.optim.batch_size=0 weights each device's real rows on their own"
+        loop.refuse_pmap(fits.plan, why, otherwise=" or a batch size")
+    tasks_first = lambda b: {k: jnp.swapaxes(v, 0, 1) for k, v in b.items()}  # noqa: E731
 
     def train_one(name, writer):
         params, label_tree, tx, loss_fn, score = builds[name]()
-        folder = workdir / RUNS / name
-        state, train_s = _fit(config, fits, folder, params, label_tree, tx, loss_fn, sample,
-                              writer, name)  # fmt: skip
-        result = score(state)
-        return {**result, "trainable_params": partition.count(state.trainable), "train_s": train_s}
+        state = train.init_state(params, label_tree, tx, seed=config.seed)
+        rng = state.rng
+        draw = jax.jit(lambda step: sample(jax.random.fold_in(rng, step)))
+        run = fits(
+            workdir / RUNS / name, state, lambda p, b, r: loss_fn(p, tasks_first(b), r), tx,
+            lambda step: {k: np.swapaxes(v, 0, 1) for k, v in draw(np.int32(step)).items()},
+            num_steps=config.optim.num_steps, fresh=True, writer=writer, prefix=f"train/{name}/",
+        )  # fmt: skip
+        trainable = partition.count(run.state.trainable)
+        return {**score(run.state), "trainable_params": trainable, "train_s": run.train_seconds}
 
-    names = list(builds)
     results, stopped = finished.sweep(
-        workdir, config, names, train_one, metric_prefix=lambda n: f"train/{n}/"
+        workdir, config, list(builds), train_one, metric_prefix=lambda n: f"train/{n}/"
     )
     if stopped:
         return {"stopped": stopped}
@@ -199,6 +183,15 @@ def _sweep_and_save(config, workdir, plan, sample, builds, out: dict, *, referen
     ):
         print(table, flush=True)
     return out
+
+
+def _describe(config, task_names, train_mask, test_mask) -> dict:
+    """The data part of results.json (also logged): tasks and their real rows per split."""
+    counts = {k: m.sum(axis=1).astype(int).tolist() for k, m in (("train", train_mask),
+                                                                 ("test", test_mask))}  # fmt: skip
+    logging.info("data %s: tasks %s, rows %s", config.data.dataset, list(task_names), counts)
+    return {"dataset": config.data.dataset, "task_names": list(task_names),
+            "train_counts": counts["train"], "test_counts": counts["test"]}  # fmt: skip
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -218,31 +211,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data = multitask_data.load(
         d.dataset, seed=d.seed, test_fraction=d.test_fraction, max_tasks=d.max_tasks
     )
-    logging.info(
-        "data %s: %d tasks, train rows %s, test rows %s",
-        config.data.dataset,
-        len(data.task_names),
-        data.train.counts.tolist(),
-        data.test.counts.tolist(),
-    )
+    out = _describe(config, data.task_names, data.train.mask, data.test.mask)
     sample = multitask.sampler(data.train._asdict(), config.optim.batch_size)
-    plan = loop.plan_from(config)
 
     # -- one run per method -----------------------------------------------------------------
     builds = {
         name: functools.partial(build_run, config, data, method, lam)
         for name, method, lam in method_runs(config)
     }
-
-    out = {
-        "dataset": config.data.dataset,
-        "task_names": list(data.task_names),
-        "train_counts": data.train.counts.tolist(),
-        "test_counts": data.test.counts.tolist(),
-    }
     # the reference row: each task's train majority class, or its train mean
     reference = {"constant": multitask.constant_metrics(data)}
-    return _sweep_and_save(config, workdir, plan, sample, builds, out, reference=reference)
+    return _sweep_and_save(config, workdir, sample, builds, out, reference=reference)
 
 
 # -- one LoRA per task on a frozen pretrained encoder -------------------------------------------
@@ -275,11 +254,7 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
     # -- data -------------------------------------------------------------------------------
     train_arrays, test_arrays, task_names = data_lib.rotten_tomatoes_tasks(config)
     num_tasks = len(task_names)
-    counts = {
-        k: a["mask"].sum(axis=1).astype(int).tolist()
-        for k, a in (("train", train_arrays), ("test", test_arrays))
-    }
-    logging.info("tasks %s: train %s, test %s", task_names, counts["train"], counts["test"])
+    out = _describe(config, task_names, train_arrays["mask"], test_arrays["mask"])
     sample = multitask.sampler(train_arrays, config.optim.batch_size)
 
     # -- model: pretrained encoder + LoRA leaves + head -------------------------------------
@@ -329,12 +304,6 @@ def train_lora_per_task(config: ml_collections.ConfigDict, workdir: pathlib.Path
         float(max(np.mean(labels[t][mask[t]]), 1 - np.mean(labels[t][mask[t]])))
         for t in range(num_tasks)
     ]
-    out = {
-        "dataset": config.data.dataset,
-        "task_names": task_names,
-        "train_counts": counts["train"],
-        "test_counts": counts["test"],
-        "majority_baseline_accuracy": majority,
-    }
+    out["majority_baseline_accuracy"] = majority
     builds = {method: functools.partial(build, method) for method in config.methods}
-    return _sweep_and_save(config, workdir, loop.plan_from(config), sample, builds, out)
+    return _sweep_and_save(config, workdir, sample, builds, out)

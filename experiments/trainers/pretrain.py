@@ -40,18 +40,6 @@ MODES = ("probe", "finetune")
 RUNS = "runs"
 
 
-def make_plan(config: ml_collections.ConfigDict) -> parallel.Plan:
-    """`loop.plan_from`, refusing pmap for the contrastive loss."""
-    plan = loop.plan_from(config)
-    if plan.mode == "pmap" and plan.num_devices > 1 and "contrastive" in config.methods:
-        # NT-Xent contrasts each view with the whole batch: per device it would see only a share
-        raise ValueError(
-            "config.parallel.mode='pmap' splits the NT-Xent batch of config.methods' "
-            "'contrastive' over devices, which changes the loss; use mode 'mesh'"
-        )
-    return plan
-
-
 # Step `step`'s rows: `batch_size` distinct ones drawn with fold_in(rng, step), so that a run
 # is a pure function of its inputs.
 _draw = jax.jit(
@@ -161,7 +149,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mode: optax.adamw(lr, weight_decay=t.weight_decay)
         for mode, lr in (("probe", t.probe_lr), ("finetune", t.finetune_lr))
     }
-    fits = finished.Fits(make_plan(config), log_every=config.log_every_steps)
+    plan = loop.plan_from(config)
+    if "contrastive" in config.methods:  # NT-Xent contrasts each view with the whole batch
+        loop.refuse_pmap(plan, "splits the batch of config.methods' 'contrastive' (NT-Xent)")
+    fits = finished.Fits(plan, log_every=config.log_every_steps)
 
     def downstream(encoder, mode, arrays, seed, folder):
         params = transfer.new_classifier(

@@ -213,3 +213,14 @@ def test_plan_from_shards_parameters_by_rules_and_refuses_a_mesh_without_rules(t
         loop.plan_from(config)
     with pytest.raises(ValueError, match=r"mesh='dat=2': 'dat=2' is not 'axis=size'"):
         loop.parse_mesh("dat=2")
+
+
+def test_refuse_pmap_names_why_and_the_way_out_only_for_several_devices():
+    import types  # noqa: PLC0415
+
+    loop.refuse_pmap(types.SimpleNamespace(mode="pmap", num_devices=1), "splits it")
+    loop.refuse_pmap(types.SimpleNamespace(mode="mesh", num_devices=8), "splits it")
+    with pytest.raises(ValueError) as e:
+        loop.refuse_pmap(types.SimpleNamespace(mode="pmap", num_devices=8), "splits it",
+                         otherwise=" or a batch size")  # fmt: skip
+    assert str(e.value) == "config.parallel.mode='pmap' splits it; use mode 'mesh' or a batch size"
