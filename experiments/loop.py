@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import resource
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -53,6 +54,7 @@ from ftlab.core import parallel, partition, sharding
 from ftlab.core import train as train_lib
 
 __all__ = [
+    "MEASURED",
     "PROFILE_DIR",
     "Evaluator",
     "Run",
@@ -412,11 +414,24 @@ class Run:
         self.writer.close()
         self.checkpointer.close()
 
+    def measured(self) -> dict[str, float]:  # keys: MEASURED
+        """This invocation's ``train_seconds_this_run``, its typical step time ``train_step_s``
+        (the median over the log windows after the first, which compiles; absent with one
+        window) and the process' ``peak_rss_mib``."""
+        out = {"train_seconds_this_run": self.train_seconds}
+        rates = [m["train/steps_per_sec"] for _, m in self.logged if "train/steps_per_sec" in m]
+        if len(rates) > 1:
+            out["train_step_s"] = float(1.0 / np.median(rates[1:]))
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return out
+
     def finish(self, results: Mapping[str, Any], *, logged: str = "eval/", **publish) -> dict:
         """Ends a finished run: the final line of metrics.jsonl (the results' keys that start
-        with ``logged``), `reports.publish` of ``results`` (``publish``: its options; the curves
-        of metrics.jsonl into the workdir by default), then `close`. Returns ``results``.
+        with ``logged``), `reports.publish` of ``results`` with what was `measured` (``publish``:
+        its options; the curves of metrics.jsonl into the workdir by default), then `close`.
+        Returns those results.
         """
+        results = {**results, **self.measured()}
         try:
             self.checkpointer.wait_until_finished()
             self.write({k: v for k, v in results.items() if k.startswith(logged)})
@@ -425,6 +440,10 @@ class Run:
         finally:  # a failed write still releases the checkpointer and the signal handlers
             self.close()
         return dict(results)
+
+
+# The keys `Run.measured` adds to a run's results: they differ from run to run.
+MEASURED = ("train_seconds_this_run", "train_step_s", "peak_rss_mib")
 
 
 def _place(plan: parallel.Plan, batch: Mapping) -> dict:

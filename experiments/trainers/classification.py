@@ -6,7 +6,6 @@ Every method is the same loop; ``config.partition.rules`` decides what trains.
 from __future__ import annotations
 
 import pathlib
-import resource
 
 import jax
 import ml_collections
@@ -102,12 +101,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # -- final evaluation -------------------------------------------------------------------
     results = {"step": total, **run_eval["validation"](state), **run_eval["test"](state)}
     results["trainable_params"] = n_trainable
-    rates = [m["train/steps_per_sec"] for _, m in run.logged]
-    # The first window includes compilation: leave it out of the typical step time (of this
-    # invocation: a resumed run's first window compiles too).
-    if len(rates) > 1:
-        results["train_step_s"] = float(1.0 / np.median(rates[1:]))
-    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["total_params"] = partition.count(params)
     results["base_params"] = n_base
     # The most frequent class's share (any number of classes; a user's file may have more).

@@ -322,7 +322,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary, tasks, extras = held_out.full(run.state)
     results = {family.step_key: run.step, "method": method, **family.results, **summary}
     results["eval/num_tasks"] = config.evals.num_tasks
-    results["train_seconds_this_run"] = run.train_seconds
     return run.finish(
         results, logged=f"eval/{family.metric}", dpi=90,
         curves="" if config.plot_metrics else None, **family.publish(results, tasks, extras),

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-import resource
 from collections.abc import Callable
 
 import jax
@@ -467,8 +466,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "trainable_params": n_trainable,
         "total_params": partition.count(scorer.params),
         "snippets_at_max_length": truncated,
-        "train_seconds_this_run": run.train_seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     markdown = reports.reward_table(rows, n_test=len(test), min_difference=e.min_difference)
     title = f"{config.model.backbone} reward model, {method}, {run.step} steps"

@@ -59,7 +59,6 @@ import dataclasses
 import functools
 import json
 import pathlib
-import resource
 import sys
 from collections.abc import Callable, Sequence
 
@@ -93,7 +92,6 @@ __all__ = [
 ALGORITHMS = ("ppo", "grpo", "dpo")
 # completions per prompt of the algorithms whose count is not a config key
 _SAMPLES = {"ppo": 1, "dpo": 2}
-_MEASURED = ("train_seconds_this_run", "peak_rss_mib")
 
 
 # -- the reward model ------------------------------------------------------------------------------
@@ -658,8 +656,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "trainable_changed": trainable_changed,
         "trainable_params": n_trainable,
         "total_params": partition.count(policy.params),
-        "train_seconds_this_run": run.train_seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     s = config.sampling
     notes = [

@@ -32,7 +32,6 @@ import functools
 import json
 import math
 import pathlib
-import resource
 
 import jax
 import jax.numpy as jnp
@@ -318,8 +317,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "trainable_params": n_trainable,
         "total_params": partition.count(params),
         "base_mib_during_training": base_mib,
-        "train_seconds_this_run": run.train_seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     notes = [
         "Mean negative log-likelihood per assistant token of "

@@ -17,7 +17,7 @@ from safetensors import numpy as safetensors_numpy
 
 from configs import finetune_minilm, linear_probe_minilm
 from experiments import features as feature_cache
-from experiments import models
+from experiments import loop, models
 from experiments.trainers import classification as trainer
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train
@@ -50,7 +50,7 @@ def _lines(workdir):
 
 def _measured(results):
     """Results without the timing and memory figures, which differ from run to run."""
-    return {k: v for k, v in results.items() if k not in ("train_step_s", "peak_rss_mib")}
+    return {k: v for k, v in results.items() if k not in loop.MEASURED}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import maml_fewshot, maml_sinusoid
-from experiments import models
+from experiments import loop, models
 from experiments.trainers import meta as trainer
 from ftlab.core import metrics as metrics_lib
 
@@ -46,9 +46,8 @@ def test_quick_maml_writes_results_plot_and_metrics(run):
 def test_rerun_resumes_from_the_final_checkpoint(run):
     workdir, config, results = run
     again = trainer.train_and_evaluate(config, str(workdir))
-    timing = ("train_seconds_this_run",)
-    assert {k: v for k, v in again.items() if k not in timing} == {
-        k: v for k, v in results.items() if k not in timing
+    assert {k: v for k, v in again.items() if k not in loop.MEASURED} == {
+        k: v for k, v in results.items() if k not in loop.MEASURED
     }
 
 
@@ -109,9 +108,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(finetune_run, tmp_path
     assert trainer.train_and_evaluate(config, str(tmp_path)) == {"step": 2}
     assert not (tmp_path / "results.json").exists()
     resumed = trainer.train_and_evaluate(config, str(tmp_path))
-    timing = "train_seconds_this_run"
-    assert {k: v for k, v in resumed.items() if k != timing} == {
-        k: v for k, v in uninterrupted.items() if k != timing
+    assert {k: v for k, v in resumed.items() if k not in loop.MEASURED} == {
+        k: v for k, v in uninterrupted.items() if k not in loop.MEASURED
     }
     lines = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in lines if "train/loss" in r] == [1, 2, 3]

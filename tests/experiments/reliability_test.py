@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from experiments import resume
+from experiments import loop, resume
 from experiments import workdir as workdir_lib
 from ftlab.core import metrics as metrics_lib
 
@@ -50,7 +50,7 @@ def _run(workdir):
 
 
 def _measured(results):
-    return {k: v for k, v in results.items() if k not in ("train_step_s", "peak_rss_mib")}
+    return {k: v for k, v in results.items() if k not in loop.MEASURED}
 
 
 def _steps(workdir):

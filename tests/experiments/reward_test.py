@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import reward_minilm, reward_smollm2
-from experiments import schema
+from experiments import loop, schema
 from experiments.trainers import reward as trainer
 from ftlab.core import metrics as metrics_lib
 from ftlab.data import ratings
@@ -23,11 +23,10 @@ from ftlab.posttrain import losses, metrics
 from ftlab.posttrain import reward as reward_lib
 
 # results that measure this run's time or memory, not the computation
-_MEASURED = ("train_seconds_this_run", "peak_rss_mib")
 
 
 def _computed(results):
-    return {k: v for k, v in results.items() if k not in _MEASURED}
+    return {k: v for k, v in results.items() if k not in loop.MEASURED}
 
 
 @pytest.fixture(scope="module")

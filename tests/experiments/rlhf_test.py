@@ -13,17 +13,15 @@ import jax.numpy as jnp
 import pytest
 
 from configs import reward_minilm, rlhf_smollm2
-from experiments import models, resume, schema
+from experiments import loop, models, resume, schema
 from experiments.trainers import reward as reward_trainer
 from experiments.trainers import rlhf as trainer
 from ftlab.core import checkpoint, partition, report, train
 from ftlab.core import metrics as metrics_lib
 
-_MEASURED = ("train_seconds_this_run", "peak_rss_mib")
-
 
 def _computed(results):
-    return {k: v for k, v in results.items() if k not in _MEASURED}
+    return {k: v for k, v in results.items() if k not in loop.MEASURED}
 
 
 @pytest.fixture(scope="module")

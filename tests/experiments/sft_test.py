@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import sft_smollm2
-from experiments import models, schema
+from experiments import loop, models, schema
 from experiments.trainers import sft as trainer
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import partition
@@ -21,11 +21,9 @@ from ftlab.models import llama
 from ftlab.posttrain import sft
 from third_party import smollm2
 
-_MEASURED = ("train_seconds_this_run", "peak_rss_mib")
-
 
 def _computed(results):
-    return {k: v for k, v in results.items() if k not in _MEASURED}
+    return {k: v for k, v in results.items() if k not in loop.MEASURED}
 
 
 @pytest.fixture(scope="module")
