@@ -181,9 +181,11 @@ def sample_demos(
 
 
 def encode_prefix(
-    tokenizer: Any, text: str, length: int, *, pad_id: int
+    tokenizer: Any, text: str, length: int, *, pad_id: int, what: str = "prefix_len"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded ids and mask `[1, length]` of the shared prefix.
+
+    ``what`` names ``length`` in the error (a caller that read it from a config passes the key).
 
     Raises:
         ValueError: the prefix has more than `length` tokens (naming both numbers).
@@ -192,7 +194,7 @@ def encode_prefix(
     if len(ids) > length:
         raise ValueError(
             f"the instruction and demonstrations take {len(ids)} tokens, more than "
-            f"prefix_len={length}; use fewer or shorter demonstrations or a larger prefix_len."
+            f"{what}={length}; use fewer or shorter demonstrations or a larger {what}."
         )
     out = np.full((1, length), pad_id, np.int32)
     mask = np.zeros((1, length), np.int32)

@@ -79,6 +79,7 @@ __all__ = [
     "progressive_metrics",
     "sweep",
     "sweep_start",
+    "chunked",
     "sweep_step",
     "BatchSolution",
     "best_fixed",
@@ -904,6 +905,21 @@ def sweep_start(
         "carry": jax.device_get(jax.vmap(start_one)(padded)),
         "losses": np.zeros(padded_length, np.float32),
         "seen": np.zeros((), np.int32),
+    }
+
+
+def chunked(stream: Stream, size: int) -> dict[str, np.ndarray]:
+    """The stream on the host as ``{"x", "y", "valid"}``, padded with invalid examples (zeros,
+    ``valid`` False) to a multiple of ``size``: `sweep_step` takes one chunk of ``size`` at a
+    time, and ``len(y)`` is `sweep_start`'s ``padded_length``.
+
+    >>> chunked(Stream(np.ones((3, 1)), np.ones(3), np.ones(3, bool)), 2)["valid"].tolist()
+    [True, True, True, False]
+    """
+    pad = -len(stream.y) % size
+    return {
+        k: np.concatenate([np.asarray(a), np.zeros((pad, *np.shape(a)[1:]), np.asarray(a).dtype)])
+        for k, a in zip(("x", "y", "valid"), stream, strict=True)
     }
 
 

@@ -52,6 +52,8 @@ def test_encoding_pads_and_truncates():
     assert ids[0, :2].tolist() == [0, 0] and mask.tolist() == [[0, 0, 1, 1, 1]]
     with pytest.raises(ValueError, match="take 6 tokens, more than prefix_len=5"):
         icl.encode_prefix(tok, "abcdef", 5, pad_id=0)
+    with pytest.raises(ValueError, match=r"than config.icl.prefix_len=5; .* config.icl.prefix_len"):
+        icl.encode_prefix(tok, "abcdef", 5, pad_id=0, what="config.icl.prefix_len")
     task = icl.Task("", "<{text}>", (" a", " b"))
     ids, mask = icl.encode_queries(tok, task, ["xy", "x" * 20], 6, pad_id=0)
     assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]

@@ -419,3 +419,14 @@ def test_sweep_step_chunk_by_chunk_equals_one_sweep(model):
     np.testing.assert_allclose(
         metrics["regret/final_comparator"], whole.metrics["regret"][main][-1], rtol=1e-5
     )
+
+
+def test_chunked_pads_with_invalid_zero_examples_to_whole_chunks():
+    stream = online.Stream(
+        np.ones((5, 2), np.float32), np.arange(5, dtype=np.int32), np.ones(5, bool)
+    )
+    host = online.chunked(stream, 4)
+    assert host["x"].shape == (8, 2) and host["y"].dtype == np.int32
+    np.testing.assert_array_equal(host["valid"], [True] * 5 + [False] * 3)
+    np.testing.assert_array_equal(host["x"][5:], 0.0)
+    assert len(online.chunked(stream, 5)["y"]) == 5

@@ -173,12 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     task = models.DECODER_TASKS[config.data.task]
     data = rotten_tomatoes.load(task=config.data.task, seed=config.data.split_seed)
     model = models.decoder(config, data["train"].text[:3000])
-    try:  # every run is scored after the zero-shot instruction: it must fit before any trains
-        icl.encode_prefix(
-            model.tokenizer, icl.prefix_text(task, []), config.data.prefix_len, pad_id=model.pad_id
-        )
-    except ValueError as e:
-        raise ValueError(f"config.data.prefix_len={config.data.prefix_len}: {e}") from None
+    # every run is scored after the zero-shot instruction: it must fit before any trains
+    icl.encode_prefix(model.tokenizer, icl.prefix_text(task, []), config.data.prefix_len,
+                      pad_id=model.pad_id, what="config.data.prefix_len")  # fmt: skip
     n_test = min(config.data.num_test, len(data["test"].text))
     majority = rotten_tomatoes.majority_baseline(
         rotten_tomatoes.Split(data["test"].text[:n_test], data["test"].label[:n_test])

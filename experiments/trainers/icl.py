@@ -81,11 +81,9 @@ def evaluate_task(config, model: models.Decoder, name: str, *, plan, params, hit
             idx = icl.sample_demos(rng, labels, k)
             cut = config.data.max_demo_tokens
             demos = [(icl.truncate(model.tokenizer, texts[i], cut), int(labels[i])) for i in idx]
-            try:  # the library names its argument; the user set the config key
-                prefix = icl.encode_prefix(model.tokenizer, icl.prefix_text(task, demos),
-                                           config.icl.prefix_len, pad_id=model.pad_id)  # fmt: skip
-            except ValueError as e:
-                raise ValueError(f"config.icl.prefix_len={config.icl.prefix_len}: {e}") from None
+            prefix = icl.encode_prefix(model.tokenizer, icl.prefix_text(task, demos),
+                                       config.icl.prefix_len, pad_id=model.pad_id,
+                                       what="config.icl.prefix_len")  # fmt: skip
             start = time.perf_counter()
             cache = icl.prefill(model.config, one, *prefix,
                                 query_len=config.icl.query_len)  # fmt: skip

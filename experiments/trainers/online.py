@@ -48,15 +48,6 @@ def learner_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(delay=c.delay, batch_size=c.batch_size, param_dtype=dtype)
 
 
-def chunks(stream: online.Stream, size: int) -> dict[str, np.ndarray]:
-    """The stream on the host, padded with invalid examples to a multiple of ``size``."""
-    pad = -len(stream.y) % size
-    return {
-        k: np.concatenate([np.asarray(a), np.zeros((pad, *a.shape[1:]), a.dtype)])
-        for k, a in zip(("x", "y", "valid"), stream, strict=True)
-    }
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the online experiment described by `configs/online_river.py`.
 
@@ -97,7 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     size = config.data.chunk_size
     plan.check_batch_size(size, what="config.data.chunk_size")
     lrs = tuple(sorted({*config.sweep.learning_rates, config.learner.lr}))
-    host = chunks(stream, size)
+    host = online.chunked(stream, size)
     learner_of = functools.partial(make_learner, config)
     state = online.sweep_start(
         model, lrs, make_learner=learner_of, padded_length=len(host["y"]),

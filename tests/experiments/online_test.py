@@ -74,14 +74,14 @@ def test_nan_stops_naming_the_chunk_and_stopped_runs_resume_bit_for_bit(
     results, tmp_path, monkeypatch
 ):
     _, uninterrupted = results
-    chunks = trainer.chunks
+    chunked = trainer.online.chunked
 
     def poisoned(stream, size):
-        host = chunks(stream, size)
+        host = chunked(stream, size)
         host["x"][100, 0] = np.nan  # in the second chunk of 64
         return host
 
-    monkeypatch.setattr(trainer, "chunks", poisoned)
+    monkeypatch.setattr(trainer.online, "chunked", poisoned)
     config = _quick(checkpoint={"every_steps": 1, "keep": 5})
     with pytest.raises(metrics_lib.NonFiniteMetricError, match=r"train/loss=nan at step 2\b"):
         trainer.train_and_evaluate(config, str(tmp_path))
