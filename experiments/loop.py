@@ -233,7 +233,9 @@ def plan_from(config: ml_collections.ConfigDict) -> parallel.Plan:
                     f"config.parallel.{key}={value!r} takes effect only with "
                     "config.parallel.sharding_rules, which is empty"
                 )
-        return parallel.make_plan(p.get("mode", "mesh"), num_devices=p.get("num_devices", 0))
+        return _logged(
+            parallel.make_plan(p.get("mode", "mesh"), num_devices=p.get("num_devices", 0))
+        )
     for key, value, plain in (
         ("mode", p.get("mode", "mesh"), "mesh"),
         ("num_devices", p.get("num_devices", 0), 0),
@@ -243,12 +245,22 @@ def plan_from(config: ml_collections.ConfigDict) -> parallel.Plan:
                 f"config.parallel.{key}={value!r}: sharded parameters (config.parallel."
                 f"sharding_rules) run on the mesh of config.parallel.mesh; set {key}={plain!r}"
             )
-    return parallel.make_sharded_plan(
-        parse_mesh(mesh or "fsdp=-1", what="config.parallel.mesh"),
-        [tuple(r) for r in rules],
-        min_bytes=min_bytes,
-        what="config.parallel.sharding_rules",
+    return _logged(
+        parallel.make_sharded_plan(
+            parse_mesh(mesh or "fsdp=-1", what="config.parallel.mesh"),
+            [tuple(r) for r in rules],
+            min_bytes=min_bytes,
+            what="config.parallel.sharding_rules",
+        )
     )
+
+
+def _logged(plan: parallel.Plan) -> parallel.Plan:
+    logging.info(
+        "plan: %s over %d %s devices, %d processes",
+        plan.mode, plan.num_devices, jax.devices()[0].platform, jax.process_count(),
+    )  # fmt: skip
+    return plan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -31,12 +30,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     plan = loop.plan_from(config)
     plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
     plan.check_batch_size(config.evals.batch_size, what="config.evals.batch_size")
-    logging.info(
-        "devices: %d (%s), processes: %d",
-        plan.num_devices,
-        jax.devices()[0].platform,
-        jax.process_count(),
-    )
 
     # -- data -------------------------------------------------------------------------------
     data = data_lib.build(config)

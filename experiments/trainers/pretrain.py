@@ -204,12 +204,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     if stopped:
         return {"stopped": stopped}
-    pretext: dict[str, dict[str, list[float]]] = {}
-    for name, cell in cells.items():
-        info = pretext.setdefault(runs[name][1], {"final_loss": [], "seconds": []})
-        info["seconds"].append(cell["seconds"])
-        if cell["final_loss"] is not None:
-            info["final_loss"].append(cell["final_loss"])
+
+    def pretext_mean(method, key):  # over seeds (None: no pretext loss, method "none")
+        values = [c[key] for n, c in cells.items() if runs[n][1] == method and c[key] is not None]
+        return float(np.mean(values)) if values else None
 
     # -- report -----------------------------------------------------------------------------
     records = [(runs[name][1], *r) for name, cell in cells.items() for r in cell["accuracy"]]
@@ -221,10 +219,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "seeds": list(config.seeds),
         "rows": rows,
         "pretext": {
-            m: {"final_loss_mean": float(np.mean(v["final_loss"])) if v["final_loss"] else None}
-            | {"seconds_mean": float(np.mean(v["seconds"]))}
-            for m, v in pretext.items()
-        },
+            m: {
+                "final_loss_mean": pretext_mean(m, "final_loss"),
+                "seconds_mean": pretext_mean(m, "seconds"),
+            }
+            for m in config.methods
+        },  # fmt: skip
         "wall_s": time.perf_counter() - start,
         "hardware": f"{platform.machine()} {jax.devices()[0].platform}",
     }
