@@ -27,18 +27,12 @@ from ftlab.core import report
 from ftlab.data import streams
 from third_party import river
 
-
-def make_learner(config: ml_collections.ConfigDict, lr: Any = None) -> optax.GradientTransformation:
-    """The optax learner named by `config.learner` (lr overrides `config.learner.lr`)."""
-    lr = config.learner.lr if lr is None else lr
-    name = config.learner.name
-    if name == "ogd":
-        return online.ogd(lr, decay=config.learner.decay)
-    if name == "adagrad":
-        return optax.adagrad(lr)
-    if name == "adam":
-        return optax.adam(lr)
-    raise ValueError(f"config.learner.name={name!r}; expected ogd, adagrad or adam")
+# ``config.learner.name`` (the schema checks it): ``(config.learner, lr) -> optax learner``
+LEARNERS = {
+    "ogd": lambda c, lr: online.ogd(lr, decay=c.decay),
+    "adagrad": lambda c, lr: optax.adagrad(lr),
+    "adam": lambda c, lr: optax.adam(lr),
+}
 
 
 def learner_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -89,7 +83,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     plan.check_batch_size(size, what="config.data.chunk_size")
     lrs = tuple(sorted({*config.sweep.learning_rates, config.learner.lr}))
     host = online.chunked(stream, size)
-    learner_of = functools.partial(make_learner, config)
+    learner_of = functools.partial(LEARNERS[config.learner.name], config.learner)
     state = online.sweep_start(
         model, lrs, make_learner=learner_of, padded_length=len(host["y"]),
         num_devices=plan.num_devices, **learner_options(config),
