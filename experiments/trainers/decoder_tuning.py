@@ -45,13 +45,6 @@ RUNS = "runs"
 PLUGINS = evaluation.DECODER_PLUGINS
 
 
-def num_steps(config: ml_collections.ConfigDict, n: int) -> int:
-    """Steps for ``n`` examples: ``epochs`` passes, within ``[min_steps, max_steps]``."""
-    o = config.optim
-    steps = int(np.ceil(o.epochs * n / o.batch_size))
-    return int(np.clip(steps, o.min_steps, o.max_steps))
-
-
 def run_one(
     config, model, task, data, method: str, n: int, seed: int, *, fits: finished.Fits, workdir
 ) -> dict:
@@ -99,8 +92,8 @@ def run_one(
 
     # Batches: passes over a fresh permutation of the n examples; with n smaller than the batch
     # size, examples repeat within a batch so that the shape (and the compiled step) is fixed.
-    bs = config.optim.batch_size
-    steps = num_steps(config, n)
+    o, bs = config.optim, config.optim.batch_size  # o.epochs passes, within [min, max] steps
+    steps = int(np.clip(np.ceil(o.epochs * n / bs), o.min_steps, o.max_steps))
     order = np.concatenate(
         [np.random.default_rng([seed, n, e]).permutation(n) for e in range(-(-steps * bs // n))]
     )

@@ -111,9 +111,6 @@ def evaluate_task(config, model: models.Decoder, name: str, *, plan, params, hit
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the evaluation and writes results.json, results.md, icl.png and metrics.jsonl."""
     workdir = pathlib.Path(workdir)
-    for name in config.data.tasks:
-        if name not in TASKS:
-            raise ValueError(f"config.data.tasks: {name!r} is not one of {sorted(TASKS)}.")
 
     # Model (the tiny stand-in's vocabulary comes from the first task's training texts).
     first = rotten_tomatoes.load(task=config.data.tasks[0], seed=config.data.split_seed)["train"]
