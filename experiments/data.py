@@ -1,21 +1,24 @@
-"""Data from a config: text classification (Rotten Tomatoes or the user's files, tokenized)
-and the online trainer's streams.
+"""Data from a config: text classification (Rotten Tomatoes or the user's files, tokenized),
+the online trainer's streams and the rated movie snippets of the reward model.
 
 The classification trainer (and the fine-tuning configs over a user's files), the multi-task
-trainer's text path and the online trainer read their data here.
+trainer's text path, the online trainer and the reward and RLHF trainers read their data here.
 """
 
 from __future__ import annotations
+
+import functools
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from ftlab.data import files, rotten_tomatoes, streams, text
+from ftlab.data import files, ratings, rotten_tomatoes, streams, text
 
 __all__ = [
     "build",
     "build_files",
+    "rated_movies",
     "read_file_splits",
     "rotten_tomatoes_tasks",
     "rotten_tomatoes_tokens",
@@ -178,3 +181,19 @@ def stream(config: ml_collections.ConfigDict, workdir) -> tuple[np.ndarray, np.n
     if config.data.standardize:
         x = streams.running_standardize(x)
     return x, y, columns
+
+
+@functools.lru_cache(maxsize=2)
+def _movies(split_seed: int):
+    # read once per process: a sweep or a test runs the trainer several times
+    snippets = ratings.load("movies")
+    return snippets, ratings.split_movies(snippets, seed=split_seed)
+
+
+def rated_movies(config: ml_collections.ConfigDict):
+    """The rated movie snippets (`ftlab.data.ratings`) and ``{split: indices}`` by
+    ``config.data.split_seed``, each split cut to ``config.data.limit`` if set."""
+    snippets, splits = _movies(config.data.split_seed)
+    if config.data.limit:
+        splits = {k: v[: config.data.limit] for k, v in splits.items()}
+    return snippets, splits

@@ -2,11 +2,11 @@
 
 Hutto & Gilbert's 10,605 Rotten Tomatoes snippets carry the mean sentiment of about 19 raters
 each (`ftlab.data.ratings`). The reward model is a pretrained network with a scalar head on its
-pooled final hidden states: MiniLM through `experiments.models.encoder_classifier` with one
-output (``config.model.backbone`` ``minilm``/``tiny``, pooling ``mean``/``cls``), or SmolLM2's
-last real token through `ftlab.posttrain.reward` (``smollm2``/``tiny_llama``, pooling ``last``/
-``mean``). Any method of `models.add_method` (``config.peft.method``) composes with it, and
-``config.partition.rules`` decides what trains (the head is ``head/...`` for every backbone).
+pooled final hidden states (`experiments.scorers`): MiniLM (``config.model.backbone``
+``minilm``/``tiny``, pooling ``mean``/``cls``) or SmolLM2's last real token (``smollm2``/
+``tiny_llama``, pooling ``last``/``mean``). Any method of `models.add_method`
+(``config.peft.method``) composes with it, and ``config.partition.rules`` decides what trains
+(the head is ``head/...`` for every backbone).
 
 The loss is Bradley-Terry, ``-log sigmoid(r_chosen - r_rejected - margin)`` with ``margin =
 config.loss.margin_scale * (mean_chosen - mean_rejected)`` (Llama 2's margin; 0: none), over
@@ -36,10 +36,7 @@ validation correlation against the step), with ``config.plot_metrics`` ``train.p
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import pathlib
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,56 +44,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import loop, models, reports
+from experiments import data as data_lib
+from experiments import loop, models, reports, scorers
 from ftlab.core import metrics as metrics_lib
 from ftlab.core import parallel, partition, train
-from ftlab.data import batching, ratings, text
-from ftlab.models import hooks, llama
+from ftlab.data import batching, ratings
 from ftlab.posttrain import losses
 from ftlab.posttrain import metrics as agreement_lib
-from ftlab.posttrain import reward as reward_lib
-
-ENCODERS = ("minilm", "tiny")
-DECODERS = ("smollm2", "tiny_llama")
-BACKBONES = ENCODERS + DECODERS
-METHODS = ("none", "lora", "dora", "prompt")
-# the scalar head's subtree, for every backbone (rules train it as "head/.*")
-HEAD = "head"
-
-
-@dataclasses.dataclass(frozen=True)
-class Scorer:
-    """A reward model: its initial tree, ``apply(params, batch, rng) -> [batch]``, the tokenizer.
-
-    Attributes:
-        params: The tree with the method's leaves and the head (numpy).
-        apply: Rewards of ``{"input_ids", "attention_mask"}`` rows; dropout with an rng.
-        encode: ``texts -> {"input_ids", "attention_mask"}`` int32 ``[n, max_length]``.
-        base_params: Parameters of the backbone alone, before the method (for counts).
-    """
-
-    params: dict
-    apply: Callable
-    encode: Callable
-    base_params: dict
-
 
 # -- data -----------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=2)
-def _movies(split_seed: int):
-    # read once per process: a sweep or a test runs the trainer several times
-    snippets = ratings.load("movies")
-    return snippets, ratings.split_movies(snippets, seed=split_seed)
-
-
-def load_data(config: ml_collections.ConfigDict):
-    """The movie snippets and ``{split: indices}`` (each cut to ``config.data.limit`` if set)."""
-    snippets, splits = _movies(config.data.split_seed)
-    if config.data.limit:
-        splits = {k: v[: config.data.limit] for k, v in splits.items()}
-    return snippets, splits
 
 
 def pair_seed(seed: int, step: int) -> int:
@@ -114,146 +70,6 @@ def pairs_at(config: ml_collections.ConfigDict, mean: np.ndarray, step: int):
     )
     margin = config.loss.margin_scale * (mean[chosen] - mean[rejected])
     return chosen, rejected, margin.astype(np.float32)
-
-
-# -- the model ------------------------------------------------------------------------------------
-
-
-def _add_method(config, params, hidden_like_apply, example_batch):
-    """``models.add_method`` with the hook sites the structural methods need."""
-    method = config.peft.method
-    if method not in METHODS:
-        raise ValueError(f"config.peft.method={method!r}; expected one of {METHODS}")
-    sites = None
-    if method == "prompt":
-        sites = hooks.discover(hidden_like_apply, params, example_batch, None)
-    rng = jax.random.PRNGKey(config.seed + 1)
-    return models.add_method(config.peft, method, params, rng, sites=sites)
-
-
-def build_encoder_scorer(config: ml_collections.ConfigDict) -> Scorer:
-    """MiniLM (or a tiny random BERT) with a one-output head on the pooled hidden states."""
-    from third_party import minilm  # noqa: PLC0415 - reads the tokenizer only for this model
-
-    m = config.model
-    if m.pooling not in ("mean", "cls"):
-        raise ValueError(f"config.model.pooling={m.pooling!r}; an encoder pools 'mean' or 'cls'")
-    sub = ml_collections.ConfigDict(
-        {
-            "seed": config.seed,
-            "model": {
-                "encoder": m.backbone,
-                "num_classes": 1,
-                "pooling": m.pooling,
-                "dropout_rate": m.dropout_rate,
-                "dont_load": (f"{HEAD}/.*",),
-            },
-            "data": {"max_length": config.data.max_length},
-        }
-    )
-    model, params = models.encoder_classifier(sub)
-    classifier = models.classifier_apply(model)
-    ids = np.zeros((1, config.data.max_length), np.int32)
-    example = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    base = params
-    params, wrap = _add_method(config, params, classifier, example)
-    logits = wrap(classifier)
-
-    def apply(params, batch, rng):
-        return logits(params, batch, rng)[:, 0]
-
-    tokenizer = minilm.load_tokenizer(
-        minilm.model_dir() / "tokenizer.json", max_length=config.data.max_length
-    )
-    return Scorer(
-        params,
-        apply,
-        lambda texts: text.encode(tokenizer, texts, max_length=config.data.max_length),
-        base,
-    )
-
-
-def _encode_right_padded(tokenizer, texts, *, max_length: int, pad_id: int) -> dict:
-    ids = np.full((len(texts), max_length), pad_id, np.int32)
-    mask = np.zeros((len(texts), max_length), np.int32)
-    for i, enc in enumerate(tokenizer.encode_batch(list(texts), add_special_tokens=False)):
-        row = enc.ids[:max_length]
-        ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def build_decoder_scorer(config: ml_collections.ConfigDict, texts) -> Scorer:
-    """SmolLM2 (or a tiny random Llama with a stand-in tokenizer built from ``texts``) with a
-    scalar head on the last real token's (or the mean) final hidden state."""
-    m = config.model
-    if m.pooling not in ("last", "mean"):
-        raise ValueError(f"config.model.pooling={m.pooling!r}; a decoder pools 'last' or 'mean'")
-    if m.dropout_rate:
-        raise ValueError(
-            f"config.model.dropout_rate={m.dropout_rate}: the Llama decoder has no dropout; set 0"
-        )
-    sub = ml_collections.ConfigDict(
-        {
-            "seed": config.seed,
-            "model": {
-                "name": "smollm2" if m.backbone == "smollm2" else "tiny",
-                "vocab_size": m.vocab_size,
-            },
-        }
-    )
-    decoder = models.decoder(sub, list(texts))
-    module = llama.LlamaForCausalLM(decoder.config)
-    # Method targets name layers one by one (decoder/layer_3/...): unstack; the forward pass
-    # stacks them again (stack_if_uniform), so the compiled step still holds one layer body.
-    base = decoder.params
-    if llama.LAYERS in base["decoder"]:
-        base = llama.unstack_layers(base)
-
-    def hidden(params, batch, rng):
-        del rng  # no dropout in the decoder
-        return module.apply(
-            {"params": llama.stack_if_uniform(params)},
-            batch["input_ids"],
-            batch["attention_mask"],
-            return_hidden=True,
-        )
-
-    ids = np.zeros((1, config.data.max_length), np.int32)
-    example = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    params, wrap = _add_method(config, base, hidden, example)
-    if config.peft.method in ("lora", "dora"):
-        # The wrapper checks the leaves the model consumes (at decoder/layers/... once
-        # stacked), so it must see the stacked tree; stacking again inside is a no-op.
-        method_wrap = wrap
-
-        def wrap(f):
-            g = method_wrap(f)
-            return lambda p, *args: g(llama.stack_if_uniform(p), *args)
-
-    params = reward_lib.init(
-        params, jax.random.PRNGKey(config.seed), dim=decoder.config.hidden_size, name=HEAD
-    )
-    apply = reward_lib.wrap_apply(wrap(hidden), pooling=m.pooling, name=HEAD)
-    return Scorer(
-        params,
-        apply,
-        lambda t: _encode_right_padded(
-            decoder.tokenizer, t, max_length=config.data.max_length, pad_id=decoder.pad_id
-        ),
-        base,
-    )
-
-
-def build_scorer(config: ml_collections.ConfigDict, texts) -> Scorer:
-    """The reward model of ``config.model.backbone``."""
-    if config.model.backbone in ENCODERS:
-        return build_encoder_scorer(config)
-    if config.model.backbone in DECODERS:
-        return build_decoder_scorer(config, texts)
-    raise ValueError(
-        f"config.model.backbone={config.model.backbone!r}; expected one of {BACKBONES}"
-    )
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -354,9 +170,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     plan.check_batch_size(config.evals.batch_size, what="config.evals.batch_size")
 
     # -- data -------------------------------------------------------------------------------
-    snippets, splits = load_data(config)
+    snippets, splits = data_lib.rated_movies(config)
     logging.info("movie snippets: %s", {k: len(v) for k, v in splits.items()})
-    scorer = build_scorer(config, [snippets.text[i] for i in splits["train"]])
+    scorer = scorers.build_scorer(config, [snippets.text[i] for i in splits["train"]])
     arrays = {name: scorer.encode([snippets.text[i] for i in idx]) for name, idx in splits.items()}
     train_mean = snippets.mean[splits["train"]]
     # snippets that fill every position (cut there, or exactly that long)

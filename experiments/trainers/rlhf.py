@@ -68,8 +68,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import loop, models, reports, resume
-from experiments.trainers import reward as reward_trainer
+from experiments import data as data_lib
+from experiments import loop, models, reports, resume, scorers
 from ftlab.core import checkpoint, partition, report, train
 from ftlab.core import metrics as metrics_lib
 from ftlab.data import batching, rotten_tomatoes
@@ -149,10 +149,10 @@ def _load_reward_model(workdir: str, stamp: int | None) -> RewardModel:
         )
     rcfg = ml_collections.ConfigDict(saved_config)
     texts = []
-    if rcfg.model.backbone in reward_trainer.DECODERS:  # the stand-in tokenizer reads them
-        snippets, splits = reward_trainer.load_data(rcfg)
+    if rcfg.model.backbone in scorers.DECODERS:  # the stand-in tokenizer reads them
+        snippets, splits = data_lib.rated_movies(rcfg)
         texts = [snippets.text[i] for i in splits["train"]]
-    scorer = reward_trainer.build_scorer(rcfg, texts)
+    scorer = scorers.build_scorer(rcfg, texts)
     label_tree = partition.labels(scorer.params, [tuple(r) for r in rcfg.partition.rules])
     state = train.init_state(
         scorer.params, label_tree, models.adamw(rcfg, label_tree), seed=rcfg.seed

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import reward_minilm, reward_smollm2
-from experiments import loop, schema
+from experiments import data as data_lib
+from experiments import loop, schema, scorers
 from experiments.trainers import reward as trainer
 from ftlab.core import metrics as metrics_lib
 from ftlab.data import ratings
@@ -55,7 +56,7 @@ def test_quick_run_writes_table_results_and_plots(run):
 def test_agreement_numbers_are_posttrain_metrics_of_the_scores(run):
     workdir, config, results = run
     saved = np.load(workdir / "scores.npz")
-    snippets, splits = trainer.load_data(config)  # ratings.split_movies, cut to data.limit
+    snippets, splits = data_lib.rated_movies(config)  # ratings.split_movies, cut to data.limit
     test = splits["test"]
     assert len(test) == config.data.limit
     np.testing.assert_array_equal(saved["index"], test)
@@ -148,7 +149,7 @@ def test_decoder_backbone_scores_the_last_real_token_of_each_snippet():
     config = reward_smollm2.get_config("quick")
     schema.validate(config)
     texts = ["a fine film", "dull , dull , dull and long"]
-    scorer = trainer.build_scorer(config, texts)
+    scorer = scorers.build_scorer(config, texts)
     batch = scorer.encode(texts)
     assert batch["attention_mask"].sum(1).tolist() == [3, 7]  # right padded, no special tokens
     got = jax.jit(scorer.apply)(scorer.params, batch, None)

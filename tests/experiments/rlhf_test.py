@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import reward_minilm, rlhf_smollm2
-from experiments import loop, models, resume, schema
-from experiments.trainers import reward as reward_trainer
+from experiments import loop, models, resume, schema, scorers
 from experiments.trainers import rlhf as trainer
 from ftlab.core import checkpoint, partition, report, train
 from ftlab.core import metrics as metrics_lib
@@ -30,7 +29,7 @@ def reward_workdir(tmp_path_factory):
     at step 1: the trainer only reads config.json, the checkpoint and results.json)."""
     workdir = tmp_path_factory.mktemp("reward")
     config = reward_minilm.get_config("quick")
-    scorer = reward_trainer.build_scorer(config, [])
+    scorer = scorers.build_scorer(config, [])
     labels = partition.labels(scorer.params, [tuple(r) for r in config.partition.rules])
     state = train.init_state(scorer.params, labels, models.adamw(config, labels), seed=0)
     with checkpoint.Checkpointer(workdir / "checkpoints", save_every_steps=1) as ckpt:
