@@ -26,9 +26,6 @@ from ftlab import icl
 from ftlab.core import parallel
 from ftlab.data import rotten_tomatoes
 
-# The prompted tasks and the model live in `experiments/models.py`, shared with decoder tuning.
-TASKS = models.DECODER_TASKS
-
 
 def make_hits(plan: parallel.Plan, model: models.Decoder):
     """``hits((params, cache, label_ids), batch) -> {"hits", "count", "label_logprob"}`` (sums of
@@ -60,7 +57,7 @@ def make_hits(plan: parallel.Plan, model: models.Decoder):
 
 def evaluate_task(config, model: models.Decoder, name: str, *, plan, params, hits) -> dict:
     """Accuracy of every draw for every k on one task (``params``: placed by ``plan``)."""
-    task = TASKS[name]
+    task = models.DECODER_TASKS[name]  # shared with decoder tuning
     data = rotten_tomatoes.load(task=name, seed=config.data.split_seed)
     train, test = data["train"], data["test"]
     pool = min(config.data.demo_pool, len(train.text))
