@@ -5,7 +5,6 @@ import pytest
 
 from configs import icl_smollm2, multitask_rotten_tomatoes
 from experiments import models
-from experiments.trainers import icl
 
 
 def test_encoder_classifier_refuses_an_unknown_encoder_naming_the_key():
@@ -17,8 +16,7 @@ def test_encoder_classifier_refuses_an_unknown_encoder_naming_the_key():
         models.encoder_classifier(config)
 
 
-def test_icl_trainer_prompts_the_shared_decoder_tasks():
-    assert icl.TASKS is models.DECODER_TASKS
+def test_the_quick_decoder_has_a_stand_in_tokenizer_of_the_texts():
     config = icl_smollm2.get_config("quick")
     decoder = models.decoder(config, ["a tiny review", "a plot"])
     assert decoder.pad_id == 1 and decoder.tokenizer.token_to_id("review") is not None

@@ -201,13 +201,7 @@ def test_schema_choices_are_the_trainers_own():
     """The tables repeat the trainers' and library's names (so that validating imports no
     trainer); this keeps the copies equal."""
     from experiments import models  # noqa: PLC0415
-    from experiments.trainers import (  # noqa: PLC0415
-        decoder_tuning,
-        icl,
-        meta,
-        multitask,
-        pretrain,
-    )
+    from experiments.trainers import decoder_tuning, meta, multitask, pretrain  # noqa: PLC0415
     from ftlab.data import images, streams  # noqa: PLC0415
     from ftlab.data import multitask as multitask_data  # noqa: PLC0415
     from ftlab.models import attention  # noqa: PLC0415
@@ -238,8 +232,9 @@ def test_schema_choices_are_the_trainers_own():
     )
     dec = k["decoder_tuning"][""]
     assert members(dec, "methods", {*decoder_tuning.METHODS, "x"}) == set(decoder_tuning.METHODS)
-    assert members(k["icl"][""], "data.tasks", {*icl.TASKS, "x"}) == set(icl.TASKS)
-    assert allowed(dec, "data.task", {*icl.TASKS, "x"}) == set(icl.TASKS)
+    tasks = models.DECODER_TASKS  # ICL's and decoder tuning's
+    assert members(k["icl"][""], "data.tasks", {*tasks, "x"}) == set(tasks)
+    assert allowed(dec, "data.task", {*tasks, "x"}) == set(tasks)
     river = k["online"]["river"]
     assert allowed(river, "data.stream", {*streams.STREAMS, "x"}) == set(streams.STREAMS)
     enc = k["classification"][""]
