@@ -183,8 +183,9 @@ def get_config(arg=None):
     # query examples per class at test time; glyph classes have 16 instances, so 11 at 5-shot
     config.evals.query = 11 if (opts.dataset, opts.shots) == ("glyphs", 5) else 15
     config.evals.num_steps = (1, 3, 5, 10)
-    config.evals.finetune_lr = 0.4
-    config.evals.finetune_rules = (("head/.*", "adapt"), (".*", "frozen"))
+    if opts.method == "finetune":  # the baseline's fine-tuning step size and leaves
+        config.evals.finetune_lr = 0.4
+        config.evals.finetune_rules = (("head/.*", "adapt"), (".*", "frozen"))
     # held-out evaluation during training every that many steps (0: only the final one; 600
     # episodes take minutes)
     config.evals.every_steps = 0

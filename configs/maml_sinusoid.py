@@ -99,9 +99,9 @@ def get_config(arg=None):
     config.evals.query_shots = 100
     # fine-tuning steps reported (0, pre-update, is always added)
     config.evals.num_steps = (1, 5, 10)
-    # the pretrained baseline's fine-tuning step size and the leaves it fine-tunes
-    config.evals.finetune_lr = 0.01
-    config.evals.finetune_rules = ((".*", "adapt"),)
+    if opts.method == "pretrained":  # the baseline's fine-tuning step size and leaves
+        config.evals.finetune_lr = 0.01
+        config.evals.finetune_rules = ((".*", "adapt"),)
     config.evals.every_steps = 10_000
 
     config.log_every_steps = 1000

@@ -477,9 +477,9 @@ META = {
     "evals.seed": SEED,
     "evals.num_tasks": integer(1),
     "evals.num_steps": integers(0),
-    # the baseline's fine-tuning at test time
-    "evals.finetune_lr": POSITIVE_LR,
-    "evals.finetune_rules": rules(),
+    # the baseline's fine-tuning at test time (the baseline's keys only: see META_BASELINES)
+    "evals.finetune_lr": POSITIVE_LR.opt(),
+    "evals.finetune_rules": rules().opt(),
     "evals.every_steps": integer(0, note="0: only the final evaluation"),
     # the evaluator type each family offers: finetune_mse (sinusoid), finetune_accuracy (images)
     "evals.plugins": plugins().opt(),
@@ -488,6 +488,10 @@ META = {
     **STEP_LOOP,
     **PARALLEL,
 }
+
+# Each task family's baseline (trained jointly, then fine-tuned with config.evals.finetune_*);
+# the meta-learners fine-tune with their own inner rules and rate.
+META_BASELINES = ("pretrained", "finetune")
 
 META_SINUSOID = {
     **META,
@@ -980,6 +984,19 @@ def _cross_checks(kind: str, variant: str, c: ml_collections.ConfigDict) -> None
             "takes effect only with config.step.remat_policy",
             step.remat_modules,
         )
+    if kind == "meta":
+        baseline = c.meta.method in META_BASELINES
+        for key in ("finetune_lr", "finetune_rules"):
+            if key in c.evals and not baseline:
+                raise ConfigError(
+                    f"evals.{key}",
+                    f"takes effect only with a baseline (config.meta.method one of "
+                    f"{META_BASELINES}); {c.meta.method!r} fine-tunes held-out tasks with its "
+                    "own inner rules and rate",
+                    c.evals[key],
+                )
+            if key not in c.evals and baseline:
+                raise ConfigError(f"evals.{key}", "is missing: the baseline fine-tunes with it")
     profile = c.get("profile") or {}
     if late := [s for s in profile.get("steps", ()) if s > c.optim.num_steps]:
         raise ConfigError(

@@ -181,6 +181,16 @@ CASES = [
         r"^config\.meta\.metasgd_lr_init=\(0\.1, 0\.01\): must be a pair \(low, high\)",
     ),
     (
+        ("maml_sinusoid", "quick"),
+        dict(evals__finetune_lr=0.1),  # a meta-learner fine-tunes with its inner rate
+        r"^config\.evals\.finetune_lr=0\.1: takes effect only with a baseline .* 'maml' ",
+    ),
+    (
+        ("maml_fewshot", "quick,method=finetune"),
+        dict(evals__finetune_rules=DELETE),
+        r"^config\.evals\.finetune_rules: is missing: the baseline fine-tunes with it$",
+    ),
+    (
         ("multitask_nlschools", "quick"),
         dict(multitask__lambdas=(((0.0, 1.0),),)),
         r"^config\.multitask\.lambdas=.*item 0 .* square \[T, T\]",
