@@ -533,3 +533,64 @@ def words(ids: Iterable[int]) -> str:
 def peer_version(**modules) -> str:
     """``"trl 1.16.0, peft ..."`` of the given modules (name -> module)."""
     return ", ".join(f"{name} {m.__version__}" for name, m in modules.items())
+
+
+class TrlPeer:
+    """The TRL side of a post-training bench (``sft_step``, ``dpo_step``, ``grpo_step``), run in
+    the peer's venv: its modules, a seeded random SmolLM2-shaped model (`hf_smollm2`) and the
+    `word_tokenizer`, with what every TRL trainer there is given alike.
+
+    Attributes:
+        datasets, peft, torch, transformers, trl: The peer's modules.
+        model: ``transformers.LlamaForCausalLM`` of ``layers`` layers.
+        tokenizer: The word tokenizer.
+        threads: Torch's CPU threads (`torch_cpu_threads`).
+    """
+
+    def __init__(self, layers: int):
+        import datasets  # noqa: PLC0415 - the peer's venv only
+        import peft  # noqa: PLC0415
+        import tokenizers  # noqa: PLC0415
+        import torch  # noqa: PLC0415
+        import transformers  # noqa: PLC0415
+        import trl  # noqa: PLC0415
+
+        self.datasets, self.peft, self.torch = datasets, peft, torch
+        self.transformers, self.trl = transformers, trl
+        self.threads = torch_cpu_threads(torch)
+        torch.manual_seed(0)
+        self.model = hf_smollm2(transformers, layers)
+        self.tokenizer = word_tokenizer(transformers, tokenizers)
+
+    def args(self, config_cls, out: str, *, dtype: str, max_steps: int, **options):
+        """``config_cls`` (``trl.SFTConfig``, ...) with the settings every bench shares: a
+        constant learning rate without weight decay, a log line per step, nothing saved or
+        reported, CPU, mixed precision for ``dtype`` bfloat16, activations kept (as ftlab)."""
+        return config_cls(
+            output_dir=out, lr_scheduler_type="constant", weight_decay=0.0, max_steps=max_steps,
+            logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+            bf16=dtype == "bfloat16", fp16=False, dataloader_num_workers=0, seed=0,
+            gradient_checkpointing=False, **options,
+        )  # fmt: skip
+
+    def lora_config(self):
+        """PEFT's LoRA of `LORA_RANK`, `LORA_ALPHA` on `PEER_LORA_TARGETS`, no dropout."""
+        return self.peft.LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=PEER_LORA_TARGETS,
+            lora_dropout=0.0, task_type="CAUSAL_LM",
+        )  # fmt: skip
+
+    def result(self, trainer, times, warmup: int, cpu=None, **fields) -> dict:
+        """The bench line of a trained ``trainer``: `peer_timing`, ``fields``, its trainable
+        parameters, the platform, threads and versions."""
+        params = trainer.model.parameters()
+        return {
+            **peer_timing(times, warmup, cpu),
+            **fields,
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "platform": "cpu",
+            "threads": self.threads,
+            "version": peer_version(
+                trl=self.trl, peft=self.peft, transformers=self.transformers, torch=self.torch
+            ),
+        }

@@ -157,23 +157,13 @@ def _run_ftlab(s: dict) -> dict:
 
 
 def _run_trl(s: dict) -> dict:
-    import datasets  # noqa: PLC0415
-    import peft  # noqa: PLC0415
-    import tokenizers  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-    import trl  # noqa: PLC0415
-
-    threads = common.torch_cpu_threads(torch)
-    torch.manual_seed(0)
-    model = common.hf_smollm2(transformers, s["layers"])
-    tokenizer = common.word_tokenizer(transformers, tokenizers)
+    peer = common.TrlPeer(s["layers"])
     prompt, chosen, rejected = _pairs(s)
     total = s["warmup"] + s["steps"]
     # every step sees the same b pairs, as ftlab's one batch; a response starts with a space
     # (TRL tokenises prompt + response as one string) and ends with EOS (so none is added)
     picks = [i % s["b"] for i in range(s["b"] * total)]
-    dataset = datasets.Dataset.from_dict(
+    dataset = peer.datasets.Dataset.from_dict(
         {
             "prompt": [common.words(prompt[i]) for i in picks],
             "chosen": [" " + common.words(chosen[i]) for i in picks],
@@ -181,25 +171,18 @@ def _run_trl(s: dict) -> dict:
         }
     )
     with tempfile.TemporaryDirectory() as out:
-        args = trl.DPOConfig(
-            output_dir=out, per_device_train_batch_size=s["b"], gradient_accumulation_steps=1,
+        args = peer.args(
+            peer.trl.DPOConfig, out, dtype=s["dtype"], max_steps=total,
+            per_device_train_batch_size=s["b"], gradient_accumulation_steps=1,
             loss_type=["sigmoid"], beta=s["beta"], max_length=None, learning_rate=LR,
-            lr_scheduler_type="constant", max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
-            max_steps=total, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-            bf16=s["dtype"] == "bfloat16", fp16=False, dataloader_num_workers=0, seed=0,
-            disable_dropout=True,
-            precompute_ref_log_probs=False,
-            gradient_checkpointing=False,  # ftlab keeps its activations too
-        )  # fmt: skip
-        lora_config = peft.LoraConfig(
-            r=common.LORA_RANK, lora_alpha=common.LORA_ALPHA,
-            target_modules=common.PEER_LORA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM",
+            max_grad_norm=MAX_GRAD_NORM, disable_dropout=True, precompute_ref_log_probs=False,
         )  # fmt: skip
         times: list[float] = []
         cpu: list[float] = []
-        trainer = trl.DPOTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-            peft_config=lora_config, callbacks=[common.step_timer(transformers, times, cpu)],
+        trainer = peer.trl.DPOTrainer(
+            model=peer.model, args=args, train_dataset=dataset, processing_class=peer.tokenizer,
+            peft_config=peer.lora_config(),
+            callbacks=[common.step_timer(peer.transformers, times, cpu)],
         )  # fmt: skip
         # what the model gets per step, to check both sides do the same work
         sample = next(iter(trainer.get_train_dataloader()))
@@ -207,18 +190,14 @@ def _run_trl(s: dict) -> dict:
         trainer.train()
         history = [x for x in trainer.state.log_history if "loss" in x]
     last = history[-1] if history else {}
-    return {
-        **common.peer_timing(times, s["warmup"], cpu),
-        "final_loss": last.get("loss"),
-        "rewards_margin": last.get("rewards/margins"),
-        "model_batch_shape": shape,
-        "attn_implementation": trainer.model.config._attn_implementation,  # noqa: SLF001
-        "optim": str(getattr(args.optim, "value", args.optim)),
-        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "platform": "cpu",
-        "threads": threads,
-        "version": common.peer_version(trl=trl, peft=peft, transformers=transformers, torch=torch),
-    }
+    return peer.result(
+        trainer, times, s["warmup"], cpu,
+        final_loss=last.get("loss"),
+        rewards_margin=last.get("rewards/margins"),
+        model_batch_shape=shape,
+        attn_implementation=trainer.model.config._attn_implementation,  # noqa: SLF001
+        optim=str(getattr(args.optim, "value", args.optim)),
+    )  # fmt: skip
 
 
 def main(argv):

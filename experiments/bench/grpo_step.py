@@ -150,61 +150,40 @@ def _run_ftlab(s: dict) -> dict:
 
 
 def _run_trl(s: dict) -> dict:
-    import datasets  # noqa: PLC0415
-    import peft  # noqa: PLC0415
-    import tokenizers  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-    import trl  # noqa: PLC0415
-
-    threads = common.torch_cpu_threads(torch)
-    torch.manual_seed(0)
-    model = common.hf_smollm2(transformers, s["layers"])
-    tokenizer = common.word_tokenizer(transformers, tokenizers)
-    tokenizer.padding_side = "left"
+    peer = common.TrlPeer(s["layers"])
+    peer.tokenizer.padding_side = "left"
     ids = _prompts(s)
     total = s["warmup"] + s["steps"]
     rows = [common.words(ids[i % len(ids)]) for i in range(len(ids) * total)]
-    dataset = datasets.Dataset.from_dict({"prompt": rows})
+    dataset = peer.datasets.Dataset.from_dict({"prompt": rows})
 
     def reward(completions, completion_ids, **kwargs):
         return [sum(int(t) == TARGET for t in c) / max(len(c), 1) for c in completion_ids]
 
     with tempfile.TemporaryDirectory() as out:
-        args = trl.GRPOConfig(
-            output_dir=out, per_device_train_batch_size=s["b"] * s["g"],
-            num_generations=s["g"], gradient_accumulation_steps=1,
-            max_completion_length=s["new_tokens"], temperature=1.0, top_p=1.0,
-            generation_kwargs={"min_new_tokens": s["new_tokens"]}, beta=s["beta"],
-            learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=MAX_GRAD_NORM,
-            weight_decay=0.0, max_steps=total, logging_steps=1, save_strategy="no",
-            report_to=[], use_cpu=True, bf16=s["dtype"] == "bfloat16", fp16=False,
-            disable_dropout=True,
-            dataloader_num_workers=0, seed=0, shuffle_dataset=False,
-            gradient_checkpointing=False,  # ftlab keeps activations too
-        )  # fmt: skip
-        lora_config = peft.LoraConfig(
-            r=RANK, lora_alpha=ALPHA, target_modules=common.PEER_LORA_TARGETS, lora_dropout=0.0,
-            task_type="CAUSAL_LM",
+        args = peer.args(
+            peer.trl.GRPOConfig, out, dtype=s["dtype"], max_steps=total,
+            per_device_train_batch_size=s["b"] * s["g"], num_generations=s["g"],
+            gradient_accumulation_steps=1, max_completion_length=s["new_tokens"],
+            temperature=1.0, top_p=1.0, generation_kwargs={"min_new_tokens": s["new_tokens"]},
+            beta=s["beta"], learning_rate=LR, max_grad_norm=MAX_GRAD_NORM, disable_dropout=True,
+            shuffle_dataset=False,
         )  # fmt: skip
         times = []
-        trainer = trl.GRPOTrainer(
-            model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-            processing_class=tokenizer, peft_config=lora_config,
-            callbacks=[common.step_timer(transformers, times)],
+        trainer = peer.trl.GRPOTrainer(
+            model=peer.model, reward_funcs=reward, args=args, train_dataset=dataset,
+            processing_class=peer.tokenizer, peft_config=peer.lora_config(),
+            callbacks=[common.step_timer(peer.transformers, times)],
         )  # fmt: skip
         trainer.train()
         history = [x for x in trainer.state.log_history if "loss" in x]
-    return {
-        **common.peer_timing(times, s["warmup"]),
-        "final_loss": history[-1]["loss"] if history else None,
-        "kl": history[-1].get("kl") if history else None,
-        "completion_length": (history[-1].get("completions/mean_length") if history else None),
-        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "platform": "cpu",
-        "threads": threads,
-        "version": common.peer_version(trl=trl, peft=peft, transformers=transformers, torch=torch),
-    }
+    last = history[-1] if history else {}
+    return peer.result(
+        trainer, times, s["warmup"],
+        final_loss=last.get("loss"),
+        kl=last.get("kl"),
+        completion_length=last.get("completions/mean_length"),
+    )  # fmt: skip
 
 
 def main(argv):

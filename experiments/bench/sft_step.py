@@ -188,48 +188,30 @@ def _run_ftlab(s: dict) -> dict:
 
 
 def _run_trl(s: dict) -> dict:
-    import datasets  # noqa: PLC0415
-    import peft  # noqa: PLC0415
-    import tokenizers  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-    import trl  # noqa: PLC0415
-
-    threads = common.torch_cpu_threads(torch)
-    torch.manual_seed(0)
-    model = common.hf_smollm2(transformers, s["layers"])
-    tokenizer = common.word_tokenizer(transformers, tokenizers)
+    peer = common.TrlPeer(s["layers"])
     ids, assistant = _conversations(s)
     total = s["warmup"] + s["steps"]
     # every step sees b rows of the same conversations, as ftlab's one batch
     rows = [(ids[i % len(ids)], assistant[i % len(ids)]) for i in range(len(ids) * total)]
-    dataset = datasets.Dataset.from_dict(
+    dataset = peer.datasets.Dataset.from_dict(
         {
             "input_ids": [r.tolist() for r, _ in rows],
             "labels": [[int(t) if m else -100 for t, m in zip(r, a, strict=True)] for r, a in rows],
         }
     )
     with tempfile.TemporaryDirectory() as out:
-        args = trl.SFTConfig(
-            output_dir=out, per_device_train_batch_size=s["b"], gradient_accumulation_steps=1,
+        args = peer.args(
+            peer.trl.SFTConfig, out, dtype=s["dtype"], max_steps=total,
+            per_device_train_batch_size=s["b"], gradient_accumulation_steps=1,
             max_length=s["seq_len"], packing=True, packing_strategy=s["trl_packing"],
-            learning_rate=LR[s["method"]], lr_scheduler_type="constant", max_grad_norm=1.0,
-            weight_decay=0.0, max_steps=total, logging_steps=1, save_strategy="no",
-            report_to=[], use_cpu=True, bf16=s["dtype"] == "bfloat16", fp16=False,
-            dataloader_num_workers=0,
-            seed=0, gradient_checkpointing=False,  # ftlab keeps its activations too
+            learning_rate=LR[s["method"]], max_grad_norm=1.0,
         )  # fmt: skip
-        lora_config = None
-        if s["method"] == "lora":
-            lora_config = peft.LoraConfig(
-                r=common.LORA_RANK, lora_alpha=common.LORA_ALPHA,
-                target_modules=common.PEER_LORA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM",
-            )  # fmt: skip
         times: list[float] = []
         cpu: list[float] = []
-        trainer = trl.SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-            peft_config=lora_config, callbacks=[common.step_timer(transformers, times, cpu)],
+        trainer = peer.trl.SFTTrainer(
+            model=peer.model, args=args, train_dataset=dataset, processing_class=peer.tokenizer,
+            peft_config=peer.lora_config() if s["method"] == "lora" else None,
+            callbacks=[common.step_timer(peer.transformers, times, cpu)],
         )  # fmt: skip
         # what the model gets per step, to check both sides do the same work
         sample = next(iter(trainer.get_train_dataloader()))
@@ -237,19 +219,15 @@ def _run_trl(s: dict) -> dict:
         scored = int((sample["labels"][:, 1:] != -100).sum())
         trainer.train()
         history = [x for x in trainer.state.log_history if "loss" in x]
-    return {
-        **common.peer_timing(times, s["warmup"], cpu),
-        "final_loss": history[-1]["loss"] if history else None,
-        "scored_tokens": scored,
-        "model_batch_shape": shape,
-        "padding_free": bool(trainer.padding_free),
-        "attn_implementation": trainer.model.config._attn_implementation,  # noqa: SLF001
-        "optim": str(getattr(args.optim, "value", args.optim)),
-        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "platform": "cpu",
-        "threads": threads,
-        "version": common.peer_version(trl=trl, peft=peft, transformers=transformers, torch=torch),
-    }
+    return peer.result(
+        trainer, times, s["warmup"], cpu,
+        final_loss=history[-1]["loss"] if history else None,
+        scored_tokens=scored,
+        model_batch_shape=shape,
+        padding_free=bool(trainer.padding_free),
+        attn_implementation=trainer.model.config._attn_implementation,  # noqa: SLF001
+        optim=str(getattr(args.optim, "value", args.optim)),
+    )  # fmt: skip
 
 
 def _settings(variant: str, base: dict) -> dict:
