@@ -38,7 +38,7 @@ import numpy as np
 from ftlab import types
 from ftlab.models import llama
 
-__all__ = ["Generated", "decode", "generate", "sample_logits"]
+__all__ = ["Generated", "check_sampling", "decode", "generate", "sample_logits"]
 
 
 class Generated(NamedTuple):
@@ -126,7 +126,14 @@ def _nucleus(logits: jax.Array, top_p) -> jax.Array:
     return jnp.where(keys >= lo, logits, -jnp.inf)
 
 
-def _check_args(max_new_tokens, temperature, top_p) -> None:
+def check_sampling(max_new_tokens, temperature, top_p) -> None:
+    """Refuses sampling settings `generate` cannot use, naming the argument: for callers that
+    check them before any work (an RL trainer's configuration).
+
+    Raises:
+        ValueError: ``max_new_tokens`` not an integer >= 1, ``temperature`` < 0 or ``top_p``
+            outside (0, 1].
+    """
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
@@ -175,7 +182,7 @@ def generate(
             `max_new_tokens` exceeds `model.config.max_position_embeddings` (naming both).
     """
     config = model.config
-    _check_args(max_new_tokens, temperature, top_p)
+    check_sampling(max_new_tokens, temperature, top_p)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, prompt_len]; got shape {input_ids.shape}.")

@@ -38,6 +38,7 @@ __all__ = [
     "encode_classification",
     "read_chat",
     "chat_renderer",
+    "assistant_spans",
     "encode_chat",
     "read_preferences",
     "encode_preferences",
@@ -384,9 +385,23 @@ def chat_renderer(
     return render
 
 
-def _assistant_spans(render, messages) -> tuple[str, list[tuple[int, int]]]:
-    # The text of turn i is what rendering messages[:i+1] adds to messages[:i] (with the
-    # generation prompt, so an assistant span starts after its header and keeps its end token).
+def assistant_spans(render, messages) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans ``[(start, end), ...]`` of its
+    assistant turns: what `encode_chat` (and `ftlab.posttrain.sft.pack`) train on.
+
+    The text of turn i is what rendering ``messages[:i+1]`` adds to ``messages[:i]`` (with the
+    generation prompt, so an assistant span starts after its header and keeps its end token).
+
+    >>> def render(messages, prompt):  # an assistant turn is "A:" + content + "|"
+    ...     turn = lambda m: ("A:" if m["role"] == "assistant" else "") + m["content"] + "|"
+    ...     return "".join(map(turn, messages)) + ("A:" if prompt else "")
+    >>> assistant_spans(render, [{"role": "user", "content": "hi"},
+    ...                          {"role": "assistant", "content": "yo"}])
+    ('hi|A:yo|', [(5, 8)])
+
+    Raises:
+        ValueError: The template does not render conversations prefix by prefix.
+    """
     full = render(messages, False)
     spans = []
     for i, m in enumerate(messages):
@@ -446,7 +461,7 @@ def encode_chat(
     }
     out["input_ids"][:] = pad_id
     for row, messages in enumerate(conversations):
-        text, spans = _assistant_spans(render, messages)
+        text, spans = assistant_spans(render, messages)
         enc = tok.encode(text, add_special_tokens=False)
         ids, offsets = enc.ids[:max_length], enc.offsets[:max_length]
         out["input_ids"][row, : len(ids)] = ids

@@ -138,7 +138,7 @@ class Sampling:
             raise ValueError(f"Sampling: num_samples={self.num_samples!r} must be an integer.")
         if self.num_samples < 1:
             raise ValueError(f"Sampling: num_samples={self.num_samples} must be >= 1.")
-        generation._check_args(self.max_new_tokens, self.temperature, self.top_p)
+        generation.check_sampling(self.max_new_tokens, self.temperature, self.top_p)
 
 
 @flax.struct.dataclass
@@ -388,7 +388,7 @@ def make_rollout(
             temperature = sampling.temperature if temperature is None else temperature
             top_p = sampling.top_p if top_p is None else top_p
             if isinstance(temperature, (int, float)) and isinstance(top_p, (int, float)):
-                generation._check_args(sampling.max_new_tokens, temperature, top_p)
+                generation.check_sampling(sampling.max_new_tokens, temperature, top_p)
                 if temperature == 0.0:
                     raise ValueError(
                         "temperature=0 is greedy decoding, a different compiled function: "

@@ -107,8 +107,8 @@ def encode(
     texts, spans = [], []
     for i, messages in enumerate(conversations):
         try:
-            # encode_chat's own rule (files is ftlab's; shared so the two masks never differ)
-            text, span = files._assistant_spans(render, messages)  # noqa: SLF001
+            # encode_chat's own rule, so that the two masks never differ
+            text, span = files.assistant_spans(render, messages)
         except ValueError as e:
             raise ValueError(f"conversations[{i}]: {e}") from None
         texts.append(text)
