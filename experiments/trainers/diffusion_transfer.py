@@ -197,8 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run = fits(folder, state, losses[kind], tx, batch_at, num_steps=num_steps,
                    key=(kind, lr), fresh=fresh)  # fmt: skip
         curve = [float(m["train/loss"]) for m in run.history]
-        state = jax.device_get(plan.get_state(run.state))
-        return state.params, curve, partition.count(state.trainable)
+        # short_run hands back one host copy of the state already (under pmap too)
+        return run.state.params, curve, partition.count(run.state.trainable)
 
     # -- evaluation: the judge's view of samples, and the held-out flow-matching loss --------
     judge_apply = jax.jit(lambda q, x: judge.apply({"params": q}, x))

@@ -175,21 +175,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lora_apply = lora.wrap_apply(base_apply, alpha=p.alpha, rank=p.rank)
     logits_of = lambda apply: lambda params, ids: apply(params, ids)[0]  # noqa: E731
     plan = loop.plan_from(config)
+    plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
     fits = finished.Fits(plan, log_every=config.log_every_steps)
 
     def fit(folder, params, rules, apply, lr, data, *, num_steps, seed, fresh):
         label_tree = partition.labels(params, rules, what=f"rules of {folder.name}")
         tx = optax.adam(lr)
         state = train.init_state(params, label_tree, tx, seed=seed)
-        plan.check_batch_size(config.optim.batch_size, what="config.optim.batch_size")
         run = fits(
             folder, state, rnn.make_loss_fn(logits_of(apply)), tx,
             batch_fn(data, seq=d.seq_len, batch_size=config.optim.batch_size, seed=seed),
             num_steps=num_steps, key=(apply, lr), fresh=fresh,
         )  # fmt: skip
         curve = [float(m["train/bits_per_token"]) for m in run.history]
-        state = jax.device_get(plan.get_state(run.state))
-        return state.params, curve, partition.count(state.trainable)
+        # short_run hands back one host copy of the state already (under pmap too)
+        return run.state.params, curve, partition.count(run.state.trainable)
 
     # One compiled evaluation and sampler per apply function (base, LoRA), shared by every run.
     losses = {

@@ -82,3 +82,28 @@ def test_fits_of_one_key_share_one_compiled_step(tmp_path):
     assert len(traced) == 1
     fit("c", 0.5, "other")
     assert len(traced) == 2
+
+
+def test_a_fit_hands_back_one_host_copy_of_the_state_under_pmap_as_under_a_mesh(tmp_path):
+    """The trainers take ``run.state`` as it comes (no second ``plan.get_state``, which would
+    cut every leaf of an unreplicated tree to its first row under pmap)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+
+    from ftlab.core import parallel, partition, train  # noqa: PLC0415
+
+    def loss_fn(params, batch, rng):
+        del rng
+        return jnp.mean((batch["x"] @ params["w"] - 1.0) ** 2), {}
+
+    tx, params = optax.sgd(0.1), {"w": jnp.ones((2, 3))}
+    got = {}
+    for mode in ("mesh", "pmap"):
+        fits = finished.Fits(parallel.make_plan(mode, num_devices=1), log_every=2)
+        state = train.init_state(params, partition.labels(params, [(".*", "train")]), tx, seed=0)
+        run = fits(tmp_path / mode, state, loss_fn, tx, lambda step: {"x": np.ones((4, 2))},
+                   num_steps=2)  # fmt: skip
+        got[mode] = run.state.params["w"]
+        assert isinstance(got[mode], np.ndarray) and got[mode].shape == (2, 3)
+    np.testing.assert_array_equal(got["mesh"], got["pmap"])
