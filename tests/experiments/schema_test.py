@@ -230,6 +230,11 @@ def test_schema_choices_are_the_trainers_own():
     for family, methods in meta.METHODS.items():
         assert allowed(k["meta"][family], "meta.method", {*methods, *words}) == set(methods)
     assert set(k["meta"]) == set(meta.FAMILIES)
+    from ftlab import meta as meta_lib  # noqa: PLC0415
+
+    # the baselines, whose config.evals.finetune_* the schema requires: the non-meta-learners
+    baselines = {m for ms in meta.METHODS.values() for m in ms if m not in meta_lib.METHODS}
+    assert set(schema.META_BASELINES) == baselines
     tab, text = k["multitask"]["tabular"], k["multitask"]["text"]
     assert members(tab, "methods", {*multitask.METHODS, "x"}) == set(multitask.METHODS)
     assert members(text, "methods", {*multitask.LORA_METHODS, "x"}) == set(multitask.LORA_METHODS)
