@@ -129,6 +129,7 @@ def sentence_embeddings(config: ml_collections.ConfigDict, workdir) -> tuple[np.
     last batch padded), cached in ``workdir``.
     """
     from experiments import data as data_lib  # noqa: PLC0415 - this source only
+    from experiments import loop  # noqa: PLC0415
     from third_party import minilm  # noqa: PLC0415
 
     train = data_lib.rotten_tomatoes_tokens(config, "sentiment")["train"]
@@ -143,7 +144,7 @@ def sentence_embeddings(config: ml_collections.ConfigDict, workdir) -> tuple[np.
         trunk=pretrained.params,
         settings=settings_of(pretrained.config, batch_size=size, cut="sentences"),
         batch_size=size,
-        is_chief=jax.process_index() == 0,
+        is_chief=loop.is_chief(),
         cut_padding=False,  # every batch of one shape, as the stream's numbers were measured
     )["train"]
     return x.astype(np.float32), train["label"].astype(np.float32)

@@ -22,6 +22,7 @@ import optax
 from absl import logging
 from safetensors import numpy as safetensors_numpy
 
+from experiments import loop
 from ftlab import icl
 from ftlab.core import loading, parallel, partition
 from ftlab.models import attention, bert, hooks, llama
@@ -475,7 +476,7 @@ def partition_of(params, rules, *, what: str) -> tuple[Any, int]:
     ``what`` names the rules in its errors); process 0 logs each rule's claims and prints the
     partition's summary, for the start-up log."""
     label_tree = partition.labels(params, rules, what=what)
-    if jax.process_index() == 0:
+    if loop.is_chief():
         for pattern, label, n in partition.claims(params, rules):
             logging.info("partition rule %-24r -> %-8s claims %d leaves", pattern, label, n)
         print(partition.summary(params, label_tree), flush=True)
