@@ -112,9 +112,8 @@ class Fits:
     ``fits(folder, state, loss_fn, tx, batch_at, *, num_steps, key=None, **options)`` is the
     `short_run` of ``make_step(loss_fn, tx)`` from ``state`` in ``folder`` (``options``: more of
     `short_run`'s, ``log_every`` among them). Runs of one ``key`` (default: the loss and
-    optimizer objects themselves)
-    share one train step, so that jit compiles it once for all of them (every seed and data
-    size of one shape).
+    optimizer objects themselves) share one train step, so that jit compiles it once for all of
+    them (every seed and data size of one shape).
     """
 
     def __init__(
