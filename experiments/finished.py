@@ -113,7 +113,9 @@ class Fits:
     `short_run` of ``make_step(loss_fn, tx)`` from ``state`` in ``folder`` (``options``: more of
     `short_run`'s, ``log_every`` among them). Runs of one ``key`` (default: the loss and
     optimizer objects themselves) share one train step, so that jit compiles it once for all of
-    them (every seed and data size of one shape).
+    them (every seed and data size of one shape). The step is built from the first run's loss
+    and optimizer: a caller that names a ``key`` gives equal keys only to runs whose losses and
+    optimizers compute the same (e.g. rebuilt from the same settings).
     """
 
     def __init__(

@@ -915,7 +915,12 @@ def chunked(stream: Stream, size: int) -> dict[str, np.ndarray]:
 
     >>> chunked(Stream(np.ones((3, 1)), np.ones(3), np.ones(3, bool)), 2)["valid"].tolist()
     [True, True, True, False]
+
+    Raises:
+        ValueError: ``size`` is not a positive integer.
     """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"chunked: size={size!r} must be a positive integer")
     pad = -len(stream.y) % size
     return {
         k: np.concatenate([np.asarray(a), np.zeros((pad, *np.shape(a)[1:]), np.asarray(a).dtype)])

@@ -430,3 +430,5 @@ def test_chunked_pads_with_invalid_zero_examples_to_whole_chunks():
     np.testing.assert_array_equal(host["valid"], [True] * 5 + [False] * 3)
     np.testing.assert_array_equal(host["x"][5:], 0.0)
     assert len(online.chunked(stream, 5)["y"]) == 5
+    with pytest.raises(ValueError, match=r"chunked: size=0 must be a positive integer"):
+        online.chunked(stream, 0)
